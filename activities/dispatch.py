@@ -1,0 +1,65 @@
+"""Agent dispatch, written once: write the task file, then suspend the activity.
+
+The activity's task token goes into the file (base64); Temporal keeps the activity open
+until an agent calls complete_activity.py. The worker holds no slot while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+
+from temporalio import activity
+
+from config import WorkerConfig
+from models import AgentTaskRequest, BuildPhaseResult
+from task_files import new_task, write_task
+
+log = logging.getLogger(__name__)
+
+
+def write_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> Path:
+    info = activity.info()
+    payload: dict[str, object] = {"build_name": request.build_name}
+    if request.plan_path is not None:
+        payload["plan_path"] = request.plan_path
+    payload.update(request.extra_payload)
+    payload.update({
+        "instruction": request.instruction,
+        "task_token": base64.b64encode(info.task_token).decode("ascii"),
+        "workflow_id": info.workflow_id,
+        "run_id": info.workflow_run_id,
+        "activity_id": info.activity_id,
+        "activity_type": info.activity_type,
+        "attempt": info.attempt,
+    })
+    target_agent = request.target_agent
+    if not target_agent and request.agent_setting is not None:
+        target_agent = getattr(config, request.agent_setting)
+    task = new_task(task_id=request.task_id, target_agent=target_agent,
+                    task_type=request.task_type, summary=request.summary, payload=payload)
+    return write_task(config.task_queue_dir, task)
+
+
+async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> NoReturn:
+    path = await asyncio.to_thread(write_agent_task, config, request)
+    log.info("task_dispatched", extra={"task_file": str(path), "task_type": request.task_type,
+                                       "target_agent": request.target_agent
+                                       or request.agent_setting,
+                                       "build_name": request.build_name})
+    activity.raise_complete_async()
+
+
+def agent_stage(config: WorkerConfig, name: str) -> Callable[[AgentTaskRequest],
+                                                             Awaitable[BuildPhaseResult]]:
+    """An activity named `name` that hands its request to an agent as a task file."""
+
+    async def hand_to_agent(request: AgentTaskRequest) -> BuildPhaseResult:
+        await dispatch_agent_task(config, request)
+
+    hand_to_agent.__name__ = hand_to_agent.__qualname__ = name
+    return activity.defn(name=name)(hand_to_agent)

@@ -1,0 +1,167 @@
+"""Block notifications: native Matrix (client-server API), legacy script, ntfy.
+
+Each channel is tried a few times inside the stage; whatever still fails is returned
+as a failure line so the workflow can record it. A failed notification never fails the
+stage: the block must park either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+import httpx
+
+from config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_PER_CHANNEL = 3
+RETRY_DELAY_SECONDS = 1.0
+HTTP_TIMEOUT_SECONDS = 10.0
+SCRIPT_TIMEOUT_SECONDS = 30.0
+PM2_IPC_VARIABLES = ("NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "NODE_UNIQUE_ID")
+
+
+class NotifyFailed(Exception):
+    """One channel could not deliver (message is safe to record: no secrets)."""
+
+
+def matrix_token(config: WorkerConfig) -> str | None:
+    if config.matrix_access_token is not None:
+        return config.matrix_access_token.get_secret_value()
+    if config.matrix_access_token_file is not None:
+        try:
+            return config.matrix_access_token_file.read_text().strip() or None
+        except OSError as err:
+            raise NotifyFailed(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}") from None
+    return None
+
+
+def room_reference(room: str, server_name: str) -> str:
+    """Room id (!x:s) and alias (#x:s) pass through; a short name becomes #name:server."""
+    if room.startswith(("!", "#")):
+        return room
+    return f"#{room}:{server_name}"
+
+
+async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None:
+    token = matrix_token(config)
+    if not token:
+        raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured")
+    base = str(config.matrix_homeserver).rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers,
+                                 timeout=HTTP_TIMEOUT_SECONDS) as http:
+        room = config.matrix_room
+        if not room.startswith("!"):
+            if not room.startswith("#"):
+                whoami = await _json(http, "GET", "/_matrix/client/v3/account/whoami")
+                server_name = str(whoami.get("user_id", "")).partition(":")[2]
+                if not server_name:
+                    raise NotifyFailed("Matrix whoami returned no server name")
+                room = room_reference(room, server_name)
+            resolved = await _json(http, "GET",
+                                   f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
+            room = str(resolved.get("room_id") or "")
+            if not room:
+                raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve")
+        txn_id = hashlib.sha256(txn_seed.encode()).hexdigest()[:32]
+        await _json(http, "PUT",
+                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/{txn_id}",
+                    json={"msgtype": "m.notice", "body": message})
+
+
+async def _json(http: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> dict:
+    try:
+        response = await http.request(method, url, **kwargs)  # type: ignore[arg-type]
+    except httpx.HTTPError as err:
+        raise NotifyFailed(f"Matrix {method} {url.split('?')[0]}: {type(err).__name__}") from None
+    if response.status_code >= 400:
+        try:
+            code = response.json().get("errcode", "")
+        except ValueError:
+            code = ""
+        raise NotifyFailed(f"Matrix {method} {url.split('/')[4] if url.count('/') > 4 else url}"
+                           f": HTTP {response.status_code} {code}".rstrip())
+    try:
+        return response.json()
+    except ValueError:
+        raise NotifyFailed(f"Matrix {method}: response is not JSON") from None
+
+
+async def send_script(config: WorkerConfig, message: str) -> None:
+    script = str(config.send_matrix_script)
+    env = {k: v for k, v in os.environ.items() if k not in PM2_IPC_VARIABLES}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            script, config.matrix_room, message, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    except OSError as err:
+        raise NotifyFailed(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}") from None
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), SCRIPT_TIMEOUT_SECONDS)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise NotifyFailed(f"SEND_MATRIX_SCRIPT timed out after {SCRIPT_TIMEOUT_SECONDS:.0f}s") \
+            from None
+    if process.returncode != 0:
+        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise NotifyFailed(f"SEND_MATRIX_SCRIPT exited {process.returncode}: {tail[0][:200]}")
+
+
+async def send_ntfy(config: WorkerConfig, title: str, message: str) -> None:
+    headers = {"Title": title, "Tags": "warning,construction", "Priority": "high"}
+    try:
+        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_SECONDS) as http:
+            response = await http.post(str(config.ntfy_url), content=message.encode(),
+                                       headers=headers)
+    except httpx.HTTPError as err:
+        raise NotifyFailed(f"ntfy: {type(err).__name__}") from None
+    if response.status_code >= 400:
+        raise NotifyFailed(f"ntfy: HTTP {response.status_code}")
+
+
+async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str | None:
+    """Try one channel; return None on success or the last failure message."""
+    last = ""
+    for attempt in range(1, ATTEMPTS_PER_CHANNEL + 1):
+        try:
+            await send()
+            return None
+        except NotifyFailed as err:
+            last = str(err)
+            log.warning("notification_failed", extra={"channel": name, "attempt": attempt,
+                                                      "error": last})
+        if attempt < ATTEMPTS_PER_CHANNEL:
+            await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
+    return f"{name}: {last}"
+
+
+async def notify_all(config: WorkerConfig, title: str, message: str,
+                     txn_seed: str) -> tuple[list[str], list[str]]:
+    """Send through every configured channel; return (delivered, failures)."""
+    channels: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    if config.matrix_homeserver:
+        channels.append(("matrix", lambda: send_matrix(config, message, txn_seed)))
+    elif config.send_matrix_script:
+        channels.append(("matrix-script", lambda: send_script(config, message)))
+    if config.ntfy_url:
+        channels.append(("ntfy", lambda: send_ntfy(config, title, message)))
+    if not channels:
+        return [], ["no notification channel configured (set MATRIX_HOMESERVER, "
+                    "SEND_MATRIX_SCRIPT or NTFY_URL)"]
+    delivered: list[str] = []
+    failures: list[str] = []
+    for name, send in channels:
+        failure = await _with_retries(name, send)
+        if failure is None:
+            delivered.append(name)
+        else:
+            failures.append(failure)
+    return delivered, failures

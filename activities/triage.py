@@ -1,0 +1,115 @@
+"""Parse the security agent's triage-output.yml safely.
+
+Accepted: a mapping with optional `blocks`, `flags`, `info` lists; each item is a
+`{description: ...}` mapping (other keys kept) or a plain string. Refused, naming the
+file and the problem: over 1 MiB, not UTF-8, YAML tags beyond the safe set, anchors or
+aliases (alias bombs), nesting deeper than MAX_DEPTH, a non-mapping top level, and
+items of any other shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.events import AliasEvent
+
+from exceptions import TriageInvalidError, TriageMissingError
+from models import Finding, TriageResult
+
+MAX_TRIAGE_BYTES = 1024 * 1024
+MAX_DEPTH = 16
+MAX_DESCRIPTION_CHARS = 20_000
+SECTIONS = ("blocks", "flags", "info")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and deep nesting before building any object."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(AliasEvent):
+            event = self.peek_event()
+            line = event.start_mark.line + 1
+            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _item(path: Path, section: str, index: int, raw: Any) -> Finding:
+    where = f"{path}: {section}[{index}]"
+    if isinstance(raw, str):
+        description = raw
+        extra: dict[str, Any] = {}
+    elif isinstance(raw, dict):
+        if "description" not in raw:
+            raise TriageInvalidError(f"{where}: mapping has no 'description' key")
+        description = raw["description"]
+        if not isinstance(description, str):
+            raise TriageInvalidError(f"{where}: description must be a string, got "
+                                     f"{type(description).__name__}")
+        extra = {str(k): v for k, v in raw.items() if k != "description"}
+    else:
+        raise TriageInvalidError(f"{where}: item must be a string or a mapping with "
+                                 f"'description', got {type(raw).__name__}")
+    if not description.strip():
+        raise TriageInvalidError(f"{where}: description is empty")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise TriageInvalidError(f"{where}: description longer than {MAX_DESCRIPTION_CHARS}")
+    return Finding(description=description, **extra)
+
+
+def parse_triage_text(path: Path, text: str) -> TriageResult:
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - strict SafeLoader
+    except yaml.YAMLError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TriageInvalidError(f"{path}: unsafe or invalid YAML: {first}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise TriageInvalidError(f"{path}: top level must be a mapping with blocks/flags/info, "
+                                 f"got {type(document).__name__}")
+    unknown = sorted(str(key) for key in document if key not in SECTIONS)
+    if unknown:
+        raise TriageInvalidError(f"{path}: unknown top-level keys {unknown}; "
+                                 f"expected {list(SECTIONS)}")
+    sections: dict[str, list[Finding]] = {}
+    for section in SECTIONS:
+        items = document.get(section)
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise TriageInvalidError(f"{path}: '{section}' must be a list, got "
+                                     f"{type(items).__name__}")
+        sections[section] = [_item(path, section, i, raw) for i, raw in enumerate(items)]
+    return TriageResult(triage_path=str(path), **sections)
+
+
+def read_triage(path: Path) -> TriageResult:
+    """Read and validate triage-output.yml; TriageMissingError if it is not there yet."""
+    try:
+        if path.is_symlink():
+            raise TriageInvalidError(f"{path}: is a symlink; refusing to follow it")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_TRIAGE_BYTES + 1)
+    except FileNotFoundError:
+        raise TriageMissingError(f"{path}: not written yet") from None
+    except IsADirectoryError:
+        raise TriageInvalidError(f"{path}: is a directory") from None
+    if len(raw) > MAX_TRIAGE_BYTES:
+        raise TriageInvalidError(f"{path}: larger than {MAX_TRIAGE_BYTES} bytes (1 MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TriageInvalidError(f"{path}: not UTF-8 (byte {err.start})") from None
+    return parse_triage_text(path, text)

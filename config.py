@@ -1,0 +1,188 @@
+"""The one settings model: every environment variable the service reads.
+
+`load_config(environ)` is called once by each entry point; nothing here runs at
+import time. A bad value raises ConfigError naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from exceptions import ConfigError
+from models import NAME_RE as NAME_PATTERN
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# environment variable -> model field
+ENV_FIELDS: dict[str, str] = {
+    "TEMPORAL_ADDRESS": "temporal_address",
+    "TEMPORAL_NAMESPACE": "temporal_namespace",
+    "TASK_QUEUE": "task_queue",
+    "TEMPORAL_TLS_SERVER_NAME": "tls_server_name",
+    "TEMPORAL_REQUIRE_TLS": "require_tls",
+    "TASK_QUEUE_DIR": "task_queue_dir",
+    "TEMPORAL_AUDIT_DIR": "audit_dir",
+    "SUMMARY_DIR": "summary_dir",
+    "PREFAB_AGENT": "prefab_agent",
+    "SECURITY_AGENT": "security_agent",
+    "MATRIX_ROOM": "matrix_room",
+    "MATRIX_HOMESERVER": "matrix_homeserver",
+    "MATRIX_ACCESS_TOKEN_FILE": "matrix_access_token_file",
+    "MATRIX_ACCESS_TOKEN": "matrix_access_token",
+    "SEND_MATRIX_SCRIPT": "send_matrix_script",
+    "NTFY_URL": "ntfy_url",
+    "LOG_LEVEL": "log_level",
+    "LOG_FILE": "log_file",
+    "VAULT_ADDR": "vault_addr",
+    "VAULT_ROLE_ID": "vault_role_id",
+    "VAULT_SECRET_ID_FILE": "vault_secret_id_file",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "otel_endpoint",
+    "OTEL_SERVICE_NAME": "otel_service_name",
+    "TEMPORAL_MAX_CONCURRENT_ACTIVITIES": "max_concurrent_activities",
+    "TEMPORAL_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
+    "TEMPORAL_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
+    "WORKER_SHUTDOWN_GRACE_SECONDS": "shutdown_grace_seconds",
+}
+FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
+SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
+
+
+def _home() -> Path:
+    return Path(os.path.expanduser("~"))
+
+
+class WorkerConfig(BaseModel):
+    """Validated settings shared by the worker, complete_activity.py and the tools."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "helm-build"
+    tls_server_name: str | None = None
+    require_tls: bool = False
+    task_queue_dir: Path = Field(default_factory=lambda: _home() / ".claude" / "task-queue")
+    audit_dir: Path = Field(default_factory=lambda: _home() / ".claude" / "comms" / "artifacts")
+    summary_dir: Path = Field(
+        default_factory=lambda: _home() / "repos" / "personal" / "agent-activity" / "workflows"
+    )
+    prefab_agent: str = "claudebox"
+    security_agent: str = "security-agent"
+    matrix_room: str = "sysadmin"
+    matrix_homeserver: str | None = None
+    matrix_access_token_file: Path | None = None
+    matrix_access_token: SecretStr | None = None
+    send_matrix_script: Path | None = None
+    ntfy_url: str | None = None
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    vault_addr: str | None = None
+    vault_role_id: SecretStr | None = None
+    vault_secret_id_file: Path | None = None
+    otel_endpoint: str | None = None
+    otel_service_name: str = "temporal-build-worker"
+    max_concurrent_activities: int | None = Field(default=None, ge=1)
+    max_concurrent_workflow_tasks: int | None = Field(default=None, ge=2)
+    max_cached_workflows: int | None = Field(default=None, ge=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _address_has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("temporal_namespace", "task_queue")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip() or any(ch.isspace() for ch in value):
+            raise ValueError("must be non-empty and contain no whitespace")
+        return value
+
+    @field_validator("prefab_agent", "security_agent")
+    @classmethod
+    def _agent_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value) or len(value) > 63:
+            raise ValueError("must match ^[a-z0-9][a-z0-9-]*$ (max 63)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return upper
+
+    @field_validator("matrix_homeserver", "ntfy_url", "vault_addr", "otel_endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("task_queue_dir", "audit_dir", "summary_dir", "log_file",
+                     "matrix_access_token_file", "send_matrix_script", "vault_secret_id_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.expanduser(str(value)))
+
+    @property
+    def vault_enabled(self) -> bool:
+        return bool(self.vault_addr and self.vault_role_id and self.vault_secret_id_file)
+
+    def public_summary(self) -> dict[str, Any]:
+        """Settings safe to log: secrets are reported only as set / unset."""
+        summary: dict[str, Any] = {}
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            if field in SECRET_FIELDS:
+                summary[FIELD_ENV[field]] = "set" if value is not None else "unset"
+            else:
+                summary[FIELD_ENV[field]] = str(value) if isinstance(value, Path) else value
+        return summary
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Build the settings from the environment; raise ConfigError naming the bad variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    partial_vault = [name for name in ("VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE")
+                     if env.get(name, "").strip()]
+    for name, field in ENV_FIELDS.items():
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        values[field] = raw.strip()
+    try:
+        config = WorkerConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = FIELD_ENV.get(field, field)
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}") from None
+    if 0 < len(partial_vault) < 3:
+        vault_vars = {"VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE"}
+        missing = sorted(vault_vars - set(partial_vault))
+        raise ConfigError(
+            f"{', '.join(missing)}: Vault mTLS needs VAULT_ADDR, VAULT_ROLE_ID and "
+            f"VAULT_SECRET_ID_FILE together (only {', '.join(partial_vault)} set)"
+        )
+    if config.require_tls and not config.vault_enabled:
+        raise ConfigError(
+            "TEMPORAL_REQUIRE_TLS: plaintext refused; set VAULT_ADDR, VAULT_ROLE_ID and "
+            "VAULT_SECRET_ID_FILE so TLS credentials can be fetched"
+        )
+    if config.matrix_access_token_file is not None and config.matrix_access_token is not None:
+        raise ConfigError("MATRIX_ACCESS_TOKEN: set either MATRIX_ACCESS_TOKEN or "
+                          "MATRIX_ACCESS_TOKEN_FILE, not both")
+    return config

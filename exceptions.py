@@ -1,0 +1,90 @@
+"""One base error for the whole service, and the tree beneath it.
+
+BuildWorkerError                   -- everything this service raises on purpose
+├── ConfigError                    -- an environment variable is missing or invalid
+├── CredentialError                -- Vault / TLS material could not be obtained or used
+├── TaskFileError                  -- a task file could not be read, written or found
+│   ├── TaskNotFoundError          -- no task file carries the requested id
+│   └── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
+├── TriageError                    -- the security agent's triage output is unusable
+│   ├── TriageMissingError         -- triage-output.yml not there yet (retryable)
+│   └── TriageInvalidError         -- present but not acceptable (never retried)
+└── CompletionError                -- complete_activity.py could not finish an activity
+    ├── UsageError                 -- bad arguments or malformed token (exit 2)
+    ├── ActivityGoneError          -- activity not found / already completed (exit 3)
+    └── ConnectError               -- server unreachable or credentials refused (exit 4)
+
+Failure *types* that cross the Temporal boundary (ApplicationError.type) are the
+class names below, so the Web UI and clients can match on them as plain strings.
+"""
+
+from __future__ import annotations
+
+
+class BuildWorkerError(Exception):
+    """Base of every error this service raises deliberately."""
+
+
+class ConfigError(BuildWorkerError):
+    """An environment variable is missing or has an invalid value."""
+
+
+class CredentialError(BuildWorkerError):
+    """TLS credentials could not be fetched from Vault or could not be used."""
+
+
+class TaskFileError(BuildWorkerError):
+    """A task file could not be read, parsed, written or found."""
+
+
+class TaskNotFoundError(TaskFileError):
+    """No task file with the requested id exists in the queue, archive or dead letters."""
+
+
+class UnsafeTaskPathError(TaskFileError):
+    """A symlink or non-regular file sits where a task file (or its temp file) belongs."""
+
+
+class TriageError(BuildWorkerError):
+    """The security agent's triage output cannot be used."""
+
+
+class TriageMissingError(TriageError):
+    """triage-output.yml does not exist yet; the stage retries."""
+
+
+class TriageInvalidError(TriageError):
+    """triage-output.yml exists but is malformed, unsafe or too large; never retried."""
+
+
+class CompletionError(BuildWorkerError):
+    """complete_activity.py could not complete the activity."""
+
+    exit_code = 1
+
+
+class UsageError(CompletionError):
+    """Bad command-line usage or a malformed task token."""
+
+    exit_code = 2
+
+
+class ActivityGoneError(CompletionError):
+    """The activity does not exist, was already completed, or timed out."""
+
+    exit_code = 3
+
+
+class ConnectError(CompletionError):
+    """The Temporal server cannot be reached or refused our credentials."""
+
+    exit_code = 4
+
+
+# ApplicationError.type strings used across the Temporal boundary.
+PHASE_FAILED = "PhaseFailedError"
+TRIAGE_MISSING = "TriageMissingError"
+TRIAGE_INVALID = "TriageInvalidError"
+INVALID_INPUT = "InvalidInputError"
+BLOCKS_PENDING = "BlocksPendingError"
+TASK_FILE_ERROR = "TaskFileError"

@@ -1,0 +1,299 @@
+"""Typed payloads that cross the Temporal boundary (workflow/activity inputs and results).
+
+Every model is plain pydantic so `pydantic_data_converter` serialises it as JSON that
+operators' scripts can read and write by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+NAME_MAX = 63
+SEVEN_DAYS_SECONDS = 7 * 24 * 3600
+DEFAULT_BLOCK_POLL_SECONDS = 30.0
+
+Outcome = Literal["success", "rejected", "timed_out", "failed", "cancelled"]
+Decision = Literal["approved", "rejected"]
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Names that become path components and YAML scalars: ^[a-z0-9][a-z0-9-]*$, max 63."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > NAME_MAX:
+        raise ValueError(f"{what} {value!r} must match ^[a-z0-9][a-z0-9-]*$ (1-{NAME_MAX} chars)")
+    return value
+
+
+def _no_control_chars(value: str, what: str) -> str:
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError(f"{what} must not contain control characters (newline, NUL, ...)")
+    return value
+
+
+class BuildPipelineInput(BaseModel):
+    """Input of BuildPipelineWorkflow. Unknown fields are refused so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    build_name: str
+    plan_path: str
+    task_id: str
+    target_agent: str
+    # Optional knobs for operators and tests; production defaults.
+    block_wait_timeout_seconds: float = Field(default=SEVEN_DAYS_SECONDS, gt=0,
+                                              le=30 * 24 * 3600)
+    block_poll_interval_seconds: float = Field(default=DEFAULT_BLOCK_POLL_SECONDS, ge=0.1,
+                                               le=3600)
+    # Per-build routing of stages 1 and 3; unset means the worker's PREFAB_AGENT /
+    # SECURITY_AGENT setting.
+    prefab_agent: str | None = None
+    security_agent: str | None = None
+
+    @field_validator("build_name")
+    @classmethod
+    def _build_name(cls, value: str) -> str:
+        return check_name(value, "build_name")
+
+    @field_validator("target_agent")
+    @classmethod
+    def _target_agent(cls, value: str) -> str:
+        return check_name(value, "target_agent")
+
+    @field_validator("prefab_agent", "security_agent")
+    @classmethod
+    def _stage_agent(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "agent")
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_id(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("task_id must be non-empty")
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ValueError(f"task_id {value!r} must not contain path separators")
+        if len(value) > 200:
+            raise ValueError("task_id must be at most 200 characters")
+        return _no_control_chars(value, "task_id")
+
+    @field_validator("plan_path")
+    @classmethod
+    def _plan_path(cls, value: str) -> str:
+        _no_control_chars(value, "plan_path")
+        if not value.startswith("/"):
+            raise ValueError(f"plan_path {value!r} must be an absolute path")
+        if len(value) > 4096:
+            raise ValueError("plan_path must be at most 4096 characters")
+        return value
+
+
+class PhaseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    number: int = Field(ge=1)
+    agent_type: str
+    description: str = Field(min_length=1, max_length=20_000)
+    context_refs: list[str] = Field(default_factory=list)
+
+    @field_validator("agent_type")
+    @classmethod
+    def _agent_type(cls, value: str) -> str:
+        return check_name(value, "agent_type")
+
+
+class BuildPlanInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan_name: str
+    phases: list[PhaseSpec] = Field(min_length=1, max_length=200)
+
+    @field_validator("phases")
+    @classmethod
+    def _unique_numbers(cls, phases: list[PhaseSpec]) -> list[PhaseSpec]:
+        numbers = [phase.number for phase in phases]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"phase numbers must be unique, got {numbers}")
+        return phases
+
+    @field_validator("plan_name")
+    @classmethod
+    def _plan_name(cls, value: str) -> str:
+        return check_name(value, "plan_name")
+
+
+class StageEvent(BaseModel):
+    at: datetime
+    stage: str
+    event: str
+    detail: str = ""
+
+
+class WaitingOn(BaseModel):
+    kind: Literal["agent", "block_decision", "activity"]
+    stage: str
+    agent: str | None = None
+    task_type: str | None = None
+    task_id: str | None = None
+    since: datetime
+
+
+class PlanStatus(BaseModel):
+    plan_name: str
+    phases_total: int
+    phases_done: list[int]
+    current_phase: int | None = None
+    current_agent: str | None = None
+    waiting_on: WaitingOn | None = None
+    outcome: Literal["success", "failed", "cancelled"] | None = None
+    error: str | None = None
+
+
+class BuildPlanResult(BaseModel):
+    status: Literal["success", "failed"]
+    phases_run: int
+
+
+class BuildPhaseResult(BaseModel):
+    """What an agent reports through complete_activity.py: JSON {"status", "output"}."""
+
+    status: str = "success"
+    output: str = ""
+
+
+class AgentTaskRequest(BaseModel):
+    """Input of every agent-dispatching activity: the task file to write."""
+
+    task_id: str
+    build_name: str
+    target_agent: str
+    task_type: str
+    # When target_agent is empty, the worker setting of this name picks the agent.
+    agent_setting: Literal["prefab_agent", "security_agent"] | None = None
+    summary: str
+    instruction: str
+    plan_path: str | None = None
+    extra_payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class Finding(BaseModel):
+    """One triage item; keys other than description are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    description: str
+
+
+class TriageResult(BaseModel):
+    blocks: list[Finding] = Field(default_factory=list)
+    flags: list[Finding] = Field(default_factory=list)
+    info: list[Finding] = Field(default_factory=list)
+    triage_path: str = ""
+
+
+class AuditRequest(BaseModel):
+    build_name: str
+    plan_path: str
+    target_agent: str
+    task: AgentTaskRequest
+
+
+class NotifyBlocksInput(BaseModel):
+    build_name: str
+    task_id: str
+    workflow_id: str
+    blocks: list[Finding]
+
+
+class NotifyBlocksResult(BaseModel):
+    delivered: list[str] = Field(default_factory=list)
+    failures: list[str] = Field(default_factory=list)
+    originating_task_path: str | None = None
+
+
+class BlockCheckInput(BaseModel):
+    task_id: str
+    path_hint: str | None = None
+
+
+class BlockResolution(BaseModel):
+    decision: Decision
+    task_status: str
+    actor: str = ""
+    note: str = ""
+
+
+class BlockDecision(BaseModel):
+    """Argument of the approve_blocks / reject_blocks updates (a plain string also works)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field(default="", max_length=2000)
+    decided_by: str = Field(default="operator", min_length=1, max_length=100)
+
+
+class RecordDecisionInput(BaseModel):
+    task_id: str
+    path_hint: str | None = None
+    decision: Decision
+    actor: str
+    note: str = ""
+    workflow_id: str
+
+
+class PipelineStatus(BaseModel):
+    build_name: str
+    stage: str
+    stage_number: int
+    stages_done: list[str]
+    blocks: int = 0
+    flags: int = 0
+    info: int = 0
+    waiting_on: WaitingOn | None = None
+    paused: bool = False
+    pause_reason: str = ""
+    outcome: Outcome | None = None
+    failed_stage: str | None = None
+    error: str | None = None
+    decision: Decision | None = None
+    decided_by: str | None = None
+    notification_failures: list[str] = Field(default_factory=list)
+
+
+class SummaryInput(BaseModel):
+    workflow_id: str
+    run_id: str
+    build_name: str
+    target_agent: str
+    plan_path: str
+    task_id: str
+    outcome: Outcome
+    failed_stage: str | None = None
+    error: str | None = None
+    stages_completed: list[str]
+    started_at: datetime
+    ended_at: datetime
+    blocks: list[Finding] = Field(default_factory=list)
+    flags: list[Finding] = Field(default_factory=list)
+    info: list[Finding] = Field(default_factory=list)
+    decision: Decision | None = None
+    decided_by: str | None = None
+    closeout_path: str | None = None
+    notification_failures: list[str] = Field(default_factory=list)
+    events: list[StageEvent] = Field(default_factory=list)
+
+
+class BuildPipelineResult(BaseModel):
+    outcome: Outcome
+    build_name: str
+    stages_completed: list[str]
+    failed_stage: str | None = None
+    error: str | None = None
+    blocks: int = 0
+    flags: int = 0
+    info: int = 0
+    decision: Decision | None = None
+    closeout_path: str | None = None
+    summary_path: str | None = None

@@ -1,0 +1,78 @@
+"""Every timeout and retry policy of both workflows, named in one place.
+
+Agent stages run exactly once (an agent's work is not repeatable by the worker): the
+activity's start-to-close timeout is how long the agent has to call complete_activity.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+from exceptions import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
+
+ONCE = RetryPolicy(maximum_attempts=1)
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    start_to_close: timedelta
+    retry: RetryPolicy
+    schedule_to_close: timedelta | None = None
+
+
+PREFAB = StagePolicy(timedelta(hours=2), ONCE)
+IMPLEMENT = StagePolicy(timedelta(hours=4), ONCE)
+SECURITY_AUDIT = StagePolicy(timedelta(hours=4), ONCE)
+FLAG_FIXES = StagePolicy(timedelta(hours=2), ONCE)
+CLOSE_BUILD = StagePolicy(timedelta(hours=2), ONCE)
+BUILD_PHASE = StagePolicy(timedelta(hours=4), ONCE)
+
+# The triage file may land a little after the audit agent reports done.
+TRIAGE = StagePolicy(
+    timedelta(minutes=1),
+    RetryPolicy(
+        initial_interval=timedelta(minutes=2),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=15),
+        maximum_attempts=5,
+        non_retryable_error_types=[TRIAGE_INVALID, INVALID_INPUT],
+    ),
+)
+
+NOTIFY_BLOCKS = StagePolicy(
+    timedelta(minutes=30),
+    RetryPolicy(maximum_attempts=3, non_retryable_error_types=[TASK_FILE_ERROR]),
+)
+
+SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
+
+RECORD_DECISION = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=5))
+
+# Stage 7: one attempt per poll; the retry policy *is* the poll loop, so a parked
+# pipeline holds no activity slot between checks and adds no history per check.
+BLOCK_CHECK_ATTEMPT = timedelta(seconds=30)
+
+
+def block_poll_retry(poll_interval: timedelta) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=poll_interval,
+        backoff_coefficient=1.0,
+        maximum_interval=poll_interval,
+        maximum_attempts=0,
+        non_retryable_error_types=[TASK_FILE_ERROR],
+    )
+
+
+# Headroom past the workflow's own deadline timer so the timer, not the activity, decides.
+BLOCK_CHECK_HEADROOM = timedelta(minutes=5)
+
+# No workflow execution timeout: the longest legitimate wait (stage 7) is bounded by its
+# own timer. complete_activity.py bounds every call it makes:
+CLI_CONNECT_TIMEOUT = timedelta(seconds=8)
+CLI_RPC_TIMEOUT = timedelta(seconds=5)
+
+# Failure types that end a pipeline as "agent failure".
+AGENT_FAILURE_TYPES = (PHASE_FAILED,)

@@ -1,0 +1,98 @@
+"""Shared fixtures: one real Temporal dev server per session, a pydantic-converter
+client, and per test a fresh task queue, private folders and an in-process worker."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+
+from config import WorkerConfig, load_config
+from temporal_client import connect
+from tools import devserver
+from worker import build_worker
+
+
+@pytest.fixture(scope="session")
+def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("devserver") / "server.log"
+    with devserver.running(log_path=log) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_address: str) -> Client:
+    return await connect(load_config({"TEMPORAL_ADDRESS": temporal_address}))
+
+
+@dataclass
+class PipelineEnv:
+    """Everything one test needs to run pipelines: config, client, folders, CLI env."""
+
+    config: WorkerConfig
+    client: Client
+    env: dict[str, str]
+    root: Path
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.config.task_queue_dir
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.config.audit_dir
+
+    @property
+    def summary_dir(self) -> Path:
+        return self.config.summary_dir
+
+    def triage_path(self, build_name: str) -> Path:
+        return self.audit_dir / "audit-requests" / build_name / "triage-output.yml"
+
+    def write_triage(self, build_name: str, text: str | bytes) -> Path:
+        path = self.triage_path(build_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return path
+
+    async def start(self, workflow: str, arg: object, workflow_id: str | None = None,
+                    **kwargs: object) -> WorkflowHandle:
+        return await self.client.start_workflow(
+            workflow, arg, id=workflow_id or f"test-{uuid.uuid4()}",
+            task_queue=self.config.task_queue, **kwargs)
+
+
+def make_env(root: Path, address: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "VAULT_"))}
+    env.update({
+        "TEMPORAL_ADDRESS": address,
+        "TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
+        "TASK_QUEUE_DIR": str(root / "task-queue"),
+        "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
+        "SUMMARY_DIR": str(root / "summaries"),
+    })
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def pipeline_env_vars(tmp_path: Path, temporal_address: str) -> dict[str, str]:
+    return make_env(tmp_path, temporal_address)
+
+
+@pytest.fixture
+async def pipeline(pipeline_env_vars: dict[str, str], client: Client,
+                   tmp_path: Path) -> AsyncIterator[PipelineEnv]:
+    """A running in-process worker on a fresh task queue with private folders."""
+    config = load_config(pipeline_env_vars)
+    worker = build_worker(client, config)
+    async with worker:
+        yield PipelineEnv(config=config, client=client, env=pipeline_env_vars, root=tmp_path)

@@ -1,0 +1,118 @@
+"""Entry point: connect to Temporal and run both build workflows and their activities.
+
+Exit codes: 0 clean shutdown · 2 bad configuration · 3 credentials (Vault/TLS)
+· 4 cannot connect to Temporal · 1 anything else. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.build_phase import build_phase_activity
+from activities.build_pipeline_activities import PipelineActivities
+from config import WorkerConfig, load_config
+from exceptions import ConfigError, CredentialError
+from observability import configure_logging
+from temporal_client import connect
+from workflows.build_pipeline_workflow import BuildPipelineWorkflow
+from workflows.build_plan import BuildPlanWorkflow
+
+log = logging.getLogger("worker")
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CREDENTIALS, EXIT_CONNECT = 0, 1, 2, 3, 4
+
+
+def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Worker:
+    """The worker with every workflow and activity of this service registered."""
+    tuning: dict[str, Any] = {}
+    if config.max_concurrent_activities is not None:
+        tuning["max_concurrent_activities"] = config.max_concurrent_activities
+    if config.max_concurrent_workflow_tasks is not None:
+        tuning["max_concurrent_workflow_tasks"] = config.max_concurrent_workflow_tasks
+    if config.max_cached_workflows is not None:
+        tuning["max_cached_workflows"] = config.max_cached_workflows
+    tuning.update(overrides)
+    return Worker(
+        client,
+        task_queue=config.task_queue,
+        workflows=[BuildPipelineWorkflow, BuildPlanWorkflow],
+        activities=[*PipelineActivities(config).all(), build_phase_activity(config)],
+        graceful_shutdown_timeout=timedelta(seconds=config.shutdown_grace_seconds),
+        **tuning,
+    )
+
+
+async def serve(config: WorkerConfig, worker_id: str) -> int:
+    try:
+        client = await connect(config, identity=worker_id)
+    except CredentialError:
+        raise
+    except RuntimeError as err:
+        print(f"worker: cannot connect to Temporal at {config.temporal_address}: "
+              f"{str(err).splitlines()[0]}", file=sys.stderr)
+        return EXIT_CONNECT
+    worker = build_worker(client, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("shutdown_forced", extra={"signal": signal.Signals(signum).name})
+            os._exit(EXIT_ERROR)
+        log.info("shutdown_requested", extra={"signal": signal.Signals(signum).name,
+                                              "grace_seconds": config.shutdown_grace_seconds})
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with worker:
+        log.info(f"Worker started, listening on task queue: {config.task_queue}",
+                 extra={"ready": True, "task_queue": config.task_queue,
+                        "namespace": config.temporal_namespace})
+        await stop.wait()
+    log.info("worker_stopped", extra={"clean": True})
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="Run the temporal-build-worker (configured by "
+        "environment variables; see README).")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the environment, print the settings, exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config()
+    except ConfigError as err:
+        print(f"worker: configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    configure_logging(config.log_level, config.log_file, worker_id)
+    log.info("worker_starting", extra={"settings": config.public_summary()})
+    if args.check_config:
+        return EXIT_OK
+    try:
+        return asyncio.run(serve(config, worker_id))
+    except CredentialError as err:
+        print(f"worker: credential error: {err}", file=sys.stderr)
+        return EXIT_CREDENTIALS
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Workflows: deterministic decisions only; all I/O lives in activities/."""

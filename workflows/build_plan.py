@@ -1,0 +1,93 @@
+"""BuildPlanWorkflow: run each phase of a plan as a build_phase task, in order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    import policies
+    from exceptions import INVALID_INPUT, PHASE_FAILED
+    from models import (
+        AgentTaskRequest,
+        BuildPhaseResult,
+        BuildPlanInput,
+        BuildPlanResult,
+        PlanStatus,
+        WaitingOn,
+    )
+    from workflows import instructions
+    from workflows.build_pipeline_workflow import describe_activity_failure, validation_message
+
+
+@workflow.defn(name="BuildPlanWorkflow")
+class BuildPlanWorkflow:
+    def __init__(self) -> None:
+        self._plan: BuildPlanInput | None = None
+        self._done: list[int] = []
+        self._current: int | None = None
+        self._current_agent: str | None = None
+        self._waiting: WaitingOn | None = None
+        self._outcome: str | None = None
+        self._error: str | None = None
+
+    @workflow.run
+    async def run(self, raw_input: Any) -> BuildPlanResult:
+        try:
+            plan = BuildPlanInput.model_validate(raw_input)
+        except ValidationError as err:
+            raise ApplicationError(f"invalid BuildPlanInput: {validation_message(err)}",
+                                   type=INVALID_INPUT, non_retryable=True) from None
+        self._plan = plan
+        total = len(plan.phases)
+        for phase in plan.phases:
+            self._current, self._current_agent = phase.number, phase.agent_type
+            request = AgentTaskRequest(
+                task_id=str(workflow.uuid4()), build_name=plan.plan_name,
+                target_agent=phase.agent_type, task_type="build_phase",
+                summary=f"{plan.plan_name} phase {phase.number}: "
+                        f"{' '.join(phase.description.split())[:120]}",
+                instruction=instructions.build_phase(plan.plan_name, phase.number,
+                                                     phase.description, phase.context_refs),
+                extra_payload={"plan_name": plan.plan_name, "phase": phase.number,
+                               "context_refs": list(phase.context_refs)})
+            self._waiting = WaitingOn(kind="agent", stage="build_phase", agent=phase.agent_type,
+                                      task_type="build_phase", task_id=request.task_id,
+                                      since=workflow.now())
+            workflow.set_current_details(
+                f"**{plan.plan_name}**: phase {phase.number} ({len(self._done) + 1}/{total}) "
+                f"→ `{phase.agent_type}`")
+            try:
+                await workflow.execute_activity(
+                    "build_phase", request, result_type=BuildPhaseResult,
+                    start_to_close_timeout=policies.BUILD_PHASE.start_to_close,
+                    retry_policy=policies.BUILD_PHASE.retry,
+                    summary=f"phase {phase.number} ({len(self._done) + 1}/{total}) → "
+                            f"{phase.agent_type}")
+            except ActivityError as err:
+                message, _ = describe_activity_failure(err)
+                self._outcome = "failed"
+                self._error = f"phase {phase.number} ({phase.agent_type}) failed: {message}"
+                self._waiting = None
+                workflow.set_current_details(f"**{plan.plan_name}**: {self._error}")
+                raise ApplicationError(
+                    f"{self._error} ({len(self._done)} of {total} phases done)",
+                    type=PHASE_FAILED, non_retryable=True) from None
+            self._done.append(phase.number)
+            self._waiting = None
+        self._outcome, self._current, self._current_agent = "success", None, None
+        workflow.set_current_details(f"**{plan.plan_name}**: all {total} phases done")
+        return BuildPlanResult(status="success", phases_run=len(self._done))
+
+    @workflow.query
+    def get_status(self) -> PlanStatus:
+        plan = self._plan
+        return PlanStatus(
+            plan_name=plan.plan_name if plan else "",
+            phases_total=len(plan.phases) if plan else 0, phases_done=list(self._done),
+            current_phase=self._current, current_agent=self._current_agent,
+            waiting_on=self._waiting, outcome=self._outcome, error=self._error)  # type: ignore[arg-type]
