@@ -71,7 +71,9 @@ def split_positionals(args: argparse.Namespace, environ: dict[str, str]) -> tupl
     if args.task_file is None and args.token_file is None:
         if rest and rest[0] in STATUSES and environ.get("TASK_TOKEN"):
             token = "env"
-        elif rest:
+        elif rest and rest[0] not in STATUSES:
+            # A status in first place means the token was left out, not that the
+            # token is "success" (neither status word is valid base64 anyway).
             token = rest.pop(0)
         else:
             raise UsageError("missing task token: use --task-file PATH, --token-file PATH, "
@@ -80,7 +82,9 @@ def split_positionals(args: argparse.Namespace, environ: dict[str, str]) -> tupl
         raise UsageError("missing status: expected 'success' or 'failed'")
     status = rest.pop(0)
     if status not in STATUSES:
-        raise UsageError(f"unknown status {status[:40]!r}: expected 'success' or 'failed'")
+        # A long "status" is usually a token in the wrong place: never echo it.
+        shown = repr(status) if len(status) <= 16 else f"({len(status)} characters, not shown)"
+        raise UsageError(f"unknown status {shown}: expected 'success' or 'failed'")
     message = " ".join(rest)
     if len(message) > MAX_MESSAGE_CHARS:
         raise UsageError(f"message longer than {MAX_MESSAGE_CHARS} characters")
@@ -216,4 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The Temporal client's Rust threads can abort CPython's teardown (SIGABRT/SIGSEGV,
+    # temporalio/sdk-python#300), replacing the documented exit code; skip the teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

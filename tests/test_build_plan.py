@@ -1,0 +1,156 @@
+"""BuildPlanWorkflow on a real dev server; the agents finish phases through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from models import BuildPlanResult, PlanStatus
+from tests.agents import assert_valid_task_file, complete_task, poll, tasks_for, wait_for_task
+from tests.conftest import PipelineEnv
+
+PHASES = [
+    {"number": 1, "agent_type": "builder", "description": "Write the parser",
+     "context_refs": ["/plans/demo.md#phase-1", "/docs/format.md"]},
+    {"number": 2, "agent_type": "reviewer", "description": "Review the parser\nand its tests"},
+]
+
+
+RESULT_TIMEOUT = 60.0
+
+
+async def outcome(handle: WorkflowHandle) -> Any:
+    """The workflow's result, bounded: a broken workflow fails the test instead of hanging."""
+    return await asyncio.wait_for(handle.result(), RESULT_TIMEOUT)
+
+
+async def status_of(handle: WorkflowHandle) -> PlanStatus:
+    return await handle.query("get_status", result_type=PlanStatus)
+
+
+async def wait_status(handle: WorkflowHandle, check: Any, what: str) -> PlanStatus:
+    """Poll the query until `check(status)` holds (the query is the only view we have)."""
+    latest: list[PlanStatus] = []
+
+    async def probe() -> bool:
+        latest[:] = [await status_of(handle)]
+        return bool(check(latest[0]))
+
+    deadline = time.monotonic() + 20
+    while not await probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {latest}"
+        await asyncio.sleep(0.05)
+    return latest[0]
+
+
+async def activity_order(handle: WorkflowHandle) -> list[str]:
+    """Scheduled/completed activity events in history order."""
+    order = []
+    async for event in handle.fetch_history_events():
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            order.append("scheduled")
+        elif event.HasField("activity_task_completed_event_attributes"):
+            order.append("completed")
+    return order
+
+
+async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
+    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "parser-plan",
+                                                        "phases": PHASES},
+                                  result_type=BuildPlanResult)
+    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    waiting = await wait_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait")
+    assert waiting.plan_name == "parser-plan" and waiting.phases_total == 2
+    assert waiting.phases_done == [] and waiting.current_phase == 1
+    assert waiting.current_agent == "builder"
+    assert waiting.waiting_on.agent == "builder"
+    assert waiting.waiting_on.task_id == assert_valid_task_file(first)["id"]
+    assert waiting.outcome is None
+    # While phase 1 is open only its task exists and only one activity was scheduled.
+    assert [p for p, _ in tasks_for(pipeline.queue_dir, handle.id)] == [first]
+    assert await activity_order(handle) == ["scheduled"]
+
+    await complete_task(first, pipeline.env, message="parser written")
+    second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
+                                      if t["payload"]["phase"] == 2), None),
+                        what="phase 2 task file")
+    waiting = await wait_status(handle, lambda s: s.current_phase == 2, "phase 2 wait")
+    assert waiting.phases_done == [1] and waiting.current_agent == "reviewer"
+    assert await activity_order(handle) == ["scheduled", "completed", "scheduled"]
+
+    await complete_task(second, pipeline.env, message="looks good")
+    result = await outcome(handle)
+
+    assert result == BuildPlanResult(status="success", phases_run=2)
+    final = await status_of(handle)
+    assert final.outcome == "success" and final.phases_done == [1, 2]
+    assert final.current_phase is None and final.waiting_on is None
+    tasks = [assert_valid_task_file(path) for path in (first, second)]
+    for task, phase in zip(tasks, PHASES, strict=True):
+        assert task["task_type"] == "build_phase"
+        assert task["target_agent"] == phase["agent_type"]
+        assert task["status"] == "completed"
+        payload = task["payload"]
+        assert payload["phase"] == phase["number"]
+        assert payload["plan_name"] == "parser-plan"
+        assert payload["context_refs"] == phase.get("context_refs", [])
+        assert payload["workflow_id"] == handle.id
+        assert payload["activity_type"] == "build_phase"
+        assert phase["description"] in payload["instruction"]
+        for ref in phase.get("context_refs", []):
+            assert ref in payload["instruction"]
+    assert tasks[0]["result"]["output"] == "parser written"
+    assert tasks[1]["created"] >= tasks[0]["result"]["completed_at"]
+
+
+async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
+    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "failing-plan",
+                                                        "phases": PHASES},
+                                  result_type=BuildPlanResult)
+    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    await complete_task(first, pipeline.env)
+    second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
+                                      if t["payload"]["phase"] == 2), None),
+                        what="phase 2 task file")
+    await complete_task(second, pipeline.env, status="failed", message="tests do not pass")
+
+    with pytest.raises(WorkflowFailureError) as caught:
+        await outcome(handle)
+
+    cause = caught.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "PhaseFailedError"
+    assert "phase 2 (reviewer)" in cause.message
+    assert "tests do not pass" in cause.message
+    assert "1 of 2 phases done" in cause.message
+    status = await status_of(handle)
+    assert status.outcome == "failed" and status.phases_done == [1]
+    assert status.error and "tests do not pass" in status.error
+    assert assert_valid_task_file(second)["status"] == "failed"
+
+
+@pytest.mark.parametrize(("plan", "field"), [
+    ({"plan_name": "Bad Name", "phases": PHASES}, "plan_name"),
+    ({"plan_name": "../escape", "phases": PHASES}, "plan_name"),
+    ({"plan_name": "empty-plan", "phases": []}, "phases"),
+    ({"plan_name": "dup-plan", "phases": [PHASES[0], {**PHASES[1], "number": 1}]}, "phases"),
+    ({"plan_name": "agent-plan", "phases": [{**PHASES[0], "agent_type": "Evil\nAgent"}]},
+     "agent_type"),
+    ({"plan_name": "no-phases"}, "phases"),
+])
+async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[str, Any],
+                                            field: str) -> None:
+    handle = await pipeline.start("BuildPlanWorkflow", plan)
+    with pytest.raises(WorkflowFailureError) as caught:
+        await outcome(handle)
+
+    cause = caught.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInputError"
+    assert field in cause.message
+    assert cause.non_retryable
+    assert await activity_order(handle) == []
+    assert not pipeline.queue_dir.exists() or not any(pipeline.queue_dir.rglob("*"))
