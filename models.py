@@ -21,10 +21,17 @@ Outcome = Literal["success", "rejected", "timed_out", "failed", "cancelled"]
 Decision = Literal["approved", "rejected"]
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """repr() of a rejected value, cut short: an error must not echo 100 kB of input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
 def check_name(value: str, what: str = "name") -> str:
     """Names that become path components and YAML scalars: ^[a-z0-9][a-z0-9-]*$, max 63."""
     if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > NAME_MAX:
-        raise ValueError(f"{what} {value!r} must match ^[a-z0-9][a-z0-9-]*$ (1-{NAME_MAX} chars)")
+        raise ValueError(f"{what} {shown(value)} must match ^[a-z0-9][a-z0-9-]*$ "
+                         f"(1-{NAME_MAX} chars)")
     return value
 
 
@@ -74,7 +81,7 @@ class BuildPipelineInput(BaseModel):
         if not value or not value.strip():
             raise ValueError("task_id must be non-empty")
         if "/" in value or "\\" in value or value in (".", ".."):
-            raise ValueError(f"task_id {value!r} must not contain path separators")
+            raise ValueError(f"task_id {shown(value)} must not contain path separators")
         if len(value) > 200:
             raise ValueError("task_id must be at most 200 characters")
         return _no_control_chars(value, "task_id")
@@ -84,7 +91,7 @@ class BuildPipelineInput(BaseModel):
     def _plan_path(cls, value: str) -> str:
         _no_control_chars(value, "plan_path")
         if not value.startswith("/"):
-            raise ValueError(f"plan_path {value!r} must be an absolute path")
+            raise ValueError(f"plan_path {shown(value)} must be an absolute path")
         if len(value) > 4096:
             raise ValueError("plan_path must be at most 4096 characters")
         return value

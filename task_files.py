@@ -24,6 +24,7 @@ from exceptions import TaskFileError, TaskNotFoundError, UnsafeTaskPathError
 SOURCE_AGENT = "temporal-worker"
 TASK_TTL_DAYS = 7
 MAX_TASK_FILE_BYTES = 1024 * 1024
+MAX_TASK_DEPTH = 32  # the schema needs 4 levels; hand edits get plenty of room
 SEARCH_SUBDIRS = ("archive", "dead-letters")
 # Statuses an operator or agent may set on the originating task.
 APPROVED = "approved"
@@ -40,7 +41,21 @@ def timestamp(moment: datetime | None = None) -> str:
 
 
 def ensure_private_dir(directory: Path) -> Path:
-    """Create `directory` (and parents) and make sure the leaf is 0700."""
+    """Create `directory` and every missing parent as 0700, and make sure the leaf is 0700.
+
+    mkdir(parents=True) would give the parents the umask's mode (0777 under umask 000);
+    folders that already existed above the leaf are the operator's and left alone."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists() and not current.is_symlink() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another writer made it meanwhile
+        os.chmod(folder, 0o700)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not directory.is_dir():
         raise TaskFileError(f"{directory}: exists but is not a directory")
@@ -131,16 +146,41 @@ def dump_task(task: dict[str, Any]) -> bytes:
     return dump_yaml(task)
 
 
-def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None = None) -> Path:
-    """Write a new task file; a file already carrying this id is rewritten in place."""
-    try:
-        existing: Path | None = find_task(queue_dir, task["id"], search_archives=False,
-                                              full_scan=False)
-    except TaskNotFoundError:
-        existing = None
+def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None = None, *,
+               may_exist: bool = True) -> Path:
+    """Write a new task file; a file already carrying this id is rewritten in place.
+
+    `may_exist=False` skips that lookup (a directory listing) when the caller knows the id
+    is new, e.g. the first attempt of a dispatch."""
+    existing: Path | None = None
+    if may_exist:
+        try:
+            existing = find_task(queue_dir, task["id"], search_archives=False,
+                                 full_scan=False)
+        except TaskNotFoundError:
+            existing = None
     moment = created or datetime.fromisoformat(task["created"].replace("Z", "+00:00"))
     path = existing or queue_dir / task_filename(task["id"], moment)
     return write_private_atomic(path, dump_task(task))
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit. PyYAML slows down quadratically with nesting depth
+    and recurses once per level, so one "[[[[…" file dropped in the queue would otherwise
+    cost seconds on every task search that reads it (or end it with a RecursionError)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_TASK_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {MAX_TASK_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def read_task(path: Path) -> dict[str, Any]:
@@ -156,7 +196,7 @@ def read_task(path: Path) -> dict[str, Any]:
     if len(raw) > MAX_TASK_FILE_BYTES:
         raise TaskFileError(f"{path}: larger than {MAX_TASK_FILE_BYTES} bytes")
     try:
-        document = yaml.safe_load(raw.decode("utf-8"))
+        document = yaml.load(raw.decode("utf-8"), Loader=_TaskLoader)  # noqa: S506 - safe
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise TaskFileError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(document, dict):

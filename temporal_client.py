@@ -8,10 +8,48 @@ from collections.abc import Sequence
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from config import WorkerConfig
+from exceptions import CredentialError
 from vault import fetch_tls_material
+
+# Markers in the SDK core's connect error -> what to fix. The raw message (a Rust debug
+# dump) is kept after the hint; the hint is what an operator reads first.
+_MATERIAL_PROBLEMS = (
+    ("KeyMismatch", "client_key_pem in Vault does not belong to client_cert_pem"),
+    ("failed to parse", "the certificate or key in Vault cannot be parsed"),
+)
+_HANDSHAKE_PROBLEMS = (
+    ("NotValidForName", "the server certificate does not carry the name we asked for: set "
+                        "TEMPORAL_TLS_SERVER_NAME to a name on the certificate"),
+    ("InvalidCertificate", "the server certificate is not trusted by ca_cert_pem from Vault "
+                           "(wrong CA?)"),
+    ("UnknownCA", "the server does not trust our client certificate (client_cert_pem is "
+                  "not signed by a CA it accepts)"),
+    ("CertificateRequired", "the server requires a client certificate"),
+    ("BadCertificate", "the server rejected our client certificate"),
+    ("InvalidContentType", "the server does not speak TLS at TEMPORAL_ADDRESS"),
+    ("tls handshake eof", "the server closed the TLS handshake"),
+    ("BrokenPipe", "the server closed the connection right after the TLS handshake (does "
+                   "it accept our client certificate?)"),
+    ("ConnectionReset", "the server reset the connection right after the TLS handshake "
+                        "(does it accept our client certificate?)"),
+)
+
+
+def explain_tls_failure(err: RuntimeError) -> Exception:
+    """A CredentialError for unusable material from Vault, else a RuntimeError whose
+    first words say what is wrong with the TLS handshake."""
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    for marker, hint in _MATERIAL_PROBLEMS:
+        if marker in detail:
+            return CredentialError(f"{hint} ({detail})")
+    for marker, hint in _HANDSHAKE_PROBLEMS:
+        if marker in detail:
+            return RuntimeError(f"TLS handshake failed: {hint} ({detail})")
+    return err
 
 
 async def tls_config(config: WorkerConfig) -> TLSConfig | bool:
@@ -25,9 +63,17 @@ async def tls_config(config: WorkerConfig) -> TLSConfig | bool:
 
 
 async def connect(config: WorkerConfig, *, interceptors: Sequence[Interceptor] = (),
-                  identity: str | None = None) -> Client:
+                  identity: str | None = None, runtime: Runtime | None = None) -> Client:
     tls = await tls_config(config)
-    kwargs = {"identity": identity} if identity else {}
-    return await Client.connect(config.temporal_address, namespace=config.temporal_namespace,
-                                tls=tls, data_converter=pydantic_data_converter,
-                                interceptors=interceptors, **kwargs)
+    kwargs: dict[str, object] = {"identity": identity} if identity else {}
+    if runtime is not None:
+        kwargs["runtime"] = runtime
+    try:
+        return await Client.connect(config.temporal_address,
+                                    namespace=config.temporal_namespace, tls=tls,
+                                    data_converter=pydantic_data_converter,
+                                    interceptors=interceptors, **kwargs)
+    except RuntimeError as err:
+        if tls is False:
+            raise
+        raise explain_tls_failure(err) from None

@@ -7,6 +7,9 @@ CredentialError whose message says what to fix and never contains a secret.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from dataclasses import dataclass, field
 
 from config import WorkerConfig
@@ -16,6 +19,8 @@ KV_MOUNT = "secret"
 KV_PATH = "temporal/worker"
 PEM_FIELDS = ("ca_cert_pem", "client_cert_pem", "client_key_pem")
 VAULT_TIMEOUT_SECONDS = 10
+MAX_SECRET_ID_CHARS = 1024
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\s*([A-Za-z0-9+/=\s]*?)\s*-----END \1-----")
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,10 @@ class TlsMaterial:
 def _read_secret_id(config: WorkerConfig) -> str:
     path = config.vault_secret_id_file
     try:
-        secret_id = path.read_text().strip() if path else ""
+        # Bounded read: a secret-id is a few dozen bytes; a wrong path (a log, /dev/zero)
+        # must not be read whole into memory.
+        with open(path or "", encoding="utf-8") as handle:
+            secret_id = handle.read(MAX_SECRET_ID_CHARS + 1).strip()
     except OSError as err:
         raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: cannot read: {err.strerror}") \
             from None
@@ -36,7 +44,34 @@ def _read_secret_id(config: WorkerConfig) -> str:
         raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: not text") from None
     if not secret_id:
         raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: file is empty")
+    if len(secret_id) > MAX_SECRET_ID_CHARS or any(ch.isspace() for ch in secret_id):
+        raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: does not hold a single "
+                              f"secret-id (whitespace inside or over {MAX_SECRET_ID_CHARS} "
+                              f"characters)")
     return secret_id
+
+
+def _check_pem(name: str, value: str) -> None:
+    """Refuse what the TLS stack would reject later with a less helpful message."""
+    blocks = _PEM_BLOCK.findall(value)
+    if not blocks:
+        raise CredentialError(f"Vault secret field {name} is not PEM (no complete "
+                              f"-----BEGIN/END----- block)")
+    wanted = "private key" if name == "client_key_pem" else "certificate"
+    for label, body in blocks:
+        try:
+            base64.b64decode("".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise CredentialError(f"Vault secret field {name} is not PEM (the {label} block "
+                                  f"is not valid base64)") from None
+        if label == "ENCRYPTED PRIVATE KEY":
+            raise CredentialError(f"Vault secret field {name} holds an encrypted key; "
+                                  f"store it unencrypted (PKCS#8 or PKCS#1/SEC1)")
+        fits = label == "CERTIFICATE" if wanted == "certificate" else label.endswith(
+            "PRIVATE KEY")
+        if not fits:
+            raise CredentialError(f"Vault secret field {name} holds a {label} block; "
+                                  f"expected a {wanted}")
 
 
 def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
@@ -83,7 +118,6 @@ def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
         value = data.get(name)
         if not isinstance(value, str) or not value.strip():
             raise CredentialError(f"Vault secret {KV_MOUNT}/data/{KV_PATH} has no field {name}")
-        if "-----BEGIN " not in value:
-            raise CredentialError(f"Vault secret field {name} is not PEM")
+        _check_pem(name, value)
         values[name] = value.encode()
     return TlsMaterial(**values)

@@ -8,6 +8,8 @@ close nor reopen the delimiter (nor open any other tag).
 
 from __future__ import annotations
 
+import unicodedata
+
 from models import Finding
 
 FINDING_MAX_CHARS = 500
@@ -21,7 +23,13 @@ COMPLETE_HINT = ("When done, run: complete_activity.py --task-file <this task fi
 
 
 def sanitize_finding(text: str) -> str:
-    collapsed = " ".join(text.split())
+    # NFKC first, so look-alikes (fullwidth ＜, small-form ﹤) become the `<` that is then
+    # escaped; control and format characters (ANSI escapes, zero-width, bidi overrides)
+    # are dropped, as they only serve to hide text from a human reviewer.
+    folded = unicodedata.normalize("NFKC", text)
+    visible = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in folded
+                      if unicodedata.category(ch) != "Cf")
+    collapsed = " ".join(visible.split())
     if len(collapsed) > FINDING_MAX_CHARS:
         collapsed = collapsed[: FINDING_MAX_CHARS - 1] + "…"
     return collapsed.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
