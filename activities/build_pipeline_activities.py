@@ -42,6 +42,7 @@ from models import (
     TriageResult,
     check_name,
 )
+from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
 from task_files import (
     APPROVED,
     REJECTING_STATUSES,
@@ -65,7 +66,12 @@ REQUEST_FILE = "request.md"
 def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     """`<audit dir>/audit-requests/<build>`; the name is re-checked so it cannot escape."""
     check_name(build_name, "build_name")
-    return config.audit_dir / "audit-requests" / build_name
+    folder = config.audit_dir / "audit-requests" / build_name
+    # Agents can write below the audit root: a planted link must not redirect our writes.
+    for part in (folder.parent, folder):
+        if part.is_symlink():
+            raise TaskFileError(f"{part}: is a symlink; refusing to follow it")
+    return folder
 
 
 def audit_request_markdown(request: AuditRequest, folder: Path) -> str:
@@ -142,6 +148,7 @@ class PipelineActivities:
 
     @activity.defn(name="process_triage_output")
     async def process_triage_output(self, build_name: str) -> TriageResult:
+        bind_build_name(build_name)
         path = audit_folder(self.config, build_name) / TRIAGE_FILE
         try:
             return await asyncio.to_thread(read_triage, path)
@@ -152,8 +159,10 @@ class PipelineActivities:
 
     @activity.defn(name="notify_blocks")
     async def notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
-        count = len(request.blocks)
-        title = f"Build {request.build_name}: {count} security block(s) need a decision"
+        bind_build_name(request.build_name)
+        blocks = len(request.blocks)
+        count(BLOCKS_NOTIFIED, blocks)
+        title = f"Build {request.build_name}: {blocks} security block(s) need a decision"
         lines = "\n".join(f"- {' '.join(item.description.split())[:300]}"
                           for item in request.blocks)
         message = (f"{title}\n{lines}\nWorkflow: {request.workflow_id}\n"
@@ -161,7 +170,7 @@ class PipelineActivities:
                    f"(or use the approve_blocks update); reject with status 'rejected'.")
         delivered, failures = await notify_all(self.config, title, message,
                                                f"{request.workflow_id}/blocks")
-        note = f"{count} security block(s) await approval (workflow {request.workflow_id})"
+        note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
         try:
@@ -226,6 +235,7 @@ class PipelineActivities:
 
     @activity.defn(name="summarize_workflow")
     async def summarize_workflow(self, summary: SummaryInput) -> str:
+        bind_build_name(summary.build_name)
         month = summary.started_at.strftime("%Y-%m")
         path = self.config.summary_dir / month / _summary_filename(summary.workflow_id)
         document = {
@@ -255,6 +265,7 @@ class PipelineActivities:
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
         await asyncio.to_thread(write_private_atomic, path, dump_yaml(document))
+        count(PIPELINES_COMPLETED, outcome=summary.outcome)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,
                                            "outcome": summary.outcome})

@@ -17,6 +17,7 @@ from temporalio import activity
 
 from config import WorkerConfig
 from models import AgentTaskRequest, BuildPhaseResult
+from observability import TASKS_DISPATCHED, bind_build_name, count
 from task_files import new_task, write_task
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,17 @@ def write_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> Path:
         target_agent = getattr(config, request.agent_setting)
     task = new_task(task_id=request.task_id, target_agent=target_agent,
                     task_type=request.task_type, summary=request.summary, payload=payload)
-    return write_task(config.task_queue_dir, task)
+    # Only a re-dispatch (attempt > 1, after a lost worker) can find its file already there.
+    return write_task(config.task_queue_dir, task, may_exist=info.attempt > 1)
 
 
 async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> NoReturn:
+    bind_build_name(request.build_name)
     path = await asyncio.to_thread(write_agent_task, config, request)
+    count(TASKS_DISPATCHED, stage=activity.info().activity_type, task_type=request.task_type)
     log.info("task_dispatched", extra={"task_file": str(path), "task_type": request.task_type,
                                        "target_agent": request.target_agent
-                                       or request.agent_setting,
+                                       or getattr(config, request.agent_setting or "", None),
                                        "build_name": request.build_name})
     activity.raise_complete_async()
 

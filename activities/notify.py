@@ -17,6 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from config import WorkerConfig
+from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,13 @@ PM2_IPC_VARIABLES = ("NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "NODE
 
 
 class NotifyFailed(Exception):
-    """One channel could not deliver (message is safe to record: no secrets)."""
+    """One channel could not deliver (message is safe to record: no secrets).
+
+    `retryable` is False when trying again cannot help (bad token, unknown room)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def matrix_token(config: WorkerConfig) -> str | None:
@@ -38,7 +45,8 @@ def matrix_token(config: WorkerConfig) -> str | None:
         try:
             return config.matrix_access_token_file.read_text().strip() or None
         except OSError as err:
-            raise NotifyFailed(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}") from None
+            raise NotifyFailed(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}",
+                               retryable=False) from None
     return None
 
 
@@ -52,7 +60,8 @@ def room_reference(room: str, server_name: str) -> str:
 async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None:
     token = matrix_token(config)
     if not token:
-        raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured")
+        raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured",
+                           retryable=False)
     base = str(config.matrix_homeserver).rstrip("/")
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=headers,
@@ -60,38 +69,47 @@ async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None
         room = config.matrix_room
         if not room.startswith("!"):
             if not room.startswith("#"):
-                whoami = await _json(http, "GET", "/_matrix/client/v3/account/whoami")
+                whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
                 server_name = str(whoami.get("user_id", "")).partition(":")[2]
                 if not server_name:
                     raise NotifyFailed("Matrix whoami returned no server name")
                 room = room_reference(room, server_name)
-            resolved = await _json(http, "GET",
+            resolved = await _json(http, f"resolve {room}", "GET",
                                    f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
             room = str(resolved.get("room_id") or "")
             if not room:
-                raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve")
+                raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
+                                   retryable=False)
+        # Derived from the workflow, so a retried stage is de-duplicated by the homeserver.
         txn_id = hashlib.sha256(txn_seed.encode()).hexdigest()[:32]
-        await _json(http, "PUT",
+        await _json(http, "send", "PUT",
                     f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/{txn_id}",
                     json={"msgtype": "m.notice", "body": message})
 
 
-async def _json(http: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> dict:
+async def _json(http: httpx.AsyncClient, step: str, method: str, url: str,
+                **kwargs: object) -> dict:
+    """One client-server API call; errors name the step, never the token."""
     try:
         response = await http.request(method, url, **kwargs)  # type: ignore[arg-type]
     except httpx.HTTPError as err:
-        raise NotifyFailed(f"Matrix {method} {url.split('?')[0]}: {type(err).__name__}") from None
+        raise NotifyFailed(f"Matrix {step}: {type(err).__name__}") from None
     if response.status_code >= 400:
         try:
-            code = response.json().get("errcode", "")
+            code = str(response.json().get("errcode", ""))
         except ValueError:
             code = ""
-        raise NotifyFailed(f"Matrix {method} {url.split('/')[4] if url.count('/') > 4 else url}"
-                           f": HTTP {response.status_code} {code}".rstrip())
+        # 4xx other than timeouts and rate limits will not change on a retry.
+        retryable = response.status_code >= 500 or response.status_code in (408, 429)
+        raise NotifyFailed(f"Matrix {step}: HTTP {response.status_code} {code}".rstrip(),
+                           retryable=retryable)
     try:
-        return response.json()
+        body = response.json()
     except ValueError:
-        raise NotifyFailed(f"Matrix {method}: response is not JSON") from None
+        raise NotifyFailed(f"Matrix {step}: response is not JSON") from None
+    if not isinstance(body, dict):
+        raise NotifyFailed(f"Matrix {step}: response is not a JSON object")
+    return body
 
 
 async def send_script(config: WorkerConfig, message: str) -> None:
@@ -102,7 +120,8 @@ async def send_script(config: WorkerConfig, message: str) -> None:
             script, config.matrix_room, message, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     except OSError as err:
-        raise NotifyFailed(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}") from None
+        raise NotifyFailed(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}",
+                           retryable=False) from None
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), SCRIPT_TIMEOUT_SECONDS)
     except TimeoutError:
@@ -124,7 +143,9 @@ async def send_ntfy(config: WorkerConfig, title: str, message: str) -> None:
     except httpx.HTTPError as err:
         raise NotifyFailed(f"ntfy: {type(err).__name__}") from None
     if response.status_code >= 400:
-        raise NotifyFailed(f"ntfy: HTTP {response.status_code}")
+        raise NotifyFailed(f"ntfy: HTTP {response.status_code}",
+                           retryable=response.status_code >= 500
+                           or response.status_code in (408, 429))
 
 
 async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str | None:
@@ -138,6 +159,8 @@ async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str |
             last = str(err)
             log.warning("notification_failed", extra={"channel": name, "attempt": attempt,
                                                       "error": last})
+            if not err.retryable:
+                break
         if attempt < ATTEMPTS_PER_CHANNEL:
             await asyncio.sleep(RETRY_DELAY_SECONDS * attempt)
     return f"{name}: {last}"
@@ -154,14 +177,20 @@ async def notify_all(config: WorkerConfig, title: str, message: str,
     if config.ntfy_url:
         channels.append(("ntfy", lambda: send_ntfy(config, title, message)))
     if not channels:
-        return [], ["no notification channel configured (set MATRIX_HOMESERVER, "
-                    "SEND_MATRIX_SCRIPT or NTFY_URL)"]
+        failure = ("no notification channel configured (set MATRIX_HOMESERVER, "
+                   "SEND_MATRIX_SCRIPT or NTFY_URL)")
+        log.warning("notification_failed", extra={"channel": "none", "error": failure})
+        count(NOTIFICATION_FAILURES, channel="none")
+        return [], [failure]
     delivered: list[str] = []
     failures: list[str] = []
-    for name, send in channels:
-        failure = await _with_retries(name, send)
+    # Channels are independent: a slow or dead one must not delay the others.
+    results = await asyncio.gather(*(_with_retries(name, send) for name, send in channels))
+    for (name, _), failure in zip(channels, results, strict=True):
         if failure is None:
             delivered.append(name)
+            count(NOTIFICATIONS_SENT, channel=name)
         else:
             failures.append(failure)
+            count(NOTIFICATION_FAILURES, channel=name)
     return delivered, failures

@@ -1,0 +1,293 @@
+"""Block notifications on real endpoints: a Synapse homeserver, the legacy send script
+as a real process, and an HTTP recorder standing in for an ntfy server. A failed
+notification must never lose the block: the pipeline still parks and the failure is
+recorded in the originating task and in get_status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowHandle
+
+from activities import notify
+from config import load_config
+from models import BuildPipelineInput, PipelineStatus
+from task_files import find_task, new_task, write_task
+from tests import synapse
+from tests.agents import complete_task, load_yaml, play_stage, poll, wait_for_task
+from tests.conftest import PipelineEnv, make_env
+from tools.devserver import free_port
+from worker import build_worker
+
+BLOCKS = ["Token is logged in plain text", "Admin endpoint has no authentication"]
+
+
+# ---- driving a pipeline to stage 7 -------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def worker_with(client: Client, root: Path, address: str,
+                      **env: str) -> AsyncIterator[PipelineEnv]:
+    """An in-process worker on a fresh task queue, configured by `env` on top of the
+    usual private folders."""
+    variables = make_env(root, address, **env)
+    config = load_config(variables)
+    async with build_worker(client, config):
+        yield PipelineEnv(config=config, client=client, env=variables, root=root)
+
+
+async def park_pipeline(pipeline: PipelineEnv, build: str,
+                        blocks: list[str]) -> tuple[WorkflowHandle, Path]:
+    """Run a pipeline whose audit reports `blocks` until it parks at stage 7; return its
+    handle and the originating task file."""
+    task_id = str(uuid.uuid4())
+    write_task(pipeline.queue_dir, new_task(
+        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        summary="originating build request", payload={"build_name": build}))
+    inp = BuildPipelineInput(build_name=build, plan_path="/plans/demo.md", task_id=task_id,
+                             target_agent="builder", block_poll_interval_seconds=0.2)
+    handle = await pipeline.start("BuildPipelineWorkflow", inp)
+    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    pipeline.write_triage(build, "blocks:\n" + "".join(f"- description: {b}\n"
+                                                       for b in blocks))
+    await complete_task(audit, pipeline.env, "success", "audit written")
+    status = await poll_status(handle, lambda s: s.stage == "wait_for_block_resolution"
+                               and s.waiting_on is not None, "pipeline parked at stage 7")
+    assert status.blocks == len(blocks)
+    return handle, find_task(pipeline.queue_dir, task_id)
+
+
+async def poll_status(handle: WorkflowHandle, condition: Any, what: str,
+                      timeout: float = 60.0) -> PipelineStatus:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+        if condition(status):
+            return status
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last status {status}")
+        await asyncio.sleep(0.1)
+
+
+def origin_note(origin: Path) -> tuple[str, str]:
+    """(status, newest history note) of the originating task."""
+    task = load_yaml(origin)
+    return task["status"], task["history"][-1]["note"]
+
+
+# ---- Matrix: a real Synapse --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[synapse.Homeserver]:
+    with synapse.running(tmp_path_factory.mktemp("synapse")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def matrix_token(homeserver: synapse.Homeserver) -> str:
+    _, token = homeserver.register("build-notifier")
+    return token
+
+
+def notices(homeserver: synapse.Homeserver, token: str, room_id: str) -> list[dict[str, Any]]:
+    return [event["content"] for event in homeserver.messages(token, room_id)]
+
+
+async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matrix_token: str,
+                                            client: Client, temporal_address: str,
+                                            tmp_path: Path) -> None:
+    room_id = homeserver.create_room(matrix_token, "builds")
+    token_file = tmp_path / "matrix-token"
+    token_file.write_text(matrix_token + "\n")
+    token_file.chmod(0o600)
+    async with worker_with(client, tmp_path, temporal_address,
+                           MATRIX_HOMESERVER=homeserver.url, MATRIX_ROOM="builds",
+                           MATRIX_ACCESS_TOKEN_FILE=str(token_file)) as pipeline:
+        # Two pipelines park at once on one worker; each announces its own blocks.
+        (first, first_origin), (second, _) = await asyncio.gather(
+            park_pipeline(pipeline, "notice-one", BLOCKS),
+            park_pipeline(pipeline, "notice-two", BLOCKS[:1]))
+        received = await poll(lambda: len(notices(homeserver, matrix_token, room_id)) >= 2,
+                              timeout=30, what="two notices in the room") and notices(
+            homeserver, matrix_token, room_id)
+        for handle in (first, second):
+            status = await handle.query("get_status", result_type=PipelineStatus)
+            assert status.notification_failures == []
+            await handle.terminate("test done")
+
+    assert len(received) == 2
+    assert all(content["msgtype"] == "m.notice" for content in received)
+    by_build = {("notice-one" if "notice-one" in c["body"] else "notice-two"): c["body"]
+                for c in received}
+    assert "Build notice-one: 2 security block(s) need a decision" in by_build["notice-one"]
+    assert f"- {BLOCKS[0]}" in by_build["notice-one"]
+    assert f"- {BLOCKS[1]}" in by_build["notice-one"]
+    assert f"Workflow: {first.id}" in by_build["notice-one"]
+    assert "Build notice-two: 1 security block(s)" in by_build["notice-two"]
+    assert BLOCKS[1] not in by_build["notice-two"]
+    status, note = origin_note(first_origin)
+    assert status == "input-required"
+    assert "2 security block(s) await approval" in note and "notification failed" not in note
+
+
+async def test_room_id_alias_and_short_name_resolve(homeserver: synapse.Homeserver,
+                                                    matrix_token: str) -> None:
+    room_id = homeserver.create_room(matrix_token, "forms")
+    for form in (room_id, f"#forms:{homeserver.server_name}", "forms"):
+        config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": form,
+                              "MATRIX_ACCESS_TOKEN": matrix_token})
+        await notify.send_matrix(config, f"sent to {form}", txn_seed=f"forms/{form}")
+    bodies = [c["body"] for c in notices(homeserver, matrix_token, room_id)]
+    assert bodies == [f"sent to {room_id}", f"sent to #forms:{homeserver.server_name}",
+                      "sent to forms"]
+
+
+async def test_same_transaction_is_sent_once(homeserver: synapse.Homeserver,
+                                             matrix_token: str) -> None:
+    """A retried stage reuses its transaction id: the room shows the notice once."""
+    room_id = homeserver.create_room(matrix_token, "retried")
+    config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": room_id,
+                          "MATRIX_ACCESS_TOKEN": matrix_token})
+    for _ in range(2):
+        await notify.send_matrix(config, "only once", txn_seed="wf-1/blocks")
+    assert [c["body"] for c in notices(homeserver, matrix_token, room_id)] == ["only once"]
+
+
+async def test_bad_token_and_unknown_room_fail_without_retry(
+        homeserver: synapse.Homeserver, matrix_token: str) -> None:
+    bad = "syt_not_a_real_token_" + uuid.uuid4().hex
+    config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "builds",
+                          "MATRIX_ACCESS_TOKEN": bad})
+    with pytest.raises(notify.NotifyFailed) as failed:
+        await notify.send_matrix(config, "x", txn_seed="bad-token")
+    assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value) and not failed.value.retryable
+    assert bad not in str(failed.value)
+    config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "no-such-room",
+                          "MATRIX_ACCESS_TOKEN": matrix_token})
+    with pytest.raises(notify.NotifyFailed) as failed:
+        await notify.send_matrix(config, "x", txn_seed="no-room")
+    assert "#no-such-room:localhost" in str(failed.value) and "M_NOT_FOUND" in str(failed.value)
+    assert not failed.value.retryable
+
+
+async def test_homeserver_down_still_parks_and_records(client: Client, temporal_address: str,
+                                                       tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    secret = "syt_secret_" + uuid.uuid4().hex
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    caplog.set_level(logging.INFO)
+    async with worker_with(client, tmp_path, temporal_address, MATRIX_HOMESERVER=down,
+                           MATRIX_ACCESS_TOKEN=secret) as pipeline:
+        handle, origin = await park_pipeline(pipeline, "hs-down", BLOCKS)
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        events = await handle.query("get_events")
+        await handle.terminate("test done")
+
+    assert status.notification_failures == ["matrix: Matrix whoami: ConnectError"]
+    assert any(e["event"] == "notification_failed" for e in events)
+    task_status, note = origin_note(origin)
+    assert task_status == "input-required"
+    assert "2 security block(s) await approval" in note
+    assert "notification failed: matrix: Matrix whoami: ConnectError" in note
+    attempts = [r for r in caplog.records if r.getMessage() == "notification_failed"]
+    assert [getattr(r, "attempt", None) for r in attempts] == [1, 2, 3]
+    assert secret not in caplog.text and secret not in origin.read_text()
+
+
+# ---- legacy script and ntfy --------------------------------------------------------------
+
+class Recorder(ThreadingHTTPServer):
+    """Stands in for an ntfy server: records each POST and answers `status`."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.status = status
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests.append({"path": self.path, "headers": dict(self.headers),
+                                        "body": body.decode()})
+                self.send_response(server.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def ntfy() -> Iterator[Recorder]:
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+RECORDING_SCRIPT = """#!{python}
+import json, os, sys
+with open({out!r}, "w") as f:
+    json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, f)
+"""
+
+
+async def test_script_and_ntfy_channels(client: Client, temporal_address: str, tmp_path: Path,
+                                        ntfy: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "script-call.json"
+    script = tmp_path / "send-matrix"
+    script.write_text(RECORDING_SCRIPT.format(python=sys.executable, out=str(record)))
+    script.chmod(0o700)
+    # The worker runs under pm2, which leaves its IPC channel in the environment; a Node
+    # script inheriting it would talk on pm2's channel.
+    for name in notify.PM2_IPC_VARIABLES:
+        monkeypatch.setenv(name, "3")
+    monkeypatch.setenv("BUILD_WORKER_CANARY", "kept")
+    async with worker_with(client, tmp_path, temporal_address, SEND_MATRIX_SCRIPT=str(script),
+                           MATRIX_ROOM="ops", NTFY_URL=f"{ntfy.url}/builds") as pipeline:
+        handle, origin = await park_pipeline(pipeline, "script-build", BLOCKS[:1])
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        await handle.terminate("test done")
+
+    assert status.notification_failures == []
+    call = json.loads(record.read_text())
+    assert call["argv"][0] == "ops"
+    assert "Build script-build: 1 security block(s)" in call["argv"][1]
+    assert BLOCKS[0] in call["argv"][1]
+    assert not set(notify.PM2_IPC_VARIABLES) & set(call["env"])
+    assert call["env"]["BUILD_WORKER_CANARY"] == "kept"
+    [posted] = ntfy.requests
+    assert posted["path"] == "/builds"
+    assert posted["headers"]["Title"] == "Build script-build: 1 security block(s) need a decision"
+    assert set(posted["headers"]["Tags"].split(",")) >= {"warning"}
+    assert BLOCKS[0] in posted["body"]
+    assert "notification failed" not in origin_note(origin)[1]
+
+
+async def test_failing_channel_is_retried_then_reported(ntfy: Recorder) -> None:
+    ntfy.status = 503
+    config = load_config({"NTFY_URL": f"{ntfy.url}/builds"})
+    delivered, failures = await notify.notify_all(config, "title", "message", "seed")
+    assert delivered == [] and failures == ["ntfy: ntfy: HTTP 503"]
+    assert len(ntfy.requests) == notify.ATTEMPTS_PER_CHANNEL

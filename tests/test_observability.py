@@ -1,0 +1,269 @@
+"""Logs, traces and metrics from real runs: a pipeline traced into the SDK's in-memory
+span exporter, the runtime's Prometheus endpoint scraped over HTTP, the JSON log file
+read back, and the worker process itself started with telemetry on and off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from temporalio import activity, workflow
+
+from config import load_config
+from models import BuildPipelineResult
+from observability import configure_logging, setup_telemetry
+from task_files import add_history, update_task
+from temporal_client import connect
+from tests.agents import REPO, play_stage, poll
+from tests.conftest import PipelineEnv, make_env
+from tests.test_notify import BLOCKS, park_pipeline
+from tools.devserver import free_port
+from worker import build_worker
+
+BUILD = "traced-build"
+WORKER_ID = "test-host:4242"
+
+
+@dataclass
+class TracedRun:
+    workflow_id: str
+    task_queue: str
+    result: BuildPipelineResult
+    spans: tuple[ReadableSpan, ...]
+    metrics_url: str
+    log_lines: list[dict[str, Any]]
+    runtime: Any  # the metrics endpoint lives as long as its runtime
+
+
+@pytest.fixture(scope="module")
+async def traced_run(temporal_address: str,
+                     tmp_path_factory: pytest.TempPathFactory) -> TracedRun:
+    """One pipeline with two blocks, approved through its task file, run by a worker whose
+    client carries the tracing interceptor and a runtime serving Prometheus metrics."""
+    root = tmp_path_factory.mktemp("traced")
+    metrics_address = f"127.0.0.1:{free_port()}"
+    variables = make_env(root, temporal_address, PROMETHEUS_BIND_ADDRESS=metrics_address,
+                         LOG_FILE=str(root / "logs" / "worker.jsonl"))
+    config = load_config(variables)
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(config, span_exporter=exporter)
+    assert telemetry.runtime is not None and len(telemetry.interceptors) == 1
+    client = await connect(config, interceptors=telemetry.interceptors,
+                           runtime=telemetry.runtime)
+    root_logger = logging.getLogger()
+    saved = (list(root_logger.handlers), root_logger.level)
+    configure_logging(config.log_level, config.log_file, WORKER_ID)
+    try:
+        async with build_worker(client, config):
+            pipeline = PipelineEnv(config=config, client=client, env=variables, root=root)
+            handle, origin = await park_pipeline(pipeline, BUILD, BLOCKS)
+            update_task(origin, lambda t: add_history(t, status="approved", actor="ops",
+                                                      note="accepted"))
+            await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+            result = BuildPipelineResult.model_validate(await handle.result())
+    finally:
+        for handler in list(root_logger.handlers):
+            root_logger.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root_logger.addHandler(handler)
+        root_logger.setLevel(saved[1])
+        activity.logger.activity_info_on_message = True
+        workflow.logger.workflow_info_on_message = True
+    telemetry.shutdown()
+    assert config.log_file is not None
+    lines = [json.loads(line) for line in config.log_file.read_text().splitlines()]
+    return TracedRun(workflow_id=handle.id, task_queue=config.task_queue, result=result,
+                     spans=exporter.get_finished_spans(),
+                     metrics_url=f"http://{metrics_address}/metrics", log_lines=lines,
+                     runtime=telemetry.runtime)
+
+
+# ---- traces ------------------------------------------------------------------------------
+
+def test_workflow_and_activity_spans_share_one_trace(traced_run: TracedRun) -> None:
+    assert traced_run.result.outcome == "success"
+    pipeline_spans = [s for s in traced_run.spans
+                      if s.name.split(":")[0] in ("StartWorkflow", "RunWorkflow",
+                                                  "StartActivity", "RunActivity")]
+    names = {s.name for s in pipeline_spans}
+    assert {"StartWorkflow:BuildPipelineWorkflow", "RunWorkflow:BuildPipelineWorkflow",
+            "StartActivity:prefab_scaffolding", "RunActivity:prefab_scaffolding",
+            "RunActivity:notify_blocks", "RunActivity:close_build",
+            "RunActivity:summarize_workflow"} <= names
+    assert len({s.context.trace_id for s in pipeline_spans}) == 1
+    run = next(s for s in pipeline_spans if s.name == "RunActivity:notify_blocks")
+    assert run.attributes["temporalWorkflowID"] == traced_run.workflow_id
+    assert run.resource.attributes["service.name"] == "temporal-build-worker"
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text format → (name, labels, value)."""
+    found = []
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(LABEL.findall(match["labels"] or ""))
+            found.append((match["name"], labels, float(match["value"])))
+    return found
+
+
+def value(all_samples: list[tuple[str, dict[str, str], float]], name: str,
+          **labels: str) -> float:
+    return sum(v for n, lab, v in all_samples
+               if n == name and all(lab.get(k) == want for k, want in labels.items()))
+
+
+async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> None:
+    def scrape() -> list[tuple[str, dict[str, str], float]] | None:
+        found = samples(httpx.get(traced_run.metrics_url, timeout=5).text)
+        return found if value(found, "build_pipelines_completed_total") else None
+
+    found = await poll(scrape, timeout=30, interval=0.5, what="our counters on /metrics")
+    queue = {"task_queue": traced_run.task_queue}
+    for stage in ("prefab_scaffolding", "implement_build", "request_security_audit",
+                  "close_build"):
+        assert value(found, "build_tasks_dispatched_total", stage=stage, **queue) == 1, stage
+    assert value(found, "build_tasks_dispatched_total", **queue) == 4
+    assert value(found, "build_blocks_notified_total", **queue) == len(BLOCKS)
+    assert value(found, "build_notification_failures_total", channel="none", **queue) == 1
+    assert value(found, "build_pipelines_completed_total", outcome="success", **queue) == 1
+    # The SDK's own worker metrics come out of the same endpoint.
+    assert value(found, "temporal_workflow_completed_total",
+                 workflow_type="BuildPipelineWorkflow", **queue) >= 1
+    assert value(found, "temporal_activity_execution_latency_count",
+                 activity_type="summarize_workflow", **queue) >= 1
+    assert any(n == "temporal_worker_task_slots_available" for n, _, _ in found)
+    assert all(lab.get("service_name") == "temporal-build-worker"
+               for n, lab, _ in found if n.startswith("build_"))
+
+
+# ---- logs --------------------------------------------------------------------------------
+
+def test_json_log_lines_carry_context(traced_run: TracedRun) -> None:
+    lines = traced_run.log_lines
+    assert lines and all({"ts", "level", "event", "worker_id", "workflow_id", "activity",
+                          "build_name"} <= set(line) for line in lines)
+    assert all(line["worker_id"] == WORKER_ID for line in lines)
+    mine = [line for line in lines if line["workflow_id"] == traced_run.workflow_id]
+    dispatched = {line["activity"] for line in mine if line["event"] == "task_dispatched"}
+    assert dispatched == {"prefab_scaffolding", "implement_build", "request_security_audit",
+                          "close_build"}
+    # activities.notify logs without passing any context: the filter supplies all of it.
+    failed = [line for line in mine if line["event"] == "notification_failed"]
+    assert failed, "no notification_failed line for the pipeline"
+    assert all(line["activity"] == "notify_blocks" and line["build_name"] == BUILD
+               and line["logger"] == "activities.notify" for line in failed)
+    assert any(line["event"] == "summary_written" and line["activity"] == "summarize_workflow"
+               for line in mine)
+    # The SDK's context travels in fields, not glued onto the event text.
+    assert not any("'workflow_id'" in line["event"] for line in lines)
+
+
+# ---- the worker process ------------------------------------------------------------------
+
+PROBE = """
+import json, sys
+import worker, observability
+from config import load_config
+telemetry = observability.setup_telemetry(load_config())
+print(json.dumps({"otel": sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"),
+                  "runtime": telemetry.runtime is not None,
+                  "interceptors": len(telemetry.interceptors)}))
+"""
+
+
+def probe(**env: str) -> dict[str, Any]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OTEL_", "PROMETHEUS_", "TEMPORAL_"))}
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_opentelemetry_not_imported_unless_configured() -> None:
+    assert probe() == {"otel": [], "runtime": False, "interceptors": 0}
+    enabled = probe(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    assert "opentelemetry.sdk.trace" in enabled["otel"]
+    assert enabled["runtime"] and enabled["interceptors"] == 1
+
+
+@pytest.fixture
+def worker_process(temporal_address: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str],
+                                                                          str, str]]:
+    address = f"127.0.0.1:{free_port()}"
+    env = make_env(tmp_path, temporal_address, PROMETHEUS_BIND_ADDRESS=address)
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process, address, env["TASK_QUEUE"]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def test_worker_process_serves_prometheus(
+        worker_process: tuple[subprocess.Popen[str], str, str]) -> None:
+    process, address, task_queue = worker_process
+
+    def slots() -> list[tuple[str, dict[str, str], float]] | None:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            found = samples(httpx.get(f"http://{address}/metrics", timeout=2).text)
+        except httpx.HTTPError:
+            return None
+        return [s for s in found if s[0] == "temporal_worker_task_slots_available"
+                and s[1].get("task_queue") == task_queue] or None
+
+    found = await poll(slots, timeout=60, interval=0.5, what="worker metrics on /metrics")
+    assert {labels["worker_type"] for _, labels, _ in found} >= {"ActivityWorker",
+                                                                 "WorkflowWorker"}
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    started = [json.loads(line) for line in out.splitlines() if '"worker_starting"' in line]
+    assert started and started[0]["settings"]["PROMETHEUS_BIND_ADDRESS"] == address
+
+
+def test_prometheus_address_errors_exit_2(temporal_address: str, tmp_path: Path) -> None:
+    env = make_env(tmp_path, temporal_address, PROMETHEUS_BIND_ADDRESS="no-port")
+    done = subprocess.run([sys.executable, "worker.py"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "PROMETHEUS_BIND_ADDRESS: must be host:port" in done.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env["PROMETHEUS_BIND_ADDRESS"] = f"127.0.0.1:{busy.getsockname()[1]}"
+        done = subprocess.run([sys.executable, "worker.py"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert "PROMETHEUS_BIND_ADDRESS" in line and "in use" in line
