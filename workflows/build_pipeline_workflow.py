@@ -327,6 +327,9 @@ class BuildPipelineWorkflow:
                 retry_policy=policy.retry,
                 summary=self._summary_line(stage, target))
         except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                # Only a cancel of the pipeline itself cancels a stage: end as cancelled.
+                raise asyncio.CancelledError() from None
             message, failure_type = describe_activity_failure(err)
             self._event(stage, "failed", message)
             kind = TRIAGE_INVALID if failure_type == TRIAGE_INVALID else PHASE_FAILED
@@ -387,7 +390,9 @@ class BuildPipelineWorkflow:
     # ---- Web UI story -------------------------------------------------------------------
 
     def _summary_line(self, stage: str, target: str | None) -> str:
-        line = f"{STAGE_NUMBERS[stage]}/{TOTAL_STAGES} {stage}"
+        # Helper activities (record_block_decision) carry the number of the stage they serve.
+        number = STAGE_NUMBERS.get(stage) or STAGE_NUMBERS.get(self._stage, 0)
+        line = f"{number}/{TOTAL_STAGES} {stage}"
         return f"{line} → {target}" if target else line
 
     def _event(self, stage: str, event: str, detail: str = "") -> None:

@@ -1,0 +1,274 @@
+"""Operators watch and steer pipelines: queries, approve/reject Updates, pause/resume
+Signals and the Web UI story (activity summaries, current details), on a real dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.api.sdk.v1 import WorkflowMetadata
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from models import (
+    BlockDecision,
+    BuildPipelineInput,
+    BuildPipelineResult,
+    BuildPlanInput,
+    BuildPlanResult,
+    PhaseSpec,
+    PipelineStatus,
+    PlanStatus,
+    StageEvent,
+)
+from task_files import find_task, new_task, write_task
+from tests.agents import complete_task, load_yaml, play_stage, poll, tasks_for, wait_for_task
+from tests.conftest import PipelineEnv
+
+BLOCK = "Session token written to the build log"
+
+
+def originating_task(pipeline: PipelineEnv) -> str:
+    task_id = str(uuid.uuid4())
+    write_task(pipeline.queue_dir, new_task(
+        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        summary="originating build request", payload={"build_name": "ops"}))
+    return task_id
+
+
+async def start_pipeline(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
+    task_id = originating_task(pipeline)
+    inp = BuildPipelineInput(build_name=build, plan_path="/plans/ops.md", task_id=task_id,
+                             target_agent="builder", block_poll_interval_seconds=30)
+    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
+    return handle, task_id
+
+
+async def status_of(handle: WorkflowHandle) -> PipelineStatus:
+    return await handle.query("get_status", result_type=PipelineStatus)
+
+
+async def events_of(handle: WorkflowHandle) -> list[StageEvent]:
+    return await handle.query("get_events", result_type=list[StageEvent])
+
+
+async def current_details(handle: WorkflowHandle) -> str:
+    metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    return metadata.current_details
+
+
+async def wait_status(handle: WorkflowHandle, check: Any, what: str,
+                      timeout: float = 20.0) -> PipelineStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await status_of(handle)
+        if check(status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last status {status}")
+        await asyncio.sleep(0.05)
+
+
+async def park_at_blocks(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
+    handle, task_id = await start_pipeline(pipeline, build)
+    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    pipeline.write_triage(build, f"blocks:\n- description: {BLOCK}\n")
+    await complete_task(audit, pipeline.env, "success", "audit written")
+    await wait_status(handle, lambda s: s.waiting_on is not None
+                      and s.waiting_on.kind == "block_decision", "parked at stage 7")
+    return handle, task_id
+
+
+async def activity_summaries(handle: WorkflowHandle) -> list[str]:
+    summaries = []
+    async for event in handle.fetch_history_events():
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            payload = event.user_metadata.summary
+            summaries.append(pydantic_data_converter.payload_converter.from_payload(payload, str))
+    return summaries
+
+
+async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
+    handle, _ = await start_pipeline(pipeline, "watched-build")
+    prefab = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    prefab_id = load_yaml(prefab)["id"]
+    status = await wait_status(handle, lambda s: s.waiting_on is not None, "stage 1 waiting")
+    assert (status.stage, status.stage_number, status.stages_done) == (
+        "prefab_scaffolding", 1, [])
+    assert status.waiting_on is not None
+    assert (status.waiting_on.kind, status.waiting_on.agent, status.waiting_on.task_type,
+            status.waiting_on.task_id) == ("agent", "$PREFAB_AGENT", "build_prefab", prefab_id)
+    assert status.waiting_on.since is not None and not status.paused and status.outcome is None
+    details_1 = await current_details(handle)
+    assert "Stage 1/9: `prefab_scaffolding`" in details_1 and "$PREFAB_AGENT" in details_1
+
+    await complete_task(prefab, pipeline.env)
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_plan")
+    status = await wait_status(handle, lambda s: s.stage_number == 2, "stage 2")
+    assert status.stages_done == ["prefab_scaffolding"]
+    assert status.waiting_on is not None and status.waiting_on.agent == "builder"
+    details_2 = await current_details(handle)
+    assert details_2 != details_1 and "Stage 2/9: `implement_build`" in details_2
+    assert "Done: prefab_scaffolding" in details_2
+
+    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    pipeline.write_triage("watched-build", "flags:\n- Pin versions\ninfo:\n- fine\n")
+    await complete_task(audit, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "security_fix", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env,
+                     message="/docs/closeout.md")
+    result: BuildPipelineResult = await handle.result()
+    assert result.outcome == "success"
+
+    final = await status_of(handle)  # queries still answer on a closed workflow
+    assert final.outcome == "success" and (final.flags, final.info) == (1, 1)
+    assert final.stages_done[-1] == "summarize_workflow" and final.waiting_on is None
+    assert "Outcome: **success**" in await current_details(handle)
+    assert await activity_summaries(handle) == [
+        "1/9 prefab_scaffolding → $PREFAB_AGENT", "2/9 implement_build → builder",
+        "3/9 request_security_audit → $SECURITY_AGENT", "4/9 process_triage_output",
+        "5/9 apply_flag_fixes → builder", "8/9 close_build → builder",
+        "9/9 summarize_workflow"]
+    events = await events_of(handle)
+    started = [e.stage for e in events if e.event == "started"]
+    assert started == ["pipeline", "prefab_scaffolding", "implement_build",
+                       "request_security_audit", "process_triage_output", "apply_flag_fixes",
+                       "close_build", "summarize_workflow"]
+    assert [e.at for e in events] == sorted(e.at for e in events)
+
+
+async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) -> None:
+    handle, _ = await start_pipeline(pipeline, "paused-build")
+    prefab = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    await handle.signal("pause", "database migration window")
+    status = await wait_status(handle, lambda s: s.paused, "paused")
+    assert status.pause_reason == "database migration window"
+    assert "**Paused**: database migration window" in await current_details(handle)
+
+    await complete_task(prefab, pipeline.env)  # the running stage may still finish
+    deadline = time.monotonic() + 20
+    while not any(e.event == "held" and e.stage == "implement_build"
+                  for e in await events_of(handle)):
+        assert time.monotonic() < deadline, "pipeline never reached the pause gate"
+        await asyncio.sleep(0.05)
+    # The workflow is parked at the gate: nothing for stage 2 was dispatched.
+    assert [t["task_type"] for _, t in tasks_for(pipeline.queue_dir, handle.id)] == [
+        "build_prefab"]
+    status = await status_of(handle)
+    assert status.paused and status.stages_done == ["prefab_scaffolding"]
+    assert status.waiting_on is None
+
+    await handle.signal("resume", "window closed")
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_plan")
+    status = await wait_status(handle, lambda s: s.stage == "implement_build", "stage 2")
+    assert not status.paused and status.pause_reason == ""
+    assert "Paused" not in await current_details(handle)
+    kinds = [(e.event, e.detail) for e in await events_of(handle)
+             if e.event in ("paused", "held", "resumed")]
+    assert kinds == [("paused", "database migration window"),
+                     ("held", "paused: database migration window"),
+                     ("resumed", "window closed")]
+    await handle.terminate("test done")
+
+
+@pytest.mark.parametrize("update", ["approve_blocks", "reject_blocks"])
+async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv,
+                                                           update: str) -> None:
+    handle, task_id = await start_pipeline(pipeline, f"early-{update.split('_')[0]}")
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update(update, "looks fine")
+    assert "not waiting on blocks" in str(caught.value.cause)
+    assert "prefab_scaffolding" in str(caught.value.cause)
+    status = await status_of(handle)
+    assert status.decision is None and status.stage == "prefab_scaffolding"
+    # A refused update leaves no trace in history and does not touch the task file.
+    history = [e async for e in handle.fetch_history_events()]
+    assert not any(e.HasField("workflow_execution_update_accepted_event_attributes")
+                   for e in history)
+    assert load_yaml(find_task(pipeline.queue_dir, task_id))["status"] == "submitted"
+    await handle.terminate("test done")
+
+
+async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> None:
+    handle, task_id = await park_at_blocks(pipeline, "approved-build")
+    sent = time.monotonic()
+    answer = await handle.execute_update(
+        "approve_blocks", BlockDecision(note="risk accepted for the demo", decided_by="ops-ted"),
+        result_type=str)
+    assert answer == "approved"
+    closeout = await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout")
+    wall = time.monotonic() - sent
+    events = await events_of(handle)
+    decided = next(e for e in events if e.event == "approved_by_update")
+    resumed = next(e for e in events if e.stage == "close_build" and e.event == "started")
+    assert (resumed.at - decided.at).total_seconds() < 1.0, (decided, resumed)
+    assert wall < 10, f"close_build took {wall:.1f}s to be dispatched"
+    origin = load_yaml(find_task(pipeline.queue_dir, task_id))
+    entry = origin["history"][-1]
+    assert (origin["status"], entry["status"], entry["actor"]) == ("approved", "approved",
+                                                                   "ops-ted")
+    assert "risk accepted for the demo" in entry["note"] and "update" in entry["note"]
+    with pytest.raises(WorkflowUpdateFailedError):  # decided already: refused
+        await handle.execute_update("reject_blocks", "too late")
+
+    await complete_task(closeout, pipeline.env)
+    result: BuildPipelineResult = await handle.result()
+    assert result.outcome == "success" and result.decision == "approved"
+    summary = load_yaml(Path(result.summary_path or ""))
+    assert summary["decided_by"] == "ops-ted"
+    assert any(s.startswith("7/9 record_block_decision") for s in
+               await activity_summaries(handle))
+
+
+async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> None:
+    handle, task_id = await park_at_blocks(pipeline, "rejected-build")
+    sent = time.monotonic()
+    assert await handle.execute_update("reject_blocks", "token leak is a blocker",
+                                       result_type=str) == "rejected"
+    result: BuildPipelineResult = await handle.result()
+    assert time.monotonic() - sent < 10
+    assert result.outcome == "rejected" and result.decision == "rejected"
+    assert "close_build" not in result.stages_completed
+    events = await events_of(handle)
+    decided = next(e for e in events if e.event == "rejected_by_update")
+    summarized = next(e for e in events if e.stage == "summarize_workflow")
+    assert (summarized.at - decided.at).total_seconds() < 1.0
+    entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
+    assert (entry["status"], entry["actor"]) == ("rejected", "operator")
+    assert "token leak is a blocker" in entry["note"]
+    assert "build_closeout" not in [t["task_type"]
+                                    for _, t in tasks_for(pipeline.queue_dir, handle.id)]
+
+
+async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
+    plan = BuildPlanInput(plan_name="two-phases", phases=[
+        PhaseSpec(number=1, agent_type="builder", description="scaffold"),
+        PhaseSpec(number=2, agent_type="tester", description="write tests")])
+    handle = await pipeline.start("BuildPlanWorkflow", plan, result_type=BuildPlanResult)
+    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    status: PlanStatus = await handle.query("get_status", result_type=PlanStatus)
+    assert (status.plan_name, status.phases_total, status.phases_done) == ("two-phases", 2, [])
+    assert (status.current_phase, status.current_agent) == (1, "builder")
+    assert status.waiting_on is not None and status.waiting_on.task_id == load_yaml(first)["id"]
+    assert "phase 1 (1/2)" in await current_details(handle)
+    await complete_task(first, pipeline.env)
+
+    def second_phase() -> Any:
+        return [p for p, t in tasks_for(pipeline.queue_dir, handle.id)
+                if t["status"] == "submitted" and t["payload"]["phase"] == 2]
+
+    second = (await poll(second_phase, what="phase 2 task"))[0]
+    status = await handle.query("get_status", result_type=PlanStatus)
+    assert (status.current_phase, status.current_agent, status.phases_done) == (2, "tester", [1])
+    await complete_task(second, pipeline.env)
+    assert (await handle.result()).phases_run == 2
+    status = await handle.query("get_status", result_type=PlanStatus)
+    assert status.outcome == "success" and status.phases_done == [1, 2]

@@ -1,0 +1,353 @@
+"""The operator tools in tools/, run as operators run them (the executables, as separate
+processes) against a real dev server: process lifecycle by PID file, workflow monitoring
+and troubleshooting, start-build / approve-build / reject-build round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import workflow
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.worker import Worker
+
+from models import BuildPlanInput, PhaseSpec, PipelineStatus
+from task_files import find_task, new_task, write_task
+from tests.agents import complete_task, load_yaml, play_stage, poll, tasks_for, wait_for_task
+from tests.conftest import PipelineEnv
+from tools import devserver
+from tools.ops import proc_start_ticks
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "list-workers",
+         "monitor-worker-health", "list-recent-workflows", "find-stalled-workflows",
+         "wait-for-workflow-status", "get-workflow-result", "analyze-workflow-error",
+         "bulk-cancel-workflows", "start-build", "approve-build", "reject-build"]
+
+
+def tool(name: str, *args: str, env: dict[str, str],
+         timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "tools" / name), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+async def atool(name: str, *args: str, env: dict[str, str],
+                timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run a tool without blocking the event loop (the in-process worker lives on it)."""
+    return await asyncio.to_thread(tool, name, *args, env=env, timeout=timeout)
+
+
+def ops_env(base: dict[str, str], root: Path, **extra: str) -> dict[str, str]:
+    env = dict(base)
+    env.update({"CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
+                "CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
+                "CLAUDE_TEMPORAL_PROJECT_NAME": "toolstest"}, **extra)
+    return env
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process these tools did not start; nothing may ever signal it."""
+    process = subprocess.Popen(["sleep", "300"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_every_tool_has_help_with_exit_codes() -> None:
+    env = dict(os.environ)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda name: (name, tool(name, "--help", env=env)), TOOLS))
+    for name, result in results:
+        assert result.returncode == 0, (name, result.stderr)
+        assert f"tools/{name}" in result.stdout and "exit codes:" in result.stdout, name
+    assert tool("wait-for-workflow-status", env=env).returncode == 2  # missing options
+
+
+def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
+                                      bystander: subprocess.Popen[bytes]) -> None:
+    shared = ops_env(dict(os.environ), tmp_path, TEMPORAL_ADDRESS=temporal_address)
+    result = tool("ensure-server", env=shared)
+    assert result.returncode == 0 and "not started by these tools" in result.stdout
+    assert not (tmp_path / "pids" / "server-toolstest.pid").exists()
+
+    port = devserver.free_port()
+    env = ops_env(dict(os.environ), tmp_path, TEMPORAL_ADDRESS=f"127.0.0.1:{port}")
+    result = tool("ensure-server", "--ui-port", str(devserver.free_port()), env=env)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "pids" / "server-toolstest.pid").read_text())
+    assert f"pid {record['pid']}" in result.stdout
+    assert proc_start_ticks(record["pid"]) == record["start_ticks"]
+    again = tool("ensure-server", env=env)
+    assert again.returncode == 0 and f"started by these tools, pid {record['pid']}" in again.stdout
+
+    result = tool("kill-all-workers", "--include-server", env=env)
+    assert result.returncode == 0 and f"pid {record['pid']} stopped" in result.stdout
+    assert proc_start_ticks(record["pid"]) is None
+    assert not devserver.is_listening("127.0.0.1", port)
+    assert not (tmp_path / "pids" / "server-toolstest.pid").exists()
+    assert bystander.poll() is None
+
+
+def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str, str],
+                                     bystander: subprocess.Popen[bytes]) -> None:
+    env = ops_env(pipeline_env_vars, tmp_path)
+    assert tool("list-workers", env=env).returncode == 1  # none yet
+    started = tool("ensure-worker", env=env)
+    assert started.returncode == 0, started.stderr
+    first = json.loads((tmp_path / "pids" / "worker-toolstest.pid").read_text())
+    assert proc_start_ticks(first["pid"]) == first["start_ticks"]
+    listing = tool("list-workers", env=env)
+    assert listing.returncode == 0 and str(first["pid"]) in listing.stdout
+    assert "running" in listing.stdout
+    assert "Worker started, listening on task queue" in \
+        (tmp_path / "logs" / "worker-toolstest.log").read_text()
+
+    def healthy() -> subprocess.CompletedProcess[str] | None:
+        result = tool("monitor-worker-health", env=env)
+        return result if result.returncode == 0 else None
+
+    health = asyncio.run(poll(healthy, timeout=30, interval=0.5, what="healthy worker"))
+    assert "HEALTHY" in health.stdout and f":{first['pid']}" in health.stdout
+
+    replaced = tool("ensure-worker", env=env)
+    assert replaced.returncode == 0, replaced.stderr
+    assert f"pid {first['pid']} stopped" in replaced.stdout
+    second = json.loads((tmp_path / "pids" / "worker-toolstest.pid").read_text())
+    assert second["pid"] != first["pid"] and proc_start_ticks(first["pid"]) is None
+
+    # A PID file whose PID now names another process (here: the bystander): only the file
+    # goes, the process is left alone.
+    foreign = tmp_path / "pids" / "worker-other.pid"
+    foreign.write_text(json.dumps({**second, "pid": bystander.pid, "project": "other",
+                                   "start_ticks": 1}))
+    result = tool("kill-worker", env=env)
+    assert result.returncode == 0 and f"pid {second['pid']} stopped" in result.stdout
+    assert proc_start_ticks(second["pid"]) is None
+    result = tool("kill-all-workers", env=env)
+    assert result.returncode == 0 and "stale PID file removed" in result.stdout
+    assert not foreign.exists() and bystander.poll() is None
+    assert tool("list-workers", env=env).returncode == 1
+    unhealthy = tool("monitor-worker-health", env=env)
+    assert unhealthy.returncode == 1 and "UNHEALTHY" in unhealthy.stdout
+
+
+async def test_monitoring_tools_on_completed_and_failed_workflows(
+        pipeline: PipelineEnv) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    started = await atool("start-build", "--plan-name", "tool-plan", "--phase",
+                          "1:builder:Scaffold the service", env=env)
+    assert started.returncode == 0, started.stderr
+    plan_id = started.stdout.strip()
+    assert plan_id.startswith("plan-tool-plan-")
+    handle = pipeline.client.get_workflow_handle(plan_id)
+    assert await (await handle.describe()).static_summary() == "plan tool-plan: 1 phase(s)"
+    details = await (await handle.describe()).static_details()
+    assert details is not None and "tools/start-build" in details and "`builder`" in details
+
+    waited = await atool("wait-for-workflow-status", "--workflow-id", plan_id, "--status",
+                         "COMPLETED", "--timeout", "1", env=env)
+    assert waited.returncode == 5 and "still RUNNING" in waited.stderr
+    pending = await atool("get-workflow-result", "--workflow-id", plan_id, env=env)
+    assert pending.returncode == 1 and "still RUNNING" in pending.stderr
+    await play_stage(pipeline.queue_dir, plan_id, "build_phase", pipeline.env)
+    waited = await atool("wait-for-workflow-status", "--workflow-id", plan_id, "--status",
+                         "COMPLETED", "--timeout", "30", env=env)
+    assert waited.returncode == 0, waited.stderr
+    result = await atool("get-workflow-result", "--workflow-id", plan_id, env=env)
+    assert result.returncode == 0 and "COMPLETED" in result.stdout
+    raw = await atool("get-workflow-result", "--workflow-id", plan_id, "--raw", env=env)
+    assert raw.returncode == 0 and json.loads(raw.stdout) == {"status": "success",
+                                                              "phases_run": 1}
+    clean = await atool("analyze-workflow-error", "--workflow-id", plan_id, env=env)
+    assert clean.returncode == 0 and "no errors found" in clean.stdout
+
+    failed = await pipeline.start("BuildPipelineWorkflow", {
+        "build_name": "Bad Name", "plan_path": "/p.md", "task_id": "t", "target_agent": "b"},
+        workflow_id=f"bad-input-{uuid.uuid4().hex[:6]}")
+    waited = await atool("wait-for-workflow-status", "--workflow-id", failed.id, "--status",
+                         "COMPLETED", "--timeout", "30", env=env)
+    assert waited.returncode == 1 and "closed as FAILED" in waited.stderr
+    result = await atool("get-workflow-result", "--workflow-id", failed.id, env=env)
+    assert result.returncode == 1 and "FAILED" in result.stderr
+    assert "InvalidInputError" in result.stderr
+    analysis = await atool("analyze-workflow-error", "--workflow-id", failed.id, env=env)
+    assert analysis.returncode == 1
+    assert "WorkflowExecutionFailed: InvalidInputError: invalid BuildPipelineInput: " \
+           "build_name" in analysis.stdout
+    assert "fix the input" in analysis.stdout
+
+    recent = await atool("list-recent-workflows", "--minutes", "5", env=env)
+    assert recent.returncode == 0
+    lines = recent.stdout.splitlines()
+    assert any(plan_id in line and "COMPLETED" in line for line in lines)
+    assert any(failed.id in line and "FAILED" in line for line in lines)
+    missing = await atool("get-workflow-result", "--workflow-id", "no-such-workflow", env=env)
+    assert missing.returncode == 3 and "not found" in missing.stderr
+    unreachable = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}"}
+    down = await atool("list-recent-workflows", env=unreachable)
+    assert down.returncode == 4 and "cannot connect" in down.stderr
+
+
+@workflow.defn(name="BuildPipelineWorkflow", sandboxed=False)
+class FakeBrokenPipelineWorkflow:
+    """A fake, registered under the real name on its own queue: its code raises a plain
+    exception, which fails every workflow task (the real workflow has no such bug)."""
+
+    @workflow.run
+    async def run(self, raw_input: Any) -> None:
+        raise RuntimeError("simulated bug in workflow code")
+
+
+async def test_stalled_workflow_found_explained_and_terminated(pipeline: PipelineEnv,
+                                                               client: Client) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    broken_queue = f"broken-{uuid.uuid4().hex[:8]}"
+    stalled_id = f"stalled-{uuid.uuid4().hex[:8]}"
+    healthy = await pipeline.start("BuildPlanWorkflow", BuildPlanInput(
+        plan_name="healthy", phases=[PhaseSpec(number=1, agent_type="builder",
+                                               description="wait for me")]))
+    await wait_for_task(pipeline.queue_dir, healthy.id, "build_phase")
+    query = f"WorkflowId = '{stalled_id}' OR WorkflowId = '{healthy.id}'"
+    async with Worker(client, task_queue=broken_queue, workflows=[FakeBrokenPipelineWorkflow]):
+        await client.start_workflow("BuildPipelineWorkflow", {"build_name": "x"},
+                                    id=stalled_id, task_queue=broken_queue)
+
+        async def listed() -> subprocess.CompletedProcess[str] | None:
+            result = await atool("find-stalled-workflows", "--query", query, env=env)
+            return result if result.returncode == 1 else None
+
+        deadline = asyncio.get_running_loop().time() + 30
+        found = None
+        while found is None:
+            found = await listed()
+            assert asyncio.get_running_loop().time() < deadline, "stall never reported"
+        assert f"STALLED {stalled_id} (BuildPipelineWorkflow): WorkflowTaskFailed" in found.stdout
+        assert "simulated bug in workflow code" in found.stdout
+        assert healthy.id not in found.stdout  # waiting on an agent is not a stall
+        assert "1 stalled of 2" in found.stdout
+
+        analysis = await atool("analyze-workflow-error", "--workflow-id", stalled_id, env=env)
+        assert analysis.returncode == 1
+        assert "WorkflowTaskFailed (workflow stalled): RuntimeError: simulated bug in " \
+            "workflow code" in analysis.stdout
+        assert "no need to terminate" in analysis.stdout
+
+        dry = await atool("bulk-cancel-workflows", "--pattern", "stalled-*", "--query", query,
+                          "--terminate", "--dry-run", env=env)
+        assert dry.returncode == 0 and f"would terminate {stalled_id}" in dry.stdout
+        assert healthy.id not in dry.stdout
+        done = await atool("bulk-cancel-workflows", "--pattern", "stalled-*", "--query", query,
+                           "--terminate", env=env)
+        assert done.returncode == 0 and f"terminated {stalled_id}" in done.stdout
+    status = (await client.get_workflow_handle(stalled_id).describe()).status
+    assert status == WorkflowExecutionStatus.TERMINATED
+    assert (await healthy.describe()).status == WorkflowExecutionStatus.RUNNING
+    cancelled = await atool("bulk-cancel-workflows", "--pattern", healthy.id, env=env)
+    assert cancelled.returncode == 0 and f"cancelled {healthy.id}" in cancelled.stdout
+    none_left = await atool("find-stalled-workflows", "--query", query, env=env)
+    assert none_left.returncode == 0 and "0 stalled" in none_left.stdout
+
+
+def origin_task(pipeline: PipelineEnv) -> str:
+    task_id = str(uuid.uuid4())
+    write_task(pipeline.queue_dir, new_task(
+        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        summary="originating build request", payload={"build_name": "x"}))
+    return task_id
+
+
+async def start_build_waiting(args: list[str], env: dict[str, str]
+                              ) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(REPO / "tools" / "start-build"), *args, "--wait", "--timeout", "120", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    if not line:
+        _, err = await process.communicate()
+        raise AssertionError(f"start-build printed no id: {err.decode()}")
+    return process, line.decode().strip()
+
+
+async def park(pipeline: PipelineEnv, workflow_id: str, build: str) -> None:
+    await play_stage(pipeline.queue_dir, workflow_id, "build_prefab", pipeline.env)
+    await play_stage(pipeline.queue_dir, workflow_id, "build_plan", pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, workflow_id, "security_audit")
+    pipeline.write_triage(build, "blocks:\n- description: Secrets in the image\n")
+    await complete_task(audit, pipeline.env)
+    handle = pipeline.client.get_workflow_handle(workflow_id)
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        if status.waiting_on is not None and status.waiting_on.kind == "block_decision":
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"not parked: {status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    task_id = origin_task(pipeline)
+    build_file = pipeline.root / "build.yml"
+    build_file.write_text(f"build_name: approved-tool\nplan_path: /plans/tool.md\n"
+                          f"task_id: {task_id}\ntarget_agent: builder\n"
+                          f"workflow_id: tool-approve-{uuid.uuid4().hex[:6]}\n")
+    process, workflow_id = await start_build_waiting(["--file", str(build_file)], env)
+    assert workflow_id.startswith("tool-approve-")
+    early = await atool("approve-build", "--workflow-id", workflow_id, env=env)
+    assert early.returncode == 1 and "not waiting on blocks" in early.stderr
+    await park(pipeline, workflow_id, "approved-tool")
+
+    approved = await atool("approve-build", "--workflow-id", workflow_id, "--note",
+                           "accepted for now", "--by", "ted", env=env)
+    assert approved.returncode == 0, approved.stderr
+    assert f"{workflow_id} approved by ted" in approved.stdout
+    await play_stage(pipeline.queue_dir, workflow_id, "build_closeout", pipeline.env)
+    entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
+    assert (entry["status"], entry["actor"]) == ("approved", "ted")
+    assert "accepted for now" in entry["note"]
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    result = json.loads(out.decode())
+    assert result["outcome"] == "success" and result["decision"] == "approved"
+    again = await atool("approve-build", "--workflow-id", workflow_id, env=env)
+    assert again.returncode == 3 and "not found or already closed" in again.stderr
+
+
+async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    task_id = origin_task(pipeline)
+    bad = await atool("start-build", "--build-name", "Bad_Name", "--plan-path", "/p.md",
+                      "--task-id", task_id, "--target-agent", "builder", env=env)
+    assert bad.returncode == 2 and "build_name" in bad.stderr and not bad.stdout
+    process, workflow_id = await start_build_waiting(
+        ["--build-name", "rejected-tool", "--plan-path", "/plans/tool.md", "--task-id",
+         task_id, "--target-agent", "builder"], env)
+    assert workflow_id.startswith("build-rejected-tool-")
+    summary = await (await pipeline.client.get_workflow_handle(workflow_id).describe()
+                     ).static_summary()
+    assert summary == "build rejected-tool → builder (9 stages)"
+    await park(pipeline, workflow_id, "rejected-tool")
+    rejected = await atool("reject-build", "--workflow-id", workflow_id, "--reason",
+                           "secrets must go", "--by", "ann", env=env)
+    assert rejected.returncode == 0, rejected.stderr
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1 and "outcome is 'rejected'" in err.decode()
+    assert json.loads(out.decode())["outcome"] == "rejected"  # ended after the decision
+    entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
+    assert (entry["status"], entry["actor"]) == ("rejected", "ann")
+    assert "secrets must go" in entry["note"]
+    result = await atool("get-workflow-result", "--workflow-id", workflow_id, env=env)
+    assert result.returncode == 1 and "COMPLETED but its result reports a problem" in \
+        result.stderr
+    assert "build_closeout" not in [t["task_type"]
+                                    for _, t in tasks_for(pipeline.queue_dir, workflow_id)]

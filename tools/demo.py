@@ -1,0 +1,239 @@
+"""`make demo`: one command, one whole pipeline, end to end, on this machine.
+
+    python -m tools.demo [--ui-port PORT] [--keep]
+
+1. starts an embedded Temporal dev server on a free port (state in a temp folder),
+2. starts worker.py as its own process on a fresh task queue,
+3. writes the originating task and starts one BuildPipelineWorkflow (tools/start-build's
+   code: static summary and details for the Web UI),
+4. lets the DEMO AGENT STAND-IN (tools/demo_agent.py) finish each agent stage through
+   `complete_activity.py --task-file`; its triage has one flag and one block,
+5. approves the block through the approve_blocks Update (tools/approve-build's code),
+6. checks: COMPLETED, outcome success, summary file written, originating task records
+   who approved; prints the stage timeline,
+7. stops the worker and the server it started (by their PID files) and removes the temp
+   folder (kept with --keep).
+
+With --ui-port the server's Web UI is served on that port while the demo runs.
+Exit codes: 0 demo passed · 1 a check failed or a step broke (one line on stderr) · 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tools.ops import (
+    OpsSettings,
+    ProcessRecord,
+    ToolError,
+    connect_client,
+    spawn,
+    stop,
+    wait_healthy,
+    wait_ready,
+)
+
+BUILD = "demo-service"
+AGENT = "builder"
+OPERATOR = "demo-operator"
+DEADLINE_SECONDS = 100.0
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+class DemoFailed(Exception):
+    """A check of the demo did not hold."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise DemoFailed(message)
+
+
+async def wait_for(predicate: Any, what: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def timeline(events: list[Any]) -> list[str]:
+    from workflows.build_pipeline_workflow import STAGE_NUMBERS, TOTAL_STAGES
+
+    start = events[0].at if events else None
+    lines = []
+    for event in events:
+        number = STAGE_NUMBERS.get(event.stage)
+        stage = f"{number}/{TOTAL_STAGES} {event.stage}" if number else event.stage
+        offset = (event.at - start).total_seconds() if start else 0.0
+        detail = f"  {event.detail}" if event.detail else ""
+        lines.append(f"  +{offset:6.2f}s  {stage:<32} {event.event}{detail}")
+    return lines
+
+
+async def run_pipeline(env: dict[str, str], root: Path) -> None:
+    import yaml
+
+    from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
+    from task_files import find_task, new_task, read_task, write_task
+    from tools.decide import decide
+    from tools.demo_agent import DemoAgent
+    from tools.start_build import start
+
+    queue_dir = Path(env["TASK_QUEUE_DIR"])
+    origin_id = str(uuid.uuid4())
+    write_task(queue_dir, new_task(
+        task_id=origin_id, target_agent="temporal-worker", task_type="build_request",
+        summary=f"Build {BUILD}", payload={"build_name": BUILD}))
+    say(f"originating task {origin_id} written to {queue_dir}")
+
+    client = await connect_client(env)
+    workflow_id = f"build-{BUILD}-{uuid.uuid4().hex[:8]}"
+    inp = BuildPipelineInput(build_name=BUILD, plan_path=str(root / "plans" / f"{BUILD}.md"),
+                             task_id=origin_id, target_agent=AGENT)
+    print("[demo] started workflow ", end="", flush=True)
+    await start(client, "BuildPipelineWorkflow", inp,
+                {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
+    handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
+
+    agent = DemoAgent(workflow_id=workflow_id, queue_dir=queue_dir,
+                      audit_dir=Path(env["TEMPORAL_AUDIT_DIR"]), env=env,
+                      work_dir=root / "closeouts")
+    agent_task = asyncio.create_task(agent.run(timeout=DEADLINE_SECONDS))
+    try:
+        async def parked() -> PipelineStatus | None:
+            if agent_task.done():
+                agent_task.result()  # surfaces the agent's error
+            status = await handle.query("get_status", result_type=PipelineStatus)
+            waiting = status.waiting_on
+            return status if waiting is not None and waiting.kind == "block_decision" else None
+
+        status = await wait_for(parked, "the pipeline to park on its block", 60)
+        say(f"parked at {status.stage_number}/9 {status.stage}: {status.blocks} block, "
+            f"{status.flags} flag; stages done: {', '.join(status.stages_done)}")
+        answer = await decide(client, "approve", workflow_id, "demo: risk accepted", OPERATOR)
+        say(f"approve_blocks Update answered {answer!r} (by {OPERATOR})")
+        result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 60)
+        await agent_task
+    finally:
+        agent_task.cancel()
+
+    description = await handle.describe()
+    check(description.status is not None and description.status.name == "COMPLETED",
+          f"workflow status is {description.status}, expected COMPLETED")
+    check(result.outcome == "success", f"outcome {result.outcome!r}, expected 'success'")
+    check(result.decision == "approved", f"decision {result.decision!r}")
+    check(len(result.stages_completed) == 9,
+          f"{len(result.stages_completed)} stages completed, expected 9: "
+          f"{result.stages_completed}")
+    summary_path = Path(result.summary_path or "")
+    check(summary_path.is_file(), f"summary file {summary_path} missing")
+    summary = yaml.safe_load(summary_path.read_text())
+    check(summary["outcome"] == "success" and summary["decided_by"] == OPERATOR,
+          f"summary says outcome {summary['outcome']!r}, decided by {summary['decided_by']!r}")
+    origin = read_task(find_task(queue_dir, origin_id))
+    check(origin["status"] == "approved" and origin["history"][-1]["actor"] == OPERATOR,
+          f"originating task is {origin['status']!r}, last actor "
+          f"{origin['history'][-1]['actor']!r}")
+    check(await description.static_summary() == f"build {BUILD} → {AGENT} (9 stages)",
+          "static summary missing")
+    say(f"COMPLETED: outcome {result.outcome}, {len(result.stages_completed)} stages, "
+        f"closeout {result.closeout_path}")
+    say(f"summary: {summary_path}")
+    say(f"agent stand-in finished: {', '.join(agent.done)}")
+    events = await handle.query("get_events", result_type=list[StageEvent])
+    say("stage timeline:")
+    for line in timeline(events):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ui-port", type=int, help="serve the Web UI on this port")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return 2 if exit_request.code not in (0, None) else 0
+    from tools.devserver import free_port, temporal_binary
+
+    began = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="build-worker-demo-"))
+    port = free_port()
+    settings = OpsSettings.from_env({
+        "CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
+        "CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
+        "CLAUDE_TEMPORAL_PROJECT_NAME": "demo",
+        "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"})
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_", "SEND_MATRIX"))}
+    env.update({"TEMPORAL_ADDRESS": settings.address, "TASK_QUEUE": f"demo-{uuid.uuid4().hex[:8]}",
+                "TASK_QUEUE_DIR": str(root / "task-queue"),
+                "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
+                "SUMMARY_DIR": str(root / "summaries"), "LOG_LEVEL": "INFO"})
+    started: list[ProcessRecord] = []
+    code = 0
+    try:
+        server_cmd = [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port",
+                      str(port), "--log-level", "warn", "--dynamic-config-value",
+                      "frontend.enableUpdateWorkflowExecution=true"]
+        server_cmd += ["--ui-port", str(args.ui_port)] if args.ui_port else ["--headless"]
+        server = spawn(settings, "server", server_cmd, cwd=root)
+        started.append(server)
+        asyncio.run(wait_healthy(server, 60, env))
+        ui = f", Web UI http://127.0.0.1:{args.ui_port}" if args.ui_port else ""
+        say(f"dev server pid {server.pid} on {settings.address}{ui}")
+        worker = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir,
+                       env=env)
+        started.append(worker)
+        wait_ready(worker, 0, 60)
+        say(f"worker pid {worker.pid} ready on task queue {env['TASK_QUEUE']} "
+            f"(log {worker.log})")
+        asyncio.run(run_pipeline(env, root))
+    except (DemoFailed, ToolError, TimeoutError, OSError) as err:
+        print(f"demo: FAILED: {err}", file=sys.stderr)
+        code = 1
+    except Exception as err:  # any other break still stops what we started
+        print(f"demo: FAILED: {type(err).__name__}: {str(err).splitlines()[0][:300]}",
+              file=sys.stderr)
+        code = 1
+    finally:
+        worker_log = settings.log_file("worker")
+        if code and worker_log.exists():
+            for line in worker_log.read_text(errors="replace").splitlines()[-5:]:
+                print(f"demo: worker log: {line[:300]}", file=sys.stderr)
+        for record in reversed(started):
+            try:
+                say(stop(record, timeout=20))
+            except ToolError as err:
+                print(f"demo: {err}", file=sys.stderr)
+                code = 1
+        if args.keep:
+            say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if code == 0:
+        say(f"PASSED in {time.monotonic() - began:.1f}s")
+    return code
+
+
+if __name__ == "__main__":
+    from tools.ops import exit_process
+
+    exit_process(main())

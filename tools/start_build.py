@@ -1,0 +1,218 @@
+"""tools/start-build: start a BuildPipelineWorkflow or a BuildPlanWorkflow.
+
+    tools/start-build --build-name NAME --plan-path /abs/plan.md --task-id ID \\
+                      --target-agent AGENT [--wait]
+    tools/start-build --plan-name NAME --phase 1:builder:"Scaffold the service" \\
+                      --phase 2:tester:"Write the tests" [--wait]
+    tools/start-build --file build.yml [--wait]
+
+A YAML file holds the workflow input's fields at top level (a `phases` list makes it a
+BuildPlanWorkflow) plus optional `workflow_id` and `task_queue`. The input is validated
+before anything is started. The workflow id is printed on stdout (first line), so
+`WID=$(tools/start-build ...)` works. Every start sets the Web UI's static summary
+(one line) and static details (who started what, with which input).
+
+Exit codes: 0 started (with --wait: COMPLETED and outcome success) · 1 with --wait: the
+workflow failed or its result reports a problem · 2 usage or invalid input · 3 a workflow
+with that id is already running · 4 cannot connect to Temporal · 5 --wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import socket
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
+from tools.ops import (
+    EXIT_ATTENTION,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    ToolError,
+    connect_client,
+    result_problem,
+    run_tool,
+)
+
+PIPELINE, PLAN = "BuildPipelineWorkflow", "BuildPlanWorkflow"
+START_OPTIONS = ("workflow_id", "task_queue", "workflow")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tools/start-build", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 started (with --wait: succeeded), 1 --wait: failed or result "
+               "reports a problem, 2 usage/invalid input, 3 id already running, 4 cannot "
+               "connect, 5 --wait timed out")
+    parser.add_argument("--file", type=Path, help="YAML file with the workflow input")
+    pipeline = parser.add_argument_group("BuildPipelineWorkflow")
+    pipeline.add_argument("--build-name")
+    pipeline.add_argument("--plan-path")
+    pipeline.add_argument("--task-id", help="id of the originating task (stages 6/7 use it)")
+    pipeline.add_argument("--target-agent")
+    pipeline.add_argument("--prefab-agent")
+    pipeline.add_argument("--security-agent")
+    pipeline.add_argument("--block-wait-timeout-seconds", type=float)
+    pipeline.add_argument("--block-poll-interval-seconds", type=float)
+    plan = parser.add_argument_group("BuildPlanWorkflow")
+    plan.add_argument("--plan-name")
+    plan.add_argument("--phase", action="append", default=[], metavar="N:AGENT:DESCRIPTION")
+    parser.add_argument("--workflow-id", help="default: build-<name>-<random> / "
+                        "plan-<name>-<random>")
+    parser.add_argument("--task-queue", help="default: TASK_QUEUE or helm-build")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the result, print it, exit non-zero on failure")
+    parser.add_argument("--timeout", type=float, help="seconds --wait waits (default: forever)")
+    return parser.parse_args(argv)
+
+
+def parse_phase(text: str) -> dict[str, Any]:
+    number, sep, rest = text.partition(":")
+    agent, sep2, description = rest.partition(":")
+    if not (sep and sep2) or not number.strip().isdigit():
+        raise ToolError(f"--phase {text!r}: expected NUMBER:AGENT:DESCRIPTION", EXIT_USAGE)
+    return {"number": int(number), "agent_type": agent.strip(), "description": description}
+
+
+def fields_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plan_name or args.phase:
+        return {"plan_name": args.plan_name, "phases": [parse_phase(p) for p in args.phase]}
+    names = ("build_name", "plan_path", "task_id", "target_agent", "prefab_agent",
+             "security_agent", "block_wait_timeout_seconds", "block_poll_interval_seconds")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def fields_from_file(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ToolError(f"{path}: cannot read: {err}", EXIT_USAGE) from None
+    except yaml.YAMLError as err:
+        raise ToolError(f"{path}: not valid YAML: {str(err).splitlines()[0]}",
+                        EXIT_USAGE) from None
+    if not isinstance(document, dict):
+        raise ToolError(f"{path}: top level must be a mapping of input fields", EXIT_USAGE)
+    return document
+
+
+def build_request(args: argparse.Namespace) -> tuple[str, BaseModel, dict[str, Any]]:
+    """(workflow type, validated input, start options) from the file or the flags."""
+    flagged = fields_from_flags(args)
+    if args.file is not None and flagged:
+        raise ToolError("give either --file or the input flags, not both", EXIT_USAGE)
+    fields = fields_from_file(args.file) if args.file is not None else flagged
+    if not fields:
+        raise ToolError("nothing to start: give --file, or --build-name ... for a pipeline, "
+                        "or --plan-name/--phase for a plan", EXIT_USAGE)
+    options = {key: fields.pop(key) for key in START_OPTIONS if key in fields}
+    kind = options.pop("workflow", None) or (PLAN if "phases" in fields else PIPELINE)
+    if kind not in (PIPELINE, PLAN):
+        raise ToolError(f"workflow must be {PIPELINE} or {PLAN}, not {kind!r}", EXIT_USAGE)
+    model = BuildPlanInput if kind == PLAN else BuildPipelineInput
+    try:
+        if kind == PLAN and isinstance(fields.get("phases"), list):
+            fields["phases"] = [PhaseSpec.model_validate(p) for p in fields["phases"]]
+        inp = model.model_validate(fields)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "input"
+        raise ToolError(f"invalid {kind} input: {where}: "
+                        f"{problem['msg'].removeprefix('Value error, ')}", EXIT_USAGE) from None
+    if args.workflow_id:
+        options["workflow_id"] = args.workflow_id
+    if args.task_queue:
+        options["task_queue"] = args.task_queue
+    return kind, inp, options
+
+
+def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
+    """(static summary, static details) shown for the whole life of the workflow."""
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    if isinstance(inp, BuildPlanInput):
+        summary = f"plan {inp.plan_name}: {len(inp.phases)} phase(s)"
+        lines = [f"**{inp.plan_name}** ({len(inp.phases)} phases)"] + [
+            f"- phase {p.number} → `{p.agent_type}`: {' '.join(p.description.split())[:120]}"
+            for p in inp.phases]
+    else:
+        assert isinstance(inp, BuildPipelineInput)
+        summary = f"build {inp.build_name} → {inp.target_agent} (9 stages)"
+        lines = [f"**{inp.build_name}** → `{inp.target_agent}`",
+                 f"- plan: `{inp.plan_path}`", f"- originating task: `{inp.task_id}`",
+                 "- approve blocks: `tools/approve-build --workflow-id <this id>`"]
+    lines.append(f"Started by `{who}` with tools/start-build at {when}.")
+    return summary, "\n".join(lines)
+
+
+async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any], *,
+                wait: bool = False, timeout: float | None = None) -> int:
+    """Start the workflow and print its id; with `wait`, print and judge its result."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import WorkflowAlreadyStartedError
+
+    name = getattr(inp, "build_name", None) or getattr(inp, "plan_name", "build")
+    prefix = "plan" if kind == PLAN else "build"
+    workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
+    queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or "helm-build"
+    summary, details = web_ui_text(kind, inp)
+    try:
+        handle = await client.start_workflow(kind, inp, id=workflow_id, task_queue=queue,
+                                             static_summary=summary, static_details=details)
+    except WorkflowAlreadyStartedError:
+        raise ToolError(f"a workflow with id {workflow_id!r} is already running",
+                        EXIT_NOT_FOUND) from None
+    print(handle.id, flush=True)
+    if not wait:
+        return EXIT_OK
+    try:
+        result = await asyncio.wait_for(handle.result(), timeout)
+    except TimeoutError:
+        raise ToolError(f"{handle.id} still running after {timeout:g}s", EXIT_TIMEOUT) from None
+    except WorkflowFailureError as err:
+        cause = err.cause
+        raise ToolError(f"{handle.id} failed: {getattr(cause, 'message', None) or cause}",
+                        EXIT_ATTENTION) from None
+    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    print(json.dumps(data, indent=2))
+    problem = result_problem(data)
+    if problem:
+        raise ToolError(f"{handle.id} completed but {problem}", EXIT_ATTENTION)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_request:
+        return EXIT_USAGE if exit_request.code not in (0, None) else EXIT_OK
+
+    def call() -> int:
+        kind, inp, options = build_request(args)
+
+        async def go() -> int:
+            return await start(await connect_client(), kind, inp, options, wait=args.wait,
+                               timeout=args.timeout)
+
+        return asyncio.run(go())
+
+    return run_tool("start-build", call)
+
+
+if __name__ == "__main__":
+    from tools.ops import exit_process
+
+    exit_process(main())
