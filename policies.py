@@ -23,12 +23,23 @@ class StagePolicy:
     schedule_to_close: timedelta | None = None
 
 
-PREFAB = StagePolicy(timedelta(hours=2), ONCE)
-IMPLEMENT = StagePolicy(timedelta(hours=4), ONCE)
-SECURITY_AUDIT = StagePolicy(timedelta(hours=4), ONCE)
-FLAG_FIXES = StagePolicy(timedelta(hours=2), ONCE)
-CLOSE_BUILD = StagePolicy(timedelta(hours=2), ONCE)
-BUILD_PHASE = StagePolicy(timedelta(hours=4), ONCE)
+# Agent work runs once: an agent's failure is non-retryable and a timeout cannot retry
+# (schedule-to-close ends together with start-to-close). The only retry is the one
+# recovery.py asks for when a worker died before the task file existed, i.e. before
+# any agent saw the work; it re-dispatches the same task id into the same file.
+DISPATCH_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=[PHASE_FAILED])
+
+
+def agent_stage(limit: timedelta) -> StagePolicy:
+    return StagePolicy(limit, DISPATCH_RETRY, schedule_to_close=limit)
+
+
+PREFAB = agent_stage(timedelta(hours=2))
+IMPLEMENT = agent_stage(timedelta(hours=4))
+SECURITY_AUDIT = agent_stage(timedelta(hours=4))
+FLAG_FIXES = agent_stage(timedelta(hours=2))
+CLOSE_BUILD = agent_stage(timedelta(hours=2))
+BUILD_PHASE = agent_stage(timedelta(hours=4))
 
 # The triage file may land a little after the audit agent reports done.
 TRIAGE = StagePolicy(

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import json
 import logging
 import os
 import signal
 import socket
 import sys
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -23,7 +27,8 @@ from activities.build_phase import build_phase_activity
 from activities.build_pipeline_activities import PipelineActivities
 from config import WorkerConfig, load_config
 from exceptions import ConfigError, CredentialError
-from observability import configure_logging
+from observability import configure_logging, setup_telemetry
+from recovery import recover_lost_activities
 from temporal_client import connect
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
@@ -53,9 +58,35 @@ def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Work
     )
 
 
+def write_status(path: Path | None, state: str, config: WorkerConfig) -> None:
+    """Readiness for monitors: WORKER_STATUS_FILE gets {state, pid, task_queue, since},
+    replaced atomically so a reader never sees half a document. Failures only log: a
+    monitor file must never stop the worker."""
+    if path is None:
+        return
+    document = {"state": state, "pid": os.getpid(), "task_queue": config.task_queue,
+                "namespace": config.temporal_namespace,
+                "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(json.dumps(document) + "\n")
+        os.replace(temp, path)
+    except OSError as err:
+        log.warning("status_file_not_written", extra={"status_file": str(path),
+                                                      "error": str(err)})
+
+
 async def serve(config: WorkerConfig, worker_id: str) -> int:
     try:
-        client = await connect(config, identity=worker_id)
+        # Spans still buffered at exit are flushed by the tracer provider's atexit hook.
+        telemetry = setup_telemetry(config)
+    except RuntimeError as err:  # e.g. PROMETHEUS_BIND_ADDRESS already in use
+        print(f"worker: cannot start telemetry: {str(err).splitlines()[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        client = await connect(config, identity=worker_id, interceptors=telemetry.interceptors,
+                               runtime=telemetry.runtime)
     except CredentialError:
         raise
     except RuntimeError as err:
@@ -75,16 +106,27 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
             os._exit(EXIT_ERROR)
         log.info("shutdown_requested", extra={"signal": signal.Signals(signum).name,
                                               "grace_seconds": config.shutdown_grace_seconds})
+        write_status(config.status_file, "stopping", config)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    async with worker:
-        log.info(f"Worker started, listening on task queue: {config.task_queue}",
-                 extra={"ready": True, "task_queue": config.task_queue,
-                        "namespace": config.temporal_namespace})
-        await stop.wait()
-    log.info("worker_stopped", extra={"clean": True})
+    try:
+        async with worker:
+            log.info(f"Worker started, listening on task queue: {config.task_queue}",
+                     extra={"ready": True, "task_queue": config.task_queue,
+                            "namespace": config.temporal_namespace})
+            write_status(config.status_file, "ready", config)
+            # In the background: hand back what a killed worker on this host left half
+            # done (recovery.py). Serving does not wait for it.
+            sweep = asyncio.create_task(recover_lost_activities(client, config))
+            await stop.wait()
+            stopping_since = time.monotonic()
+            sweep.cancel()
+    finally:
+        write_status(config.status_file, "stopped", config)
+    log.info("worker_stopped", extra={
+        "clean": True, "shutdown_seconds": round(time.monotonic() - stopping_since, 3)})
     return EXIT_OK
 
 
@@ -115,4 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # temporalio's native threads can abort interpreter teardown after a clean stop
+    # ("Fatal Python error: PyGILState_Release ... finalizing", SIGABRT, sdk-python#300).
+    # Run the exit hooks (log and span flushing) and flush output, then skip the teardown.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -65,6 +65,7 @@ class BuildPlanWorkflow:
                 await workflow.execute_activity(
                     "build_phase", request, result_type=BuildPhaseResult,
                     start_to_close_timeout=policies.BUILD_PHASE.start_to_close,
+                    schedule_to_close_timeout=policies.BUILD_PHASE.schedule_to_close,
                     retry_policy=policies.BUILD_PHASE.retry,
                     summary=f"phase {phase.number} ({len(self._done) + 1}/{total}) → "
                             f"{phase.agent_type}")

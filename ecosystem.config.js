@@ -1,0 +1,74 @@
+// pm2 process file for the worker:  pm2 start ecosystem.config.js
+//
+// No secrets and no personal paths live here. Settings come from the environment of
+// the `pm2 start` call, or from an untracked env file: WORKER_ENV_FILE if set, else
+// `worker.env` beside this file (`*.env` is git-ignored). See docs/operations.md.
+//
+// Shutdown: pm2 sends SIGINT, waits kill_timeout, then SIGKILLs. The worker stops
+// polling at once and gives running activities WORKER_SHUTDOWN_GRACE_SECONDS (default
+// 30) to finish, so kill_timeout is that grace plus 15 s of headroom.
+
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+
+// KEY=VALUE lines; blank lines and `#` comments skipped; optional `export ` prefix and
+// matching single or double quotes around the value are removed. Nothing is expanded.
+function readEnvFile(file) {
+  const values = {};
+  if (!fs.existsSync(file)) {
+    return values;
+  }
+  for (const raw of fs.readFileSync(file, "utf8").split(/\r?\n/)) {
+    const line = raw.trim();
+    if (line === "" || line.startsWith("#")) {
+      continue;
+    }
+    const match = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
+    if (!match) {
+      throw new Error(`${file}: cannot parse line: ${line.split("=")[0]}=...`);
+    }
+    let value = match[2];
+    if (value.length >= 2 && (value[0] === '"' || value[0] === "'") &&
+        value[value.length - 1] === value[0]) {
+      value = value.slice(1, -1);
+    }
+    values[match[1]] = value;
+  }
+  return values;
+}
+
+const envFile = process.env.WORKER_ENV_FILE || path.join(__dirname, "worker.env");
+const fileEnv = readEnvFile(envFile);
+// The calling environment wins over the file, so one-off overrides need no edit.
+const setting = (name) => process.env[name] ?? fileEnv[name];
+
+const graceSeconds = Number(setting("WORKER_SHUTDOWN_GRACE_SECONDS") || 30);
+if (!Number.isFinite(graceSeconds) || graceSeconds < 0) {
+  throw new Error("WORKER_SHUTDOWN_GRACE_SECONDS must be a non-negative number");
+}
+
+module.exports = {
+  apps: [
+    {
+      name: process.env.PM2_APP_NAME || "temporal-build-worker",
+      script: path.join(__dirname, "worker.py"),
+      interpreter: path.join(__dirname, ".venv", "bin", "python"),
+      cwd: __dirname,
+      exec_mode: "fork",
+      instances: 1,
+      env: { ...fileEnv, PYTHONUNBUFFERED: "1" },
+      autorestart: true,
+      // 100 ms, doubling up to pm2's 15 s cap; reset once the worker stays up.
+      exp_backoff_restart_delay: 100,
+      max_restarts: 10,
+      min_uptime: "30s",
+      // Exit 2 is a configuration error: restarting cannot fix it.
+      stop_exit_codes: [2],
+      kill_timeout: Math.ceil(graceSeconds * 1000) + 15000,
+      treekill: true,
+      merge_logs: true,
+    },
+  ],
+};

@@ -1,0 +1,182 @@
+"""pm2 for real (npm `pm2`, pinned, installed once under .run/pm2) running
+ecosystem.config.js with a private PM2_HOME: online and polling, restarted after a
+SIGKILL with the pipeline in flight completing, and a graceful `pm2 stop`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from models import BuildPipelineInput, BuildPipelineResult
+from task_files import new_task, write_task
+from tests.agents import complete_task, play_stage, poll, wait_for_task
+from tests.conftest import make_env
+from tests.worker_process import READY_LINE, REPO
+
+PM2_VERSION = "7.0.4"
+PM2_PREFIX = REPO / ".run" / "pm2"
+PM2_BIN = PM2_PREFIX / "node_modules" / ".bin" / "pm2"
+ECOSYSTEM = REPO / "ecosystem.config.js"
+
+
+def ensure_pm2() -> Path:
+    """Install the pinned pm2 once; later runs reuse it (`make test` does the same)."""
+    installed = PM2_PREFIX / "node_modules" / "pm2" / "package.json"
+    if installed.exists() and json.loads(installed.read_text())["version"] == PM2_VERSION:
+        return PM2_BIN
+    npm = shutil.which("npm")
+    assert npm, "npm is needed for the pm2 tests (Node 20 from Debian: apt-get install npm)"
+    subprocess.run([npm, "install", "--prefix", str(PM2_PREFIX), "--no-audit", "--no-fund",
+                    f"pm2@{PM2_VERSION}"], check=True, capture_output=True, timeout=300)
+    return PM2_BIN
+
+
+class Pm2:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.bin = str(ensure_pm2())
+        self.env = {**env, "PM2_HOME": str(home)}
+
+    def run(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([self.bin, *args], env=self.env, cwd=REPO, capture_output=True,
+                                text=True, timeout=timeout)
+        assert result.returncode == 0, f"pm2 {' '.join(args)}: {result.stderr[-2000:]}"
+        return result
+
+    def app(self, name: str) -> dict[str, Any]:
+        for proc in json.loads(self.run("jlist").stdout):
+            if proc["name"] == name:
+                return proc
+        raise AssertionError(f"{name} not in pm2 jlist")
+
+
+def ecosystem_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
+    script = f"console.log(JSON.stringify(require({json.dumps(str(ECOSYSTEM))}).apps[0]))"
+    result = subprocess.run(["node", "-e", script], env=env or dict(os.environ),
+                            capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(result.stdout)
+
+
+def test_ecosystem_file_settings(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "TEMPORAL_"))}
+    base["WORKER_ENV_FILE"] = str(tmp_path / "none.env")
+    app = ecosystem_settings(base)
+    assert app["interpreter"] == str(REPO / ".venv" / "bin" / "python")
+    assert app["cwd"] == str(REPO) and app["script"] == str(REPO / "worker.py")
+    assert app["autorestart"] is True and app["max_restarts"] == 10
+    assert app["exp_backoff_restart_delay"] > 0
+    assert app["kill_timeout"] == 45000  # > the worker's default 30 s graceful shutdown
+    assert app["stop_exit_codes"] == [2]
+
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("# comment\nexport TASK_QUEUE='from-file'\n"
+                        "WORKER_SHUTDOWN_GRACE_SECONDS=60\nTEMPORAL_NAMESPACE=\"ns\"\n")
+    app = ecosystem_settings({**base, "WORKER_ENV_FILE": str(env_file),
+                              "TEMPORAL_NAMESPACE": "from-shell"})
+    assert app["env"]["TASK_QUEUE"] == "from-file"
+    assert app["kill_timeout"] == 75000  # follows the configured grace
+    # The file never contains a secret or a personal path: everything is relative.
+    text = ECOSYSTEM.read_text()
+    for forbidden in ("/home/", "/root", "/Users/", "/work/", "~/", "VAULT_ROLE_ID:",
+                      "VAULT_ROLE_ID="):
+        assert forbidden not in text, forbidden
+
+
+@pytest.fixture
+def pm2(tmp_path: Path, temporal_address: str) -> Iterator[tuple[Pm2, dict[str, str], str]]:
+    """pm2 with a private home; the worker's settings come from an env file."""
+    settings = make_env(tmp_path, temporal_address,
+                        WORKER_STATUS_FILE=str(tmp_path / "status.json"))
+    env_file = tmp_path / "worker.env"
+    keys = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL_AUDIT_DIR",
+            "SUMMARY_DIR", "WORKER_STATUS_FILE")
+    env_file.write_text("".join(f"{key}={settings[key]}\n" for key in keys))
+    name = f"tbw-test-{uuid.uuid4().hex[:8]}"
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "VAULT_"))}
+    cli_env.update({"WORKER_ENV_FILE": str(env_file), "PM2_APP_NAME": name})
+    home = Path(os.environ.get("TMPDIR", "/tmp")) / f"pm2-{uuid.uuid4().hex[:8]}"
+    # A short PM2_HOME: its unix sockets must fit in 107 bytes.
+    manager = Pm2(home, cli_env)
+    try:
+        yield manager, settings, name
+    finally:
+        subprocess.run([manager.bin, "kill"], env=manager.env, capture_output=True, timeout=90)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def status(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def out_log(pm2: Pm2, name: str) -> list[dict[str, Any]]:
+    path = Path(pm2.app(name)["pm2_env"]["pm_out_log_path"])
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line[line.index("{"):]))
+        except ValueError:
+            continue
+    return records
+
+
+async def test_pm2_restarts_killed_worker_and_stops_gracefully(
+        pm2: tuple[Pm2, dict[str, str], str], client: Client) -> None:
+    manager, settings, name = pm2
+    status_file = Path(settings["WORKER_STATUS_FILE"])
+    manager.run("start", str(ECOSYSTEM))
+    first = await poll(lambda: status(status_file).get("state") == "ready"
+                       and status(status_file), timeout=90, what="worker ready under pm2")
+    app = manager.app(name)
+    assert app["pm2_env"]["status"] == "online" and app["pid"] == first["pid"]
+    assert any(str(r.get("event", "")).startswith(READY_LINE) for r in out_log(manager, name))
+
+    queue = Path(settings["TASK_QUEUE_DIR"])
+    origin = str(uuid.uuid4())
+    write_task(queue, new_task(task_id=origin, target_agent="temporal-worker",
+                               task_type="build_plan", summary="origin", payload={}))
+    handle = await client.start_workflow(
+        "BuildPipelineWorkflow",
+        BuildPipelineInput(build_name="pm2-build", plan_path="/plans/p.md", task_id=origin,
+                           target_agent="builder"),
+        id=f"pm2-{uuid.uuid4()}", task_queue=settings["TASK_QUEUE"],
+        result_type=BuildPipelineResult)
+    await play_stage(queue, handle.id, "build_prefab", settings)
+    implement = await wait_for_task(queue, handle.id, "build_plan", timeout=60)
+
+    os.kill(first["pid"], signal.SIGKILL)
+    second = await poll(lambda: status(status_file).get("state") == "ready"
+                        and status(status_file)["pid"] != first["pid"]
+                        and status(status_file), timeout=90, what="pm2 restart")
+    app = manager.app(name)
+    assert app["pm2_env"]["restart_time"] >= 1 and app["pid"] == second["pid"]
+    await complete_task(implement, settings)
+    audit_dir = Path(settings["TEMPORAL_AUDIT_DIR"]) / "audit-requests" / "pm2-build"
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    (audit_dir / "triage-output.yml").write_text("info: []\n")
+    await play_stage(queue, handle.id, "security_audit", settings)
+    await play_stage(queue, handle.id, "build_closeout", settings)
+    result: BuildPipelineResult = await handle.result()
+    assert result.outcome == "success"
+
+    kill_timeout = app["pm2_env"]["kill_timeout"] / 1000
+    begun = time.monotonic()
+    manager.run("stop", name)
+    took = time.monotonic() - begun
+    assert took < kill_timeout
+    assert status(status_file)["state"] == "stopped"
+    events = [r.get("event") for r in out_log(manager, name)]
+    assert "shutdown_requested" in events and "worker_stopped" in events
+    assert manager.app(name)["pm2_env"]["status"] == "stopped"

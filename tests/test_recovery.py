@@ -1,0 +1,44 @@
+"""recovery.py's judgements: which dead worker, which task, which attempt. The sweep
+itself runs against a real server and a killed worker.py in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from config import load_config
+from recovery import dispatched, process_gone, task_id_of
+from task_files import new_task, write_task
+
+
+def test_only_a_gone_process_on_this_host_counts_as_dead() -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    me = os.getpid()
+    assert process_gone(f"host-a:{dead_pid}", "host-a", me)
+    assert not process_gone(f"host-b:{dead_pid}", "host-a", me)   # another host: never judged
+    assert not process_gone(f"host-a:{me}", "host-a", me)          # ourselves
+    assert not process_gone(f"host-a:{os.getppid()}", "host-a", me)  # alive
+    assert not process_gone(f"{dead_pid}@host-a", "host-a", me)    # not a worker identity
+    assert not process_gone("host-a:", "host-a", me)
+
+
+def test_task_id_from_either_input_shape() -> None:
+    assert task_id_of({"task_id": "t-1", "build_name": "b"}) == "t-1"
+    assert task_id_of({"build_name": "b", "task": {"task_id": "t-2"}}) == "t-2"
+    assert task_id_of(None) is None and task_id_of({"task": "x"}) is None
+
+
+def test_dispatched_means_this_attempt_has_a_file(tmp_path: Path) -> None:
+    config = load_config({"TASK_QUEUE_DIR": str(tmp_path / "q")})
+    task_id = str(uuid.uuid4())
+    assert not dispatched(config, task_id, "3", 1)
+    write_task(config.task_queue_dir, new_task(
+        task_id=task_id, target_agent="builder", task_type="build_plan", summary="s",
+        payload={"activity_id": "3", "attempt": 1, "task_token": "eA=="}))
+    assert dispatched(config, task_id, "3", 1)
+    assert not dispatched(config, task_id, "3", 2)  # file of an older attempt: stale token

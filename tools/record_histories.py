@@ -1,0 +1,260 @@
+"""Record one workflow history per path through both workflows, for replay tests.
+
+    python -m tools.record_histories [--out tests/histories]
+
+Starts its own dev server and an in-process worker on private folders, plays the agents
+through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
+as `temporal workflow show --output json`). Re-record after an intended workflow change
+that running pipelines need not survive; keep old files that still must replay.
+
+Exit codes: 0 all recorded · 1 a path did not end as expected (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "tests" / "histories"
+WAIT_SECONDS = 120.0
+# A few paths at a time: every first workflow task builds a sandbox, which is slow on
+# a busy machine.
+CONCURRENCY = 4
+FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "plan_failure"})
+
+
+class Recorder:
+    """Drives one workflow per path against a worker with private folders."""
+
+    def __init__(self, client: Client, env: dict[str, str], root: Path) -> None:
+        self.client, self.env, self.root = client, env, root
+        self.queue = root / "task-queue"
+
+    async def find_task(self, workflow_id: str, task_type: str) -> Path:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            for path in sorted(self.queue.glob("*.yml")):
+                task = yaml.safe_load(path.read_text())
+                if (task["payload"].get("workflow_id") == workflow_id
+                        and task["task_type"] == task_type and task["status"] == "submitted"):
+                    return path
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"no {task_type} task for {workflow_id} after {WAIT_SECONDS}s")
+
+    async def play(self, handle: WorkflowHandle, task_type: str, status: str = "success",
+                   message: str = "done") -> None:
+        path = await self.find_task(handle.id, task_type)
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(REPO / "complete_activity.py"),
+                             "--task-file", str(path), status, message],
+            env=self.env, capture_output=True, text=True, timeout=60, cwd=REPO)
+        if result.returncode != 0:
+            raise RuntimeError(f"complete_activity.py exited {result.returncode}: "
+                               f"{result.stderr.strip()}")
+
+    def origin(self) -> str:
+        from task_files import new_task, write_task
+
+        task_id = str(uuid.uuid4())
+        write_task(self.queue, new_task(task_id=task_id, target_agent="temporal-worker",
+                                        task_type="build_plan", summary="build request",
+                                        payload={}))
+        return task_id
+
+    async def pipeline(self, name: str, triage: str | None, **extra: Any) -> WorkflowHandle:
+        """Start a pipeline and play it up to and including the security audit."""
+        from models import BuildPipelineInput
+
+        handle = await self.client.start_workflow(
+            "BuildPipelineWorkflow",
+            BuildPipelineInput(build_name=name, plan_path="/plans/recorded.md",
+                               task_id=self.origin(), target_agent="builder", **extra),
+            id=f"record-{name}", task_queue=self.env["TASK_QUEUE"])
+        await self.play(handle, "build_prefab")
+        if triage is None:
+            return handle
+        await self.play(handle, "build_plan")
+        folder = self.root / "artifacts" / "audit-requests" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "triage-output.yml").write_text(triage)
+        await self.play(handle, "security_audit")
+        return handle
+
+    async def parked(self, handle: WorkflowHandle) -> Path:
+        from models import PipelineStatus
+        from task_files import find_task
+
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            status = await handle.query("get_status", result_type=PipelineStatus)
+            if status.stage == "wait_for_block_resolution" and status.waiting_on is not None:
+                description = await handle.describe()
+                pending = description.raw_description.pending_activities
+                if any(p.activity_type.name == "wait_for_block_resolution" for p in pending):
+                    inp = await self._input(handle)
+                    return find_task(self.queue, inp["task_id"])
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{handle.id} did not park at stage 7")
+
+    async def _input(self, handle: WorkflowHandle) -> dict[str, Any]:
+        import json
+
+        history = await handle.fetch_history()
+        payload = history.events[0].workflow_execution_started_event_attributes.input.payloads[0]
+        return json.loads(payload.data)
+
+    async def set_origin_status(self, handle: WorkflowHandle, status: str) -> None:
+        from task_files import add_history, update_task
+
+        path = await self.parked(handle)
+        update_task(path, lambda t: add_history(t, status=status, actor="operator",
+                                                note="recorded"))
+
+
+async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHandle]:
+    blocks = "blocks:\n- description: secret in log\n"
+
+    async def clean() -> WorkflowHandle:
+        handle = await recorder.pipeline("clean", "info:\n- fine\n")
+        await recorder.play(handle, "build_closeout", message="/docs/closeout.md")
+        return handle
+
+    async def flags() -> WorkflowHandle:
+        handle = await recorder.pipeline("flags", "flags:\n- description: pin versions\n")
+        await recorder.play(handle, "security_fix")
+        await recorder.play(handle, "build_closeout")
+        return handle
+
+    async def approved_by_file() -> WorkflowHandle:
+        handle = await recorder.pipeline("approved", blocks, block_poll_interval_seconds=0.2)
+        await recorder.set_origin_status(handle, "approved")
+        await recorder.play(handle, "build_closeout")
+        return handle
+
+    async def approved_by_update() -> WorkflowHandle:
+        handle = await recorder.pipeline("approved-update", blocks,
+                                         block_poll_interval_seconds=0.2)
+        await recorder.parked(handle)
+        await handle.execute_update("approve_blocks", "looks fine")
+        await recorder.play(handle, "build_closeout")
+        return handle
+
+    async def rejected() -> WorkflowHandle:
+        handle = await recorder.pipeline("rejected", blocks, block_poll_interval_seconds=0.2)
+        await recorder.set_origin_status(handle, "rejected")
+        return handle
+
+    async def timed_out() -> WorkflowHandle:
+        handle = await recorder.pipeline("timed-out", blocks, block_poll_interval_seconds=0.2,
+                                         block_wait_timeout_seconds=2)
+        await recorder.parked(handle)
+        return handle
+
+    async def agent_failure() -> WorkflowHandle:
+        handle = await recorder.pipeline("agent-failure", None)
+        await recorder.play(handle, "build_plan", status="failed", message="compiler broke")
+        return handle
+
+    async def bad_triage() -> WorkflowHandle:
+        return await recorder.pipeline("bad-triage", "- not a mapping\n")
+
+    async def plan(name: str, fail: bool) -> WorkflowHandle:
+        from models import BuildPlanInput, PhaseSpec
+
+        phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
+                            context_refs=["/plans/recorded.md"]) for n in (1, 2)]
+        handle = await client.start_workflow(
+            "BuildPlanWorkflow", BuildPlanInput(plan_name=name, phases=phases),
+            id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
+        await recorder.play(handle, "build_phase")
+        await recorder.play(handle, "build_phase", status="failed" if fail else "success",
+                            message="phase broke" if fail else "done")
+        return handle
+
+    paths: dict[str, Callable[[], Awaitable[WorkflowHandle]]] = {
+        "pipeline_clean": clean, "pipeline_flags": flags,
+        "pipeline_approved_task_file": approved_by_file,
+        "pipeline_approved_update": approved_by_update, "pipeline_rejected": rejected,
+        "pipeline_timed_out": timed_out, "pipeline_agent_failure": agent_failure,
+        "pipeline_bad_triage": bad_triage,
+        "plan_success": lambda: plan("plan-success", False),
+        "plan_failure": lambda: plan("plan-failure", True),
+    }
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def limited(run: Callable[[], Awaitable[WorkflowHandle]]) -> WorkflowHandle:
+        async with gate:
+            return await run()
+
+    handles = dict(zip(paths, await asyncio.gather(*(limited(run) for run in paths.values())),
+                       strict=True))
+    for name, handle in handles.items():
+        try:
+            await asyncio.wait_for(handle.result(), WAIT_SECONDS)
+            ended = "completed"
+        except WorkflowFailureError:
+            ended = "failed"  # the failure paths end failed on purpose
+        expected = "failed" if name in FAILING_PATHS else "completed"
+        if ended != expected:
+            raise RuntimeError(f"{name}: workflow {handle.id} {ended}, expected {expected}")
+    return handles
+
+
+async def record(out: Path) -> None:
+    from config import load_config
+    from temporal_client import connect
+    from tools import devserver
+    from worker import build_worker
+
+    with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
+        root = Path(tmp)
+        with devserver.running(log_path=root / "server.log") as address:
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
+            env.update({"TEMPORAL_ADDRESS": address, "TASK_QUEUE": "record-histories",
+                        "TASK_QUEUE_DIR": str(root / "task-queue"),
+                        "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
+                        "SUMMARY_DIR": str(root / "summaries")})
+            config = load_config(env)
+            # A fixed identity keeps host names and pids out of the committed files.
+            client = await connect(config, identity="record-histories")
+            async with build_worker(client, config):
+                handles = await record_all(client, Recorder(client, env, root))
+            out.mkdir(parents=True, exist_ok=True)
+            for name, handle in handles.items():
+                history = await handle.fetch_history()
+                (out / f"{name}.json").write_text(history.to_json() + "\n")
+                print(f"record_histories: wrote {out / name}.json "
+                      f"({len(history.events)} events)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.record_histories",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the JSON histories (default: tests/histories)")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(record(args.out))
+    except (RuntimeError, TimeoutError) as err:
+        print(f"record_histories: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
