@@ -49,11 +49,16 @@ def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def start(port: int, *, ui_port: int | None = None, db_filename: Path | None = None,
-          log_path: Path | None = None, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
-    """Start a dev server and wait until its gRPC port accepts connections."""
+          log_path: Path | None = None, host: str = "127.0.0.1",
+          namespaces: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start a dev server and wait until its gRPC port accepts connections.
+
+    `namespaces` are created besides `default` (the worker may be configured for another)."""
     args = [temporal_binary(), "server", "start-dev", "--ip", host, "--port", str(port),
             "--log-level", "error",
             "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
+    for namespace in namespaces:
+        args += ["--namespace", namespace]
     if ui_port is None:
         args.append("--headless")
     else:
@@ -73,7 +78,24 @@ def start(port: int, *, ui_port: int | None = None, db_filename: Path | None = N
             raise RuntimeError(f"temporal dev server not listening on {host}:{port} after "
                                f"{STARTUP_TIMEOUT_SECONDS:.0f}s")
         time.sleep(0.1)
+    # The port opens before the frontend serves; wait until it answers a health check.
+    while not is_healthy(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError(f"temporal dev server on {host}:{port} never became healthy "
+                               f"(see {log_path or 'its output'})")
+        time.sleep(0.2)
     return process
+
+
+def is_healthy(host: str, port: int) -> bool:
+    try:
+        check = subprocess.run(
+            [temporal_binary(), "operator", "cluster", "health", "--address", f"{host}:{port}"],
+            capture_output=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False
+    return check.returncode == 0 and b"SERVING" in check.stdout
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -100,6 +122,10 @@ def running(port: int | None = None, **kwargs: object) -> Iterator[str]:
         stop(process)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.devserver", description=__doc__)
     parser.add_argument("--port", type=int, default=7233)
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"devserver: Temporal on 127.0.0.1:{args.port}, Web UI http://127.0.0.1:{args.ui_port}",
           flush=True)
+    # SIGTERM must clean up like Ctrl-C: the server runs in its own session.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return process.wait()
     except KeyboardInterrupt:
