@@ -248,6 +248,24 @@ async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> No
                                     for _, t in tasks_for(pipeline.queue_dir, handle.id)]
 
 
+async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
+        pipeline: PipelineEnv) -> None:
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import CancelledError
+
+    handle, _ = await start_pipeline(pipeline, "cancelled-build")
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    assert isinstance(caught.value.cause, CancelledError)
+    assert (await handle.describe()).status.name == "CANCELED"
+    summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
+    assert summary["outcome"] == "cancelled"
+    assert summary["failed_stage"] == "prefab_scaffolding"
+    assert (await status_of(handle)).outcome == "cancelled"
+
+
 async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     plan = BuildPlanInput(plan_name="two-phases", phases=[
         PhaseSpec(number=1, agent_type="builder", description="scaffold"),
