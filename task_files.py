@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.events import AliasEvent
 
 from exceptions import TaskFileError, TaskNotFoundError, UnsafeTaskPathError
 
@@ -164,20 +165,27 @@ def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None =
     return write_private_atomic(path, dump_task(task))
 
 
-class _TaskLoader(yaml.SafeLoader):
-    """SafeLoader with a nesting limit. PyYAML slows down quadratically with nesting depth
-    and recurses once per level, so one "[[[[…" file dropped in the queue would otherwise
-    cost seconds on every task search that reads it (or end it with a RecursionError)."""
+class DepthLimitedLoader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit (and optionally no anchors/aliases), checked while
+    composing, before any object is built. PyYAML slows down quadratically with nesting
+    depth and recurses once per level, so one "[[[[…" file would otherwise cost seconds on
+    every read (or end it with a RecursionError)."""
+
+    max_depth = MAX_TASK_DEPTH
+    allow_aliases = True
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
+        if not self.allow_aliases and self.check_event(AliasEvent):
+            line = self.peek_event().start_mark.line + 1
+            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
         self._depth += 1
         try:
-            if self._depth > MAX_TASK_DEPTH:
-                raise yaml.YAMLError(f"nesting deeper than {MAX_TASK_DEPTH} levels")
+            if self._depth > self.max_depth:
+                raise yaml.YAMLError(f"nesting deeper than {self.max_depth} levels")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -196,7 +204,7 @@ def read_task(path: Path) -> dict[str, Any]:
     if len(raw) > MAX_TASK_FILE_BYTES:
         raise TaskFileError(f"{path}: larger than {MAX_TASK_FILE_BYTES} bytes")
     try:
-        document = yaml.load(raw.decode("utf-8"), Loader=_TaskLoader)  # noqa: S506 - safe
+        document = yaml.load(raw.decode("utf-8"), Loader=DepthLimitedLoader)  # noqa: S506 - safe
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise TaskFileError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(document, dict):

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.events import AliasEvent
 
 from exceptions import TriageInvalidError, TriageMissingError
 from models import Finding, TriageResult
+from task_files import DepthLimitedLoader
 
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16
@@ -24,25 +24,11 @@ MAX_DESCRIPTION_CHARS = 20_000
 SECTIONS = ("blocks", "flags", "info")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and deep nesting before building any object."""
+class _StrictLoader(DepthLimitedLoader):
+    """Triage is written by another agent: no anchors/aliases (alias bombs), shallow."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(AliasEvent):
-            event = self.peek_event()
-            line = event.start_mark.line + 1
-            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise yaml.YAMLError(f"nesting deeper than {MAX_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+    max_depth = MAX_DEPTH
+    allow_aliases = False
 
 
 def _item(path: Path, section: str, index: int, raw: Any) -> Finding:

@@ -99,3 +99,16 @@ def assert_valid_task_file(path: Path) -> dict[str, Any]:
     jsonschema.validate(task, json.loads(SCHEMA_PATH.read_text()))
     assert path.name.endswith(f"-{task['id'][:8]}.yml"), path.name
     return task
+
+
+def write_origin_task(queue_dir: Path) -> str:
+    """The task that asked for a build (stages 6 and 7 act on it); returns its id."""
+    import uuid
+
+    from task_files import new_task, write_task
+
+    task_id = str(uuid.uuid4())
+    write_task(queue_dir, new_task(
+        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        summary="originating build request", payload={"build_name": "x"}))
+    return task_id

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import add_history, find_task, new_task, update_task, write_task
+from task_files import add_history, find_task, update_task
 from tests.agents import (
     assert_valid_task_file,
     load_yaml,
@@ -19,6 +18,7 @@ from tests.agents import (
     poll,
     tasks_for,
     wait_for_task,
+    write_origin_task,
 )
 from tests.conftest import PipelineEnv
 
@@ -27,12 +27,7 @@ BLOCK = "Token is logged in plain text"
 
 
 def origin_task(pipeline: PipelineEnv) -> str:
-    """The task that asked for the build; stage 6/7 act on it."""
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary="originating build request", payload={"build_name": "x"}))
-    return task_id
+    return write_origin_task(pipeline.queue_dir)
 
 
 def pipeline_input(pipeline: PipelineEnv, build: str, **extra: Any) -> BuildPipelineInput:

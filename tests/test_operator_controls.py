@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,23 @@ from models import (
     PlanStatus,
     StageEvent,
 )
-from task_files import find_task, new_task, write_task
-from tests.agents import complete_task, load_yaml, play_stage, poll, tasks_for, wait_for_task
+from task_files import find_task
+from tests.agents import (
+    complete_task,
+    load_yaml,
+    play_stage,
+    poll,
+    tasks_for,
+    wait_for_task,
+    write_origin_task,
+)
 from tests.conftest import PipelineEnv
 
 BLOCK = "Session token written to the build log"
 
 
 def originating_task(pipeline: PipelineEnv) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary="originating build request", payload={"build_name": "ops"}))
-    return task_id
+    return write_origin_task(pipeline.queue_dir)
 
 
 async def start_pipeline(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:

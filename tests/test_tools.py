@@ -20,8 +20,16 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
 from models import BuildPlanInput, PhaseSpec, PipelineStatus
-from task_files import find_task, new_task, write_task
-from tests.agents import complete_task, load_yaml, play_stage, poll, tasks_for, wait_for_task
+from task_files import find_task
+from tests.agents import (
+    complete_task,
+    load_yaml,
+    play_stage,
+    poll,
+    tasks_for,
+    wait_for_task,
+    write_origin_task,
+)
 from tests.conftest import PipelineEnv
 from tools import devserver
 from tools.ops import proc_start_ticks
@@ -258,11 +266,7 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
 
 
 def origin_task(pipeline: PipelineEnv) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary="originating build request", payload={"build_name": "x"}))
-    return task_id
+    return write_origin_task(pipeline.queue_dir)
 
 
 async def start_build_waiting(args: list[str], env: dict[str, str]
