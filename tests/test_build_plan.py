@@ -154,3 +154,17 @@ async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[st
     assert cause.non_retryable
     assert await activity_order(handle) == []
     assert not pipeline.queue_dir.exists() or not any(pipeline.queue_dir.rglob("*"))
+
+
+async def test_cancelled_plan_ends_cancelled_not_failed(pipeline: PipelineEnv) -> None:
+    from temporalio.exceptions import CancelledError
+
+    handle = await pipeline.start("BuildPlanWorkflow",
+                                  {"plan_name": "cancel-plan", "phases": PHASES})
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as caught:
+        await outcome(handle)
+    assert isinstance(caught.value.cause, CancelledError)
+    assert (await handle.describe()).status.name == "CANCELED"
+    assert (await status_of(handle)).outcome == "cancelled"

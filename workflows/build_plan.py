@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -70,6 +71,10 @@ class BuildPlanWorkflow:
                     summary=f"phase {phase.number} ({len(self._done) + 1}/{total}) → "
                             f"{phase.agent_type}")
             except ActivityError as err:
+                if isinstance(err.cause, CancelledError):
+                    # A cancel of the plan itself: end as cancelled, not as a failed phase.
+                    self._outcome, self._waiting = "cancelled", None
+                    raise asyncio.CancelledError() from None
                 message, _ = describe_activity_failure(err)
                 self._outcome = "failed"
                 self._error = f"phase {phase.number} ({phase.agent_type}) failed: {message}"
