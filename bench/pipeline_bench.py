@@ -23,7 +23,6 @@ if str(REPO) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import base64  # noqa: E402
-import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
 import json  # noqa: E402
@@ -344,20 +343,6 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM (graceful shutdown), then SIGKILL of its process group if it lingers."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 async def wait_for_pollers(client: Client, task_queue: str,
                            worker: subprocess.Popen[bytes], log_path: Path) -> float:
     """Seconds until the worker polls both the workflow and the activity task queue."""
@@ -645,7 +630,7 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
         if stats is not None:
             stats.stop()
         if worker is not None:
-            stop_process(worker, WORKER_STOP_SECONDS)
+            devserver.stop(worker, WORKER_STOP_SECONDS, terminate_group=False)
             report.setdefault("worker_exit_code", worker.returncode)
         devserver.stop(server)
 

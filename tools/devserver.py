@@ -98,11 +98,17 @@ def is_healthy(host: str, port: int) -> bool:
     return check.returncode == 0 and b"SERVING" in check.stdout
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+def stop(process: subprocess.Popen[bytes], timeout: float = 10.0, *,
+         terminate_group: bool = True) -> None:
+    """SIGTERM (to its process group, or to the process alone so it can shut down its
+    children gracefully), then SIGKILL of the group if it lingers past `timeout`."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        if terminate_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
