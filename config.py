@@ -18,6 +18,7 @@ from exceptions import ConfigError
 from models import NAME_RE as NAME_PATTERN
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MATRIX_USER_RE = re.compile(r"^@[a-z0-9._=/+-]+:[A-Za-z0-9.-]+(:[0-9]+)?$")
 
 # environment variable -> model field
 ENV_FIELDS: dict[str, str] = {
@@ -50,6 +51,10 @@ ENV_FIELDS: dict[str, str] = {
     "TEMPORAL_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
     "WORKER_SHUTDOWN_GRACE_SECONDS": "shutdown_grace_seconds",
     "WORKER_STATUS_FILE": "status_file",
+    "WORKER_ENV_FILE": "worker_env_file",
+    "MATRIX_APPROVERS": "matrix_approvers",
+    "BLOCK_FILE_DECISIONS": "file_decisions",
+    "TASK_WATCH_POLLING": "watch_polling",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -105,6 +110,15 @@ class WorkerConfig(BaseModel):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
     # Optional JSON file monitors read: {"state": "ready"|"stopping"|"stopped", ...}.
     status_file: Path | None = None
+    # The env file pm2 loads (ecosystem.config.js); complete_activity.py reads credentials
+    # (the Vault variables) from it when its own environment lacks them.
+    worker_env_file: Path | None = None
+    # Matrix user ids allowed to approve/reject blocks from the room; empty = chat off.
+    matrix_approvers: tuple[str, ...] = ()
+    # Whether an originating task's status (approved/rejected) decides parked blocks.
+    file_decisions: bool = True
+    # Watch the task folder by polling (network filesystems) instead of inotify.
+    watch_polling: bool = False
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -115,6 +129,17 @@ class WorkerConfig(BaseModel):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be host:port")
         return value
+
+    @field_validator("matrix_approvers", mode="before")
+    @classmethod
+    def _user_ids(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        ids = tuple(part.strip() for part in value.split(",") if part.strip())
+        for user_id in ids:
+            if not MATRIX_USER_RE.match(user_id):
+                raise ValueError(f"{user_id!r} is not a Matrix user id (@name:server)")
+        return ids
 
     @field_validator("temporal_namespace", "task_queue")
     @classmethod
@@ -147,7 +172,7 @@ class WorkerConfig(BaseModel):
 
     @field_validator("task_queue_dir", "audit_dir", "summary_dir", "log_file",
                      "matrix_access_token_file", "send_matrix_script", "vault_secret_id_file",
-                     "status_file")
+                     "status_file", "worker_env_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.expanduser(str(value)))

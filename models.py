@@ -17,8 +17,12 @@ NAME_MAX = 63
 SEVEN_DAYS_SECONDS = 7 * 24 * 3600
 DEFAULT_BLOCK_POLL_SECONDS = 30.0
 
-Outcome = Literal["success", "rejected", "timed_out", "failed", "cancelled"]
+# "partial": the build closed out after blocks were approved (v0.5.0's word for it).
+Outcome = Literal["success", "partial", "rejected", "timed_out", "failed", "cancelled"]
 Decision = Literal["approved", "rejected"]
+# Where a block decision came from: an operator's Update (tools, CLI), the originating
+# task file (anyone who can write the task folder), or an allowed approver in Matrix.
+DecisionSource = Literal["update", "task_file", "matrix"]
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -239,6 +243,10 @@ class BlockDecision(BaseModel):
 
     note: str = Field(default="", max_length=2000)
     decided_by: str = Field(default="operator", min_length=1, max_length=100)
+    source: DecisionSource = "update"
+    # For file decisions: the actor the file's own history names. Anyone who can write
+    # the folder can write that name, so it is shown as claimed, never as decided_by.
+    claimed_by: str | None = Field(default=None, max_length=100)
 
 
 class RecordDecisionInput(BaseModel):

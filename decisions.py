@@ -1,0 +1,54 @@
+"""Deliver a block decision to the pipeline that waits on it, through its Update.
+
+Every path that decides blocks outside the workflow (the task-folder watcher, the Matrix
+listener, operator tools) ends here, so a decision is applied the same way whoever made
+it. The Update id is derived from the workflow run: when several workers see the same
+decision, Temporal applies the first and hands the others its result, so each pipeline
+gets exactly one decision. A pipeline that is not (or no longer) waiting refuses it in
+the Update's validator; that refusal is an expected outcome, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from models import BlockDecision, Decision
+
+log = logging.getLogger(__name__)
+
+UPDATE_NAMES: dict[Decision, str] = {"approved": "approve_blocks", "rejected": "reject_blocks"}
+Delivery = Literal["applied", "refused", "gone"]
+
+
+def update_id(workflow_id: str, run_id: str | None) -> str:
+    """One id per waiting run: duplicates of a decision collapse into the first."""
+    return f"block-decision/{run_id or workflow_id}"
+
+
+async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | None,
+                           decision: Decision, choice: BlockDecision) -> Delivery:
+    """Send `decision` to the workflow; `applied`, `refused` (not waiting, or already
+    decided otherwise) or `gone` (no such running workflow)."""
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    try:
+        await handle.execute_update(UPDATE_NAMES[decision], choice,
+                                    id=update_id(workflow_id, run_id), result_type=str)
+    except WorkflowUpdateFailedError as err:
+        log.info("decision_refused", extra={"workflow_id": workflow_id, "decision": decision,
+                                            "source": choice.source,
+                                            "reason": str(err.cause or err)[:200]})
+        return "refused"
+    except RPCError as err:
+        if err.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            log.info("decision_target_gone", extra={"workflow_id": workflow_id,
+                                                    "source": choice.source})
+            return "gone"
+        raise
+    log.info("decision_delivered", extra={"workflow_id": workflow_id, "decision": decision,
+                                          "source": choice.source,
+                                          "decided_by": choice.decided_by})
+    return "applied"
