@@ -88,3 +88,5 @@ TRIAGE_INVALID = "TriageInvalidError"
 INVALID_INPUT = "InvalidInputError"
 BLOCKS_PENDING = "BlocksPendingError"
 TASK_FILE_ERROR = "TaskFileError"
+# A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
+LEGACY_WAIT_HANDED_OVER = "LegacyWaitHandedOverError"

@@ -15,12 +15,14 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities import legacy_args
 from activities.dispatch import agent_stage, dispatch_agent_task
 from activities.notify import notify_all
 from activities.triage import read_triage
 from config import WorkerConfig
 from exceptions import (
     BLOCKS_PENDING,
+    LEGACY_WAIT_HANDED_OVER,
     TASK_FILE_ERROR,
     TRIAGE_INVALID,
     TRIAGE_MISSING,
@@ -140,7 +142,13 @@ class PipelineActivities:
                 self.summarize_workflow]
 
     @activity.defn(name="request_security_audit")
-    async def request_security_audit(self, request: AuditRequest) -> BuildPhaseResult:
+    async def request_security_audit(self, *args: Any) -> BuildPhaseResult:
+        if legacy_args.is_legacy(args):
+            request = legacy_args.audit_request(
+                args, legacy_args.CallContext.current(),
+                lambda build: audit_folder(self.config, build), REQUEST_FILE, TRIAGE_FILE)
+        else:
+            request = legacy_args.own_input(AuditRequest, args, "request_security_audit")
         folder = audit_folder(self.config, request.build_name)
         text = audit_request_markdown(request, folder)
         await asyncio.to_thread(write_private_atomic, folder / REQUEST_FILE, text.encode())
@@ -158,7 +166,16 @@ class PipelineActivities:
             raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
 
     @activity.defn(name="notify_blocks")
-    async def notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
+    async def notify_blocks(self, *args: Any) -> NotifyBlocksResult | None:
+        if legacy_args.is_legacy(args):
+            # v0.5.0's notify_blocks returns nothing; its callers expect exactly that.
+            await self._notify_blocks(legacy_args.notify_input(
+                args, legacy_args.CallContext.current()))
+            return None
+        return await self._notify_blocks(
+            legacy_args.own_input(NotifyBlocksInput, args, "notify_blocks"))
+
+    async def _notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
         bind_build_name(request.build_name)
         blocks = len(request.blocks)
         count(BLOCKS_NOTIFIED, blocks)
@@ -190,9 +207,12 @@ class PipelineActivities:
                                   originating_task_path=str(path) if path else None)
 
     @activity.defn(name="wait_for_block_resolution")
-    async def wait_for_block_resolution(self, request: BlockCheckInput) -> BlockResolution:
+    async def wait_for_block_resolution(self, *args: Any) -> BlockResolution | None:
         """One look at the originating task. Still pending -> a benign retryable error:
         the retry policy schedules the next look, holding nothing in between."""
+        if legacy_args.is_legacy(args):
+            return await self._legacy_block_look(legacy_args.block_check(args))
+        request = legacy_args.own_input(BlockCheckInput, args, "wait_for_block_resolution")
         hint = Path(request.path_hint) if request.path_hint else None
         try:
             path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
@@ -216,6 +236,23 @@ class PipelineActivities:
         raise ApplicationError(f"blocks pending (originating task status {status!r})",
                                type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
 
+    async def _legacy_block_look(self, request: BlockCheckInput) -> None:
+        """v0.5.0's stage 7 held this activity (and a worker slot) until a decision, for up
+        to 7 days. Here it takes one look: approved already -> None, v0.5.0's result for
+        approval; anything else hands the wait to the pipeline's own stage 7 (task file,
+        Updates, chat), which holds nothing while it waits."""
+        if self.config.file_decisions:
+            try:
+                resolution = await self.wait_for_block_resolution(request.model_dump())
+            except ApplicationError:
+                resolution = None
+            if resolution is not None and resolution.decision == "approved":
+                return None
+        raise ApplicationError(
+            f"v0.5.0's wait for a block decision on task {request.task_id!r} is not run by "
+            f"this worker: the pipeline's own stage 7 waits for the decision",
+            type=LEGACY_WAIT_HANDED_OVER, non_retryable=True)
+
     @activity.defn(name="record_block_decision")
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:
         """Write an operator's Update decision into the originating task's history."""
@@ -234,7 +271,11 @@ class PipelineActivities:
         return str(path)
 
     @activity.defn(name="summarize_workflow")
-    async def summarize_workflow(self, summary: SummaryInput) -> str:
+    async def summarize_workflow(self, *args: Any) -> str:
+        if legacy_args.is_legacy(args):
+            summary = legacy_args.summary_input(args, legacy_args.CallContext.current())
+        else:
+            summary = legacy_args.own_input(SummaryInput, args, "summarize_workflow")
         bind_build_name(summary.build_name)
         month = summary.started_at.strftime("%Y-%m")
         path = self.config.summary_dir / month / _summary_filename(summary.workflow_id)

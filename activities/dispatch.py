@@ -11,10 +11,11 @@ import base64
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from temporalio import activity
 
+from activities import legacy_args
 from config import WorkerConfig
 from models import AgentTaskRequest, BuildPhaseResult
 from observability import TASKS_DISPATCHED, bind_build_name, count
@@ -58,11 +59,15 @@ async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -
     activity.raise_complete_async()
 
 
-def agent_stage(config: WorkerConfig, name: str) -> Callable[[AgentTaskRequest],
-                                                             Awaitable[BuildPhaseResult]]:
-    """An activity named `name` that hands its request to an agent as a task file."""
+def agent_stage(config: WorkerConfig, name: str) -> Callable[..., Awaitable[BuildPhaseResult]]:
+    """An activity named `name` that hands its request to an agent as a task file.
+    It also accepts v0.5.0's positional arguments for `name` (activities/legacy_args.py)."""
 
-    async def hand_to_agent(request: AgentTaskRequest) -> BuildPhaseResult:
+    async def hand_to_agent(*args: Any) -> BuildPhaseResult:
+        if legacy_args.is_legacy(args):
+            request = legacy_args.agent_request(name, args, legacy_args.CallContext.current())
+        else:
+            request = legacy_args.own_input(AgentTaskRequest, args, name)
         await dispatch_agent_task(config, request)
 
     hand_to_agent.__name__ = hand_to_agent.__qualname__ = name

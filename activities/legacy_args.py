@@ -1,0 +1,301 @@
+"""v0.5.0's positional activity arguments, translated into this service's models.
+
+When this worker takes over a task queue from a v0.5.0 worker, an activity that v0.5.0
+scheduled (and that was retried, or not yet started) runs here with v0.5.0's arguments:
+
+    prefab_scaffolding(build_name, plan_path)
+    implement_build(build_name, task_id, target_agent)
+    request_security_audit(build_name, plan_path)
+    process_triage_output(build_name)                 (same as ours)
+    apply_flag_fixes(build_name, flags, target_agent)
+    notify_blocks(build_name, task_id, blocks)
+    wait_for_block_resolution(build_name, task_id)
+    close_build(build_name, target_agent)
+    summarize_workflow(workflow_id, build_name, started, completed, phases_completed,
+                       blocks_hit, flags_applied, plan_path, closeout_path)
+
+Our own calls pass exactly one argument, a model (a JSON object). So each activity takes
+`*args` (the SDK then decodes without type hints: plain dicts, lists and strings) and
+asks `is_legacy` which form it got. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from exceptions import INVALID_INPUT
+from models import (
+    AgentTaskRequest,
+    AuditRequest,
+    BlockCheckInput,
+    Finding,
+    NotifyBlocksInput,
+    StageEvent,
+    SummaryInput,
+    check_name,
+)
+from workflows import instructions
+
+Model = TypeVar("Model", bound=BaseModel)
+
+# How many positional arguments v0.5.0 passed to each activity.
+LEGACY_ARITY = {
+    "prefab_scaffolding": 2,
+    "implement_build": 3,
+    "request_security_audit": 2,
+    "process_triage_output": 1,
+    "apply_flag_fixes": 3,
+    "notify_blocks": 3,
+    "wait_for_block_resolution": 2,
+    "close_build": 2,
+    "summarize_workflow": 9,
+}
+# v0.5.0's phases_completed names, in pipeline order, and the stage each one is.
+LEGACY_PHASES = {
+    "prefab": "prefab_scaffolding",
+    "implement": "implement_build",
+    "audit": "request_security_audit",
+    "triage": "process_triage_output",
+    "fixes": "apply_flag_fixes",
+    "close": "close_build",
+}
+BLOCK_STAGES = ("notify_blocks", "wait_for_block_resolution")
+# v0.5.0 passes summarize_workflow only how many findings there were, not their text.
+UNKNOWN_FINDING = "(finding recorded by v0.5.0; its text was not passed to this stage)"
+# Only a fixed namespace for the task ids of v0.5.0 calls (see task_id_for).
+_TASK_ID_SALT = b"temporal-build-worker/v0.5.0-call/"
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Which activity execution a v0.5.0 call is: ids come from it, not from arguments."""
+
+    workflow_id: str
+    run_id: str
+    activity_id: str
+
+    @classmethod
+    def current(cls) -> CallContext:
+        info = activity.info()
+        return cls(info.workflow_id, info.workflow_run_id, info.activity_id)
+
+
+def is_legacy(args: tuple[Any, ...]) -> bool:
+    """Our calls carry one JSON object; v0.5.0's carry positional scalars and lists."""
+    return not (len(args) == 1 and isinstance(args[0], dict))
+
+
+def invalid(activity_name: str, problem: str) -> ApplicationError:
+    """Arguments no retry can fix: fail the activity at once, naming the problem."""
+    return ApplicationError(f"{activity_name}: {problem}", type=INVALID_INPUT,
+                            non_retryable=True)
+
+
+def own_input(model: type[Model], args: tuple[Any, ...], activity_name: str) -> Model:
+    """The model of one of our own calls."""
+    try:
+        return model.model_validate(args[0])
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "input"
+        raise invalid(activity_name, f"{where}: {first['msg']}") from None
+
+
+def task_id_for(call: CallContext) -> str:
+    """The agent task id of a v0.5.0 call: the same for every attempt of one activity, so
+    a re-dispatch rewrites the same file; shaped as a uuid4 like every task id."""
+    digest = hashlib.sha256(_TASK_ID_SALT + "/".join(
+        (call.workflow_id, call.run_id, call.activity_id)).encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def _arity(activity_name: str, args: tuple[Any, ...]) -> None:
+    expected = LEGACY_ARITY.get(activity_name)
+    if expected is None:
+        raise invalid(activity_name, "expected one model argument (no v0.5.0 form is known)")
+    if len(args) != expected:
+        raise invalid(activity_name, f"expected one model argument or v0.5.0's {expected} "
+                                     f"positional arguments, got {len(args)}")
+
+
+def _name(activity_name: str, value: Any, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except ValueError as err:
+        raise invalid(activity_name, str(err)) from None
+
+
+def _text(activity_name: str, value: Any, what: str, *, limit: int = 4096) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise invalid(activity_name, f"{what} must be a non-empty string of at most {limit} "
+                                     f"characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise invalid(activity_name, f"{what} must not contain control characters")
+    return value
+
+
+def _task_id(activity_name: str, value: Any) -> str:
+    text = _text(activity_name, value, "task_id", limit=200)
+    if "/" in text or "\\" in text or text in (".", ".."):
+        raise invalid(activity_name, "task_id must not contain path separators")
+    return text
+
+
+def _plan_path(activity_name: str, value: Any) -> str:
+    text = _text(activity_name, value, "plan_path")
+    if not text.startswith("/"):
+        raise invalid(activity_name, "plan_path must be an absolute path")
+    return text
+
+
+def _findings(activity_name: str, value: Any, what: str) -> list[Finding]:
+    """v0.5.0's finding texts; {description: ...} items (our triage's shape) too."""
+    if not isinstance(value, list):
+        raise invalid(activity_name, f"{what} must be a list")
+    found = []
+    for item in value:
+        raw = item.get("description") if isinstance(item, dict) else item
+        if not isinstance(raw, str) or not raw.strip():
+            raise invalid(activity_name, f"{what}: every item must be a non-empty string")
+        extra = {str(k): v for k, v in item.items() if k != "description"} \
+            if isinstance(item, dict) else {}
+        found.append(Finding(description=raw, **extra))
+    return found
+
+
+def _count(activity_name: str, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100_000:
+        raise invalid(activity_name, f"{what} must be a count (0-100000)")
+    return value
+
+
+def _moment(activity_name: str, value: Any, what: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(_text(activity_name, value, what, limit=64))
+    except ValueError:
+        raise invalid(activity_name, f"{what} must be an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise invalid(activity_name, f"{what} must carry a UTC offset")
+    return moment
+
+
+def agent_request(activity_name: str, args: tuple[Any, ...],
+                  call: CallContext) -> AgentTaskRequest:
+    """The task of a v0.5.0 agent stage (1, 2, 5, 8), with v0.5.0's payload fields."""
+    _arity(activity_name, args)
+    build = _name(activity_name, args[0], "build_name")
+    common = {"task_id": task_id_for(call), "build_name": build}
+    if activity_name == "prefab_scaffolding":
+        plan = _plan_path(activity_name, args[1])
+        return AgentTaskRequest(
+            **common, target_agent="", agent_setting="prefab_agent", task_type="build_prefab",
+            summary=f"Prefab scaffolding for {build}", plan_path=plan,
+            instruction=instructions.prefab(build, plan))
+    if activity_name == "implement_build":
+        origin = _task_id(activity_name, args[1])
+        return AgentTaskRequest(
+            **common, target_agent=_name(activity_name, args[2], "target_agent"),
+            task_type="build_plan", summary=f"Implement {build}",
+            instruction=(f"Implement build '{build}' as its originating task {origin} "
+                         f"describes. {instructions.COMPLETE_HINT}"),
+            extra_payload={"originating_task_id": origin})
+    if activity_name == "apply_flag_fixes":
+        flags = _findings(activity_name, args[1], "flags")
+        extra: dict[str, Any] = {"flags": [flag.description for flag in flags]}
+        if flags:
+            extra["flag_count"] = len(flags)
+        return AgentTaskRequest(
+            **common, target_agent=_name(activity_name, args[2], "target_agent"),
+            task_type="security_fix", summary=f"Fix {len(flags)} security flag(s) on {build}",
+            instruction=instructions.flag_fixes(build, flags), extra_payload=extra)
+    if activity_name == "close_build":
+        return AgentTaskRequest(
+            **common, target_agent=_name(activity_name, args[1], "target_agent"),
+            task_type="build_closeout", summary=f"Close out {build}",
+            instruction=(f"Close out build '{build}': finish docs and release notes. Report "
+                         f"the path of your close-out document as the output. "
+                         f"{instructions.COMPLETE_HINT}"))
+    raise invalid(activity_name, "not an agent stage of v0.5.0")
+
+
+def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable[[str], Path],
+                  request_file: str, triage_file: str) -> AuditRequest:
+    """Stage 3 of v0.5.0: `folder_for(build)` is the build's absolute audit folder, which
+    v0.5.0 put into the task as output_dir, with request.md's path as audit_request_path."""
+    name = "request_security_audit"
+    _arity(name, args)
+    build = _name(name, args[0], "build_name")
+    plan = _plan_path(name, args[1])
+    folder = folder_for(build)
+    request_path, triage_path = folder / request_file, folder / triage_file
+    task = AgentTaskRequest(
+        task_id=task_id_for(call), build_name=build, target_agent="",
+        agent_setting="security_agent", task_type="security_audit",
+        summary=f"Security audit of {build}", plan_path=plan,
+        instruction=instructions.security_audit(build, str(request_path), str(triage_path)),
+        extra_payload={"audit_folder": f"{folder.parent.name}/{folder.name}",
+                       "audit_request_path": str(request_path), "output_dir": str(folder)})
+    # v0.5.0 does not pass the build agent to stage 3; request.md says so.
+    return AuditRequest(build_name=build, plan_path=plan, target_agent="(not given by v0.5.0)",
+                        task=task)
+
+
+def notify_input(args: tuple[Any, ...], call: CallContext) -> NotifyBlocksInput:
+    name = "notify_blocks"
+    _arity(name, args)
+    return NotifyBlocksInput(build_name=_name(name, args[0], "build_name"),
+                             task_id=_task_id(name, args[1]), workflow_id=call.workflow_id,
+                             blocks=_findings(name, args[2], "blocks"))
+
+
+def block_check(args: tuple[Any, ...]) -> BlockCheckInput:
+    name = "wait_for_block_resolution"
+    _arity(name, args)
+    _name(name, args[0], "build_name")
+    return BlockCheckInput(task_id=_task_id(name, args[1]))
+
+
+def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
+    """v0.5.0 summarizes only a pipeline that closed out: `success`, or `partial` when
+    blocks were hit (and so approved). Finding texts were not passed, only counts."""
+    name = "summarize_workflow"
+    _arity(name, args)
+    (workflow_id, build, started, completed, phases, blocks_hit, flags_applied, plan,
+     closeout) = args
+    workflow_id = _text(name, workflow_id, "workflow_id", limit=1000)
+    if workflow_id != call.workflow_id:
+        raise invalid(name, "workflow_id is not the workflow this activity belongs to")
+    if not isinstance(phases, list) or any(p not in LEGACY_PHASES for p in phases):
+        raise invalid(name, f"phases_completed must list v0.5.0 phases "
+                            f"({', '.join(LEGACY_PHASES)})")
+    blocks = _count(name, blocks_hit, "blocks_hit")
+    flags = _count(name, flags_applied, "flags_applied")
+    stages = [stage for phase, stage in LEGACY_PHASES.items() if phase in phases]
+    closed = "close" in phases
+    if blocks and closed:
+        at = stages.index("close_build")
+        stages[at:at] = list(BLOCK_STAGES)
+    ended = _moment(name, completed, "completed")
+    return SummaryInput(
+        workflow_id=workflow_id, run_id=call.run_id, build_name=_name(name, build, "build_name"),
+        target_agent="", plan_path=_plan_path(name, plan), task_id="",
+        outcome="partial" if blocks else "success",
+        stages_completed=[*stages, "summarize_workflow"],
+        started_at=_moment(name, started, "started"), ended_at=ended,
+        blocks=[Finding(description=UNKNOWN_FINDING)] * blocks,
+        flags=[Finding(description=UNKNOWN_FINDING)] * flags,
+        decision="approved" if blocks and closed else None,
+        closeout_path=closeout if isinstance(closeout, str) and closeout else None,
+        events=[StageEvent(at=ended, stage="summarize_workflow", event="v050_arguments",
+                           detail=f"summary requested by a v0.5.0 pipeline: {blocks} block(s), "
+                                  f"{flags} flag(s) fixed")])

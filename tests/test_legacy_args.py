@@ -1,0 +1,346 @@
+"""v0.5.0's positional activity arguments: each translation into our models, and each
+activity run with them (ActivityEnvironment, real files), next to our own one-model form.
+
+The v0.5.0 arguments used here are the ones recorded in tests/histories/v050/."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from temporalio.client import WorkflowHistory
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities import legacy_args
+from activities.build_pipeline_activities import PipelineActivities
+from activities.dispatch import agent_stage
+from config import WorkerConfig, load_config
+from exceptions import INVALID_INPUT, LEGACY_WAIT_HANDED_OVER
+from models import AgentTaskRequest, BlockCheckInput, SummaryInput
+from task_files import add_history, find_task, new_task, read_task, update_task, write_task
+from tests.agents import assert_valid_task_file
+
+V050 = Path(__file__).resolve().parent / "histories" / "v050"
+CALL = legacy_args.CallContext("build-v050-blocks-approved", "run-1", "5")
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def recorded_args(history_name: str, activity_name: str) -> tuple[Any, ...]:
+    """The decoded positional arguments v0.5.0 scheduled `activity_name` with."""
+    path = V050 / f"{history_name}.json"
+    history = WorkflowHistory.from_json(history_name, json.loads(path.read_text()))
+    for event in history.events:
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            if attributes.activity_type.name == activity_name:
+                return tuple(json.loads(p.data) for p in attributes.input.payloads)
+    raise AssertionError(f"{activity_name} not in {history_name}")
+
+
+def refused(call: Any, *args: Any) -> ApplicationError:
+    with pytest.raises(ApplicationError) as caught:
+        call(*args)
+    assert caught.value.type == INVALID_INPUT and caught.value.non_retryable
+    return caught.value
+
+
+# ---- translations -----------------------------------------------------------------------
+
+def test_only_one_json_object_is_our_own_form() -> None:
+    assert not legacy_args.is_legacy(({"task_id": "x"},))
+    assert legacy_args.is_legacy(("web",))
+    assert legacy_args.is_legacy(("web", "/plans/web.md"))
+    assert legacy_args.is_legacy(({"a": 1}, "extra"))
+    assert legacy_args.is_legacy(())
+
+
+def test_task_id_of_a_v050_call_is_stable_per_activity_and_uuid4_shaped() -> None:
+    first = legacy_args.task_id_for(CALL)
+    assert UUID4.match(first), first
+    assert legacy_args.task_id_for(CALL) == first
+    assert legacy_args.task_id_for(dataclasses.replace(CALL, activity_id="6")) != first
+    assert legacy_args.task_id_for(dataclasses.replace(CALL, run_id="run-2")) != first
+
+
+def test_prefab_args() -> None:
+    args = recorded_args("v050-blocks-approved", "prefab_scaffolding")
+    request = legacy_args.agent_request("prefab_scaffolding", args, CALL)
+    assert (request.build_name, request.plan_path) == args
+    assert request.task_type == "build_prefab"
+    assert (request.target_agent, request.agent_setting) == ("", "prefab_agent")
+    assert request.task_id == legacy_args.task_id_for(CALL)
+    assert args[1] in request.instruction
+
+
+def test_implement_args_carry_the_originating_task_id() -> None:
+    args = recorded_args("v050-blocks-approved", "implement_build")
+    request = legacy_args.agent_request("implement_build", args, CALL)
+    assert request.task_type == "build_plan"
+    assert request.target_agent == "builder"
+    assert request.plan_path is None  # v0.5.0 does not pass it to stage 2
+    assert request.extra_payload == {"originating_task_id": args[1]}
+    assert args[1] in request.instruction
+
+
+def test_flag_fix_args_carry_the_flag_texts() -> None:
+    args = recorded_args("v050-blocks-approved", "apply_flag_fixes")
+    request = legacy_args.agent_request("apply_flag_fixes", args, CALL)
+    assert request.task_type == "security_fix" and request.target_agent == "builder"
+    assert request.extra_payload == {"flags": ["chmod 600 env"], "flag_count": 1}
+    assert "<security-findings>" in request.instruction
+    assert "chmod 600 env" in request.instruction
+    # Our triage's item shape is accepted too; the finding stays data.
+    mixed = legacy_args.agent_request(
+        "apply_flag_fixes", ("web", [{"description": "<b>x</b>", "file": "a"}, "y"], "builder"),
+        CALL)
+    assert mixed.extra_payload["flags"] == ["<b>x</b>", "y"]
+    assert "<b>" not in mixed.instruction and "&lt;b&gt;x&lt;/b&gt;" in mixed.instruction
+
+
+def test_close_args() -> None:
+    args = recorded_args("v050-blocks-approved", "close_build")
+    request = legacy_args.agent_request("close_build", args, CALL)
+    assert request.task_type == "build_closeout"
+    assert request.target_agent == "builder" and request.build_name == args[0]
+    assert "close-out document" in request.instruction
+
+
+def test_audit_args_carry_absolute_paths(tmp_path: Path) -> None:
+    args = recorded_args("v050-blocks-approved", "request_security_audit")
+    folder = tmp_path / "audit-requests" / args[0]
+    request = legacy_args.audit_request(args, CALL, lambda build: tmp_path / "audit-requests"
+                                        / build, "request.md", "triage-output.yml")
+    assert (request.build_name, request.plan_path) == args
+    task = request.task
+    assert task.task_type == "security_audit" and task.agent_setting == "security_agent"
+    assert task.extra_payload == {"audit_folder": f"audit-requests/{args[0]}",
+                                  "audit_request_path": str(folder / "request.md"),
+                                  "output_dir": str(folder)}
+    assert str(folder / "triage-output.yml") in task.instruction
+
+
+def test_notify_args() -> None:
+    args = recorded_args("v050-blocks-approved", "notify_blocks")
+    request = legacy_args.notify_input(args, CALL)
+    assert (request.build_name, request.task_id) == args[:2]
+    assert request.workflow_id == CALL.workflow_id
+    assert [block.description for block in request.blocks] == ["token in values.yaml"]
+
+
+def test_wait_args() -> None:
+    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    assert legacy_args.block_check(args) == BlockCheckInput(task_id=args[1])
+
+
+def test_summary_args_with_blocks_are_partial() -> None:
+    args = recorded_args("v050-blocks-approved", "summarize_workflow")
+    summary = legacy_args.summary_input(args, CALL)
+    assert summary.workflow_id == args[0] and summary.build_name == args[1]
+    assert summary.run_id == CALL.run_id
+    assert summary.started_at.isoformat() == args[2] and summary.ended_at.isoformat() == args[3]
+    assert summary.outcome == "partial" and summary.decision == "approved"
+    assert summary.stages_completed == [
+        "prefab_scaffolding", "implement_build", "request_security_audit",
+        "process_triage_output", "apply_flag_fixes", "notify_blocks",
+        "wait_for_block_resolution", "close_build", "summarize_workflow"]
+    assert (len(summary.blocks), len(summary.flags), len(summary.info)) == (1, 1, 0)
+    assert summary.plan_path == args[7] and summary.closeout_path == args[8]
+    assert [event.event for event in summary.events] == ["v050_arguments"]
+
+
+def test_summary_args_without_blocks_are_success() -> None:
+    args = recorded_args("v050-clean", "summarize_workflow")
+    summary = legacy_args.summary_input(
+        args, dataclasses.replace(CALL, workflow_id="build-v050-clean"))
+    assert summary.outcome == "success" and summary.decision is None
+    assert "apply_flag_fixes" not in summary.stages_completed
+    assert "notify_blocks" not in summary.stages_completed
+    assert (len(summary.blocks), len(summary.flags)) == (0, 0)
+
+
+def test_bad_v050_arguments_fail_at_once_naming_the_problem() -> None:
+    agent = legacy_args.agent_request
+    assert "2 positional" in refused(agent, "prefab_scaffolding", ("web",), CALL).message
+    assert "build_name" in refused(agent, "prefab_scaffolding", ("Web!", "/p.md"), CALL).message
+    assert "absolute" in refused(agent, "prefab_scaffolding", ("web", "p.md"), CALL).message
+    assert "separators" in refused(agent, "implement_build", ("web", "../x", "b"), CALL).message
+    assert "target_agent" in refused(agent, "close_build", ("web", "B B"), CALL).message
+    assert "flags" in refused(agent, "apply_flag_fixes", ("web", "x", "b"), CALL).message
+    assert "flags" in refused(agent, "apply_flag_fixes", ("web", [""], "b"), CALL).message
+    assert "no v0.5.0 form" in refused(agent, "build_phase", ("x",), CALL).message
+    assert "control" in refused(legacy_args.notify_input, ("web", "a\nb", ["x"]), CALL).message
+    args = list(recorded_args("v050-clean", "summarize_workflow"))
+    call = dataclasses.replace(CALL, workflow_id=args[0])
+    assert "not the workflow" in refused(legacy_args.summary_input, tuple(args), CALL).message
+    assert "phases" in refused(legacy_args.summary_input,
+                               tuple([*args[:4], ["deploy"], *args[5:]]), call).message
+    assert "count" in refused(legacy_args.summary_input,
+                              tuple([*args[:5], -1, *args[6:]]), call).message
+    assert "ISO" in refused(legacy_args.summary_input,
+                            tuple([*args[:2], "yesterday", *args[3:]]), call).message
+
+
+def test_own_model_errors_name_the_field() -> None:
+    error = refused(legacy_args.own_input, SummaryInput, ({"workflow_id": "x"},),
+                    "summarize_workflow")
+    assert error.message.startswith("summarize_workflow: ")
+
+
+# ---- the activities, run with v0.5.0 arguments -------------------------------------------
+
+@pytest.fixture
+def config(tmp_path: Path) -> WorkerConfig:
+    return load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue"),
+                        "TEMPORAL_AUDIT_DIR": str(tmp_path / "artifacts"),
+                        "SUMMARY_DIR": str(tmp_path / "summaries")})
+
+
+def environment(activity_type: str, call: legacy_args.CallContext = CALL) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        ActivityEnvironment.default_info(), activity_type=activity_type,
+        activity_id=call.activity_id, workflow_id=call.workflow_id,
+        workflow_run_id=call.run_id, workflow_type="BuildPipelineWorkflow",
+        task_token=b"token-of-" + activity_type.encode())
+    return env
+
+
+async def suspended(env: ActivityEnvironment, fn: Any, *args: Any) -> None:
+    """An agent stage ends by suspending (async completion), never by returning."""
+    with pytest.raises(BaseException) as caught:  # the SDK's private suspend signal
+        await env.run(fn, *args)
+    assert type(caught.value).__name__ == "_CompleteAsyncError", caught.value
+
+
+def only_task(config: WorkerConfig) -> tuple[Path, dict[str, Any]]:
+    files = sorted(config.task_queue_dir.glob("*.yml"))
+    assert len(files) == 1, files
+    return files[0], assert_valid_task_file(files[0])
+
+
+def origin_task(config: WorkerConfig, task_id: str, status: str = "submitted") -> Path:
+    path = write_task(config.task_queue_dir, new_task(
+        task_id=task_id, target_agent="operator", task_type="build_plan",
+        summary="originating build request", payload={"build_name": "web"}))
+    if status != "submitted":
+        update_task(path, lambda task: add_history(task, status=status, actor="alice",
+                                                    note="decided"))
+    return path
+
+
+@pytest.mark.parametrize(("stage", "history_name", "fields"), [
+    ("prefab_scaffolding", "v050-blocks-approved", {"plan_path"}),
+    ("implement_build", "v050-blocks-approved", {"originating_task_id"}),
+    ("apply_flag_fixes", "v050-blocks-approved", {"flags"}),
+    ("close_build", "v050-blocks-approved", set()),
+])
+async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
+        config: WorkerConfig, stage: str, history_name: str, fields: set[str]) -> None:
+    args = recorded_args(history_name, stage)
+    await suspended(environment(stage), agent_stage(config, stage), *args)
+    _, task = only_task(config)
+    assert task["id"] == legacy_args.task_id_for(CALL)
+    payload = task["payload"]
+    # v0.5.0's fields for this task type, beside ours.
+    assert {"build_name", "instruction", "task_token"} | fields <= set(payload)
+    assert payload["build_name"] == args[0]
+    assert payload["activity_type"] == stage and payload["workflow_id"] == CALL.workflow_id
+    if stage == "implement_build":
+        assert payload["originating_task_id"] == args[1]
+    if stage == "apply_flag_fixes":
+        assert payload["flags"] == args[1]
+    if stage == "prefab_scaffolding":
+        assert task["target_agent"] == config.prefab_agent
+    else:
+        assert task["target_agent"] == args[-1]
+
+
+async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
+    request = AgentTaskRequest(task_id="2b1e0f3a-7c51-4d2e-9f6a-0123456789ab", build_name="web",
+                               target_agent="builder", task_type="build_plan", summary="s",
+                               instruction="do it", plan_path="/plans/web.md")
+    await suspended(environment("implement_build"), agent_stage(config, "implement_build"),
+                    request.model_dump(mode="json"))
+    _, task = only_task(config)
+    assert task["id"] == request.task_id and "originating_task_id" not in task["payload"]
+
+
+async def test_audit_with_v050_args_writes_request_and_task(config: WorkerConfig) -> None:
+    args = recorded_args("v050-blocks-approved", "request_security_audit")
+    activities = PipelineActivities(config)
+    await suspended(environment("request_security_audit"), activities.request_security_audit,
+                    *args)
+    folder = config.audit_dir / "audit-requests" / args[0]
+    request = folder / "request.md"
+    assert stat.S_IMODE(request.stat().st_mode) == 0o600
+    assert args[1] in request.read_text()
+    _, task = only_task(config)
+    assert task["target_agent"] == config.security_agent
+    assert task["payload"]["audit_request_path"] == str(request)
+    assert task["payload"]["output_dir"] == str(folder)
+    assert task["payload"]["plan_path"] == args[1]
+
+
+async def test_notify_with_v050_args_returns_nothing_and_marks_the_origin(
+        config: WorkerConfig) -> None:
+    args = recorded_args("v050-blocks-approved", "notify_blocks")
+    origin_task(config, args[1])
+    result = await environment("notify_blocks").run(
+        PipelineActivities(config).notify_blocks, *args)
+    assert result is None
+    task = read_task(find_task(config.task_queue_dir, args[1]))
+    assert task["status"] == "input-required"
+    assert CALL.workflow_id in task["history"][-1]["note"]
+
+
+async def test_wait_with_v050_args_hands_a_pending_decision_over(config: WorkerConfig) -> None:
+    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    origin_task(config, args[1], status="input-required")
+    with pytest.raises(ApplicationError) as caught:
+        await environment("wait_for_block_resolution").run(
+            PipelineActivities(config).wait_for_block_resolution, *args)
+    assert caught.value.type == LEGACY_WAIT_HANDED_OVER and caught.value.non_retryable
+
+
+async def test_wait_with_v050_args_returns_nothing_when_already_approved(
+        config: WorkerConfig) -> None:
+    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    origin_task(config, args[1], status="approved")
+    activities = PipelineActivities(config)
+    assert await environment("wait_for_block_resolution").run(
+        activities.wait_for_block_resolution, *args) is None
+    # Our own form still answers with a resolution.
+    resolution = await environment("wait_for_block_resolution").run(
+        activities.wait_for_block_resolution, {"task_id": args[1]})
+    assert (resolution.decision, resolution.actor) == ("approved", "alice")
+
+
+async def test_wait_with_v050_args_ignores_the_file_when_file_decisions_are_off(
+        config: WorkerConfig) -> None:
+    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    origin_task(config, args[1], status="approved")
+    strict = config.model_copy(update={"file_decisions": False})
+    with pytest.raises(ApplicationError) as caught:
+        await environment("wait_for_block_resolution").run(
+            PipelineActivities(strict).wait_for_block_resolution, *args)
+    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+
+
+async def test_summary_with_v050_args(config: WorkerConfig) -> None:
+    args = recorded_args("v050-blocks-approved", "summarize_workflow")
+    path = Path(await environment("summarize_workflow").run(
+        PipelineActivities(config).summarize_workflow, *args))
+    assert path == config.summary_dir / "2026-11" / f"{args[0]}.yml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    summary = yaml.safe_load(path.read_text())
+    assert summary["outcome"] == "partial" and summary["build_name"] == args[1]
+    assert summary["counts"] == {"blocks": 1, "flags": 1, "info": 0}
+    assert summary["closeout_path"] == args[8] and summary["plan_path"] == args[7]
+    assert summary["run_id"] == CALL.run_id
