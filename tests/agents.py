@@ -112,3 +112,23 @@ def write_origin_task(queue_dir: Path) -> str:
         task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
         summary="originating build request", payload={"build_name": "x"}))
     return task_id
+
+
+async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
+                              timeout: float = 30.0) -> Path:
+    """A submitted task of `build_name` by payload.build_name: v0.5.0's task files carry no
+    workflow_id."""
+    def find() -> Path | None:
+        for path in task_files(queue_dir):
+            try:
+                task = load_yaml(path)
+            except (OSError, yaml.YAMLError):
+                continue
+            payload = task.get("payload") if isinstance(task, dict) else None
+            if (isinstance(payload, dict) and payload.get("build_name") == build_name
+                    and task.get("task_type") == task_type
+                    and task.get("status") == "submitted"):
+                return path
+        return None
+
+    return await poll(find, timeout, what=f"{task_type} task of build {build_name}")
