@@ -296,6 +296,7 @@ def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
         flags=[Finding(description=UNKNOWN_FINDING)] * flags,
         decision="approved" if blocks and closed else None,
         closeout_path=closeout if isinstance(closeout, str) and closeout else None,
+        adopted=True,
         events=[StageEvent(at=ended, stage="summarize_workflow", event="v050_arguments",
                            detail=f"summary requested by a v0.5.0 pipeline: {blocks} block(s), "
                                   f"{flags} flag(s) fixed")])

@@ -153,6 +153,7 @@ def test_summary_args_with_blocks_are_partial() -> None:
     assert (len(summary.blocks), len(summary.flags), len(summary.info)) == (1, 1, 0)
     assert summary.plan_path == args[7] and summary.closeout_path == args[8]
     assert [event.event for event in summary.events] == ["v050_arguments"]
+    assert summary.adopted
 
 
 def test_summary_args_without_blocks_are_success() -> None:
@@ -343,4 +344,8 @@ async def test_summary_with_v050_args(config: WorkerConfig) -> None:
     assert summary["outcome"] == "partial" and summary["build_name"] == args[1]
     assert summary["counts"] == {"blocks": 1, "flags": 1, "info": 0}
     assert summary["closeout_path"] == args[8] and summary["plan_path"] == args[7]
-    assert summary["run_id"] == CALL.run_id
+    assert summary["run_id"] == CALL.run_id and summary["adopted"] is True
+    # v0.5.0's own keys, from v0.5.0's own arguments.
+    assert (summary["blocks_hit"], summary["flags_applied"]) == (args[5], args[6])
+    assert summary["phases_completed"] == args[4]
+    assert summary["build_report_path"] == args[8]
