@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,21 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.dispatch import agent_stage, dispatch_agent_task
-from activities.notify import notify_all
+from activities.notify import compose_block_notice, notify_all
 from activities.triage import read_triage
 from config import WorkerConfig
 from exceptions import (
     BLOCKS_PENDING,
-    TASK_FILE_ERROR,
+    FILE_IO_STALLED,
     TRIAGE_INVALID,
     TRIAGE_MISSING,
+    FileIoStalledError,
     TaskFileError,
     TaskNotFoundError,
     TriageInvalidError,
     TriageMissingError,
 )
+from file_io import run_file_io
 from models import (
     AuditRequest,
     BlockCheckInput,
@@ -143,7 +146,11 @@ class PipelineActivities:
     async def request_security_audit(self, request: AuditRequest) -> BuildPhaseResult:
         folder = audit_folder(self.config, request.build_name)
         text = audit_request_markdown(request, folder)
-        await asyncio.to_thread(write_private_atomic, folder / REQUEST_FILE, text.encode())
+        try:
+            await run_file_io(partial(write_private_atomic, folder / REQUEST_FILE,
+                                      text.encode(), base=self.config.audit_dir))
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
         await dispatch_agent_task(self.config, request.task)
 
     @activity.defn(name="process_triage_output")
@@ -151,39 +158,52 @@ class PipelineActivities:
         bind_build_name(build_name)
         path = audit_folder(self.config, build_name) / TRIAGE_FILE
         try:
-            return await asyncio.to_thread(read_triage, path)
+            return await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
             raise ApplicationError(str(err), type=TRIAGE_MISSING) from None
         except TriageInvalidError as err:
             raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
 
     @activity.defn(name="notify_blocks")
     async def notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
+        """Tell the operators, and mark the originating task input-required. A task that
+        cannot be used (missing, two files with its id, unreadable, stuck) does not fail
+        the pipeline: the block parks either way, and the problem is recorded as a
+        notification failure and stated in the notice, which then offers only the
+        Updates as a way to decide."""
         bind_build_name(request.build_name)
         blocks = len(request.blocks)
         count(BLOCKS_NOTIFIED, blocks)
-        title = f"Build {request.build_name}: {blocks} security block(s) need a decision"
-        lines = "\n".join(f"- {' '.join(item.description.split())[:300]}"
-                          for item in request.blocks)
-        message = (f"{title}\n{lines}\nWorkflow: {request.workflow_id}\n"
-                   f"Approve: set task {request.task_id} to status 'approved' "
-                   f"(or use the approve_blocks update); reject with status 'rejected'.")
+        queue_dir = self.config.task_queue_dir
+        problems: list[str] = []
+        path: Path | None = None
+        try:
+            path = await run_file_io(find_task, queue_dir, request.task_id)
+        except TaskNotFoundError as err:
+            problems.append(f"originating task not found ({err}); approve with the "
+                            f"approve_blocks update")
+        except (TaskFileError, FileIoStalledError) as err:
+            problems.append(f"originating task unusable: {err}; approve with the "
+                            f"approve_blocks update")
+        title, message = compose_block_notice(
+            request.build_name, request.task_id, request.workflow_id, request.blocks,
+            problems, file_decisions=self.config.file_decisions)
         delivered, failures = await notify_all(self.config, title, message,
                                                f"{request.workflow_id}/blocks")
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
-        try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id)
-            await asyncio.to_thread(update_task, path, lambda task: add_history(
-                task, status="input-required", actor=SOURCE_AGENT, note=note))
-        except TaskNotFoundError:
-            failures.append(f"originating task {request.task_id!r} not found; approve with "
-                            f"the approve_blocks update")
-            path = None
-        except TaskFileError as err:
-            raise ApplicationError(str(err), type=TASK_FILE_ERROR, non_retryable=True) from None
+        if path is not None:
+            try:
+                await run_file_io(partial(update_task, path, lambda task: add_history(
+                    task, status="input-required", actor=SOURCE_AGENT, note=note),
+                    base=queue_dir))
+            except (TaskFileError, FileIoStalledError) as err:
+                problems.append(f"originating task not updated: {err}")
+                path = None
+        failures += problems
         log.info("blocks_notified", extra={"build_name": request.build_name,
                                            "delivered": delivered, "failures": failures})
         return NotifyBlocksResult(delivered=delivered, failures=failures,
@@ -223,14 +243,18 @@ class PipelineActivities:
         note = f"{request.decision} via workflow update by {request.actor}"
         if request.note:
             note += f": {request.note}"
+        queue_dir = self.config.task_queue_dir
         try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id, hint=hint)
-        except TaskNotFoundError:
-            log.warning("decision_not_recorded", extra={"task_id": request.task_id})
+            path = await run_file_io(partial(find_task, queue_dir, request.task_id, hint=hint))
+            await run_file_io(partial(update_task, path, lambda task: add_history(
+                task, status=request.decision, actor=request.actor, note=note),
+                base=queue_dir))
+        except (TaskFileError, FileIoStalledError) as err:
+            # The Update decided; a task file that is missing, ambiguous or unsafe only
+            # means the decision is not mirrored there.
+            log.warning("decision_not_recorded", extra={"task_id": request.task_id,
+                                                        "error": str(err)})
             return None
-        await asyncio.to_thread(update_task, path, lambda task: add_history(
-            task, status=request.decision, actor=request.actor, note=note))
         return str(path)
 
     @activity.defn(name="summarize_workflow")
@@ -264,7 +288,11 @@ class PipelineActivities:
             "notification_failures": summary.notification_failures,
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
-        await asyncio.to_thread(write_private_atomic, path, dump_yaml(document))
+        try:
+            await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
+                                      base=self.config.summary_dir))
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,
