@@ -143,6 +143,9 @@ def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
                         pass
                 child = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
+                if create:  # removed between our mkdir and open
+                    raise TaskFileError(f"{shown_path(current)}: vanished while being "
+                                        f"created") from None
                 raise
             except OSError as err:
                 if _is_link(err, name, fd):
