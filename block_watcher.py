@@ -30,7 +30,8 @@ from temporalio.service import RPCError
 
 from config import WorkerConfig
 from decisions import deliver_decision
-from exceptions import TaskFileError
+from exceptions import FileIoStalledError, TaskFileError
+from file_io import run_file_io
 from models import BlockDecision, Decision
 from task_files import (
     APPROVED,
@@ -39,8 +40,9 @@ from task_files import (
     MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
+    parse_task,
     read_agent_file,
-    read_task,
+    shown_path,
 )
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,6 @@ RESCAN_INTERVAL_SECONDS = 600.0
 DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
 MAX_NOTE_CHARS = 2000
-
-
-def names_a_waiting_run(path: Path) -> bool:
-    """Cheap first look: only a file with an `awaiting_decision` key can decide a run."""
-    return AWAITING_DECISION.encode() in read_agent_file(path, MAX_TASK_FILE_BYTES)
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -89,10 +86,13 @@ class BlockDecisionWatcher:
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
         try:
-            if not await asyncio.to_thread(names_a_waiting_run, path):
+            raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
+            if AWAITING_DECISION.encode() not in raw:
                 return  # agent task files (nearly every write) are not parsed at all
-            task = await asyncio.to_thread(read_task, path)
-        except TaskFileError as err:
+            task = parse_task(shown_path(path), raw)
+        except FileNotFoundError:
+            return
+        except (TaskFileError, FileIoStalledError) as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})
             return
         found = pending_decision(task)
