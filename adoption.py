@@ -15,7 +15,6 @@ and wires a parked one to this worker's decision paths:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -23,7 +22,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
 from config import WorkerConfig
-from exceptions import TaskFileError
+from exceptions import FileIoStalledError, TaskFileError
+from file_io import run_file_io
 from models import PipelineStatus, StageEvent
 from task_files import AWAITING_DECISION, find_task, timestamp, update_task
 from workflows.build_pipeline_workflow import PREPARE_PATCH
@@ -31,7 +31,7 @@ from workflows.build_pipeline_workflow import PREPARE_PATCH
 log = logging.getLogger(__name__)
 
 PIPELINE_WORKFLOW = "BuildPipelineWorkflow"
-PATCH_MARKER = "core_patch"
+PATCH_MARKER, PATCH_DETAILS = "core_patch", "patch-data"
 # The start marker is recorded by the first workflow task: within the first few events.
 MARKER_SEARCH_EVENTS = 12
 
@@ -42,9 +42,9 @@ async def started_by_this_worker(handle: WorkflowHandle) -> bool:
         seen += 1
         if event.HasField("marker_recorded_event_attributes"):
             marker = event.marker_recorded_event_attributes
-            data = marker.details["patch_data"].payloads[0].data \
-                if "patch_data" in marker.details else b"{}"
-            if marker.marker_name == PATCH_MARKER and json.loads(data).get("id") == PREPARE_PATCH:
+            details = marker.details.get(PATCH_DETAILS)
+            if (marker.marker_name == PATCH_MARKER and details is not None and details.payloads
+                    and json.loads(details.payloads[0].data).get("id") == PREPARE_PATCH):
                 return True
         if seen >= MARKER_SEARCH_EVENTS:
             break
@@ -90,8 +90,8 @@ async def adopt(client: Client, config: WorkerConfig, workflow_id: str, run_id: 
     waiting = status.waiting_on
     if waiting is not None and waiting.kind == "block_decision" and waiting.task_id:
         try:
-            await asyncio.to_thread(mark_waiting, config, waiting.task_id, workflow_id, run_id)
-        except TaskFileError as err:
+            await run_file_io(mark_waiting, config, waiting.task_id, workflow_id, run_id)
+        except (TaskFileError, FileIoStalledError) as err:
             log.warning("adopted_task_not_marked", extra={"workflow_id": workflow_id,
                                                           "error": str(err)})
     log.info("pipeline_adopted", extra={"workflow_id": workflow_id, "stage": status.stage})

@@ -30,15 +30,19 @@ from temporalio.service import RPCError
 
 from config import WorkerConfig
 from decisions import deliver_decision
-from exceptions import TaskFileError
+from exceptions import FileIoStalledError, TaskFileError
+from file_io import run_file_io
 from models import BlockDecision, Decision
 from task_files import (
     APPROVED,
     AWAITING_DECISION,
     DECIDING_STATUSES,
+    MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
-    read_task,
+    parse_task,
+    read_agent_file,
+    shown_path,
 )
 
 log = logging.getLogger(__name__)
@@ -82,8 +86,13 @@ class BlockDecisionWatcher:
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
         try:
-            task = await asyncio.to_thread(read_task, path)
-        except TaskFileError as err:
+            raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
+            if AWAITING_DECISION.encode() not in raw:
+                return  # agent task files (nearly every write) are not parsed at all
+            task = parse_task(shown_path(path), raw)
+        except FileNotFoundError:
+            return
+        except (TaskFileError, FileIoStalledError) as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})
             return
         found = pending_decision(task)

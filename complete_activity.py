@@ -39,7 +39,7 @@ from exceptions import (
     UsageError,
 )
 from models import BuildPhaseResult
-from task_files import add_history, read_task, timestamp, update_task
+from task_files import add_history, read_agent_file, read_task, timestamp, update_task
 
 STATUSES = ("success", "failed")
 MAX_TOKEN_BYTES = 64 * 1024
@@ -63,9 +63,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def valid_utf8(text: str, what: str) -> str:
+    """argv and the environment arrive decoded with surrogateescape: bytes that are not
+    UTF-8 become lone surrogates, which no payload or task file can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{what} is not valid UTF-8 (at character {err.start + 1})") from None
+    return text
+
+
 def split_positionals(args: argparse.Namespace, environ: dict[str, str]) -> tuple[str | None,
                                                                                    str, str]:
     """(token source, status, message); token source None means task/token file."""
+    if args.completed_by is not None:
+        valid_utf8(args.completed_by, "--completed-by")
+    if "AGENT_NAME" in environ:
+        valid_utf8(environ["AGENT_NAME"], "AGENT_NAME")
     rest = list(args.args)
     token: str | None = None
     if args.task_file is None and args.token_file is None:
@@ -85,7 +99,7 @@ def split_positionals(args: argparse.Namespace, environ: dict[str, str]) -> tupl
         # A long "status" is usually a token in the wrong place: never echo it.
         shown = repr(status) if len(status) <= 16 else f"({len(status)} characters, not shown)"
         raise UsageError(f"unknown status {shown}: expected 'success' or 'failed'")
-    message = " ".join(rest)
+    message = valid_utf8(" ".join(rest), "the message")
     if len(message) > MAX_MESSAGE_CHARS:
         raise UsageError(f"message longer than {MAX_MESSAGE_CHARS} characters")
     return token, status, message
@@ -104,12 +118,23 @@ def decode_token(text: str, where: str) -> bytes:
 
 
 def read_small(path: Path, what: str) -> str:
+    """A token file, read as agent-writable input: no link followed, no FIFO waited on,
+    at most MAX_TOKEN_BYTES + 1 bytes, UTF-8."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read(MAX_TOKEN_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as err:
-        reason = getattr(err, "strerror", None) or type(err).__name__
+        raw = read_agent_file(path, MAX_TOKEN_BYTES)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: cannot read: no such file") from None
+    except TaskFileError as err:
+        reason = str(err).removeprefix(f"{path}: ").removeprefix("cannot read: ")
         raise UsageError(f"{what} {path}: cannot read: {reason}") from None
+    return decode_text(raw, f"{what} {path}")
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{where}: cannot read: not UTF-8 (byte {err.start})") from None
 
 
 def resolve_token(args: argparse.Namespace, token_arg: str | None,
@@ -129,7 +154,8 @@ def resolve_token(args: argparse.Namespace, token_arg: str | None,
     if token_arg == "env":
         return decode_token(environ["TASK_TOKEN"], "TASK_TOKEN"), None
     if token_arg == "-":
-        return decode_token(sys.stdin.read(MAX_TOKEN_BYTES + 1), "stdin"), None
+        raw = sys.stdin.buffer.read(MAX_TOKEN_BYTES + 1)
+        return decode_token(decode_text(raw, "stdin"), "stdin"), None
     return decode_token(token_arg or "", "the command line"), None
 
 

@@ -5,7 +5,9 @@ BuildWorkerError                   -- everything this service raises on purpose
 ├── CredentialError                -- Vault / TLS material could not be obtained or used
 ├── TaskFileError                  -- a task file could not be read, written or found
 │   ├── TaskNotFoundError          -- no task file carries the requested id
+│   ├── AmbiguousTaskError         -- two or more task files carry the requested id
 │   └── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
+├── FileIoStalledError             -- file I/O did not finish within its time bound
 ├── TriageError                    -- the security agent's triage output is unusable
 │   ├── TriageMissingError         -- triage-output.yml not there yet (retryable)
 │   └── TriageInvalidError         -- present but not acceptable (never retried)
@@ -41,8 +43,17 @@ class TaskNotFoundError(TaskFileError):
     """No task file with the requested id exists in the queue, archive or dead letters."""
 
 
+class AmbiguousTaskError(TaskFileError):
+    """More than one task file carries the requested id; none is picked."""
+
+
 class UnsafeTaskPathError(TaskFileError):
     """A symlink or non-regular file sits where a task file (or its temp file) belongs."""
+
+
+class FileIoStalledError(BuildWorkerError):
+    """Reading or writing a file took longer than its bound (or too many such reads are
+    still stuck); the stage that asked fails, nothing else waits for it."""
 
 
 class TriageError(BuildWorkerError):
@@ -88,5 +99,6 @@ TRIAGE_INVALID = "TriageInvalidError"
 INVALID_INPUT = "InvalidInputError"
 BLOCKS_PENDING = "BlocksPendingError"
 TASK_FILE_ERROR = "TaskFileError"
+FILE_IO_STALLED = "FileIoStalledError"
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
 LEGACY_WAIT_HANDED_OVER = "LegacyWaitHandedOverError"

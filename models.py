@@ -10,10 +10,16 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# Validation context key: the input belongs to a run an earlier worker started.
+STARTED_BY_EARLIER_WORKER = "started_by_earlier_worker"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 NAME_MAX = 63
+# Originating task ids: uuid4 and similar. Letters, digits and `.`, `_`, `:`, `-`, not
+# starting with punctuation: no path separator, whitespace, control, format or markup
+# character can reach a file name, a notice or a log line through it.
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SEVEN_DAYS_SECONDS = 7 * 24 * 3600
 DEFAULT_BLOCK_POLL_SECONDS = 30.0
 
@@ -23,6 +29,8 @@ Decision = Literal["approved", "rejected"]
 # Where a block decision came from: an operator's Update (tools, CLI), the originating
 # task file (anyone who can write the task folder), or an allowed approver in Matrix.
 DecisionSource = Literal["update", "task_file", "matrix"]
+# Outcomes of a pipeline whose close-out ran (v0.5.0's result status "complete").
+COMPLETED_OUTCOMES: tuple[Outcome, ...] = ("success", "partial")
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -59,6 +67,8 @@ class BuildPipelineInput(BaseModel):
                                               le=30 * 24 * 3600)
     block_poll_interval_seconds: float = Field(default=DEFAULT_BLOCK_POLL_SECONDS, ge=0.1,
                                                le=3600)
+    # How long each agent has for its stage; unset means the stage's policy (2-4 h).
+    agent_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     # Per-build routing of stages 1 and 3; unset means the worker's PREFAB_AGENT /
     # SECURITY_AGENT setting.
     prefab_agent: str | None = None
@@ -81,14 +91,20 @@ class BuildPipelineInput(BaseModel):
 
     @field_validator("task_id")
     @classmethod
-    def _task_id(cls, value: str) -> str:
-        if not value or not value.strip():
-            raise ValueError("task_id must be non-empty")
-        if "/" in value or "\\" in value or value in (".", ".."):
-            raise ValueError(f"task_id {shown(value)} must not contain path separators")
-        if len(value) > 200:
-            raise ValueError("task_id must be at most 200 characters")
-        return _no_control_chars(value, "task_id")
+    def _task_id(cls, value: str, info: ValidationInfo) -> str:
+        if info.context and info.context.get(STARTED_BY_EARLIER_WORKER):
+            # A run already going when this rule came: it keeps the rule it started under
+            # (non-empty, no path separators or control characters, at most 200), so its
+            # history still replays; its notices sanitize the id instead.
+            if (not isinstance(value, str) or not value.strip() or "/" in value
+                    or "\\" in value or value in (".", "..") or len(value) > 200):
+                raise ValueError(f"task_id {shown(value)} is not a usable task id")
+            return _no_control_chars(value, "task_id")
+        if not isinstance(value, str) or not TASK_ID_RE.fullmatch(value):
+            raise ValueError(f"task_id {shown(value)} must match {TASK_ID_RE.pattern} "
+                             f"(letters, digits, '.', '_', ':', '-'; at most 128 characters, "
+                             f"e.g. a uuid4)")
+        return value
 
     @field_validator("plan_path")
     @classmethod

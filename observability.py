@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +64,20 @@ _COUNTER_HELP = {
 # How often the runtime pushes metrics over OTLP.
 OTLP_METRIC_PERIOD = timedelta(seconds=10)
 
+# Task tokens are capabilities: whoever reads one can complete that stage. The SDK logs
+# them at DEBUG ("Running activity X (token b'...')", "Completing activity with
+# completion: task_token: \"...\"", "Cannot find activity to cancel for token b'...'")
+# and we never want them anywhere, so every record is scrubbed before a handler writes
+# it: bytes arguments are dropped, and in the text a labelled token (task_token: ...,
+# TASK_TOKEN=...), any bytes literal and any long base64 run are replaced.
+REDACTED = "<redacted>"
+_TOKEN_FIELD = re.compile(
+    r"""(task_?token["']?\s*[:=]\s*)"""
+    r"""(b?"(?:[^"\\]|\\.)*"|b?'(?:[^'\\]|\\.)*'|[A-Za-z0-9+/=_-]+)""",
+    re.IGNORECASE)
+_BYTES_LITERAL = re.compile(r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\]|\\.){8,}'|"(?:[^"\\]|\\.){8,}")""")
+_LONG_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{100,}={0,2}(?![A-Za-z0-9+/=])")
+
 
 def bind_build_name(build_name: str) -> None:
     """Tag every log line of the current activity (task) with `build_name`."""
@@ -84,6 +100,76 @@ class ContextFilter(logging.Filter):
         if getattr(record, "build_name", None) is None:
             record.build_name = _build_name.get()
         return True
+
+
+def redact(text: str) -> str:
+    """`text` with anything that looks like a task token replaced by <redacted>."""
+    text = _TOKEN_FIELD.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _BYTES_LITERAL.sub(REDACTED, text)
+    return _LONG_BASE64.sub(REDACTED, text)
+
+
+def _redact_arg(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return REDACTED
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))  # protobuf messages print their token field as text
+
+
+class RedactTokens(logging.Filter):
+    """Scrubs task tokens from every record a handler writes, whichever logger made it
+    (the SDK's included): arguments first, then the formatted message, which replaces
+    msg/args so no later formatting can bring the raw values back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict):
+            record.args = {key: _redact_arg(value) for key, value in args.items()}
+        elif args:
+            record.args = tuple(_redact_arg(value) for value in args)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: keep its parts, scrubbed
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info:
+            formatter = logging.Formatter()
+            record.exc_text = redact(formatter.formatException(record.exc_info))
+            record.exc_info = None
+        for key, value in list(vars(record).items()):
+            if key not in _RECORD_KEYS and isinstance(value, str | bytes):
+                setattr(record, key, _redact_arg(value))
+        return True
+
+
+class PrivateFileHandler(logging.FileHandler):
+    """LOG_FILE, created 0600 (and tightened to 0600 if it exists) whatever the umask:
+    the log names workflows, builds and paths that are nobody else's business."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError:
+            pass  # not ours to change (e.g. a file another account created for us)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def _private_parents(folder: Path) -> None:
+    """Create the missing folders on the way to LOG_FILE as 0700 (not the umask's mode);
+    existing ones are left as they are."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)
 
 
 class JsonFormatter(logging.Formatter):
@@ -118,25 +204,35 @@ class JsonFormatter(logging.Formatter):
             entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
 def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None:
-    """JSON lines to stdout and, when LOG_FILE is set, to that file as well."""
+    """JSON lines to stdout and, when LOG_FILE is set, to that file (0600) as well; task
+    tokens scrubbed from every record, Python warnings included."""
     formatter = JsonFormatter(worker_id)
     context = ContextFilter()
+    redaction = RedactTokens()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        _private_parents(log_file.parent)
+        handlers.append(PrivateFileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(context)
+        handler.addFilter(redaction)
         root.addHandler(handler)
     root.setLevel(level)
+    # watchfiles reports every batch of changes at INFO ("2 changes detected"): noise.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    # The SDK warns "Cannot find activity to cancel for token b'...'" through the
+    # warnings module, which would print to stderr past every handler filter.
+    logging.captureWarnings(True)
     # The JSON fields carry the SDK's context; appending it to the event text too would
     # make `event` differ per workflow and defeat grouping by event.
     activity.logger.activity_info_on_message = False

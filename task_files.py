@@ -1,26 +1,42 @@
 """Task files: the YAML contract between the worker and the agents.
 
-Every write is private and atomic: the directory is 0700, the file is created 0600
-under a random temp name with O_EXCL|O_NOFOLLOW, fsynced, then renamed into place, so
-no reader ever sees a partial file and a token is never group- or world-readable.
-A symlink where a task file belongs is refused, never followed.
+Every file here can be written by an agent, so every read and write assumes the worst
+(a FIFO, a link swapped in after a check, an alias bomb, a shadow copy, a huge file):
+
+- Reads (`read_agent_file`) open without following a link and without blocking
+  (O_NOFOLLOW|O_NONBLOCK), require a regular file by fstat of the open descriptor and
+  read at most the cap + 1 bytes. Task YAML is parsed with no anchors/aliases, no tags
+  beyond the plain ones and bounded nesting, and the fields the worker acts on are
+  type-checked.
+- Writes are private and atomic: folders are 0700, the file is created 0600 under a
+  random temp name with O_EXCL|O_NOFOLLOW, fsynced, then renamed into place, all through
+  a descriptor of the folder. Below `base` (the configured root the caller names) every
+  folder is opened with O_NOFOLLOW|O_DIRECTORY, so a link planted or swapped in after a
+  check cannot redirect a write or a chmod.
+- A lookup by id that finds two files carrying the id is an error naming both.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
+import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.events import AliasEvent
+from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent, ScalarEvent
 
-from exceptions import TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+
+log = logging.getLogger(__name__)
 
 SOURCE_AGENT = "temporal-worker"
 TASK_TTL_DAYS = 7
@@ -37,7 +53,26 @@ OPEN_STATUSES = frozenset({"submitted", "in-progress"})
 # Top-level key of an originating task while a pipeline waits on its decision:
 # {workflow_id, run_id, since}, written at stage 6, removed once the decision is recorded.
 AWAITING_DECISION = "awaiting_decision"
-MAX_ACTOR_CHARS = 100
+# A claimed actor as shown in decisions (BlockDecision.claimed_by).
+CLAIMED_ACTOR_CHARS = 100
+# The fields the worker acts on must be short strings (see check_task_fields).
+MAX_STATUS_CHARS = 64
+MAX_ACTOR_CHARS = 200
+MAX_NOTE_CHARS = 2000
+# How many unreadable or skipped entries a failed lookup names.
+MAX_REPORTED_PROBLEMS = 5
+# Explicit tags a hand-written file may use; anything else (!!python/..., !!binary,
+# !!set, local !tags) is refused.
+PLAIN_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:int",
+                        "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+                        "tag:yaml.org,2002:null", "tag:yaml.org,2002:seq",
+                        "tag:yaml.org,2002:map", "!"})
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISLNK, "a symlink"))
 
 
 def utc_now() -> datetime:
@@ -49,62 +84,305 @@ def timestamp(moment: datetime | None = None) -> str:
         "+00:00", "Z")
 
 
-def ensure_private_dir(directory: Path) -> Path:
+def shown_path(path: Path | str) -> str:
+    """A path for a message: as is when printable, else repr() so a planted name with
+    control or bidi characters cannot forge a line in a log, status or notice."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+# --- folders, opened by descriptor ------------------------------------------------------
+
+def _is_link(err: OSError, name: str, dir_fd: int) -> bool:
+    """Did opening `name` with O_NOFOLLOW fail because it is a link? Linux answers ELOOP,
+    or ENOTDIR when O_DIRECTORY was asked too."""
+    if err.errno == errno.ELOOP:
+        return True
+    if err.errno != errno.ENOTDIR:
+        return False
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _deepest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
+    """A descriptor of `directory`; below the trusted folder no link is followed.
+
+    The trusted folder is `base` when given (the configured root: links in its own path
+    are the operator's and followed), else `directory` itself when it exists. Folders
+    below it are opened with O_NOFOLLOW|O_DIRECTORY one by one from the previous
+    descriptor; with `create`, missing ones (and missing parents of the trusted folder)
+    are created 0700, and the leaf is made 0700 through its descriptor, never through a
+    link."""
+    directory = Path(os.path.abspath(directory))
+    trusted = Path(os.path.abspath(base)) if base is not None else directory
+    if trusted != directory and trusted not in directory.parents:
+        raise UnsafeTaskPathError(f"{shown_path(directory)}: not below {shown_path(trusted)}")
+    top = trusted if os.path.isdir(trusted) else _deepest_existing(trusted)
+    if not create and top != trusted:
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(trusted))
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise TaskFileError(f"{shown_path(top)}: exists but is not a directory") from None
+    except OSError as err:
+        raise TaskFileError(f"{shown_path(top)}: cannot open: {err.strerror}") from None
+    try:
+        current = top
+        for name in directory.relative_to(top).parts:
+            current = current / name
+            created = False
+            try:
+                if create:
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=fd)
+                        created = True
+                    except FileExistsError:
+                        pass
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if create:  # removed between our mkdir and open
+                    raise TaskFileError(f"{shown_path(current)}: vanished while being "
+                                        f"created") from None
+                raise
+            except OSError as err:
+                if _is_link(err, name, fd):
+                    raise UnsafeTaskPathError(f"{shown_path(current)}: is a symlink; refusing "
+                                              f"to follow it") from None
+                if err.errno == errno.ENOTDIR:
+                    raise TaskFileError(f"{shown_path(current)}: exists but is not a "
+                                        f"directory") from None
+                raise TaskFileError(f"{shown_path(current)}: cannot open: "
+                                    f"{err.strerror}") from None
+            os.close(fd)
+            fd = child
+            if created:  # mkdir's mode is cut by the umask
+                os.fchmod(fd, 0o700)
+        if create and stat.S_IMODE(os.fstat(fd).st_mode) != 0o700 and (
+                directory != top or not os.path.islink(directory)):
+            # A configured folder that is itself a link belongs to whoever made the link.
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def _folder(directory: Path, base: Path | None, *, create: bool) -> Iterator[int]:
+    fd = _open_folder(directory, base, create=create)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def ensure_private_dir(directory: Path, *, base: Path | None = None) -> Path:
     """Create `directory` and every missing parent as 0700, and make sure the leaf is 0700.
 
     mkdir(parents=True) would give the parents the umask's mode (0777 under umask 000);
-    folders that already existed above the leaf are the operator's and left alone."""
-    missing: list[Path] = []
-    current = directory
-    while not current.exists() and not current.is_symlink() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=0o700)
-        except FileExistsError:
-            continue  # another writer made it meanwhile
-        os.chmod(folder, 0o700)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not directory.is_dir():
-        raise TaskFileError(f"{directory}: exists but is not a directory")
-    mode = stat.S_IMODE(directory.stat().st_mode)
-    if mode != 0o700:
-        os.chmod(directory, 0o700)
-    return directory
+    folders that already existed above the leaf are the operator's and left alone. With
+    `base`, no link between `base` and `directory` (the leaf included) is followed or
+    chmodded through: an UnsafeTaskPathError names it."""
+    with _folder(directory, base, create=True):
+        return directory
 
 
-def _refuse_symlink(path: Path) -> None:
+# --- reading --------------------------------------------------------------------------
+
+def _read_capped(name: str | Path, max_bytes: int, shown: str, dir_fd: int | None) -> bytes:
     try:
-        info = os.lstat(path)
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeTaskPathError(f"{shown}: is a symlink; refusing to follow it") from None
+        if err.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket
+            raise UnsafeTaskPathError(f"{shown}: is not a regular file") from None
+        if err.errno == errno.ENOTDIR:
+            raise FileNotFoundError(errno.ENOENT, "no such file", shown) from None
+        raise TaskFileError(f"{shown}: cannot read: {err.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeTaskPathError(f"{shown}: is {_kind(info.st_mode)}, not a regular file")
+        chunks: list[bytes] = []
+        left = max_bytes + 1
+        while left > 0:
+            try:
+                chunk = os.read(fd, min(left, 1024 * 1024))
+            except BlockingIOError:
+                raise TaskFileError(f"{shown}: cannot read: would block") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as err:
+        raise TaskFileError(f"{shown}: cannot read: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_agent_file(path: Path, max_bytes: int, *, base: Path | None = None) -> bytes:
+    """The first `max_bytes` + 1 bytes of an agent-writable file (callers compare the
+    length with their cap).
+
+    Never follows a link at `path` (nor, with `base`, in any folder below `base`), never
+    blocks (a FIFO is refused by fstat of the open descriptor, not waited on), and
+    accepts regular files only. Raises FileNotFoundError when it is absent,
+    UnsafeTaskPathError for a link or non-regular file, TaskFileError otherwise."""
+    shown = shown_path(path)
+    if base is None:
+        return _read_capped(path, max_bytes, shown, None)
+    try:
+        with _folder(path.parent, base, create=False) as dir_fd:
+            return _read_capped(path.name, max_bytes, shown, dir_fd)
+    except NotADirectoryError:
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
+
+
+class DepthLimitedLoader(yaml.SafeLoader):
+    """SafeLoader for agent-written YAML: a nesting limit, no anchors or aliases, and no
+    explicit tags beyond the plain ones, all checked while composing, before any object
+    is built. PyYAML slows down quadratically with nesting depth and recurses once per
+    level, so one "[[[[…" file would otherwise cost seconds on every read (or end it with
+    a RecursionError); a 1 KB alias bomb expands to gigabytes."""
+
+    max_depth = MAX_TASK_DEPTH
+    allow_aliases = False
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if not self.allow_aliases and (isinstance(event, AliasEvent) or (
+                isinstance(event, NodeEvent) and event.anchor is not None)):
+            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
+        tag = getattr(event, "tag", None) if isinstance(
+            event, ScalarEvent | CollectionStartEvent) else None
+        if tag is not None and tag not in PLAIN_TAGS:
+            raise yaml.YAMLError(f"tag {tag[:60]!r} is not allowed (line {line})")
+        self._depth += 1
+        try:
+            if self._depth > self.max_depth:
+                raise yaml.YAMLError(f"nesting deeper than {self.max_depth} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _short_string(value: Any, limit: int) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= limit)
+
+
+def check_task_fields(shown: str, task: dict[str, Any]) -> None:
+    """The fields the worker acts on: `id`, `status` and each history entry's `status`,
+    `actor` and `note` are strings (or absent/null), short enough to show."""
+    if "id" in task and not isinstance(task["id"], str):
+        raise TaskFileError(f"{shown}: id must be a string, got {type(task['id']).__name__}")
+    if not _short_string(task.get("status"), MAX_STATUS_CHARS):
+        raise TaskFileError(f"{shown}: status must be a string of at most "
+                            f"{MAX_STATUS_CHARS} characters")
+    history = task.get("history")
+    if history is None:
+        return
+    if not isinstance(history, list):
+        raise TaskFileError(f"{shown}: history must be a list, got {type(history).__name__}")
+    for index, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            raise TaskFileError(f"{shown}: history[{index}] must be a mapping, got "
+                                f"{type(entry).__name__}")
+        for key, limit in (("status", MAX_STATUS_CHARS), ("actor", MAX_ACTOR_CHARS),
+                           ("note", MAX_NOTE_CHARS)):
+            if not _short_string(entry.get(key), limit):
+                raise TaskFileError(f"{shown}: history[{index}].{key} must be a string of "
+                                    f"at most {limit} characters")
+
+
+def parse_task(shown: str, raw: bytes) -> dict[str, Any]:
+    """Parse task YAML already read (at most the cap + 1 bytes) and check its fields."""
+    if len(raw) > MAX_TASK_FILE_BYTES:
+        raise TaskFileError(f"{shown}: larger than {MAX_TASK_FILE_BYTES} bytes")
+    try:
+        document = yaml.load(raw.decode("utf-8"), Loader=DepthLimitedLoader)  # noqa: S506 - safe
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TaskFileError(f"{shown}: not valid YAML: {first}") from None
+    if not isinstance(document, dict):
+        raise TaskFileError(f"{shown}: top level must be a mapping, got "
+                            f"{type(document).__name__}")
+    check_task_fields(shown, document)
+    return document
+
+
+def read_task(path: Path) -> dict[str, Any]:
+    """Parse one task file; refuse links, non-regular and oversized files, unsafe YAML,
+    non-mappings and mistyped fields (all TaskFileError naming the file)."""
+    try:
+        raw = read_agent_file(path, MAX_TASK_FILE_BYTES)
+    except FileNotFoundError:
+        raise TaskNotFoundError(f"{shown_path(path)}: no such task file") from None
+    return parse_task(shown_path(path), raw)
+
+
+# --- writing --------------------------------------------------------------------------
+
+def _refuse_link_at(dir_fd: int, name: str, shown: str) -> None:
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if stat.S_ISLNK(info.st_mode):
-        raise UnsafeTaskPathError(f"{path}: is a symlink; refusing to follow it")
+        raise UnsafeTaskPathError(f"{shown}: is a symlink; refusing to follow it")
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafeTaskPathError(f"{path}: is not a regular file")
+        raise UnsafeTaskPathError(f"{shown}: is not a regular file")
 
 
-def write_private_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to `path` as a 0600 file via temp file + rename; refuse symlinks."""
-    ensure_private_dir(path.parent)
-    _refuse_symlink(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(temp, flags, 0o600)
-    except FileExistsError:
-        raise UnsafeTaskPathError(f"{temp}: temp path already exists; refusing") from None
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -> Path:
+    """Write `data` to `path` as a 0600 file via temp file + rename; refuse symlinks.
+
+    Everything happens through a descriptor of the folder, so swapping the folder for a
+    link after it was opened redirects nothing. With `base` (the configured root the
+    path lies under), no folder between `base` and the file may be a link either."""
+    shown = shown_path(path)
+    with _folder(path.parent, base, create=True) as dir_fd:
+        _refuse_link_at(dir_fd, path.name, shown)
+        temp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            raise UnsafeTaskPathError(f"{shown_path(path.with_name(temp))}: temp path already "
+                                      f"exists; refusing") from None
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(temp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            raise
     return path
 
 
@@ -135,7 +413,11 @@ def new_task(*, task_id: str, target_agent: str, task_type: str, summary: str,
 
 
 class _TaskDumper(yaml.SafeDumper):
-    """Multi-line strings (instructions) as literal blocks, readable by humans."""
+    """Multi-line strings (instructions) as literal blocks, readable by humans; never an
+    anchor or alias (the reader refuses them), even for an object used twice."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -170,95 +452,140 @@ def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None =
             existing = None
     moment = created or datetime.fromisoformat(task["created"].replace("Z", "+00:00"))
     path = existing or queue_dir / task_filename(task["id"], moment)
-    return write_private_atomic(path, dump_task(task))
+    return write_private_atomic(path, dump_task(task), base=queue_dir)
 
 
-class DepthLimitedLoader(yaml.SafeLoader):
-    """SafeLoader with a nesting limit (and optionally no anchors/aliases), checked while
-    composing, before any object is built. PyYAML slows down quadratically with nesting
-    depth and recurses once per level, so one "[[[[…" file would otherwise cost seconds on
-    every read (or end it with a RecursionError)."""
+# --- lookup ---------------------------------------------------------------------------
 
-    max_depth = MAX_TASK_DEPTH
-    allow_aliases = True
+class _Lookup:
+    """One lookup's open folders (queue, then archive/ and dead-letters/ unless they are
+    links) and what it had to skip."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if not self.allow_aliases and self.check_event(AliasEvent):
-            line = self.peek_event().start_mark.line + 1
-            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
-        self._depth += 1
+    def __init__(self, queue_dir: Path, search_archives: bool) -> None:
+        self.known = {queue_dir, *(queue_dir / sub for sub in SEARCH_SUBDIRS)}
+        self.problems: list[str] = []
+        self.folders: list[tuple[Path, int]] = []
         try:
-            if self._depth > self.max_depth:
-                raise yaml.YAMLError(f"nesting deeper than {self.max_depth} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+            queue_fd = os.open(queue_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        self.folders.append((queue_dir, queue_fd))
+        for sub in SEARCH_SUBDIRS if search_archives else ():
+            try:
+                self.folders.append((queue_dir / sub, os.open(sub, _DIR_FLAGS, dir_fd=queue_fd)))
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                reason = ("is a symlink; not searched" if _is_link(err, sub, queue_fd)
+                          else "is not a directory; not searched")
+                self.report(queue_dir / sub, reason)
 
+    def close(self) -> None:
+        for _, fd in self.folders:
+            os.close(fd)
+        self.folders.clear()
 
-def read_task(path: Path) -> dict[str, Any]:
-    """Parse one task file; refuse symlinks, oversized files and non-mappings."""
-    _refuse_symlink(path)
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_TASK_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise TaskNotFoundError(f"{path}: no such task file") from None
-    except OSError as err:
-        raise TaskFileError(f"{path}: cannot read: {err.strerror}") from None
-    if len(raw) > MAX_TASK_FILE_BYTES:
-        raise TaskFileError(f"{path}: larger than {MAX_TASK_FILE_BYTES} bytes")
-    try:
-        document = yaml.load(raw.decode("utf-8"), Loader=DepthLimitedLoader)  # noqa: S506 - safe
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise TaskFileError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(document, dict):
-        raise TaskFileError(f"{path}: top level must be a mapping, got "
-                            f"{type(document).__name__}")
-    return document
+    def report(self, path: Path, reason: str) -> None:
+        self.problems.append(f"{shown_path(path)}: {reason}")
+        log.warning("task_file_skipped", extra={"path": shown_path(path), "reason": reason})
 
+    def candidates(self, pattern: str) -> Iterator[tuple[Path, int, str]]:
+        for folder, fd in self.folders:
+            try:
+                names = sorted(os.listdir(fd))
+            except OSError as err:
+                self.report(folder, f"cannot list: {err.strerror}")
+                continue
+            for name in names:
+                if not name.startswith(".") and fnmatch.fnmatchcase(name, pattern):
+                    yield folder, fd, name
 
-def _matches(path: Path, task_id: str) -> bool:
-    try:
-        return str(read_task(path).get("id")) == task_id
-    except TaskFileError:
-        return False
+    def read(self, folder: Path, fd: int, name: str,
+             needle: bytes = b"") -> dict[str, Any] | None:
+        """The task in `folder/name`; None when unreadable, or when its bytes do not
+        contain `needle` (most files of a full scan are other tasks: no YAML parse)."""
+        shown = shown_path(folder / name)
+        try:
+            raw = _read_capped(name, MAX_TASK_FILE_BYTES, shown, fd)
+            if needle not in raw:
+                return None
+            return parse_task(shown, raw)
+        except FileNotFoundError:
+            return None
+        except TaskFileError as err:
+            self.report(folder / name, str(err).removeprefix(f"{shown}: "))
+            return None
+
+    def matching(self, pattern: str, task_id: str) -> list[Path]:
+        found = []
+        for folder, fd, name in self.candidates(pattern):
+            task = self.read(folder, fd, name, task_id.encode())
+            if task is not None and task.get("id") == task_id:
+                found.append(folder / name)
+        return found
+
+    def read_hint(self, hint: Path) -> dict[str, Any] | None:
+        for folder, fd in self.folders:
+            if hint.parent == folder:
+                return self.read(folder, fd, hint.name)
+        if hint.parent in self.known:
+            return None  # a task folder that is missing, or a link this lookup skipped
+        try:
+            return read_task(hint)
+        except TaskFileError:
+            return None
 
 
 def find_task(queue_dir: Path, task_id: str, *, hint: Path | None = None,
               search_archives: bool = True, full_scan: bool = True) -> Path:
-    """Locate the task file with `task_id`.
+    """Locate the one task file with `task_id`.
 
     Order: the hinted path; files named with the id's 8-char prefix (no file reads
     beyond those candidates); then a full scan of the queue, archive/ and dead-letters/.
+    Folders that are links are skipped and reported, never followed. Two files carrying
+    the id raise AmbiguousTaskError naming both: a planted copy is never picked silently.
     """
-    if hint is not None and hint.exists() and _matches(hint, task_id):
-        return hint
-    folders = [queue_dir] + ([queue_dir / sub for sub in SEARCH_SUBDIRS]
-                             if search_archives else [])
-    pattern = f"*-{glob.escape(task_id[:8])}.yml"
-    for folder in folders:
-        for candidate in sorted(folder.glob(pattern)):
-            if _matches(candidate, task_id):
-                return candidate
-    for folder in folders if full_scan else []:
-        if not folder.is_dir():
-            continue
-        for candidate in sorted(folder.glob("*.yml")):
-            if _matches(candidate, task_id):
-                return candidate
-    raise TaskNotFoundError(f"task {task_id!r} not found in {queue_dir} "
-                            f"(nor in {', '.join(SEARCH_SUBDIRS)})")
+    lookup = _Lookup(queue_dir, search_archives)
+    try:
+        if hint is not None:
+            task = lookup.read_hint(hint)
+            if task is not None and task.get("id") == task_id:
+                return hint
+        found = lookup.matching(f"*-{glob.escape(task_id[:8])}.yml", task_id)
+        if not found and full_scan:
+            found = lookup.matching("*.yml", task_id)
+    finally:
+        lookup.close()
+    if len(found) > 1:
+        raise AmbiguousTaskError(
+            f"task {task_id!r}: {len(found)} files carry this id "
+            f"({', '.join(shown_path(path) for path in found[:MAX_REPORTED_PROBLEMS])}); "
+            f"refusing to pick one: remove or rename the stray copy")
+    if found:
+        return found[0]
+    skipped = ""
+    if lookup.problems:
+        more = len(lookup.problems) - MAX_REPORTED_PROBLEMS
+        skipped = ("; skipped " + "; ".join(lookup.problems[:MAX_REPORTED_PROBLEMS])
+                   + (f"; and {more} more" if more > 0 else ""))
+    raise TaskNotFoundError(f"task {task_id!r} not found in {shown_path(queue_dir)} "
+                            f"(nor in {', '.join(SEARCH_SUBDIRS)}){skipped}")
 
 
-def update_task(path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Read, change and atomically rewrite a task file (mode stays 0600)."""
-    task = read_task(path)
+def update_task(path: Path, mutate: Callable[[dict[str, Any]], None], *,
+                base: Path | None = None) -> dict[str, Any]:
+    """Read, change and atomically rewrite a task file (mode stays 0600). With `base`
+    (the task folder it was found in), no link below `base` is followed."""
+    if base is None:
+        task = read_task(path)
+    else:
+        try:
+            raw = read_agent_file(path, MAX_TASK_FILE_BYTES, base=base)
+        except FileNotFoundError:
+            raise TaskNotFoundError(f"{shown_path(path)}: no such task file") from None
+        task = parse_task(shown_path(path), raw)
     mutate(task)
-    write_private_atomic(path, dump_task(task))
+    write_private_atomic(path, dump_task(task), base=base)
     return task
 
 
@@ -270,16 +597,21 @@ def claimed_actor(task: dict[str, Any], status: str) -> tuple[str, str]:
     for entry in reversed(history if isinstance(history, list) else []):
         if isinstance(entry, dict) and entry.get("status") == status:
             actor, note = entry.get("actor"), entry.get("note")
-            return (" ".join(actor.split())[:MAX_ACTOR_CHARS] if isinstance(actor, str) else "",
+            return (" ".join(actor.split())[:CLAIMED_ACTOR_CHARS] if isinstance(actor, str)
+                    else "",
                     " ".join(note.split())[:2000] if isinstance(note, str) else "")
     return "", ""
 
 
 def add_history(task: dict[str, Any], *, status: str, actor: str, note: str) -> None:
-    """Set the task's status and record who changed it and why."""
+    """Set the task's status and record who changed it and why (cut to the lengths the
+    reader accepts, so the worker never writes a file it would refuse)."""
     task["status"] = status
     history = task.get("history")
     if not isinstance(history, list):
         history = []
         task["history"] = history
-    history.append({"timestamp": timestamp(), "status": status, "actor": actor, "note": note})
+    if len(note) > MAX_NOTE_CHARS:
+        note = note[:MAX_NOTE_CHARS - 1] + "…"
+    history.append({"timestamp": timestamp(), "status": status,
+                    "actor": actor[:MAX_ACTOR_CHARS], "note": note})

@@ -6,9 +6,9 @@ triage output, notify, poll the originating task and write the summary.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,22 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities import legacy_args
 from activities.dispatch import agent_stage, dispatch_agent_task
-from activities.notify import notify_all
+from activities.notify import compose_block_notice, notify_all
 from activities.triage import read_triage
 from config import WorkerConfig
 from exceptions import (
     BLOCKS_PENDING,
+    FILE_IO_STALLED,
     LEGACY_WAIT_HANDED_OVER,
-    TASK_FILE_ERROR,
     TRIAGE_INVALID,
     TRIAGE_MISSING,
+    FileIoStalledError,
     TaskFileError,
     TaskNotFoundError,
     TriageInvalidError,
     TriageMissingError,
 )
+from file_io import run_file_io
 from models import (
     AuditRequest,
     BlockCheckInput,
@@ -162,13 +164,12 @@ class PipelineActivities:
         setup = PipelineSetup(prefab_agent=self.config.prefab_agent,
                               security_agent=self.config.security_agent)
         try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id)
+            path = await run_file_io(find_task, self.config.task_queue_dir, request.task_id)
         except TaskNotFoundError:
             setup.warning = (f"originating task {request.task_id!r} not found in "
                              f"{self.config.task_queue_dir}: if blocks are found, decide with "
                              f"the approve_blocks / reject_blocks update")
-        except TaskFileError as err:
+        except (TaskFileError, FileIoStalledError) as err:
             setup.warning = f"originating task {request.task_id!r} unusable: {err}"
         else:
             setup.originating_task_path = str(path)
@@ -184,7 +185,11 @@ class PipelineActivities:
             request = legacy_args.own_input(AuditRequest, args, "request_security_audit")
         folder = audit_folder(self.config, request.build_name)
         text = audit_request_markdown(request, folder)
-        await asyncio.to_thread(write_private_atomic, folder / REQUEST_FILE, text.encode())
+        try:
+            await run_file_io(partial(write_private_atomic, folder / REQUEST_FILE,
+                                      text.encode(), base=self.config.audit_dir))
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
         await dispatch_agent_task(self.config, request.task)
 
     @activity.defn(name="process_triage_output")
@@ -192,11 +197,13 @@ class PipelineActivities:
         bind_build_name(build_name)
         path = audit_folder(self.config, build_name) / TRIAGE_FILE
         try:
-            return await asyncio.to_thread(read_triage, path)
+            return await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
             raise ApplicationError(str(err), type=TRIAGE_MISSING) from None
         except TriageInvalidError as err:
             raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
 
     @activity.defn(name="notify_blocks")
     async def notify_blocks(self, *args: Any) -> NotifyBlocksResult | None:
@@ -209,23 +216,34 @@ class PipelineActivities:
             legacy_args.own_input(NotifyBlocksInput, args, "notify_blocks"))
 
     async def _notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
+        """Tell the operators, and mark the originating task input-required. A task that
+        cannot be used (missing, two files with its id, unreadable, stuck) does not fail
+        the pipeline: the block parks either way, and the problem is recorded as a
+        notification failure and stated in the notice, which then offers only the
+        Updates as a way to decide."""
         bind_build_name(request.build_name)
         blocks = len(request.blocks)
         count(BLOCKS_NOTIFIED, blocks)
-        title = f"Build {request.build_name}: {blocks} security block(s) need a decision"
-        lines = "\n".join(f"- {' '.join(item.description.split())[:300]}"
-                          for item in request.blocks)
-        message = (f"{title}\n{lines}\nWorkflow: {request.workflow_id}\n"
-                   f"Approve: set task {request.task_id} to status 'approved' "
-                   f"(or use the approve_blocks update); reject with status 'rejected'.")
+        queue_dir = self.config.task_queue_dir
+        problems: list[str] = []
+        path: Path | None = None
+        try:
+            path = await run_file_io(find_task, queue_dir, request.task_id)
+        except TaskNotFoundError as err:
+            problems.append(f"originating task not found ({err}); approve with the "
+                            f"approve_blocks update")
+        except (TaskFileError, FileIoStalledError) as err:
+            problems.append(f"originating task unusable: {err}; approve with the "
+                            f"approve_blocks update")
+        title, message = compose_block_notice(
+            request.build_name, request.task_id, request.workflow_id, request.blocks,
+            problems, file_decisions=self.config.file_decisions)
         delivered, failures = await notify_all(self.config, title, message,
                                                f"{request.workflow_id}/blocks")
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
-        try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id)
+        if path is not None:
             waiter = {"workflow_id": request.workflow_id,
                       "run_id": activity.info().workflow_run_id, "since": timestamp()}
 
@@ -234,13 +252,12 @@ class PipelineActivities:
                 task[AWAITING_DECISION] = waiter
                 add_history(task, status="input-required", actor=SOURCE_AGENT, note=note)
 
-            await asyncio.to_thread(update_task, path, mark_waiting)
-        except TaskNotFoundError:
-            failures.append(f"originating task {request.task_id!r} not found; approve with "
-                            f"the approve_blocks update")
-            path = None
-        except TaskFileError as err:
-            raise ApplicationError(str(err), type=TASK_FILE_ERROR, non_retryable=True) from None
+            try:
+                await run_file_io(partial(update_task, path, mark_waiting, base=queue_dir))
+            except (TaskFileError, FileIoStalledError) as err:
+                problems.append(f"originating task not updated: {err}")
+                path = None
+        failures += problems
         log.info("blocks_notified", extra={"build_name": request.build_name,
                                            "delivered": delivered, "failures": failures})
         return NotifyBlocksResult(
@@ -260,14 +277,14 @@ class PipelineActivities:
                                    type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
         hint = Path(request.path_hint) if request.path_hint else None
         try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id, hint=hint)
-            task = await asyncio.to_thread(read_task, path)
+            path = await run_file_io(partial(find_task, self.config.task_queue_dir,
+                                             request.task_id, hint=hint))
+            task = await run_file_io(read_task, path)
         except TaskNotFoundError:
             raise ApplicationError(f"originating task {request.task_id!r} not found yet",
                                    type=BLOCKS_PENDING,
                                    category=ApplicationErrorCategory.BENIGN) from None
-        except TaskFileError as err:
+        except (TaskFileError, FileIoStalledError) as err:
             raise ApplicationError(str(err), type=BLOCKS_PENDING,
                                    category=ApplicationErrorCategory.BENIGN) from None
         status = str(task.get("status", ""))
@@ -309,17 +326,21 @@ class PipelineActivities:
             note += f" (claims to be {request.claimed_by})"
         if request.note:
             note += f": {request.note}"
+        queue_dir = self.config.task_queue_dir
         try:
-            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
-                                           request.task_id, hint=hint)
-        except TaskNotFoundError:
-            log.warning("decision_not_recorded", extra={"task_id": request.task_id})
-            return None
-        def record(task: dict[str, Any]) -> None:
-            task.pop(AWAITING_DECISION, None)
-            add_history(task, status=request.decision, actor=request.actor, note=note)
+            path = await run_file_io(partial(find_task, queue_dir, request.task_id, hint=hint))
 
-        await asyncio.to_thread(update_task, path, record)
+            def record(task: dict[str, Any]) -> None:
+                task.pop(AWAITING_DECISION, None)
+                add_history(task, status=request.decision, actor=request.actor, note=note)
+
+            await run_file_io(partial(update_task, path, record, base=queue_dir))
+        except (TaskFileError, FileIoStalledError) as err:
+            # The Update decided; a task file that is missing, ambiguous or unsafe only
+            # means the decision is not mirrored there.
+            log.warning("decision_not_recorded", extra={"task_id": request.task_id,
+                                                        "error": str(err)})
+            return None
         return str(path)
 
     @activity.defn(name="summarize_workflow")
@@ -370,15 +391,19 @@ class PipelineActivities:
             "build_report_path": summary.closeout_path,
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
-        for open_task in summary.open_tasks:
-            closed = await asyncio.to_thread(self._close_open_task, open_task.task_id,
-                                             open_task.status, open_task.reason)
-            if closed:
-                document["tasks_closed"].append({"task_id": open_task.task_id,
-                                                 "stage": open_task.stage,
-                                                 "status": open_task.status,
-                                                 "reason": open_task.reason})
-        await asyncio.to_thread(write_private_atomic, path, dump_yaml(document))
+        try:
+            for open_task in summary.open_tasks:
+                closed = await run_file_io(self._close_open_task, open_task.task_id,
+                                           open_task.status, open_task.reason)
+                if closed:
+                    document["tasks_closed"].append({"task_id": open_task.task_id,
+                                                     "stage": open_task.stage,
+                                                     "status": open_task.status,
+                                                     "reason": open_task.reason})
+            await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
+                                      base=self.config.summary_dir))
+        except FileIoStalledError as err:
+            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,

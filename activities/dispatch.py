@@ -6,7 +6,6 @@ until an agent calls complete_activity.py. The worker holds no slot while it wai
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from temporalio import activity
 
 from activities import legacy_args
 from config import WorkerConfig
+from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
 from observability import TASKS_DISPATCHED, bind_build_name, count
 from task_files import new_task, write_task
@@ -50,7 +50,7 @@ def write_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> Path:
 
 async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> NoReturn:
     bind_build_name(request.build_name)
-    path = await asyncio.to_thread(write_agent_task, config, request)
+    path = await run_file_io(write_agent_task, config, request)
     count(TASKS_DISPATCHED, stage=activity.info().activity_type, task_type=request.task_type)
     log.info("task_dispatched", extra={"task_file": str(path), "task_type": request.task_type,
                                        "target_agent": request.target_agent

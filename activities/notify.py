@@ -3,6 +3,13 @@
 Each channel is tried a few times inside the stage; whatever still fails is returned
 as a failure line so the workflow can record it. A failed notification never fails the
 stage: the block must park either way.
+
+The notice itself (`compose_block_notice`) says only what we mean, whatever the triage
+author wrote: block text and ids are cleaned like flags are for the fix agent (Unicode-
+folded, no control, format or line-separator characters, `<` `>` `&` escaped) and
+mentions cannot ping (`@` becomes the fullwidth `＠`, and Matrix events carry an empty
+`m.mentions`). It is bounded to NOTICE_MAX_BYTES, so no volume of findings can exceed
+argv (SEND_MATRIX_SCRIPT), Matrix or ntfy (4 KiB message) limits.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import quote
 
 import httpx
 
 from config import WorkerConfig
+from models import Finding
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
+from workflows.instructions import sanitize_finding
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,74 @@ RETRY_DELAY_SECONDS = 1.0
 HTTP_TIMEOUT_SECONDS = 10.0
 SCRIPT_TIMEOUT_SECONDS = 30.0
 PM2_IPC_VARIABLES = ("NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "NODE_UNIQUE_ID")
+# ntfy turns messages over 4096 bytes into attachments; Matrix events stop at 64 KiB and
+# one argv string at 128 KiB. Every notice fits the smallest, with room to spare.
+NOTICE_MAX_BYTES = 3800
+NOTICE_MAX_BLOCKS = 10
+NOTICE_BLOCK_CHARS = 300
+NOTICE_FIELD_CHARS = 200
+NOTICE_MAX_PROBLEMS = 3
+_PARTIAL_ENTITY = re.compile(r"&[a-z]*$")
+
+
+def notice_text(text: str, limit: int) -> str:
+    """One line of untrusted text, safe to show in any channel: folded and cleaned as
+    flags are (sanitize_finding), at most `limit` characters, mentions neutralized."""
+    clean = sanitize_finding(text)
+    if len(clean) > limit:
+        clean = _PARTIAL_ENTITY.sub("", clean[:limit - 1]) + "…"
+    return clean.replace("@", "\uff20")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode())
+
+
+def _more(omitted: int) -> str:
+    return f"- … and {omitted} more block(s) (all of them: triage file, pipeline summary)"
+
+
+def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
+                         blocks: Sequence[Finding], problems: Sequence[str] = (), *,
+                         file_decisions: bool = True) -> tuple[str, str]:
+    """(title, message) of the notice that a pipeline parked on `blocks`.
+
+    Lists the first NOTICE_MAX_BLOCKS blocks, each cut to NOTICE_BLOCK_CHARS, then
+    "… and K more"; `problems` (e.g. the originating task cannot be used) are stated,
+    and then the task file is not offered as a way to decide. The message never
+    exceeds NOTICE_MAX_BYTES of UTF-8."""
+    build = notice_text(build_name, NOTICE_FIELD_CHARS)
+    task = notice_text(task_id, NOTICE_FIELD_CHARS)
+    title = f"Build {build}: {len(blocks)} security block(s) need a decision"
+    footer = [f"Workflow: {notice_text(workflow_id, NOTICE_FIELD_CHARS)}"]
+    shown_problems = [notice_text(problem, NOTICE_BLOCK_CHARS)
+                      for problem in problems[:NOTICE_MAX_PROBLEMS]]
+    if len(problems) > NOTICE_MAX_PROBLEMS:
+        shown_problems.append(f"and {len(problems) - NOTICE_MAX_PROBLEMS} more problem(s)")
+    footer += [f"Problem: {problem}" for problem in shown_problems]
+    if file_decisions and not problems:
+        footer.append(f"Approve: set task {task} to status 'approved' (or use the "
+                      f"approve_blocks update); reject with status 'rejected'.")
+    else:
+        footer.append("Approve with the approve_blocks update, reject with reject_blocks "
+                      f"(originating task {task}).")
+    budget = NOTICE_MAX_BYTES - _utf8_len(title) - sum(_utf8_len(line) + 1 for line in footer)
+    listed: list[str] = []
+    for block in blocks[:NOTICE_MAX_BLOCKS]:
+        line = f"- {notice_text(block.description, NOTICE_BLOCK_CHARS)}"
+        after = len(blocks) - len(listed) - 1
+        # Keep room for the "and K more" line whenever something would follow.
+        need = _utf8_len(line) + 1 + (_utf8_len(_more(after)) + 1 if after else 0)
+        if need > budget:
+            break
+        listed.append(line)
+        budget -= _utf8_len(line) + 1
+    if len(listed) < len(blocks):
+        listed.append(_more(len(blocks) - len(listed)))
+    message = "\n".join([title, *listed, *footer])
+    if _utf8_len(message) > NOTICE_MAX_BYTES:  # only with long non-ASCII ids and paths
+        message = message.encode()[:NOTICE_MAX_BYTES - 3].decode(errors="ignore") + "…"
+    return title, message
 
 
 class NotifyFailed(Exception):
@@ -84,7 +162,8 @@ async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None
         txn_id = hashlib.sha256(txn_seed.encode()).hexdigest()[:32]
         await _json(http, "send", "PUT",
                     f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/{txn_id}",
-                    json={"msgtype": "m.notice", "body": message})
+                    # An empty m.mentions: the notice pings nobody, whatever its text.
+                    json={"msgtype": "m.notice", "body": message, "m.mentions": {}})
 
 
 async def _json(http: httpx.AsyncClient, step: str, method: str, url: str,

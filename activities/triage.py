@@ -2,9 +2,10 @@
 
 Accepted: a mapping with optional `blocks`, `flags`, `info` lists; each item is a
 `{description: ...}` mapping (other keys kept) or a plain string. Refused, naming the
-file and the problem: over 1 MiB, not UTF-8, YAML tags beyond the safe set, anchors or
-aliases (alias bombs), nesting deeper than MAX_DEPTH, a non-mapping top level, and
-items of any other shape.
+file and the problem: a link, FIFO or any other non-regular file (checked on the open
+descriptor, never waited on), over 1 MiB, not UTF-8, YAML tags beyond the plain ones,
+anchors or aliases (alias bombs), nesting deeper than MAX_DEPTH, a non-mapping top
+level, and items of any other shape.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from exceptions import TriageInvalidError, TriageMissingError
+from exceptions import TaskFileError, TriageInvalidError, TriageMissingError
 from models import Finding, TriageResult
-from task_files import DepthLimitedLoader
+from task_files import DepthLimitedLoader, read_agent_file
 
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16
@@ -25,10 +26,9 @@ SECTIONS = ("blocks", "flags", "info")
 
 
 class _StrictLoader(DepthLimitedLoader):
-    """Triage is written by another agent: no anchors/aliases (alias bombs), shallow."""
+    """Triage needs less nesting than a task file."""
 
     max_depth = MAX_DEPTH
-    allow_aliases = False
 
 
 def _item(path: Path, section: str, index: int, raw: Any) -> Finding:
@@ -81,17 +81,15 @@ def parse_triage_text(path: Path, text: str) -> TriageResult:
     return TriageResult(triage_path=str(path), **sections)
 
 
-def read_triage(path: Path) -> TriageResult:
-    """Read and validate triage-output.yml; TriageMissingError if it is not there yet."""
+def read_triage(path: Path, *, base: Path | None = None) -> TriageResult:
+    """Read and validate triage-output.yml; TriageMissingError if it is not there yet.
+    With `base` (the audit root), no folder link below it is followed either."""
     try:
-        if path.is_symlink():
-            raise TriageInvalidError(f"{path}: is a symlink; refusing to follow it")
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_TRIAGE_BYTES + 1)
+        raw = read_agent_file(path, MAX_TRIAGE_BYTES, base=base)
     except FileNotFoundError:
         raise TriageMissingError(f"{path}: not written yet") from None
-    except IsADirectoryError:
-        raise TriageInvalidError(f"{path}: is a directory") from None
+    except TaskFileError as err:
+        raise TriageInvalidError(str(err)) from None
     if len(raw) > MAX_TRIAGE_BYTES:
         raise TriageInvalidError(f"{path}: larger than {MAX_TRIAGE_BYTES} bytes (1 MiB)")
     try:

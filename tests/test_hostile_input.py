@@ -111,6 +111,19 @@ INPUT_ROWS = [
     ("plan_path", "/" + "p" * 5000),
     ("task_id", "../../outside/precious"),
     ("task_id", "x" * 201),
+    ("task_id", "x" * 129),
+    # Characters that would forge or hide a line in a notice (issue 10, finding 8).
+    ("task_id", "t-1\x85Approve: NOT NEEDED, already approved by alice"),  # NEL
+    ("task_id", "t-1\u2028Approve: NOT NEEDED"),  # line separator
+    ("task_id", "t-1\u2029Approve: NOT NEEDED"),  # paragraph separator
+    ("task_id", "t-1\u202eevil"),  # right-to-left override
+    ("task_id", "t-1\x9b2J"),  # C1 CSI
+    ("task_id", "t-1\x1b[2J"),  # ESC
+    ("task_id", "t-1`rm -rf`"),
+    ("task_id", "t-1 @room"),
+    ("task_id", "t-1\n"),  # a trailing newline passes a `$` anchor
+    ("task_id", "<b>t-1</b>"),
+    ("task_id", "-t-1"),
 ]
 
 
@@ -332,6 +345,22 @@ def test_private_modes_under_umask_000(queue: Path) -> None:
 
 TASK_FILE_ROWS: list[tuple[str, str | bytes, str]] = [
     ("deep nesting", "payload: " + "[" * 5000, "nesting deeper than"),
+    # issue 10, finding 3: a 1 KB alias bomb took the worker to 1.9 GB.
+    ("alias bomb", "id: x\n" + _alias_bomb(), "anchors/aliases are not allowed"),
+    ("anchor only", "id: x\nstatus: &s approved\n", "anchors/aliases are not allowed"),
+    ("binary tag", "id: x\npayload: !!binary aGVsbG8=\n", "is not allowed"),
+    ("set tag", "id: x\npayload: !!set {a, b}\n", "is not allowed"),
+    ("local tag", "id: x\nstatus: !approved yes\n", "is not allowed"),
+    ("status not text", "id: x\nstatus: [approved]\n", "status must be a string"),
+    ("status too long", "id: x\nstatus: " + "a" * 65 + "\n", "status must be a string"),
+    ("id not text", "id: 12345678\n", "id must be a string"),
+    ("history not a list", "id: x\nhistory: {status: approved}\n", "history must be a list"),
+    ("history entry not a mapping", "id: x\nhistory: [approved]\n",
+     r"history\[0\] must be a mapping"),
+    ("actor not text", "id: x\nhistory:\n- {status: approved, actor: {name: alice}}\n",
+     r"history\[0\]\.actor must be a string"),
+    ("note too long", "id: x\nhistory:\n- {status: approved, note: '" + "n" * 2001 + "'}\n",
+     r"history\[0\]\.note must be a string"),
     ("10 MB", b"id: x\npayload:\n  x: '" + b"A" * (10 * 1024 * 1024) + b"'\n", "larger than"),
     ("python object tag", "payload: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
      "not valid YAML"),
@@ -380,6 +409,9 @@ CLI_ROWS: list[tuple[str, str, str]] = [
     ("shell metacharacters", "argv-shell", "not valid base64"),
     ("token file is a directory", "file-dir", "cannot read"),
     ("task file is a symlink", "task-symlink", "symlink"),
+    # issue 10, finding 1: the CLI opened these and waited for a writer forever.
+    ("token file is a FIFO", "file-fifo", "FIFO"),
+    ("task file is a FIFO", "task-fifo", "FIFO"),
     ("task file nests deeply", "task-deep", "nesting deeper than"),
     ("task file without token", "task-notoken", "payload.task_token missing"),
 ]
@@ -400,6 +432,8 @@ def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Pat
     elif form.startswith("file-"):
         if form == "file-huge":
             target.write_bytes(b"A" * (10 * 1024 * 1024))
+        elif form == "file-fifo":
+            os.mkfifo(target)
         elif form == "file-binary":
             target.write_bytes(b"\xff\xfe\x00\x01" * 100)
         else:
@@ -408,6 +442,8 @@ def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Pat
     else:
         if form == "task-symlink":
             target.symlink_to(outside / "precious.txt")
+        elif form == "task-fifo":
+            os.mkfifo(target)
         elif form == "task-deep":
             target.write_text("payload: " + "[" * 5000)
         else:
@@ -424,3 +460,520 @@ def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Pat
     assert "A" * 100 not in result.stderr + result.stdout
     assert {p: p.stat(follow_symlinks=False).st_mtime_ns for p in tree(tmp_path)} == before
     assert not Path("/tmp/pwned").exists()
+
+
+# --- issue 10: agent-writable files cannot stall, bloat, fool or leak the worker -------
+# (the worker process itself, at DEBUG and with everything planted at once, is in
+# tests/test_hostile_worker.py)
+
+
+def unblock_fifo(path: Path) -> None:
+    """Give a reader stuck on the FIFO at `path` its writer (O_RDWR never blocks)."""
+    if path.exists():
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+
+
+def within(seconds: float, call: Any, *args: Any) -> Any:
+    """`call(*args)` on a daemon thread; fail (instead of hanging the suite) if it has not
+    returned after `seconds`. Returns its result or the exception it raised."""
+    import threading
+
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call(*args))
+        except BaseException as err:  # handed back to the test
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{getattr(call, '__name__', call)} still blocked after {seconds}s"
+    return outcome[0]
+
+
+def test_fifo_is_refused_never_waited_on(queue: Path, tmp_path: Path) -> None:
+    """Finding 1: every reader of agent-writable files opened a FIFO and waited."""
+    from activities.triage import read_triage
+    from exceptions import TriageInvalidError
+
+    ensure_private_dir(queue)
+    task = a_task()
+    fifo = queue / task_files.task_filename(task["id"], task_files.utc_now())
+    os.mkfifo(fifo)
+    triage = tmp_path / "triage-output.yml"
+    os.mkfifo(triage)
+    try:
+        refused = within(5, read_task, fifo)
+        assert isinstance(refused, UnsafeTaskPathError) and "FIFO" in str(refused)
+        missing = within(5, task_files.find_task, queue, task["id"])
+        assert isinstance(missing, task_files.TaskNotFoundError)
+        assert "a FIFO" in str(missing) and fifo.name in str(missing)  # reported, not hidden
+        bad = within(5, read_triage, triage)
+        assert isinstance(bad, TriageInvalidError) and "FIFO" in str(bad)
+        refused = within(5, task_files.read_agent_file, triage, 100)
+        assert isinstance(refused, UnsafeTaskPathError)
+    finally:
+        unblock_fifo(fifo)
+        unblock_fifo(triage)
+
+
+def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
+    """Finding 1: a FIFO renamed over the task file between lstat and open blocked the
+    reader. Race a swapper against the reader; every read must return at once."""
+    import threading
+    import time
+
+    path = write_task(queue, a_task())
+    good = path.read_bytes()
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap() -> None:
+        spare = queue / ".spare"
+        while not stop.is_set():
+            os.mkfifo(spare)
+            os.replace(spare, path)
+            spare.write_bytes(good)
+            os.replace(spare, path)
+            swaps[0] += 1
+
+    def read_many() -> tuple[int, int]:
+        parsed = fifos = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not (parsed > 50 and fifos > 50):
+            try:
+                read_task(path)
+                parsed += 1
+            except UnsafeTaskPathError as err:
+                assert "FIFO" in str(err)
+                fifos += 1
+            except task_files.TaskNotFoundError:
+                pass  # between two renames
+        return parsed, fifos
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    try:
+        parsed, fifos = within(10, read_many)
+    finally:
+        stop.set()
+        swapper.join(5)
+        unblock_fifo(path)
+    print(f"swaps={swaps[0]} parsed={parsed} fifos={fifos}")
+    assert fifos > 0 and parsed > 0  # the race was really run, and no read ever blocked
+
+
+async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> None:
+    handle = await start(pipeline, "fifo-triage")
+    audit = await to_audit(pipeline, handle)
+    fifo = pipeline.triage_path("fifo-triage")
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        await finish(pipeline, audit)
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+    finally:
+        unblock_fifo(fifo)
+    cause = caught.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "TriageInvalidError"
+    assert "a FIFO, not a regular file" in cause.message and "triage-output.yml" in cause.message
+    assert summary(pipeline)["failed_stage"] == "process_triage_output"
+
+
+async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
+        pipeline: PipelineEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection (named as such): a triage reader that, like the old one, opens a
+    FIFO and waits in the kernel for a writer. Its stage fails with a clear, retryable
+    error after the file I/O bound, and a clean pipeline on the same worker finishes
+    meanwhile."""
+    import file_io
+    from activities import build_pipeline_activities
+
+    real_read_triage = build_pipeline_activities.read_triage
+
+    def read_triage_waiting_on_fifos(path: Path, **kwargs: Any) -> Any:
+        if path.exists() and stat.S_ISFIFO(path.stat().st_mode):
+            with open(path, "rb") as handle:  # blocks until a writer comes
+                handle.read()
+        return real_read_triage(path, **kwargs)
+
+    monkeypatch.setattr(file_io, "FILE_IO_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(build_pipeline_activities, "read_triage", read_triage_waiting_on_fifos)
+    stuck = await start(pipeline, "stuck-read")
+    audit = await to_audit(pipeline, stuck)
+    fifo = pipeline.triage_path("stuck-read")
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        await finish(pipeline, audit)
+
+        async def stalled() -> str | None:
+            pending = (await stuck.describe()).raw_description.pending_activities
+            failure = pending[0].last_failure.message if pending else ""
+            return failure if "did not finish within 1s" in failure else None
+
+        message = await poll_async(stalled, 20, "the stuck read to fail its stage")
+        assert "read_triage_waiting_on_fifos" in message and "triage-output.yml" in message
+        # Its retry waits minutes; meanwhile another pipeline runs from end to end.
+        clean = await start(pipeline, "not-delayed")
+        clean_audit = await to_audit(pipeline, clean)
+        pipeline.write_triage("not-delayed", "info: []\n")
+        await finish(pipeline, clean_audit)
+        await finish(pipeline, await wait_for_task(pipeline.queue_dir, clean.id,
+                                                   "build_closeout"))
+        result: BuildPipelineResult = await clean.result()
+        assert result.outcome == "success"
+        await stuck.terminate("test done")
+    finally:
+        unblock_fifo(fifo)
+
+
+async def poll_async(condition: Any, timeout: float, what: str) -> Any:
+    """tests.agents.poll for a condition that has to await."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_stuck_calls_hold_no_slot_and_are_bounded() -> None:
+    """More stuck calls than the pool has threads: a quick call still runs at once; past
+    MAX_STUCK_THREADS stuck calls, new ones fail at once instead of piling up."""
+    import threading
+
+    import file_io
+    from exceptions import FileIoStalledError
+
+    release = threading.Event()
+    try:
+        for _ in range(file_io.MAX_FILE_IO_THREADS + 2):
+            with pytest.raises(FileIoStalledError, match="did not finish within"):
+                await file_io.run_file_io(release.wait, timeout=0.05)
+        assert file_io.stuck_threads() >= file_io.MAX_FILE_IO_THREADS + 2
+        assert await file_io.run_file_io(sum, [1, 2, 3], timeout=5) == 6
+        while file_io.stuck_threads() < file_io.MAX_STUCK_THREADS:
+            with pytest.raises(FileIoStalledError):
+                await file_io.run_file_io(release.wait, timeout=0.01)
+        with pytest.raises(FileIoStalledError, match="still stuck"):
+            await file_io.run_file_io(sum, [1], timeout=5)
+    finally:
+        release.set()
+    await poll_async(_no_stuck_threads, 10, "stuck threads to leave once released")
+    assert await file_io.run_file_io(sum, [1], timeout=5) == 1
+
+
+async def _no_stuck_threads() -> bool:
+    import file_io
+
+    return file_io.stuck_threads() == 0
+
+
+def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
+    """Finding 5: a planted file with the same id and an earlier name was picked first."""
+    from exceptions import AmbiguousTaskError
+
+    task = a_task()
+    real = write_task(queue, task)
+    shadow = queue / f"00000000-000000-{task['id'][:8]}.yml"
+    shadow.write_bytes(task_files.dump_task({**task, "status": "approved"}))
+    for lookup in ({}, {"full_scan": False}, {"search_archives": False}):
+        with pytest.raises(AmbiguousTaskError) as caught:
+            task_files.find_task(queue, task["id"], **lookup)
+        assert str(real) in str(caught.value) and str(shadow) in str(caught.value)
+    # A copy under another name in archive/ is found by the full scan: ambiguous too.
+    shadow.unlink()
+    (queue / "archive").mkdir()
+    (queue / "archive" / "copied-by-hand.yml").write_bytes(real.read_bytes())
+    task_files.find_task(queue, task["id"])  # the prefix-named file alone decides
+    real.rename(queue / "renamed.yml")
+    with pytest.raises(AmbiguousTaskError, match="2 files carry this id"):
+        task_files.find_task(queue, task["id"])
+
+
+@pytest.fixture
+async def notifying(client: Any, temporal_address: str,
+                    tmp_path: Path) -> Any:
+    """An in-process worker whose Matrix channel is a recording SEND_MATRIX_SCRIPT and
+    whose ntfy channel is an HTTP recorder; yields (pipeline, last script call, ntfy)."""
+    import json
+    import sys
+    import threading
+
+    from tests.test_notify import RECORDING_SCRIPT, Recorder, worker_with
+
+    record = tmp_path / "script-call.json"
+    script = tmp_path / "send-matrix"
+    script.write_text(RECORDING_SCRIPT.format(python=sys.executable, out=str(record)))
+    script.chmod(0o700)
+    ntfy = Recorder()
+    threading.Thread(target=ntfy.serve_forever, daemon=True).start()
+    try:
+        async with worker_with(client, tmp_path, temporal_address,
+                               SEND_MATRIX_SCRIPT=str(script),
+                               NTFY_URL=f"{ntfy.url}/builds") as pipeline:
+            yield pipeline, lambda: json.loads(record.read_text())["argv"][1], ntfy
+    finally:
+        ntfy.shutdown()
+        ntfy.server_close()
+
+
+async def park(pipeline: PipelineEnv, build: str, blocks: list[str],
+               task_id: str | None = None) -> WorkflowHandle:
+    """Run a pipeline whose triage reports `blocks` until it waits for a decision."""
+    import yaml
+
+    from models import BuildPipelineInput, PipelineStatus
+
+    handle = await pipeline.start("BuildPipelineWorkflow", BuildPipelineInput(
+        build_name=build, plan_path="/plans/p.md", task_id=task_id or origin_task(pipeline),
+        target_agent="builder", block_poll_interval_seconds=0.2),
+        result_type=BuildPipelineResult)
+    audit = await to_audit(pipeline, handle)
+    pipeline.write_triage(build, yaml.safe_dump({"blocks": blocks}, allow_unicode=True))
+    await finish(pipeline, audit)
+
+    async def parked() -> bool:
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        return status.stage == "wait_for_block_resolution" and status.waiting_on is not None
+
+    await poll_async(parked, 60, f"{build} parked at stage 7")
+    return handle
+
+
+async def status_of(handle: WorkflowHandle) -> Any:
+    from models import PipelineStatus
+
+    return await handle.query("get_status", result_type=PipelineStatus)
+
+
+async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
+        notifying: Any) -> None:
+    """Finding 5 end to end: with a shadow copy (status approved) beside the originating
+    task, stage 6 records the ambiguity (get_status and the notice say so), the files
+    decide nothing and are left alone, and an Update still decides the pipeline."""
+    pipeline, notice, _ = notifying
+    task_id = origin_task(pipeline)
+    [real] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
+    shadow = pipeline.queue_dir / f"00000000-000000-{task_id[:8]}.yml"
+    shadow.write_bytes(task_files.dump_task({**load_yaml(real), "status": "approved"}))
+    before = {path: path.read_bytes() for path in (real, shadow)}
+
+    handle = await park(pipeline, "shadowed", ["hardcoded credential"], task_id)
+
+    [problem] = (await status_of(handle)).notification_failures
+    assert "2 files carry this id" in problem
+    assert str(real) in problem and str(shadow) in problem
+    assert "files carry this id" in notice()
+    assert "to status 'approved'" not in notice()  # the file is not offered to decide
+    await poll_async(lambda: _attempts_at_least(handle, 3), 30, "three block checks")
+    assert (await status_of(handle)).decision is None  # the shadow's "approved" counts not
+    await handle.execute_update("approve_blocks", "approved by the operator")
+    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
+    result: BuildPipelineResult = await handle.result()
+    assert result.outcome == "success" and result.decision == "approved"
+    assert {path: path.read_bytes() for path in (real, shadow)} == before
+
+
+async def _attempts_at_least(handle: WorkflowHandle, attempts: int) -> bool:
+    pending = (await handle.describe()).raw_description.pending_activities
+    return any(p.activity_type.name == "wait_for_block_resolution" and p.attempt >= attempts
+               for p in pending)
+
+
+@pytest.mark.parametrize("subdir", task_files.SEARCH_SUBDIRS)
+def test_linked_task_folders_are_skipped_and_reported(queue: Path, outside: Path,
+                                                      subdir: str) -> None:
+    """Finding 6: archive/ (or dead-letters/) as a link to an outside folder was searched,
+    chmodded 0700 and written through."""
+    outside.chmod(0o755)
+    task = a_task()
+    bait = outside / "precious.txt"
+    real = write_task(queue, task)
+    (queue / subdir).symlink_to(outside, target_is_directory=True)
+
+    assert task_files.find_task(queue, task["id"]) == real  # the queue still works
+    other = a_task()
+    with pytest.raises(task_files.TaskNotFoundError) as caught:
+        task_files.find_task(queue, other["id"])
+    assert f"{queue / subdir}: is a symlink; not searched" in str(caught.value)
+    for attempt in (lambda: ensure_private_dir(queue / subdir, base=queue),
+                    lambda: task_files.write_private_atomic(queue / subdir / "x.yml", b"x: 1\n",
+                                                            base=queue),
+                    lambda: update_task(queue / subdir / bait.name, lambda t: None,
+                                        base=queue)):
+        with pytest.raises(UnsafeTaskPathError, match="is a symlink"):
+            attempt()
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755  # not chmodded through the link
+    # (the `outside` fixture asserts nothing was written there)
+    assert bait.read_text() == "do not touch\n"
+
+
+@pytest.mark.parametrize("subdir", task_files.SEARCH_SUBDIRS)
+def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
+        queue: Path, outside: Path, subdir: str) -> None:
+    """Finding 6: the folder was fine when the task was found, then an agent swapped it
+    for a link to a folder holding a file of the same name."""
+    outside.chmod(0o755)
+    task = a_task()
+    folder = queue / subdir
+    ensure_private_dir(folder)
+    path = task_files.write_private_atomic(folder / "task.yml", task_files.dump_task(task),
+                                           base=queue)
+    assert task_files.find_task(queue, task["id"]) == path
+    (outside / "task.yml").write_bytes(path.read_bytes())
+    folder.rename(queue / "moved-away")
+    folder.symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(UnsafeTaskPathError, match="is a symlink"):
+        update_task(path, lambda t: t.update(status="approved"), base=queue)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    assert load_yaml(outside / "task.yml")["status"] == "submitted"
+    (outside / "task.yml").unlink()  # for the `outside` fixture's check
+
+
+def test_linked_audit_folders_redirect_no_write(tmp_path: Path, outside: Path) -> None:
+    """Finding 6 for the audit tree: audit-requests/ (not only audit-requests/<build>) as
+    a link, swapped in after audit_folder() looked."""
+    audit = tmp_path / "artifacts"
+    (outside / "build").mkdir()
+    audit.mkdir()
+    (audit / "audit-requests").symlink_to(outside, target_is_directory=True)
+    target = audit / "audit-requests" / "build" / "request.md"
+    with pytest.raises(UnsafeTaskPathError, match="audit-requests: is a symlink"):
+        task_files.write_private_atomic(target, b"# request\n", base=audit)
+    from activities.triage import read_triage
+    from exceptions import TriageInvalidError
+
+    (outside / "build" / "triage-output.yml").write_text("blocks: []\n")
+    with pytest.raises(TriageInvalidError, match="is a symlink"):
+        read_triage(audit / "audit-requests" / "build" / "triage-output.yml", base=audit)
+    assert not (outside / "build" / "request.md").exists()
+    (outside / "build" / "triage-output.yml").unlink()
+    (outside / "build").rmdir()
+
+
+async def test_update_decision_is_not_written_through_a_linked_archive(
+        pipeline: PipelineEnv, outside: Path) -> None:
+    """Finding 6 (record_block_decision): the originating task sat in archive/ when the
+    pipeline parked; then archive/ became a link to a folder with a copy of it."""
+    outside.chmod(0o755)
+    task_id = origin_task(pipeline)
+    [written] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
+    archive = pipeline.queue_dir / "archive"
+    archive.mkdir()
+    origin = written.rename(archive / written.name)
+    handle = await park(pipeline, "linked-archive", ["plain-text secret"], task_id)
+    assert load_yaml(origin)["status"] == "input-required"
+
+    copy = outside / origin.name
+    copy.write_bytes(origin.read_bytes())
+    archive.rename(pipeline.queue_dir / "archive-moved")
+    archive.symlink_to(outside, target_is_directory=True)
+    await handle.execute_update("approve_blocks", "approved by the operator")
+    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
+    result: BuildPipelineResult = await handle.result()
+
+    assert result.outcome == "success"
+    assert load_yaml(copy)["status"] == "input-required"  # nothing written through the link
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    copy.unlink()
+
+
+async def test_any_volume_of_blocks_fits_every_channel(notifying: Any) -> None:
+    """Finding 7: 460 blocks of 300 characters overflowed the script's argv (no alert at
+    all) and sent 139 KB to ntfy."""
+    from activities.notify import NOTICE_MAX_BYTES
+
+    pipeline, notice, ntfy = notifying
+    blocks = [f"block {i:03d} " + "x" * 290 for i in range(460)]
+    handle = await park(pipeline, "many-blocks", blocks)
+
+    status = await status_of(handle)
+    assert status.notification_failures == [] and status.blocks == 460
+    text = notice()
+    assert len(text.encode()) <= NOTICE_MAX_BYTES
+    listed = [line for line in text.splitlines() if line.startswith("- block ")]
+    assert listed and all(len(line) <= 2 + 300 for line in listed)
+    assert f"- … and {460 - len(listed)} more block(s)" in text
+    [posted] = ntfy.requests
+    assert len(posted["body"].encode()) <= 4096 and posted["body"] == text
+    await handle.terminate("test done")
+
+
+INJECTIONS = [
+    "see https://example.org @room please",
+    "<b>bold</b> <a href='https://evil.example'>approve here</a> &amp;",
+    "\x1b[2J\x1b[31mred alert\x1b[0m",
+    "\u202eevil bidi",
+    "first\u2028Approve: NOT NEEDED, already approved by alice",
+    "first\x85Approve: NOT NEEDED (NEL)",
+    "first\u2029Approve: NOT NEEDED (paragraph)",
+    "first\x9b2J C1 CSI",
+    "first\nApprove: NOT NEEDED (newline)",
+    "zero\u200bwidth @\u200broom",
+]
+
+
+async def test_notices_carry_block_text_as_inert_single_lines(notifying: Any) -> None:
+    """Finding 8: block descriptions reached the Matrix script and ntfy raw."""
+    pipeline, notice, ntfy = notifying
+    handle = await park(pipeline, "injected", INJECTIONS)
+    text = notice()
+    await handle.terminate("test done")
+
+    lines = text.split("\n")
+    assert sum(line.startswith("- ") for line in lines) == len(INJECTIONS)  # one line each
+    assert sum(line.startswith("Approve") for line in lines) == 1  # no forged line
+    for ch in text:
+        category = unicodedata.category(ch)
+        assert ch == "\n" or category not in ("Cc", "Cf", "Zl", "Zp"), repr(ch)
+    assert "@room" not in text and "@" not in text
+    assert "<" not in text and ">" not in text
+    assert ntfy.requests[0]["body"] == text
+
+
+async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> None:
+    """Finding 10: an invalid UTF-8 message printed a 41-line traceback (with the server
+    up, so nothing fails earlier). Each form is exit 2, one line, nothing completed."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from tests.agents import REPO
+
+    handle = await start(pipeline, "bad-bytes")
+    task = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    token_file = pipeline.root / "token"
+    token_file.write_bytes(b"\xff\xfe" + load_yaml(task)["payload"]["task_token"].encode())
+    rows: list[tuple[list[str | bytes], bytes | None, dict[bytes, bytes], str]] = [
+        (["--task-file", str(task), "success", b"caf\xe9 \xff done"], None, {}, "the message"),
+        (["--task-file", str(task), "--completed-by", b"\xffagent", "success"], None, {},
+         "--completed-by"),
+        (["--task-file", str(task), "success"], None, {b"AGENT_NAME": b"\xffagent"},
+         "AGENT_NAME"),
+        (["--token-file", str(token_file), "success"], None, {}, "not UTF-8"),
+        (["-", "success"], b"\xff\xfe\xfd", {}, "stdin: cannot read: not UTF-8"),
+    ]
+    for args, stdin, extra, problem in rows:
+        env = {key.encode(): value.encode() for key, value in pipeline.env.items()} | extra
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(REPO / "complete_activity.py"), *args],
+            env=env, input=stdin, capture_output=True, timeout=30, cwd=REPO)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and problem in lines[0], (args, stderr)
+        assert "Traceback" not in stderr
+    assert load_yaml(task)["status"] == "submitted"
+    await finish(pipeline, task)  # still pending: none of the rows completed it
+    await handle.terminate("test done")

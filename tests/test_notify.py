@@ -129,6 +129,7 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
 
     assert len(received) == 2
     assert all(content["msgtype"] == "m.notice" for content in received)
+    assert all(content["m.mentions"] == {} for content in received)  # pings nobody
     by_build = {("notice-one" if "notice-one" in c["body"] else "notice-two"): c["body"]
                 for c in received}
     assert "Build notice-one: 2 security block(s) need a decision" in by_build["notice-one"]

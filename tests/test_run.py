@@ -19,10 +19,11 @@ from temporal_client import connect
 from tests.agents import REPO, assert_valid_task_file, poll, run_cli, wait_for_task
 from tests.conftest import make_env
 from tools import devserver
-from tools.run import is_local_host, wants_dev_server
+from tools.run import DEV_SERVER_WARNING, is_local_host, wants_dev_server
 
 READY = "Worker started, listening on task queue"
 EMBEDDED = "an embedded Temporal dev server is running there"
+OPERATOR_WARNING = DEV_SERVER_WARNING.split("{address}")[0]
 STARTUP_SECONDS = 90.0
 STOP_SECONDS = 60.0
 
@@ -69,6 +70,7 @@ async def test_starts_dev_server_worker_and_stops_both(tmp_path: Path) -> None:
     try:
         await wait_for_line(log, READY)
         assert EMBEDDED in log.read_text()
+        assert log.read_text().count(OPERATOR_WARNING) == 1  # every local user is an operator
         assert f"Web UI http://localhost:{ui_port}" in log.read_text()
         await poll(lambda: ui_answers(ui_port), STARTUP_SECONDS, 0.2, "the Web UI")
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -116,6 +118,7 @@ async def test_uses_a_listening_server_and_leaves_it_running(
         code = interrupt(process)
     assert code == 0, log.read_text()[-3000:]
     assert EMBEDDED not in log.read_text()
+    assert OPERATOR_WARNING not in log.read_text()
     assert not (tmp_path / "state").exists()
     host, port = temporal_address.rsplit(":", 1)
     assert devserver.is_listening(host, int(port))

@@ -6,7 +6,8 @@ If nothing listens at TEMPORAL_ADDRESS (default localhost:7233) and that address
 this machine (localhost or a loopback IP) and no TLS is configured, a dev server (the
 `temporal` binary from the venv) is started on it first, with the Web UI on
 DEV_SERVER_UI_PORT (default 8233) and its state in DEV_SERVER_DIR (default `.run/`:
-temporal.db survives restarts, temporal.log is its log). Then worker.py runs as a child
+temporal.db survives restarts, temporal.log is its log), and a warning says once that
+every local user then holds operator power over it. Then worker.py runs as a child
 process. SIGINT/SIGTERM are passed on to the worker; when it exits, the dev server this
 command started (and only that one) is stopped.
 
@@ -35,6 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_UI_PORT = 8233
 DEFAULT_STATE_DIR = REPO / ".run"
 EXIT_ERROR = 1
+# The dev server has no authentication: anyone who can open the port is an operator.
+DEV_SERVER_WARNING = (
+    "run: WARNING: the embedded dev server accepts anyone who can reach {address}: on this "
+    "machine every local user can complete or fail any stage and approve or reject blocks "
+    "(operator power). Use a Temporal server with mTLS when others share this host "
+    "(SECURITY.md).")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run: nothing was listening at {config.temporal_address}, so an embedded "
                   f"Temporal dev server is running there (state {args.state_dir}/temporal.db, "
                   f"log {args.state_dir}/temporal.log); Web UI http://localhost:{args.ui_port}",
+                  flush=True)
+            print(DEV_SERVER_WARNING.format(address=config.temporal_address), file=sys.stderr,
                   flush=True)
         if signals.received:
             return 0  # asked to stop while the dev server was starting

@@ -12,7 +12,7 @@ before anything is started. The workflow id is printed on stdout (first line), s
 `WID=$(tools/start-build ...)` works. Every start sets the Web UI's static summary
 (one line) and static details (who started what, with which input).
 
-Exit codes: 0 started (with --wait: COMPLETED and outcome success) · 1 with --wait: the
+Exit codes: 0 started (with --wait: COMPLETED and outcome success or partial) · 1 with --wait: the
 workflow failed or its result reports a problem · 2 usage or invalid input · 3 a workflow
 with that id is already running · 4 cannot connect to Temporal · 5 --wait timed out.
 """

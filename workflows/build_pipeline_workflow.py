@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     import policies
     from exceptions import INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
     from models import (
+        STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
         AuditRequest,
         BlockCheckInput,
@@ -162,20 +163,21 @@ class BuildPipelineWorkflow:
 
     @workflow.run
     async def run(self, raw_input: Any) -> BuildPipelineResult:
+        # No marker: the run was started by an earlier worker (v0.5.0, or this service
+        # before it resolved agents up front); it goes on under this one, and keeps the
+        # input rules it started under.
+        self._adopted = not workflow.patched(PREPARE_PATCH)
         try:
-            pipeline = BuildPipelineInput.model_validate(raw_input)
+            pipeline = BuildPipelineInput.model_validate(
+                raw_input, context={STARTED_BY_EARLIER_WORKER: self._adopted})
         except ValidationError as err:
             raise ApplicationError(f"invalid BuildPipelineInput: {validation_message(err)}",
                                    type=INVALID_INPUT, non_retryable=True) from None
         self._input = pipeline
         self._event("pipeline", "started", f"build {pipeline.build_name} → "
                                             f"{pipeline.target_agent}")
-        if workflow.patched(PREPARE_PATCH):
+        if not self._adopted:
             await self._prepare(pipeline)
-        else:
-            # No marker: the run was started by an earlier worker (v0.5.0, or this
-            # service before it resolved agents up front); it goes on under this one.
-            self._adopted = True
         failure: _StageFailed | None = None
         try:
             self._outcome = await self._run_stages(pipeline)
@@ -267,6 +269,8 @@ class BuildPipelineWorkflow:
 
     async def _agent_stage(self, stage: str, policy: policies.StagePolicy,
                            request: AgentTaskRequest) -> BuildPhaseResult:
+        assert self._input is not None
+        policy = policies.with_agent_limit(policy, self._input.agent_timeout_seconds)
         return await self._run_activity(stage, policy, request, result_type=BuildPhaseResult,
                                         waiting=request)
 
@@ -281,7 +285,8 @@ class BuildPipelineWorkflow:
                 f"<TEMPORAL_AUDIT_DIR>/{folder}/triage-output.yml"),
             extra={"audit_folder": folder})
         await self._run_activity(
-            "request_security_audit", policies.SECURITY_AUDIT,
+            "request_security_audit",
+            policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
             AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
                          target_agent=pipeline.target_agent, task=request),
             result_type=BuildPhaseResult, waiting=request)
