@@ -197,11 +197,28 @@ class Finding(BaseModel):
     description: str
 
 
+def _findings(raw: Any) -> Any:
+    """v0.5.0 recorded findings as plain strings; ours are {description: ...} mappings."""
+    if isinstance(raw, list):
+        return [{"description": item} if isinstance(item, str) else item for item in raw]
+    return raw
+
+
 class TriageResult(BaseModel):
     blocks: list[Finding] = Field(default_factory=list)
     flags: list[Finding] = Field(default_factory=list)
     info: list[Finding] = Field(default_factory=list)
+    # Always set by this worker; empty in a result recorded by v0.5.0.
     triage_path: str = ""
+
+    @field_validator("blocks", "flags", "info", mode="before")
+    @classmethod
+    def _as_findings(cls, raw: Any) -> Any:
+        return _findings(raw)
+
+    @property
+    def recorded_by_v050(self) -> bool:
+        return not self.triage_path
 
 
 class AuditRequest(BaseModel):
@@ -222,6 +239,31 @@ class NotifyBlocksResult(BaseModel):
     delivered: list[str] = Field(default_factory=list)
     failures: list[str] = Field(default_factory=list)
     originating_task_path: str | None = None
+    # How an operator can decide, as this worker is configured (shown in status and UI).
+    decision_paths: list[str] = Field(default_factory=list)
+
+
+class PrepareInput(BaseModel):
+    task_id: str
+
+
+class PipelineSetup(BaseModel):
+    """What a new pipeline learns from its worker before stage 1: the agents the worker's
+    settings name for stages 1 and 3, and whether the originating task exists."""
+
+    prefab_agent: str
+    security_agent: str
+    originating_task_path: str | None = None
+    warning: str | None = None
+
+
+class OpenTask(BaseModel):
+    """An agent task file left open when its pipeline ended: marked so no agent works on it."""
+
+    task_id: str
+    stage: str
+    status: Literal["cancelled", "expired"]
+    reason: str
 
 
 class BlockCheckInput(BaseModel):
@@ -256,6 +298,8 @@ class RecordDecisionInput(BaseModel):
     actor: str
     note: str = ""
     workflow_id: str
+    source: DecisionSource = "update"
+    claimed_by: str | None = None
 
 
 class PipelineStatus(BaseModel):
@@ -274,7 +318,14 @@ class PipelineStatus(BaseModel):
     error: str | None = None
     decision: Decision | None = None
     decided_by: str | None = None
+    decision_source: DecisionSource | None = None
+    claimed_by: str | None = None
+    decision_paths: list[str] = Field(default_factory=list)
     notification_failures: list[str] = Field(default_factory=list)
+    agents: dict[str, str] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    # Started by an earlier worker (v0.5.0 or before) and carried on by this one.
+    adopted: bool = False
 
 
 class SummaryInput(BaseModel):
@@ -295,12 +346,19 @@ class SummaryInput(BaseModel):
     info: list[Finding] = Field(default_factory=list)
     decision: Decision | None = None
     decided_by: str | None = None
+    decision_source: DecisionSource | None = None
+    claimed_by: str | None = None
     closeout_path: str | None = None
     notification_failures: list[str] = Field(default_factory=list)
     events: list[StageEvent] = Field(default_factory=list)
+    open_tasks: list[OpenTask] = Field(default_factory=list)
+    adopted: bool = False
 
 
 class BuildPipelineResult(BaseModel):
+    # v0.5.0's fields: "complete" when the close-out ran, else "failed".
+    status: Literal["complete", "failed"] = "failed"
+    workflow_id: str = ""
     outcome: Outcome
     build_name: str
     stages_completed: list[str]

@@ -60,10 +60,14 @@ NOTIFY_BLOCKS = StagePolicy(
 
 SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
 
+# Before stage 1 (a local activity): the worker's agent settings and a look for the
+# originating task. Short: it reads one folder.
+PREPARE = StagePolicy(timedelta(seconds=30), RetryPolicy(maximum_attempts=3))
+
 RECORD_DECISION = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=5))
 
-# Stage 7: one attempt per poll; the retry policy *is* the poll loop, so a parked
-# pipeline holds no activity slot between checks and adds no history per check.
+# Stage 7 as recorded before decisions became event-driven (replay and runs already
+# parked that way only): one attempt per poll; the retry policy is the poll loop.
 BLOCK_CHECK_ATTEMPT = timedelta(seconds=30)
 
 
@@ -79,6 +83,11 @@ def block_poll_retry(poll_interval: timedelta) -> RetryPolicy:
 
 # Headroom past the workflow's own deadline timer so the timer, not the activity, decides.
 BLOCK_CHECK_HEADROOM = timedelta(minutes=5)
+
+# v0.5.0's stage 7, as its histories record it: one activity for the whole wait,
+# heartbeating while it polls, one attempt.
+V050_BLOCK_CHECK_LIMIT = timedelta(days=7)
+V050_BLOCK_CHECK_HEARTBEAT = timedelta(minutes=10)
 
 # No workflow execution timeout: the longest legitimate wait (stage 7) is bounded by its
 # own timer. complete_activity.py bounds every call it makes:

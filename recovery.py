@@ -1,4 +1,5 @@
-"""Hand back work a SIGKILLed worker on this host left half done.
+"""At worker start: hand back work a SIGKILLed worker on this host left half done, and
+adopt runs an earlier worker started (adoption.py).
 
 Temporal only notices a dead worker through an activity's timeouts. For an agent stage
 that is hours: if the worker died after the server handed it the activity but before
@@ -36,6 +37,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from adoption import adopt
 from config import WorkerConfig
 from exceptions import TaskFileError, TaskNotFoundError
 from task_files import find_task, read_task
@@ -138,18 +140,21 @@ async def recover_lost_activities(client: Client, config: WorkerConfig) -> int:
     query = f'TaskQueue="{config.task_queue}" AND ExecutionStatus="Running"'
     gate = asyncio.Semaphore(DESCRIBE_CONCURRENCY)
 
-    async def one(workflow_id: str, run_id: str) -> int:
+    async def one(workflow_id: str, run_id: str, workflow_type: str) -> int:
         async with gate:
             try:
-                return len(await recover_workflow(client, config, workflow_id, run_id, host,
-                                                  own_pid))
+                released = await recover_workflow(client, config, workflow_id, run_id, host,
+                                                  own_pid)
+                await adopt(client, config, workflow_id, run_id, workflow_type,
+                            f"{host}:{own_pid}")
+                return len(released)
             except RPCError as err:
                 log.warning("recovery_skipped", extra={"workflow_id": workflow_id,
                                                        "error": str(err)})
                 return 0
 
     try:
-        jobs = [one(execution.id, execution.run_id)
+        jobs = [one(execution.id, execution.run_id, execution.workflow_type)
                 async for execution in client.list_workflows(query)]
         total = sum(await asyncio.gather(*jobs))
     except RPCError as err:

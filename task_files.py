@@ -27,9 +27,17 @@ TASK_TTL_DAYS = 7
 MAX_TASK_FILE_BYTES = 1024 * 1024
 MAX_TASK_DEPTH = 32  # the schema needs 4 levels; hand edits get plenty of room
 SEARCH_SUBDIRS = ("archive", "dead-letters")
+TASK_SUFFIX = ".yml"
 # Statuses an operator or agent may set on the originating task.
 APPROVED = "approved"
 REJECTING_STATUSES = frozenset({"rejected", "cancelled", "failed"})
+DECIDING_STATUSES = REJECTING_STATUSES | {APPROVED}
+# Agent task statuses in which an agent may still be working on it.
+OPEN_STATUSES = frozenset({"submitted", "in-progress"})
+# Top-level key of an originating task while a pipeline waits on its decision:
+# {workflow_id, run_id, since}, written at stage 6, removed once the decision is recorded.
+AWAITING_DECISION = "awaiting_decision"
+MAX_ACTOR_CHARS = 100
 
 
 def utc_now() -> datetime:
@@ -259,6 +267,19 @@ def update_task(path: Path, mutate: Callable[[dict[str, Any]], None]) -> dict[st
     mutate(task)
     write_private_atomic(path, dump_task(task))
     return task
+
+
+def claimed_actor(task: dict[str, Any], status: str) -> tuple[str, str]:
+    """(actor, note) of the newest history entry that set `status`, as the file claims
+    them: anyone who can write the folder can write any name here, so callers show the
+    actor as claimed, never as who decided. Empty when nothing usable is there."""
+    history = task.get("history")
+    for entry in reversed(history if isinstance(history, list) else []):
+        if isinstance(entry, dict) and entry.get("status") == status:
+            actor, note = entry.get("actor"), entry.get("note")
+            return (" ".join(actor.split())[:MAX_ACTOR_CHARS] if isinstance(actor, str) else "",
+                    " ".join(note.split())[:2000] if isinstance(note, str) else "")
+    return "", ""
 
 
 def add_history(task: dict[str, Any], *, status: str, actor: str, note: str) -> None:

@@ -25,6 +25,7 @@ from temporalio.worker import Worker
 
 from activities.build_phase import build_phase_activity
 from activities.build_pipeline_activities import PipelineActivities
+from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
 from exceptions import ConfigError, CredentialError
 from observability import configure_logging, setup_telemetry
@@ -120,9 +121,11 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
             # In the background: hand back what a killed worker on this host left half
             # done (recovery.py). Serving does not wait for it.
             sweep = asyncio.create_task(recover_lost_activities(client, config))
+            watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
             await stop.wait()
             stopping_since = time.monotonic()
             sweep.cancel()
+            watcher.cancel()
     finally:
         write_status(config.status_file, "stopped", config)
     log.info("worker_stopped", extra={

@@ -44,6 +44,8 @@ from models import (
     Finding,
     NotifyBlocksInput,
     NotifyBlocksResult,
+    PipelineSetup,
+    PrepareInput,
     RecordDecisionInput,
     SummaryInput,
     TriageResult,
@@ -52,12 +54,16 @@ from models import (
 from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
 from task_files import (
     APPROVED,
+    AWAITING_DECISION,
+    OPEN_STATUSES,
     REJECTING_STATUSES,
     SOURCE_AGENT,
     add_history,
+    claimed_actor,
     dump_yaml,
     find_task,
     read_task,
+    timestamp,
     update_task,
     write_private_atomic,
 )
@@ -66,6 +72,10 @@ from workflows.instructions import AUDIT_DIR_PLACEHOLDER
 log = logging.getLogger(__name__)
 
 AGENT_STAGES = ("prefab_scaffolding", "implement_build", "apply_flag_fixes", "close_build")
+# v0.5.0's summary names its phases with these words (`phases_completed`).
+V050_PHASES = {"prefab_scaffolding": "prefab", "implement_build": "implement",
+               "request_security_audit": "audit", "process_triage_output": "triage",
+               "apply_flag_fixes": "fixes", "close_build": "close"}
 TRIAGE_FILE = "triage-output.yml"
 AUDIT_FILE = "audit.md"
 REQUEST_FILE = "request.md"
@@ -144,15 +154,6 @@ def _finding_dicts(findings: list[Finding]) -> list[dict[str, Any]]:
     return [item.model_dump(mode="json") for item in findings]
 
 
-def _who_set_status(task: dict[str, Any], status: str) -> tuple[str, str]:
-    """(actor, note) of the newest history entry that set `status`, if any."""
-    history = task.get("history")
-    for entry in reversed(history if isinstance(history, list) else []):
-        if isinstance(entry, dict) and entry.get("status") == status:
-            return str(entry.get("actor") or "task file"), str(entry.get("note") or "")
-    return "task file", ""
-
-
 class PipelineActivities:
     """Activities bound to one WorkerConfig (built by the worker, never at import)."""
 
@@ -163,7 +164,39 @@ class PipelineActivities:
         return [*(agent_stage(self.config, name) for name in AGENT_STAGES),
                 self.request_security_audit, self.process_triage_output, self.notify_blocks,
                 self.wait_for_block_resolution, self.record_block_decision,
-                self.summarize_workflow]
+                self.summarize_workflow, self.prepare_pipeline]
+
+    def decision_paths(self, task_path: str | None, task_id: str) -> list[str]:
+        """How a parked pipeline can be decided with this worker's settings."""
+        paths = ["`tools/approve-build` / `tools/reject-build` (approve_blocks / "
+                 "reject_blocks update)"]
+        if self.config.file_decisions:
+            where = f"`{task_path}`" if task_path else f"the task with id `{task_id}`"
+            paths.append(f"set status `approved` or `rejected` in the originating task "
+                         f"{where}")
+        if self.config.matrix_approvers and self.config.matrix_homeserver:
+            paths.append(f"reply `approve` / `reject` (or react ✅ / ❌) to the notice in "
+                         f"{self.config.matrix_room}: {', '.join(self.config.matrix_approvers)}")
+        return paths
+
+    @activity.defn(name="prepare_pipeline")
+    async def prepare_pipeline(self, request: PrepareInput) -> PipelineSetup:
+        """Before stage 1: the agents this worker's settings name, and the originating
+        task (a missing one is a warning now, not a surprise at stage 6)."""
+        setup = PipelineSetup(prefab_agent=self.config.prefab_agent,
+                              security_agent=self.config.security_agent)
+        try:
+            path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
+                                           request.task_id)
+        except TaskNotFoundError:
+            setup.warning = (f"originating task {request.task_id!r} not found in "
+                             f"{self.config.task_queue_dir}: if blocks are found, decide with "
+                             f"the approve_blocks / reject_blocks update")
+        except TaskFileError as err:
+            setup.warning = f"originating task {request.task_id!r} unusable: {err}"
+        else:
+            setup.originating_task_path = str(path)
+        return setup
 
     @activity.defn(name="request_security_audit")
     async def request_security_audit(self, request: AuditRequest) -> BuildPhaseResult:
@@ -209,8 +242,15 @@ class PipelineActivities:
         try:
             path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
                                            request.task_id)
-            await asyncio.to_thread(update_task, path, lambda task: add_history(
-                task, status="input-required", actor=SOURCE_AGENT, note=note))
+            waiter = {"workflow_id": request.workflow_id,
+                      "run_id": activity.info().workflow_run_id, "since": timestamp()}
+
+            def mark_waiting(task: dict[str, Any]) -> None:
+                # The folder watcher routes a decision in this file to this run.
+                task[AWAITING_DECISION] = waiter
+                add_history(task, status="input-required", actor=SOURCE_AGENT, note=note)
+
+            await asyncio.to_thread(update_task, path, mark_waiting)
         except TaskNotFoundError:
             failures.append(f"originating task {request.task_id!r} not found; approve with "
                             f"the approve_blocks update")
@@ -219,13 +259,18 @@ class PipelineActivities:
             raise ApplicationError(str(err), type=TASK_FILE_ERROR, non_retryable=True) from None
         log.info("blocks_notified", extra={"build_name": request.build_name,
                                            "delivered": delivered, "failures": failures})
-        return NotifyBlocksResult(delivered=delivered, failures=failures,
-                                  originating_task_path=str(path) if path else None)
+        return NotifyBlocksResult(
+            delivered=delivered, failures=failures,
+            originating_task_path=str(path) if path else None,
+            decision_paths=self.decision_paths(str(path) if path else None, request.task_id))
 
     @activity.defn(name="wait_for_block_resolution")
     async def wait_for_block_resolution(self, request: BlockCheckInput) -> BlockResolution:
         """One look at the originating task. Still pending -> a benign retryable error:
         the retry policy schedules the next look, holding nothing in between."""
+        if not self.config.file_decisions:
+            raise ApplicationError("file decisions are off (BLOCK_FILE_DECISIONS=false)",
+                                   type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
         hint = Path(request.path_hint) if request.path_hint else None
         try:
             path = await asyncio.to_thread(find_task, self.config.task_queue_dir,
@@ -239,7 +284,7 @@ class PipelineActivities:
             raise ApplicationError(str(err), type=BLOCKS_PENDING,
                                    category=ApplicationErrorCategory.BENIGN) from None
         status = str(task.get("status", ""))
-        actor, note = _who_set_status(task, status)
+        actor, note = claimed_actor(task, status)
         if status == APPROVED:
             return BlockResolution(decision="approved", task_status=status, actor=actor,
                                    note=note)
@@ -251,9 +296,13 @@ class PipelineActivities:
 
     @activity.defn(name="record_block_decision")
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:
-        """Write an operator's Update decision into the originating task's history."""
+        """Write a decision into the originating task's history; nobody waits any more."""
         hint = Path(request.path_hint) if request.path_hint else None
-        note = f"{request.decision} via workflow update by {request.actor}"
+        via = {"update": "workflow update", "task_file": "task file",
+               "matrix": "Matrix"}[request.source]
+        note = f"{request.decision} via {via} by {request.actor}"
+        if request.claimed_by:
+            note += f" (claims to be {request.claimed_by})"
         if request.note:
             note += f": {request.note}"
         try:
@@ -262,8 +311,11 @@ class PipelineActivities:
         except TaskNotFoundError:
             log.warning("decision_not_recorded", extra={"task_id": request.task_id})
             return None
-        await asyncio.to_thread(update_task, path, lambda task: add_history(
-            task, status=request.decision, actor=request.actor, note=note))
+        def record(task: dict[str, Any]) -> None:
+            task.pop(AWAITING_DECISION, None)
+            add_history(task, status=request.decision, actor=request.actor, note=note)
+
+        await asyncio.to_thread(update_task, path, record)
         return str(path)
 
     @activity.defn(name="summarize_workflow")
@@ -293,13 +345,58 @@ class PipelineActivities:
             "info": _finding_dicts(summary.info),
             "decision": summary.decision,
             "decided_by": summary.decided_by,
+            "decision_source": summary.decision_source,
+            "claimed_by": summary.claimed_by,
             "closeout_path": summary.closeout_path,
             "notification_failures": summary.notification_failures,
+            "adopted": summary.adopted,
+            "tasks_closed": [],
+            # v0.5.0's keys, same names and meanings, for the readers written for it.
+            "started": summary.started_at.isoformat(),
+            "completed": summary.ended_at.isoformat(),
+            "phases_completed": [V050_PHASES[stage] for stage in summary.stages_completed
+                                 if stage in V050_PHASES],
+            "blocks_hit": len(summary.blocks),
+            "flags_applied": (len(summary.flags)
+                              if "apply_flag_fixes" in summary.stages_completed else 0),
+            "build_report_path": summary.closeout_path,
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
+        for open_task in summary.open_tasks:
+            closed = await asyncio.to_thread(self._close_open_task, open_task.task_id,
+                                             open_task.status, open_task.reason)
+            if closed:
+                document["tasks_closed"].append({"task_id": open_task.task_id,
+                                                 "stage": open_task.stage,
+                                                 "status": open_task.status,
+                                                 "reason": open_task.reason})
         await asyncio.to_thread(write_private_atomic, path, dump_yaml(document))
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,
                                            "outcome": summary.outcome})
         return str(path)
+
+    def _close_open_task(self, task_id: str, status: str, reason: str) -> bool:
+        """Mark an agent task its pipeline no longer waits for, if an agent has not
+        finished it meanwhile; a task that cannot be found or read is left alone."""
+        try:
+            path = find_task(self.config.task_queue_dir, task_id)
+            if read_task(path).get("status") not in OPEN_STATUSES:
+                return False
+        except TaskFileError:
+            return False
+        changed = False
+
+        def close(task: dict[str, Any]) -> None:
+            nonlocal changed
+            if task.get("status") in OPEN_STATUSES:
+                add_history(task, status=status, actor=SOURCE_AGENT, note=reason)
+                changed = True
+
+        try:
+            update_task(path, close)
+        except TaskFileError as err:
+            log.warning("open_task_not_closed", extra={"task_id": task_id, "error": str(err)})
+            return False
+        return changed

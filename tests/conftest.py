@@ -3,6 +3,7 @@ client, and per test a fresh task queue, private folders and an in-process worke
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
+from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
 from temporal_client import connect
 from tools import devserver
@@ -91,8 +93,16 @@ def pipeline_env_vars(tmp_path: Path, temporal_address: str) -> dict[str, str]:
 @pytest.fixture
 async def pipeline(pipeline_env_vars: dict[str, str], client: Client,
                    tmp_path: Path) -> AsyncIterator[PipelineEnv]:
-    """A running in-process worker on a fresh task queue with private folders."""
+    """A running in-process worker, with its task-folder decision watcher, on a fresh task
+    queue with private folders."""
     config = load_config(pipeline_env_vars)
     worker = build_worker(client, config)
+    stop = asyncio.Event()
     async with worker:
-        yield PipelineEnv(config=config, client=client, env=pipeline_env_vars, root=tmp_path)
+        watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
+        try:
+            yield PipelineEnv(config=config, client=client, env=pipeline_env_vars,
+                              root=tmp_path)
+        finally:
+            stop.set()
+            await watcher

@@ -4,15 +4,21 @@
 5 apply_flag_fixes (flags)  6 notify_blocks (blocks)  7 wait_for_block_resolution (blocks)
 8 close_build  9 summarize_workflow (on every ending)
 
-Stage 7 parks without holding worker resources: an activity whose retry policy is the
-poll loop looks at the originating task file, racing an approve/reject Update or Signal
-and the deadline timer.
+Stage 7 parks on nothing but its deadline timer: every decision (an operator's Update,
+the originating task file through the worker's folder watcher, an approver in Matrix)
+arrives as the approve_blocks / reject_blocks Update. Runs recorded before that design
+(this project's own, and v0.5.0's, whose runs a worker adopts in flight) replay their
+stage 7 as recorded: see `_wait_for_decision`.
+
+Every change to the command sequence sits behind a `workflow.patched` id below, so each
+history recorded before it still replays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -34,11 +40,15 @@ with workflow.unsafe.imports_passed_through():
         BuildPipelineInput,
         BuildPipelineResult,
         Decision,
+        DecisionSource,
         Finding,
         NotifyBlocksInput,
         NotifyBlocksResult,
+        OpenTask,
         Outcome,
+        PipelineSetup,
         PipelineStatus,
+        PrepareInput,
         RecordDecisionInput,
         StageEvent,
         SummaryInput,
@@ -46,6 +56,11 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from workflows import instructions
+
+# workflow.patched ids, one per change to the command sequence.
+PREPARE_PATCH = "prepare-pipeline"  # a local activity resolves agents before stage 1
+EVENT_DRIVEN_WAIT_PATCH = "event-driven-block-wait"  # stage 7 without a polling activity
+ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run enters here
 
 STAGE_NUMBERS = {
     "prefab_scaffolding": 1,
@@ -59,6 +74,9 @@ STAGE_NUMBERS = {
     "summarize_workflow": 9,
 }
 TOTAL_STAGES = len(STAGE_NUMBERS)
+PREPARE_ACTIVITY = "prepare_pipeline"
+# Worker settings that pick the agents of stages 1 and 3 when the input names none.
+AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
 
 
 class _StageFailed(Exception):
@@ -101,22 +119,38 @@ def coerce_decision(raw: Any) -> BlockDecision:
     return BlockDecision.model_validate(raw)
 
 
+def decider_label(choice: BlockDecision) -> str:
+    """Who decided, as recorded: a file decision is the file's, whatever it claims."""
+    if choice.source == "task_file":
+        return "task file"
+    return choice.decided_by
+
+
 @workflow.defn(name="BuildPipelineWorkflow")
 class BuildPipelineWorkflow:
     def __init__(self) -> None:
         self._input: BuildPipelineInput | None = None
+        self._setup: PipelineSetup | None = None
+        self._adopted = False
+        self._adoption_noted = False
         self._stage = "starting"
         self._stages_done: list[str] = []
         self._events: list[StageEvent] = []
+        self._warnings: list[str] = []
         self._triage = TriageResult()
         self._waiting: WaitingOn | None = None
+        self._open_tasks: dict[str, str] = {}
+        self._expired_tasks: dict[str, str] = {}
         self._paused = False
         self._pause_reason = ""
         self._awaiting_decision = False
         self._decision: Decision | None = None
         self._decided_by: str | None = None
+        self._decision_source: DecisionSource | None = None
+        self._claimed_by: str | None = None
         self._decision_note = ""
         self._decided_via_update = False
+        self._decision_paths: list[str] = []
         self._notification_failures: list[str] = []
         self._origin_task_path: str | None = None
         self._outcome: Outcome | None = None
@@ -136,6 +170,12 @@ class BuildPipelineWorkflow:
         self._input = pipeline
         self._event("pipeline", "started", f"build {pipeline.build_name} → "
                                             f"{pipeline.target_agent}")
+        if workflow.patched(PREPARE_PATCH):
+            await self._prepare(pipeline)
+        else:
+            # No marker: the run was started by an earlier worker (v0.5.0, or this
+            # service before it resolved agents up front); it goes on under this one.
+            self._adopted = True
         failure: _StageFailed | None = None
         try:
             self._outcome = await self._run_stages(pipeline)
@@ -154,18 +194,30 @@ class BuildPipelineWorkflow:
                                    type=failure.failure_type, non_retryable=True)
         return self._result(pipeline, summary_path)
 
+    async def _prepare(self, pipeline: BuildPipelineInput) -> None:
+        self._setup = await workflow.execute_local_activity(
+            PREPARE_ACTIVITY, PrepareInput(task_id=pipeline.task_id),
+            result_type=PipelineSetup,
+            start_to_close_timeout=policies.PREPARE.start_to_close,
+            retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
+        self._origin_task_path = self._setup.originating_task_path
+        if self._setup.warning:
+            self._warnings.append(self._setup.warning)
+            self._event("pipeline", "warning", self._setup.warning)
+
     async def _run_stages(self, pipeline: BuildPipelineInput) -> Outcome:
         await self._agent_stage(
             "prefab_scaffolding", policies.PREFAB, self._task(
-                pipeline, agent=pipeline.prefab_agent, agent_setting="prefab_agent",
-                task_type="build_prefab",
+                pipeline, agent=self._stage_agent(pipeline, "prefab_agent"),
+                agent_setting="prefab_agent", task_type="build_prefab",
                 summary=f"Prefab scaffolding for {pipeline.build_name}",
                 instruction=instructions.prefab(pipeline.build_name, pipeline.plan_path)))
         await self._agent_stage(
             "implement_build", policies.IMPLEMENT, self._task(
                 pipeline, agent=pipeline.target_agent, task_type="build_plan",
                 summary=f"Implement {pipeline.build_name}",
-                instruction=instructions.implement(pipeline.build_name, pipeline.plan_path)))
+                instruction=instructions.implement(pipeline.build_name, pipeline.plan_path),
+                extra={"originating_task_id": pipeline.task_id}))
         await self._security_audit(pipeline)
         self._triage = await self._run_activity(
             "process_triage_output", policies.TRIAGE, pipeline.build_name,
@@ -179,10 +231,11 @@ class BuildPipelineWorkflow:
                     pipeline, agent=pipeline.target_agent, task_type="security_fix",
                     summary=f"Fix {len(triage.flags)} security flag(s) on {pipeline.build_name}",
                     instruction=instructions.flag_fixes(pipeline.build_name, triage.flags),
-                    extra={"flag_count": len(triage.flags)}))
+                    extra={"flag_count": len(triage.flags),
+                           "flags": instructions.finding_texts(triage.flags)}))
         if triage.blocks:
             outcome = await self._handle_blocks(pipeline, triage.blocks)
-            if outcome != "success":
+            if outcome != "partial":
                 return outcome
         closeout = await self._agent_stage(
             "close_build", policies.CLOSE_BUILD, self._task(
@@ -190,9 +243,17 @@ class BuildPipelineWorkflow:
                 summary=f"Close out {pipeline.build_name}",
                 instruction=instructions.closeout(pipeline.build_name, pipeline.plan_path)))
         self._closeout_path = closeout.output or None
-        return "success"
+        return "partial" if self._decision == "approved" else "success"
 
     # ---- stages ------------------------------------------------------------------------
+
+    def _stage_agent(self, pipeline: BuildPipelineInput, setting: str) -> str | None:
+        """The agent of stage 1 or 3: the input's choice, else the worker's setting as
+        learned before stage 1 (None only for runs started before that step existed)."""
+        chosen = getattr(pipeline, setting)
+        if chosen:
+            return chosen
+        return getattr(self._setup, setting) if self._setup is not None else None
 
     def _task(self, pipeline: BuildPipelineInput, *, agent: str | None, task_type: str,
               summary: str, instruction: str, extra: dict[str, Any] | None = None,
@@ -212,8 +273,8 @@ class BuildPipelineWorkflow:
     async def _security_audit(self, pipeline: BuildPipelineInput) -> None:
         folder = "audit-requests/" + pipeline.build_name
         request = self._task(
-            pipeline, agent=pipeline.security_agent, agent_setting="security_agent",
-            task_type="security_audit",
+            pipeline, agent=self._stage_agent(pipeline, "security_agent"),
+            agent_setting="security_agent", task_type="security_audit",
             summary=f"Security audit of {pipeline.build_name}",
             instruction=instructions.security_audit(
                 pipeline.build_name, f"<TEMPORAL_AUDIT_DIR>/{folder}/request.md",
@@ -231,9 +292,12 @@ class BuildPipelineWorkflow:
             "notify_blocks", policies.NOTIFY_BLOCKS,
             NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
                               workflow_id=workflow.info().workflow_id, blocks=blocks),
-            result_type=NotifyBlocksResult, waiting=None)
+            result_type=NotifyBlocksResult | None, waiting=None)
+        # v0.5.0's notify_blocks returned nothing.
+        notified = notified or NotifyBlocksResult()
         self._notification_failures = notified.failures
-        self._origin_task_path = notified.originating_task_path
+        self._decision_paths = notified.decision_paths
+        self._origin_task_path = notified.originating_task_path or self._origin_task_path
         for failure in notified.failures:
             self._event("notify_blocks", "notification_failed", failure)
         decision = await self._wait_for_decision(pipeline)
@@ -247,78 +311,129 @@ class BuildPipelineWorkflow:
                 RecordDecisionInput(task_id=pipeline.task_id, path_hint=self._origin_task_path,
                                     decision=decision, actor=self._decided_by or "operator",
                                     note=self._decision_note,
-                                    workflow_id=workflow.info().workflow_id),
+                                    workflow_id=workflow.info().workflow_id,
+                                    source=self._decision_source or "update",
+                                    claimed_by=self._claimed_by),
                 result_type=str, waiting=None, count_as_stage=False)
         self._event("wait_for_block_resolution", decision, f"by {self._decided_by}")
-        return "success" if decision == "approved" else "rejected"
+        return "partial" if decision == "approved" else "rejected"
 
     async def _wait_for_decision(self, pipeline: BuildPipelineInput) -> Decision | None:
+        """Park until a decision or the deadline. Three shapes, by what history holds:
+
+        - new runs: the deadline timer alone; decisions arrive as Updates;
+        - parked by v0.5.0: its check activity (no timer beside it, as recorded); when
+          that activity ends without a decision (its worker is gone), the deadline timer;
+        - parked by this service before decisions were event-driven: the polling
+          activity beside the deadline timer, as recorded.
+        """
         stage = "wait_for_block_resolution"
         await self._enter(stage)
         deadline = timedelta(seconds=pipeline.block_wait_timeout_seconds)
-        interval = timedelta(seconds=pipeline.block_poll_interval_seconds)
         self._waiting = WaitingOn(kind="block_decision", stage=stage, task_id=pipeline.task_id,
                                   since=workflow.now())
         self._awaiting_decision = True
         self._details()
-        poll = workflow.start_activity(
-            stage, BlockCheckInput(task_id=pipeline.task_id, path_hint=self._origin_task_path),
-            result_type=BlockResolution,
-            start_to_close_timeout=policies.BLOCK_CHECK_ATTEMPT,
-            schedule_to_close_timeout=deadline + policies.BLOCK_CHECK_HEADROOM,
-            retry_policy=policies.block_poll_retry(interval),
-            cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
-            summary=self._summary_line(stage, "task file or approve_blocks update"))
         started = workflow.now()
+        poll: workflow.ActivityHandle[Any] | None = None
         try:
-            await workflow.wait_condition(
-                lambda: self._decision is not None or poll.done(), timeout=deadline,
-                timeout_summary="block decision deadline")
+            if workflow.patched(EVENT_DRIVEN_WAIT_PATCH):
+                await self._wait_until_decided(deadline)
+                return self._decision
+            if self._triage.recorded_by_v050:
+                poll = self._start_check(stage, [pipeline.build_name, pipeline.task_id],
+                                         v050=True)
+                await workflow.wait_condition(self._decided_or(poll))
+            else:
+                poll = self._start_check(
+                    stage, [BlockCheckInput(task_id=pipeline.task_id,
+                                            path_hint=self._origin_task_path)],
+                    interval=timedelta(seconds=pipeline.block_poll_interval_seconds),
+                    deadline=deadline)
+                await workflow.wait_condition(self._decided_or(poll), timeout=deadline,
+                                              timeout_summary="block decision deadline")
             if self._decision is None:
                 self._take_file_decision(poll)
             if self._decision is None:
-                # The poller stopped early (it should not); an update can still decide.
+                # The check ended without a decision; an Update can still decide.
                 remaining = deadline - (workflow.now() - started)
                 if remaining <= timedelta(0):
                     return None
-                await workflow.wait_condition(lambda: self._decision is not None,
-                                              timeout=remaining,
-                                              timeout_summary="block decision deadline")
+                await self._wait_until_decided(remaining)
         except builtins.TimeoutError:
             return None
         finally:
             self._awaiting_decision = False
             self._waiting = None
-            if not poll.done():
+            if poll is not None and not poll.done():
                 poll.cancel()
-        self._finish(stage)
+            if self._decision is not None:
+                self._finish(stage)
         return self._decision
 
-    def _take_file_decision(self, poll: workflow.ActivityHandle[BlockResolution]) -> None:
+    def _decided_or(self, check: workflow.ActivityHandle[Any]) -> Callable[[], bool]:
+        return lambda: self._decision is not None or check.done()
+
+    async def _wait_until_decided(self, timeout: timedelta) -> None:
+        await workflow.wait_condition(lambda: self._decision is not None, timeout=timeout,
+                                      timeout_summary="block decision deadline")
+
+    def _start_check(self, stage: str, args: list[Any], *, v050: bool = False,
+                     interval: timedelta | None = None,
+                     deadline: timedelta | None = None) -> workflow.ActivityHandle[Any]:
+        """The stage-7 check activity as histories recorded before event-driven
+        decisions hold it (only replays and runs already parked that way get here)."""
+        if v050:
+            return workflow.start_activity(
+                stage, args=args, result_type=BlockResolution | None,
+                schedule_to_close_timeout=policies.V050_BLOCK_CHECK_LIMIT,
+                heartbeat_timeout=policies.V050_BLOCK_CHECK_HEARTBEAT,
+                retry_policy=policies.ONCE,
+                cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
+        assert interval is not None and deadline is not None
+        return workflow.start_activity(
+            stage, args=args, result_type=BlockResolution,
+            start_to_close_timeout=policies.BLOCK_CHECK_ATTEMPT,
+            schedule_to_close_timeout=deadline + policies.BLOCK_CHECK_HEADROOM,
+            retry_policy=policies.block_poll_retry(interval),
+            cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL,
+            summary=self._summary_line(stage, "task file or approve_blocks update"))
+
+    def _take_file_decision(self, poll: workflow.ActivityHandle[Any] | None) -> None:
+        if poll is None:
+            return
         try:
             resolution = poll.result()
         except ActivityError as err:
             message, _ = describe_activity_failure(err)
-            self._event("wait_for_block_resolution", "poll_failed", message)
+            self._event("wait_for_block_resolution", "poll_failed",
+                        f"{message}; waiting for a decision by Update, task file or chat")
             return
+        if resolution is None:
+            # v0.5.0's check returns nothing once the originating task is approved.
+            resolution = BlockResolution(decision="approved", task_status="approved")
         self._decision = resolution.decision
-        self._decided_by = resolution.actor or "task file"
+        self._decided_by, self._decision_source = "task file", "task_file"
+        self._claimed_by = resolution.actor or None
+        if self._claimed_by == "task file":
+            self._claimed_by = None
         self._decision_note = resolution.note
         self._event("wait_for_block_resolution", "task_status", resolution.task_status)
 
     # ---- shared stage machinery ---------------------------------------------------------
 
     async def _run_activity(self, stage: str, policy: policies.StagePolicy, arg: Any, *,
-                            result_type: type, waiting: AgentTaskRequest | None,
+                            result_type: Any, waiting: AgentTaskRequest | None,
                             count_as_stage: bool = True) -> Any:
         if count_as_stage:
             await self._enter(stage)
         if waiting is not None:
-            self._waiting = WaitingOn(kind="agent", stage=stage, agent=_agent_label(waiting),
+            self._waiting = WaitingOn(kind="agent", stage=stage, agent=self._agent_label(waiting),
                                       task_type=waiting.task_type, task_id=waiting.task_id,
                                       since=workflow.now())
+            self._open_tasks[waiting.task_id] = stage
             self._details()
-        target = _agent_label(waiting) if waiting is not None else None
+        target = self._agent_label(waiting) if waiting is not None else None
         try:
             result = await workflow.execute_activity(
                 stage, arg, result_type=result_type,
@@ -331,11 +446,19 @@ class BuildPipelineWorkflow:
                 # Only a cancel of the pipeline itself cancels a stage: end as cancelled.
                 raise asyncio.CancelledError() from None
             message, failure_type = describe_activity_failure(err)
+            if waiting is not None:
+                if isinstance(err.cause, TimeoutError):
+                    self._expired_tasks[waiting.task_id] = f"{stage} timed out"
+                else:
+                    # The agent reported the failure itself; its file already says so.
+                    self._open_tasks.pop(waiting.task_id, None)
             self._event(stage, "failed", message)
             kind = TRIAGE_INVALID if failure_type == TRIAGE_INVALID else PHASE_FAILED
             raise _StageFailed(stage, message, kind) from None
         finally:
             self._waiting = None
+        if waiting is not None:
+            self._open_tasks.pop(waiting.task_id, None)
         if count_as_stage:
             self._finish(stage)
         return result
@@ -345,13 +468,35 @@ class BuildPipelineWorkflow:
             self._event(stage, "held", f"paused: {self._pause_reason}")
             self._details()
             await workflow.wait_condition(lambda: not self._paused)
+        if self._adopted and not self._adoption_noted and workflow.patched(
+                ADOPTED_PATCH_PREFIX + stage):
+            # The first stage this run enters under this worker: say so, once.
+            self._note_adoption(f"carried on from {stage}")
         self._stage = stage
         self._event(stage, "started")
         self._details()
 
+    def _note_adoption(self, detail: str) -> None:
+        self._adoption_noted = True
+        self._event("pipeline", "adopted", "started by an earlier worker (v0.5.0-compatible "
+                                           f"history); {detail}")
+
     def _finish(self, stage: str) -> None:
         self._stages_done.append(stage)
         self._event(stage, "completed")
+
+    def _open_task_list(self) -> list[OpenTask]:
+        """Agent tasks no agent can finish any more, and why."""
+        reason = {"cancelled": "pipeline cancelled", "rejected": "blocks rejected",
+                  "timed_out": "block decision deadline passed"}.get(
+            self._outcome or "", f"pipeline ended ({self._outcome})")
+        tasks = []
+        for task_id, stage in self._open_tasks.items():
+            expired = self._expired_tasks.get(task_id)
+            tasks.append(OpenTask(task_id=task_id, stage=stage,
+                                  status="expired" if expired else "cancelled",
+                                  reason=expired or reason))
+        return tasks
 
     async def _summarize(self, pipeline: BuildPipelineInput) -> str:
         self._stage = "summarize_workflow"
@@ -369,18 +514,23 @@ class BuildPipelineWorkflow:
                 started_at=info.start_time, ended_at=workflow.now(),
                 blocks=self._triage.blocks, flags=self._triage.flags, info=self._triage.info,
                 decision=self._decision, decided_by=self._decided_by,
+                decision_source=self._decision_source, claimed_by=self._claimed_by,
                 closeout_path=self._closeout_path,
-                notification_failures=self._notification_failures, events=self._events),
+                notification_failures=self._notification_failures, events=self._events,
+                open_tasks=self._open_task_list(), adopted=self._adopted),
             result_type=str,
             start_to_close_timeout=policies.SUMMARY.start_to_close,
             retry_policy=policies.SUMMARY.retry,
             summary=self._summary_line("summarize_workflow", None))
+        self._open_tasks.clear()
         self._finish("summarize_workflow")
         self._details()
         return path
 
     def _result(self, pipeline: BuildPipelineInput, summary_path: str) -> BuildPipelineResult:
         return BuildPipelineResult(
+            status="complete" if "close_build" in self._stages_done else "failed",
+            workflow_id=workflow.info().workflow_id,
             outcome=self._outcome or "failed", build_name=pipeline.build_name,
             stages_completed=list(self._stages_done), failed_stage=self._failed_stage,
             error=self._error, blocks=len(self._triage.blocks), flags=len(self._triage.flags),
@@ -388,6 +538,23 @@ class BuildPipelineWorkflow:
             closeout_path=self._closeout_path, summary_path=summary_path)
 
     # ---- Web UI story -------------------------------------------------------------------
+
+    def _agent_label(self, request: AgentTaskRequest) -> str:
+        if request.target_agent:
+            return request.target_agent
+        # Runs started before agents were resolved up front: the worker's setting decides.
+        setting = request.agent_setting or "agent"
+        return f"agent from {AGENT_SETTINGS.get(setting, setting)}"
+
+    def _agents(self) -> dict[str, str]:
+        pipeline = self._input
+        if pipeline is None:
+            return {}
+        agents = {"target": pipeline.target_agent}
+        for setting, stage in (("prefab_agent", "prefab"), ("security_agent", "security")):
+            agents[stage] = (self._stage_agent(pipeline, setting)
+                             or f"agent from {AGENT_SETTINGS[setting]}")
+        return agents
 
     def _summary_line(self, stage: str, target: str | None) -> str:
         # Helper activities (record_block_decision) carry the number of the stage they serve.
@@ -406,17 +573,30 @@ class BuildPipelineWorkflow:
         number = STAGE_NUMBERS.get(self._stage, 0)
         lines = [f"**{pipeline.build_name}** → `{pipeline.target_agent}`",
                  f"Stage {number}/{TOTAL_STAGES}: `{self._stage}`"]
+        if self._adopted:
+            lines.append("Adopted: started by an earlier worker (v0.5.0-compatible history)")
+        for warning in self._warnings:
+            lines.append(f"**Warning**: {warning}")
         if self._paused:
             lines.append(f"**Paused**: {self._pause_reason or 'no reason given'}")
-        if self._waiting is not None:
-            who = self._waiting.agent or "an approval"
-            lines.append(f"Waiting on {who} since {self._waiting.since:%Y-%m-%d %H:%M:%S}Z"
+        if self._waiting is not None and self._waiting.kind == "block_decision":
+            lines.append(f"Waiting for a block decision since "
+                         f"{self._waiting.since:%Y-%m-%d %H:%M:%S}Z "
+                         f"(originating task `{self._waiting.task_id}`). Decide by:")
+            lines.extend(f"- {path}" for path in self._decision_paths
+                         or ["the approve_blocks / reject_blocks update"])
+        elif self._waiting is not None:
+            lines.append(f"Waiting on {self._waiting.agent} since "
+                         f"{self._waiting.since:%Y-%m-%d %H:%M:%S}Z"
                          + (f" (task `{self._waiting.task_id}`)" if self._waiting.task_id else ""))
         if self._triage.blocks or self._triage.flags or self._triage.info:
             lines.append(f"Triage: {len(self._triage.blocks)} blocks, "
                          f"{len(self._triage.flags)} flags, {len(self._triage.info)} info")
         if self._notification_failures:
             lines.append("Notification failures: " + "; ".join(self._notification_failures))
+        if self._decision is not None:
+            claimed = f" (claims to be {self._claimed_by})" if self._claimed_by else ""
+            lines.append(f"Decision: **{self._decision}** by {self._decided_by}{claimed}")
         if self._outcome is not None:
             lines.append(f"Outcome: **{self._outcome}**"
                          + (f" at `{self._failed_stage}`" if self._failed_stage else ""))
@@ -436,7 +616,10 @@ class BuildPipelineWorkflow:
             waiting_on=self._waiting, paused=self._paused, pause_reason=self._pause_reason,
             outcome=self._outcome, failed_stage=self._failed_stage, error=self._error,
             decision=self._decision, decided_by=self._decided_by,
-            notification_failures=list(self._notification_failures))
+            decision_source=self._decision_source, claimed_by=self._claimed_by,
+            decision_paths=list(self._decision_paths),
+            notification_failures=list(self._notification_failures),
+            agents=self._agents(), warnings=list(self._warnings), adopted=self._adopted)
 
     @workflow.query
     def get_events(self) -> list[StageEvent]:
@@ -445,15 +628,19 @@ class BuildPipelineWorkflow:
     def _validate_decision(self, raw: Any) -> None:
         if not self._awaiting_decision or self._decision is not None:
             raise ValueError(f"pipeline is not waiting on blocks (stage: {self._stage}, "
-                             f"outcome: {self._outcome})")
+                             f"outcome: {self._outcome}, decision: {self._decision})")
         coerce_decision(raw)
 
     def _decide(self, decision: Decision, raw: Any) -> str:
         choice = coerce_decision(raw)
-        self._decision, self._decided_by = decision, choice.decided_by
+        self._decision, self._decided_by = decision, decider_label(choice)
+        self._decision_source, self._claimed_by = choice.source, choice.claimed_by
         self._decision_note, self._decided_via_update = choice.note, True
-        self._event("wait_for_block_resolution", f"{decision}_by_update",
-                    f"{choice.decided_by}: {choice.note}".rstrip(": "))
+        via = {"update": "by_update", "task_file": "by_task_file", "matrix": "by_matrix"}
+        claimed = f" (claims to be {choice.claimed_by})" if choice.claimed_by else ""
+        self._event("wait_for_block_resolution", f"{decision}_{via[choice.source]}",
+                    f"{self._decided_by}{claimed}: {choice.note}".rstrip(": "))
+        self._details()
         return decision
 
     @workflow.update
@@ -484,6 +671,10 @@ class BuildPipelineWorkflow:
         self._event(self._stage, "resumed", reason)
         self._details()
 
-
-def _agent_label(request: AgentTaskRequest) -> str:
-    return request.target_agent or f"${(request.agent_setting or 'agent').upper()}"
+    @workflow.signal
+    def adopt(self, note: str = "") -> None:
+        """Sent by a worker that takes over runs an earlier worker started: records the
+        adoption at once, so a run parked for days shows it before anything else moves."""
+        if self._adopted and not self._adoption_noted:
+            self._note_adoption(note or f"taken over at {self._stage}")
+        self._details()

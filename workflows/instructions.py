@@ -40,6 +40,11 @@ def sanitize_finding(text: str) -> str:
     return collapsed.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def finding_texts(findings: list[Finding]) -> list[str]:
+    """The findings as plain one-line texts (v0.5.0's `flags` payload field)."""
+    return [" ".join(item.description.split())[:FINDING_MAX_CHARS] for item in findings]
+
+
 def wrap_findings(findings: list[Finding]) -> str:
     lines = [f"- {sanitize_finding(item.description)}" for item in findings]
     return "\n".join([DATA_NOTICE, OPEN_TAG, *lines, CLOSE_TAG])
