@@ -158,8 +158,9 @@ def assert_self_contained(path: Path, deployed: Deployed) -> dict[str, Any]:
 
 async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Deployed) -> None:
     """Every stage finished from `/` with PATH and HOME only, the commands taken from the
-    payload, the instruction and request.md in turn; the security agent writes where the
-    task says, v0.5.0 style (output_dir, audit_request_path)."""
+    payload, the instruction and request.md in turn; the agents read v0.5.0's fields
+    (originating_task_id, output_dir, audit_request_path, flags) and the security agent
+    writes where the task says."""
     build = f"agent-{uuid.uuid4().hex[:6]}"
     origin = write_origin_task(deployed.queue_dir)
     handle = await deployed.start("BuildPipelineWorkflow", BuildPipelineInput(
@@ -170,6 +171,7 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     prefab = await wait_for_task(deployed.queue_dir, handle.id, "build_prefab", timeout=60)
     finish(prefab, "payload", "prefab scaffolded", home)
     implement = await wait_for_task(deployed.queue_dir, handle.id, "build_plan")
+    assert read_as_agent(implement)["payload"]["originating_task_id"] == origin
     finish(implement, "instruction", "implemented", home)
 
     audit = await wait_for_task(deployed.queue_dir, handle.id, "security_audit")
@@ -194,7 +196,9 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     assert result.returncode == 0, result.stderr
 
     fix = await wait_for_task(deployed.queue_dir, handle.id, "security_fix")
-    assert "Pin the base image digest" in read_as_agent(fix)["payload"]["instruction"]
+    fix_payload = read_as_agent(fix)["payload"]
+    assert fix_payload["flags"] == ["Pin the base image digest"]
+    assert "Pin the base image digest" in fix_payload["instruction"]
     finish(fix, "payload", "pinned", home)
     closeout = await wait_for_task(deployed.queue_dir, handle.id, "build_closeout")
     closeout_doc = str(home / "closeout.md")
