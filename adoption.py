@@ -31,7 +31,7 @@ from workflows.build_pipeline_workflow import PREPARE_PATCH
 log = logging.getLogger(__name__)
 
 PIPELINE_WORKFLOW = "BuildPipelineWorkflow"
-PATCH_MARKER = "core_patch"
+PATCH_MARKER, PATCH_DETAILS = "core_patch", "patch-data"
 # The start marker is recorded by the first workflow task: within the first few events.
 MARKER_SEARCH_EVENTS = 12
 
@@ -42,9 +42,9 @@ async def started_by_this_worker(handle: WorkflowHandle) -> bool:
         seen += 1
         if event.HasField("marker_recorded_event_attributes"):
             marker = event.marker_recorded_event_attributes
-            data = marker.details["patch_data"].payloads[0].data \
-                if "patch_data" in marker.details else b"{}"
-            if marker.marker_name == PATCH_MARKER and json.loads(data).get("id") == PREPARE_PATCH:
+            details = marker.details.get(PATCH_DETAILS)
+            if (marker.marker_name == PATCH_MARKER and details is not None and details.payloads
+                    and json.loads(details.payloads[0].data).get("id") == PREPARE_PATCH):
                 return True
         if seen >= MARKER_SEARCH_EVENTS:
             break

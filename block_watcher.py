@@ -36,8 +36,10 @@ from task_files import (
     APPROVED,
     AWAITING_DECISION,
     DECIDING_STATUSES,
+    MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
+    read_agent_file,
     read_task,
 )
 
@@ -48,6 +50,11 @@ RESCAN_INTERVAL_SECONDS = 600.0
 DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
 MAX_NOTE_CHARS = 2000
+
+
+def names_a_waiting_run(path: Path) -> bool:
+    """Cheap first look: only a file with an `awaiting_decision` key can decide a run."""
+    return AWAITING_DECISION.encode() in read_agent_file(path, MAX_TASK_FILE_BYTES)
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -82,6 +89,8 @@ class BlockDecisionWatcher:
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
         try:
+            if not await asyncio.to_thread(names_a_waiting_run, path):
+                return  # agent task files (nearly every write) are not parsed at all
             task = await asyncio.to_thread(read_task, path)
         except TaskFileError as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})

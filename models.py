@@ -23,6 +23,8 @@ Decision = Literal["approved", "rejected"]
 # Where a block decision came from: an operator's Update (tools, CLI), the originating
 # task file (anyone who can write the task folder), or an allowed approver in Matrix.
 DecisionSource = Literal["update", "task_file", "matrix"]
+# Outcomes of a pipeline whose close-out ran (v0.5.0's result status "complete").
+COMPLETED_OUTCOMES: tuple[Outcome, ...] = ("success", "partial")
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -59,6 +61,8 @@ class BuildPipelineInput(BaseModel):
                                               le=30 * 24 * 3600)
     block_poll_interval_seconds: float = Field(default=DEFAULT_BLOCK_POLL_SECONDS, ge=0.1,
                                                le=3600)
+    # How long each agent has for its stage; unset means the stage's policy (2-4 h).
+    agent_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     # Per-build routing of stages 1 and 3; unset means the worker's PREFAB_AGENT /
     # SECURITY_AGENT setting.
     prefab_agent: str | None = None

@@ -137,6 +137,8 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
         handler.addFilter(context)
         root.addHandler(handler)
     root.setLevel(level)
+    # watchfiles reports every batch of changes at INFO ("2 changes detected"): noise.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # The JSON fields carry the SDK's context; appending it to the event text too would
     # make `event` differ per workflow and defeat grouping by event.
     activity.logger.activity_info_on_message = False

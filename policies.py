@@ -34,6 +34,11 @@ def agent_stage(limit: timedelta) -> StagePolicy:
     return StagePolicy(limit, DISPATCH_RETRY, schedule_to_close=limit)
 
 
+def with_agent_limit(policy: StagePolicy, seconds: float | None) -> StagePolicy:
+    """An agent stage's policy with the build's own time limit, if it sets one."""
+    return policy if seconds is None else agent_stage(timedelta(seconds=seconds))
+
+
 PREFAB = agent_stage(timedelta(hours=2))
 IMPLEMENT = agent_stage(timedelta(hours=4))
 SECURITY_AUDIT = agent_stage(timedelta(hours=4))

@@ -8,6 +8,7 @@ A symlink where a task file belongs is refused, never followed.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import secrets
@@ -206,6 +207,26 @@ class DepthLimitedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+def read_agent_file(path: Path, limit: int) -> bytes:
+    """The bytes of a file an agent may have written: no link followed, no blocking on a
+    FIFO or device (only a regular file is read), at most `limit` bytes."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise TaskNotFoundError(f"{path}: no such file") from None
+    except OSError as err:
+        reason = "is a symlink" if err.errno == errno.ELOOP else err.strerror
+        raise UnsafeTaskPathError(f"{path}: cannot open: {reason}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeTaskPathError(f"{path}: is not a regular file")
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise TaskFileError(f"{path}: larger than {limit} bytes")
+    return raw
+
+
 def read_task(path: Path) -> dict[str, Any]:
     """Parse one task file; refuse symlinks, oversized files and non-mappings."""
     _refuse_symlink(path)
@@ -230,6 +251,9 @@ def read_task(path: Path) -> dict[str, Any]:
 
 def _matches(path: Path, task_id: str) -> bool:
     try:
+        # Most files of a full scan are other tasks: skip them without parsing YAML.
+        if task_id.encode() not in read_agent_file(path, MAX_TASK_FILE_BYTES):
+            return False
         return str(read_task(path).get("id")) == task_id
     except TaskFileError:
         return False

@@ -48,7 +48,14 @@ from temporalio.client import Client, WorkflowHandle  # noqa: E402
 
 from config import load_config  # noqa: E402
 from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult  # noqa: E402
-from task_files import ensure_private_dir, new_task, write_task  # noqa: E402
+from task_files import (  # noqa: E402
+    add_history,
+    ensure_private_dir,
+    find_task,
+    new_task,
+    update_task,
+    write_task,
+)
 from temporal_client import connect  # noqa: E402
 from tools import devserver  # noqa: E402
 
@@ -58,6 +65,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 TARGET_NEW_PIPELINE_S = 2.0
 TARGET_WORKER_RSS_MB = 200.0
 TARGET_HANDOFF_P50_MS = 50.0
+TARGET_IDLE_CPU_PERCENT = 2.0
+TARGET_DECISION_MS = 2000.0
 
 CLEAN_TRIAGE = "blocks: []\nflags: []\ninfo:\n  - benchmark build, nothing to report\n"
 BLOCKED_TRIAGE = "blocks:\n  - description: benchmark block awaiting an operator\n"
@@ -66,8 +75,8 @@ PARK_SEQUENCE = ("build_prefab", "build_plan", "security_audit")
 STAGE_WAIT_SECONDS = 180.0
 WORKER_READY_SECONDS = 60.0
 WORKER_STOP_SECONDS = 20.0
-# How many parked pipelines' history/attempts are sampled for the poll-load check.
-POLL_SAMPLE = 40
+# How many parked pipelines' histories are sampled for growth over the idle window.
+IDLE_SAMPLE = 40
 
 
 class BenchError(Exception):
@@ -384,6 +393,7 @@ class PipelineRun:
     workflow_id: str
     wall_s: float
     handle: WorkflowHandle[Any, Any]
+    task_id: str = ""
 
 
 def write_triage(audit_dir: Path, build_name: str, text: str) -> None:
@@ -437,7 +447,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
             await next_file(queue, lambda task: task.get("id") == task_id
                             and task.get("status") == "input-required",
                             f"originating task of {workflow_id} marked input-required")
-            return PipelineRun(workflow_id, time.monotonic() - started, handle)
+            return PipelineRun(workflow_id, time.monotonic() - started, handle, task_id)
         try:
             result = await asyncio.wait_for(handle.result(), STAGE_WAIT_SECONDS)
         except TimeoutError:
@@ -497,24 +507,29 @@ async def gather_bounded(count: int, limit: int,
 
 
 async def parked_snapshot(handles: list[WorkflowHandle[Any, Any]]) -> dict[str, Any]:
-    """History length and stage-7 attempt number of each handle (server-side describe: no
-    workflow task, no load on the worker)."""
+    """History length of each handle parked at stage 7: running, nothing pending but its
+    deadline timer (server-side describe: no workflow task, no load on the worker)."""
     gate = asyncio.Semaphore(25)
 
-    async def one(handle: WorkflowHandle[Any, Any]) -> tuple[int, int] | None:
+    async def one(handle: WorkflowHandle[Any, Any]) -> int | None:
         async with gate:
             description = await handle.describe()
-        pending = [activity for activity in description.raw_description.pending_activities
-                   if activity.activity_type.name == "wait_for_block_resolution"]
-        return (description.history_length, pending[0].attempt) if pending else None
+        if description.raw_description.pending_activities or description.close_time:
+            return None
+        return description.history_length
 
     # gather keeps the order of `handles`, so two snapshots compare pipeline by pipeline.
     found = await asyncio.gather(*(one(handle) for handle in handles))
-    parked = [item for item in found if item is not None]
     not_parked = [handle for handle, item in zip(handles, found, strict=True) if item is None]
-    return {"history": [history for history, _ in parked],
-            "attempts": [attempt for _, attempt in parked],
+    return {"history": [history for history in found if history is not None],
             "not_parked": len(not_parked), "not_parked_handles": not_parked}
+
+
+def approve_origin(queue_dir: Path, task_id: str) -> float:
+    """An operator approves by editing the originating task; returns when it was written."""
+    update_task(find_task(queue_dir, task_id), lambda task: add_history(
+        task, status="approved", actor="bench-operator", note="risk accepted"))
+    return time.monotonic()
 
 
 # ---- the run --------------------------------------------------------------------------
@@ -620,7 +635,8 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
 
         # 3. Park N pipelines at stage 7, then time a new clean pipeline.
         if args.parked > 0:
-            report["parked"] = await checked(park_and_measure(args, bench, stats, queue_dir))
+            report["parked"] = await checked(park_and_measure(args, bench, stats, server_stats,
+                                                              queue_dir))
         report["worker_peak_rss_mb"] = max(stats.hwm_mb() or 0.0,
                                            round(stats.peak_rss_kb / 1024, 1))
         report["task_files_in_queue"] = sum(1 for p in queue_dir.glob("*.yml"))
@@ -636,70 +652,72 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
 
 
 async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: ProcessStats,
-                           queue_dir: Path) -> dict[str, Any]:
+                           server_stats: ProcessStats, queue_dir: Path) -> dict[str, Any]:
     started = time.monotonic()
     runs = await gather_bounded(args.parked, args.park_parallel,
                                 lambda i: play_pipeline(bench, "p", i, park=True))
     parking_wall = time.monotonic() - started
     handles = [run.handle for run in runs]
     # The originating task is marked input-required by stage 6 a moment before the
-    # workflow schedules the stage 7 poll: wait (bounded) until every one is polling.
+    # workflow enters stage 7: wait (bounded) until every one is parked.
     deadline = time.monotonic() + STAGE_WAIT_SECONDS
     waiting = handles
     while waiting:
         everyone = await parked_snapshot(waiting)
         waiting = everyone["not_parked_handles"]
         if waiting and time.monotonic() > deadline:
-            raise BenchError(f"{len(waiting)} of {len(handles)} pipelines are not polling "
-                             f"stage 7 after {STAGE_WAIT_SECONDS:.0f}s")
+            raise BenchError(f"{len(waiting)} of {len(handles)} pipelines are not parked "
+                             f"at stage 7 after {STAGE_WAIT_SECONDS:.0f}s")
         if waiting:
             await asyncio.sleep(0.5)
     rss_after_parking = stats.rss_mb()
-    sample = handles[:: max(1, len(handles) // POLL_SAMPLE)][:POLL_SAMPLE]
+
+    # Idle: N parked, nothing else happening. What do the worker and the server burn?
+    sample = handles[:: max(1, len(handles) // IDLE_SAMPLE)][:IDLE_SAMPLE]
     before = await parked_snapshot(sample)
-    cpu_before, window_start = stats.cpu_seconds() or 0.0, time.monotonic()
+    worker_cpu, server_cpu = stats.cpu_seconds() or 0.0, server_stats.cpu_seconds() or 0.0
+    window_start = time.monotonic()
+    await asyncio.sleep(args.idle_window)  # measuring idleness: nothing to wait for
+    window = time.monotonic() - window_start
+    idle = {
+        "window_s": round(window, 1),
+        "worker_cpu_percent": round(100 * ((stats.cpu_seconds() or 0.0) - worker_cpu)
+                                    / window, 2),
+        "server_cpu_percent": round(100 * ((server_stats.cpu_seconds() or 0.0) - server_cpu)
+                                    / window, 2),
+    }
+    after = await parked_snapshot(sample)
+    if before["not_parked"] or after["not_parked"]:
+        raise BenchError("a sampled parked pipeline left stage 7 during the idle window")
+    idle["sampled"] = len(sample)
+    idle["history_events_added_max"] = max(
+        b - a for a, b in zip(before["history"], after["history"], strict=True))
 
     new_runs = [await play_pipeline(bench, "new", i) for i in range(3)]
     rss_after_new = stats.rss_mb()
 
-    # Observe one full default poll interval (30 s) plus slack: every parked pipeline
-    # polls at least once; its history must not grow.
-    remaining = args.poll_window - (time.monotonic() - window_start)
-    if remaining > 0:
-        await asyncio.sleep(remaining)
-    window = time.monotonic() - window_start
-    cpu_window = (stats.cpu_seconds() or 0.0) - cpu_before
-    after = await parked_snapshot(sample)
-    if before["not_parked"] or after["not_parked"]:
-        raise BenchError("a sampled parked pipeline left stage 7 during the poll window")
-    history_growth = [b - a for a, b in zip(before["history"], after["history"], strict=True)]
-    added_events: dict[str, int] = {}
-    for handle, old, new in zip(sample, before["history"], after["history"], strict=True):
-        if new > old:  # name what was added, so a regression is diagnosable
-            history = await handle.fetch_history()
-            for event in history.events[old:]:
-                name = str(event.WhichOneof("attributes")).removesuffix("_event_attributes")
-                added_events[name] = added_events.get(name, 0) + 1
-    attempt_growth = [b - a for a, b in zip(before["attempts"], after["attempts"], strict=True)]
+    # File decisions: approve some parked ones through their originating task, one at a
+    # time, and time each until its close-out task lands (the next stage began).
+    latencies = []
+    for run in runs[:args.decisions]:
+        queue = bench.agents.register(run.workflow_id)
+        try:
+            decided_at = await asyncio.to_thread(approve_origin, queue_dir, run.task_id)
+            seen = await next_file(queue, agent_task("build_closeout"),
+                                   f"close-out task of {run.workflow_id} after approval")
+            latencies.append(seen.seen_at - decided_at)
+        finally:
+            bench.agents.forget(run.workflow_id)
     return {
         "parked": args.parked,
         "parking_wall_s": round(parking_wall, 1),
+        "idle": idle,
         "new_pipeline_wall_s": round(new_runs[0].wall_s, 3),
         "new_pipeline_wall_s_runs": [round(run.wall_s, 3) for run in new_runs],
         "new_pipeline_breakdown_ms": await time_breakdown(new_runs[0].handle),
         "worker_rss_mb_after_parking": rss_after_parking,
         "worker_rss_mb_after_new_pipelines": rss_after_new,
-        "poll_check": {
-            "sampled": len(sample),
-            "window_s": round(window, 1),
-            "history_length": [min(after["history"]), max(after["history"])],
-            "history_events_added_max": max(history_growth),
-            "history_events_added_by_type": added_events,
-            "poll_attempts_added": [min(attempt_growth), max(attempt_growth)],
-            "worker_cpu_percent": round(100 * cpu_window / window, 1),
-            "polls_per_s_estimate": round(args.parked * sum(attempt_growth)
-                                          / len(attempt_growth) / window, 1),
-        },
+        "file_decision_to_next_stage_ms": ms_stats(latencies),
     }
 
 
@@ -711,6 +729,16 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                                     "met": p50 <= TARGET_HANDOFF_P50_MS}
     parked = report.get("parked")
     if isinstance(parked, dict):
+        for who in ("worker", "server"):
+            value = parked["idle"][f"{who}_cpu_percent"]
+            checks[f"idle_{who}_cpu_percent_parked"] = {
+                "value": value, "target": TARGET_IDLE_CPU_PERCENT,
+                "met": value <= TARGET_IDLE_CPU_PERCENT}
+        decision_p95 = parked["file_decision_to_next_stage_ms"].get("p95")
+        if decision_p95 is not None:
+            checks["file_decision_p95_ms"] = {
+                "value": decision_p95, "target": TARGET_DECISION_MS,
+                "met": decision_p95 <= TARGET_DECISION_MS}
         checks["new_pipeline_wall_s"] = {
             "value": parked["new_pipeline_wall_s"], "target": TARGET_NEW_PIPELINE_S,
             "met": parked["new_pipeline_wall_s"] <= TARGET_NEW_PIPELINE_S}
@@ -718,10 +746,9 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
                   parked["worker_rss_mb_after_new_pipelines"] or 0)
         checks["worker_rss_mb_parked"] = {"value": rss, "target": TARGET_WORKER_RSS_MB,
                                           "met": rss <= TARGET_WORKER_RSS_MB}
-        checks["no_history_growth_per_poll"] = {
-            "value": parked["poll_check"]["history_events_added_max"], "target": 0,
-            "met": parked["poll_check"]["history_events_added_max"] == 0
-            and parked["poll_check"]["poll_attempts_added"][0] >= 1}
+        checks["no_history_growth_while_parked"] = {
+            "value": parked["idle"]["history_events_added_max"], "target": 0,
+            "met": parked["idle"]["history_events_added_max"] == 0}
     return checks
 
 
@@ -739,9 +766,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how the agents notice task files (default inotify)")
     parser.add_argument("--park-parallel", type=int, default=200,
                         help="pipelines being driven to stage 7 at once (default 200)")
-    parser.add_argument("--poll-window", type=float, default=40.0,
-                        help="seconds to watch parked pipelines poll (default 40: one "
-                             "default 30 s interval plus slack)")
+    parser.add_argument("--decisions", type=int, default=20,
+                        help="parked pipelines approved through their task file, one at a "
+                             "time, for the decision latency (default 20)")
+    parser.add_argument("--idle-window", type=float, default=30.0,
+                        help="seconds the worker's and server's CPU is sampled with the "
+                             "pipelines parked and nothing else happening (default 30)")
     args = parser.parse_args(argv)
     if args.parked < 0 or args.concurrent < 1 or args.park_parallel < 1:
         parser.error("--parked must be >= 0, --concurrent and --park-parallel >= 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
+from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import add_history, find_task, update_task
 from tests.agents import (
     assert_valid_task_file,
@@ -325,3 +326,91 @@ async def test_worker_restart_while_agent_works(pipeline_env_vars: dict[str, str
     assert result.outcome == "success"
     assert len(agent_tasks(pipeline, handle.id)) == 4
     _ = poll
+
+
+def text_of_history(events: list[Any]) -> list[str]:
+    """Every activity summary and timer summary the Web UI shows for a run."""
+    return [json.loads(e.user_metadata.summary.data) for e in events
+            if e.HasField("user_metadata") and e.user_metadata.HasField("summary")]
+
+
+async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
+    inp = pipeline_input(pipeline, "named-agents")
+    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+    assert status.waiting_on is not None and status.waiting_on.agent == "claudebox"
+    assert status.agents == {"target": "builder", "prefab": "claudebox",
+                             "security": "security-agent"}
+    assert status.warnings == []
+    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    pipeline.write_triage("named-agents", "flags:\n- pin it\n")
+    from tests.agents import complete_task
+    await complete_task(audit, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "security_fix", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+    result: BuildPipelineResult = await handle.result()
+    assert (result.outcome, result.status) == ("success", "complete")
+
+    history = [e async for e in handle.fetch_history_events()]
+    summaries = text_of_history(history)
+    assert "1/9 prefab_scaffolding → claudebox" in summaries
+    assert "3/9 request_security_audit → security-agent" in summaries
+    events = await handle.query("get_events", result_type=list[StageEvent])
+    texts = [*summaries, *(f"{e.event} {e.detail}" for e in events),
+             (await handle.query("get_status", result_type=PipelineStatus)).model_dump_json(),
+             Path(result.summary_path or "").read_text()]
+    assert not [text for text in texts if "$" in text]
+    summary = summary_of(result)
+    assert (summary["flags_applied"], summary["blocks_hit"]) == (1, 0)
+    assert summary["phases_completed"] == ["prefab", "implement", "audit", "triage", "fixes",
+                                           "close"]
+    tasks = agent_tasks(pipeline, handle.id)
+    assert tasks["build_plan"]["payload"]["originating_task_id"] == inp.task_id
+    assert tasks["security_fix"]["payload"]["flags"] == ["pin it"]
+
+
+async def test_missing_originating_task_is_a_warning_from_the_start(
+        pipeline: PipelineEnv) -> None:
+    inp = BuildPipelineInput(build_name="no-origin", plan_path="/plans/p.md",
+                             task_id="no-such-task", target_agent="builder")
+    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
+    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+    assert status.stage == "prefab_scaffolding"
+    assert len(status.warnings) == 1 and "'no-such-task' not found" in status.warnings[0]
+    events = await handle.query("get_events", result_type=list[StageEvent])
+    assert [e.event for e in events if e.stage == "pipeline"] == ["started", "warning"]
+    await handle.cancel()
+
+
+async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -> None:
+    cancelled = await pipeline.start("BuildPipelineWorkflow",
+                                     pipeline_input(pipeline, "cancel-me"),
+                                     result_type=BuildPipelineResult)
+    timed_out = await pipeline.start("BuildPipelineWorkflow",
+                                     pipeline_input(pipeline, "too-slow",
+                                                    agent_timeout_seconds=1.5),
+                                     result_type=BuildPipelineResult)
+    await play_stage(pipeline.queue_dir, cancelled.id, "build_prefab", pipeline.env)
+    implement = await wait_for_task(pipeline.queue_dir, cancelled.id, "build_plan")
+    await cancelled.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await cancelled.result()
+    with pytest.raises(WorkflowFailureError):
+        await timed_out.result()
+
+    task = load_yaml(implement)
+    assert task["status"] == "cancelled"
+    assert task["history"][-1]["note"] == "pipeline cancelled"
+    slow = agent_tasks(pipeline, timed_out.id)["build_prefab"]
+    assert slow["status"] == "expired"
+    assert slow["history"][-1]["note"] == "prefab_scaffolding timed out"
+    for workflow_id in (cancelled.id, timed_out.id):
+        assert not [path for path, t in tasks_for(pipeline.queue_dir, workflow_id)
+                    if t["status"] in ("submitted", "in-progress")]
+    closed = [load_yaml(p) for p in pipeline.summary_dir.rglob("*.yml")]
+    assert sorted(t["status"] for s in closed for t in s["tasks_closed"]) == \
+        ["cancelled", "expired"]

@@ -1,9 +1,17 @@
-"""Replay safety: every recorded history (tests/histories/*.json, one per path through
-both workflows) must replay against today's workflow code. A change that would break
-pipelines already running fails here. Record new ones: python -m tools.record_histories"""
+"""Replay safety: every recorded history must replay against today's workflow code, so a
+change that would break pipelines already running fails here.
+
+tests/histories/ holds one folder per shape of history:
+- `v050/`: recorded from v0.5.0, the system this service replaces in flight (complete
+  runs, and runs waiting on an agent or parked at stage 7 when recorded);
+- `polled-stage7/`: this service before block decisions became event-driven (stage 7
+  polled the originating task with a retried activity);
+- `event-driven/`: the current shape (record anew: python -m tools.record_histories).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,33 +23,56 @@ from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
-# Every path the issue names; a missing file is a failure, not a silent skip.
-REQUIRED = ("pipeline_clean", "pipeline_flags", "pipeline_approved_task_file",
-            "pipeline_approved_update", "pipeline_rejected", "pipeline_timed_out",
-            "pipeline_agent_failure", "pipeline_bad_triage", "plan_success", "plan_failure")
+OURS = ("pipeline_clean", "pipeline_flags", "pipeline_approved_task_file",
+        "pipeline_approved_update", "pipeline_rejected", "pipeline_timed_out",
+        "pipeline_agent_failure", "pipeline_bad_triage", "plan_success", "plan_failure")
+# Every path each generation must keep replaying; a missing file is a failure.
+REQUIRED = {
+    "v050": ("v050-clean", "v050-flags-done", "v050-blocks-approved", "v050-parked",
+             "v050-at-implement", "v050-at-fixes", "v050-at-closeout"),
+    "polled-stage7": OURS,
+    "event-driven": OURS,
+}
+FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
+STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
 
 
-def load(name: str) -> WorkflowHistory:
-    path = HISTORIES / f"{name}.json"
-    return WorkflowHistory.from_json(f"record-{name}", path.read_text())
+def recorded() -> list[str]:
+    return sorted(f"{path.parent.name}/{path.stem}" for path in HISTORIES.glob("*/*.json"))
 
 
-def test_every_path_is_recorded() -> None:
-    recorded = {path.stem for path in HISTORIES.glob("*.json")}
-    assert set(REQUIRED) <= recorded, f"missing: {sorted(set(REQUIRED) - recorded)}"
+def test_every_path_of_every_generation_is_recorded() -> None:
+    found = set(recorded())
+    wanted = {f"{folder}/{name}" for folder, names in REQUIRED.items() for name in names}
+    assert wanted <= found, f"missing: {sorted(wanted - found)}"
 
 
-@pytest.mark.parametrize("name", sorted({p.stem for p in HISTORIES.glob("*.json")}
-                                        | set(REQUIRED)))
+@pytest.mark.parametrize("name", recorded())
 async def test_history_replays_against_current_code(name: str) -> None:
-    history = load(name)
+    path = HISTORIES / f"{name}.json"
+    history = WorkflowHistory.from_json(f"replay-{path.stem}", json.loads(path.read_text()))
     replayer = Replayer(workflows=[BuildPipelineWorkflow, BuildPlanWorkflow],
                         data_converter=pydantic_data_converter)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{name}: {result.replay_failure}"
     # The recording really is the path it is named for (a truncated file replays too).
     last = history.events[-1]
-    if name in ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure"):
+    stem = path.stem
+    if stem in FAILING:
         assert last.HasField("workflow_execution_failed_event_attributes"), name
+    elif stem in STILL_RUNNING:
+        assert not any(e.HasField("workflow_execution_completed_event_attributes")
+                       or e.HasField("workflow_execution_failed_event_attributes")
+                       for e in history.events), name
     else:
         assert last.HasField("workflow_execution_completed_event_attributes"), name
+
+
+def test_event_driven_histories_park_without_an_activity() -> None:
+    """The current shape of stage 7: no check activity at all, the deadline timer only."""
+    for stem in ("pipeline_approved_task_file", "pipeline_rejected", "pipeline_timed_out"):
+        events = json.loads((HISTORIES / "event-driven" / f"{stem}.json").read_text())["events"]
+        scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                     for e in events if "activityTaskScheduledEventAttributes" in e]
+        assert "wait_for_block_resolution" not in scheduled, stem
+        assert any("timerStartedEventAttributes" in e for e in events), stem

@@ -9,8 +9,8 @@
 4. lets the DEMO AGENT STAND-IN (tools/demo_agent.py) finish each agent stage through
    `complete_activity.py --task-file`; its triage has one flag and one block,
 5. approves the block through the approve_blocks Update (tools/approve-build's code),
-6. checks: COMPLETED, outcome success, summary file written, originating task records
-   who approved; prints the stage timeline,
+6. checks: COMPLETED, outcome partial (blocks approved), summary file written,
+   originating task records who approved; prints the stage timeline,
 7. stops the worker and the server it started (by their PID files) and removes the temp
    folder (kept with --keep).
 
@@ -136,7 +136,9 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     description = await handle.describe()
     check(description.status is not None and description.status.name == "COMPLETED",
           f"workflow status is {description.status}, expected COMPLETED")
-    check(result.outcome == "success", f"outcome {result.outcome!r}, expected 'success'")
+    # Blocks approved: the build closed out, "partial" in v0.5.0's words.
+    check(result.outcome == "partial" and result.status == "complete",
+          f"outcome {result.outcome!r} / status {result.status!r}, expected partial/complete")
     check(result.decision == "approved", f"decision {result.decision!r}")
     check(len(result.stages_completed) == 9,
           f"{len(result.stages_completed)} stages completed, expected 9: "
@@ -144,7 +146,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     summary_path = Path(result.summary_path or "")
     check(summary_path.is_file(), f"summary file {summary_path} missing")
     summary = yaml.safe_load(summary_path.read_text())
-    check(summary["outcome"] == "success" and summary["decided_by"] == OPERATOR,
+    check(summary["outcome"] == "partial" and summary["decided_by"] == OPERATOR,
           f"summary says outcome {summary['outcome']!r}, decided by {summary['decided_by']!r}")
     origin = read_task(find_task(queue_dir, origin_id))
     check(origin["status"] == "approved" and origin["history"][-1]["actor"] == OPERATOR,

@@ -44,6 +44,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from models import COMPLETED_OUTCOMES
+
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONNECT, EXIT_TIMEOUT = range(6)
 EXIT_CODES_HELP = ("exit codes: 0 done/healthy, 1 needs attention, 2 usage or configuration "
                    "error, 3 workflow not found, 4 cannot connect to Temporal, 5 timed out")
@@ -607,7 +609,7 @@ def result_problem(result: Any) -> str | None:
     """A COMPLETED workflow whose result still says something went wrong."""
     if isinstance(result, dict):
         outcome = result.get("outcome")
-        if outcome not in (None, "success"):
+        if outcome not in (None, *COMPLETED_OUTCOMES):
             return f"outcome is {outcome!r}" + (f" (failed stage {result['failed_stage']})"
                                                 if result.get("failed_stage") else "")
         status = result.get("status")

@@ -1,6 +1,6 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tools.record_histories [--out tests/histories]
+    python -m tools.record_histories [--out tests/histories/event-driven]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
@@ -28,7 +28,8 @@ import yaml
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "tests" / "histories"
+# One folder per shape of history; older folders keep what must still replay.
+DEFAULT_OUT = REPO / "tests" / "histories" / "event-driven"
 WAIT_SECONDS = 120.0
 # A few paths at a time: every first workflow task builds a sandbox, which is slow on
 # a busy machine.
@@ -100,12 +101,10 @@ class Recorder:
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:
             status = await handle.query("get_status", result_type=PipelineStatus)
-            if status.stage == "wait_for_block_resolution" and status.waiting_on is not None:
-                description = await handle.describe()
-                pending = description.raw_description.pending_activities
-                if any(p.activity_type.name == "wait_for_block_resolution" for p in pending):
-                    inp = await self._input(handle)
-                    return find_task(self.queue, inp["task_id"])
+            waiting = status.waiting_on
+            if waiting is not None and waiting.kind == "block_decision":
+                inp = await self._input(handle)
+                return find_task(self.queue, inp["task_id"])
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{handle.id} did not park at stage 7")
 
@@ -214,6 +213,7 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
 
 
 async def record(out: Path) -> None:
+    from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
     from tools import devserver
@@ -231,8 +231,12 @@ async def record(out: Path) -> None:
             config = load_config(env)
             # A fixed identity keeps host names and pids out of the committed files.
             client = await connect(config, identity="record-histories")
+            stop = asyncio.Event()
             async with build_worker(client, config):
+                watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
                 handles = await record_all(client, Recorder(client, env, root))
+                stop.set()
+                await watcher
             out.mkdir(parents=True, exist_ok=True)
             for name, handle in handles.items():
                 history = await handle.fetch_history()
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="folder for the JSON histories (default: tests/histories)")
+                        help="folder for the JSON histories (default: "
+                             "tests/histories/event-driven)")
     args = parser.parse_args(argv)
     try:
         asyncio.run(record(args.out))

@@ -19,7 +19,7 @@ and 7 update and read. --create-task writes a minimal one (status `submitted`, f
 `temporal-worker`) and uses its id; a --task-id with no file there gets a warning on
 stderr (the build still starts: an approve-build / reject-build Update still decides).
 
-Exit codes: 0 started (with --wait: COMPLETED and outcome success) · 1 with --wait: the
+Exit codes: 0 started (with --wait: COMPLETED and outcome success or partial) · 1 with --wait: the
 workflow failed or its result reports a problem · 2 usage or invalid input · 3 a workflow
 with that id is already running · 4 cannot connect to Temporal · 5 --wait timed out.
 """

@@ -267,6 +267,8 @@ class BuildPipelineWorkflow:
 
     async def _agent_stage(self, stage: str, policy: policies.StagePolicy,
                            request: AgentTaskRequest) -> BuildPhaseResult:
+        assert self._input is not None
+        policy = policies.with_agent_limit(policy, self._input.agent_timeout_seconds)
         return await self._run_activity(stage, policy, request, result_type=BuildPhaseResult,
                                         waiting=request)
 
@@ -281,7 +283,8 @@ class BuildPipelineWorkflow:
                 f"<TEMPORAL_AUDIT_DIR>/{folder}/triage-output.yml"),
             extra={"audit_folder": folder})
         await self._run_activity(
-            "request_security_audit", policies.SECURITY_AUDIT,
+            "request_security_audit",
+            policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
             AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
                          target_agent=pipeline.target_agent, task=request),
             result_type=BuildPhaseResult, waiting=request)
