@@ -40,6 +40,7 @@ from task_files import (
     MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
+    ensure_private_dir,
     parse_task,
     read_agent_file,
     shown_path,
@@ -122,7 +123,7 @@ class BlockDecisionWatcher:
         if not self.config.file_decisions:
             log.info("file_decisions_off", extra={"task_queue_dir": str(self.folder)})
             return
-        await asyncio.to_thread(self.folder.mkdir, mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(ensure_private_dir, self.folder)
         rescans = asyncio.create_task(self._rescan_forever(stop))
         log.info("decision_watch_started", extra={"task_queue_dir": str(self.folder),
                                                   "polling": self.config.watch_polling})

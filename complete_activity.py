@@ -7,9 +7,15 @@
     complete_activity.py TOKEN_B64            success|failed [message]   (compatible form;
                                               the token is visible to local users via ps)
 
-Exit codes: 0 done · 2 usage or malformed token · 3 activity not found, already
-completed or timed out · 4 cannot connect or credentials refused · 1 anything else.
-The token is never printed or logged.
+Connection settings: the environment wins; with --task-file, what it leaves unset comes
+from the task's payload.temporal (address, namespace, TLS server name), and the Vault
+credentials, when the environment has none of them, from the worker's env file
+(WORKER_ENV_FILE, or the env_file the task names). Works from any directory, through a
+symlink, and without the worker's environment.
+
+Exit codes: 0 done · 2 usage, malformed token, or a missing or wrong setting (named) ·
+3 activity not found, already completed or timed out · 4 cannot reach Temporal or Vault
+(retry later) · 1 anything else. The token is never printed or logged.
 """
 
 from __future__ import annotations
@@ -19,15 +25,33 @@ import asyncio
 import base64
 import binascii
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
+# The project's modules live beside this file, wherever it is run from and through
+# whatever symlink (~/scripts/temporal-complete): put that folder first on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+try:
+    from temporalio.exceptions import ApplicationError
+    from temporalio.service import RPCError, RPCStatusCode
+except ImportError:
+    print(f"complete_activity: {sys.executable} cannot import temporalio: run this script "
+          f"with the worker's interpreter (payload.complete_command[0] in the task file)",
+          file=sys.stderr)
+    sys.exit(2)
 
 import policies
-from config import load_config
+from config import (
+    TASK_CONNECTION_FACTS,
+    VAULT_VARS,
+    WorkerConfig,
+    load_config,
+    read_env_file,
+)
 from exceptions import (
     PHASE_FAILED,
     ActivityGoneError,
@@ -35,6 +59,7 @@ from exceptions import (
     ConfigError,
     ConnectError,
     CredentialError,
+    CredentialSettingError,
     TaskFileError,
     UsageError,
 )
@@ -44,6 +69,7 @@ from task_files import add_history, read_agent_file, read_task, timestamp, updat
 STATUSES = ("success", "failed")
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 100_000
+NAMESPACE_NOT_FOUND = "NamespaceNotFoundFailure"  # gRPC error detail of an unknown namespace
 OVERALL_TIMEOUT_SECONDS = 15.0
 
 
@@ -51,8 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="complete_activity.py",
         description="Complete or fail the pipeline activity a task file belongs to.",
-        epilog="Exit codes: 0 done, 2 usage/malformed token, 3 activity not found or already "
-               "completed, 4 cannot connect/credentials, 1 other error.")
+        epilog="Exit codes: 0 done, 2 usage/malformed token/missing or wrong setting, 3 "
+               "activity not found or already completed, 4 cannot reach Temporal or Vault "
+               "(retry later), 1 other error. With --task-file, connection settings the "
+               "environment leaves unset come from the task's payload.temporal, and Vault "
+               "credentials from the worker's env file.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--task-file", type=Path, help="task YAML; token from payload.task_token, "
                         "and the file is marked completed/failed afterwards")
@@ -159,8 +188,83 @@ def resolve_token(args: argparse.Namespace, token_arg: str | None,
     return decode_token(token_arg or "", "the command line"), None
 
 
-def rpc_error(err: RPCError) -> CompletionError:
+def with_origin(err: ConfigError, origin: Mapping[str, str]) -> ConfigError:
+    """The error, saying where the value of the variable it names came from."""
+    match = re.match(r"[A-Z][A-Z0-9_]*", str(err))
+    where = origin.get(match.group(0)) if match else None
+    return ConfigError(f"{err} (set by {where})") if where else err
+
+
+def task_connection_facts(task: dict[str, Any] | None) -> dict[str, Any]:
+    payload = task.get("payload") if task is not None else None
+    facts = payload.get("temporal") if isinstance(payload, dict) else None
+    if facts is None:
+        return {}
+    if not isinstance(facts, dict):
+        raise ConfigError("payload.temporal in the task file must be a mapping")
+    return facts
+
+
+def cli_settings(task: dict[str, Any] | None,
+                 environ: Mapping[str, str]) -> tuple[WorkerConfig, dict[str, str]]:
+    """The settings to connect with, and where each connection setting came from.
+
+    The environment wins. The task file's payload.temporal fills in what it leaves unset
+    (the worker's own address, namespace and TLS facts). The Vault credentials come as a
+    set, from the environment if it has any of them, else from the env file: never some
+    from each, so a file cannot redirect credentials the environment holds."""
+    given = {name: value for name, value in environ.items() if value.strip()}
+    merged = dict(given)
+    origin = {name: "the environment" for name in (*TASK_CONNECTION_FACTS.values(), *VAULT_VARS)
+              if name in given}
+    facts = task_connection_facts(task)
+    for key, name in TASK_CONNECTION_FACTS.items():
+        value = facts.get(key)
+        if value is None or name in given:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if not isinstance(value, str) or not value.strip() or any(
+                ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ConfigError(f"{name}: payload.temporal.{key} in the task file must be a "
+                              f"non-empty single-line string")
+        merged[name] = value
+        origin[name] = f"payload.temporal.{key} in the task file"
+    env_file: Path | None = None
+    if not any(name in given for name in VAULT_VARS) and merged.get("WORKER_ENV_FILE"):
+        raw = merged["WORKER_ENV_FILE"].strip()
+        home = merged.get("HOME", "")
+        if home and (raw == "~" or raw.startswith("~/")):
+            raw = home + raw[1:]
+        env_file = Path(raw)
+        try:
+            file_values = read_env_file(env_file)
+        except ConfigError as err:
+            raise with_origin(err, origin) from None
+        for name in VAULT_VARS:
+            if file_values.get(name, "").strip():
+                merged[name] = file_values[name]
+                origin[name] = f"the env file {env_file}"
+    if facts.get("tls") is True and "TEMPORAL_ADDRESS" not in given and not any(
+            merged.get(name, "").strip() for name in VAULT_VARS):
+        where = f"the env file {env_file}" if env_file else "an env file named by WORKER_ENV_FILE"
+        raise ConfigError(f"{', '.join(VAULT_VARS)}: the worker reaches Temporal with mTLS "
+                          f"(payload.temporal.tls in the task file), which needs these "
+                          f"credentials: set them in the environment or in {where}")
+    try:
+        return load_config(merged), origin
+    except ConfigError as err:
+        raise with_origin(err, origin) from None
+
+
+def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) -> Exception:
     first = (err.message or "").splitlines()[0][:200] if err.message else ""
+    details = err.grpc_status.details if err.grpc_status is not None else []
+    if any(detail.type_url.endswith(NAMESPACE_NOT_FOUND) for detail in details):
+        # A wrong setting, not a finished activity: fixing it lets the same command work.
+        return with_origin(ConfigError(f"TEMPORAL_NAMESPACE: the server at "
+                                       f"{config.temporal_address} has no namespace "
+                                       f"{config.temporal_namespace!r}"), origin)
     if err.status == RPCStatusCode.NOT_FOUND:
         return ActivityGoneError("activity not found: already completed, timed out, or its "
                                  f"workflow ended ({first})")
@@ -173,19 +277,23 @@ def rpc_error(err: RPCError) -> CompletionError:
     return CompletionError(f"Temporal error {err.status.name}: {first}")
 
 
-async def send(token: bytes, status: str, message: str) -> None:
+async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes, status: str,
+               message: str) -> None:
     from temporal_client import connect
 
-    config = load_config()
     try:
         client = await asyncio.wait_for(connect(config),
                                         policies.CLI_CONNECT_TIMEOUT.total_seconds())
+    except CredentialSettingError as err:
+        raise UsageError(f"credentials: {with_origin(ConfigError(str(err)), origin)}") from None
     except CredentialError as err:
         raise ConnectError(f"credentials: {err}") from None
     except (TimeoutError, RuntimeError) as err:
         detail = str(err).splitlines()[0][:200] if str(err) else "timed out"
-        raise ConnectError(f"cannot connect to Temporal at {config.temporal_address}: "
-                           f"{detail}") from None
+        where = origin.get("TEMPORAL_ADDRESS")
+        source = f"set by {where}" if where else "unset: the default"
+        raise ConnectError(f"cannot connect to Temporal at {config.temporal_address} "
+                           f"(TEMPORAL_ADDRESS {source}): {detail}") from None
     handle = client.get_async_activity_handle(task_token=token)
     try:
         if status == "success":
@@ -196,7 +304,7 @@ async def send(token: bytes, status: str, message: str) -> None:
                                                type=PHASE_FAILED, non_retryable=True),
                               rpc_timeout=policies.CLI_RPC_TIMEOUT)
     except RPCError as err:
-        raise rpc_error(err) from None
+        raise rpc_error(err, config, origin) from None
 
 
 def mark_task_file(path: Path, task: dict[str, Any], status: str, message: str,
@@ -221,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token_arg, status, message = split_positionals(args, environ)
         token, task = resolve_token(args, token_arg, environ)
-        asyncio.run(asyncio.wait_for(send(token, status, message), OVERALL_TIMEOUT_SECONDS))
+        config, origin = cli_settings(task, environ)
+        asyncio.run(asyncio.wait_for(send(config, origin, token, status, message),
+                                     OVERALL_TIMEOUT_SECONDS))
         if task is not None:
             completed_by = (args.completed_by or environ.get("AGENT_NAME")
                             or str(task.get("target_agent") or "agent"))

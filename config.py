@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,21 @@ ENV_FIELDS: dict[str, str] = {
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
+VAULT_VARS = ("VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE")
+# payload.temporal of every agent task: key -> the variable it stands for. Non-secret
+# facts only, so complete_activity.py can reach the worker's server from the task file.
+TASK_CONNECTION_FACTS: dict[str, str] = {
+    "address": "TEMPORAL_ADDRESS",
+    "namespace": "TEMPORAL_NAMESPACE",
+    "task_queue": "TASK_QUEUE",
+    "tls_server_name": "TEMPORAL_TLS_SERVER_NAME",
+    "require_tls": "TEMPORAL_REQUIRE_TLS",
+    "env_file": "WORKER_ENV_FILE",
+}
+MAX_ENV_FILE_BYTES = 64 * 1024
+# readEnvFile in ecosystem.config.js, line for line: pm2 and complete_activity.py must
+# read the same env file the same way.
+ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
 
 
 def _home() -> Path:
@@ -197,8 +213,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
     """Build the settings from the environment; raise ConfigError naming the bad variable."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    partial_vault = [name for name in ("VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE")
-                     if env.get(name, "").strip()]
+    partial_vault = [name for name in VAULT_VARS if env.get(name, "").strip()]
     for name, field in ENV_FIELDS.items():
         raw = env.get(name)
         if raw is None or raw.strip() == "":
@@ -223,9 +238,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         name = FIELD_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}") from None
-    if 0 < len(partial_vault) < 3:
-        vault_vars = {"VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE"}
-        missing = sorted(vault_vars - set(partial_vault))
+    if 0 < len(partial_vault) < len(VAULT_VARS):
+        missing = sorted(set(VAULT_VARS) - set(partial_vault))
         raise ConfigError(
             f"{', '.join(missing)}: Vault mTLS needs VAULT_ADDR, VAULT_ROLE_ID and "
             f"VAULT_SECRET_ID_FILE together (only {', '.join(partial_vault)} set)"
@@ -239,3 +253,59 @@ def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         raise ConfigError("MATRIX_ACCESS_TOKEN: set either MATRIX_ACCESS_TOKEN or "
                           "MATRIX_ACCESS_TOKEN_FILE, not both")
     return config
+
+
+def connection_facts(config: WorkerConfig) -> dict[str, Any]:
+    """payload.temporal: where and how the worker reaches Temporal, without any secret.
+
+    `tls` says the worker uses mTLS (credentials from Vault), so a client without the
+    Vault settings knows it cannot connect rather than trying in plaintext."""
+    facts: dict[str, Any] = {
+        "address": config.temporal_address,
+        "namespace": config.temporal_namespace,
+        "task_queue": config.task_queue,
+        "require_tls": config.require_tls,
+        "tls": config.vault_enabled,
+    }
+    if config.tls_server_name:
+        facts["tls_server_name"] = config.tls_server_name
+    if config.worker_env_file is not None:
+        facts["env_file"] = os.path.abspath(config.worker_env_file)
+    return facts
+
+
+def read_env_file(path: Path, label: str = "WORKER_ENV_FILE") -> dict[str, str]:
+    """KEY=VALUE lines, as readEnvFile in ecosystem.config.js reads them: blank lines and
+    `#` comments skipped, an optional `export ` prefix and matching single or double
+    quotes around the value removed, nothing expanded. A missing file is empty, as for
+    pm2. Errors name `label` and a line number, never a value (values may be secrets)."""
+    try:
+        # Non-blocking and bounded: a FIFO or /dev/zero named here must not stall us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise ConfigError(f"{label} {path}: cannot read: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{label} {path}: not a regular file")
+        raw = handle.read(MAX_ENV_FILE_BYTES + 1)
+    if len(raw) > MAX_ENV_FILE_BYTES:
+        raise ConfigError(f"{label} {path}: larger than {MAX_ENV_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label} {path}: not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for number, raw_line in enumerate(re.split(r"\r?\n", text), start=1):
+        line = raw_line.strip().strip("\ufeff").strip()  # JavaScript's trim() drops a BOM too
+        if not line or line.startswith("#"):
+            continue
+        match = ENV_LINE_RE.match(line)
+        if match is None:
+            raise ConfigError(f"{label} {path}: line {number} is not KEY=VALUE")
+        value = match.group(2)
+        if len(value) >= 2 and value[0] in "\"'" and value[-1] == value[0]:
+            value = value[1:-1]
+        values[match.group(1)] = value
+    return values

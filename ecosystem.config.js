@@ -39,8 +39,11 @@ function readEnvFile(file) {
   return values;
 }
 
-const envFile = process.env.WORKER_ENV_FILE || path.join(__dirname, "worker.env");
+const envFile = path.resolve(process.env.WORKER_ENV_FILE || path.join(__dirname, "worker.env"));
 const fileEnv = readEnvFile(envFile);
+// The worker names its env file in every task (payload.temporal.env_file), so
+// complete_activity.py, run by an agent without this environment, finds the credentials.
+const envFileSetting = fs.existsSync(envFile) ? { WORKER_ENV_FILE: envFile } : {};
 // The calling environment wins over the file, so one-off overrides need no edit.
 const setting = (name) => process.env[name] ?? fileEnv[name];
 
@@ -58,7 +61,7 @@ module.exports = {
       cwd: __dirname,
       exec_mode: "fork",
       instances: 1,
-      env: { ...fileEnv, PYTHONUNBUFFERED: "1" },
+      env: { ...fileEnv, ...envFileSetting, PYTHONUNBUFFERED: "1" },
       autorestart: true,
       // 100 ms, doubling up to pm2's 15 s cap; reset once the worker stays up.
       exp_backoff_restart_delay: 100,

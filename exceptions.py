@@ -3,6 +3,7 @@
 BuildWorkerError                   -- everything this service raises on purpose
 ├── ConfigError                    -- an environment variable is missing or invalid
 ├── CredentialError                -- Vault / TLS material could not be obtained or used
+│   └── CredentialSettingError     -- ... because a Vault setting is wrong (not transient)
 ├── TaskFileError                  -- a task file could not be read, written or found
 │   ├── TaskNotFoundError          -- no task file carries the requested id
 │   ├── AmbiguousTaskError         -- two or more task files carry the requested id
@@ -33,6 +34,11 @@ class ConfigError(BuildWorkerError):
 
 class CredentialError(BuildWorkerError):
     """TLS credentials could not be fetched from Vault or could not be used."""
+
+
+class CredentialSettingError(CredentialError):
+    """A Vault setting is wrong: the secret-id file is unusable or the AppRole login is
+    refused. Fixing VAULT_ROLE_ID / VAULT_SECRET_ID_FILE helps; waiting does not."""
 
 
 class TaskFileError(BuildWorkerError):

@@ -437,22 +437,29 @@ def dump_task(task: dict[str, Any]) -> bytes:
     return dump_yaml(task)
 
 
+def task_file_path(queue_dir: Path, task: dict[str, Any], created: datetime | None = None, *,
+                   may_exist: bool = True) -> Path:
+    """Where `write_task` puts `task`: the file already carrying its id, else a new name.
+
+    Known before the write, so a task can name its own file (its completion command)."""
+    if may_exist:
+        try:
+            return find_task(queue_dir, task["id"], search_archives=False, full_scan=False)
+        except TaskNotFoundError:
+            pass
+    moment = created or datetime.fromisoformat(task["created"].replace("Z", "+00:00"))
+    return queue_dir / task_filename(task["id"], moment)
+
+
 def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None = None, *,
-               may_exist: bool = True) -> Path:
+               may_exist: bool = True, path: Path | None = None) -> Path:
     """Write a new task file; a file already carrying this id is rewritten in place.
 
     `may_exist=False` skips that lookup (a directory listing) when the caller knows the id
-    is new, e.g. the first attempt of a dispatch."""
-    existing: Path | None = None
-    if may_exist:
-        try:
-            existing = find_task(queue_dir, task["id"], search_archives=False,
-                                 full_scan=False)
-        except TaskNotFoundError:
-            existing = None
-    moment = created or datetime.fromisoformat(task["created"].replace("Z", "+00:00"))
-    path = existing or queue_dir / task_filename(task["id"], moment)
-    return write_private_atomic(path, dump_task(task), base=queue_dir)
+    is new, e.g. the first attempt of a dispatch. `path` is a `task_file_path` result the
+    caller already holds."""
+    target = path or task_file_path(queue_dir, task, created, may_exist=may_exist)
+    return write_private_atomic(target, dump_task(task), base=queue_dir)
 
 
 # --- lookup ---------------------------------------------------------------------------

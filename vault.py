@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from config import WorkerConfig
-from exceptions import CredentialError
+from exceptions import CredentialError, CredentialSettingError
 
 KV_MOUNT = "secret"
 KV_PATH = "temporal/worker"
@@ -38,16 +38,16 @@ def _read_secret_id(config: WorkerConfig) -> str:
         with open(path or "", encoding="utf-8") as handle:
             secret_id = handle.read(MAX_SECRET_ID_CHARS + 1).strip()
     except OSError as err:
-        raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: cannot read: {err.strerror}") \
-            from None
+        raise CredentialSettingError(f"VAULT_SECRET_ID_FILE {path}: cannot read: "
+                                     f"{err.strerror}") from None
     except UnicodeDecodeError:
-        raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: not text") from None
+        raise CredentialSettingError(f"VAULT_SECRET_ID_FILE {path}: not text") from None
     if not secret_id:
-        raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: file is empty")
+        raise CredentialSettingError(f"VAULT_SECRET_ID_FILE {path}: file is empty")
     if len(secret_id) > MAX_SECRET_ID_CHARS or any(ch.isspace() for ch in secret_id):
-        raise CredentialError(f"VAULT_SECRET_ID_FILE {path}: does not hold a single "
-                              f"secret-id (whitespace inside or over {MAX_SECRET_ID_CHARS} "
-                              f"characters)")
+        raise CredentialSettingError(f"VAULT_SECRET_ID_FILE {path}: does not hold a single "
+                                     f"secret-id (whitespace inside or over "
+                                     f"{MAX_SECRET_ID_CHARS} characters)")
     return secret_id
 
 
@@ -89,8 +89,9 @@ def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
                                   secret_id=secret_id)
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden,
             hvac.exceptions.Unauthorized):
-        raise CredentialError(f"Vault at {config.vault_addr} refused the AppRole login: check "
-                              f"VAULT_ROLE_ID and the secret-id in VAULT_SECRET_ID_FILE") from None
+        raise CredentialSettingError(f"Vault at {config.vault_addr} refused the AppRole login: "
+                                     f"check VAULT_ROLE_ID and the secret-id in "
+                                     f"VAULT_SECRET_ID_FILE") from None
     except requests.exceptions.RequestException as err:
         raise CredentialError(f"Vault at {config.vault_addr} unreachable "
                               f"({type(err).__name__}): check VAULT_ADDR") from None

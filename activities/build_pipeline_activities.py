@@ -7,6 +7,8 @@ triage output, notify, poll the originating task and write the summary.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,7 +18,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities import legacy_args
-from activities.dispatch import agent_stage, dispatch_agent_task
+from activities.dispatch import (
+    REASON_PLACEHOLDER,
+    PreparedTask,
+    agent_stage,
+    dispatch_agent_task,
+)
 from activities.notify import compose_block_notice, notify_all
 from activities.triage import read_triage
 from config import WorkerConfig
@@ -64,6 +71,7 @@ from task_files import (
     update_task,
     write_private_atomic,
 )
+from workflows.instructions import AUDIT_DIR_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +85,15 @@ AUDIT_FILE = "audit.md"
 REQUEST_FILE = "request.md"
 
 
+def audit_root(config: WorkerConfig) -> Path:
+    """TEMPORAL_AUDIT_DIR as an absolute path: agents work in folders of their own."""
+    return Path(os.path.abspath(config.audit_dir))
+
+
 def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     """`<audit dir>/audit-requests/<build>`; the name is re-checked so it cannot escape."""
     check_name(build_name, "build_name")
-    folder = config.audit_dir / "audit-requests" / build_name
+    folder = audit_root(config) / "audit-requests" / build_name
     # Agents can write below the audit root: a planted link must not redirect our writes.
     for part in (folder.parent, folder):
         if part.is_symlink():
@@ -88,14 +101,25 @@ def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     return folder
 
 
-def audit_request_markdown(request: AuditRequest, folder: Path) -> str:
+def audit_paths(folder: Path) -> dict[str, str]:
+    """The audit payload fields: v0.5.0's `audit_request_path` and `output_dir`, and the
+    two files the security agent writes there."""
+    return {"audit_request_path": str(folder / REQUEST_FILE), "output_dir": str(folder),
+            "audit_report_path": str(folder / AUDIT_FILE),
+            "triage_path": str(folder / TRIAGE_FILE)}
+
+
+def audit_request_markdown(request: AuditRequest, folder: Path, command: list[str]) -> str:
+    """request.md; `command` completes the audit task (its last item is the task file)."""
+    success = shlex.join([*command, "success", "audit written"])
+    failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
     return f"""# Security audit request: {request.build_name}
 
 ## Scope
 - Build: `{request.build_name}`
 - Plan: `{request.plan_path}`
 - Implemented by: `{request.target_agent}`
-- Task id: `{request.task.task_id}` (task file `*-{request.task.task_id[:8]}.yml` in the task queue)
+- Task id: `{request.task.task_id}` (task file `{command[-1]}`)
 
 ## Expected outputs (in this folder: `{folder}`)
 1. `{AUDIT_FILE}`: the audit report.
@@ -115,11 +139,13 @@ plain strings. The file must be UTF-8, at most 1 MiB, plain YAML (no tags, ancho
 aliases); anything else fails the pipeline with an error naming the problem.
 
 ## How to complete
-Write both files first, then:
+Write both files first, then run (from any directory):
 
-    python complete_activity.py --task-file <your task file> success "audit written"
+    {success}
 
-or `failed "<reason>"` if the audit could not be done.
+or, if the audit could not be done:
+
+    {failed}
 """
 
 
@@ -184,13 +210,16 @@ class PipelineActivities:
         else:
             request = legacy_args.own_input(AuditRequest, args, "request_security_audit")
         folder = audit_folder(self.config, request.build_name)
-        text = audit_request_markdown(request, folder)
-        try:
-            await run_file_io(partial(write_private_atomic, folder / REQUEST_FILE,
-                                      text.encode(), base=self.config.audit_dir))
-        except FileIoStalledError as err:
-            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
-        await dispatch_agent_task(self.config, request.task)
+        # The workflow cannot know TEMPORAL_AUDIT_DIR; the agent gets absolute paths.
+        task = request.task.model_copy(update={"instruction": request.task.instruction.replace(
+            AUDIT_DIR_PLACEHOLDER, str(audit_root(self.config)))})
+
+        def write_request(prepared: PreparedTask) -> None:
+            text = audit_request_markdown(request, folder, prepared.command)
+            write_private_atomic(folder / REQUEST_FILE, text.encode(), base=self.config.audit_dir)
+
+        await dispatch_agent_task(self.config, task, extra_payload=audit_paths(folder),
+                                  before_write=write_request)
 
     @activity.defn(name="process_triage_output")
     async def process_triage_output(self, build_name: str) -> TriageResult:

@@ -2,36 +2,101 @@
 
 The activity's task token goes into the file (base64); Temporal keeps the activity open
 until an agent calls complete_activity.py. The worker holds no slot while it waits.
+
+A task file is all an agent gets: it may run in any directory, without the worker's
+environment. So the file carries the exact command that completes it (this worker's
+interpreter, the absolute script and task-file paths) and the non-secret facts of how
+the worker reaches Temporal; the workflow cannot know those, the activity fills them in.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
+import shlex
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from temporalio import activity
 
 from activities import legacy_args
-from config import WorkerConfig
+from config import WorkerConfig, connection_facts
 from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
 from observability import TASKS_DISPATCHED, bind_build_name, count
-from task_files import new_task, write_task
+from task_files import new_task, task_file_path, write_task
+from workflows.instructions import COMPLETE_HINT
 
 log = logging.getLogger(__name__)
 
+CLI_SCRIPT = "complete_activity.py"
+RESULT_PLACEHOLDER = "<short result>"
+REASON_PLACEHOLDER = "<reason>"
 
-def write_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> Path:
+PayloadFields = Callable[[AgentTaskRequest], dict[str, Any]]
+
+
+def completion_command(task_path: Path) -> list[str]:
+    """argv that completes the task stored at `task_path`, runnable from anywhere.
+
+    The interpreter is this worker's own, as invoked and never resolved: a venv's python
+    is a symlink, and its target does not see the venv's packages."""
+    interpreter = os.path.abspath(sys.executable or "python3")
+    script = Path(__file__).resolve().parent.parent / CLI_SCRIPT
+    return [interpreter, str(script), "--task-file", str(task_path)]
+
+
+def completion_text(command: list[str]) -> str:
+    """What replaces COMPLETE_HINT: both commands, shell-quoted, each on its own line."""
+    success = shlex.join([*command, "success", RESULT_PLACEHOLDER])
+    failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
+    return (f"When done, run this command (from any directory; put your one-line result in "
+            f"place of {RESULT_PLACEHOLDER}):\n    {success}\n"
+            f"If it could not be done, run instead:\n    {failed}")
+
+
+def resolve_instruction(instruction: str, command: list[str]) -> str:
+    text = completion_text(command)
+    if COMPLETE_HINT in instruction:
+        return instruction.replace(COMPLETE_HINT, text)
+    # An instruction built without the hint (an older workflow's) still says how to finish.
+    return f"{instruction.rstrip()}\n{text}"
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task document and the file it goes to, before anything is written."""
+
+    path: Path
+    task: dict[str, Any]
+    command: list[str]
+
+
+def prepare_agent_task(config: WorkerConfig, request: AgentTaskRequest,
+                       extra_payload: dict[str, Any] | None = None) -> PreparedTask:
     info = activity.info()
-    payload: dict[str, object] = {"build_name": request.build_name}
+    target_agent = request.target_agent
+    if not target_agent and request.agent_setting is not None:
+        target_agent = getattr(config, request.agent_setting)
+    task = new_task(task_id=request.task_id, target_agent=target_agent,
+                    task_type=request.task_type, summary=request.summary, payload={})
+    queue_dir = Path(os.path.abspath(config.task_queue_dir))
+    # Only a re-dispatch (attempt > 1, after a lost worker) can find its file already there.
+    path = task_file_path(queue_dir, task, may_exist=info.attempt > 1)
+    command = completion_command(path)
+    payload: dict[str, Any] = {"build_name": request.build_name}
     if request.plan_path is not None:
         payload["plan_path"] = request.plan_path
     payload.update(request.extra_payload)
+    payload.update(extra_payload or {})
     payload.update({
-        "instruction": request.instruction,
+        "instruction": resolve_instruction(request.instruction, command),
+        "complete_command": command,
+        "temporal": connection_facts(config),
         "task_token": base64.b64encode(info.task_token).decode("ascii"),
         "workflow_id": info.workflow_id,
         "run_id": info.workflow_run_id,
@@ -39,18 +104,27 @@ def write_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> Path:
         "activity_type": info.activity_type,
         "attempt": info.attempt,
     })
-    target_agent = request.target_agent
-    if not target_agent and request.agent_setting is not None:
-        target_agent = getattr(config, request.agent_setting)
-    task = new_task(task_id=request.task_id, target_agent=target_agent,
-                    task_type=request.task_type, summary=request.summary, payload=payload)
-    # Only a re-dispatch (attempt > 1, after a lost worker) can find its file already there.
-    return write_task(config.task_queue_dir, task, may_exist=info.attempt > 1)
+    task["payload"] = payload
+    return PreparedTask(path=path, task=task, command=command)
 
 
-async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -> NoReturn:
+def write_agent_task(config: WorkerConfig, request: AgentTaskRequest,
+                     extra_payload: dict[str, Any] | None = None,
+                     before_write: Callable[[PreparedTask], None] | None = None) -> Path:
+    """Write the task file; `before_write` runs first (e.g. request.md, which names the
+    task file's completion command, must exist before an agent can see the task)."""
+    prepared = prepare_agent_task(config, request, extra_payload)
+    if before_write is not None:
+        before_write(prepared)
+    return write_task(prepared.path.parent, prepared.task, path=prepared.path)
+
+
+async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest, *,
+                              extra_payload: dict[str, Any] | None = None,
+                              before_write: Callable[[PreparedTask], None] | None = None
+                              ) -> NoReturn:
     bind_build_name(request.build_name)
-    path = await run_file_io(write_agent_task, config, request)
+    path = await run_file_io(write_agent_task, config, request, extra_payload, before_write)
     count(TASKS_DISPATCHED, stage=activity.info().activity_type, task_type=request.task_type)
     log.info("task_dispatched", extra={"task_file": str(path), "task_type": request.task_type,
                                        "target_agent": request.target_agent
@@ -59,16 +133,19 @@ async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest) -
     activity.raise_complete_async()
 
 
-def agent_stage(config: WorkerConfig, name: str) -> Callable[..., Awaitable[BuildPhaseResult]]:
-    """An activity named `name` that hands its request to an agent as a task file.
-    It also accepts v0.5.0's positional arguments for `name` (activities/legacy_args.py)."""
+def agent_stage(config: WorkerConfig, name: str, payload_fields: PayloadFields | None = None
+                ) -> Callable[..., Awaitable[BuildPhaseResult]]:
+    """An activity named `name` that hands its request to an agent as a task file;
+    `payload_fields` adds payload fields derived from the request. It also accepts
+    v0.5.0's positional arguments for `name` (activities/legacy_args.py)."""
 
     async def hand_to_agent(*args: Any) -> BuildPhaseResult:
         if legacy_args.is_legacy(args):
             request = legacy_args.agent_request(name, args, legacy_args.CallContext.current())
         else:
             request = legacy_args.own_input(AgentTaskRequest, args, name)
-        await dispatch_agent_task(config, request)
+        extra = payload_fields(request) if payload_fields is not None else None
+        await dispatch_agent_task(config, request, extra_payload=extra)
 
     hand_to_agent.__name__ = hand_to_agent.__qualname__ = name
     return activity.defn(name=name)(hand_to_agent)

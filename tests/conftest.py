@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
+from task_files import ensure_private_dir
 from temporal_client import connect
 from tools import devserver
 from worker import build_worker
@@ -98,6 +99,8 @@ async def pipeline(pipeline_env_vars: dict[str, str], client: Client,
     config = load_config(pipeline_env_vars)
     worker = build_worker(client, config)
     stop = asyncio.Event()
+    # The watcher makes the folder it watches; made first, it is there before the test.
+    ensure_private_dir(config.task_queue_dir)
     async with worker:
         watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
         try:

@@ -775,19 +775,15 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     assert str(real) in problem and str(shadow) in problem
     assert "files carry this id" in notice()
     assert "to status 'approved'" not in notice()  # the file is not offered to decide
-    await poll_async(lambda: _attempts_at_least(handle, 3), 30, "three block checks")
-    assert (await status_of(handle)).decision is None  # the shadow's "approved" counts not
+    # Stage 6 named the waiting run in neither file, so the watcher routes neither file's
+    # status anywhere: the shadow's "approved" decides nothing.
+    assert {path: path.read_bytes() for path in (real, shadow)} == before
+    assert (await status_of(handle)).decision is None
     await handle.execute_update("approve_blocks", "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
     result: BuildPipelineResult = await handle.result()
-    assert result.outcome == "success" and result.decision == "approved"
+    assert result.outcome == "partial" and result.decision == "approved"
     assert {path: path.read_bytes() for path in (real, shadow)} == before
-
-
-async def _attempts_at_least(handle: WorkflowHandle, attempts: int) -> bool:
-    pending = (await handle.describe()).raw_description.pending_activities
-    return any(p.activity_type.name == "wait_for_block_resolution" and p.attempt >= attempts
-               for p in pending)
 
 
 @pytest.mark.parametrize("subdir", task_files.SEARCH_SUBDIRS)
@@ -883,7 +879,7 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
     result: BuildPipelineResult = await handle.result()
 
-    assert result.outcome == "success"
+    assert result.outcome == "partial"
     assert load_yaml(copy)["status"] == "input-required"  # nothing written through the link
     assert stat.S_IMODE(outside.stat().st_mode) == 0o755
     copy.unlink()

@@ -173,7 +173,7 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
     await handle.execute_update("approve_blocks", "risk accepted")
     await stage("build_closeout")
     result = await handle.result()
-    assert result.outcome == "success" and len(tokens) == 5
+    assert result.outcome == "partial" and len(tokens) == 5
     assert any("Completing activity with completion" in str(r.get("event"))
                for r in worker.log_records()), "the SDK's DEBUG lines were not logged at all"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from exceptions import TaskFileError, TaskNotFoundError, UnsafeTaskPathError
@@ -19,12 +21,13 @@ from task_files import (
     find_task,
     new_task,
     read_task,
+    task_file_path,
     task_filename,
     update_task,
     write_private_atomic,
     write_task,
 )
-from tests.agents import assert_valid_task_file, load_yaml
+from tests.agents import SCHEMA_PATH, assert_valid_task_file, load_yaml
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -34,9 +37,18 @@ def mode(path: Path) -> int:
 
 
 def a_task(task_id: str | None = None) -> dict:
-    return new_task(task_id=task_id or str(uuid.uuid4()), target_agent="builder",
-                    task_type="build_phase", summary="a phase",
-                    payload={"build_name": "b", "instruction": "line one\nline two",
+    task_id = task_id or str(uuid.uuid4())
+    path = f"/q/{task_filename(task_id, CREATED)}"
+    return new_task(task_id=task_id, target_agent="builder", task_type="build_phase",
+                    summary="a phase",
+                    payload={"build_name": "b", "plan_name": "b", "phase": 1, "phase_number": 1,
+                             "description": "a phase", "context_refs": [],
+                             "instruction": "line one\nline two",
+                             "complete_command": ["/venv/bin/python", "/w/complete_activity.py",
+                                                  "--task-file", path],
+                             "temporal": {"address": "localhost:7233", "namespace": "default",
+                                          "task_queue": "q", "require_tls": False,
+                                          "tls": False},
                              "task_token": "dG9rZW4=", "workflow_id": "wf", "run_id": "r",
                              "activity_id": "1", "activity_type": "build_phase", "attempt": 1},
                     created=CREATED)
@@ -115,8 +127,8 @@ def test_update_is_atomic_and_keeps_0600(tmp_path: Path, open_umask: None) -> No
     path = write_task(queue, a_task())
     inode_before = path.stat().st_ino
 
-    updated = update_task(path, lambda t: add_history(t, status="approved", actor="ted",
-                                                      note="risk accepted"))
+    updated = update_task(path, lambda t: add_history(t, status="in-progress", actor="ted",
+                                                      note="working on it"))
 
     assert mode(path) == 0o600
     # Replaced by rename (new inode), never rewritten in place where a reader could
@@ -125,8 +137,8 @@ def test_update_is_atomic_and_keeps_0600(tmp_path: Path, open_umask: None) -> No
     assert sorted(p.name for p in queue.iterdir()) == [path.name]  # no leftover .tmp
     on_disk = load_yaml(path)
     assert on_disk == updated
-    assert on_disk["status"] == "approved"
-    assert [h["status"] for h in on_disk["history"]] == ["submitted", "approved"]
+    assert on_disk["status"] == "in-progress"
+    assert [h["status"] for h in on_disk["history"]] == ["submitted", "in-progress"]
     assert on_disk["history"][-1]["actor"] == "ted"
     assert_valid_task_file(path)
 
@@ -247,3 +259,48 @@ def test_read_task_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TaskNotFoundError) as caught:
         read_task(path)
     assert str(path) in str(caught.value)
+
+
+def test_task_file_path_is_where_write_task_writes(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    task = a_task()
+    expected = task_file_path(queue, task)
+    assert expected == queue / task_filename(task["id"], CREATED)
+    assert write_task(queue, task, path=expected) == expected
+    # A re-dispatch (same id, later `created`) names the file already there.
+    again = {**task, "created": "2027-01-01T00:00:00Z"}
+    assert task_file_path(queue, again) == expected
+    assert task_file_path(queue, again, may_exist=False) != expected
+    assert write_task(queue, again) == expected and load_yaml(expected) == again
+
+
+def schema_for(definition: str) -> dict:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    return {**schema, "$ref": f"#/$defs/{definition}"}
+
+
+@pytest.mark.parametrize(("document", "valid"), [
+    ({"id": "T-123", "status": "submitted"}, True),
+    ({"id": "T-123", "status": "approved", "history": [
+        {"timestamp": "2026-01-02T03:04:05Z", "status": "approved", "actor": "ted",
+         "note": "ok"}], "anything": {"else": 1}}, True),
+    ({"id": "T-123"}, False),
+    ({"status": "approved"}, False),
+    ({"id": "../T-123", "status": "approved"}, False),
+    ({"id": "T-123", "status": "approved", "history": "not a list"}, False),
+])
+def test_schema_describes_the_minimal_originating_task(document: dict, valid: bool) -> None:
+    validator = jsonschema.Draft202012Validator(schema_for("originatingTask"))
+    assert validator.is_valid(document) == valid
+
+
+def test_schema_is_exact_per_task_type(tmp_path: Path) -> None:
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    task = a_task()
+    assert validator.is_valid(task)
+    for change in ({"flags": ["x"]}, {"audit_request_path": "/a/request.md"},
+                   {"complete_command": ["python", "complete_activity.py"]},
+                   {"temporal": {"address": "localhost:7233"}}):
+        assert not validator.is_valid({**task, "payload": {**task["payload"], **change}}), change
+    without = {k: v for k, v in task["payload"].items() if k != "phase_number"}
+    assert not validator.is_valid({**task, "payload": without})

@@ -14,14 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
 from models import BuildPlanInput, PhaseSpec, PipelineStatus
-from task_files import find_task
+from task_files import add_history, find_task, update_task
 from tests.agents import (
+    SCHEMA_PATH,
     complete_task,
     load_yaml,
     play_stage,
@@ -355,3 +357,65 @@ async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None
         result.stderr
     assert "build_closeout" not in [t["task_type"]
                                     for _, t in tasks_for(pipeline.queue_dir, workflow_id)]
+
+
+async def started_input(client: Client, workflow_id: str) -> dict[str, Any]:
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        attributes = event.workflow_execution_started_event_attributes
+        return json.loads(attributes.input.payloads[0].data)
+    raise AssertionError("no history")
+
+
+async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    both = await atool("start-build", "--build-name", "x", "--plan-path", "/p.md", "--task-id",
+                       "T-1", "--create-task", "--target-agent", "builder", env=env)
+    assert both.returncode == 2 and "not both" in both.stderr and not both.stdout
+    plan = await atool("start-build", "--plan-name", "p", "--phase", "1:builder:x",
+                       "--create-task", env=env)
+    assert plan.returncode == 2 and "--create-task" in plan.stderr
+    assert not pipeline.queue_dir.exists() or not list(pipeline.queue_dir.glob("*.yml"))
+
+    started = await atool("start-build", "--build-name", "created-tool", "--plan-path",
+                          "/plans/tool.md", "--create-task", "--target-agent", "builder",
+                          "--block-poll-interval-seconds", "0.2", env=env)
+    assert started.returncode == 0, started.stderr
+    workflow_id = started.stdout.strip()
+    task_id = (await started_input(pipeline.client, workflow_id))["task_id"]
+    origin = find_task(pipeline.queue_dir, task_id)
+    assert origin.name.endswith(f"-{task_id[:8]}.yml")  # found by name, not by a scan
+    assert f"originating task {task_id} written to {origin}" in started.stderr
+    assert "warning" not in started.stderr
+    document = load_yaml(origin)
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.validate(document, {**schema, "$ref": "#/$defs/originatingTask"})
+    assert (document["status"], document["target_agent"]) == ("submitted", "temporal-worker")
+    assert workflow_id in document["history"][0]["note"]
+
+    # Stages 6 and 7 use it: it is marked input-required, and approving it decides.
+    await park(pipeline, workflow_id, "created-tool")
+    assert load_yaml(origin)["status"] == "input-required"
+    update_task(origin, lambda task: add_history(task, status="approved", actor="ted",
+                                                 note="fine"))
+    await play_stage(pipeline.queue_dir, workflow_id, "build_closeout", pipeline.env)
+    result = await asyncio.wait_for(
+        pipeline.client.get_workflow_handle(workflow_id).result(), 60)
+    assert (result["decision"], result["closeout_path"]) == ("approved", "done")
+
+
+async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: PipelineEnv) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    args = ["--build-name", "warned-tool", "--plan-path", "/plans/tool.md",
+            "--target-agent", "builder", "--task-id"]
+    missing = await atool("start-build", *args, "no-such-task", env=env)
+    known = await atool("start-build", *args, origin_task(pipeline), env=env)
+    try:
+        assert missing.returncode == 0, missing.stderr
+        assert missing.stderr.startswith("start-build: warning: no task file with id "
+                                         "'no-such-task' in ")
+        assert str(pipeline.queue_dir) in missing.stderr and "--create-task" in missing.stderr
+        assert known.returncode == 0 and known.stderr == ""
+    finally:
+        for result in (missing, known):
+            if result.returncode == 0:
+                await pipeline.client.get_workflow_handle(result.stdout.strip()).terminate()

@@ -22,9 +22,9 @@ import pytest
 from temporalio.client import Client
 from temporalio.service import TLSConfig
 
-from config import load_config
-from exceptions import CredentialError
-from models import BuildPipelineInput, BuildPipelineResult
+from config import VAULT_VARS, load_config
+from exceptions import CredentialError, CredentialSettingError
+from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
 from task_files import new_task, write_task
 from temporal_client import connect
 from tests.agents import (
@@ -250,6 +250,57 @@ async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[st
             assert assert_valid_task_file(path)["status"] == "completed"
 
 
+async def test_agent_cli_takes_vault_settings_from_the_env_file(bed: Bed,
+                                                                vault_vars: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """The worker runs as pm2 runs it (settings from its env file); an agent with only
+    PATH and HOME, in `/`, runs the task's command: the connection facts come from the
+    task, the Vault credentials from the env file the task names."""
+    env_file = tmp_path / "worker.env"
+    credentials = "".join(f"{name}={vault_vars[name]}\n" for name in VAULT_VARS)
+    env_file.write_text(credentials)
+    env_file.chmod(0o600)
+    env = {**vault_vars, "WORKER_ENV_FILE": str(env_file)}
+    config = load_config(env)
+    agent = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    accepted_before = len(bed.proxy.log.accepted)
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        await asyncio.to_thread(worker.wait_ready, 60)
+        client = await connect(config)
+        handle = await client.start_workflow(
+            "BuildPlanWorkflow", {"plan_name": "mtls-plan", "phases": [
+                {"number": 1, "agent_type": "builder", "description": "through mTLS"}]},
+            id=f"mtls-plan-{uuid.uuid4()}", task_queue=config.task_queue,
+            result_type=BuildPlanResult)
+        path = await wait_for_task(config.task_queue_dir, handle.id, "build_phase", timeout=60)
+        payload = assert_valid_task_file(path)["payload"]
+        assert payload["temporal"] == {
+            "address": bed.proxy.address, "namespace": "default",
+            "task_queue": config.task_queue, "tls_server_name": SERVER_NAME,
+            "require_tls": True, "tls": True, "env_file": str(env_file)}
+        command = [*payload["complete_command"], "success"]
+
+        env_file.write_text("# credentials moved elsewhere\n")
+        missing = subprocess.run([*command, "not yet"], cwd="/", env=agent,
+                                 capture_output=True, text=True, timeout=60)
+        env_file.write_text(credentials)
+        done = subprocess.run([*command, "through the env file"], cwd="/", env=agent,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        result = await asyncio.wait_for(handle.result(), 60)
+    finally:
+        worker.stop()
+
+    assert missing.returncode == 2, missing.stderr
+    assert "VAULT_ADDR" in stderr_line(missing) and str(env_file) in stderr_line(missing)
+    assert result == BuildPlanResult(status="success", phases_run=1)
+    assert load_yaml(path)["result"]["output"] == "through the env file"
+    # Worker, test client and the agent's CLI all passed the client-certificate check.
+    assert len(bed.proxy.log.accepted[accepted_before:]) >= 3
+    assert_no_secrets(bed, missing.stdout, missing.stderr, done.stdout, done.stderr)
+
+
 # --- the TLS endpoint refuses ------------------------------------------------------------
 
 
@@ -375,6 +426,12 @@ VAULT_FAILURES = [
     ("pem with garbage body", "client_cert_pem is not PEM", False),
     ("key where a certificate belongs", "client_cert_pem holds a PRIVATE KEY block", False),
 ]
+# A wrong Vault setting (the role id, the secret-id file) is CredentialSettingError, the
+# CLI's exit 2 "fix the setting"; what waiting may cure (Vault down, its secret being
+# fixed by an operator) stays exit 4.
+SETTING_FAILURES = frozenset({"wrong role-id", "wrong secret-id", "secret-id file missing",
+                              "secret-id file empty", "secret-id file is a directory",
+                              "secret-id file not text", "secret-id file holds two lines"})
 
 
 @pytest.mark.parametrize(("case", "message", "processes"), VAULT_FAILURES,
@@ -413,13 +470,14 @@ def test_vault_failure(bed: Bed, vault_vars: dict[str, str], tmp_path: Path,
     with pytest.raises(CredentialError) as caught:
         fetch_tls_material(load_config(env))
     assert message in str(caught.value)
+    assert isinstance(caught.value, CredentialSettingError) == (case in SETTING_FAILURES)
     assert_no_secrets(bed, str(caught.value))
     if not processes:
         return
     worker, cli = run_both(env, tmp_path)
 
     assert worker.returncode == 3, worker.stderr
-    assert cli.returncode == 4, cli.stderr
+    assert cli.returncode == (2 if case in SETTING_FAILURES else 4), cli.stderr
     assert stderr_line(worker).startswith("worker: credential error: ")
     assert message in stderr_line(worker)
     assert stderr_line(cli).startswith("complete_activity: credentials: ")

@@ -2,6 +2,8 @@
 
     tools/start-build --build-name NAME --plan-path /abs/plan.md --task-id ID \\
                       --target-agent AGENT [--wait]
+    tools/start-build --build-name NAME --plan-path /abs/plan.md --create-task \\
+                      --target-agent AGENT [--wait]
     tools/start-build --plan-name NAME --phase 1:builder:"Scaffold the service" \\
                       --phase 2:tester:"Write the tests" [--wait]
     tools/start-build --file build.yml [--wait]
@@ -11,6 +13,11 @@ BuildPlanWorkflow) plus optional `workflow_id` and `task_queue`. The input is va
 before anything is started. The workflow id is printed on stdout (first line), so
 `WID=$(tools/start-build ...)` works. Every start sets the Web UI's static summary
 (one line) and static details (who started what, with which input).
+
+A pipeline's task_id names its originating task, a file in TASK_QUEUE_DIR that stages 6
+and 7 update and read. --create-task writes a minimal one (status `submitted`, for
+`temporal-worker`) and uses its id; a --task-id with no file there gets a warning on
+stderr (the build still starts: an approve-build / reject-build Update still decides).
 
 Exit codes: 0 started (with --wait: COMPLETED and outcome success or partial) · 1 with --wait: the
 workflow failed or its result reports a problem · 2 usage or invalid input · 3 a workflow
@@ -34,7 +41,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from exceptions import ConfigError, TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
+from task_files import SOURCE_AGENT, find_task, new_task, write_task
 from tools.ops import (
     EXIT_ATTENTION,
     EXIT_NOT_FOUND,
@@ -49,6 +58,8 @@ from tools.ops import (
 
 PIPELINE, PLAN = "BuildPipelineWorkflow", "BuildPlanWorkflow"
 START_OPTIONS = ("workflow_id", "task_queue", "workflow")
+ORIGIN_TASK_TYPE = "build_request"
+ORIGIN_SOURCE = "start-build"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pipeline.add_argument("--build-name")
     pipeline.add_argument("--plan-path")
     pipeline.add_argument("--task-id", help="id of the originating task (stages 6/7 use it)")
+    pipeline.add_argument("--create-task", action="store_true",
+                          help="write a minimal originating task into TASK_QUEUE_DIR and use "
+                               "its id (instead of --task-id)")
     pipeline.add_argument("--target-agent")
     pipeline.add_argument("--prefab-agent")
     pipeline.add_argument("--security-agent")
@@ -110,7 +124,9 @@ def fields_from_file(path: Path) -> dict[str, Any]:
 
 
 def build_request(args: argparse.Namespace) -> tuple[str, BaseModel, dict[str, Any]]:
-    """(workflow type, validated input, start options) from the file or the flags."""
+    """(workflow type, validated input, start options) from the file or the flags.
+
+    With --create-task the input gets a fresh task id and the option `create_task`."""
     flagged = fields_from_flags(args)
     if args.file is not None and flagged:
         raise ToolError("give either --file or the input flags, not both", EXIT_USAGE)
@@ -122,6 +138,13 @@ def build_request(args: argparse.Namespace) -> tuple[str, BaseModel, dict[str, A
     kind = options.pop("workflow", None) or (PLAN if "phases" in fields else PIPELINE)
     if kind not in (PIPELINE, PLAN):
         raise ToolError(f"workflow must be {PIPELINE} or {PLAN}, not {kind!r}", EXIT_USAGE)
+    if args.create_task:
+        if kind != PIPELINE:
+            raise ToolError("--create-task is for a BuildPipelineWorkflow", EXIT_USAGE)
+        if "task_id" in fields:
+            raise ToolError("give either a task id or --create-task, not both", EXIT_USAGE)
+        fields["task_id"] = str(uuid.uuid4())
+        options["create_task"] = True
     model = BuildPlanInput if kind == PLAN else BuildPipelineInput
     try:
         if kind == PLAN and isinstance(fields.get("phases"), list):
@@ -158,9 +181,45 @@ def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
+def task_queue_dir() -> Path:
+    from config import load_config
+
+    try:
+        return load_config().task_queue_dir
+    except ConfigError as err:
+        raise ToolError(f"configuration error: {err}", EXIT_USAGE) from None
+
+
+def originating_task(inp: BuildPipelineInput, workflow_id: str) -> dict[str, Any]:
+    """The minimal originating task: addressed to the worker, so no agent takes it as work."""
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    task = new_task(task_id=inp.task_id, target_agent=SOURCE_AGENT, task_type=ORIGIN_TASK_TYPE,
+                    summary=f"Build {inp.build_name} ({inp.plan_path}) → {inp.target_agent}",
+                    payload={"build_name": inp.build_name, "plan_path": inp.plan_path,
+                             "target_agent": inp.target_agent})
+    task["source_agent"] = ORIGIN_SOURCE
+    task["history"][0].update(actor=who, note=f"build requested with tools/start-build "
+                                              f"(workflow {workflow_id})")
+    return task
+
+
+def warn_if_no_task_file(inp: BuildPipelineInput) -> None:
+    queue_dir = task_queue_dir()
+    try:
+        find_task(queue_dir, inp.task_id)
+    except TaskNotFoundError:
+        print(f"start-build: warning: no task file with id {inp.task_id!r} in {queue_dir} "
+              f"(TASK_QUEUE_DIR): if the build hits blocks, nobody is told through it and "
+              f"only approve-build / reject-build can decide; --create-task writes one",
+              file=sys.stderr, flush=True)
+
+
 async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any], *,
                 wait: bool = False, timeout: float | None = None) -> int:
-    """Start the workflow and print its id; with `wait`, print and judge its result."""
+    """Start the workflow and print its id; with `wait`, print and judge its result.
+
+    A pipeline's originating task is written first with option `create_task`, else
+    looked for (a warning when missing) with option `check_task`."""
     from temporalio.client import WorkflowFailureError
     from temporalio.exceptions import WorkflowAlreadyStartedError
 
@@ -169,12 +228,26 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
     queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or "helm-build"
     summary, details = web_ui_text(kind, inp)
+    created: Path | None = None
+    if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
+        # Before the start: the pipeline may look for it at once.
+        created = write_task(task_queue_dir(), originating_task(inp, workflow_id),
+                             may_exist=False)
+    elif isinstance(inp, BuildPipelineInput) and options.get("check_task"):
+        warn_if_no_task_file(inp)
     try:
         handle = await client.start_workflow(kind, inp, id=workflow_id, task_queue=queue,
                                              static_summary=summary, static_details=details)
-    except WorkflowAlreadyStartedError:
-        raise ToolError(f"a workflow with id {workflow_id!r} is already running",
-                        EXIT_NOT_FOUND) from None
+    except BaseException as err:
+        if created is not None:
+            created.unlink(missing_ok=True)  # no pipeline will ever use it
+        if isinstance(err, WorkflowAlreadyStartedError):
+            raise ToolError(f"a workflow with id {workflow_id!r} is already running",
+                            EXIT_NOT_FOUND) from None
+        raise
+    if created is not None:
+        print(f"start-build: originating task {inp.task_id} written to {created}",
+              file=sys.stderr, flush=True)
     print(handle.id, flush=True)
     if not wait:
         return EXIT_OK
@@ -202,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def call() -> int:
         kind, inp, options = build_request(args)
+        options.setdefault("check_task", True)
 
         async def go() -> int:
             return await start(await connect_client(), kind, inp, options, wait=args.wait,
