@@ -205,7 +205,7 @@ class PipelineActivities:
     async def request_security_audit(self, *args: Any) -> BuildPhaseResult:
         if legacy_args.is_legacy(args):
             request = legacy_args.audit_request(
-                args, legacy_args.CallContext.current(),
+                args, await legacy_args.CallContext.with_pipeline_input(),
                 lambda build: audit_folder(self.config, build), REQUEST_FILE, TRIAGE_FILE)
         else:
             request = legacy_args.own_input(AuditRequest, args, "request_security_audit")
@@ -375,7 +375,8 @@ class PipelineActivities:
     @activity.defn(name="summarize_workflow")
     async def summarize_workflow(self, *args: Any) -> str:
         if legacy_args.is_legacy(args):
-            summary = legacy_args.summary_input(args, legacy_args.CallContext.current())
+            summary = legacy_args.summary_input(
+                args, await legacy_args.CallContext.with_pipeline_input())
         else:
             summary = legacy_args.own_input(SummaryInput, args, "summarize_workflow")
         bind_build_name(summary.build_name)

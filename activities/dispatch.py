@@ -141,7 +141,8 @@ def agent_stage(config: WorkerConfig, name: str, payload_fields: PayloadFields |
 
     async def hand_to_agent(*args: Any) -> BuildPhaseResult:
         if legacy_args.is_legacy(args):
-            request = legacy_args.agent_request(name, args, legacy_args.CallContext.current())
+            request = legacy_args.agent_request(
+                name, args, await legacy_args.CallContext.with_pipeline_input())
         else:
             request = legacy_args.own_input(AgentTaskRequest, args, name)
         extra = payload_fields(request) if payload_fields is not None else None

@@ -16,15 +16,22 @@ scheduled (and that was retried, or not yet started) runs here with v0.5.0's arg
 
 Our own calls pass exactly one argument, a model (a JSON object). So each activity takes
 `*args` (the SDK then decodes without type hints: plain dicts, lists and strings) and
-asks `is_legacy` which form it got. Nothing here does I/O.
+asks `is_legacy` which form it got. v0.5.0 does not pass every stage the facts our task
+files carry (the plan path to stages 2, 5 and 8, the build agent to stage 3): those come
+from the run's own input (`CallContext.with_pipeline_input`, one history read). The
+translations themselves do no I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+import json
+import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +39,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from exceptions import INVALID_INPUT
 from models import (
@@ -46,7 +54,10 @@ from models import (
 )
 from workflows import instructions
 
+log = logging.getLogger(__name__)
+
 Model = TypeVar("Model", bound=BaseModel)
+INPUT_READ_TIMEOUT_SECONDS = 10.0
 
 # How many positional arguments v0.5.0 passed to each activity.
 LEGACY_ARITY = {
@@ -78,16 +89,65 @@ _TASK_ID_SALT = b"temporal-build-worker/v0.5.0-call/"
 
 @dataclass(frozen=True)
 class CallContext:
-    """Which activity execution a v0.5.0 call is: ids come from it, not from arguments."""
+    """Which activity execution a v0.5.0 call is: ids come from it, not from arguments;
+    `pipeline` is the run's input when it was read (empty otherwise)."""
 
     workflow_id: str
     run_id: str
     activity_id: str
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def current(cls) -> CallContext:
         info = activity.info()
         return cls(info.workflow_id, info.workflow_run_id, info.activity_id)
+
+    @classmethod
+    async def with_pipeline_input(cls) -> CallContext:
+        """`current()` plus the run's input, read from its first history event. Missing
+        facts only leave fields out of the task file: a failed read is logged, never
+        fatal (v0.5.0's agent stages have a single attempt)."""
+        call = cls.current()
+        try:
+            pipeline = await asyncio.wait_for(_start_input(call), INPUT_READ_TIMEOUT_SECONDS)
+        except (RPCError, RuntimeError, TimeoutError, ValueError) as err:
+            log.warning("v050_input_not_read", extra={"workflow_id": call.workflow_id,
+                                                      "error": str(err)[:200]})
+            pipeline = {}
+        return dataclasses.replace(call, pipeline=pipeline)
+
+
+async def _start_input(call: CallContext) -> dict[str, Any]:
+    handle = activity.client().get_workflow_handle(call.workflow_id, run_id=call.run_id)
+    async for event in handle.fetch_history_events(page_size=1):
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        value = json.loads(payloads[0].data) if payloads else None
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def _known_plan_path(call: CallContext) -> str | None:
+    """The run's plan path, if its input had a usable one."""
+    value = call.pipeline.get("plan_path")
+    if isinstance(value, str) and value.startswith("/") and len(value) <= 4096 \
+            and not any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return value
+    return None
+
+
+def _known_task_id(call: CallContext) -> str:
+    value = call.pipeline.get("task_id")
+    try:
+        return _task_id("summarize_workflow", value)
+    except ApplicationError:
+        return ""
+
+
+def _known_name(call: CallContext, key: str) -> str | None:
+    try:
+        return check_name(call.pipeline.get(key), key)
+    except ValueError:
+        return None
 
 
 def is_legacy(args: tuple[Any, ...]) -> bool:
@@ -205,7 +265,7 @@ def agent_request(activity_name: str, args: tuple[Any, ...],
         origin = _task_id(activity_name, args[1])
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[2], "target_agent"),
-            task_type="build_plan", summary=f"Implement {build}",
+            task_type="build_plan", summary=f"Implement {build}", plan_path=_known_plan_path(call),
             instruction=(f"Implement build '{build}' as its originating task {origin} "
                          f"describes. {instructions.COMPLETE_HINT}"),
             extra_payload={"originating_task_id": origin})
@@ -217,11 +277,13 @@ def agent_request(activity_name: str, args: tuple[Any, ...],
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[2], "target_agent"),
             task_type="security_fix", summary=f"Fix {len(flags)} security flag(s) on {build}",
+            plan_path=_known_plan_path(call),
             instruction=instructions.flag_fixes(build, flags), extra_payload=extra)
     if activity_name == "close_build":
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[1], "target_agent"),
             task_type="build_closeout", summary=f"Close out {build}",
+            plan_path=_known_plan_path(call),
             instruction=(f"Close out build '{build}': finish docs and release notes. Report "
                          f"the path of your close-out document as the output. "
                          f"{instructions.COMPLETE_HINT}"))
@@ -230,8 +292,8 @@ def agent_request(activity_name: str, args: tuple[Any, ...],
 
 def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable[[str], Path],
                   request_file: str, triage_file: str) -> AuditRequest:
-    """Stage 3 of v0.5.0: `folder_for(build)` is the build's absolute audit folder, which
-    v0.5.0 put into the task as output_dir, with request.md's path as audit_request_path."""
+    """Stage 3 of v0.5.0: `folder_for(build)` is the build's absolute audit folder (the
+    activity adds v0.5.0's audit_request_path and output_dir for every call)."""
     name = "request_security_audit"
     _arity(name, args)
     build = _name(name, args[0], "build_name")
@@ -243,11 +305,10 @@ def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable
         agent_setting="security_agent", task_type="security_audit",
         summary=f"Security audit of {build}", plan_path=plan,
         instruction=instructions.security_audit(build, str(request_path), str(triage_path)),
-        extra_payload={"audit_folder": f"{folder.parent.name}/{folder.name}",
-                       "audit_request_path": str(request_path), "output_dir": str(folder)})
-    # v0.5.0 does not pass the build agent to stage 3; request.md says so.
-    return AuditRequest(build_name=build, plan_path=plan, target_agent="(not given by v0.5.0)",
-                        task=task)
+        extra_payload={"audit_folder": f"{folder.parent.name}/{folder.name}"})
+    # v0.5.0 does not pass the build agent to stage 3.
+    return AuditRequest(build_name=build, plan_path=plan,
+                        target_agent=_known_name(call, "target_agent") or "(unknown)", task=task)
 
 
 def notify_input(args: tuple[Any, ...], call: CallContext) -> NotifyBlocksInput:
@@ -288,7 +349,8 @@ def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
     ended = _moment(name, completed, "completed")
     return SummaryInput(
         workflow_id=workflow_id, run_id=call.run_id, build_name=_name(name, build, "build_name"),
-        target_agent="", plan_path=_plan_path(name, plan), task_id="",
+        target_agent=_known_name(call, "target_agent") or "", plan_path=_plan_path(name, plan),
+        task_id=_known_task_id(call),
         outcome="partial" if blocks else "success",
         stages_completed=[*stages, "summarize_workflow"],
         started_at=_moment(name, started, "started"), ended_at=ended,

@@ -25,7 +25,7 @@ from config import WorkerConfig, load_config
 from exceptions import INVALID_INPUT, LEGACY_WAIT_HANDED_OVER
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
 from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import assert_valid_task_file
+from tests.agents import assert_valid_task_file, load_yaml
 
 V050 = Path(__file__).resolve().parent / "histories" / "v050"
 CALL = legacy_args.CallContext("build-v050-blocks-approved", "run-1", "5")
@@ -79,14 +79,36 @@ def test_prefab_args() -> None:
     assert args[1] in request.instruction
 
 
+def recorded_input(history_name: str) -> dict[str, Any]:
+    path = V050 / f"{history_name}.json"
+    history = WorkflowHistory.from_json(history_name, json.loads(path.read_text()))
+    started = history.events[0].workflow_execution_started_event_attributes
+    return json.loads(started.input.payloads[0].data)
+
+
 def test_implement_args_carry_the_originating_task_id() -> None:
     args = recorded_args("v050-blocks-approved", "implement_build")
     request = legacy_args.agent_request("implement_build", args, CALL)
     assert request.task_type == "build_plan"
     assert request.target_agent == "builder"
-    assert request.plan_path is None  # v0.5.0 does not pass it to stage 2
+    assert request.plan_path is None  # v0.5.0 does not pass it to stage 2 ...
     assert request.extra_payload == {"originating_task_id": args[1]}
     assert args[1] in request.instruction
+    # ... the run's input has it.
+    call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
+    request = legacy_args.agent_request("implement_build", args, call)
+    assert request.plan_path == "/home/operator/plans/v050-blocks-approved.md"
+
+
+@pytest.mark.parametrize("plan_path", ["relative.md", "/a\nb", 7, None, "/" + "x" * 5000])
+def test_an_unusable_plan_path_in_the_run_input_is_left_out(plan_path: Any) -> None:
+    call = dataclasses.replace(CALL, pipeline={"plan_path": plan_path, "target_agent": "B!"})
+    args = recorded_args("v050-blocks-approved", "close_build")
+    assert legacy_args.agent_request("close_build", args, call).plan_path is None
+    audit = legacy_args.audit_request(recorded_args("v050-blocks-approved",
+                                                    "request_security_audit"), call,
+                                      lambda build: Path("/a") / build, "r.md", "t.yml")
+    assert audit.target_agent == "(unknown)"
 
 
 def test_flag_fix_args_carry_the_flag_texts() -> None:
@@ -115,14 +137,15 @@ def test_close_args() -> None:
 def test_audit_args_carry_absolute_paths(tmp_path: Path) -> None:
     args = recorded_args("v050-blocks-approved", "request_security_audit")
     folder = tmp_path / "audit-requests" / args[0]
-    request = legacy_args.audit_request(args, CALL, lambda build: tmp_path / "audit-requests"
+    call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
+    request = legacy_args.audit_request(args, call, lambda build: tmp_path / "audit-requests"
                                         / build, "request.md", "triage-output.yml")
+    assert request.target_agent == "builder"  # from the run's input
     assert (request.build_name, request.plan_path) == args
     task = request.task
     assert task.task_type == "security_audit" and task.agent_setting == "security_agent"
-    assert task.extra_payload == {"audit_folder": f"audit-requests/{args[0]}",
-                                  "audit_request_path": str(folder / "request.md"),
-                                  "output_dir": str(folder)}
+    assert task.extra_payload == {"audit_folder": f"audit-requests/{args[0]}"}
+    assert str(folder / "request.md") in task.instruction
     assert str(folder / "triage-output.yml") in task.instruction
 
 
@@ -141,8 +164,11 @@ def test_wait_args() -> None:
 
 def test_summary_args_with_blocks_are_partial() -> None:
     args = recorded_args("v050-blocks-approved", "summarize_workflow")
-    summary = legacy_args.summary_input(args, CALL)
+    call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
+    summary = legacy_args.summary_input(args, call)
     assert summary.workflow_id == args[0] and summary.build_name == args[1]
+    assert summary.target_agent == "builder"
+    assert summary.task_id == "842daac3-5dce-436d-b4df-3197d43c0100"
     assert summary.run_id == CALL.run_id
     assert summary.started_at.isoformat() == args[2] and summary.ended_at.isoformat() == args[3]
     assert summary.outcome == "partial" and summary.decision == "approved"
@@ -197,6 +223,19 @@ def test_own_model_errors_name_the_field() -> None:
 # ---- the activities, run with v0.5.0 arguments -------------------------------------------
 
 @pytest.fixture
+def run_input(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The run's input as the history read returns it (here: the recorded one)."""
+    pipeline = recorded_input("v050-blocks-approved")
+
+    async def start_input(call: legacy_args.CallContext) -> dict[str, Any]:
+        assert (call.workflow_id, call.run_id) == (CALL.workflow_id, CALL.run_id)
+        return pipeline
+
+    monkeypatch.setattr(legacy_args, "_start_input", start_input)
+    return pipeline
+
+
+@pytest.fixture
 def config(tmp_path: Path) -> WorkerConfig:
     return load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue"),
                         "TEMPORAL_AUDIT_DIR": str(tmp_path / "artifacts"),
@@ -220,10 +259,15 @@ async def suspended(env: ActivityEnvironment, fn: Any, *args: Any) -> None:
     assert type(caught.value).__name__ == "_CompleteAsyncError", caught.value
 
 
-def only_task(config: WorkerConfig) -> tuple[Path, dict[str, Any]]:
+def only_task_path(config: WorkerConfig) -> Path:
     files = sorted(config.task_queue_dir.glob("*.yml"))
     assert len(files) == 1, files
-    return files[0], assert_valid_task_file(files[0])
+    return files[0]
+
+
+def only_task(config: WorkerConfig) -> tuple[Path, dict[str, Any]]:
+    path = only_task_path(config)
+    return path, assert_valid_task_file(path)
 
 
 def origin_task(config: WorkerConfig, task_id: str, status: str = "submitted") -> Path:
@@ -243,7 +287,8 @@ def origin_task(config: WorkerConfig, task_id: str, status: str = "submitted") -
     ("close_build", "v050-blocks-approved", set()),
 ])
 async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
-        config: WorkerConfig, stage: str, history_name: str, fields: set[str]) -> None:
+        config: WorkerConfig, run_input: dict[str, Any], stage: str, history_name: str,
+        fields: set[str]) -> None:
     args = recorded_args(history_name, stage)
     await suspended(environment(stage), agent_stage(config, stage), *args)
     _, task = only_task(config)
@@ -257,23 +302,36 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
         assert payload["originating_task_id"] == args[1]
     if stage == "apply_flag_fixes":
         assert payload["flags"] == args[1]
+    assert payload["plan_path"] == run_input["plan_path"]
     if stage == "prefab_scaffolding":
         assert task["target_agent"] == config.prefab_agent
     else:
         assert task["target_agent"] == args[-1]
 
 
+async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
+        config: WorkerConfig) -> None:
+    """No client here: the history read fails; the task is still handed to the agent."""
+    args = recorded_args("v050-blocks-approved", "close_build")
+    await suspended(environment("close_build"), agent_stage(config, "close_build"), *args)
+    path = only_task_path(config)
+    payload = load_yaml(path)["payload"]
+    assert "plan_path" not in payload and payload["build_name"] == args[0]
+
+
 async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
     request = AgentTaskRequest(task_id="2b1e0f3a-7c51-4d2e-9f6a-0123456789ab", build_name="web",
                                target_agent="builder", task_type="build_plan", summary="s",
-                               instruction="do it", plan_path="/plans/web.md")
+                               instruction="do it", plan_path="/plans/web.md",
+                               extra_payload={"originating_task_id": "T-1"})
     await suspended(environment("implement_build"), agent_stage(config, "implement_build"),
                     request.model_dump(mode="json"))
     _, task = only_task(config)
-    assert task["id"] == request.task_id and "originating_task_id" not in task["payload"]
+    assert task["id"] == request.task_id and task["payload"]["originating_task_id"] == "T-1"
 
 
-async def test_audit_with_v050_args_writes_request_and_task(config: WorkerConfig) -> None:
+async def test_audit_with_v050_args_writes_request_and_task(
+        config: WorkerConfig, run_input: dict[str, Any]) -> None:
     args = recorded_args("v050-blocks-approved", "request_security_audit")
     activities = PipelineActivities(config)
     await suspended(environment("request_security_audit"), activities.request_security_audit,
@@ -334,7 +392,7 @@ async def test_wait_with_v050_args_ignores_the_file_when_file_decisions_are_off(
     assert caught.value.type == LEGACY_WAIT_HANDED_OVER
 
 
-async def test_summary_with_v050_args(config: WorkerConfig) -> None:
+async def test_summary_with_v050_args(config: WorkerConfig, run_input: dict[str, Any]) -> None:
     args = recorded_args("v050-blocks-approved", "summarize_workflow")
     path = Path(await environment("summarize_workflow").run(
         PipelineActivities(config).summarize_workflow, *args))
@@ -345,6 +403,7 @@ async def test_summary_with_v050_args(config: WorkerConfig) -> None:
     assert summary["counts"] == {"blocks": 1, "flags": 1, "info": 0}
     assert summary["closeout_path"] == args[8] and summary["plan_path"] == args[7]
     assert summary["run_id"] == CALL.run_id and summary["adopted"] is True
+    assert (summary["task_id"], summary["target_agent"]) == (run_input["task_id"], "builder")
     # v0.5.0's own keys, from v0.5.0's own arguments.
     assert (summary["blocks_hit"], summary["flags_applied"]) == (args[5], args[6])
     assert summary["phases_completed"] == args[4]

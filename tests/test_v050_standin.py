@@ -241,6 +241,9 @@ async def test_v050_calls_run_on_our_activities(
     assert summary["stages_completed"][-2:] == ["close_build", "summarize_workflow"]
     # Our task files, with v0.5.0's payload fields for v0.5.0's calls.
     assert tasks["build_plan"]["payload"]["originating_task_id"] == task_id
+    # v0.5.0 passes no plan path to stages 2, 5 and 8: it is read from the run's input.
+    for task_type in ("build_plan", "security_fix", "build_closeout"):
+        assert tasks[task_type]["payload"]["plan_path"] == f"/srv/plans/{build}.md"
     assert tasks["security_fix"]["payload"]["flags"] == triage["flags"]
     audit = tasks["security_audit"]["payload"]
     assert Path(audit["audit_request_path"]).is_file()
