@@ -35,6 +35,7 @@ from models import (
     BlockResolution,
     BuildPhaseResult,
     Finding,
+    MatrixNoticeRef,
     NotifyBlocksInput,
     NotifyBlocksResult,
     RecordDecisionInput,
@@ -168,8 +169,12 @@ class PipelineActivities:
         message = (f"{title}\n{lines}\nWorkflow: {request.workflow_id}\n"
                    f"Approve: set task {request.task_id} to status 'approved' "
                    f"(or use the approve_blocks update); reject with status 'rejected'.")
+        pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
+                                   run_id=activity.info().workflow_run_id,
+                                   task_id=request.task_id)
         delivered, failures = await notify_all(self.config, title, message,
-                                               f"{request.workflow_id}/blocks")
+                                               f"{request.workflow_id}/{pipeline.run_id}/blocks",
+                                               pipeline)
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)

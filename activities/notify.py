@@ -17,6 +17,7 @@ from urllib.parse import quote
 import httpx
 
 from config import WorkerConfig
+from models import MatrixNoticeRef
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ RETRY_DELAY_SECONDS = 1.0
 HTTP_TIMEOUT_SECONDS = 10.0
 SCRIPT_TIMEOUT_SECONDS = 30.0
 PM2_IPC_VARIABLES = ("NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "NODE_UNIQUE_ID")
+# Namespaced key of a block notice's content naming its pipeline (matrix_decisions.py).
+PIPELINE_CONTENT_KEY = "org.temporal_build_worker.pipeline"
 
 
 class NotifyFailed(Exception):
@@ -57,34 +60,55 @@ def room_reference(room: str, server_name: str) -> str:
     return f"#{room}:{server_name}"
 
 
-async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None:
+def matrix_http(config: WorkerConfig, token: str,
+                timeout: float = HTTP_TIMEOUT_SECONDS) -> httpx.AsyncClient:
+    """A client-server API client; the token travels only in this header."""
+    return httpx.AsyncClient(base_url=str(config.matrix_homeserver).rstrip("/"),
+                             headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+
+async def resolve_room(http: httpx.AsyncClient, config: WorkerConfig) -> str:
+    """MATRIX_ROOM as a room id (aliases and short names resolved by the homeserver)."""
+    room = config.matrix_room
+    if room.startswith("!"):
+        return room
+    if not room.startswith("#"):
+        whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
+        server_name = str(whoami.get("user_id", "")).partition(":")[2]
+        if not server_name:
+            raise NotifyFailed("Matrix whoami returned no server name")
+        room = room_reference(room, server_name)
+    resolved = await _json(http, f"resolve {room}", "GET",
+                           f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
+    room_id = str(resolved.get("room_id") or "")
+    if not room_id:
+        raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
+                           retryable=False)
+    return room_id
+
+
+def txn_id_for(seed: str) -> str:
+    """A transaction id derived from `seed`: the homeserver sends a repeat only once."""
+    return hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+
+async def send_matrix(config: WorkerConfig, message: str, txn_seed: str,
+                      pipeline: MatrixNoticeRef | None = None) -> None:
+    """Send `message` as an m.notice; `pipeline` rides along under PIPELINE_CONTENT_KEY so
+    a reply or reaction to the notice names its pipeline without any state in a worker."""
     token = matrix_token(config)
     if not token:
         raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured",
                            retryable=False)
-    base = str(config.matrix_homeserver).rstrip("/")
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers,
-                                 timeout=HTTP_TIMEOUT_SECONDS) as http:
-        room = config.matrix_room
-        if not room.startswith("!"):
-            if not room.startswith("#"):
-                whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
-                server_name = str(whoami.get("user_id", "")).partition(":")[2]
-                if not server_name:
-                    raise NotifyFailed("Matrix whoami returned no server name")
-                room = room_reference(room, server_name)
-            resolved = await _json(http, f"resolve {room}", "GET",
-                                   f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
-            room = str(resolved.get("room_id") or "")
-            if not room:
-                raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
-                                   retryable=False)
+    content: dict[str, object] = {"msgtype": "m.notice", "body": message}
+    if pipeline is not None:
+        content[PIPELINE_CONTENT_KEY] = pipeline.model_dump()
+    async with matrix_http(config, token) as http:
+        room = await resolve_room(http, config)
         # Derived from the workflow, so a retried stage is de-duplicated by the homeserver.
-        txn_id = hashlib.sha256(txn_seed.encode()).hexdigest()[:32]
         await _json(http, "send", "PUT",
-                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/{txn_id}",
-                    json={"msgtype": "m.notice", "body": message})
+                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/"
+                    f"{txn_id_for(txn_seed)}", json=content)
 
 
 async def _json(http: httpx.AsyncClient, step: str, method: str, url: str,
@@ -166,12 +190,12 @@ async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str |
     return f"{name}: {last}"
 
 
-async def notify_all(config: WorkerConfig, title: str, message: str,
-                     txn_seed: str) -> tuple[list[str], list[str]]:
+async def notify_all(config: WorkerConfig, title: str, message: str, txn_seed: str,
+                     pipeline: MatrixNoticeRef | None = None) -> tuple[list[str], list[str]]:
     """Send through every configured channel; return (delivered, failures)."""
     channels: list[tuple[str, Callable[[], Awaitable[None]]]] = []
     if config.matrix_homeserver:
-        channels.append(("matrix", lambda: send_matrix(config, message, txn_seed)))
+        channels.append(("matrix", lambda: send_matrix(config, message, txn_seed, pipeline)))
     elif config.send_matrix_script:
         channels.append(("matrix-script", lambda: send_script(config, message)))
     if config.ntfy_url:
