@@ -44,6 +44,7 @@ from models import (
     BlockResolution,
     BuildPhaseResult,
     Finding,
+    MatrixNoticeRef,
     NotifyBlocksInput,
     NotifyBlocksResult,
     PipelineSetup,
@@ -250,8 +251,12 @@ class PipelineActivities:
         title, message = compose_block_notice(
             request.build_name, request.task_id, request.workflow_id, request.blocks,
             problems, file_decisions=self.config.file_decisions)
+        pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
+                                   run_id=activity.info().workflow_run_id,
+                                   task_id=request.task_id)
         delivered, failures = await notify_all(self.config, title, message,
-                                               f"{request.workflow_id}/blocks")
+                                               f"{request.workflow_id}/{pipeline.run_id}/blocks",
+                                               pipeline)
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
