@@ -318,7 +318,9 @@ class PipelineActivities:
         hint = Path(request.path_hint) if request.path_hint else None
         via = {"update": "workflow update", "task_file": "task file",
                "matrix": "Matrix"}[request.source]
-        note = f"{request.decision} via {via} by {request.actor}"
+        # A file decision has no decider but the file; only its claim is worth naming.
+        note = (f"{request.decision} via {via}" if request.source == "task_file"
+                else f"{request.decision} via {via} by {request.actor}")
         if request.claimed_by:
             note += f" (claims to be {request.claimed_by})"
         if request.note:
