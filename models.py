@@ -307,6 +307,22 @@ class BlockDecision(BaseModel):
     claimed_by: str | None = Field(default=None, max_length=100)
 
 
+class MatrixNoticeRef(BaseModel):
+    """Which pipeline a Matrix block notice is about; carried in the notice's content, and
+    read back (as hostile input: anyone can post content) when someone replies to it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    workflow_id: str = Field(min_length=1, max_length=1000)
+    run_id: str = Field(min_length=1, max_length=100)
+    task_id: str = Field(min_length=1, max_length=200)
+
+    @field_validator("workflow_id", "run_id", "task_id")
+    @classmethod
+    def _printable(cls, value: str, info: ValidationInfo) -> str:
+        return _no_control_chars(value, str(info.field_name))
+
+
 class RecordDecisionInput(BaseModel):
     task_id: str
     path_hint: str | None = None

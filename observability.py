@@ -233,6 +233,9 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
     # The SDK warns "Cannot find activity to cancel for token b'...'" through the
     # warnings module, which would print to stderr past every handler filter.
     logging.captureWarnings(True)
+    # httpx logs every request at INFO; the Matrix listener's long poll alone would add a
+    # line every 25 s. Failures are logged by our own code, with the step that failed.
+    logging.getLogger("httpx").setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
     # The JSON fields carry the SDK's context; appending it to the event text too would
     # make `event` differ per workflow and defeat grouping by event.
     activity.logger.activity_info_on_message = False

@@ -28,6 +28,7 @@ from activities.build_pipeline_activities import PipelineActivities
 from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
 from exceptions import ConfigError, CredentialError
+from matrix_decisions import listen_for_decisions
 from observability import configure_logging, setup_telemetry
 from recovery import recover_lost_activities
 from temporal_client import connect
@@ -119,13 +120,17 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
                             "namespace": config.temporal_namespace})
             write_status(config.status_file, "ready", config)
             # In the background: hand back what a killed worker on this host left half
-            # done (recovery.py). Serving does not wait for it.
-            sweep = asyncio.create_task(recover_lost_activities(client, config))
-            watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
+            # done (recovery.py), deliver block decisions written into task files
+            # (block_watcher.py) and take them from the Matrix room (matrix_decisions.py).
+            # Serving waits for none of them; all are cancelled at once on shutdown, so a
+            # long poll never delays a SIGTERM.
+            background = [asyncio.create_task(recover_lost_activities(client, config)),
+                          asyncio.create_task(watch_block_decisions(client, config, stop)),
+                          asyncio.create_task(listen_for_decisions(client, config, stop))]
             await stop.wait()
             stopping_since = time.monotonic()
-            sweep.cancel()
-            watcher.cancel()
+            for task in background:
+                task.cancel()
     finally:
         write_status(config.status_file, "stopped", config)
     log.info("worker_stopped", extra={

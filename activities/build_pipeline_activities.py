@@ -46,6 +46,7 @@ from models import (
     BlockResolution,
     BuildPhaseResult,
     Finding,
+    MatrixNoticeRef,
     NotifyBlocksInput,
     NotifyBlocksResult,
     PipelineSetup,
@@ -267,8 +268,12 @@ class PipelineActivities:
         title, message = compose_block_notice(
             request.build_name, request.task_id, request.workflow_id, request.blocks,
             problems, file_decisions=self.config.file_decisions)
+        pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
+                                   run_id=activity.info().workflow_run_id,
+                                   task_id=request.task_id)
         delivered, failures = await notify_all(self.config, title, message,
-                                               f"{request.workflow_id}/blocks")
+                                               f"{request.workflow_id}/{pipeline.run_id}/blocks",
+                                               pipeline)
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
@@ -350,7 +355,9 @@ class PipelineActivities:
         hint = Path(request.path_hint) if request.path_hint else None
         via = {"update": "workflow update", "task_file": "task file",
                "matrix": "Matrix"}[request.source]
-        note = f"{request.decision} via {via} by {request.actor}"
+        # A file decision has no decider but the file; only its claim is worth naming.
+        note = (f"{request.decision} via {via}" if request.source == "task_file"
+                else f"{request.decision} via {via} by {request.actor}")
         if request.claimed_by:
             note += f" (claims to be {request.claimed_by})"
         if request.note:

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from config import WorkerConfig
-from models import Finding
+from models import Finding, MatrixNoticeRef
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
 from workflows.instructions import sanitize_finding
 
@@ -105,6 +105,9 @@ def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
         message = message.encode()[:NOTICE_MAX_BYTES - 3].decode(errors="ignore") + "…"
     return title, message
 
+# Namespaced key of a block notice's content naming its pipeline (matrix_decisions.py).
+PIPELINE_CONTENT_KEY = "org.temporal_build_worker.pipeline"
+
 
 class NotifyFailed(Exception):
     """One channel could not deliver (message is safe to record: no secrets).
@@ -135,35 +138,56 @@ def room_reference(room: str, server_name: str) -> str:
     return f"#{room}:{server_name}"
 
 
-async def send_matrix(config: WorkerConfig, message: str, txn_seed: str) -> None:
+def matrix_http(config: WorkerConfig, token: str,
+                timeout: float = HTTP_TIMEOUT_SECONDS) -> httpx.AsyncClient:
+    """A client-server API client; the token travels only in this header."""
+    return httpx.AsyncClient(base_url=str(config.matrix_homeserver).rstrip("/"),
+                             headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+
+async def resolve_room(http: httpx.AsyncClient, config: WorkerConfig) -> str:
+    """MATRIX_ROOM as a room id (aliases and short names resolved by the homeserver)."""
+    room = config.matrix_room
+    if room.startswith("!"):
+        return room
+    if not room.startswith("#"):
+        whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
+        server_name = str(whoami.get("user_id", "")).partition(":")[2]
+        if not server_name:
+            raise NotifyFailed("Matrix whoami returned no server name")
+        room = room_reference(room, server_name)
+    resolved = await _json(http, f"resolve {room}", "GET",
+                           f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
+    room_id = str(resolved.get("room_id") or "")
+    if not room_id:
+        raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
+                           retryable=False)
+    return room_id
+
+
+def txn_id_for(seed: str) -> str:
+    """A transaction id derived from `seed`: the homeserver sends a repeat only once."""
+    return hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+
+async def send_matrix(config: WorkerConfig, message: str, txn_seed: str,
+                      pipeline: MatrixNoticeRef | None = None) -> None:
+    """Send `message` as an m.notice; `pipeline` rides along under PIPELINE_CONTENT_KEY so
+    a reply or reaction to the notice names its pipeline without any state in a worker."""
     token = matrix_token(config)
     if not token:
         raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured",
                            retryable=False)
-    base = str(config.matrix_homeserver).rstrip("/")
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers,
-                                 timeout=HTTP_TIMEOUT_SECONDS) as http:
-        room = config.matrix_room
-        if not room.startswith("!"):
-            if not room.startswith("#"):
-                whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
-                server_name = str(whoami.get("user_id", "")).partition(":")[2]
-                if not server_name:
-                    raise NotifyFailed("Matrix whoami returned no server name")
-                room = room_reference(room, server_name)
-            resolved = await _json(http, f"resolve {room}", "GET",
-                                   f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
-            room = str(resolved.get("room_id") or "")
-            if not room:
-                raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
-                                   retryable=False)
+    # An empty m.mentions: the notice pings nobody, whatever its text.
+    content: dict[str, object] = {"msgtype": "m.notice", "body": message, "m.mentions": {}}
+    if pipeline is not None:
+        content[PIPELINE_CONTENT_KEY] = pipeline.model_dump()
+    async with matrix_http(config, token) as http:
+        room = await resolve_room(http, config)
         # Derived from the workflow, so a retried stage is de-duplicated by the homeserver.
-        txn_id = hashlib.sha256(txn_seed.encode()).hexdigest()[:32]
         await _json(http, "send", "PUT",
-                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/{txn_id}",
-                    # An empty m.mentions: the notice pings nobody, whatever its text.
-                    json={"msgtype": "m.notice", "body": message, "m.mentions": {}})
+                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/"
+                    f"{txn_id_for(txn_seed)}", json=content)
 
 
 async def _json(http: httpx.AsyncClient, step: str, method: str, url: str,
@@ -245,12 +269,12 @@ async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str |
     return f"{name}: {last}"
 
 
-async def notify_all(config: WorkerConfig, title: str, message: str,
-                     txn_seed: str) -> tuple[list[str], list[str]]:
+async def notify_all(config: WorkerConfig, title: str, message: str, txn_seed: str,
+                     pipeline: MatrixNoticeRef | None = None) -> tuple[list[str], list[str]]:
     """Send through every configured channel; return (delivered, failures)."""
     channels: list[tuple[str, Callable[[], Awaitable[None]]]] = []
     if config.matrix_homeserver:
-        channels.append(("matrix", lambda: send_matrix(config, message, txn_seed)))
+        channels.append(("matrix", lambda: send_matrix(config, message, txn_seed, pipeline)))
     elif config.send_matrix_script:
         channels.append(("matrix-script", lambda: send_script(config, message)))
     if config.ntfy_url:

@@ -4,11 +4,13 @@ client, and per test a fresh task queue, private folders and an in-process worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
@@ -91,21 +93,27 @@ def pipeline_env_vars(tmp_path: Path, temporal_address: str) -> dict[str, str]:
     return make_env(tmp_path, temporal_address)
 
 
-@pytest.fixture
-async def pipeline(pipeline_env_vars: dict[str, str], client: Client,
-                   tmp_path: Path) -> AsyncIterator[PipelineEnv]:
-    """A running in-process worker, with its task-folder decision watcher, on a fresh task
-    queue with private folders."""
-    config = load_config(pipeline_env_vars)
-    worker = build_worker(client, config)
-    stop = asyncio.Event()
-    # The watcher makes the folder it watches; made first, it is there before the test.
+@contextlib.asynccontextmanager
+async def serving(client: Client, config: WorkerConfig, **overrides: Any
+                  ) -> AsyncIterator[None]:
+    """One in-process worker with its task-folder decision watcher, as worker.py runs
+    them (the watcher's folder is made first, so it is there before a test looks)."""
     ensure_private_dir(config.task_queue_dir)
-    async with worker:
+    stop = asyncio.Event()
+    async with build_worker(client, config, **overrides):
         watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
         try:
-            yield PipelineEnv(config=config, client=client, env=pipeline_env_vars,
-                              root=tmp_path)
+            yield
         finally:
             stop.set()
             await watcher
+
+
+@pytest.fixture
+async def pipeline(pipeline_env_vars: dict[str, str], client: Client,
+                   tmp_path: Path) -> AsyncIterator[PipelineEnv]:
+    """A running in-process worker, with its decision watcher, on a fresh task queue with
+    private folders."""
+    config = load_config(pipeline_env_vars)
+    async with serving(client, config):
+        yield PipelineEnv(config=config, client=client, env=pipeline_env_vars, root=tmp_path)

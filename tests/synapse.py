@@ -1,9 +1,10 @@
-"""A real Matrix homeserver (Synapse from PyPI) for the notification tests.
+"""A real Matrix homeserver (Synapse from PyPI) for the notification and chat tests.
 
 `running(folder)` generates a config with Synapse's own generator, narrows it to a
 loopback-only, federation-free, sqlite-backed server on a free port with rate limits
 raised out of the way, starts it and yields a `Homeserver` once the client API answers.
-Users are registered through the shared-secret admin API, as an operator would.
+Users are registered through the shared-secret admin API, as an operator would; they
+invite, join, send, react and redact through the client-server API, as a chat client does.
 """
 
 from __future__ import annotations
@@ -67,6 +68,25 @@ class Homeserver:
                                "name": alias_localpart})
         return body["room_id"]
 
+    def invite_and_join(self, token: str, room_id: str, user_id: str,
+                        user_token: str) -> None:
+        """`token`'s user invites `user_id`, who joins with `user_token`."""
+        self.call(token, "POST", f"/_matrix/client/v3/rooms/{room_id}/invite",
+                  json={"user_id": user_id})
+        self.call(user_token, "POST", f"/_matrix/client/v3/rooms/{room_id}/join", json={})
+
+    def send(self, token: str, room_id: str, content: dict[str, Any],
+             event_type: str = "m.room.message") -> str:
+        """Send one event as `token`'s user; returns its event id."""
+        body = self.call(token, "PUT", f"/_matrix/client/v3/rooms/{room_id}/send/"
+                         f"{event_type}/{uuid.uuid4().hex}", json=content)
+        return body["event_id"]
+
+    def redact(self, token: str, room_id: str, event_id: str) -> str:
+        body = self.call(token, "PUT", f"/_matrix/client/v3/rooms/{room_id}/redact/"
+                         f"{event_id}/{uuid.uuid4().hex}", json={"reason": "test"})
+        return body["event_id"]
+
     def messages(self, token: str, room_id: str) -> list[dict[str, Any]]:
         """The room's m.room.message events, oldest first."""
         body = self.call(token, "GET", f"/_matrix/client/v3/rooms/{room_id}/messages",
@@ -100,6 +120,9 @@ def _configure(folder: Path, port: int) -> str:
                      "failed_attempts": _NO_LIMIT},
         "rc_joins": {"local": _NO_LIMIT, "remote": _NO_LIMIT},
         "rc_room_creation": _NO_LIMIT,
+        "rc_joins_per_room": _NO_LIMIT,
+        "rc_invites": {"per_room": _NO_LIMIT, "per_user": _NO_LIMIT,
+                       "per_issuer": _NO_LIMIT},
     })
     config_path.write_text(yaml.safe_dump(config))
     return config["registration_shared_secret"]

@@ -20,8 +20,8 @@ from models import BuildPipelineResult, PipelineStatus, StageEvent
 from recovery import recover_lost_activities
 from task_files import find_task
 from tests.agents import load_yaml, play_stage, wait_for_task
-from tests.conftest import PipelineEnv
-from tests.test_block_watcher import decide, serving
+from tests.conftest import PipelineEnv, serving
+from tests.test_block_watcher import decide
 from tests.test_build_pipeline_workflow import block_pipeline, pipeline_input
 from worker import build_worker
 

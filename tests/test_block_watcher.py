@@ -4,40 +4,22 @@ worker restart, and exactly once with two workers on one folder."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.client import Client
 
-from block_watcher import watch_block_decisions
-from config import WorkerConfig, load_config
+from config import load_config
 from models import BuildPipelineResult, StageEvent
 from task_files import add_history, update_task
 from temporal_client import connect
 from tests.agents import play_stage, poll, tasks_for
-from tests.conftest import PipelineEnv
+from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import block_pipeline
-from worker import build_worker
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
-
-
-@contextlib.asynccontextmanager
-async def serving(client: Client, config: WorkerConfig) -> AsyncIterator[None]:
-    """One worker with its decision watcher, as worker.py runs them."""
-    stop = asyncio.Event()
-    async with build_worker(client, config):
-        watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            await watcher
 
 
 def decide(origin: Path, status: str, actor: str = "ted") -> float:

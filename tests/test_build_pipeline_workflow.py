@@ -178,8 +178,7 @@ async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:
     assert summary["phases_completed"] == ["prefab", "implement", "audit", "triage", "close"]
     task = load_yaml(origin)
     assert "awaiting_decision" not in task  # recorded, so no watcher acts on it again
-    assert task["history"][-1]["note"].startswith("approved via task file by task file "
-                                                  "(claims to be ted)")
+    assert task["history"][-1]["note"].startswith("approved via task file (claims to be ted)")
 
 
 @pytest.mark.parametrize("status", ["rejected", "cancelled", "failed"])
