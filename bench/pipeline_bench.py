@@ -2,12 +2,13 @@
 and the agents played in-process from the task files the worker writes.
 
     .venv/bin/python bench/pipeline_bench.py [--parked N] [--concurrent M] [--json-out FILE]
-        [--worker-env KEY=VALUE ...] [--watch inotify|poll]
+        [--worker-env KEY=VALUE ...] [--watch inotify|poll] [--matrix-decisions K]
 
 Prints one JSON object (see bench/README.md for what each figure means).
 Exit codes: 0 the run completed (targets met or not: see "targets") · 1 the run failed
 (a pipeline failed or stalled, the worker died, the server did not start) · 2 usage ·
-130 interrupted. Everything it starts (dev server, worker) is stopped on every exit path.
+130 interrupted. Everything it starts (dev server, worker, Synapse with
+--matrix-decisions) is stopped on every exit path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if str(REPO) not in sys.path:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import base64  # noqa: E402
+import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
 import json  # noqa: E402
@@ -40,14 +42,21 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
+import httpx  # noqa: E402
 import yaml  # noqa: E402
 from temporalio.api.enums.v1 import TaskQueueType  # noqa: E402
 from temporalio.api.taskqueue.v1 import TaskQueue  # noqa: E402
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest  # noqa: E402
 from temporalio.client import Client, WorkflowHandle  # noqa: E402
 
+from activities.notify import PIPELINE_CONTENT_KEY  # noqa: E402
 from config import load_config  # noqa: E402
-from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult  # noqa: E402
+from models import (  # noqa: E402
+    BuildPhaseResult,
+    BuildPipelineInput,
+    BuildPipelineResult,
+    PipelineStatus,
+)
 from task_files import (  # noqa: E402
     add_history,
     ensure_private_dir,
@@ -57,6 +66,7 @@ from task_files import (  # noqa: E402
     write_task,
 )
 from temporal_client import connect  # noqa: E402
+from tests import synapse  # noqa: E402
 from tools import devserver  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -67,6 +77,7 @@ TARGET_WORKER_RSS_MB = 200.0
 TARGET_HANDOFF_P50_MS = 50.0
 TARGET_IDLE_CPU_PERCENT = 2.0
 TARGET_DECISION_MS = 2000.0
+TARGET_MATRIX_DECISION_MS = 3000.0
 
 CLEAN_TRIAGE = "blocks: []\nflags: []\ninfo:\n  - benchmark build, nothing to report\n"
 BLOCKED_TRIAGE = "blocks:\n  - description: benchmark block awaiting an operator\n"
@@ -77,6 +88,10 @@ WORKER_READY_SECONDS = 60.0
 WORKER_STOP_SECONDS = 20.0
 # How many parked pipelines' histories are sampled for growth over the idle window.
 IDLE_SAMPLE = 40
+# --matrix-decisions: what the approver answers, and how long the notices may take to show.
+APPROVAL_REPLY = "approve bench"
+NOTICE_WAIT_SECONDS = 60.0
+NOTICE_PAGE = 100
 
 
 class BenchError(Exception):
@@ -532,6 +547,106 @@ def approve_origin(queue_dir: Path, task_id: str) -> float:
     return time.monotonic()
 
 
+# ---- deciding from the Matrix room (--matrix-decisions) --------------------------------
+
+@dataclass
+class BenchChat:
+    """A real Synapse holding the worker's Matrix user, one approver and the notice room."""
+
+    server: synapse.Homeserver
+    bot_id: str
+    approver_id: str
+    approver_token: str
+    room_alias: str  # short name, as MATRIX_ROOM
+    room_id: str
+    token_file: Path
+
+    def worker_env(self) -> dict[str, str]:
+        return {"MATRIX_HOMESERVER": self.server.url, "MATRIX_ROOM": self.room_alias,
+                "MATRIX_ACCESS_TOKEN_FILE": str(self.token_file),
+                "MATRIX_APPROVERS": self.approver_id}
+
+    def notices(self, workflow_ids: set[str]) -> dict[str, str]:
+        """Workflow id -> event id of the worker's block notice naming it, for those of
+        `workflow_ids` in the room, read newest first as a chat client scrolls back."""
+        found: dict[str, str] = {}
+        params = {"dir": "b", "limit": str(NOTICE_PAGE),
+                  "filter": json.dumps({"types": ["m.room.message"], "senders": [self.bot_id]})}
+        while len(found) < len(workflow_ids):
+            body = self.server.call(self.approver_token, "GET",
+                                    f"/_matrix/client/v3/rooms/{self.room_id}/messages",
+                                    params=params)
+            chunk = body.get("chunk") or []
+            for event in chunk:
+                ref = event.get("content", {}).get(PIPELINE_CONTENT_KEY)
+                if isinstance(ref, dict) and ref.get("workflow_id") in workflow_ids:
+                    found.setdefault(ref["workflow_id"], event["event_id"])
+            if not chunk or not body.get("end"):
+                break
+            params["from"] = body["end"]
+        return found
+
+    def reply(self, notice_id: str, text: str) -> float:
+        """The approver replies to a notice as chat clients write replies (quoted fallback,
+        blank line, text); returns when the homeserver accepted it."""
+        self.server.send(self.approver_token, self.room_id, {
+            "msgtype": "m.text", "body": f"> <{self.bot_id}> block notice\n\n{text}",
+            "m.relates_to": {"m.in_reply_to": {"event_id": notice_id}}})
+        return time.monotonic()
+
+
+def open_chat(stack: contextlib.ExitStack, root: Path) -> BenchChat:
+    """Start Synapse (stopped when `stack` closes), register the worker's user and an
+    approver, and create the room. Blocking: runs before the worker, nothing else waits."""
+    try:
+        server = stack.enter_context(synapse.running(root / "synapse"))
+        bot_id, bot_token = server.register("build-notifier")
+        approver_id, approver_token = server.register("bench-approver")
+        alias = f"builds-{uuid.uuid4().hex[:8]}"
+        room_id = server.create_room(bot_token, alias)
+        server.invite_and_join(bot_token, room_id, approver_id, approver_token)
+    except (subprocess.SubprocessError, httpx.HTTPError) as err:
+        raise BenchError(f"Synapse could not be set up ({type(err).__name__}: {err}); "
+                         "it comes with requirements-dev.txt") from None
+    token_file = root / "matrix-token"
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                   "w") as handle:
+        handle.write(bot_token + "\n")
+    return BenchChat(server, bot_id, approver_id, approver_token, alias, room_id, token_file)
+
+
+async def decide_from_chat(bench: Bench, chat: BenchChat,
+                           runs: list[PipelineRun]) -> dict[str, Any]:
+    """The approver replies to each parked pipeline's block notice, one at a time; each is
+    timed from the reply's send returning until the pipeline's close-out task lands."""
+    wanted = {run.workflow_id for run in runs}
+    deadline = time.monotonic() + NOTICE_WAIT_SECONDS
+    while len(notices := await asyncio.to_thread(chat.notices, wanted)) < len(wanted):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{len(wanted) - len(notices)} of {len(wanted)} block notices "
+                             f"not in the Matrix room after {NOTICE_WAIT_SECONDS:.0f}s")
+        await asyncio.sleep(0.5)
+    latencies = []
+    for run in runs:
+        queue = bench.agents.register(run.workflow_id)
+        try:
+            sent_at = await asyncio.to_thread(chat.reply, notices[run.workflow_id],
+                                              APPROVAL_REPLY)
+            seen = await next_file(queue, agent_task("build_closeout"),
+                                   f"close-out task of {run.workflow_id} after the Matrix "
+                                   "reply")
+            latencies.append(seen.seen_at - sent_at)
+        finally:
+            bench.agents.forget(run.workflow_id)
+    # Only the reply could have moved them on; the pipeline names who decided.
+    for run in runs:
+        status = await run.handle.query("get_status", result_type=PipelineStatus)
+        if (status.decision, status.decided_by) != ("approved", chat.approver_id):
+            raise BenchError(f"{run.workflow_id}: decision {status.decision!r} by "
+                             f"{status.decided_by!r}, expected approved by the approver")
+    return ms_stats(latencies)
+
+
 # ---- the run --------------------------------------------------------------------------
 
 async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
@@ -544,11 +659,23 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
     worker: subprocess.Popen[bytes] | None = None
     watch: FolderWatch | None = None
     stats: ProcessStats | None = None
+    matrix = contextlib.ExitStack()
+    chat: BenchChat | None = None
     try:
         address = f"127.0.0.1:{port}"
         client = await connect(load_config({"TEMPORAL_ADDRESS": address,
                                             "TASK_QUEUE": task_queue}))
-        env = worker_environment(address, task_queue, root, args.worker_env)
+        chat_env: dict[str, str] = {}
+        if args.matrix_decisions > 0:
+            synapse_started = time.monotonic()
+            chat = open_chat(matrix, root)
+            report["synapse_ready_s"] = round(time.monotonic() - synapse_started, 1)
+            chat_env = chat.worker_env()
+        env = worker_environment(address, task_queue, root, {**chat_env, **args.worker_env})
+        # Inherited Matrix settings (an operator's token, say) must not mix with the room's.
+        for key in [k for k in env if chat is not None and k.startswith("MATRIX_")
+                    and k not in chat_env and k not in args.worker_env]:
+            del env[key]
         worker = start_worker(env, worker_log)
         stats = ProcessStats(worker.pid)
         stats.start()
@@ -636,7 +763,7 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
         # 3. Park N pipelines at stage 7, then time a new clean pipeline.
         if args.parked > 0:
             report["parked"] = await checked(park_and_measure(args, bench, stats, server_stats,
-                                                              queue_dir))
+                                                              queue_dir, chat))
         report["worker_peak_rss_mb"] = max(stats.hwm_mb() or 0.0,
                                            round(stats.peak_rss_kb / 1024, 1))
         report["task_files_in_queue"] = sum(1 for p in queue_dir.glob("*.yml"))
@@ -648,11 +775,15 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
         if worker is not None:
             devserver.stop(worker, WORKER_STOP_SECONDS, terminate_group=False)
             report.setdefault("worker_exit_code", worker.returncode)
-        devserver.stop(server)
+        try:
+            matrix.close()  # Synapse, after the worker that listens to it
+        finally:
+            devserver.stop(server)
 
 
 async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: ProcessStats,
-                           server_stats: ProcessStats, queue_dir: Path) -> dict[str, Any]:
+                           server_stats: ProcessStats, queue_dir: Path,
+                           chat: BenchChat | None) -> dict[str, Any]:
     started = time.monotonic()
     runs = await gather_bounded(args.parked, args.park_parallel,
                                 lambda i: play_pipeline(bench, "p", i, park=True))
@@ -708,6 +839,11 @@ async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: Proces
             latencies.append(seen.seen_at - decided_at)
         finally:
             bench.agents.forget(run.workflow_id)
+    # Chat decisions: other parked pipelines, approved by a reply to their block notice.
+    matrix: dict[str, Any] = {}
+    if chat is not None:
+        matrix["matrix_decision_to_next_stage_ms"] = await decide_from_chat(
+            bench, chat, runs[args.decisions:args.decisions + args.matrix_decisions])
     return {
         "parked": args.parked,
         "parking_wall_s": round(parking_wall, 1),
@@ -718,6 +854,7 @@ async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: Proces
         "worker_rss_mb_after_parking": rss_after_parking,
         "worker_rss_mb_after_new_pipelines": rss_after_new,
         "file_decision_to_next_stage_ms": ms_stats(latencies),
+        **matrix,
     }
 
 
@@ -739,6 +876,11 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             checks["file_decision_p95_ms"] = {
                 "value": decision_p95, "target": TARGET_DECISION_MS,
                 "met": decision_p95 <= TARGET_DECISION_MS}
+        matrix_p95 = parked.get("matrix_decision_to_next_stage_ms", {}).get("p95")
+        if matrix_p95 is not None:
+            checks["matrix_decision_p95_ms"] = {
+                "value": matrix_p95, "target": TARGET_MATRIX_DECISION_MS,
+                "met": matrix_p95 <= TARGET_MATRIX_DECISION_MS}
         checks["new_pipeline_wall_s"] = {
             "value": parked["new_pipeline_wall_s"], "target": TARGET_NEW_PIPELINE_S,
             "met": parked["new_pipeline_wall_s"] <= TARGET_NEW_PIPELINE_S}
@@ -772,9 +914,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-window", type=float, default=30.0,
                         help="seconds the worker's and server's CPU is sampled with the "
                              "pipelines parked and nothing else happening (default 30)")
+    parser.add_argument("--matrix-decisions", type=int, default=0, metavar="K",
+                        help="parked pipelines (besides the --decisions ones) approved by a "
+                             "reply to their block notice in a Matrix room on a Synapse the "
+                             "bench starts, one at a time (default 0: skipped)")
     args = parser.parse_args(argv)
     if args.parked < 0 or args.concurrent < 1 or args.park_parallel < 1:
         parser.error("--parked must be >= 0, --concurrent and --park-parallel >= 1")
+    if args.decisions < 0 or args.matrix_decisions < 0:
+        parser.error("--decisions and --matrix-decisions must be >= 0")
+    if args.matrix_decisions > 0 and args.parked < args.decisions + args.matrix_decisions:
+        parser.error("--matrix-decisions K needs --parked >= --decisions + K (the pipelines "
+                     "decided from chat are parked ones not decided through their file)")
     overrides: dict[str, str] = {}
     for item in args.worker_env:
         key, sep, value = item.partition("=")
@@ -807,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
             asyncio.run(run(args, Path(tmp), report))
     except KeyboardInterrupt:
-        print("pipeline_bench: interrupted; worker and server stopped", file=sys.stderr)
+        print("pipeline_bench: interrupted; everything it started is stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (BenchError, RuntimeError, OSError) as err:
         print(f"pipeline_bench: {err}", file=sys.stderr)
