@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,19 @@ async def poll(condition: Callable[[], Any], timeout: float = 20.0, interval: fl
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def poll_async(condition: Callable[[], Awaitable[Any]], timeout: float = 20.0,
+                     what: str = "condition", interval: float = 0.05) -> Any:
+    """`poll` for a condition that has to await (a query, a describe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
         if value:
             return value
         if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ from tests.agents import (
     load_yaml,
     play_stage,
     poll,
+    poll_async,
     tasks_for,
     wait_for_task,
     write_origin_task,
@@ -142,17 +143,6 @@ async def block_pipeline(pipeline: PipelineEnv, build: str, **extra: Any
     assert task["status"] == "input-required"
     assert "1 security block" in task["history"][-1]["note"]
     return handle, inp, origin
-
-
-async def poll_async(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:

@@ -27,7 +27,7 @@ import task_files
 from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
-from tests.agents import load_yaml, run_cli, wait_for_task
+from tests.agents import load_yaml, poll_async, run_cli, wait_for_task
 from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
 
@@ -629,21 +629,6 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
         await stuck.terminate("test done")
     finally:
         unblock_fifo(fifo)
-
-
-async def poll_async(condition: Any, timeout: float, what: str) -> Any:
-    """tests.agents.poll for a condition that has to await."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_stuck_calls_hold_no_slot_and_are_bounded() -> None:

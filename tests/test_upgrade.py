@@ -29,9 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from tests.agents import (
     assert_valid_task_file,
     complete_task,
     load_yaml,
+    poll_async,
     run_cli,
     wait_for_build_task,
     wait_for_task,
@@ -71,18 +71,6 @@ EXPECTED = {  # build: (outcome, stages completed, close-out path)
     "up-summary": ("success", [*COMMON, "close_build", "summarize_workflow"],
                    "build_closeout-done"),
 }
-
-
-async def until(condition: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll an async condition with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def origin_task(queue_dir: Path) -> str:
@@ -208,7 +196,7 @@ async def test_v050_pipelines_finish_under_our_worker(
             v050_agent(env, "up-summary", "security_audit", {}))
         implement_task = await wait_for_build_task(queue_dir, "up-implement", "build_plan", 60)
         fix_task = await wait_for_build_task(queue_dir, "up-fixes", "security_fix", 60)
-        await until(lambda: stage_7_activity_running(handles["up-parked"]), 60,
+        await poll_async(lambda: stage_7_activity_running(handles["up-parked"]), 60,
                     "v0.5.0's stage 7 running")
         assert read_task(find_task(queue_dir, origins["up-parked"]))["status"] \
             == "input-required"
@@ -220,9 +208,9 @@ async def test_v050_pipelines_finish_under_our_worker(
         v050_activities.stop()
         await asyncio.gather(v050_agent(env, "up-notify", "security_fix"),
                              v050_agent(env, "up-summary", "build_closeout"))
-        await until(lambda: scheduled_unstarted(handles["up-notify"], "notify_blocks"), 30,
+        await poll_async(lambda: scheduled_unstarted(handles["up-notify"], "notify_blocks"), 30,
                     "v0.5.0's notify_blocks scheduled")
-        await until(lambda: scheduled_unstarted(handles["up-summary"], "summarize_workflow"),
+        await poll_async(lambda: scheduled_unstarted(handles["up-summary"], "summarize_workflow"),
                     30, "v0.5.0's summarize_workflow scheduled")
         v050_workflows.stop()
 
@@ -245,7 +233,7 @@ async def test_v050_pipelines_finish_under_our_worker(
         await our_agent(env, handles["up-fixes"].id, "build_closeout", "/srv/out/fixes")
 
         # v0.5.0's notify_blocks ran here; the pipeline then waits in our stage 7.
-        status = await until(lambda: parked_status(handles["up-notify"]), 60,
+        status = await poll_async(lambda: parked_status(handles["up-notify"]), 60,
                              "up-notify waiting for a block decision")
         assert status["waiting_on"]["kind"] == "block_decision"
         approve(queue_dir, origins["up-notify"])
@@ -253,9 +241,9 @@ async def test_v050_pipelines_finish_under_our_worker(
 
         # Stage 7: the old activity's heartbeat times out; the pipeline keeps waiting.
         parked = handles["up-parked"]
-        await until(lambda: old_stage_7_timed_out(parked), HEARTBEAT_SECONDS + 60,
+        await poll_async(lambda: old_stage_7_timed_out(parked), HEARTBEAT_SECONDS + 60,
                     "v0.5.0's stage-7 activity to time out")
-        status = await until(lambda: parked_status(parked), 30, "parked pipeline waiting")
+        status = await poll_async(lambda: parked_status(parked), 30, "parked pipeline waiting")
         assert status["waiting_on"]["kind"] == "block_decision"
         assert status["adopted"] is True, status
         assert (await parked.describe()).status == WorkflowExecutionStatus.RUNNING
