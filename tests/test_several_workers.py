@@ -1,0 +1,251 @@
+"""Two real worker.py processes on one task queue and one shared task, audit and summary
+folder (README, "Beyond one machine", option 1): 100 pipelines, their agents played
+through complete_activity.py, while one worker is SIGKILLed twice at random moments and
+restarted. Every pipeline must end as expected, no stage's task file may be written
+twice and every block decision must be applied exactly once.
+
+The moments are drawn from a seeded generator: the seed is printed, and
+SEVERAL_WORKERS_SEED=<seed> replays the same kill plan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from temporalio.client import Client, WorkflowHandle
+
+from models import BuildPipelineResult, PipelineStatus
+from task_files import AWAITING_DECISION, add_history, update_task
+from tests.agents import complete_task, load_yaml, poll, task_files
+from tests.conftest import make_env
+from tests.test_block_watcher import decision_events
+from tests.test_faults import BLOCKS, Pipelines, files_per_stage
+from tests.worker_process import WorkerProcess
+
+SEED_ENV = "SEVERAL_WORKERS_SEED"
+PIPELINES = 100
+# One in ten pipelines gets a flag, one in ten a block its originating task approves.
+KINDS = ("flag", "block", *("clean",) * 8)
+TRIAGE = {"clean": "info: []\n", "flag": "flags:\n- pin versions\n", "block": BLOCKS}
+STAGES = {"clean": ("build_prefab", "build_plan", "security_audit", "build_closeout"),
+          "flag": ("build_prefab", "build_plan", "security_audit", "security_fix",
+                   "build_closeout"),
+          "block": ("build_prefab", "build_plan", "security_audit", "build_closeout")}
+KILLS = 2
+# Agent processes at once: each is a Python start (~0.4 s CPU), on two cores.
+CONCURRENT_AGENTS = 4
+DEADLINE_SECONDS = 300.0
+
+
+def kind_of(build: str) -> str:
+    return build.split("-")[1]
+
+
+class CliAgents:
+    """Every agent at once: each submitted task is finished by a separate
+    complete_activity.py process, an audit's triage is written before it is reported,
+    and a parked pipeline's originating task gets `approved` once, as a person would.
+    A file is parsed again only when it changed."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.queue = Path(env["TASK_QUEUE_DIR"])
+        self.audit = Path(env["TEMPORAL_AUDIT_DIR"])
+        self.seen: dict[Path, tuple[int, int]] = {}
+        self.handed: set[tuple[str, str]] = set()  # (file name, token) given to an agent
+        self.approved: set[str] = set()  # originating task ids
+        self.gate = asyncio.Semaphore(CONCURRENT_AGENTS)
+        self.jobs: set[asyncio.Task[None]] = set()
+        self.completions = 0
+        self.failures: list[str] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for path, task in await asyncio.to_thread(self._changed):
+                self._act(path, task)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.1)
+            except TimeoutError:
+                pass
+        await asyncio.gather(*self.jobs)
+
+    def _changed(self) -> list[tuple[Path, dict[str, Any]]]:
+        changed = []
+        for path in task_files(self.queue):
+            try:
+                stat = path.stat()
+                signature = (stat.st_mtime_ns, stat.st_size)
+                if self.seen.get(path) == signature:
+                    continue
+                task = load_yaml(path)
+            except (OSError, yaml.YAMLError):
+                continue
+            self.seen[path] = signature
+            if isinstance(task, dict):
+                changed.append((path, task))
+        return changed
+
+    def _act(self, path: Path, task: dict[str, Any]) -> None:
+        payload = task.get("payload") or {}
+        token = payload.get("task_token")
+        if task.get("status") == "submitted" and token and (path.name, token) not in self.handed:
+            self.handed.add((path.name, token))
+            self._spawn(self._complete(path, task))
+        elif (AWAITING_DECISION in task and task.get("status") == "input-required"
+              and task["id"] not in self.approved):
+            self.approved.add(task["id"])
+            self._spawn(asyncio.to_thread(update_task, path, lambda t: add_history(
+                t, status="approved", actor="ted", note="risk accepted")))
+
+    def _spawn(self, work: Any) -> None:
+        job = asyncio.ensure_future(work)
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
+
+    async def _complete(self, path: Path, task: dict[str, Any]) -> None:
+        build = task["payload"]["build_name"]
+        if task["task_type"] == "security_audit":
+            folder = self.audit / "audit-requests" / build
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "triage-output.yml").write_text(TRIAGE[kind_of(build)])
+        async with self.gate:
+            try:
+                await complete_task(path, self.env)
+            except (AssertionError, OSError, TimeoutError) as err:
+                self.failures.append(f"{path.name} ({task['task_type']}): {err}")
+                return
+        self.completions += 1
+
+
+@pytest.fixture
+def workers(tmp_path: Path, temporal_address: str) -> Iterator[list[WorkerProcess]]:
+    env = make_env(tmp_path, temporal_address)
+    pair = [WorkerProcess(env, tmp_path / f"worker-{name}.log") for name in "ab"]
+    try:
+        for worker in pair:
+            worker.start()
+        for worker in pair:
+            worker.wait_ready()
+        yield pair
+    finally:
+        for worker in pair:
+            worker.stop()
+
+
+def events_named(worker: WorkerProcess, event: str) -> list[dict[str, Any]]:
+    return [r for r in worker.log_records() if r.get("event") == event]
+
+
+async def stuck_report(pending: dict[str, WorkflowHandle]) -> list[str]:
+    """Where the first few unfinished pipelines wait, for the failure message."""
+    report = []
+    for workflow_id, handle in list(pending.items())[:8]:
+        try:
+            status = await handle.query("get_status", result_type=PipelineStatus)
+            report.append(f"{workflow_id}: stage {status.stage}, waiting on {status.waiting_on}")
+        except Exception as err:
+            report.append(f"{workflow_id}: {type(err).__name__}: {err}")
+    return report
+
+
+async def test_two_workers_one_folder_survive_kills(client: Client,
+                                                    workers: list[WorkerProcess]) -> None:
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+    print(f"\n{SEED_ENV}={seed}")
+    rng = random.Random(seed)
+    victim = rng.choice(workers)
+    expected_completions = sum(len(STAGES[KINDS[n % len(KINDS)]]) for n in range(PIPELINES))
+    # Each kill lands once a random share of the agents' work is done, plus a random
+    # fraction of a second: early, mid or late, whatever the two workers are doing.
+    plan = sorted((int(rng.uniform(0.1, 0.8) * expected_completions), rng.uniform(0.0, 0.8))
+                  for _ in range(KILLS))
+    print(f"kill worker-{'ab'[workers.index(victim)]} after agent completions "
+          f"{[(at, round(delay, 2)) for at, delay in plan]}")
+
+    lab = Pipelines(client, workers[0])
+    agents = CliAgents(lab.env)
+    stop = asyncio.Event()
+    player = asyncio.create_task(agents.run(stop))
+    begun = time.monotonic()
+    handles: dict[str, WorkflowHandle] = {}
+    kinds: dict[str, str] = {}
+    for n in range(PIPELINES):
+        kind = KINDS[n % len(KINDS)]
+        handle = await lab.start(f"multi-{kind}-{n:03d}")
+        handles[handle.id], kinds[handle.id] = handle, kind
+    results: dict[str, BuildPipelineResult] = {}
+    kill_log: list[str] = []
+
+    async def killer() -> None:
+        for at, delay in plan:
+            await poll(lambda at=at: agents.completions >= at, timeout=DEADLINE_SECONDS,
+                       what=f"{at} agent completions")
+            await asyncio.sleep(delay)  # the random moment itself, not a synchronisation
+            victim.kill()
+            kill_log.append(f"{time.monotonic() - begun:.1f}s "
+                            f"({len(results)} pipelines done)")
+            await asyncio.to_thread(victim.start().wait_ready)
+
+    kills = asyncio.create_task(killer())
+    pending = {asyncio.ensure_future(h.result()): h for h in handles.values()}
+    try:
+        while pending:
+            remaining = DEADLINE_SECONDS - (time.monotonic() - begun)
+            assert remaining > 0, (
+                f"{len(pending)} of {PIPELINES} pipelines unfinished after "
+                f"{DEADLINE_SECONDS:.0f}s (seed {seed}, kills at {kill_log}, agent failures "
+                f"{agents.failures[:5]}):\n"
+                + "\n".join(await stuck_report({h.id: h for h in pending.values()})))
+            done, _ = await asyncio.wait(pending, timeout=min(remaining, 5.0))
+            for future in done:
+                results[pending.pop(future).id] = future.result()
+        await asyncio.wait_for(kills, 60)
+    finally:
+        stop.set()
+        kills.cancel()
+        await player
+        for future in pending:
+            future.cancel()
+    elapsed = time.monotonic() - begun
+    recovered = sum(r.get("recovered", 0) for r in events_named(victim, "recovery_sweep_done"))
+    dispatched = [len(events_named(w, "task_dispatched")) for w in workers]
+    print(f"{PIPELINES} pipelines on 2 workers in {elapsed:.1f}s, kills at {kill_log}, "
+          f"{agents.completions} agent completions, task files dispatched by a/b "
+          f"{dispatched}, {recovered} activities recovered")
+
+    assert agents.failures == []
+    assert len(kill_log) == KILLS and victim.starts == 1 + KILLS
+    # Every start of the killed worker ran its recovery sweep; both workers did work.
+    assert len(events_named(victim, "recovery_sweep_done")) == 1 + KILLS
+    assert all(dispatched), dispatched
+    assert len(results) == PIPELINES
+    for workflow_id, result in results.items():
+        blocked = kinds[workflow_id] == "block"
+        assert result.status == "complete", (workflow_id, result)
+        assert result.outcome == ("partial" if blocked else "success"), (workflow_id, result)
+        assert result.decision == ("approved" if blocked else None), (workflow_id, result)
+    # One file per stage of each pipeline, and no file written again by a worker (a
+    # second write of a stage keeps the file's name, so its logs tell).
+    counts = files_per_stage(lab.queue)
+    duplicates = sorted(key for key, n in counts.items() if n > 1)
+    assert duplicates == [], duplicates
+    writes = Counter(r["task_file"] for w in workers for r in events_named(w, "task_dispatched"))
+    assert [path for path, n in writes.items() if n > 1] == []
+    assert set(counts) == {(wid, stage) for wid, kind in kinds.items()
+                           for stage in STAGES[kind]}
+    assert agents.completions == expected_completions
+    for workflow_id, kind in kinds.items():
+        if kind == "block":
+            events = [e.event for e in await decision_events(handles[workflow_id])]
+            assert events == ["approved_by_task_file"], (workflow_id, events)
+    summaries = {Path(r.summary_path) for r in results.values() if r.summary_path}
+    assert len(summaries) == PIPELINES and all(p.is_file() for p in summaries)
+    assert set(Path(lab.env["SUMMARY_DIR"]).rglob("*.yml")) == summaries
