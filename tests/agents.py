@@ -8,7 +8,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,21 @@ def task_files(queue_dir: Path) -> list[Path]:
     return sorted(p for p in queue_dir.glob("*.yml") if p.is_file())
 
 
-def tasks_for(queue_dir: Path, workflow_id: str) -> list[tuple[Path, dict[str, Any]]]:
-    found = []
+def readable_tasks(queue_dir: Path) -> Iterator[tuple[Path, dict[str, Any], dict[str, Any]]]:
+    """(path, task, payload) of every task file that parses and has a payload mapping."""
     for path in task_files(queue_dir):
         try:
             task = load_yaml(path)
         except (OSError, yaml.YAMLError):
             continue
         payload = task.get("payload") if isinstance(task, dict) else None
-        if isinstance(payload, dict) and payload.get("workflow_id") == workflow_id:
-            found.append((path, task))
-    return found
+        if isinstance(payload, dict):
+            yield path, task, payload
+
+
+def tasks_for(queue_dir: Path, workflow_id: str) -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, task) for path, task, payload in readable_tasks(queue_dir)
+            if payload.get("workflow_id") == workflow_id]
 
 
 async def poll(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
@@ -132,14 +136,8 @@ async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
     """A submitted task of `build_name` by payload.build_name: v0.5.0's task files carry no
     workflow_id."""
     def find() -> Path | None:
-        for path in task_files(queue_dir):
-            try:
-                task = load_yaml(path)
-            except (OSError, yaml.YAMLError):
-                continue
-            payload = task.get("payload") if isinstance(task, dict) else None
-            if (isinstance(payload, dict) and payload.get("build_name") == build_name
-                    and task.get("task_type") == task_type
+        for path, task, payload in readable_tasks(queue_dir):
+            if (payload.get("build_name") == build_name and task.get("task_type") == task_type
                     and task.get("status") == "submitted"):
                 return path
         return None
