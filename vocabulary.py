@@ -1,0 +1,92 @@
+"""The names the service, its tools, its tests and its docs share, each defined once.
+
+A name here crosses a boundary: a Temporal history (activity types, failure types), a
+task file an agent reads (task types, statuses), the folder layout agents and operators
+rely on, or a table in README.md / AGENTS.md (tests/test_vocabulary.py checks those
+tables against this module). Import it; never retype a value.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- stages: the nine, in order; each is also the name of the activity that runs it ---
+PREFAB_SCAFFOLDING: Final = "prefab_scaffolding"
+IMPLEMENT_BUILD: Final = "implement_build"
+REQUEST_SECURITY_AUDIT: Final = "request_security_audit"
+PROCESS_TRIAGE_OUTPUT: Final = "process_triage_output"
+APPLY_FLAG_FIXES: Final = "apply_flag_fixes"
+NOTIFY_BLOCKS: Final = "notify_blocks"
+WAIT_FOR_BLOCK_RESOLUTION: Final = "wait_for_block_resolution"
+CLOSE_BUILD: Final = "close_build"
+SUMMARIZE_WORKFLOW: Final = "summarize_workflow"
+
+STAGES: Final = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+                 PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
+                 WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW)
+STAGE_NUMBERS: Final = {stage: number for number, stage in enumerate(STAGES, start=1)}
+TOTAL_STAGES: Final = len(STAGES)
+
+# Stages that hand work to an agent through a task file and wait for complete_activity.py.
+AGENT_STAGES: Final = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+                       APPLY_FLAG_FIXES, CLOSE_BUILD)
+# Stages the worker finishes itself, without an agent.
+INLINE_STAGES: Final = (PROCESS_TRIAGE_OUTPUT, NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RESOLUTION,
+                        SUMMARIZE_WORKFLOW)
+
+# --- activities that are not stages ---
+PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originating task
+RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
+BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
+
+# --- workflow types ---
+BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
+BUILD_PLAN_WORKFLOW: Final = "BuildPlanWorkflow"
+
+# --- task types: what a task file's `task_type` says ---
+TASK_BUILD_REQUEST: Final = "build_request"  # an originating task written by tools
+TASK_BUILD_PREFAB: Final = "build_prefab"
+TASK_BUILD_PLAN: Final = "build_plan"
+TASK_SECURITY_AUDIT: Final = "security_audit"
+TASK_SECURITY_FIX: Final = "security_fix"
+TASK_BUILD_CLOSEOUT: Final = "build_closeout"
+TASK_BUILD_PHASE: Final = "build_phase"
+# The task type of each agent stage's task file.
+STAGE_TASK_TYPES: Final = {PREFAB_SCAFFOLDING: TASK_BUILD_PREFAB, IMPLEMENT_BUILD: TASK_BUILD_PLAN,
+                           REQUEST_SECURITY_AUDIT: TASK_SECURITY_AUDIT,
+                           APPLY_FLAG_FIXES: TASK_SECURITY_FIX, CLOSE_BUILD: TASK_BUILD_CLOSEOUT}
+
+# --- task statuses: a task file's `status` ---
+SUBMITTED: Final = "submitted"
+IN_PROGRESS: Final = "in-progress"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
+INPUT_REQUIRED: Final = "input-required"  # an originating task parked on a block decision
+APPROVED: Final = "approved"
+REJECTED: Final = "rejected"
+CANCELLED: Final = "cancelled"
+EXPIRED: Final = "expired"
+OPEN_STATUSES: Final = frozenset({SUBMITTED, IN_PROGRESS})
+REJECTING_STATUSES: Final = frozenset({REJECTED, CANCELLED, FAILED})
+DECIDING_STATUSES: Final = REJECTING_STATUSES | {APPROVED}
+
+# --- failure types: ApplicationError.type strings across the Temporal boundary ---
+PHASE_FAILED: Final = "PhaseFailedError"
+TRIAGE_MISSING: Final = "TriageMissingError"
+TRIAGE_INVALID: Final = "TriageInvalidError"
+INVALID_INPUT: Final = "InvalidInputError"
+BLOCKS_PENDING: Final = "BlocksPendingError"
+TASK_FILE_ERROR: Final = "TaskFileError"
+FILE_IO_STALLED: Final = "FileIoStalledError"
+WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
+# A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
+LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
+
+# --- folders ---
+AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build
+ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still searched
+DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
+TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
+
+# --- queue ---
+DEFAULT_TASK_QUEUE: Final = "helm-build"
