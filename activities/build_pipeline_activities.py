@@ -72,6 +72,7 @@ from task_files import (
     update_task,
     write_private_atomic,
 )
+from vocabulary import DECIDING_STATUSES
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,12 @@ class PipelineActivities:
                       "run_id": activity.info().workflow_run_id, "since": timestamp()}
 
             def mark_waiting(task: dict[str, Any]) -> None:
+                earlier = task.get(AWAITING_DECISION)
+                if (isinstance(earlier, dict) and earlier.get("run_id") == waiter["run_id"]
+                        and task.get("status") in DECIDING_STATUSES):
+                    # A retry of this stage (its worker died after marking the file) must
+                    # not bury a decision made since; the watcher delivers it.
+                    return
                 # The folder watcher routes a decision in this file to this run.
                 task[AWAITING_DECISION] = waiter
                 add_history(task, status="input-required", actor=SOURCE_AGENT, note=note)

@@ -12,12 +12,13 @@ import pytest
 from temporalio.client import Client
 
 from config import load_config
-from models import BuildPipelineResult, StageEvent
-from task_files import add_history, update_task
+from decisions import deliver_decision
+from models import BlockDecision, BuildPipelineResult, PipelineStatus, StageEvent
+from task_files import AWAITING_DECISION, add_history, find_task, update_task
 from temporal_client import connect
-from tests.agents import play_stage, poll, tasks_for
+from tests.agents import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.conftest import PipelineEnv, serving
-from tests.test_build_pipeline_workflow import block_pipeline
+from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
 
@@ -123,3 +124,82 @@ async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, s
             assert result.decision == "approved"
             assert [e.event for e in await decision_events(handle)] == \
                 ["approved_by_task_file"], handle.id
+
+
+# --- a decision while stage 6 is still running -------------------------------------------
+
+HELD_SCRIPT = """#!/bin/sh
+# Holds the block notice until the test releases it (bounded, so a failed test ends).
+for _ in $(seq 250); do [ -e "{release}" ] && exit 0; sleep 0.1; done
+exit 1
+"""
+
+
+def held_notifier(client: Client, tmp_path: Path, pipeline_env_vars: dict[str, str],
+                  **extra: str) -> tuple[PipelineEnv, Path]:
+    """A pipeline environment whose block notice waits until `release` exists."""
+    release = tmp_path / "release"
+    script = tmp_path / "held-notice"
+    script.write_text(HELD_SCRIPT.format(release=release))
+    script.chmod(0o700)
+    env = {**pipeline_env_vars, "SEND_MATRIX_SCRIPT": str(script), "MATRIX_ROOM": "ops",
+           **extra}
+    config = load_config(env)
+    return PipelineEnv(config=config, client=client, env=env, root=tmp_path), release
+
+
+async def at_stage(handle: Any, stage: str) -> None:
+    async def there() -> bool:
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        return status.stage == stage
+
+    await poll_async(there, what=f"pipeline at {stage}")
+
+
+async def test_decision_while_blocks_are_notified_is_taken(
+        pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
+    pipeline, release = held_notifier(client, tmp_path, pipeline_env_vars)
+    async with serving(client, pipeline.config):
+        handle, _ = await run_to_triage(pipeline, "early-decision",
+                                        f"blocks:\n- description: {BLOCK}\n")
+        await at_stage(handle, "notify_blocks")
+        delivery = await deliver_decision(
+            client, workflow_id=handle.id, run_id=handle.result_run_id, decision="approved",
+            choice=BlockDecision(decided_by="ted", note="known risk"))
+        release.touch()
+        await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+        result: BuildPipelineResult = await handle.result()
+        events = await decision_events(handle)
+
+    assert delivery == "applied"
+    assert (result.outcome, result.decision) == ("partial", "approved")
+    [event] = events
+    assert (event.event, event.detail) == ("approved_by_update", "ted: known risk")
+
+
+async def test_retried_notice_keeps_a_decision_already_in_the_file(
+        pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
+    # The watcher is off, so only notify_blocks itself touches the decision in the file:
+    # as when an earlier attempt marked the file, someone approved, and its worker died.
+    pipeline, release = held_notifier(client, tmp_path, pipeline_env_vars,
+                                      BLOCK_FILE_DECISIONS="false")
+    async with serving(client, pipeline.config):
+        handle, inp = await run_to_triage(pipeline, "kept-decision",
+                                          f"blocks:\n- description: {BLOCK}\n")
+        await at_stage(handle, "notify_blocks")
+        origin = find_task(pipeline.queue_dir, inp.task_id)
+
+        def approved_after_earlier_mark(task: dict[str, Any]) -> None:
+            task[AWAITING_DECISION] = {"workflow_id": handle.id,
+                                       "run_id": handle.result_run_id, "since": "earlier"}
+            add_history(task, status="approved", actor="ted", note="risk accepted")
+
+        update_task(origin, approved_after_earlier_mark)
+        release.touch()
+        await at_stage(handle, "wait_for_block_resolution")
+        task = load_yaml(origin)
+        await handle.terminate("test done")
+
+    assert task["status"] == "approved"
+    assert task["history"][-1]["status"] == "approved"
+    assert task[AWAITING_DECISION]["since"] == "earlier"

@@ -293,11 +293,19 @@ class BuildPipelineWorkflow:
 
     async def _handle_blocks(self, pipeline: BuildPipelineInput,
                              blocks: list[Finding]) -> Outcome:
-        notified = await self._run_activity(
-            "notify_blocks", policies.NOTIFY_BLOCKS,
-            NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
-                              workflow_id=workflow.info().workflow_id, blocks=blocks),
-            result_type=NotifyBlocksResult | None, waiting=None)
+        # A decision may land as soon as notify_blocks has marked the originating task,
+        # before that activity reports back (or while it is retried after a worker died):
+        # take it then, rather than refuse it and leave it to the watcher's next rescan.
+        self._awaiting_decision = True
+        try:
+            notified = await self._run_activity(
+                "notify_blocks", policies.NOTIFY_BLOCKS,
+                NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
+                                  workflow_id=workflow.info().workflow_id, blocks=blocks),
+                result_type=NotifyBlocksResult | None, waiting=None)
+        except BaseException:
+            self._awaiting_decision = False
+            raise
         # v0.5.0's notify_blocks returned nothing.
         notified = notified or NotifyBlocksResult()
         self._notification_failures = notified.failures
