@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 
 from config import load_config
 from decisions import deliver_decision
@@ -19,6 +21,7 @@ from temporal_client import connect
 from tests.agents import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
+from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
 
@@ -170,7 +173,11 @@ async def test_decision_while_blocks_are_notified_is_taken(
         await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
         result: BuildPipelineResult = await handle.result()
         events = await decision_events(handle)
+        history = await handle.fetch_history()
 
+    # This shape (the Update accepted during stage 6) replays against today's code.
+    await Replayer(workflows=[BuildPipelineWorkflow],
+                   data_converter=pydantic_data_converter).replay_workflow(history)
     assert delivery == "applied"
     assert (result.outcome, result.decision) == ("partial", "approved")
     [event] = events
