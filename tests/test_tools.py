@@ -1,12 +1,15 @@
-"""The operator tools in tools/, run as operators run them (the executables, as separate
-processes) against a real dev server: process lifecycle by PID file, workflow monitoring
-and troubleshooting, start-build / approve-build / reject-build round trips."""
+"""The operator tools in tools/, run as operators run them (tools/ops and the links named
+after its commands, as separate processes) against a real dev server: process lifecycle by
+PID file, workers seen whoever started them, workflow monitoring and troubleshooting, the
+`temporal` pass-through (plain and with Vault mTLS), start-build / approve-build /
+reject-build round trips."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -32,15 +35,27 @@ from tests.agents import (
     wait_for_task,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
+from tests.conftest import PipelineEnv, make_env
+from tests.mtls import (
+    CLIENT_NAME,
+    make_approle,
+    make_pki,
+    openbao,
+    tls_proxy,
+    vault_env,
+    worker_secret,
+    write_secret_id_file,
+)
+from tests.worker_process import WorkerProcess
 from tools import devserver
-from tools.ops import proc_start_ticks
+from tools.common import proc_start_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "list-workers",
          "monitor-worker-health", "list-recent-workflows", "find-stalled-workflows",
          "wait-for-workflow-status", "get-workflow-result", "analyze-workflow-error",
-         "bulk-cancel-workflows", "start-build", "approve-build", "reject-build"]
+         "bulk-cancel-workflows", "start-build", "approve-build", "reject-build", "ops"]
+ALIASES = [name for name in TOOLS if name != "ops"] + ["temporal"]
 
 
 def tool(name: str, *args: str, env: dict[str, str],
@@ -76,16 +91,23 @@ def test_every_tool_has_help_with_exit_codes() -> None:
     env = dict(os.environ)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda name: (name, tool(name, "--help", env=env)), TOOLS))
+    schemes = set()
     for name, result in results:
         assert result.returncode == 0, (name, result.stderr)
-        assert f"tools/{name}" in result.stdout and "exit codes:" in result.stdout, name
+        assert f"tools/{name}" in result.stdout and "exit codes" in result.stdout, name
+        schemes.add(" ".join(result.stdout.partition("exit codes")[2].split()))
+    assert len(schemes) == 1, schemes  # one exit-code scheme, the same text everywhere
     assert tool("wait-for-workflow-status", env=env).returncode == 2  # missing options
+    assert tool("ops", "no-such-command", env=env).returncode == 2
+    # Every name is a link to the one shim, which dispatches on the name it was run by.
+    for name in ALIASES:
+        assert os.readlink(REPO / "tools" / name) == "ops", name
 
 
 def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
                                       bystander: subprocess.Popen[bytes]) -> None:
     shared = ops_env(dict(os.environ), tmp_path, TEMPORAL_ADDRESS=temporal_address)
-    result = tool("ensure-server", env=shared)
+    result = tool("ops", "ensure-server", env=shared)
     assert result.returncode == 0 and "not started by these tools" in result.stdout
     assert not (tmp_path / "pids" / "server-toolstest.pid").exists()
 
@@ -257,12 +279,17 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
         assert healthy.id not in dry.stdout
         done = await atool("bulk-cancel-workflows", "--pattern", "stalled-*", "--query", query,
                            "--terminate", env=env)
-        assert done.returncode == 0 and f"terminated {stalled_id}" in done.stdout
+        assert done.returncode == 0, done.stderr
+        assert f"terminate {stalled_id}" in done.stdout and healthy.id not in done.stdout
+        assert "COMPLETED, 1 of 1 done" in done.stdout  # the batch job finished
     status = (await client.get_workflow_handle(stalled_id).describe()).status
     assert status == WorkflowExecutionStatus.TERMINATED
     assert (await healthy.describe()).status == WorkflowExecutionStatus.RUNNING
     cancelled = await atool("bulk-cancel-workflows", "--pattern", healthy.id, env=env)
-    assert cancelled.returncode == 0 and f"cancelled {healthy.id}" in cancelled.stdout
+    assert cancelled.returncode == 0 and f"cancel {healthy.id}" in cancelled.stdout
+    assert "COMPLETED, 1 of 1 done" in cancelled.stdout
+    glob = await atool("bulk-cancel-workflows", "--pattern", "a?c*", env=env)
+    assert glob.returncode == 2 and "--query" in glob.stderr
     none_left = await atool("find-stalled-workflows", "--query", query, env=env)
     assert none_left.returncode == 0 and "0 stalled" in none_left.stdout
 
@@ -419,3 +446,114 @@ async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: Pipeline
         for result in (missing, known):
             if result.returncode == 0:
                 await pipeline.client.get_workflow_handle(result.stdout.strip()).terminate()
+
+
+def test_tools_see_a_worker_they_did_not_start(tmp_path: Path,
+                                               pipeline_env_vars: dict[str, str]) -> None:
+    """A worker started as `make run` or pm2 start it: no PID file of these tools, only its
+    WORKER_STATUS_FILE and its pollers on the queue."""
+    status_file = tmp_path / "worker-status.json"
+    env = ops_env({**pipeline_env_vars, "WORKER_STATUS_FILE": str(status_file)}, tmp_path)
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_ready()
+        poller = f"{socket.gethostname()}:{worker.pid}"
+
+        def listed() -> subprocess.CompletedProcess[str] | None:
+            result = tool("list-workers", env=env)
+            return result if result.returncode == 0 and poller in result.stdout else None
+
+        listing = asyncio.run(poll(listed, timeout=30, interval=0.5, what="worker listed"))
+        rows = listing.stdout.splitlines()
+        assert any(row.startswith("status file") and f" {worker.pid} ready" in row
+                   for row in rows), listing.stdout
+        assert any(row.startswith("poller") and str(worker.pid) in row for row in rows)
+        assert not any(row.startswith("pid file") for row in rows)
+        health = tool("monitor-worker-health", env=env)
+        assert health.returncode == 0 and health.stdout.rstrip().endswith("HEALTHY"), \
+            health.stdout
+        assert f"state ready, pid {worker.pid} (running)" in health.stdout
+        assert poller in health.stdout and "no worker started" not in health.stdout
+        # Without a status file the pollers alone show it serving.
+        bare = {key: value for key, value in env.items() if key != "WORKER_STATUS_FILE"}
+        assert tool("list-workers", env=bare).returncode == 0
+        assert tool("monitor-worker-health", env=bare).returncode == 0
+        # Seen, but never stopped: it is not ours.
+        kill = tool("kill-all-workers", env=env)
+        assert kill.returncode == 0 and "nothing started by these tools" in kill.stdout
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        worker.stop()
+    assert tool("list-workers", env=env).returncode == 1
+    stopped = tool("monitor-worker-health", env=env)
+    assert stopped.returncode == 1 and "UNHEALTHY: WORKER_STATUS_FILE says 'stopped'" in \
+        stopped.stdout
+
+
+async def test_temporal_passthrough_connects_as_the_worker(pipeline: PipelineEnv,
+                                                           tmp_path: Path) -> None:
+    env = ops_env(pipeline.env, pipeline.root)
+    handle = await pipeline.start("BuildPlanWorkflow", BuildPlanInput(
+        plan_name="passthrough", phases=[PhaseSpec(number=1, agent_type="builder",
+                                                   description="wait")]))
+    # The operator's own CLI settings point elsewhere; the worker's settings win.
+    profile = tmp_path / "temporal.toml"
+    profile.write_text('[profile.default]\naddress = "127.0.0.1:1"\nnamespace = "elsewhere"\n')
+    env.update(TEMPORAL_CONFIG_FILE=str(profile), TEMPORAL_TLS_CLIENT_CERT_PATH="/nonexistent")
+    query = f"WorkflowId = '{handle.id}'"
+    listed = await atool("temporal", "workflow", "list", "--query", query, "-o", "json",
+                         env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [run["execution"]["workflowId"] for run in json.loads(listed.stdout)] == [handle.id]
+    via_ops = await atool("ops", "temporal", "workflow", "describe", "--workflow-id",
+                          handle.id, env=env)
+    assert via_ops.returncode == 0 and handle.id in via_ops.stdout
+    plain = await asyncio.to_thread(subprocess.run, [devserver.temporal_binary(), "workflow",
+                                    "list", "--query", query], env=env, capture_output=True)
+    assert plain.returncode != 0  # the same environment misleads the CLI run by hand
+    missing = await atool("temporal", "workflow", "describe", "--workflow-id", "no-such-wf",
+                          env=env)
+    assert missing.returncode == 1 and "not found" in missing.stderr  # temporal's own code
+    bad = await atool("temporal", "workflow", "list", env={**env, "TASK_QUEUE": "a b"})
+    assert bad.returncode == 2 and "configuration error: TASK_QUEUE" in bad.stderr
+    await handle.terminate()
+
+
+def test_temporal_passthrough_with_vault_mtls(temporal_address: str, tmp_path: Path) -> None:
+    """The CLI gets the worker's Vault-issued certificates inline, in its environment only."""
+    pki = make_pki()
+    with openbao(tmp_path / "bao.log") as bao, \
+            tls_proxy(temporal_address, pki, tmp_path) as proxy:
+        role = make_approle(bao)
+        bao.write_worker_secret(worker_secret(pki))
+        secret_id_file = write_secret_id_file(tmp_path, role.secret_id)
+        env = ops_env(make_env(tmp_path, proxy.address, **vault_env(
+            bao, role, secret_id_file, proxy.address)), tmp_path)
+        key_line = pki.client.key_pem.splitlines()[1]
+        # What the CLI is handed: argv as typed, the PEMs only in its environment.
+        spy = tmp_path / "spy-temporal"
+        spy.write_text('#!/bin/sh\necho "argv: $*"\nenv | grep "^TEMPORAL_" | cut -d= -f1\n'
+                       'printf %s "$TEMPORAL_TLS_CLIENT_KEY_DATA" | grep -c "BEGIN.*PRIVATE"\n')
+        spy.chmod(0o700)
+        seen = tool("temporal", "workflow", "list", env={**env, "TEMPORAL_CLI": str(spy)})
+        assert seen.returncode == 0, seen.stderr
+        assert seen.stdout.splitlines()[0] == "argv: workflow list"
+        for name in ("TEMPORAL_TLS_CLIENT_CERT_DATA", "TEMPORAL_TLS_CLIENT_KEY_DATA",
+                     "TEMPORAL_TLS_SERVER_CA_CERT_DATA", "TEMPORAL_TLS_SERVER_NAME"):
+            assert name in seen.stdout.splitlines()
+        assert seen.stdout.splitlines()[-1] == "1"  # the key, inline
+        assert not [path for path in tmp_path.rglob("*") if path.is_file()
+                    and key_line in path.read_text(errors="replace")]
+        # The real CLI through the TLS endpoint: refused without certificates, served with.
+        bare = subprocess.run([devserver.temporal_binary(), "operator", "cluster", "health",
+                               "--address", proxy.address, "--tls"], capture_output=True,
+                              text=True, timeout=60)
+        assert bare.returncode != 0
+        health = tool("temporal", "operator", "cluster", "health", env=env)
+        assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+        recent = tool("list-recent-workflows", env=env)
+        assert recent.returncode == 0, recent.stderr
+        assert CLIENT_NAME in proxy.log.accepted
+        for text in (seen.stderr, health.stdout, health.stderr, recent.stdout, recent.stderr):
+            for secret in (role.role_id, role.secret_id, bao.root_token, key_line):
+                assert secret not in text

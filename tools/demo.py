@@ -31,16 +31,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.ops import (
+from tools.common import (
     OpsSettings,
     ProcessRecord,
     ToolError,
     connect_client,
     spawn,
     stop,
-    wait_healthy,
     wait_ready,
 )
+from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TASK_BUILD_REQUEST, TOTAL_STAGES
 
 BUILD = "demo-service"
 AGENT = "builder"
@@ -73,8 +73,6 @@ async def wait_for(predicate: Any, what: str, timeout: float) -> Any:
 
 
 def timeline(events: list[Any]) -> list[str]:
-    from workflows.build_pipeline_workflow import STAGE_NUMBERS, TOTAL_STAGES
-
     start = events[0].at if events else None
     lines = []
     for event in events:
@@ -90,15 +88,15 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     import yaml
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
-    from task_files import find_task, new_task, read_task, write_task
-    from tools.decide import decide
+    from task_files import SOURCE_AGENT, find_task, new_task, read_task, write_task
     from tools.demo_agent import DemoAgent
+    from tools.ops import decide
     from tools.start_build import start
 
     queue_dir = Path(env["TASK_QUEUE_DIR"])
     origin_id = str(uuid.uuid4())
     write_task(queue_dir, new_task(
-        task_id=origin_id, target_agent="temporal-worker", task_type="build_request",
+        task_id=origin_id, target_agent=SOURCE_AGENT, task_type=TASK_BUILD_REQUEST,
         summary=f"Build {BUILD}", payload={"build_name": BUILD}))
     say(f"originating task {origin_id} written to {queue_dir}")
 
@@ -107,7 +105,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     inp = BuildPipelineInput(build_name=BUILD, plan_path=str(root / "plans" / f"{BUILD}.md"),
                              task_id=origin_id, target_agent=AGENT)
     print("[demo] started workflow ", end="", flush=True)
-    await start(client, "BuildPipelineWorkflow", inp,
+    await start(client, BUILD_PIPELINE_WORKFLOW, inp,
                 {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
     handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
 
@@ -124,9 +122,9 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
             return status if waiting is not None and waiting.kind == "block_decision" else None
 
         status = await wait_for(parked, "the pipeline to park on its block", 60)
-        say(f"parked at {status.stage_number}/9 {status.stage}: {status.blocks} block, "
-            f"{status.flags} flag; stages done: {', '.join(status.stages_done)}")
-        answer = await decide(client, "approve", workflow_id, "demo: risk accepted", OPERATOR)
+        say(f"parked at {status.stage_number}/{TOTAL_STAGES} {status.stage}: {status.blocks} "
+            f"block, {status.flags} flag; stages done: {', '.join(status.stages_done)}")
+        answer = await decide(client, "approve-build", workflow_id, "demo: risk accepted", OPERATOR)
         say(f"approve_blocks Update answered {answer!r} (by {OPERATOR})")
         result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 60)
         await agent_task
@@ -152,7 +150,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     check(origin["status"] == "approved" and origin["history"][-1]["actor"] == OPERATOR,
           f"originating task is {origin['status']!r}, last actor "
           f"{origin['history'][-1]['actor']!r}")
-    check(await description.static_summary() == f"build {BUILD} → {AGENT} (9 stages)",
+    check(await description.static_summary() == f"build {BUILD} → {AGENT} ({TOTAL_STAGES} stages)",
           "static summary missing")
     say(f"COMPLETED: outcome {result.outcome}, {len(result.stages_completed)} stages, "
         f"closeout {result.closeout_path}")
@@ -173,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
         return 2 if exit_request.code not in (0, None) else 0
-    from tools.devserver import free_port, temporal_binary
+    from tools import devserver
 
     began = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="build-worker-demo-"))
-    port = free_port()
+    port = devserver.free_port()
     settings = OpsSettings.from_env({
         "CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
         "CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
@@ -192,13 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     started: list[ProcessRecord] = []
     code = 0
     try:
-        server_cmd = [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port",
-                      str(port), "--log-level", "warn", "--dynamic-config-value",
-                      "frontend.enableUpdateWorkflowExecution=true"]
-        server_cmd += ["--ui-port", str(args.ui_port)] if args.ui_port else ["--headless"]
-        server = spawn(settings, "server", server_cmd, cwd=root)
+        server = spawn(settings, "server", devserver.command(port, ui_port=args.ui_port,
+                                                             log_level="warn"), cwd=root)
         started.append(server)
-        asyncio.run(wait_healthy(server, 60, env))
+        problem = devserver.wait_healthy("127.0.0.1", port, server.alive, 60)
+        check(problem is None, f"dev server {problem}; see {server.log}")
         ui = f", Web UI http://127.0.0.1:{args.ui_port}" if args.ui_port else ""
         say(f"dev server pid {server.pid} on {settings.address}{ui}")
         worker = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir,
@@ -222,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"demo: worker log: {line[:300]}", file=sys.stderr)
         for record in reversed(started):
             try:
-                say(stop(record, timeout=20))
+                say(stop(record, settings.pid_file(record.role), timeout=20))
             except ToolError as err:
                 print(f"demo: {err}", file=sys.stderr)
                 code = 1
@@ -236,6 +232,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tools.ops import exit_process
+    from tools.common import exit_process
 
     exit_process(main())

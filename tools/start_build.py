@@ -1,27 +1,9 @@
-"""tools/start-build: start a BuildPipelineWorkflow or a BuildPlanWorkflow.
-
-    tools/start-build --build-name NAME --plan-path /abs/plan.md --task-id ID \\
-                      --target-agent AGENT [--wait]
-    tools/start-build --build-name NAME --plan-path /abs/plan.md --create-task \\
-                      --target-agent AGENT [--wait]
-    tools/start-build --plan-name NAME --phase 1:builder:"Scaffold the service" \\
-                      --phase 2:tester:"Write the tests" [--wait]
-    tools/start-build --file build.yml [--wait]
-
-A YAML file holds the workflow input's fields at top level (a `phases` list makes it a
-BuildPlanWorkflow) plus optional `workflow_id` and `task_queue`. The input is validated
-before anything is started. The workflow id is printed on stdout (first line), so
-`WID=$(tools/start-build ...)` works. Every start sets the Web UI's static summary
-(one line) and static details (who started what, with which input).
-
-A pipeline's task_id names its originating task, a file in TASK_QUEUE_DIR that stages 6
-and 7 update and read. --create-task writes a minimal one (status `submitted`, for
-`temporal-worker`) and uses its id; a --task-id with no file there gets a warning on
-stderr (the build still starts: an approve-build / reject-build Update still decides).
-
-Exit codes: 0 started (with --wait: COMPLETED and outcome success or partial) · 1 with --wait: the
-workflow failed or its result reports a problem · 2 usage or invalid input · 3 a workflow
-with that id is already running · 4 cannot connect to Temporal · 5 --wait timed out.
+"""tools/start-build: start a BuildPipelineWorkflow or a BuildPlanWorkflow, from flags or
+a YAML file (docs/operators.md, "Starting builds"). The input is validated before
+anything starts; the workflow id is the first stdout line, so `WID=$(tools/start-build
+...)` works; the Web UI gets a static summary and details (who started what, with which
+input). --create-task writes the pipeline's originating task into TASK_QUEUE_DIR first;
+a --task-id with no file there gets a warning (an Update still decides its blocks).
 """
 
 from __future__ import annotations
@@ -41,57 +23,45 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from exceptions import ConfigError, TaskNotFoundError
+from exceptions import TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
 from task_files import SOURCE_AGENT, find_task, new_task, write_task
-from tools.ops import (
+from tools.common import (
     EXIT_ATTENTION,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
+    OpsSettings,
     ToolError,
     connect_client,
     result_problem,
-    run_tool,
+    worker_config,
 )
+from vocabulary import BUILD_PIPELINE_WORKFLOW as PIPELINE
+from vocabulary import BUILD_PLAN_WORKFLOW as PLAN
+from vocabulary import DEFAULT_TASK_QUEUE, TASK_BUILD_REQUEST, TOTAL_STAGES
 
-PIPELINE, PLAN = "BuildPipelineWorkflow", "BuildPlanWorkflow"
 START_OPTIONS = ("workflow_id", "task_queue", "workflow")
-ORIGIN_TASK_TYPE = "build_request"
 ORIGIN_SOURCE = "start-build"
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tools/start-build", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 started (with --wait: succeeded), 1 --wait: failed or result "
-               "reports a problem, 2 usage/invalid input, 3 id already running, 4 cannot "
-               "connect, 5 --wait timed out")
-    parser.add_argument("--file", type=Path, help="YAML file with the workflow input")
-    pipeline = parser.add_argument_group("BuildPipelineWorkflow")
-    pipeline.add_argument("--build-name")
-    pipeline.add_argument("--plan-path")
-    pipeline.add_argument("--task-id", help="id of the originating task (stages 6/7 use it)")
-    pipeline.add_argument("--create-task", action="store_true",
-                          help="write a minimal originating task into TASK_QUEUE_DIR and use "
-                               "its id (instead of --task-id)")
-    pipeline.add_argument("--target-agent")
-    pipeline.add_argument("--prefab-agent")
-    pipeline.add_argument("--security-agent")
-    pipeline.add_argument("--block-wait-timeout-seconds", type=float)
-    pipeline.add_argument("--block-poll-interval-seconds", type=float)
-    plan = parser.add_argument_group("BuildPlanWorkflow")
-    plan.add_argument("--plan-name")
-    plan.add_argument("--phase", action="append", default=[], metavar="N:AGENT:DESCRIPTION")
-    parser.add_argument("--workflow-id", help="default: build-<name>-<random> / "
-                        "plan-<name>-<random>")
-    parser.add_argument("--task-queue", help="default: TASK_QUEUE or helm-build")
-    parser.add_argument("--wait", action="store_true",
-                        help="wait for the result, print it, exit non-zero on failure")
-    parser.add_argument("--timeout", type=float, help="seconds --wait waits (default: forever)")
-    return parser.parse_args(argv)
+PIPELINE_FLAGS = ("build_name", "plan_path", "task_id", "target_agent", "prefab_agent",
+                  "security_agent", "block_wait_timeout_seconds", "block_poll_interval_seconds")
+# tools/ops adds these to its start-build command.
+OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--file",), {"type": Path, "help": "YAML file with the input fields at top level (a "
+                   "`phases` list makes a plan), optional workflow_id and task_queue"}),
+    *[((f"--{name.replace('_', '-')}",),
+       {"type": float} if name.endswith("_seconds") else {}) for name in PIPELINE_FLAGS],
+    (("--create-task",), {"action": "store_true", "help": "write a minimal originating task "
+                          "into TASK_QUEUE_DIR and use its id (instead of --task-id)"}),
+    (("--plan-name",), {}),
+    (("--phase",), {"action": "append", "default": [], "metavar": "N:AGENT:DESCRIPTION"}),
+    (("--workflow-id",), {"help": "default: build-<name>-<random> / plan-<name>-<random>"}),
+    (("--task-queue",), {"help": f"default: TASK_QUEUE or {DEFAULT_TASK_QUEUE}"}),
+    (("--wait",), {"action": "store_true", "help": "wait for the result, print it, exit "
+                   "1 if the workflow failed or its outcome is not success"}),
+    (("--timeout",), {"type": float, "help": "seconds --wait waits (default: forever)"}),
+]
 
 
 def parse_phase(text: str) -> dict[str, Any]:
@@ -105,9 +75,8 @@ def parse_phase(text: str) -> dict[str, Any]:
 def fields_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan_name or args.phase:
         return {"plan_name": args.plan_name, "phases": [parse_phase(p) for p in args.phase]}
-    names = ("build_name", "plan_path", "task_id", "target_agent", "prefab_agent",
-             "security_agent", "block_wait_timeout_seconds", "block_poll_interval_seconds")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in PIPELINE_FLAGS
+            if getattr(args, name) is not None}
 
 
 def fields_from_file(path: Path) -> dict[str, Any]:
@@ -173,7 +142,7 @@ def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
             for p in inp.phases]
     else:
         assert isinstance(inp, BuildPipelineInput)
-        summary = f"build {inp.build_name} → {inp.target_agent} (9 stages)"
+        summary = f"build {inp.build_name} → {inp.target_agent} ({TOTAL_STAGES} stages)"
         lines = [f"**{inp.build_name}** → `{inp.target_agent}`",
                  f"- plan: `{inp.plan_path}`", f"- originating task: `{inp.task_id}`",
                  "- approve blocks: `tools/approve-build --workflow-id <this id>`"]
@@ -182,18 +151,13 @@ def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
 
 
 def task_queue_dir() -> Path:
-    from config import load_config
-
-    try:
-        return load_config().task_queue_dir
-    except ConfigError as err:
-        raise ToolError(f"configuration error: {err}", EXIT_USAGE) from None
+    return worker_config().task_queue_dir
 
 
 def originating_task(inp: BuildPipelineInput, workflow_id: str) -> dict[str, Any]:
     """The minimal originating task: addressed to the worker, so no agent takes it as work."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
-    task = new_task(task_id=inp.task_id, target_agent=SOURCE_AGENT, task_type=ORIGIN_TASK_TYPE,
+    task = new_task(task_id=inp.task_id, target_agent=SOURCE_AGENT, task_type=TASK_BUILD_REQUEST,
                     summary=f"Build {inp.build_name} ({inp.plan_path}) → {inp.target_agent}",
                     payload={"build_name": inp.build_name, "plan_path": inp.plan_path,
                              "target_agent": inp.target_agent})
@@ -226,7 +190,7 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     name = getattr(inp, "build_name", None) or getattr(inp, "plan_name", "build")
     prefix = "plan" if kind == PLAN else "build"
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
-    queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or "helm-build"
+    queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or DEFAULT_TASK_QUEUE
     summary, details = web_ui_text(kind, inp)
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
@@ -267,26 +231,8 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exit_request:
-        return EXIT_USAGE if exit_request.code not in (0, None) else EXIT_OK
-
-    def call() -> int:
-        kind, inp, options = build_request(args)
-        options.setdefault("check_task", True)
-
-        async def go() -> int:
-            return await start(await connect_client(), kind, inp, options, wait=args.wait,
-                               timeout=args.timeout)
-
-        return asyncio.run(go())
-
-    return run_tool("start-build", call)
-
-
-if __name__ == "__main__":
-    from tools.ops import exit_process
-
-    exit_process(main())
+async def command(settings: OpsSettings, args: argparse.Namespace) -> int:
+    """`tools/start-build`: start from the file or the flags."""
+    kind, inp, options = build_request(args)
+    return await start(await connect_client(), kind, inp, {"check_task": True, **options},
+                       wait=args.wait, timeout=args.timeout)
