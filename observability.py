@@ -159,7 +159,8 @@ class RedactTokens(logging.Filter):
 class CoreLogFields(logging.Filter):
     """A forwarded core line keeps the core's message as its event; the core's target
     (Rust module) and structured fields become `core_target` and `core_fields`, the
-    fields' values as text with task tokens scrubbed (the core names tokens in fields)."""
+    fields' values as text with task tokens scrubbed (the core logs tokens as fields named
+    task_token, which are dropped whole)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         entry = vars(record).pop("temporal_log", None)
@@ -170,7 +171,9 @@ class CoreLogFields(logging.Filter):
             fields = entry.fields
         except Exception:  # the SDK documents this conversion as fallible
             fields = {}
-        record.core_fields = {str(key): _redact_arg(value) for key, value in fields.items()}
+        record.core_fields = {
+            str(key): REDACTED if "token" in str(key).lower() else _redact_arg(value)
+            for key, value in fields.items()}
         return True
 
 

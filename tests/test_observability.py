@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from temporalio.client import Client
 
 from config import load_config
 from models import BuildPipelineResult
-from observability import CORE_LOGGER, configure_logging, setup_telemetry
+from observability import CORE_LOGGER, REDACTED, configure_logging, setup_telemetry
 from task_files import add_history, update_task
 from temporal_client import connect
 from tests.agents import REPO, play_stage, poll
@@ -257,6 +258,39 @@ async def test_worker_process_serves_prometheus(
     started = [r for r in records if r["event"] == "worker_starting"]
     assert started and started[0]["settings"]["PROMETHEUS_BIND_ADDRESS"] == address
     assert any(r["event"] == "worker_stopped" for r in records)
+
+
+def test_core_fields_never_carry_a_token(tmp_path: Path) -> None:
+    """The core logs task tokens as fields (`task_token`, or inside a debug dump): what
+    reaches the log has neither, the rest of the line intact."""
+    token = b"\x0a\x24secret-task-token-bytes"
+
+    # The SDK's BufferedLogEntry, as the forwarding hands it over.
+    entry = SimpleNamespace(target="temporalio_sdk_core::worker::activities", fields={
+        "task_token": token.hex(), "details": f"NotFound {{ token: {token!r} }}",
+        "attempt": 2})
+
+    log_file = tmp_path / "core.jsonl"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("INFO", log_file, WORKER_ID)
+    try:
+        logging.getLogger(CORE_LOGGER).warning("Activity not found on completion",
+                                               extra={"temporal_log": entry})
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    text = log_file.read_text()
+    [line] = [json.loads(raw) for raw in text.splitlines()]
+    assert line["event"] == "Activity not found on completion"
+    assert line["core_target"] == entry.target and line["core_fields"]["attempt"] == 2
+    assert line["core_fields"]["task_token"] == REDACTED
+    assert line["core_fields"]["details"].startswith("NotFound")
+    assert token.hex() not in text and "secret-task-token" not in text
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
