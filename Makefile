@@ -1,24 +1,45 @@
 # make run   - set up .venv if needed, then run the worker (starting an embedded Temporal
 #              dev server with the Web UI on http://localhost:8233 if nothing listens at
 #              TEMPORAL_ADDRESS)
-# make test  - set up .venv if needed, lint, then the whole test suite (real dev server)
+# make test  - set up .venv and node_modules if needed, lint, then the whole test suite
+#              (real dev server)
+# make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
+#              with hashes) from requirements.in and requirements-dev.in
+# make node  - install pm2 from package-lock.json into node_modules (npm ci)
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Touched after a successful install: requirements changes re-install, nothing else does.
 STAMP := $(VENV)/.requirements-installed
+NODE_STAMP := node_modules/.installed
+# The lock is made for the platform the worker and CI run on; pins already in the .txt
+# files are kept unless asked otherwise (make lock LOCK_ARGS=--upgrade, or
+# LOCK_ARGS='--upgrade-package temporalio').
+LOCK_ARGS ?=
+LOCK := $(VENV)/bin/uv pip compile --quiet --generate-hashes --only-binary :all: \
+	--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--custom-compile-command 'make lock' $(LOCK_ARGS)
 
-.PHONY: venv run test lint bench demo clean
+.PHONY: venv node lock run test lint bench demo clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required, $(PYTHON) is " + sys.version.split()[0] + " (try: make PYTHON=python3.12)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes --only-binary :all: -r requirements-dev.txt
 	touch $(STAMP)
+
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+lock: venv
+	$(LOCK) requirements.in -o requirements.txt
+	$(LOCK) requirements-dev.in -o requirements-dev.txt
 
 run: venv
 	$(PY) -m tools.run
@@ -26,7 +47,7 @@ run: venv
 lint: venv
 	$(PY) -m ruff check .
 
-test: lint
+test: lint node
 	$(PY) -m pytest -p no:cacheprovider --timeout=600
 
 bench: venv
@@ -36,5 +57,5 @@ demo: venv
 	$(PY) -m tools.demo
 
 clean:
-	rm -rf $(VENV) .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

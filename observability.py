@@ -4,6 +4,10 @@ Nothing is configured at import time, and OpenTelemetry is imported only when
 OTEL_EXPORTER_OTLP_ENDPOINT is set (or a test hands in a span exporter): a worker
 without telemetry never loads it.
 
+The SDK core (Rust) logs through the worker's Temporal runtime, which forwards its lines
+into Python logging (logger `temporalio.core`), so they leave as JSON like every other
+line instead of as plain text on stderr.
+
 Metrics all go through the Temporal runtime's meter, so the SDK's worker metrics and
 ours leave by the same road: OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) or a Prometheus
 scrape endpoint (PROMETHEUS_BIND_ADDRESS; it wins when both are set, because the
@@ -26,10 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from temporalio import activity, workflow
 from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
     OpenTelemetryConfig,
     PrometheusConfig,
     Runtime,
     TelemetryConfig,
+    TelemetryFilter,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +70,12 @@ _COUNTER_HELP = {
 
 # How often the runtime pushes metrics over OTLP.
 OTLP_METRIC_PERIOD = timedelta(seconds=10)
+
+# The logger the SDK core's lines are forwarded to, and what the core sends: its own
+# warnings and errors, its dependencies' errors (the SDK's default; INFO and below from the
+# core is per-poll chatter).
+CORE_LOGGER = "temporalio.core"
+CORE_LOG_FILTER = TelemetryFilter(core_level="WARN", other_level="ERROR")
 
 # Task tokens are capabilities: whoever reads one can complete that stage. The SDK logs
 # them at DEBUG ("Running activity X (token b'...')", "Completing activity with
@@ -143,6 +156,35 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class CoreLogFields(logging.Filter):
+    """A forwarded core line keeps the core's message as its event; the core's target
+    (Rust module) and structured fields become `core_target` and `core_fields`, the
+    fields' values as text with task tokens scrubbed (the core logs tokens as fields named
+    task_token, which are dropped whole)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        entry = vars(record).pop("temporal_log", None)
+        if entry is None:
+            return True
+        record.core_target = entry.target
+        try:
+            fields = entry.fields
+        except Exception:  # the SDK documents this conversion as fallible
+            fields = {}
+        record.core_fields = {
+            str(key): REDACTED if "token" in str(key).lower() else _redact_arg(value)
+            for key, value in fields.items()}
+        return True
+
+
+def core_logging() -> LoggingConfig:
+    """The runtime's logging: core lines forwarded to CORE_LOGGER, message and fields kept
+    apart (CoreLogFields turns them into JSON fields)."""
+    return LoggingConfig(filter=CORE_LOG_FILTER, forwarding=LogForwardingConfig(
+        logger=logging.getLogger(CORE_LOGGER), append_target_to_name=False,
+        prepend_target_on_message=False, append_log_fields_to_message=False))
+
+
 class PrivateFileHandler(logging.FileHandler):
     """LOG_FILE, created 0600 (and tightened to 0600 if it exists) whatever the umask:
     the log names workflows, builds and paths that are nobody else's business."""
@@ -211,8 +253,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None:
     """JSON lines to stdout and, when LOG_FILE is set, to that file (0600) as well; task
-    tokens scrubbed from every record, Python warnings included."""
+    tokens scrubbed from every record, Python warnings and the SDK core's lines included."""
     formatter = JsonFormatter(worker_id)
+    core = CoreLogFields()
     context = ContextFilter()
     redaction = RedactTokens()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
@@ -224,6 +267,7 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
         root.removeHandler(handler)
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(core)
         handler.addFilter(context)
         handler.addFilter(redaction)
         root.addHandler(handler)
@@ -257,8 +301,8 @@ def count(name: str, value: int = 1, **attributes: str) -> None:
 
 @dataclass
 class Telemetry:
-    """What the worker hands to Client.connect: a runtime (metrics) and interceptors
-    (traces). Both empty when nothing is configured."""
+    """What the worker hands to Client.connect: a runtime (core log forwarding, and
+    metrics when configured) and interceptors (traces; empty unless configured)."""
 
     runtime: Runtime | None = None
     interceptors: Sequence[Interceptor] = ()
@@ -282,7 +326,8 @@ def metrics_config(config: WorkerConfig) -> PrometheusConfig | OpenTelemetryConf
 
 
 def setup_telemetry(config: WorkerConfig, *, span_exporter: Any = None) -> Telemetry:
-    """Build the runtime and interceptors the settings ask for.
+    """Build the runtime (always: it forwards the core's log lines) and the interceptors
+    the settings ask for.
 
     `span_exporter` replaces the OTLP span exporter (tests use the SDK's in-memory one)
     and turns tracing on by itself. Raises RuntimeError naming the variable if the
@@ -290,14 +335,16 @@ def setup_telemetry(config: WorkerConfig, *, span_exporter: Any = None) -> Telem
     """
     telemetry = Telemetry()
     metrics = metrics_config(config)
-    if metrics is not None:
-        try:
-            telemetry.runtime = Runtime(telemetry=TelemetryConfig(
-                metrics=metrics, global_tags={"service_name": config.otel_service_name}))
-        except ValueError as err:  # the runtime reports a busy port this way
-            where = ("PROMETHEUS_BIND_ADDRESS" if config.prometheus_bind_address
-                     else "OTEL_EXPORTER_OTLP_ENDPOINT")
-            raise RuntimeError(f"{where}: {err}") from None
+    try:
+        telemetry.runtime = Runtime(telemetry=TelemetryConfig(
+            logging=core_logging(), metrics=metrics,
+            global_tags={"service_name": config.otel_service_name}))
+    except ValueError as err:  # the runtime reports a busy port this way
+        if metrics is None:
+            raise
+        where = ("PROMETHEUS_BIND_ADDRESS" if config.prometheus_bind_address
+                 else "OTEL_EXPORTER_OTLP_ENDPOINT")
+        raise RuntimeError(f"{where}: {err}") from None
     if config.otel_endpoint or span_exporter is not None:
         interceptor, close = _tracing(config, span_exporter)
         telemetry.interceptors = (interceptor,)

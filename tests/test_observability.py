@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,15 +24,17 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio import activity, workflow
+from temporalio.client import Client
 
 from config import load_config
 from models import BuildPipelineResult
-from observability import configure_logging, setup_telemetry
+from observability import CORE_LOGGER, REDACTED, configure_logging, setup_telemetry
 from task_files import add_history, update_task
 from temporal_client import connect
 from tests.agents import REPO, play_stage, poll
 from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_notify import BLOCKS, park_pipeline
+from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 
 BUILD = "traced-build"
@@ -202,7 +206,8 @@ def probe(**env: str) -> dict[str, Any]:
 
 
 def test_opentelemetry_not_imported_unless_configured() -> None:
-    assert probe() == {"otel": [], "runtime": False, "interceptors": 0}
+    # The runtime is always there: it forwards the SDK core's log lines.
+    assert probe() == {"otel": [], "runtime": True, "interceptors": 0}
     enabled = probe(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     assert "opentelemetry.sdk.trace" in enabled["otel"]
     assert enabled["runtime"] and enabled["interceptors"] == 1
@@ -245,10 +250,95 @@ async def test_worker_process_serves_prometheus(
     assert {labels["worker_type"] for _, labels, _ in found} >= {"ActivityWorker",
                                                                  "WorkflowWorker"}
     process.send_signal(signal.SIGTERM)
-    out, _ = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=60)
     assert process.returncode == 0
-    started = [json.loads(line) for line in out.splitlines() if '"worker_starting"' in line]
+    # A normal run prints JSON lines only, on stdout, and nothing on stderr.
+    assert err == ""
+    records = json_lines(out)
+    started = [r for r in records if r["event"] == "worker_starting"]
     assert started and started[0]["settings"]["PROMETHEUS_BIND_ADDRESS"] == address
+    assert any(r["event"] == "worker_stopped" for r in records)
+
+
+def test_core_fields_never_carry_a_token(tmp_path: Path) -> None:
+    """The core logs task tokens as fields (`task_token`, or inside a debug dump): what
+    reaches the log has neither, the rest of the line intact."""
+    token = b"\x0a\x24secret-task-token-bytes"
+
+    # The SDK's BufferedLogEntry, as the forwarding hands it over.
+    entry = SimpleNamespace(target="temporalio_sdk_core::worker::activities", fields={
+        "task_token": token.hex(), "details": f"NotFound {{ token: {token!r} }}",
+        "attempt": 2})
+
+    log_file = tmp_path / "core.jsonl"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging("INFO", log_file, WORKER_ID)
+    try:
+        logging.getLogger(CORE_LOGGER).warning("Activity not found on completion",
+                                               extra={"temporal_log": entry})
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    text = log_file.read_text()
+    [line] = [json.loads(raw) for raw in text.splitlines()]
+    assert line["event"] == "Activity not found on completion"
+    assert line["core_target"] == entry.target and line["core_fields"]["attempt"] == 2
+    assert line["core_fields"]["task_token"] == REDACTED
+    assert line["core_fields"]["details"].startswith("NotFound")
+    assert token.hex() not in text and "secret-task-token" not in text
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of `text` as a JSON log record; fails naming the first line that is not."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        assert isinstance(record, dict) and {"ts", "level", "event", "logger",
+                                             "worker_id"} <= set(record), line
+        records.append(record)
+    return records
+
+
+async def test_sdk_core_warning_is_a_json_line(temporal_address: str, tmp_path: Path,
+                                              client: Client) -> None:
+    """The core (Rust) warns "Failing workflow task" when the worker cannot run a task:
+    here a workflow type it does not have. The line reaches the worker's output as JSON
+    with the core's message as event and its fields (run id, failure) as fields."""
+    env = make_env(tmp_path, temporal_address)
+    worker = WorkerProcess(env, tmp_path / "worker.out").start()
+    try:
+        worker.wait_ready()
+        handle = await client.start_workflow("NoSuchWorkflow", id=f"unknown-{uuid.uuid4()}",
+                                             task_queue=env["TASK_QUEUE"])
+        try:
+            def core_warning() -> dict[str, Any] | None:
+                return next((r for r in worker.log_records()
+                             if r.get("logger") == CORE_LOGGER), None)
+
+            line = await poll(core_warning, timeout=60, interval=0.2,
+                              what="the core's warning in the worker's output")
+        finally:
+            await handle.terminate("test over")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    finally:
+        worker.stop()
+    assert line["level"] == "WARNING" and line["event"] == "Failing workflow task"
+    assert line["core_target"].startswith("temporalio_sdk_core")
+    assert line["core_fields"]["run_id"] == handle.result_run_id
+    assert "NoSuchWorkflow" in line["core_fields"]["failure"]
+    assert line["worker_id"].endswith(f":{worker.pid}")
+    # Nothing the worker printed, on stdout or stderr, is anything but a JSON line.
+    records = json_lines(worker.log_path.read_text())
+    assert any(r["event"] == "worker_stopped" for r in records)
 
 
 def test_prometheus_address_errors_exit_2(temporal_address: str, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""pm2 for real (npm `pm2`, pinned, installed once under .run/pm2) running
+"""pm2 for real (npm `pm2`, pinned in package.json and package-lock.json, installed by
+`npm ci` into node_modules: `make node`, or here when missing) running
 ecosystem.config.js with a private PM2_HOME: online and polling, restarted after a
 SIGKILL with the pipeline in flight completing, and a graceful `pm2 stop`."""
 
@@ -24,22 +25,35 @@ from tests.agents import complete_task, play_stage, poll, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import READY_LINE, REPO
 
-PM2_VERSION = "7.0.4"
-PM2_PREFIX = REPO / ".run" / "pm2"
-PM2_BIN = PM2_PREFIX / "node_modules" / ".bin" / "pm2"
+NODE_MODULES = REPO / "node_modules"
+PM2_BIN = NODE_MODULES / ".bin" / "pm2"
 ECOSYSTEM = REPO / "ecosystem.config.js"
 
 
+def pinned_pm2() -> str:
+    return json.loads((REPO / "package.json").read_text())["dependencies"]["pm2"]
+
+
 def ensure_pm2() -> Path:
-    """Install the pinned pm2 once; later runs reuse it (`make test` does the same)."""
-    installed = PM2_PREFIX / "node_modules" / "pm2" / "package.json"
-    if installed.exists() and json.loads(installed.read_text())["version"] == PM2_VERSION:
+    """The pm2 of package-lock.json; `npm ci` (as `make node` runs it) when node_modules
+    lacks it or holds another version."""
+    installed = NODE_MODULES / "pm2" / "package.json"
+    if installed.exists() and json.loads(installed.read_text())["version"] == pinned_pm2():
         return PM2_BIN
     npm = shutil.which("npm")
     assert npm, "npm is needed for the pm2 tests (Node 20 from Debian: apt-get install npm)"
-    subprocess.run([npm, "install", "--prefix", str(PM2_PREFIX), "--no-audit", "--no-fund",
-                    f"pm2@{PM2_VERSION}"], check=True, capture_output=True, timeout=300)
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
     return PM2_BIN
+
+
+def test_pm2_pinned_exactly() -> None:
+    """package.json pins one pm2 version and the lockfile resolves exactly that one."""
+    version = pinned_pm2()
+    assert all(part.isdigit() for part in version.split(".")), version
+    lock = json.loads((REPO / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/pm2"]["version"] == version
+    assert lock["packages"]["node_modules/pm2"]["integrity"].startswith("sha512-")
 
 
 class Pm2:
