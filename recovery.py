@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 WORKER_LOST = "WorkerLostError"
 AGENT_ACTIVITIES = frozenset({"prefab_scaffolding", "implement_build", "request_security_audit",
                               "apply_flag_fixes", "close_build", "build_phase"})
+# Triage and summary run as local activities in runs started since that change: those
+# are never pending on the server (a lost worker's workflow task times out and the next
+# worker runs them again), so only runs begun before it show them here.
 INLINE_ACTIVITIES = frozenset({"process_triage_output", "notify_blocks", "summarize_workflow",
                                "record_block_decision", "wait_for_block_resolution"})
 DESCRIBE_CONCURRENCY = 8

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
@@ -97,8 +98,11 @@ def pipeline_env_vars(tmp_path: Path, temporal_address: str) -> dict[str, str]:
 async def serving(client: Client, config: WorkerConfig, **overrides: Any
                   ) -> AsyncIterator[None]:
     """One in-process worker with its task-folder decision watcher, as worker.py runs
-    them (the watcher's folder is made first, so it is there before a test looks)."""
+    them (the watcher's folder is made first, so it is there before a test looks).
+    Workflows run in the SDK's sandbox here, which worker.py skips for speed: every
+    workflow test also checks that workflow code makes no non-deterministic call."""
     ensure_private_dir(config.task_queue_dir)
+    overrides.setdefault("workflow_runner", SandboxedWorkflowRunner())
     stop = asyncio.Event()
     async with build_worker(client, config, **overrides):
         watcher = asyncio.create_task(watch_block_decisions(client, config, stop))

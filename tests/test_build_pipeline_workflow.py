@@ -256,11 +256,16 @@ async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str
     assert summary["outcome"] == "failed"
     assert summary["failed_stage"] == "process_triage_output"
     assert problem in summary["error"]
-    # one attempt only: a malformed file is not retried
+    # one attempt only: a malformed file is not retried (stage 4 is a local activity: its
+    # one marker records the failure of attempt 1)
     history = [e async for e in handle.fetch_history_events()]
-    failed = [e for e in history if e.HasField("activity_task_failed_event_attributes")]
-    assert len(failed) == 1 and failed[0].activity_task_failed_event_attributes \
-        .failure.application_failure_info.non_retryable
+    triage = [e.marker_recorded_event_attributes for e in history
+              if e.HasField("marker_recorded_event_attributes")
+              and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+              and b"process_triage_output" in e.marker_recorded_event_attributes
+              .details["data"].payloads[0].data]
+    assert len(triage) == 1 and triage[0].failure.application_failure_info.non_retryable
+    assert json.loads(triage[0].details["data"].payloads[0].data)["attempt"] == 1
 
 
 @pytest.mark.parametrize("bad", [

@@ -611,9 +611,13 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
         await finish(pipeline, audit)
 
         async def stalled() -> str | None:
-            pending = (await stuck.describe()).raw_description.pending_activities
-            failure = pending[0].last_failure.message if pending else ""
-            return failure if "did not finish within 1s" in failure else None
+            # Stage 4 is a local activity: a failed attempt waiting for its retry is
+            # recorded on its marker (beside the back-off timer), not as a pending activity.
+            async for event in stuck.fetch_history_events():
+                failure = event.marker_recorded_event_attributes.failure.message
+                if "did not finish within 1s" in failure:
+                    return failure
+            return None
 
         message = await poll_async(stalled, 20, "the stuck read to fail its stage")
         assert "read_triage_waiting_on_fifos" in message and "triage-output.yml" in message

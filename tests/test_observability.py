@@ -155,6 +155,9 @@ async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> No
     assert value(found, "temporal_workflow_completed_total",
                  workflow_type="BuildPipelineWorkflow", **queue) >= 1
     assert value(found, "temporal_activity_execution_latency_count",
+                 activity_type="notify_blocks", **queue) >= 1
+    # Stages 4 and 9 are local activities: their own series.
+    assert value(found, "temporal_local_activity_execution_latency_count",
                  activity_type="summarize_workflow", **queue) >= 1
     assert any(n == "temporal_worker_task_slots_available" for n, _, _ in found)
     assert all(lab.get("service_name") == "temporal-build-worker"

@@ -89,9 +89,13 @@ async def park_at_blocks(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHan
 
 
 async def activity_summaries(handle: WorkflowHandle) -> list[str]:
+    """Each activity's summary line, as the Web UI's timeline shows it: a local
+    activity's is on its marker."""
     summaries = []
     async for event in handle.fetch_history_events():
-        if event.HasField("activity_task_scheduled_event_attributes"):
+        if event.HasField("activity_task_scheduled_event_attributes") or (
+                event.HasField("marker_recorded_event_attributes")
+                and event.user_metadata.HasField("summary")):
             payload = event.user_metadata.summary
             summaries.append(pydantic_data_converter.payload_converter.from_payload(payload, str))
     return summaries
@@ -136,7 +140,8 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     assert final.stages_done[-1] == "summarize_workflow" and final.waiting_on is None
     assert "Outcome: **success**" in await current_details(handle)
     assert await activity_summaries(handle) == [
-        "1/9 prefab_scaffolding → claudebox", "2/9 implement_build → builder",
+        "resolve agents, find originating task", "1/9 prefab_scaffolding → claudebox",
+        "2/9 implement_build → builder",
         "3/9 request_security_audit → security-agent", "4/9 process_triage_output",
         "5/9 apply_flag_fixes → builder", "8/9 close_build → builder",
         "9/9 summarize_workflow"]

@@ -6,11 +6,17 @@ tests/histories/ holds one folder per shape of history:
   runs, and runs waiting on an agent or parked at stage 7 when recorded);
 - `polled-stage7/`: this service before block decisions became event-driven (stage 7
   polled the originating task with a retried activity);
-- `event-driven/`: the current shape (record anew: python -m tools.record_histories).
+- `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
+- `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
+  python -m tools.record_histories).
+
+Replays run in the SDK's workflow sandbox (the Replayer's default), which worker.py skips
+for speed: a non-deterministic call on any recorded path fails here.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -32,6 +38,7 @@ REQUIRED = {
              "v050-at-implement", "v050-at-fixes", "v050-at-closeout"),
     "polled-stage7": OURS,
     "event-driven": OURS,
+    "local-inline": OURS,
 }
 FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
 STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
@@ -70,9 +77,36 @@ async def test_history_replays_against_current_code(name: str) -> None:
 
 def test_event_driven_histories_park_without_an_activity() -> None:
     """The current shape of stage 7: no check activity at all, the deadline timer only."""
-    for stem in ("pipeline_approved_task_file", "pipeline_rejected", "pipeline_timed_out"):
-        events = json.loads((HISTORIES / "event-driven" / f"{stem}.json").read_text())["events"]
+    for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline")
+                         for stem in ("pipeline_approved_task_file", "pipeline_rejected",
+                                      "pipeline_timed_out")]:
+        events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
         scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
                      for e in events if "activityTaskScheduledEventAttributes" in e]
         assert "wait_for_block_resolution" not in scheduled, stem
         assert any("timerStartedEventAttributes" in e for e in events), stem
+
+
+def test_current_histories_run_stages_4_and_9_locally() -> None:
+    """The current shape: triage and summary leave a marker, not a scheduled activity (no
+    round trip through the server); the runs recorded before keep their activities."""
+    def shape(folder: str, stem: str) -> tuple[list[str], list[str]]:
+        events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
+        scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                     for e in events if "activityTaskScheduledEventAttributes" in e]
+        local = [json.loads(base64.b64decode(
+                     e["markerRecordedEventAttributes"]["details"]["data"]["payloads"][0]["data"]
+                 ))["activity_type"] for e in events
+                 if e.get("markerRecordedEventAttributes", {}).get("markerName")
+                 == "core_local_activity"]
+        return scheduled, local
+
+    for stem in ("pipeline_clean", "pipeline_flags", "pipeline_approved_update",
+                 "pipeline_bad_triage"):
+        scheduled, local = shape("local-inline", stem)
+        assert "process_triage_output" not in scheduled, stem
+        assert "summarize_workflow" not in scheduled, stem
+        assert local == ["prepare_pipeline", "process_triage_output", "summarize_workflow"], \
+            stem
+        old, _ = shape("event-driven", stem)
+        assert {"process_triage_output", "summarize_workflow"} <= set(old), stem

@@ -168,6 +168,21 @@ def test_rewrite_by_id_keeps_the_same_file(tmp_path: Path) -> None:
     assert len(list(queue.glob("*.yml"))) == 1
 
 
+@pytest.mark.parametrize("odd", ["\x85", "\u2028", "\u2029", "\r", "\r\n", "\t", "\ufeff"])
+def test_every_string_reads_back_as_written(tmp_path: Path, odd: str) -> None:
+    """A note an agent or operator wrote (copied back into the task by the worker) comes
+    back unchanged, whatever line breaks it holds, in one line or in a literal block."""
+    task = a_task()
+    notes = [odd, f"a{odd}b", f"  lead {odd} middle{odd}  "]
+    for note in notes:
+        add_history(task, status="input-required", actor="agent", note=note)
+    task["payload"]["instruction"] = f"first line\n{odd}\nlast{odd}"
+    path = write_task(tmp_path / "queue", task)
+    again = read_task(path)
+    assert [entry["note"] for entry in again["history"][-3:]] == notes
+    assert again["payload"]["instruction"] == task["payload"]["instruction"]
+
+
 def test_find_task_by_prefix_name(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     task = a_task()

@@ -1,6 +1,6 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tools.record_histories [--out tests/histories/event-driven]
+    python -m tools.record_histories [--out tests/histories/local-inline]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
@@ -29,7 +29,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 REPO = Path(__file__).resolve().parent.parent
 # One folder per shape of history; older folders keep what must still replay.
-DEFAULT_OUT = REPO / "tests" / "histories" / "event-driven"
+DEFAULT_OUT = REPO / "tests" / "histories" / "local-inline"
 WAIT_SECONDS = 120.0
 # A few paths at a time: every first workflow task builds a sandbox, which is slow on
 # a busy machine.
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON histories (default: "
-                             "tests/histories/event-driven)")
+                             "tests/histories/local-inline)")
     args = parser.parse_args(argv)
     try:
         asyncio.run(record(args.out))

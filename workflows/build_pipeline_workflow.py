@@ -10,6 +10,10 @@ arrives as the approve_blocks / reject_blocks Update. Runs recorded before that 
 (this project's own, and v0.5.0's, whose runs a worker adopts in flight) replay their
 stage 7 as recorded: see `_wait_for_decision`.
 
+Stages 4 and 9 run as local activities (in the worker running the workflow task, no
+round trip through the server); stage 6 stays an ordinary activity: its calls to
+ntfy, Matrix or a script may take minutes and are best seen pending in the Web UI.
+
 Every change to the command sequence sits behind a `workflow.patched` id below, so each
 history recorded before it still replays.
 """
@@ -23,7 +27,13 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    FailureError,
+    TimeoutError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -61,6 +71,7 @@ with workflow.unsafe.imports_passed_through():
 # workflow.patched ids, one per change to the command sequence.
 PREPARE_PATCH = "prepare-pipeline"  # a local activity resolves agents before stage 1
 EVENT_DRIVEN_WAIT_PATCH = "event-driven-block-wait"  # stage 7 without a polling activity
+LOCAL_INLINE_PATCH = "local-inline-stages"  # stages 4 and 9 as local activities
 ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run enters here
 
 STAGE_NUMBERS = {
@@ -89,9 +100,14 @@ class _StageFailed(Exception):
         self.failure_type = failure_type
 
 
-def describe_activity_failure(err: ActivityError) -> tuple[str, str]:
+# How a local activity's failure reaches the workflow: as itself, not inside an
+# ActivityError as an ordinary activity's does.
+LOCAL_ACTIVITY_FAILURES = (ApplicationError, TimeoutError, CancelledError)
+
+
+def describe_activity_failure(err: ActivityError | FailureError) -> tuple[str, str]:
     """(message, failure type) of a failed activity, for humans and for matching."""
-    cause = err.cause
+    cause = err.cause if isinstance(err, ActivityError) else err
     if isinstance(cause, ApplicationError):
         return cause.message, cause.type or "ApplicationError"
     if isinstance(cause, TimeoutError):
@@ -133,6 +149,7 @@ class BuildPipelineWorkflow:
         self._input: BuildPipelineInput | None = None
         self._setup: PipelineSetup | None = None
         self._adopted = False
+        self._local_inline = False
         self._adoption_noted = False
         self._stage = "starting"
         self._stages_done: list[str] = []
@@ -167,6 +184,11 @@ class BuildPipelineWorkflow:
         # before it resolved agents up front); it goes on under this one, and keeps the
         # input rules it started under.
         self._adopted = not workflow.patched(PREPARE_PATCH)
+        # Stages 4 and 9 (reading the triage file, writing the summary) run as local
+        # activities: in the worker that runs this workflow task, with no round trip
+        # through the server and no extra workflow task. Decided once, at the start, so a
+        # run keeps one shape: runs begun before this keep theirs.
+        self._local_inline = workflow.patched(LOCAL_INLINE_PATCH)
         try:
             pipeline = BuildPipelineInput.model_validate(
                 raw_input, context={STARTED_BY_EARLIER_WORKER: self._adopted})
@@ -223,7 +245,7 @@ class BuildPipelineWorkflow:
         await self._security_audit(pipeline)
         self._triage = await self._run_activity(
             "process_triage_output", policies.TRIAGE, pipeline.build_name,
-            result_type=TriageResult, waiting=None)
+            result_type=TriageResult, waiting=None, local=self._local_inline)
         triage = self._triage
         self._event("process_triage_output", "triaged", f"{len(triage.blocks)} blocks, "
                     f"{len(triage.flags)} flags, {len(triage.info)} info")
@@ -437,7 +459,7 @@ class BuildPipelineWorkflow:
 
     async def _run_activity(self, stage: str, policy: policies.StagePolicy, arg: Any, *,
                             result_type: Any, waiting: AgentTaskRequest | None,
-                            count_as_stage: bool = True) -> Any:
+                            count_as_stage: bool = True, local: bool = False) -> Any:
         if count_as_stage:
             await self._enter(stage)
         if waiting is not None:
@@ -447,20 +469,22 @@ class BuildPipelineWorkflow:
             self._open_tasks[waiting.task_id] = stage
             self._details()
         target = self._agent_label(waiting) if waiting is not None else None
+        execute = workflow.execute_local_activity if local else workflow.execute_activity
         try:
-            result = await workflow.execute_activity(
+            result = await execute(
                 stage, arg, result_type=result_type,
                 start_to_close_timeout=policy.start_to_close,
                 schedule_to_close_timeout=policy.schedule_to_close,
                 retry_policy=policy.retry,
                 summary=self._summary_line(stage, target))
-        except ActivityError as err:
-            if isinstance(err.cause, CancelledError):
+        except (ActivityError, *LOCAL_ACTIVITY_FAILURES) as err:
+            cause = err.cause if isinstance(err, ActivityError) else err
+            if isinstance(cause, CancelledError):
                 # Only a cancel of the pipeline itself cancels a stage: end as cancelled.
                 raise asyncio.CancelledError() from None
             message, failure_type = describe_activity_failure(err)
             if waiting is not None:
-                if isinstance(err.cause, TimeoutError):
+                if isinstance(cause, TimeoutError):
                     self._expired_tasks[waiting.task_id] = f"{stage} timed out"
                 else:
                     # The agent reported the failure itself; its file already says so.
@@ -516,7 +540,9 @@ class BuildPipelineWorkflow:
         self._event("summarize_workflow", "started", f"outcome {self._outcome}")
         self._details()
         info = workflow.info()
-        path = await workflow.execute_activity(
+        execute = (workflow.execute_local_activity if self._local_inline
+                   else workflow.execute_activity)
+        path = await execute(
             "summarize_workflow",
             SummaryInput(
                 workflow_id=info.workflow_id, run_id=info.run_id,
