@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
-from exceptions import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
+from vocabulary import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
 
 ONCE = RetryPolicy(maximum_attempts=1)
 

@@ -39,6 +39,16 @@ PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originat
 RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
 
+# What recovery.py does with a pending activity whose worker died (every activity the
+# worker registers is in exactly one of these; tests/test_recovery.py checks it).
+# Agent activities: dispatched again only if the agent never got its task file.
+AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
+# Inline activities: idempotent, so always run again.
+INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION)
+# Never recovered: a local activity runs inside the workflow task and is never pending on
+# the server; Temporal retries the workflow task itself.
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
+
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
 BUILD_PLAN_WORKFLOW: Final = "BuildPlanWorkflow"

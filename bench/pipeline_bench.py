@@ -16,6 +16,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
+
 # Run as a script from bench/: make the repository's modules importable.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -81,8 +92,8 @@ TARGET_MATRIX_DECISION_MS = 3000.0
 
 CLEAN_TRIAGE = "blocks: []\nflags: []\ninfo:\n  - benchmark build, nothing to report\n"
 BLOCKED_TRIAGE = "blocks:\n  - description: benchmark block awaiting an operator\n"
-AGENT_SEQUENCE = ("build_prefab", "build_plan", "security_audit", "build_closeout")
-PARK_SEQUENCE = ("build_prefab", "build_plan", "security_audit")
+AGENT_SEQUENCE = (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT)
+PARK_SEQUENCE = (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT)
 STAGE_WAIT_SECONDS = 180.0
 WORKER_READY_SECONDS = 60.0
 WORKER_STOP_SECONDS = 20.0
@@ -272,7 +283,7 @@ async def next_file(queue: asyncio.Queue[SeenFile], match: Callable[[dict[str, A
 def agent_task(task_type: str) -> Callable[[dict[str, Any]], bool]:
     def match(task: dict[str, Any]) -> bool:
         payload = task.get("payload") or {}
-        return (task.get("task_type") == task_type and task.get("status") == "submitted"
+        return (task.get("task_type") == task_type and task.get("status") == SUBMITTED
                 and "task_token" in payload)
     return match
 
@@ -412,7 +423,7 @@ class PipelineRun:
 
 
 def write_triage(audit_dir: Path, build_name: str, text: str) -> None:
-    folder = audit_dir / "audit-requests" / build_name
+    folder = audit_dir / AUDIT_REQUESTS_DIR / build_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "triage-output.yml").write_text(text)
 
@@ -420,7 +431,7 @@ def write_triage(audit_dir: Path, build_name: str, text: str) -> None:
 def write_origin(queue_dir: Path, task_id: str, build_name: str, workflow_id: str) -> None:
     """The originating build request that stage 6 marks input-required and stage 7 polls."""
     write_task(queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
         summary=f"build request for {build_name}",
         payload={"build_name": build_name, "workflow_id": workflow_id}))
 
@@ -438,7 +449,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
             await asyncio.to_thread(write_origin, bench.queue_dir, task_id, build, workflow_id)
         started = time.monotonic()
         handle = await bench.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=build, plan_path=f"/plans/{build}.md",
                                task_id=task_id, target_agent="builder"),
             id=workflow_id, task_queue=bench.task_queue, result_type=BuildPipelineResult)
@@ -449,10 +460,10 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
                                    f"{task_type} task for {workflow_id}")
             if completed_at is not None and bench.record_handoffs:
                 bench.handoffs.append((f"{previous}->{task_type}", seen.seen_at - completed_at))
-            if task_type == "security_audit":
+            if task_type == TASK_SECURITY_AUDIT:
                 await asyncio.to_thread(write_triage, bench.audit_dir, build,
                                         BLOCKED_TRIAGE if park else CLEAN_TRIAGE)
-            output = f"/closeout/{build}.md" if task_type == "build_closeout" else "done"
+            output = f"/closeout/{build}.md" if task_type == TASK_BUILD_CLOSEOUT else "done"
             token = base64.b64decode(seen.task["payload"]["task_token"])
             await bench.client.get_async_activity_handle(task_token=token).complete(
                 BuildPhaseResult(status="success", output=output))
@@ -460,7 +471,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
             previous = task_type
         if park:
             await next_file(queue, lambda task: task.get("id") == task_id
-                            and task.get("status") == "input-required",
+                            and task.get("status") == INPUT_REQUIRED,
                             f"originating task of {workflow_id} marked input-required")
             return PipelineRun(workflow_id, time.monotonic() - started, handle, task_id)
         try:
@@ -632,7 +643,7 @@ async def decide_from_chat(bench: Bench, chat: BenchChat,
         try:
             sent_at = await asyncio.to_thread(chat.reply, notices[run.workflow_id],
                                               APPROVAL_REPLY)
-            seen = await next_file(queue, agent_task("build_closeout"),
+            seen = await next_file(queue, agent_task(TASK_BUILD_CLOSEOUT),
                                    f"close-out task of {run.workflow_id} after the Matrix "
                                    "reply")
             latencies.append(seen.seen_at - sent_at)
@@ -834,7 +845,7 @@ async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: Proces
         queue = bench.agents.register(run.workflow_id)
         try:
             decided_at = await asyncio.to_thread(approve_origin, queue_dir, run.task_id)
-            seen = await next_file(queue, agent_task("build_closeout"),
+            seen = await next_file(queue, agent_task(TASK_BUILD_CLOSEOUT),
                                    f"close-out task of {run.workflow_id} after approval")
             latencies.append(seen.seen_at - decided_at)
         finally:

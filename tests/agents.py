@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from vocabulary import SUBMITTED, TASK_BUILD_PLAN
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -71,7 +73,7 @@ async def wait_for_task(queue_dir: Path, workflow_id: str, task_type: str,
                         timeout: float = 20.0) -> Path:
     def find() -> Path | None:
         for path, task in tasks_for(queue_dir, workflow_id):
-            if task.get("task_type") == task_type and task.get("status") == "submitted":
+            if task.get("task_type") == task_type and task.get("status") == SUBMITTED:
                 return path
         return None
 
@@ -126,7 +128,7 @@ def write_origin_task(queue_dir: Path) -> str:
 
     task_id = str(uuid.uuid4())
     write_task(queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
         summary="originating build request", payload={"build_name": "x"}))
     return task_id
 
@@ -138,7 +140,7 @@ async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
     def find() -> Path | None:
         for path, task, payload in readable_tasks(queue_dir):
             if (payload.get("build_name") == build_name and task.get("task_type") == task_type
-                    and task.get("status") == "submitted"):
+                    and task.get("status") == SUBMITTED):
                 return path
         return None
 

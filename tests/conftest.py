@@ -20,6 +20,7 @@ from config import WorkerConfig, load_config
 from task_files import ensure_private_dir
 from temporal_client import connect
 from tools import devserver
+from vocabulary import AUDIT_REQUESTS_DIR
 from worker import build_worker
 
 
@@ -57,7 +58,7 @@ class PipelineEnv:
         return self.config.summary_dir
 
     def triage_path(self, build_name: str) -> Path:
-        return self.audit_dir / "audit-requests" / build_name / "triage-output.yml"
+        return self.audit_dir / AUDIT_REQUESTS_DIR / build_name / "triage-output.yml"
 
     def write_triage(self, build_name: str, text: str | bytes) -> Path:
         path = self.triage_path(build_name)

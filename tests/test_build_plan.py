@@ -13,6 +13,13 @@ from temporalio.exceptions import ApplicationError
 from models import BuildPlanResult, PlanStatus
 from tests.agents import assert_valid_task_file, complete_task, poll, tasks_for, wait_for_task
 from tests.conftest import PipelineEnv
+from vocabulary import (
+    BUILD_PHASE,
+    BUILD_PLAN_WORKFLOW,
+    INVALID_INPUT,
+    PHASE_FAILED,
+    TASK_BUILD_PHASE,
+)
 
 PHASES = [
     {"number": 1, "agent_type": "builder", "description": "Write the parser",
@@ -60,10 +67,10 @@ async def activity_order(handle: WorkflowHandle) -> list[str]:
 
 
 async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "parser-plan",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "parser-plan",
                                                         "phases": PHASES},
                                   result_type=BuildPlanResult)
-    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     waiting = await wait_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait")
     assert waiting.plan_name == "parser-plan" and waiting.phases_total == 2
     assert waiting.phases_done == [] and waiting.current_phase == 1
@@ -92,7 +99,7 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     assert final.current_phase is None and final.waiting_on is None
     tasks = [assert_valid_task_file(path) for path in (first, second)]
     for task, phase in zip(tasks, PHASES, strict=True):
-        assert task["task_type"] == "build_phase"
+        assert task["task_type"] == TASK_BUILD_PHASE
         assert task["target_agent"] == phase["agent_type"]
         assert task["status"] == "completed"
         payload = task["payload"]
@@ -100,7 +107,7 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
         assert payload["plan_name"] == "parser-plan"
         assert payload["context_refs"] == phase.get("context_refs", [])
         assert payload["workflow_id"] == handle.id
-        assert payload["activity_type"] == "build_phase"
+        assert payload["activity_type"] == BUILD_PHASE
         assert phase["description"] in payload["instruction"]
         for ref in phase.get("context_refs", []):
             assert ref in payload["instruction"]
@@ -109,10 +116,10 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
 
 
 async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "failing-plan",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "failing-plan",
                                                         "phases": PHASES},
                                   result_type=BuildPlanResult)
-    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     await complete_task(first, pipeline.env)
     second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
                                       if t["payload"]["phase"] == 2), None),
@@ -123,7 +130,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "PhaseFailedError"
+    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
     assert "phase 2 (reviewer)" in cause.message
     assert "tests do not pass" in cause.message
     assert "1 of 2 phases done" in cause.message
@@ -144,12 +151,12 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
 ])
 async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[str, Any],
                                             field: str) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", plan)
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan)
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInputError"
+    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
     assert field in cause.message
     assert cause.non_retryable
     assert await activity_order(handle) == []
@@ -159,9 +166,9 @@ async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[st
 async def test_cancelled_plan_ends_cancelled_not_failed(pipeline: PipelineEnv) -> None:
     from temporalio.exceptions import CancelledError
 
-    handle = await pipeline.start("BuildPlanWorkflow",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW,
                                   {"plan_name": "cancel-plan", "phases": PHASES})
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)

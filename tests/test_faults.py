@@ -29,6 +29,18 @@ from tests.agents import complete_task, load_yaml, task_files, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    IMPLEMENT_BUILD,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 
 MAX_KILLS = 8
 BLOCKS = "blocks:\n- description: credentials in the image\n"
@@ -94,16 +106,16 @@ class Pipelines:
     async def start(self, build: str, **extra: Any) -> WorkflowHandle:
         origin = str(uuid.uuid4())
         write_task(self.queue, new_task(task_id=origin, target_agent="temporal-worker",
-                                        task_type="build_plan", summary="origin", payload={}))
+                                        task_type=TASK_BUILD_PLAN, summary="origin", payload={}))
         return await self.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=build, plan_path="/plans/p.md", task_id=origin,
                                target_agent="builder", **extra),
             id=f"fault-{build}-{uuid.uuid4().hex[:8]}", task_queue=self.env["TASK_QUEUE"],
             result_type=BuildPipelineResult)
 
     def triage(self, build: str, text: str) -> None:
-        folder = self.audit / "audit-requests" / build
+        folder = self.audit / AUDIT_REQUESTS_DIR / build
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "triage-output.yml").write_text(text)
 
@@ -115,7 +127,7 @@ class Pipelines:
     async def parked(self, handle: WorkflowHandle) -> None:
         async def check() -> bool:
             status = await handle.query("get_status", result_type=PipelineStatus)
-            return status.stage == "wait_for_block_resolution" and status.waiting_on is not None
+            return status.stage == WAIT_FOR_BLOCK_RESOLUTION and status.waiting_on is not None
 
         deadline = time.monotonic() + 90
         while not await check():
@@ -144,18 +156,19 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     closing = await lab.start("kill-summary")             # next: summarize
     dispatch = await lab.start("kill-dispatch")           # next: write an agent task
     # Agents work in parallel, as real ones do.
-    await asyncio.gather(*(lab.play(h, "build_prefab")
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_PREFAB)
                            for h in (agent, triage, parked, closing, dispatch)))
-    implement = await wait_for_task(lab.queue, agent.id, "build_plan", timeout=90)
-    dispatch_implement = await wait_for_task(lab.queue, dispatch.id, "build_plan", timeout=90)
+    implement = await wait_for_task(lab.queue, agent.id, TASK_BUILD_PLAN, timeout=90)
+    dispatch_implement = await wait_for_task(lab.queue, dispatch.id, TASK_BUILD_PLAN, timeout=90)
     lab.triage("kill-triage", BLOCKS)
     lab.triage("kill-parked", BLOCKS)
     lab.triage("kill-summary", "info: []\n")
-    await asyncio.gather(*(lab.play(h, "build_plan") for h in (triage, parked, closing)))
-    audit = await wait_for_task(lab.queue, triage.id, "security_audit", timeout=90)
-    await asyncio.gather(lab.play(parked, "security_audit"), lab.play(closing, "security_audit"))
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_PLAN) for h in (triage, parked, closing)))
+    audit = await wait_for_task(lab.queue, triage.id, TASK_SECURITY_AUDIT, timeout=90)
+    await asyncio.gather(lab.play(parked, TASK_SECURITY_AUDIT),
+                         lab.play(closing, TASK_SECURITY_AUDIT))
     await lab.parked(parked)
-    closeout = await wait_for_task(lab.queue, closing.id, "build_closeout", timeout=90)
+    closeout = await wait_for_task(lab.queue, closing.id, TASK_BUILD_CLOSEOUT, timeout=90)
 
     worker.kill()
     # While no worker runs, agents and operators carry on: the server keeps it all.
@@ -174,9 +187,10 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     await triage.execute_update("approve_blocks", "approved after restart")
     lab.triage("kill-agent", "info: []\n")
     lab.triage("kill-dispatch", "flags:\n- pin versions\n")
-    await asyncio.gather(lab.play(agent, "security_audit"), lab.play(dispatch, "security_audit"))
-    await lab.play(dispatch, "security_fix")
-    await asyncio.gather(*(lab.play(h, "build_closeout")
+    await asyncio.gather(lab.play(agent, TASK_SECURITY_AUDIT),
+                         lab.play(dispatch, TASK_SECURITY_AUDIT))
+    await lab.play(dispatch, TASK_SECURITY_FIX)
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_CLOSEOUT)
                            for h in (agent, dispatch, triage, parked)))
 
     for handle in (agent, triage, parked, closing, dispatch):
@@ -188,7 +202,7 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
         assert result.summary_path and Path(result.summary_path).is_file()
     counts = files_per_stage(lab.queue)
     assert counts and max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
-    assert counts[(closing.id, "build_closeout")] == 1
+    assert counts[(closing.id, TASK_BUILD_CLOSEOUT)] == 1
     assert worker.starts == 3
 
 
@@ -205,8 +219,8 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
                                                    worker: WorkerProcess) -> None:
     lab = Pipelines(durable_client, worker)
     handle = await lab.start("server-restart")
-    await lab.play(handle, "build_prefab")
-    implement = await wait_for_task(lab.queue, handle.id, "build_plan", timeout=90)
+    await lab.play(handle, TASK_BUILD_PREFAB)
+    implement = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PLAN, timeout=90)
 
     durable.stop()
     assert worker.process is not None and worker.process.poll() is None
@@ -214,8 +228,8 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
     # The same worker process reconnects by itself; the agent finishes afterwards.
     await complete_task(implement, worker.env)
     lab.triage("server-restart", "info: []\n")
-    await lab.play(handle, "security_audit")
-    await lab.play(handle, "build_closeout")
+    await lab.play(handle, TASK_SECURITY_AUDIT)
+    await lab.play(handle, TASK_BUILD_CLOSEOUT)
     result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 120)
     assert result.outcome == "success"
     assert worker.process.poll() is None and worker.starts == 1
@@ -246,11 +260,11 @@ class BulkAgents:
             return
         payload = task.get("payload") or {}
         token = payload.get("task_token")
-        if task.get("status") != "submitted" or not token or (path.name, token) in self.done:
+        if task.get("status") != SUBMITTED or not token or (path.name, token) in self.done:
             return
         self.done.add((path.name, token))
-        if task["task_type"] == "security_audit":
-            folder = self.audit / "audit-requests" / payload["build_name"]
+        if task["task_type"] == TASK_SECURITY_AUDIT:
+            folder = self.audit / AUDIT_REQUESTS_DIR / payload["build_name"]
             folder.mkdir(parents=True, exist_ok=True)
             flags = "flags:\n- pin versions\n" if payload["build_name"].endswith("0") else ""
             (folder / "triage-output.yml").write_text(flags or "info: []\n")
@@ -321,7 +335,7 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
 
     lab = Pipelines(durable_client, worker)
     handle = await lab.start("orphan-dispatch")
-    prefab = await wait_for_task(lab.queue, handle.id, "build_prefab", timeout=90)
+    prefab = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PREFAB, timeout=90)
     # Freeze worker.py with its activity poll open; a workflow-only worker in this
     # process makes the decisions meanwhile, so the next activity goes to the frozen one.
     # (Local activities run inside the deciding worker: it carries those, no others.)
@@ -335,7 +349,7 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
 
         async def handed_to_frozen_worker() -> bool:
             description = await handle.describe()
-            return any(p.activity_type.name == "implement_build"
+            return any(p.activity_type.name == IMPLEMENT_BUILD
                        and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
                        and p.last_worker_identity.endswith(f":{worker.pid}")
                        for p in description.raw_description.pending_activities)
@@ -345,17 +359,17 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
             assert time.monotonic() < deadline, "implement_build never reached worker.py"
             await asyncio.sleep(0.1)
         worker.kill()
-    assert (handle.id, "build_plan") not in files_per_stage(lab.queue)
+    assert (handle.id, TASK_BUILD_PLAN) not in files_per_stage(lab.queue)
 
     await asyncio.to_thread(worker.start().wait_ready)
-    implement = await wait_for_task(lab.queue, handle.id, "build_plan", timeout=60)
+    implement = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PLAN, timeout=60)
     assert load_yaml(implement)["payload"]["attempt"] == 2
     recovered = [r for r in worker.log_records() if r.get("event") == "activity_recovered"]
-    assert [r["activity"] for r in recovered] == ["implement_build"]
+    assert [r["activity"] for r in recovered] == [IMPLEMENT_BUILD]
     await complete_task(implement, worker.env)
     lab.triage("orphan-dispatch", "info: []\n")
-    await lab.play(handle, "security_audit")
-    await lab.play(handle, "build_closeout")
+    await lab.play(handle, TASK_SECURITY_AUDIT)
+    await lab.play(handle, TASK_BUILD_CLOSEOUT)
     result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 90)
     assert result.outcome == "success"
     assert max(files_per_stage(lab.queue).values()) == 1

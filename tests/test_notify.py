@@ -28,6 +28,14 @@ from tests import synapse
 from tests.agents import complete_task, load_yaml, play_stage, poll, wait_for_task
 from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 from worker import build_worker
 
 BLOCKS = ["Token is logged in plain text", "Admin endpoint has no authentication"]
@@ -52,18 +60,18 @@ async def park_pipeline(pipeline: PipelineEnv, build: str,
     handle and the originating task file."""
     task_id = str(uuid.uuid4())
     write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
+        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
         summary="originating build request", payload={"build_name": build}))
     inp = BuildPipelineInput(build_name=build, plan_path="/plans/demo.md", task_id=task_id,
                              target_agent="builder", block_poll_interval_seconds=0.2)
-    handle = await pipeline.start("BuildPipelineWorkflow", inp)
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, "blocks:\n" + "".join(f"- description: {b}\n"
                                                        for b in blocks))
     await complete_task(audit, pipeline.env, "success", "audit written")
-    status = await poll_status(handle, lambda s: s.stage == "wait_for_block_resolution"
+    status = await poll_status(handle, lambda s: s.stage == WAIT_FOR_BLOCK_RESOLUTION
                                and s.waiting_on is not None, "pipeline parked at stage 7")
     assert status.blocks == len(blocks)
     return handle, find_task(pipeline.queue_dir, task_id)
@@ -139,7 +147,7 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
     assert "Build notice-two: 1 security block(s)" in by_build["notice-two"]
     assert BLOCKS[1] not in by_build["notice-two"]
     status, note = origin_note(first_origin)
-    assert status == "input-required"
+    assert status == INPUT_REQUIRED
     assert "2 security block(s) await approval" in note and "notification failed" not in note
 
 
@@ -199,7 +207,7 @@ async def test_homeserver_down_still_parks_and_records(client: Client, temporal_
     assert status.notification_failures == ["matrix: Matrix whoami: ConnectError"]
     assert any(e["event"] == "notification_failed" for e in events)
     task_status, note = origin_note(origin)
-    assert task_status == "input-required"
+    assert task_status == INPUT_REQUIRED
     assert "2 security block(s) await approval" in note
     assert "notification failed: matrix: Matrix whoami: ConnectError" in note
     attempts = [r for r in caplog.records if r.getMessage() == "notification_failed"]

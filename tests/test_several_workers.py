@@ -29,16 +29,26 @@ from tests.conftest import make_env
 from tests.test_block_watcher import decision_events
 from tests.test_faults import BLOCKS, Pipelines, files_per_stage
 from tests.worker_process import WorkerProcess
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    INPUT_REQUIRED,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 SEED_ENV = "SEVERAL_WORKERS_SEED"
 PIPELINES = 100
 # One in ten pipelines gets a flag, one in ten a block its originating task approves.
 KINDS = ("flag", "block", *("clean",) * 8)
 TRIAGE = {"clean": "info: []\n", "flag": "flags:\n- pin versions\n", "block": BLOCKS}
-STAGES = {"clean": ("build_prefab", "build_plan", "security_audit", "build_closeout"),
-          "flag": ("build_prefab", "build_plan", "security_audit", "security_fix",
-                   "build_closeout"),
-          "block": ("build_prefab", "build_plan", "security_audit", "build_closeout")}
+STAGES = {"clean": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT),
+          "flag": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_SECURITY_FIX,
+                   TASK_BUILD_CLOSEOUT),
+          "block": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT)}
 KILLS = 2
 # Agent processes at once: each is a Python start (~0.4 s CPU), on two cores.
 CONCURRENT_AGENTS = 4
@@ -96,10 +106,10 @@ class CliAgents:
     def _act(self, path: Path, task: dict[str, Any]) -> None:
         payload = task.get("payload") or {}
         token = payload.get("task_token")
-        if task.get("status") == "submitted" and token and (path.name, token) not in self.handed:
+        if task.get("status") == SUBMITTED and token and (path.name, token) not in self.handed:
             self.handed.add((path.name, token))
             self._spawn(self._complete(path, task))
-        elif (AWAITING_DECISION in task and task.get("status") == "input-required"
+        elif (AWAITING_DECISION in task and task.get("status") == INPUT_REQUIRED
               and task["id"] not in self.approved):
             self.approved.add(task["id"])
             self._spawn(asyncio.to_thread(update_task, path, lambda t: add_history(
@@ -112,8 +122,8 @@ class CliAgents:
 
     async def _complete(self, path: Path, task: dict[str, Any]) -> None:
         build = task["payload"]["build_name"]
-        if task["task_type"] == "security_audit":
-            folder = self.audit / "audit-requests" / build
+        if task["task_type"] == TASK_SECURITY_AUDIT:
+            folder = self.audit / AUDIT_REQUESTS_DIR / build
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "triage-output.yml").write_text(TRIAGE[kind_of(build)])
         async with self.gate:

@@ -28,10 +28,10 @@ from temporalio.worker import Worker
 
 from activities.build_pipeline_activities import PipelineActivities
 from config import load_config
-from exceptions import LEGACY_WAIT_HANDED_OVER
 from task_files import add_history, find_task, new_task, read_task, update_task, write_task
 from tests.agents import assert_valid_task_file, complete_task, poll, wait_for_build_task
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
+from vocabulary import LEGACY_WAIT_HANDED_OVER
 
 RECORDED = Path(__file__).resolve().parent / "histories" / "v050"
 # What the recording's agents and security agent did, per path.

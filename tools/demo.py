@@ -41,6 +41,7 @@ from tools.ops import (
     wait_healthy,
     wait_ready,
 )
+from vocabulary import BUILD_PIPELINE_WORKFLOW, TASK_BUILD_REQUEST
 
 BUILD = "demo-service"
 AGENT = "builder"
@@ -73,7 +74,7 @@ async def wait_for(predicate: Any, what: str, timeout: float) -> Any:
 
 
 def timeline(events: list[Any]) -> list[str]:
-    from workflows.build_pipeline_workflow import STAGE_NUMBERS, TOTAL_STAGES
+    from vocabulary import STAGE_NUMBERS, TOTAL_STAGES
 
     start = events[0].at if events else None
     lines = []
@@ -98,7 +99,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     queue_dir = Path(env["TASK_QUEUE_DIR"])
     origin_id = str(uuid.uuid4())
     write_task(queue_dir, new_task(
-        task_id=origin_id, target_agent="temporal-worker", task_type="build_request",
+        task_id=origin_id, target_agent="temporal-worker", task_type=TASK_BUILD_REQUEST,
         summary=f"Build {BUILD}", payload={"build_name": BUILD}))
     say(f"originating task {origin_id} written to {queue_dir}")
 
@@ -107,7 +108,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     inp = BuildPipelineInput(build_name=BUILD, plan_path=str(root / "plans" / f"{BUILD}.md"),
                              task_id=origin_id, target_agent=AGENT)
     print("[demo] started workflow ", end="", flush=True)
-    await start(client, "BuildPipelineWorkflow", inp,
+    await start(client, BUILD_PIPELINE_WORKFLOW, inp,
                 {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
     handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vocabulary import AUDIT_REQUESTS_DIR, SUBMITTED, TASK_BUILD_CLOSEOUT, TASK_SECURITY_AUDIT
+
 NAME = "demo-agent"
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TRIAGE = """\
@@ -70,7 +72,7 @@ class DemoAgent:
                 continue  # replaced between glob and read; the next scan sees it
             payload = task.get("payload")
             if (isinstance(payload, dict) and payload.get("workflow_id") == self.workflow_id
-                    and task.get("status") == "submitted" and task.get("id") not in self._seen):
+                    and task.get("status") == SUBMITTED and task.get("id") not in self._seen):
                 found.append((path, task))
         return found
 
@@ -78,13 +80,13 @@ class DemoAgent:
         """Leave behind what the stage asks for; return the completion message."""
         kind = task["task_type"]
         build = task["payload"].get("build_name", "build")
-        if kind == "security_audit":
-            folder = self.audit_dir / "audit-requests" / build
+        if kind == TASK_SECURITY_AUDIT:
+            folder = self.audit_dir / AUDIT_REQUESTS_DIR / build
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "audit.md").write_text(f"# Demo audit of {build}\n\nStand-in report.\n")
             (folder / "triage-output.yml").write_text(DEMO_TRIAGE)
             return "audit written (demo)"
-        if kind == "build_closeout":
+        if kind == TASK_BUILD_CLOSEOUT:
             note = self.work_dir / f"{build}-closeout.md"
             note.parent.mkdir(parents=True, exist_ok=True)
             note.write_text(f"# {build} closed out by the demo agent stand-in\n")
@@ -111,7 +113,7 @@ class DemoAgent:
             finished.append(task["task_type"])
         return finished
 
-    async def run(self, until: str = "build_closeout", timeout: float = 90.0,
+    async def run(self, until: str = TASK_BUILD_CLOSEOUT, timeout: float = 90.0,
                   interval: float = 0.1) -> list[str]:
         deadline = time.monotonic() + timeout
         while until not in self.done:

@@ -27,6 +27,19 @@ from typing import Any
 import yaml
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 # One folder per shape of history; older folders keep what must still replay.
 DEFAULT_OUT = REPO / "tests" / "histories" / "event-driven"
@@ -50,7 +63,7 @@ class Recorder:
             for path in sorted(self.queue.glob("*.yml")):
                 task = yaml.safe_load(path.read_text())
                 if (task["payload"].get("workflow_id") == workflow_id
-                        and task["task_type"] == task_type and task["status"] == "submitted"):
+                        and task["task_type"] == task_type and task["status"] == SUBMITTED):
                     return path
             await asyncio.sleep(0.05)
         raise RuntimeError(f"no {task_type} task for {workflow_id} after {WAIT_SECONDS}s")
@@ -71,7 +84,7 @@ class Recorder:
 
         task_id = str(uuid.uuid4())
         write_task(self.queue, new_task(task_id=task_id, target_agent="temporal-worker",
-                                        task_type="build_plan", summary="build request",
+                                        task_type=TASK_BUILD_PLAN, summary="build request",
                                         payload={}))
         return task_id
 
@@ -80,18 +93,18 @@ class Recorder:
         from models import BuildPipelineInput
 
         handle = await self.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=name, plan_path="/plans/recorded.md",
                                task_id=self.origin(), target_agent="builder", **extra),
             id=f"record-{name}", task_queue=self.env["TASK_QUEUE"])
-        await self.play(handle, "build_prefab")
+        await self.play(handle, TASK_BUILD_PREFAB)
         if triage is None:
             return handle
-        await self.play(handle, "build_plan")
-        folder = self.root / "artifacts" / "audit-requests" / name
+        await self.play(handle, TASK_BUILD_PLAN)
+        folder = self.root / "artifacts" / AUDIT_REQUESTS_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "triage-output.yml").write_text(triage)
-        await self.play(handle, "security_audit")
+        await self.play(handle, TASK_SECURITY_AUDIT)
         return handle
 
     async def parked(self, handle: WorkflowHandle) -> Path:
@@ -128,19 +141,19 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
 
     async def clean() -> WorkflowHandle:
         handle = await recorder.pipeline("clean", "info:\n- fine\n")
-        await recorder.play(handle, "build_closeout", message="/docs/closeout.md")
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT, message="/docs/closeout.md")
         return handle
 
     async def flags() -> WorkflowHandle:
         handle = await recorder.pipeline("flags", "flags:\n- description: pin versions\n")
-        await recorder.play(handle, "security_fix")
-        await recorder.play(handle, "build_closeout")
+        await recorder.play(handle, TASK_SECURITY_FIX)
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def approved_by_file() -> WorkflowHandle:
         handle = await recorder.pipeline("approved", blocks, block_poll_interval_seconds=0.2)
         await recorder.set_origin_status(handle, "approved")
-        await recorder.play(handle, "build_closeout")
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def approved_by_update() -> WorkflowHandle:
@@ -148,7 +161,7 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
                                          block_poll_interval_seconds=0.2)
         await recorder.parked(handle)
         await handle.execute_update("approve_blocks", "looks fine")
-        await recorder.play(handle, "build_closeout")
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def rejected() -> WorkflowHandle:
@@ -164,7 +177,7 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
 
     async def agent_failure() -> WorkflowHandle:
         handle = await recorder.pipeline("agent-failure", None)
-        await recorder.play(handle, "build_plan", status="failed", message="compiler broke")
+        await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
         return handle
 
     async def bad_triage() -> WorkflowHandle:
@@ -176,10 +189,10 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
         phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
                             context_refs=["/plans/recorded.md"]) for n in (1, 2)]
         handle = await client.start_workflow(
-            "BuildPlanWorkflow", BuildPlanInput(plan_name=name, phases=phases),
+            BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
             id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
-        await recorder.play(handle, "build_phase")
-        await recorder.play(handle, "build_phase", status="failed" if fail else "success",
+        await recorder.play(handle, TASK_BUILD_PHASE)
+        await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
                             message="phase broke" if fail else "done")
         return handle
 
