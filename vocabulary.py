@@ -65,6 +65,8 @@ TASK_BUILD_PHASE: Final = "build_phase"
 STAGE_TASK_TYPES: Final = {PREFAB_SCAFFOLDING: TASK_BUILD_PREFAB, IMPLEMENT_BUILD: TASK_BUILD_PLAN,
                            REQUEST_SECURITY_AUDIT: TASK_SECURITY_AUDIT,
                            APPLY_FLAG_FIXES: TASK_SECURITY_FIX, CLOSE_BUILD: TASK_BUILD_CLOSEOUT}
+# Every task type the worker writes for an agent (the schema's task_type enum).
+AGENT_TASK_TYPES: Final = (*STAGE_TASK_TYPES.values(), TASK_BUILD_PHASE)
 
 # --- task statuses: a task file's `status` ---
 SUBMITTED: Final = "submitted"
@@ -76,6 +78,8 @@ APPROVED: Final = "approved"
 REJECTED: Final = "rejected"
 CANCELLED: Final = "cancelled"
 EXPIRED: Final = "expired"
+# The statuses an agent task can have (the schema's status enum).
+AGENT_TASK_STATUSES: Final = (SUBMITTED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, EXPIRED)
 OPEN_STATUSES: Final = frozenset({SUBMITTED, IN_PROGRESS})
 REJECTING_STATUSES: Final = frozenset({REJECTED, CANCELLED, FAILED})
 DECIDING_STATUSES: Final = REJECTING_STATUSES | {APPROVED}
@@ -91,6 +95,9 @@ FILE_IO_STALLED: Final = "FileIoStalledError"
 WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
 LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
+FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_INPUT,
+                        BLOCKS_PENDING, TASK_FILE_ERROR, FILE_IO_STALLED, WORKER_LOST,
+                        LEGACY_WAIT_HANDED_OVER)
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build
