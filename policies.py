@@ -1,7 +1,8 @@
 """Every timeout and retry policy of both workflows, named in one place.
 
-Agent stages run exactly once (an agent's work is not repeatable by the worker): the
-activity's start-to-close timeout is how long the agent has to call complete_activity.py.
+Agent work runs once (an agent's work is not repeatable by the worker): the activity's
+start-to-close timeout is how long the agent has to call complete_activity.py. Only the
+dispatch is retried, when a worker died before any agent saw the task (DISPATCH_RETRY).
 """
 
 from __future__ import annotations
