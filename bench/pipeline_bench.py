@@ -16,17 +16,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vocabulary import (
-    AUDIT_REQUESTS_DIR,
-    BUILD_PIPELINE_WORKFLOW,
-    INPUT_REQUIRED,
-    SUBMITTED,
-    TASK_BUILD_CLOSEOUT,
-    TASK_BUILD_PLAN,
-    TASK_BUILD_PREFAB,
-    TASK_SECURITY_AUDIT,
-)
-
 # Run as a script from bench/: make the repository's modules importable.
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -34,7 +23,6 @@ if str(REPO) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import base64  # noqa: E402
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
@@ -63,22 +51,32 @@ from temporalio.client import Client, WorkflowHandle  # noqa: E402
 from activities.notify import PIPELINE_CONTENT_KEY  # noqa: E402
 from config import load_config  # noqa: E402
 from models import (  # noqa: E402
-    BuildPhaseResult,
     BuildPipelineInput,
     BuildPipelineResult,
     PipelineStatus,
 )
 from task_files import (  # noqa: E402
-    add_history,
     ensure_private_dir,
     find_task,
-    new_task,
-    update_task,
-    write_task,
 )
 from temporal_client import connect  # noqa: E402
 from tests import synapse  # noqa: E402
 from tools import devserver  # noqa: E402
+from tools.demo_agent import (  # noqa: E402
+    approve_origin,
+    complete_with_token,
+    write_origin_task,
+    write_triage,
+)
+from vocabulary import (  # noqa: E402
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -422,20 +420,6 @@ class PipelineRun:
     task_id: str = ""
 
 
-def write_triage(audit_dir: Path, build_name: str, text: str) -> None:
-    folder = audit_dir / AUDIT_REQUESTS_DIR / build_name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "triage-output.yml").write_text(text)
-
-
-def write_origin(queue_dir: Path, task_id: str, build_name: str, workflow_id: str) -> None:
-    """The originating build request that stage 6 marks input-required and stage 7 polls."""
-    write_task(queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
-        summary=f"build request for {build_name}",
-        payload={"build_name": build_name, "workflow_id": workflow_id}))
-
-
 async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = False) -> PipelineRun:
     """Start one pipeline and answer each agent stage the moment its task file lands.
     park=True: triage with one block; return once the pipeline has marked the originating
@@ -446,7 +430,9 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
     queue = bench.agents.register(workflow_id)
     try:
         if park:
-            await asyncio.to_thread(write_origin, bench.queue_dir, task_id, build, workflow_id)
+            # payload.workflow_id: the folder watch routes its input-required change here.
+            await asyncio.to_thread(write_origin_task, bench.queue_dir, build, task_id=task_id,
+                                    workflow_id=workflow_id)
         started = time.monotonic()
         handle = await bench.client.start_workflow(
             BUILD_PIPELINE_WORKFLOW,
@@ -464,9 +450,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
                 await asyncio.to_thread(write_triage, bench.audit_dir, build,
                                         BLOCKED_TRIAGE if park else CLEAN_TRIAGE)
             output = f"/closeout/{build}.md" if task_type == TASK_BUILD_CLOSEOUT else "done"
-            token = base64.b64decode(seen.task["payload"]["task_token"])
-            await bench.client.get_async_activity_handle(task_token=token).complete(
-                BuildPhaseResult(status="success", output=output))
+            await complete_with_token(bench.client, seen.task, "success", output)
             completed_at = time.monotonic()
             previous = task_type
         if park:
@@ -551,10 +535,9 @@ async def parked_snapshot(handles: list[WorkflowHandle[Any, Any]]) -> dict[str, 
             "not_parked": len(not_parked), "not_parked_handles": not_parked}
 
 
-def approve_origin(queue_dir: Path, task_id: str) -> float:
+def approve_by_file(queue_dir: Path, task_id: str) -> float:
     """An operator approves by editing the originating task; returns when it was written."""
-    update_task(find_task(queue_dir, task_id), lambda task: add_history(
-        task, status="approved", actor="bench-operator", note="risk accepted"))
+    approve_origin(find_task(queue_dir, task_id), "bench-operator")
     return time.monotonic()
 
 

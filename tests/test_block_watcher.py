@@ -15,9 +15,9 @@ from config import load_config
 from models import BuildPipelineResult, StageEvent
 from task_files import add_history, update_task
 from temporal_client import connect
-from tests.agents import play_stage, poll, tasks_for
 from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import block_pipeline
+from tools.demo_agent import play_stage, poll, tasks_for
 from vocabulary import TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0

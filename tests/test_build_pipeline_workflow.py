@@ -12,17 +12,17 @@ from temporalio.exceptions import ApplicationError
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import add_history, find_task, update_task
-from tests.agents import (
-    assert_valid_task_file,
+from tests.agents import assert_valid_task_file
+from tests.conftest import PipelineEnv
+from tools.demo_agent import (
     load_yaml,
     play_stage,
     poll,
-    poll_async,
     tasks_for,
     wait_for_task,
+    wait_until_parked,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
 from vocabulary import (
     APPLY_FLAG_FIXES,
     AUDIT_REQUESTS_DIR,
@@ -52,13 +52,10 @@ FLAG = "Pin the dependency versions"
 BLOCK = "Token is logged in plain text"
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 def pipeline_input(pipeline: PipelineEnv, build: str, **extra: Any) -> BuildPipelineInput:
     return BuildPipelineInput(build_name=build, plan_path="/plans/demo.md",
-                              task_id=origin_task(pipeline), target_agent="builder", **extra)
+                              task_id=write_origin_task(pipeline.queue_dir, build),
+                              target_agent="builder", **extra)
 
 
 async def run_to_triage(pipeline: PipelineEnv, build: str, triage: str,
@@ -69,7 +66,7 @@ async def run_to_triage(pipeline: PipelineEnv, build: str, triage: str,
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, triage)
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(audit, pipeline.env, "success", "audit written")
     return handle, inp
 
@@ -158,11 +155,7 @@ async def block_pipeline(pipeline: PipelineEnv, build: str, **extra: Any
     handle, inp = await run_to_triage(pipeline, build, f"blocks:\n- description: {BLOCK}\n",
                                       block_poll_interval_seconds=0.2, **extra)
 
-    async def parked() -> bool:
-        status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-        return status.stage == WAIT_FOR_BLOCK_RESOLUTION and status.waiting_on is not None
-
-    await poll_async(parked, what="pipeline parked at stage 7")
+    await wait_until_parked(handle)
     origin = find_task(pipeline.queue_dir, inp.task_id)
     task = load_yaml(origin)
     assert task["status"] == INPUT_REQUIRED
@@ -329,7 +322,7 @@ async def test_worker_restart_while_agent_works(pipeline_env_vars: dict[str, str
         await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
         implement = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     # The first worker is gone; the agent finishes while no worker runs at all.
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(implement, pipeline.env)
     async with build_worker(client, config):
         audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
@@ -361,7 +354,7 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage("named-agents", "flags:\n- pin it\n")
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(audit, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -11,8 +10,9 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPlanResult, PlanStatus
-from tests.agents import assert_valid_task_file, complete_task, poll, tasks_for, wait_for_task
+from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv
+from tools.demo_agent import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
@@ -40,21 +40,6 @@ async def status_of(handle: WorkflowHandle) -> PlanStatus:
     return await handle.query("get_status", result_type=PlanStatus)
 
 
-async def wait_status(handle: WorkflowHandle, check: Any, what: str) -> PlanStatus:
-    """Poll the query until `check(status)` holds (the query is the only view we have)."""
-    latest: list[PlanStatus] = []
-
-    async def probe() -> bool:
-        latest[:] = [await status_of(handle)]
-        return bool(check(latest[0]))
-
-    deadline = time.monotonic() + 20
-    while not await probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {latest}"
-        await asyncio.sleep(0.05)
-    return latest[0]
-
-
 async def activity_order(handle: WorkflowHandle) -> list[str]:
     """Scheduled/completed activity events in history order."""
     order = []
@@ -71,7 +56,8 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
                                                         "phases": PHASES},
                                   result_type=BuildPlanResult)
     first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
-    waiting = await wait_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait")
+    waiting = await wait_for_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait",
+                                    result_type=PlanStatus)
     assert waiting.plan_name == "parser-plan" and waiting.phases_total == 2
     assert waiting.phases_done == [] and waiting.current_phase == 1
     assert waiting.current_agent == "builder"
@@ -86,7 +72,8 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
                                       if t["payload"]["phase"] == 2), None),
                         what="phase 2 task file")
-    waiting = await wait_status(handle, lambda s: s.current_phase == 2, "phase 2 wait")
+    waiting = await wait_for_status(handle, lambda s: s.current_phase == 2, "phase 2 wait",
+                                    result_type=PlanStatus)
     assert waiting.phases_done == [1] and waiting.current_agent == "reviewer"
     assert await activity_order(handle) == ["scheduled", "completed", "scheduled"]
 

@@ -6,7 +6,6 @@ stage's task file may be written twice."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import signal
 import time
@@ -18,28 +17,35 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.service import RPCError
 
 from complete_activity import mark_task_file
 from config import load_config
-from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import add_history, find_task, new_task, update_task, write_task
+from models import BuildPipelineInput, BuildPipelineResult
+from task_files import add_history, find_task, update_task
 from temporal_client import connect
-from tests.agents import complete_task, load_yaml, task_files, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
+from tools.demo_agent import (
+    StandIn,
+    complete_task,
+    complete_with_token,
+    load_yaml,
+    play_stage,
+    task_files,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+    write_triage,
+)
 from vocabulary import (
-    AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
     IMPLEMENT_BUILD,
-    SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    WAIT_FOR_BLOCK_RESOLUTION,
 )
 
 MAX_KILLS = 8
@@ -104,9 +110,7 @@ class Pipelines:
         self.audit = Path(self.env["TEMPORAL_AUDIT_DIR"])
 
     async def start(self, build: str, **extra: Any) -> WorkflowHandle:
-        origin = str(uuid.uuid4())
-        write_task(self.queue, new_task(task_id=origin, target_agent="temporal-worker",
-                                        task_type=TASK_BUILD_PLAN, summary="origin", payload={}))
+        origin = write_origin_task(self.queue, build)
         return await self.client.start_workflow(
             BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=build, plan_path="/plans/p.md", task_id=origin,
@@ -115,24 +119,13 @@ class Pipelines:
             result_type=BuildPipelineResult)
 
     def triage(self, build: str, text: str) -> None:
-        folder = self.audit / AUDIT_REQUESTS_DIR / build
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "triage-output.yml").write_text(text)
+        write_triage(self.audit, build, text)
 
     async def play(self, handle: WorkflowHandle, task_type: str) -> Path:
-        path = await wait_for_task(self.queue, handle.id, task_type, timeout=90)
-        await complete_task(path, self.env)
-        return path
+        return await play_stage(self.queue, handle.id, task_type, self.env, timeout=90)
 
     async def parked(self, handle: WorkflowHandle) -> None:
-        async def check() -> bool:
-            status = await handle.query("get_status", result_type=PipelineStatus)
-            return status.stage == WAIT_FOR_BLOCK_RESOLUTION and status.waiting_on is not None
-
-        deadline = time.monotonic() + 90
-        while not await check():
-            assert time.monotonic() < deadline, f"{handle.id} never parked"
-            await asyncio.sleep(0.1)
+        await wait_until_parked(handle, 90)
 
 
 def files_per_stage(queue: Path) -> Counter[tuple[str, str]]:
@@ -236,57 +229,31 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
     assert max(files_per_stage(lab.queue).values()) == 1
 
 
-class BulkAgents:
-    """All agents at once: complete every submitted task file with its token (the same
-    calls complete_activity.py makes) and write triage for audits. A token that is no
-    longer valid (the stage was dispatched again) is retried when the file changes."""
-
-    def __init__(self, client: Client, queue: Path, audit: Path) -> None:
-        self.client, self.queue, self.audit = client, queue, audit
-        self.done: set[tuple[str, str]] = set()  # (file name, token) handled
-        self.completions = 0
-        self.stale_tokens = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            for path in task_files(self.queue):
-                await self._handle(path)
-            await asyncio.sleep(0.2)
-
-    async def _handle(self, path: Path) -> None:
-        try:
-            task = load_yaml(path)
-        except OSError:
-            return
-        payload = task.get("payload") or {}
-        token = payload.get("task_token")
-        if task.get("status") != SUBMITTED or not token or (path.name, token) in self.done:
-            return
-        self.done.add((path.name, token))
-        if task["task_type"] == TASK_SECURITY_AUDIT:
-            folder = self.audit / AUDIT_REQUESTS_DIR / payload["build_name"]
-            folder.mkdir(parents=True, exist_ok=True)
-            flags = "flags:\n- pin versions\n" if payload["build_name"].endswith("0") else ""
-            (folder / "triage-output.yml").write_text(flags or "info: []\n")
-        handle = self.client.get_async_activity_handle(task_token=base64.b64decode(token))
-        try:
-            await handle.complete(BuildPhaseResult(status="success", output="done"))
-        except RPCError:
-            self.stale_tokens += 1
-            return
-        self.completions += 1
-        await asyncio.to_thread(mark_task_file, path, task, "success", "done",
+def bulk_agents(client: Client, lab: Pipelines) -> StandIn:
+    """All agents at once: complete every submitted task with its token (the same call
+    complete_activity.py makes, then its task file update) and write triage for audits;
+    every tenth build gets a flag. A token that is no longer valid (the stage was
+    dispatched again) shows as a failure; the fresh token in the rewritten file is
+    played again."""
+    async def complete(path: Path, task: dict[str, Any], message: str) -> None:
+        await complete_with_token(client, task, "success", message)
+        await asyncio.to_thread(mark_task_file, path, task, "success", message,
                                 task["target_agent"])
 
+    return StandIn(queue_dir=lab.queue, audit_dir=lab.audit, env=lab.env,
+                   work_dir=lab.audit / "closeouts", complete=complete,
+                   triage=lambda build: ("flags:\n- pin versions\n" if build.endswith("0")
+                                         else "info: []\n"),
+                   concurrency=8, interval=0.2)
 
-async def test_fifty_pipelines_survive_random_kills(durable_client: Client,
-                                                    worker: WorkerProcess) -> None:
+
+async def test_fifty_pipelines_survive_random_kills(durable_client: Client, worker: WorkerProcess,
+                                                    rng: random.Random) -> None:
     lab = Pipelines(durable_client, worker)
-    agents = BulkAgents(durable_client, lab.queue, lab.audit)
+    agents = bulk_agents(durable_client, lab)
     stop = asyncio.Event()
-    player = asyncio.create_task(agents.run(stop))
+    player = asyncio.create_task(agents.serve(stop))
     handles = [await lab.start(f"bulk-{n:02d}") for n in range(50)]
-    rng = random.Random()
     kills = 0
     begun = time.monotonic()
     pending = {asyncio.ensure_future(h.result()): h for h in handles}
@@ -311,8 +278,8 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client,
             future.cancel()
     elapsed = time.monotonic() - begun
     print(f"\n50 pipelines, {kills} SIGKILLs, {len(results)} completed, "
-          f"{50 - len(results)} lost, {agents.completions} agent completions, "
-          f"{agents.stale_tokens} stale tokens, {elapsed:.1f}s")
+          f"{50 - len(results)} lost, {len(agents.done)} agent completions, "
+          f"{len(agents.failures)} stale tokens, {elapsed:.1f}s")
     assert kills >= 5, f"only {kills} kills happened before all pipelines finished"
     assert len(results) == 50
     assert all(r.outcome == "success" for r in results.values())

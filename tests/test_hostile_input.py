@@ -27,8 +27,15 @@ import task_files
 from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
-from tests.agents import load_yaml, poll_async, run_cli, wait_for_task
 from tests.conftest import PipelineEnv, make_env
+from tools.demo_agent import (
+    load_yaml,
+    poll_async,
+    run_cli,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
 from tools.devserver import free_port
 from vocabulary import (
     ARCHIVE_DIR,
@@ -46,7 +53,6 @@ from vocabulary import (
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
     TRIAGE_INVALID,
-    WAIT_FOR_BLOCK_RESOLUTION,
 )
 
 
@@ -81,18 +87,11 @@ async def finish(pipeline: PipelineEnv, path: Path, output: str = "done") -> Non
         BuildPhaseResult(status="success", output=output))
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
-        summary="originating request", payload={"build_name": "x"}))
-    return task_id
-
-
 async def start(pipeline: PipelineEnv, build: str) -> WorkflowHandle:
     return await pipeline.start(BUILD_PIPELINE_WORKFLOW, {
-        "build_name": build, "plan_path": "/plans/p.md", "task_id": origin_task(pipeline),
-        "target_agent": "builder"}, result_type=BuildPipelineResult)
+        "build_name": build, "plan_path": "/plans/p.md",
+        "task_id": write_origin_task(pipeline.queue_dir, build), "target_agent": "builder"},
+        result_type=BuildPipelineResult)
 
 
 async def to_audit(pipeline: PipelineEnv, handle: WorkflowHandle) -> Path:
@@ -735,21 +734,18 @@ async def park(pipeline: PipelineEnv, build: str, blocks: list[str],
     """Run a pipeline whose triage reports `blocks` until it waits for a decision."""
     import yaml
 
-    from models import BuildPipelineInput, PipelineStatus
+    from models import BuildPipelineInput
 
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, BuildPipelineInput(
-        build_name=build, plan_path="/plans/p.md", task_id=task_id or origin_task(pipeline),
-        target_agent="builder", block_poll_interval_seconds=0.2),
+        build_name=build, plan_path="/plans/p.md",
+        task_id=task_id or write_origin_task(pipeline.queue_dir, build), target_agent="builder",
+        block_poll_interval_seconds=0.2),
         result_type=BuildPipelineResult)
     audit = await to_audit(pipeline, handle)
     pipeline.write_triage(build, yaml.safe_dump({"blocks": blocks}, allow_unicode=True))
     await finish(pipeline, audit)
 
-    async def parked() -> bool:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        return status.stage == WAIT_FOR_BLOCK_RESOLUTION and status.waiting_on is not None
-
-    await poll_async(parked, 60, f"{build} parked at stage 7")
+    await wait_until_parked(handle)
     return handle
 
 
@@ -765,7 +761,7 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     task, stage 6 records the ambiguity (get_status and the notice say so), the files
     decide nothing and are left alone, and an Update still decides the pipeline."""
     pipeline, notice, _ = notifying
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     [real] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
     shadow = pipeline.queue_dir / f"00000000-000000-{task_id[:8]}.yml"
     shadow.write_bytes(task_files.dump_task({**load_yaml(real), "status": "approved"}))
@@ -866,7 +862,7 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
     """Finding 6 (record_block_decision): the originating task sat in archive/ when the
     pipeline parked; then archive/ became a link to a folder with a copy of it."""
     outside.chmod(0o755)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     [written] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
     archive = pipeline.queue_dir / ARCHIVE_DIR
     archive.mkdir()
@@ -948,7 +944,7 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
     import subprocess
     import sys
 
-    from tests.agents import REPO
+    from tools.demo_agent import REPO
 
     handle = await start(pipeline, "bad-bytes")
     task = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)

@@ -24,11 +24,18 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import new_task, task_filename, utc_now, write_task
-from tests.agents import load_yaml, play_stage, poll, wait_for_task
+from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult
+from task_files import task_filename, utc_now
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
+    load_yaml,
+    play_stage,
+    poll,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
@@ -37,7 +44,6 @@ from vocabulary import (
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    WAIT_FOR_BLOCK_RESOLUTION,
 )
 
 GRACE_SECONDS = 5
@@ -133,13 +139,6 @@ async def start(client: Client, worker: WorkerProcess, build: str, task_id: str,
         result_type=BuildPipelineResult)
 
 
-def origin(queue: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=task_id, target_agent="temporal-worker",
-                               task_type=TASK_BUILD_PLAN, summary="origin", payload={}))
-    return task_id
-
-
 def triage_path(worker: WorkerProcess, build: str) -> Path:
     folder = Path(worker.env["TEMPORAL_AUDIT_DIR"]) / AUDIT_REQUESTS_DIR / build
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +163,7 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
     through every stage (flags, blocks approved by Update, which cancels the running
     check) with its agent stages finished by the real complete_activity.py."""
     queue = Path(worker.env["TASK_QUEUE_DIR"])
-    handle = await start(client, worker, "token-check", origin(queue),
+    handle = await start(client, worker, "token-check", write_origin_task(queue),
                          block_poll_interval_seconds=0.2)
     tokens: set[bytes] = set()
 
@@ -178,8 +177,7 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
         "blocks:\n- secrets in the image\nflags:\n- pin the base image\n")
     await stage(TASK_SECURITY_AUDIT)
     await stage(TASK_SECURITY_FIX)
-    await poll_status(handle, lambda s: s.stage == WAIT_FOR_BLOCK_RESOLUTION
-                      and s.waiting_on is not None, "parked")
+    await wait_until_parked(handle)
     await handle.execute_update("approve_blocks", "risk accepted")
     await stage(TASK_BUILD_CLOSEOUT)
     result = await handle.result()
@@ -193,17 +191,6 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
                     await namespace_id(client, worker.env.get("TEMPORAL_NAMESPACE", "default")))
     assert_private_log(worker)
 
-
-async def poll_status(handle: WorkflowHandle, condition: Any, what: str,
-                      timeout: float = 60.0) -> PipelineStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        if condition(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.1)
 
 
 def alias_bomb(task_id: str) -> str:
@@ -231,7 +218,7 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
 
     async def fifo_pipeline(index: int) -> WorkflowHandle:
         build = f"fifo-{index}"
-        handle = await start(client, worker, build, origin(queue))
+        handle = await start(client, worker, build, write_origin_task(queue))
         audit = await to_audit(handle)
         fifo = triage_path(worker, build)
         os.mkfifo(fifo)
@@ -251,7 +238,7 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
 
     async def clean_pipeline(index: int) -> BuildPipelineResult:
         build = f"clean-{index}"
-        handle = await start(client, worker, build, origin(queue))
+        handle = await start(client, worker, build, write_origin_task(queue))
         audit = await to_audit(handle)
         triage_path(worker, build).write_text("info:\n- nothing to report\n")
         await finish(client, audit, tokens)
@@ -261,8 +248,7 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
     try:
         fifo_handles = await asyncio.gather(*(fifo_pipeline(i) for i in range(8)))
         bomb = await bomb_pipeline()
-        parked = await poll_status(bomb, lambda s: s.stage == WAIT_FOR_BLOCK_RESOLUTION
-                                   and s.waiting_on is not None, "the bomb's pipeline parked")
+        parked = await wait_until_parked(bomb)
         assert any("anchors/aliases are not allowed" in failure
                    for failure in parked.notification_failures), parked.notification_failures
 

@@ -23,8 +23,9 @@ from activities.build_pipeline_activities import PipelineActivities
 from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
-from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import assert_valid_task_file, load_yaml
+from task_files import add_history, find_task, read_task, update_task
+from tests.agents import assert_valid_task_file
+from tools.demo_agent import load_yaml, write_origin_task
 from vocabulary import (
     APPLY_FLAG_FIXES,
     AUDIT_REQUESTS_DIR,
@@ -293,9 +294,8 @@ def only_task(config: WorkerConfig) -> tuple[Path, dict[str, Any]]:
 
 
 def origin_task(config: WorkerConfig, task_id: str, status: str = SUBMITTED) -> Path:
-    path = write_task(config.task_queue_dir, new_task(
-        task_id=task_id, target_agent="operator", task_type=TASK_BUILD_PLAN,
-        summary="originating build request", payload={"build_name": "web"}))
+    write_origin_task(config.task_queue_dir, "web", task_id=task_id)
+    path = find_task(config.task_queue_dir, task_id)
     if status != SUBMITTED:
         update_task(path, lambda task: add_history(task, status=status, actor="alice",
                                                     note="decided"))

@@ -34,10 +34,10 @@ from matrix_decisions import (
 )
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from tests import synapse
-from tests.agents import complete_task, load_yaml, poll, wait_for_task
 from tests.conftest import PipelineEnv
-from tests.test_notify import park_pipeline, poll_status, worker_with
+from tests.test_notify import park_pipeline, worker_with
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import complete_task, load_yaml, poll, wait_for_status, wait_for_task
 from vocabulary import CLOSE_BUILD, TASK_BUILD_CLOSEOUT
 
 BLOCKS = ["Deploy key committed to the chart"]
@@ -177,7 +177,7 @@ def decisions_in(events: list[StageEvent]) -> list[StageEvent]:
 
 async def decision_made(handle: WorkflowHandle) -> PipelineStatus:
     """The status once the pipeline has a decision (a clear failure if it never does)."""
-    return await poll_status(handle, lambda s: s.decision is not None, "a block decision",
+    return await wait_for_status(handle, lambda s: s.decision is not None, "a block decision",
                              timeout=20)
 
 

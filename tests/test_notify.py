@@ -23,10 +23,18 @@ from temporalio.client import Client, WorkflowHandle
 from activities import notify
 from config import load_config
 from models import BuildPipelineInput, PipelineStatus
-from task_files import find_task, new_task, write_task
+from task_files import find_task
 from tests import synapse
-from tests.agents import complete_task, load_yaml, play_stage, poll, wait_for_task
 from tests.conftest import PipelineEnv, make_env
+from tools.demo_agent import (
+    complete_task,
+    load_yaml,
+    play_stage,
+    poll,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
@@ -34,7 +42,6 @@ from vocabulary import (
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
-    WAIT_FOR_BLOCK_RESOLUTION,
 )
 from worker import build_worker
 
@@ -58,10 +65,7 @@ async def park_pipeline(pipeline: PipelineEnv, build: str,
                         blocks: list[str]) -> tuple[WorkflowHandle, Path]:
     """Run a pipeline whose audit reports `blocks` until it parks at stage 7; return its
     handle and the originating task file."""
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type=TASK_BUILD_PLAN,
-        summary="originating build request", payload={"build_name": build}))
+    task_id = write_origin_task(pipeline.queue_dir, build)
     inp = BuildPipelineInput(build_name=build, plan_path="/plans/demo.md", task_id=task_id,
                              target_agent="builder", block_poll_interval_seconds=0.2)
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp)
@@ -71,22 +75,10 @@ async def park_pipeline(pipeline: PipelineEnv, build: str,
     pipeline.write_triage(build, "blocks:\n" + "".join(f"- description: {b}\n"
                                                        for b in blocks))
     await complete_task(audit, pipeline.env, "success", "audit written")
-    status = await poll_status(handle, lambda s: s.stage == WAIT_FOR_BLOCK_RESOLUTION
-                               and s.waiting_on is not None, "pipeline parked at stage 7")
+    status = await wait_until_parked(handle)
     assert status.blocks == len(blocks)
     return handle, find_task(pipeline.queue_dir, task_id)
 
-
-async def poll_status(handle: WorkflowHandle, condition: Any, what: str,
-                      timeout: float = 60.0) -> PipelineStatus:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-        if condition(status):
-            return status
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.1)
 
 
 def origin_note(origin: Path) -> tuple[str, str]:

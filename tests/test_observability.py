@@ -28,9 +28,9 @@ from models import BuildPipelineResult
 from observability import configure_logging, setup_telemetry
 from task_files import add_history, update_task
 from temporal_client import connect
-from tests.agents import REPO, play_stage, poll
 from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_notify import BLOCKS, park_pipeline
+from tools.demo_agent import REPO, play_stage, poll
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,

@@ -25,16 +25,18 @@ from models import (
     StageEvent,
 )
 from task_files import find_task
-from tests.agents import (
+from tests.conftest import PipelineEnv
+from tools.demo_agent import (
     complete_task,
     load_yaml,
     play_stage,
     poll,
     tasks_for,
+    wait_for_status,
     wait_for_task,
+    wait_until_parked,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
 from vocabulary import (
     APPLY_FLAG_FIXES,
     BUILD_PIPELINE_WORKFLOW,
@@ -57,12 +59,8 @@ from vocabulary import (
 BLOCK = "Session token written to the build log"
 
 
-def originating_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 async def start_pipeline(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
-    task_id = originating_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     inp = BuildPipelineInput(build_name=build, plan_path="/plans/ops.md", task_id=task_id,
                              target_agent="builder", block_poll_interval_seconds=30)
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
@@ -82,18 +80,6 @@ async def current_details(handle: WorkflowHandle) -> str:
     return metadata.current_details
 
 
-async def wait_status(handle: WorkflowHandle, check: Any, what: str,
-                      timeout: float = 20.0) -> PipelineStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await status_of(handle)
-        if check(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.05)
-
-
 async def park_at_blocks(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
     handle, task_id = await start_pipeline(pipeline, build)
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
@@ -101,8 +87,7 @@ async def park_at_blocks(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHan
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, f"blocks:\n- description: {BLOCK}\n")
     await complete_task(audit, pipeline.env, "success", "audit written")
-    await wait_status(handle, lambda s: s.waiting_on is not None
-                      and s.waiting_on.kind == "block_decision", "parked at stage 7")
+    await wait_until_parked(handle)
     return handle, task_id
 
 
@@ -119,7 +104,7 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "watched-build")
     prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     prefab_id = load_yaml(prefab)["id"]
-    status = await wait_status(handle, lambda s: s.waiting_on is not None, "stage 1 waiting")
+    status = await wait_for_status(handle, lambda s: s.waiting_on is not None, "stage 1 waiting")
     assert (status.stage, status.stage_number, status.stages_done) == (
         PREFAB_SCAFFOLDING, 1, [])
     assert status.waiting_on is not None
@@ -132,7 +117,7 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
 
     await complete_task(prefab, pipeline.env)
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
-    status = await wait_status(handle, lambda s: s.stage_number == 2, "stage 2")
+    status = await wait_for_status(handle, lambda s: s.stage_number == 2, "stage 2")
     assert status.stages_done == [PREFAB_SCAFFOLDING]
     assert status.waiting_on is not None and status.waiting_on.agent == "builder"
     details_2 = await current_details(handle)
@@ -170,7 +155,7 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
     handle, _ = await start_pipeline(pipeline, "paused-build")
     prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     await handle.signal("pause", "database migration window")
-    status = await wait_status(handle, lambda s: s.paused, "paused")
+    status = await wait_for_status(handle, lambda s: s.paused, "paused")
     assert status.pause_reason == "database migration window"
     assert "**Paused**: database migration window" in await current_details(handle)
 
@@ -189,7 +174,7 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
 
     await handle.signal("resume", "window closed")
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
-    status = await wait_status(handle, lambda s: s.stage == IMPLEMENT_BUILD, "stage 2")
+    status = await wait_for_status(handle, lambda s: s.stage == IMPLEMENT_BUILD, "stage 2")
     assert not status.paused and status.pause_reason == ""
     assert "Paused" not in await current_details(handle)
     kinds = [(e.event, e.detail) for e in await events_of(handle)

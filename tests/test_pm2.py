@@ -19,10 +19,9 @@ import pytest
 from temporalio.client import Client
 
 from models import BuildPipelineInput, BuildPipelineResult
-from task_files import new_task, write_task
-from tests.agents import complete_task, play_stage, poll, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import READY_LINE, REPO
+from tools.demo_agent import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
@@ -152,9 +151,7 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     assert any(str(r.get("event", "")).startswith(READY_LINE) for r in out_log(manager, name))
 
     queue = Path(settings["TASK_QUEUE_DIR"])
-    origin = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=origin, target_agent="temporal-worker",
-                               task_type=TASK_BUILD_PLAN, summary="origin", payload={}))
+    origin = write_origin_task(queue, "pm2-build")
     handle = await client.start_workflow(
         BUILD_PIPELINE_WORKFLOW,
         BuildPipelineInput(build_name="pm2-build", plan_path="/plans/p.md", task_id=origin,

@@ -27,7 +27,8 @@ from task_files import (
     write_private_atomic,
     write_task,
 )
-from tests.agents import SCHEMA_PATH, assert_valid_task_file, load_yaml
+from tests.agents import SCHEMA_PATH, assert_valid_task_file
+from tools.demo_agent import load_yaml
 from vocabulary import (
     ARCHIVE_DIR,
     BUILD_PHASE,

@@ -20,20 +20,21 @@ from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
-from models import BuildPlanInput, PhaseSpec, PipelineStatus
+from models import BuildPlanInput, PhaseSpec
 from task_files import add_history, find_task, update_task
-from tests.agents import (
-    SCHEMA_PATH,
+from tests.agents import SCHEMA_PATH
+from tests.conftest import PipelineEnv
+from tools import devserver
+from tools.demo_agent import (
     complete_task,
     load_yaml,
     play_stage,
     poll,
     tasks_for,
     wait_for_task,
+    wait_until_parked,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
-from tools import devserver
 from tools.ops import proc_start_ticks
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
@@ -279,10 +280,6 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
     assert none_left.returncode == 0 and "0 stalled" in none_left.stdout
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 async def start_build_waiting(args: list[str], env: dict[str, str]
                               ) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
@@ -302,19 +299,12 @@ async def park(pipeline: PipelineEnv, workflow_id: str, build: str) -> None:
     audit = await wait_for_task(pipeline.queue_dir, workflow_id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, "blocks:\n- description: Secrets in the image\n")
     await complete_task(audit, pipeline.env)
-    handle = pipeline.client.get_workflow_handle(workflow_id)
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        if status.waiting_on is not None and status.waiting_on.kind == "block_decision":
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"not parked: {status}"
-        await asyncio.sleep(0.1)
+    await wait_until_parked(pipeline.client.get_workflow_handle(workflow_id))
 
 
 async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     build_file = pipeline.root / "build.yml"
     build_file.write_text(f"build_name: approved-tool\nplan_path: /plans/tool.md\n"
                           f"task_id: {task_id}\ntarget_agent: builder\n"
@@ -343,7 +333,7 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
 
 async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     bad = await atool("start-build", "--build-name", "Bad_Name", "--plan-path", "/p.md",
                       "--task-id", task_id, "--target-agent", "builder", env=env)
     assert bad.returncode == 2 and "build_name" in bad.stderr and not bad.stdout
@@ -420,7 +410,7 @@ async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: Pipeline
     args = ["--build-name", "warned-tool", "--plan-path", "/plans/tool.md",
             "--target-agent", "builder", "--task-id"]
     missing = await atool("start-build", *args, "no-such-task", env=env)
-    known = await atool("start-build", *args, origin_task(pipeline), env=env)
+    known = await atool("start-build", *args, write_origin_task(pipeline.queue_dir), env=env)
     try:
         assert missing.returncode == 0, missing.stderr
         assert missing.stderr.startswith("start-build: warning: no task file with id "

@@ -38,21 +38,22 @@ import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import (
-    assert_valid_task_file,
+from task_files import add_history, find_task, read_task, update_task
+from tests.agents import assert_valid_task_file
+from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
+from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
     complete_task,
     load_yaml,
     poll_async,
     run_cli,
     wait_for_build_task,
     wait_for_task,
+    write_origin_task,
+    write_triage,
 )
-from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
-from tests.worker_process import WorkerProcess
 from vocabulary import (
     APPLY_FLAG_FIXES,
-    AUDIT_REQUESTS_DIR,
     CLOSE_BUILD,
     IMPLEMENT_BUILD,
     INPUT_REQUIRED,
@@ -91,20 +92,6 @@ EXPECTED = {  # build: (outcome, stages completed, close-out path)
 }
 
 
-def origin_task(queue_dir: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(task_id=task_id, target_agent="operator",
-                                   task_type=TASK_BUILD_PLAN, summary="originating build request",
-                                   payload={"build_name": "origin"}))
-    return task_id
-
-
-def write_triage(audit_dir: Path, build: str, triage: dict[str, list[str]]) -> None:
-    folder = audit_dir / AUDIT_REQUESTS_DIR / build
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "triage-output.yml").write_text(yaml.safe_dump(triage))
-
-
 def approve(queue_dir: Path, task_id: str) -> None:
     """The operator approves the blocks in the originating task file."""
     update_task(find_task(queue_dir, task_id), lambda task: add_history(
@@ -113,7 +100,7 @@ def approve(queue_dir: Path, task_id: str) -> None:
 
 async def start_v050(client: Client, env: dict[str, str], build: str) -> tuple[WorkflowHandle,
                                                                                  str]:
-    task_id = origin_task(Path(env["TASK_QUEUE_DIR"]))
+    task_id = write_origin_task(Path(env["TASK_QUEUE_DIR"]))
     handle = await client.start_workflow(
         WORKFLOW_TYPE, {"build_name": build, "plan_path": f"/srv/plans/{build}.md",
                         "task_id": task_id, "target_agent": "builder"},
@@ -126,7 +113,7 @@ async def v050_agent(env: dict[str, str], build: str, task_type: str,
     """A v0.5.0 agent finishing a v0.5.0 task file."""
     path = await wait_for_build_task(Path(env["TASK_QUEUE_DIR"]), build, task_type, 60)
     if triage is not None:
-        write_triage(Path(env["TEMPORAL_AUDIT_DIR"]), build, triage)
+        write_triage(Path(env["TEMPORAL_AUDIT_DIR"]), build, yaml.safe_dump(triage))
     await complete_task(path, env, "success", f"{task_type}-done")
     return path
 
@@ -246,7 +233,7 @@ async def test_v050_pipelines_finish_under_our_worker(
 
         # From here on every stage is ours: our task files, found by workflow id.
         await our_agent(env, handles["up-implement"].id, TASK_SECURITY_AUDIT, "audited",
-                        lambda: write_triage(audit_dir, "up-implement", {"info": ["fyi"]}))
+                        lambda: write_triage(audit_dir, "up-implement", "info:\n- fyi\n"))
         await our_agent(env, handles["up-implement"].id, TASK_BUILD_CLOSEOUT, "/srv/out/impl")
         await our_agent(env, handles["up-fixes"].id, TASK_BUILD_CLOSEOUT, "/srv/out/fixes")
 

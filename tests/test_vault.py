@@ -25,17 +25,8 @@ from temporalio.service import TLSConfig
 from config import VAULT_VARS, load_config
 from exceptions import CredentialError, CredentialSettingError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
-from task_files import new_task, write_task
 from temporal_client import connect
-from tests.agents import (
-    REPO,
-    assert_valid_task_file,
-    complete_task,
-    load_yaml,
-    run_cli,
-    task_files,
-    wait_for_task,
-)
+from tests.agents import assert_valid_task_file
 from tests.conftest import make_env
 from tests.mtls import (
     CLIENT_NAME,
@@ -56,6 +47,15 @@ from tests.mtls import (
     write_secret_id_file,
 )
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
+    REPO,
+    complete_task,
+    load_yaml,
+    run_cli,
+    task_files,
+    wait_for_task,
+    write_origin_task,
+)
 from tools.devserver import free_port
 from vault import fetch_tls_material
 from vocabulary import (
@@ -173,14 +173,6 @@ def test_fetch_keeps_the_three_pems_in_memory(bed: Bed, vault_vars: dict[str, st
     assert sorted(tmp_path.rglob("*")) == before  # nothing written to disk
 
 
-def origin_task(queue_dir: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(task_id=task_id, target_agent="temporal-worker",
-                                   task_type=TASK_BUILD_PLAN, summary="originating request",
-                                   payload={"build_name": "mtls-build"}))
-    return task_id
-
-
 @pytest.fixture
 def umask_000() -> Iterator[None]:
     """The loosest umask an operator could have: files must still come out private."""
@@ -208,7 +200,7 @@ async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[st
         await asyncio.to_thread(worker.wait_ready, 60)
         client = await connect(config)  # the operator's side goes through mTLS too
         inp = BuildPipelineInput(build_name="mtls-build", plan_path="/plans/mtls.md",
-                                 task_id=origin_task(config.task_queue_dir),
+                                 task_id=write_origin_task(config.task_queue_dir),
                                  target_agent="builder")
         handle = await client.start_workflow(BUILD_PIPELINE_WORKFLOW, inp,
                                              id=f"mtls-{uuid.uuid4()}",

@@ -16,10 +16,9 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineInput
-from task_files import new_task, write_task
-from tests.agents import complete_task, play_stage, poll, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import REPO, WorkerProcess
+from tools.demo_agent import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
@@ -59,9 +58,7 @@ async def pipeline_in_notify(client: Client, worker: WorkerProcess,
                              tmp_path: Path) -> WorkflowHandle:
     """Drive a pipeline through the CLI until stage 6 runs the (slow) script."""
     queue = Path(worker.env["TASK_QUEUE_DIR"])
-    origin = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=origin, target_agent="temporal-worker",
-                               task_type=TASK_BUILD_PLAN, summary="origin", payload={}))
+    origin = write_origin_task(queue, "slow-notify")
     handle = await client.start_workflow(
         BUILD_PIPELINE_WORKFLOW,
         BuildPipelineInput(build_name="slow-notify", plan_path="/plans/p.md", task_id=origin,

@@ -41,7 +41,7 @@ from tools.ops import (
     wait_healthy,
     wait_ready,
 )
-from vocabulary import BUILD_PIPELINE_WORKFLOW, TASK_BUILD_REQUEST
+from vocabulary import BUILD_PIPELINE_WORKFLOW
 
 BUILD = "demo-service"
 AGENT = "builder"
@@ -91,16 +91,13 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     import yaml
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
-    from task_files import find_task, new_task, read_task, write_task
+    from task_files import find_task, read_task
     from tools.decide import decide
-    from tools.demo_agent import DemoAgent
+    from tools.demo_agent import StandIn, is_parked, write_origin_task
     from tools.start_build import start
 
     queue_dir = Path(env["TASK_QUEUE_DIR"])
-    origin_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(
-        task_id=origin_id, target_agent="temporal-worker", task_type=TASK_BUILD_REQUEST,
-        summary=f"Build {BUILD}", payload={"build_name": BUILD}))
+    origin_id = write_origin_task(queue_dir, BUILD)
     say(f"originating task {origin_id} written to {queue_dir}")
 
     client = await connect_client(env)
@@ -112,17 +109,16 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
                 {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
     handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
 
-    agent = DemoAgent(workflow_id=workflow_id, queue_dir=queue_dir,
-                      audit_dir=Path(env["TEMPORAL_AUDIT_DIR"]), env=env,
-                      work_dir=root / "closeouts")
+    agent = StandIn(workflow_id=workflow_id, queue_dir=queue_dir,
+                    audit_dir=Path(env["TEMPORAL_AUDIT_DIR"]), env=env,
+                    work_dir=root / "closeouts")
     agent_task = asyncio.create_task(agent.run(timeout=DEADLINE_SECONDS))
     try:
         async def parked() -> PipelineStatus | None:
             if agent_task.done():
                 agent_task.result()  # surfaces the agent's error
             status = await handle.query("get_status", result_type=PipelineStatus)
-            waiting = status.waiting_on
-            return status if waiting is not None and waiting.kind == "block_decision" else None
+            return status if is_parked(status) else None
 
         status = await wait_for(parked, "the pipeline to park on its block", 60)
         say(f"parked at {status.stage_number}/9 {status.stage}: {status.blocks} block, "
