@@ -139,6 +139,7 @@ def files_per_stage(queue: Path) -> Counter[tuple[str, str]]:
     return counts
 
 
+@pytest.mark.slow
 async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
                                               worker: WorkerProcess) -> None:
     lab = Pipelines(durable_client, worker)
@@ -247,6 +248,7 @@ def bulk_agents(client: Client, lab: Pipelines) -> StandIn:
                    concurrency=8, interval=0.2)
 
 
+@pytest.mark.slow
 async def test_fifty_pipelines_survive_random_kills(durable_client: Client, worker: WorkerProcess,
                                                     rng: random.Random) -> None:
     lab = Pipelines(durable_client, worker)
@@ -287,6 +289,7 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client, work
     assert len(counts) >= 50 * 4 and max(counts.values()) == 1
 
 
+@pytest.mark.slow
 async def test_worker_killed_between_start_and_task_file_is_redispatched(
         durable_client: Client, worker: WorkerProcess) -> None:
     """The hardest moment: the server has handed implement_build to the worker, which

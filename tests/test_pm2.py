@@ -139,6 +139,7 @@ def out_log(pm2: Pm2, name: str) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.slow
 async def test_pm2_restarts_killed_worker_and_stops_gracefully(
         pm2: tuple[Pm2, dict[str, str], str], client: Client) -> None:
     manager, settings, name = pm2

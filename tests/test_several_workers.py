@@ -83,6 +83,7 @@ async def stuck_report(pending: dict[str, WorkflowHandle]) -> list[str]:
     return report
 
 
+@pytest.mark.slow
 async def test_two_workers_one_folder_survive_kills(client: Client, workers: list[WorkerProcess],
                                                     rng: random.Random) -> None:
     victim = rng.choice(workers)

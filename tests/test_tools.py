@@ -163,6 +163,7 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
     assert unhealthy.returncode == 1 and "UNHEALTHY" in unhealthy.stdout
 
 
+@pytest.mark.slow
 async def test_monitoring_tools_on_completed_and_failed_workflows(
         pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -175,6 +176,7 @@ async def started_by(handle: WorkflowHandle, activity_type: str) -> tuple[list[A
     raise AssertionError(f"{activity_type} never started in {handle.id}")
 
 
+@pytest.mark.slow
 async def test_v050_pipelines_finish_under_our_worker(
         client: Client, pipeline_env_vars: dict[str, str], tmp_path: Path) -> None:
     env = {**pipeline_env_vars, **STANDIN_ENV}

@@ -187,6 +187,7 @@ def modes_under(root: Path) -> dict[Path, int]:
     return {path: stat.S_IMODE(path.lstat().st_mode) for path in [root, *root.rglob("*")]}
 
 
+@pytest.mark.slow
 async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[str, str],
                                                    tmp_path: Path, umask_000: None) -> None:
     scratch = tmp_path / "tmpdir"
