@@ -827,7 +827,7 @@ async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: Proces
     for run in runs[:args.decisions]:
         queue = bench.agents.register(run.workflow_id)
         try:
-            decided_at = await asyncio.to_thread(approve_origin, queue_dir, run.task_id)
+            decided_at = await asyncio.to_thread(approve_by_file, queue_dir, run.task_id)
             seen = await next_file(queue, agent_task(TASK_BUILD_CLOSEOUT),
                                    f"close-out task of {run.workflow_id} after approval")
             latencies.append(seen.seen_at - decided_at)
