@@ -26,11 +26,11 @@ from exceptions import FileIoStalledError, TaskFileError
 from file_io import run_file_io
 from models import PipelineStatus, StageEvent
 from task_files import AWAITING_DECISION, find_task, timestamp, update_task
+from vocabulary import BUILD_PIPELINE_WORKFLOW
 from workflows.build_pipeline_workflow import PREPARE_PATCH
 
 log = logging.getLogger(__name__)
 
-PIPELINE_WORKFLOW = "BuildPipelineWorkflow"
 PATCH_MARKER, PATCH_DETAILS = "core_patch", "patch-data"
 # The start marker is recorded by the first workflow task: within the first few events.
 MARKER_SEARCH_EVENTS = 12
@@ -72,7 +72,7 @@ def mark_waiting(config: WorkerConfig, task_id: str, workflow_id: str, run_id: s
 async def adopt(client: Client, config: WorkerConfig, workflow_id: str, run_id: str,
                 workflow_type: str, identity: str) -> bool:
     """Adopt one running pipeline if an earlier worker started it; True if it was."""
-    if workflow_type != PIPELINE_WORKFLOW:
+    if workflow_type != BUILD_PIPELINE_WORKFLOW:
         return False
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     if await started_by_this_worker(handle):

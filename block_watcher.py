@@ -34,9 +34,7 @@ from exceptions import FileIoStalledError, TaskFileError
 from file_io import run_file_io
 from models import BlockDecision, Decision
 from task_files import (
-    APPROVED,
     AWAITING_DECISION,
-    DECIDING_STATUSES,
     MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
@@ -45,6 +43,7 @@ from task_files import (
     read_agent_file,
     shown_path,
 )
+from vocabulary import APPROVED, DECIDING_STATUSES
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,6 @@ from config import (
     read_env_file,
 )
 from exceptions import (
-    PHASE_FAILED,
     ActivityGoneError,
     CompletionError,
     ConfigError,
@@ -65,6 +64,7 @@ from exceptions import (
 )
 from models import BuildPhaseResult
 from task_files import add_history, read_agent_file, read_task, timestamp, update_task
+from vocabulary import COMPLETED, FAILED, PHASE_FAILED
 
 STATUSES = ("success", "failed")
 MAX_TOKEN_BYTES = 64 * 1024
@@ -309,7 +309,7 @@ async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes, st
 
 def mark_task_file(path: Path, task: dict[str, Any], status: str, message: str,
                    completed_by: str) -> None:
-    final = "completed" if status == "success" else "failed"
+    final = COMPLETED if status == "success" else FAILED
 
     def apply(document: dict[str, Any]) -> None:
         document["result"] = {"output": message, "completed_by": completed_by,

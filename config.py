@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from exceptions import ConfigError
 from models import NAME_RE as NAME_PATTERN
+from vocabulary import DEFAULT_TASK_QUEUE
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MATRIX_USER_RE = re.compile(r"^@[a-z0-9._=/+-]+:[A-Za-z0-9.-]+(:[0-9]+)?$")
@@ -95,7 +96,7 @@ class WorkerConfig(BaseModel):
 
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
-    task_queue: str = "helm-build"
+    task_queue: str = DEFAULT_TASK_QUEUE
     tls_server_name: str | None = None
     require_tls: bool = False
     task_queue_dir: Path = Field(default_factory=lambda: _home().joinpath(

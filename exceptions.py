@@ -18,7 +18,8 @@ BuildWorkerError                   -- everything this service raises on purpose
     └── ConnectError               -- server unreachable or credentials refused (exit 4)
 
 Failure *types* that cross the Temporal boundary (ApplicationError.type) are the
-class names below, so the Web UI and clients can match on them as plain strings.
+class names below, so the Web UI and clients can match on them as plain strings; the
+strings themselves are defined in vocabulary.py.
 """
 
 from __future__ import annotations
@@ -97,14 +98,3 @@ class ConnectError(CompletionError):
 
     exit_code = 4
 
-
-# ApplicationError.type strings used across the Temporal boundary.
-PHASE_FAILED = "PhaseFailedError"
-TRIAGE_MISSING = "TriageMissingError"
-TRIAGE_INVALID = "TriageInvalidError"
-INVALID_INPUT = "InvalidInputError"
-BLOCKS_PENDING = "BlocksPendingError"
-TASK_FILE_ERROR = "TaskFileError"
-FILE_IO_STALLED = "FileIoStalledError"
-# A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
-LEGACY_WAIT_HANDED_OVER = "LegacyWaitHandedOverError"

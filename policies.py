@@ -1,7 +1,8 @@
 """Every timeout and retry policy of both workflows, named in one place.
 
-Agent stages run exactly once (an agent's work is not repeatable by the worker): the
-activity's start-to-close timeout is how long the agent has to call complete_activity.py.
+Agent work runs once (an agent's work is not repeatable by the worker): the activity's
+start-to-close timeout is how long the agent has to call complete_activity.py. Only the
+dispatch is retried, when a worker died before any agent saw the task (DISPATCH_RETRY).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
-from exceptions import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
+from vocabulary import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
 
 ONCE = RetryPolicy(maximum_attempts=1)
 

@@ -41,17 +41,10 @@ from adoption import adopt
 from config import WorkerConfig
 from exceptions import TaskFileError, TaskNotFoundError
 from task_files import find_task, read_task
+from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, WORKER_LOST
 
 log = logging.getLogger(__name__)
 
-WORKER_LOST = "WorkerLostError"
-AGENT_ACTIVITIES = frozenset({"prefab_scaffolding", "implement_build", "request_security_audit",
-                              "apply_flag_fixes", "close_build", "build_phase"})
-# Triage and summary run as local activities in runs started since that change: those
-# are never pending on the server (a lost worker's workflow task times out and the next
-# worker runs them again), so only runs begun before it show them here.
-INLINE_ACTIVITIES = frozenset({"process_triage_output", "notify_blocks", "summarize_workflow",
-                               "record_block_decision", "wait_for_block_resolution"})
 DESCRIBE_CONCURRENCY = 8
 
 
@@ -113,7 +106,7 @@ async def recover_workflow(client: Client, config: WorkerConfig, workflow_id: st
         name = pending.activity_type.name
         if pending.state != PendingActivityState.PENDING_ACTIVITY_STATE_STARTED:
             continue
-        if name not in AGENT_ACTIVITIES | INLINE_ACTIVITIES:
+        if name not in AGENT_ACTIVITIES and name not in INLINE_ACTIVITIES:
             continue
         if not process_gone(pending.last_worker_identity, host, own_pid):
             continue

@@ -35,6 +35,7 @@ import yaml
 from yaml.events import AliasEvent, CollectionStartEvent, NodeEvent, ScalarEvent
 
 from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from vocabulary import SUBMITTED, TASK_SEARCH_SUBDIRS
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,7 @@ SOURCE_AGENT = "temporal-worker"
 TASK_TTL_DAYS = 7
 MAX_TASK_FILE_BYTES = 1024 * 1024
 MAX_TASK_DEPTH = 32  # the schema needs 4 levels; hand edits get plenty of room
-SEARCH_SUBDIRS = ("archive", "dead-letters")
 TASK_SUFFIX = ".yml"
-# Statuses an operator or agent may set on the originating task.
-APPROVED = "approved"
-REJECTING_STATUSES = frozenset({"rejected", "cancelled", "failed"})
-DECIDING_STATUSES = REJECTING_STATUSES | {APPROVED}
-# Agent task statuses in which an agent may still be working on it.
-OPEN_STATUSES = frozenset({"submitted", "in-progress"})
 # Top-level key of an originating task while a pipeline waits on its decision:
 # {workflow_id, run_id, since}, written at stage 6, removed once the decision is recorded.
 AWAITING_DECISION = "awaiting_decision"
@@ -402,12 +396,12 @@ def new_task(*, task_id: str, target_agent: str, task_type: str, summary: str,
         "task_type": task_type,
         "risk_level": "low",
         "requires_approval": False,
-        "status": "submitted",
+        "status": SUBMITTED,
         "summary": summary,
         "ttl_days": TASK_TTL_DAYS,
         "payload": payload,
         "result": {"output": None, "completed_by": None, "completed_at": None},
-        "history": [{"timestamp": created_at, "status": "submitted", "actor": SOURCE_AGENT,
+        "history": [{"timestamp": created_at, "status": SUBMITTED, "actor": SOURCE_AGENT,
                      "note": "task created"}],
     }
 
@@ -476,7 +470,7 @@ class _Lookup:
     links) and what it had to skip."""
 
     def __init__(self, queue_dir: Path, search_archives: bool) -> None:
-        self.known = {queue_dir, *(queue_dir / sub for sub in SEARCH_SUBDIRS)}
+        self.known = {queue_dir, *(queue_dir / sub for sub in TASK_SEARCH_SUBDIRS)}
         self.problems: list[str] = []
         self.folders: list[tuple[Path, int]] = []
         try:
@@ -484,7 +478,7 @@ class _Lookup:
         except (FileNotFoundError, NotADirectoryError):
             return
         self.folders.append((queue_dir, queue_fd))
-        for sub in SEARCH_SUBDIRS if search_archives else ():
+        for sub in TASK_SEARCH_SUBDIRS if search_archives else ():
             try:
                 self.folders.append((queue_dir / sub, os.open(sub, _DIR_FLAGS, dir_fd=queue_fd)))
             except FileNotFoundError:
@@ -583,7 +577,7 @@ def find_task(queue_dir: Path, task_id: str, *, hint: Path | None = None,
         skipped = ("; skipped " + "; ".join(lookup.problems[:MAX_REPORTED_PROBLEMS])
                    + (f"; and {more} more" if more > 0 else ""))
     raise TaskNotFoundError(f"task {task_id!r} not found in {shown_path(queue_dir)} "
-                            f"(nor in {', '.join(SEARCH_SUBDIRS)}){skipped}")
+                            f"(nor in {', '.join(TASK_SEARCH_SUBDIRS)}){skipped}")
 
 
 def update_task(path: Path, mutate: Callable[[dict[str, Any]], None], *,

@@ -39,6 +39,18 @@ PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originat
 RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
 
+# What recovery.py does with a pending activity whose worker died (every activity the
+# worker registers is in exactly one of these; tests/test_recovery.py checks it).
+# Agent activities: dispatched again only if the agent never got its task file.
+AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
+# Inline activities: idempotent, so always run again. Triage and summary run as local
+# activities in runs started since the `local-inline-stages` patch; only runs begun
+# before it show them pending on the server.
+INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION)
+# Never recovered: a local activity runs inside the workflow task and is never pending on
+# the server; Temporal retries the workflow task itself.
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
+
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
 BUILD_PLAN_WORKFLOW: Final = "BuildPlanWorkflow"
@@ -55,6 +67,8 @@ TASK_BUILD_PHASE: Final = "build_phase"
 STAGE_TASK_TYPES: Final = {PREFAB_SCAFFOLDING: TASK_BUILD_PREFAB, IMPLEMENT_BUILD: TASK_BUILD_PLAN,
                            REQUEST_SECURITY_AUDIT: TASK_SECURITY_AUDIT,
                            APPLY_FLAG_FIXES: TASK_SECURITY_FIX, CLOSE_BUILD: TASK_BUILD_CLOSEOUT}
+# Every task type the worker writes for an agent (the schema's task_type enum).
+AGENT_TASK_TYPES: Final = (*STAGE_TASK_TYPES.values(), TASK_BUILD_PHASE)
 
 # --- task statuses: a task file's `status` ---
 SUBMITTED: Final = "submitted"
@@ -66,6 +80,8 @@ APPROVED: Final = "approved"
 REJECTED: Final = "rejected"
 CANCELLED: Final = "cancelled"
 EXPIRED: Final = "expired"
+# The statuses an agent task can have (the schema's status enum).
+AGENT_TASK_STATUSES: Final = (SUBMITTED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, EXPIRED)
 OPEN_STATUSES: Final = frozenset({SUBMITTED, IN_PROGRESS})
 REJECTING_STATUSES: Final = frozenset({REJECTED, CANCELLED, FAILED})
 DECIDING_STATUSES: Final = REJECTING_STATUSES | {APPROVED}
@@ -81,6 +97,9 @@ FILE_IO_STALLED: Final = "FileIoStalledError"
 WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
 LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
+FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_INPUT,
+                        BLOCKS_PENDING, TASK_FILE_ERROR, FILE_IO_STALLED, WORKER_LOST,
+                        LEGACY_WAIT_HANDED_OVER)
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ from workflows.build_plan import BuildPlanWorkflow
 log = logging.getLogger("worker")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CREDENTIALS, EXIT_CONNECT = 0, 1, 2, 3, 4
+
+
+def worker_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
+    """Every activity the worker registers (recovery.py must know what to do with each)."""
+    return [*PipelineActivities(config).all(), build_phase_activity(config)]
 
 
 def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Worker:
@@ -63,7 +69,7 @@ def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Work
         client,
         task_queue=config.task_queue,
         workflows=[BuildPipelineWorkflow, BuildPlanWorkflow],
-        activities=[*PipelineActivities(config).all(), build_phase_activity(config)],
+        activities=worker_activities(config),
         graceful_shutdown_timeout=timedelta(seconds=config.shutdown_grace_seconds),
         **tuning,
     )

@@ -12,9 +12,9 @@ from typing import Any
 from activities.dispatch import agent_stage
 from config import WorkerConfig
 from models import AgentTaskRequest, BuildPhaseResult
+from vocabulary import BUILD_PHASE
 from workflows import instructions
 
-BUILD_PHASE = "build_phase"
 _MARK = "\x00description\x00"  # stands in for the description; no plan name holds a NUL
 
 

@@ -28,11 +28,6 @@ from activities.notify import compose_block_notice, notify_all
 from activities.triage import read_triage
 from config import WorkerConfig
 from exceptions import (
-    BLOCKS_PENDING,
-    FILE_IO_STALLED,
-    LEGACY_WAIT_HANDED_OVER,
-    TRIAGE_INVALID,
-    TRIAGE_MISSING,
     FileIoStalledError,
     TaskFileError,
     TaskNotFoundError,
@@ -58,10 +53,7 @@ from models import (
 )
 from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
 from task_files import (
-    APPROVED,
     AWAITING_DECISION,
-    OPEN_STATUSES,
-    REJECTING_STATUSES,
     SOURCE_AGENT,
     add_history,
     claimed_actor,
@@ -72,16 +64,40 @@ from task_files import (
     update_task,
     write_private_atomic,
 )
-from vocabulary import DECIDING_STATUSES
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    APPROVED,
+    AUDIT_REQUESTS_DIR,
+    BLOCKS_PENDING,
+    BUILD_PIPELINE_WORKFLOW,
+    CLOSE_BUILD,
+    DECIDING_STATUSES,
+    FILE_IO_STALLED,
+    IMPLEMENT_BUILD,
+    INPUT_REQUIRED,
+    LEGACY_WAIT_HANDED_OVER,
+    NOTIFY_BLOCKS,
+    OPEN_STATUSES,
+    PREFAB_SCAFFOLDING,
+    PREPARE_PIPELINE,
+    PROCESS_TRIAGE_OUTPUT,
+    RECORD_DECISION,
+    REJECTING_STATUSES,
+    REQUEST_SECURITY_AUDIT,
+    SUMMARIZE_WORKFLOW,
+    TRIAGE_INVALID,
+    TRIAGE_MISSING,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
-AGENT_STAGES = ("prefab_scaffolding", "implement_build", "apply_flag_fixes", "close_build")
+AGENT_STAGES = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, APPLY_FLAG_FIXES, CLOSE_BUILD)
 # v0.5.0's summary names its phases with these words (`phases_completed`).
-V050_PHASES = {"prefab_scaffolding": "prefab", "implement_build": "implement",
-               "request_security_audit": "audit", "process_triage_output": "triage",
-               "apply_flag_fixes": "fixes", "close_build": "close"}
+V050_PHASES = {PREFAB_SCAFFOLDING: "prefab", IMPLEMENT_BUILD: "implement",
+               REQUEST_SECURITY_AUDIT: "audit", PROCESS_TRIAGE_OUTPUT: "triage",
+               APPLY_FLAG_FIXES: "fixes", CLOSE_BUILD: "close"}
 TRIAGE_FILE = "triage-output.yml"
 AUDIT_FILE = "audit.md"
 REQUEST_FILE = "request.md"
@@ -95,7 +111,7 @@ def audit_root(config: WorkerConfig) -> Path:
 def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     """`<audit dir>/audit-requests/<build>`; the name is re-checked so it cannot escape."""
     check_name(build_name, "build_name")
-    folder = audit_root(config) / "audit-requests" / build_name
+    folder = audit_root(config) / AUDIT_REQUESTS_DIR / build_name
     # Agents can write below the audit root: a planted link must not redirect our writes.
     for part in (folder.parent, folder):
         if part.is_symlink():
@@ -185,7 +201,7 @@ class PipelineActivities:
                          f"{self.config.matrix_room}: {', '.join(self.config.matrix_approvers)}")
         return paths
 
-    @activity.defn(name="prepare_pipeline")
+    @activity.defn(name=PREPARE_PIPELINE)
     async def prepare_pipeline(self, request: PrepareInput) -> PipelineSetup:
         """Before stage 1: the agents this worker's settings name, and the originating
         task (a missing one is a warning now, not a surprise at stage 6)."""
@@ -203,14 +219,14 @@ class PipelineActivities:
             setup.originating_task_path = str(path)
         return setup
 
-    @activity.defn(name="request_security_audit")
+    @activity.defn(name=REQUEST_SECURITY_AUDIT)
     async def request_security_audit(self, *args: Any) -> BuildPhaseResult:
         if legacy_args.is_legacy(args):
             request = legacy_args.audit_request(
                 args, await legacy_args.CallContext.with_pipeline_input(),
                 lambda build: audit_folder(self.config, build), REQUEST_FILE, TRIAGE_FILE)
         else:
-            request = legacy_args.own_input(AuditRequest, args, "request_security_audit")
+            request = legacy_args.own_input(AuditRequest, args, REQUEST_SECURITY_AUDIT)
         folder = audit_folder(self.config, request.build_name)
         # The workflow cannot know TEMPORAL_AUDIT_DIR; the agent gets absolute paths.
         task = request.task.model_copy(update={"instruction": request.task.instruction.replace(
@@ -223,7 +239,7 @@ class PipelineActivities:
         await dispatch_agent_task(self.config, task, extra_payload=audit_paths(folder),
                                   before_write=write_request)
 
-    @activity.defn(name="process_triage_output")
+    @activity.defn(name=PROCESS_TRIAGE_OUTPUT)
     async def process_triage_output(self, build_name: str) -> TriageResult:
         bind_build_name(build_name)
         path = audit_folder(self.config, build_name) / TRIAGE_FILE
@@ -236,7 +252,7 @@ class PipelineActivities:
         except FileIoStalledError as err:
             raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
 
-    @activity.defn(name="notify_blocks")
+    @activity.defn(name=NOTIFY_BLOCKS)
     async def notify_blocks(self, *args: Any) -> NotifyBlocksResult | None:
         if legacy_args.is_legacy(args):
             # v0.5.0's notify_blocks returns nothing; its callers expect exactly that.
@@ -244,7 +260,7 @@ class PipelineActivities:
                 args, legacy_args.CallContext.current()))
             return None
         return await self._notify_blocks(
-            legacy_args.own_input(NotifyBlocksInput, args, "notify_blocks"))
+            legacy_args.own_input(NotifyBlocksInput, args, NOTIFY_BLOCKS))
 
     async def _notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
         """Tell the operators, and mark the originating task input-required. A task that
@@ -291,7 +307,7 @@ class PipelineActivities:
                     return
                 # The folder watcher routes a decision in this file to this run.
                 task[AWAITING_DECISION] = waiter
-                add_history(task, status="input-required", actor=SOURCE_AGENT, note=note)
+                add_history(task, status=INPUT_REQUIRED, actor=SOURCE_AGENT, note=note)
 
             try:
                 await run_file_io(partial(update_task, path, mark_waiting, base=queue_dir))
@@ -306,13 +322,13 @@ class PipelineActivities:
             originating_task_path=str(path) if path else None,
             decision_paths=self.decision_paths(str(path) if path else None, request.task_id))
 
-    @activity.defn(name="wait_for_block_resolution")
+    @activity.defn(name=WAIT_FOR_BLOCK_RESOLUTION)
     async def wait_for_block_resolution(self, *args: Any) -> BlockResolution | None:
         """One look at the originating task. Still pending -> a benign retryable error:
         the retry policy schedules the next look, holding nothing in between."""
         if legacy_args.is_legacy(args):
             return await self._legacy_block_look(legacy_args.block_check(args))
-        request = legacy_args.own_input(BlockCheckInput, args, "wait_for_block_resolution")
+        request = legacy_args.own_input(BlockCheckInput, args, WAIT_FOR_BLOCK_RESOLUTION)
         if not self.config.file_decisions:
             raise ApplicationError("file decisions are off (BLOCK_FILE_DECISIONS=false)",
                                    type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
@@ -356,7 +372,7 @@ class PipelineActivities:
             f"this worker: the pipeline's own stage 7 waits for the decision",
             type=LEGACY_WAIT_HANDED_OVER, non_retryable=True)
 
-    @activity.defn(name="record_block_decision")
+    @activity.defn(name=RECORD_DECISION)
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:
         """Write a decision into the originating task's history; nobody waits any more."""
         hint = Path(request.path_hint) if request.path_hint else None
@@ -386,20 +402,20 @@ class PipelineActivities:
             return None
         return str(path)
 
-    @activity.defn(name="summarize_workflow")
+    @activity.defn(name=SUMMARIZE_WORKFLOW)
     async def summarize_workflow(self, *args: Any) -> str:
         if legacy_args.is_legacy(args):
             summary = legacy_args.summary_input(
                 args, await legacy_args.CallContext.with_pipeline_input())
         else:
-            summary = legacy_args.own_input(SummaryInput, args, "summarize_workflow")
+            summary = legacy_args.own_input(SummaryInput, args, SUMMARIZE_WORKFLOW)
         bind_build_name(summary.build_name)
         month = summary.started_at.strftime("%Y-%m")
         path = self.config.summary_dir / month / _summary_filename(summary.workflow_id)
         document = {
             "workflow_id": summary.workflow_id,
             "run_id": summary.run_id,
-            "workflow_type": "BuildPipelineWorkflow",
+            "workflow_type": BUILD_PIPELINE_WORKFLOW,
             "build_name": summary.build_name,
             "target_agent": summary.target_agent,
             "plan_path": summary.plan_path,
@@ -431,7 +447,7 @@ class PipelineActivities:
                                  if stage in V050_PHASES],
             "blocks_hit": len(summary.blocks),
             "flags_applied": (len(summary.flags)
-                              if "apply_flag_fixes" in summary.stages_completed else 0),
+                              if APPLY_FLAG_FIXES in summary.stages_completed else 0),
             "build_report_path": summary.closeout_path,
             "events": [event.model_dump(mode="json") for event in summary.events],
         }

@@ -41,7 +41,6 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from exceptions import INVALID_INPUT
 from models import (
     AgentTaskRequest,
     AuditRequest,
@@ -52,6 +51,23 @@ from models import (
     SummaryInput,
     check_name,
 )
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    CLOSE_BUILD,
+    IMPLEMENT_BUILD,
+    INVALID_INPUT,
+    NOTIFY_BLOCKS,
+    PREFAB_SCAFFOLDING,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 from workflows import instructions
 
 log = logging.getLogger(__name__)
@@ -61,26 +77,26 @@ INPUT_READ_TIMEOUT_SECONDS = 10.0
 
 # How many positional arguments v0.5.0 passed to each activity.
 LEGACY_ARITY = {
-    "prefab_scaffolding": 2,
-    "implement_build": 3,
-    "request_security_audit": 2,
-    "process_triage_output": 1,
-    "apply_flag_fixes": 3,
-    "notify_blocks": 3,
-    "wait_for_block_resolution": 2,
-    "close_build": 2,
-    "summarize_workflow": 9,
+    PREFAB_SCAFFOLDING: 2,
+    IMPLEMENT_BUILD: 3,
+    REQUEST_SECURITY_AUDIT: 2,
+    PROCESS_TRIAGE_OUTPUT: 1,
+    APPLY_FLAG_FIXES: 3,
+    NOTIFY_BLOCKS: 3,
+    WAIT_FOR_BLOCK_RESOLUTION: 2,
+    CLOSE_BUILD: 2,
+    SUMMARIZE_WORKFLOW: 9,
 }
 # v0.5.0's phases_completed names, in pipeline order, and the stage each one is.
 LEGACY_PHASES = {
-    "prefab": "prefab_scaffolding",
-    "implement": "implement_build",
-    "audit": "request_security_audit",
-    "triage": "process_triage_output",
-    "fixes": "apply_flag_fixes",
-    "close": "close_build",
+    "prefab": PREFAB_SCAFFOLDING,
+    "implement": IMPLEMENT_BUILD,
+    "audit": REQUEST_SECURITY_AUDIT,
+    "triage": PROCESS_TRIAGE_OUTPUT,
+    "fixes": APPLY_FLAG_FIXES,
+    "close": CLOSE_BUILD,
 }
-BLOCK_STAGES = ("notify_blocks", "wait_for_block_resolution")
+BLOCK_STAGES = (NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RESOLUTION)
 # v0.5.0 passes summarize_workflow only how many findings there were, not their text.
 UNKNOWN_FINDING = "(finding recorded by v0.5.0; its text was not passed to this stage)"
 # Only a fixed namespace for the task ids of v0.5.0 calls (see task_id_for).
@@ -138,7 +154,7 @@ def _known_plan_path(call: CallContext) -> str | None:
 def _known_task_id(call: CallContext) -> str:
     value = call.pipeline.get("task_id")
     try:
-        return _task_id("summarize_workflow", value)
+        return _task_id(SUMMARIZE_WORKFLOW, value)
     except ApplicationError:
         return ""
 
@@ -255,34 +271,35 @@ def agent_request(activity_name: str, args: tuple[Any, ...],
     _arity(activity_name, args)
     build = _name(activity_name, args[0], "build_name")
     common = {"task_id": task_id_for(call), "build_name": build}
-    if activity_name == "prefab_scaffolding":
+    if activity_name == PREFAB_SCAFFOLDING:
         plan = _plan_path(activity_name, args[1])
         return AgentTaskRequest(
-            **common, target_agent="", agent_setting="prefab_agent", task_type="build_prefab",
+            **common, target_agent="", agent_setting="prefab_agent", task_type=TASK_BUILD_PREFAB,
             summary=f"Prefab scaffolding for {build}", plan_path=plan,
             instruction=instructions.prefab(build, plan))
-    if activity_name == "implement_build":
+    if activity_name == IMPLEMENT_BUILD:
         origin = _task_id(activity_name, args[1])
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[2], "target_agent"),
-            task_type="build_plan", summary=f"Implement {build}", plan_path=_known_plan_path(call),
+            task_type=TASK_BUILD_PLAN, summary=f"Implement {build}",
+            plan_path=_known_plan_path(call),
             instruction=(f"Implement build '{build}' as its originating task {origin} "
                          f"describes. {instructions.COMPLETE_HINT}"),
             extra_payload={"originating_task_id": origin})
-    if activity_name == "apply_flag_fixes":
+    if activity_name == APPLY_FLAG_FIXES:
         flags = _findings(activity_name, args[1], "flags")
         extra: dict[str, Any] = {"flags": [flag.description for flag in flags]}
         if flags:
             extra["flag_count"] = len(flags)
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[2], "target_agent"),
-            task_type="security_fix", summary=f"Fix {len(flags)} security flag(s) on {build}",
+            task_type=TASK_SECURITY_FIX, summary=f"Fix {len(flags)} security flag(s) on {build}",
             plan_path=_known_plan_path(call),
             instruction=instructions.flag_fixes(build, flags), extra_payload=extra)
-    if activity_name == "close_build":
+    if activity_name == CLOSE_BUILD:
         return AgentTaskRequest(
             **common, target_agent=_name(activity_name, args[1], "target_agent"),
-            task_type="build_closeout", summary=f"Close out {build}",
+            task_type=TASK_BUILD_CLOSEOUT, summary=f"Close out {build}",
             plan_path=_known_plan_path(call),
             instruction=(f"Close out build '{build}': finish docs and release notes. Report "
                          f"the path of your close-out document as the output. "
@@ -294,7 +311,7 @@ def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable
                   request_file: str, triage_file: str) -> AuditRequest:
     """Stage 3 of v0.5.0: `folder_for(build)` is the build's absolute audit folder (the
     activity adds v0.5.0's audit_request_path and output_dir for every call)."""
-    name = "request_security_audit"
+    name = REQUEST_SECURITY_AUDIT
     _arity(name, args)
     build = _name(name, args[0], "build_name")
     plan = _plan_path(name, args[1])
@@ -302,7 +319,7 @@ def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable
     request_path, triage_path = folder / request_file, folder / triage_file
     task = AgentTaskRequest(
         task_id=task_id_for(call), build_name=build, target_agent="",
-        agent_setting="security_agent", task_type="security_audit",
+        agent_setting="security_agent", task_type=TASK_SECURITY_AUDIT,
         summary=f"Security audit of {build}", plan_path=plan,
         instruction=instructions.security_audit(build, str(request_path), str(triage_path)),
         extra_payload={"audit_folder": f"{folder.parent.name}/{folder.name}"})
@@ -312,7 +329,7 @@ def audit_request(args: tuple[Any, ...], call: CallContext, folder_for: Callable
 
 
 def notify_input(args: tuple[Any, ...], call: CallContext) -> NotifyBlocksInput:
-    name = "notify_blocks"
+    name = NOTIFY_BLOCKS
     _arity(name, args)
     return NotifyBlocksInput(build_name=_name(name, args[0], "build_name"),
                              task_id=_task_id(name, args[1]), workflow_id=call.workflow_id,
@@ -320,7 +337,7 @@ def notify_input(args: tuple[Any, ...], call: CallContext) -> NotifyBlocksInput:
 
 
 def block_check(args: tuple[Any, ...]) -> BlockCheckInput:
-    name = "wait_for_block_resolution"
+    name = WAIT_FOR_BLOCK_RESOLUTION
     _arity(name, args)
     _name(name, args[0], "build_name")
     return BlockCheckInput(task_id=_task_id(name, args[1]))
@@ -329,7 +346,7 @@ def block_check(args: tuple[Any, ...]) -> BlockCheckInput:
 def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
     """v0.5.0 summarizes only a pipeline that closed out: `success`, or `partial` when
     blocks were hit (and so approved). Finding texts were not passed, only counts."""
-    name = "summarize_workflow"
+    name = SUMMARIZE_WORKFLOW
     _arity(name, args)
     (workflow_id, build, started, completed, phases, blocks_hit, flags_applied, plan,
      closeout) = args
@@ -344,7 +361,7 @@ def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
     stages = [stage for phase, stage in LEGACY_PHASES.items() if phase in phases]
     closed = "close" in phases
     if blocks and closed:
-        at = stages.index("close_build")
+        at = stages.index(CLOSE_BUILD)
         stages[at:at] = list(BLOCK_STAGES)
     ended = _moment(name, completed, "completed")
     return SummaryInput(
@@ -352,13 +369,13 @@ def summary_input(args: tuple[Any, ...], call: CallContext) -> SummaryInput:
         target_agent=_known_name(call, "target_agent") or "", plan_path=_plan_path(name, plan),
         task_id=_known_task_id(call),
         outcome="partial" if blocks else "success",
-        stages_completed=[*stages, "summarize_workflow"],
+        stages_completed=[*stages, SUMMARIZE_WORKFLOW],
         started_at=_moment(name, started, "started"), ended_at=ended,
         blocks=[Finding(description=UNKNOWN_FINDING)] * blocks,
         flags=[Finding(description=UNKNOWN_FINDING)] * flags,
         decision="approved" if blocks and closed else None,
         closeout_path=closeout if isinstance(closeout, str) and closeout else None,
         adopted=True,
-        events=[StageEvent(at=ended, stage="summarize_workflow", event="v050_arguments",
+        events=[StageEvent(at=ended, stage=SUMMARIZE_WORKFLOW, event="v050_arguments",
                            detail=f"summary requested by a v0.5.0 pipeline: {blocks} block(s), "
                                   f"{flags} flag(s) fixed")])

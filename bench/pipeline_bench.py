@@ -23,7 +23,6 @@ if str(REPO) not in sys.path:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import base64  # noqa: E402
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
@@ -52,22 +51,32 @@ from temporalio.client import Client, WorkflowHandle  # noqa: E402
 from activities.notify import PIPELINE_CONTENT_KEY  # noqa: E402
 from config import load_config  # noqa: E402
 from models import (  # noqa: E402
-    BuildPhaseResult,
     BuildPipelineInput,
     BuildPipelineResult,
     PipelineStatus,
 )
 from task_files import (  # noqa: E402
-    add_history,
     ensure_private_dir,
     find_task,
-    new_task,
-    update_task,
-    write_task,
 )
 from temporal_client import connect  # noqa: E402
 from tests import synapse  # noqa: E402
 from tools import devserver  # noqa: E402
+from tools.demo_agent import (  # noqa: E402
+    approve_origin,
+    complete_with_token,
+    write_origin_task,
+    write_triage,
+)
+from vocabulary import (  # noqa: E402
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -81,8 +90,8 @@ TARGET_MATRIX_DECISION_MS = 3000.0
 
 CLEAN_TRIAGE = "blocks: []\nflags: []\ninfo:\n  - benchmark build, nothing to report\n"
 BLOCKED_TRIAGE = "blocks:\n  - description: benchmark block awaiting an operator\n"
-AGENT_SEQUENCE = ("build_prefab", "build_plan", "security_audit", "build_closeout")
-PARK_SEQUENCE = ("build_prefab", "build_plan", "security_audit")
+AGENT_SEQUENCE = (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT)
+PARK_SEQUENCE = (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT)
 STAGE_WAIT_SECONDS = 180.0
 WORKER_READY_SECONDS = 60.0
 WORKER_STOP_SECONDS = 20.0
@@ -272,7 +281,7 @@ async def next_file(queue: asyncio.Queue[SeenFile], match: Callable[[dict[str, A
 def agent_task(task_type: str) -> Callable[[dict[str, Any]], bool]:
     def match(task: dict[str, Any]) -> bool:
         payload = task.get("payload") or {}
-        return (task.get("task_type") == task_type and task.get("status") == "submitted"
+        return (task.get("task_type") == task_type and task.get("status") == SUBMITTED
                 and "task_token" in payload)
     return match
 
@@ -411,20 +420,6 @@ class PipelineRun:
     task_id: str = ""
 
 
-def write_triage(audit_dir: Path, build_name: str, text: str) -> None:
-    folder = audit_dir / "audit-requests" / build_name
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "triage-output.yml").write_text(text)
-
-
-def write_origin(queue_dir: Path, task_id: str, build_name: str, workflow_id: str) -> None:
-    """The originating build request that stage 6 marks input-required and stage 7 polls."""
-    write_task(queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary=f"build request for {build_name}",
-        payload={"build_name": build_name, "workflow_id": workflow_id}))
-
-
 async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = False) -> PipelineRun:
     """Start one pipeline and answer each agent stage the moment its task file lands.
     park=True: triage with one block; return once the pipeline has marked the originating
@@ -435,10 +430,12 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
     queue = bench.agents.register(workflow_id)
     try:
         if park:
-            await asyncio.to_thread(write_origin, bench.queue_dir, task_id, build, workflow_id)
+            # payload.workflow_id: the folder watch routes its input-required change here.
+            await asyncio.to_thread(write_origin_task, bench.queue_dir, build, task_id=task_id,
+                                    workflow_id=workflow_id)
         started = time.monotonic()
         handle = await bench.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=build, plan_path=f"/plans/{build}.md",
                                task_id=task_id, target_agent="builder"),
             id=workflow_id, task_queue=bench.task_queue, result_type=BuildPipelineResult)
@@ -449,18 +446,16 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
                                    f"{task_type} task for {workflow_id}")
             if completed_at is not None and bench.record_handoffs:
                 bench.handoffs.append((f"{previous}->{task_type}", seen.seen_at - completed_at))
-            if task_type == "security_audit":
+            if task_type == TASK_SECURITY_AUDIT:
                 await asyncio.to_thread(write_triage, bench.audit_dir, build,
                                         BLOCKED_TRIAGE if park else CLEAN_TRIAGE)
-            output = f"/closeout/{build}.md" if task_type == "build_closeout" else "done"
-            token = base64.b64decode(seen.task["payload"]["task_token"])
-            await bench.client.get_async_activity_handle(task_token=token).complete(
-                BuildPhaseResult(status="success", output=output))
+            output = f"/closeout/{build}.md" if task_type == TASK_BUILD_CLOSEOUT else "done"
+            await complete_with_token(bench.client, seen.task, "success", output)
             completed_at = time.monotonic()
             previous = task_type
         if park:
             await next_file(queue, lambda task: task.get("id") == task_id
-                            and task.get("status") == "input-required",
+                            and task.get("status") == INPUT_REQUIRED,
                             f"originating task of {workflow_id} marked input-required")
             return PipelineRun(workflow_id, time.monotonic() - started, handle, task_id)
         try:
@@ -540,10 +535,9 @@ async def parked_snapshot(handles: list[WorkflowHandle[Any, Any]]) -> dict[str, 
             "not_parked": len(not_parked), "not_parked_handles": not_parked}
 
 
-def approve_origin(queue_dir: Path, task_id: str) -> float:
+def approve_by_file(queue_dir: Path, task_id: str) -> float:
     """An operator approves by editing the originating task; returns when it was written."""
-    update_task(find_task(queue_dir, task_id), lambda task: add_history(
-        task, status="approved", actor="bench-operator", note="risk accepted"))
+    approve_origin(find_task(queue_dir, task_id), "bench-operator")
     return time.monotonic()
 
 
@@ -632,7 +626,7 @@ async def decide_from_chat(bench: Bench, chat: BenchChat,
         try:
             sent_at = await asyncio.to_thread(chat.reply, notices[run.workflow_id],
                                               APPROVAL_REPLY)
-            seen = await next_file(queue, agent_task("build_closeout"),
+            seen = await next_file(queue, agent_task(TASK_BUILD_CLOSEOUT),
                                    f"close-out task of {run.workflow_id} after the Matrix "
                                    "reply")
             latencies.append(seen.seen_at - sent_at)
@@ -833,8 +827,8 @@ async def park_and_measure(args: argparse.Namespace, bench: Bench, stats: Proces
     for run in runs[:args.decisions]:
         queue = bench.agents.register(run.workflow_id)
         try:
-            decided_at = await asyncio.to_thread(approve_origin, queue_dir, run.task_id)
-            seen = await next_file(queue, agent_task("build_closeout"),
+            decided_at = await asyncio.to_thread(approve_by_file, queue_dir, run.task_id)
+            seen = await next_file(queue, agent_task(TASK_BUILD_CLOSEOUT),
                                    f"close-out task of {run.workflow_id} after approval")
             latencies.append(seen.seen_at - decided_at)
         finally:

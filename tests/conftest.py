@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,20 @@ from config import WorkerConfig, load_config
 from task_files import ensure_private_dir
 from temporal_client import connect
 from tools import devserver
+from tools.demo_agent import write_triage
+from vocabulary import AUDIT_REQUESTS_DIR
 from worker import build_worker
+
+SEED_ENV = "TEST_SEED"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """The test's only source of randomness (e.g. when to SIGKILL a worker). Its seed is
+    printed (pytest shows it with the failure) and TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+    print(f"\n{request.node.nodeid}: {SEED_ENV}={seed}")
+    return random.Random(seed)
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +72,10 @@ class PipelineEnv:
         return self.config.summary_dir
 
     def triage_path(self, build_name: str) -> Path:
-        return self.audit_dir / "audit-requests" / build_name / "triage-output.yml"
+        return self.audit_dir / AUDIT_REQUESTS_DIR / build_name / "triage-output.yml"
 
     def write_triage(self, build_name: str, text: str | bytes) -> Path:
-        path = self.triage_path(build_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(text, bytes):
-            path.write_bytes(text)
-        else:
-            path.write_text(text)
-        return path
+        return write_triage(self.audit_dir, build_name, text)
 
     async def start(self, workflow: str, arg: object, workflow_id: str | None = None,
                     **kwargs: object) -> WorkflowHandle:

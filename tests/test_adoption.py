@@ -19,10 +19,18 @@ from config import load_config
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from recovery import recover_lost_activities
 from task_files import find_task
-from tests.agents import load_yaml, play_stage, wait_for_task
 from tests.conftest import PipelineEnv, serving
 from tests.test_block_watcher import decide
 from tests.test_build_pipeline_workflow import block_pipeline, pipeline_input
+from tools.demo_agent import load_yaml, play_stage, wait_for_task
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 from worker import build_worker
 
 
@@ -36,14 +44,14 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
     pipeline = PipelineEnv(config=config, client=client, env=pipeline_env_vars, root=tmp_path)
     async with build_worker(client, config, patch_activation_callback=no_new_patches):
         parked, inp, origin = await block_pipeline(pipeline, "old-parked")
-        agent = await pipeline.start("BuildPipelineWorkflow",
+        agent = await pipeline.start(BUILD_PIPELINE_WORKFLOW,
                                      pipeline_input(pipeline, "old-at-implement"),
                                      result_type=BuildPipelineResult)
-        await play_stage(pipeline.queue_dir, agent.id, "build_prefab", pipeline.env)
-        implement = await wait_for_task(pipeline.queue_dir, agent.id, "build_plan")
+        await play_stage(pipeline.queue_dir, agent.id, TASK_BUILD_PREFAB, pipeline.env)
+        implement = await wait_for_task(pipeline.queue_dir, agent.id, TASK_BUILD_PLAN)
         old_parked = await parked.describe()
         assert [p.activity_type.name for p in old_parked.raw_description.pending_activities] \
-            == ["wait_for_block_resolution"]  # the polling stage 7 of that generation
+            == [WAIT_FOR_BLOCK_RESOLUTION]  # the polling stage 7 of that generation
     assert not await started_by_this_worker(parked)
 
     async with serving(client, config):
@@ -63,22 +71,22 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
         assert [e.event for e in events].count("adopted") == 1
 
         decide(origin, "approved")
-        await play_stage(pipeline.queue_dir, parked.id, "build_closeout", pipeline.env)
+        await play_stage(pipeline.queue_dir, parked.id, TASK_BUILD_CLOSEOUT, pipeline.env)
         result: BuildPipelineResult = await parked.result()
         assert (result.outcome, result.status, result.decision) == ("partial", "complete",
                                                                     "approved")
 
-        from tests.agents import complete_task
+        from tools.demo_agent import complete_task
         await complete_task(implement, pipeline.env)
-        audit = await wait_for_task(pipeline.queue_dir, agent.id, "security_audit")
+        audit = await wait_for_task(pipeline.queue_dir, agent.id, TASK_SECURITY_AUDIT)
         pipeline.write_triage("old-at-implement", "info: []\n")
         await complete_task(audit, pipeline.env)
-        await play_stage(pipeline.queue_dir, agent.id, "build_closeout", pipeline.env)
+        await play_stage(pipeline.queue_dir, agent.id, TASK_BUILD_CLOSEOUT, pipeline.env)
         assert (await agent.result()).outcome == "success"
 
-        fresh = await pipeline.start("BuildPipelineWorkflow", pipeline_input(pipeline, "fresh"),
+        fresh = await pipeline.start(BUILD_PIPELINE_WORKFLOW, pipeline_input(pipeline, "fresh"),
                                      result_type=BuildPipelineResult)
-        await wait_for_task(pipeline.queue_dir, fresh.id, "build_prefab")
+        await wait_for_task(pipeline.queue_dir, fresh.id, TASK_BUILD_PREFAB)
         assert await started_by_this_worker(fresh)
         status = await fresh.query("get_status", result_type=PipelineStatus)
         assert not status.adopted

@@ -27,17 +27,21 @@ from config import load_config
 from exceptions import ConfigError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
 from temporal_client import connect
-from tests.agents import (
-    REPO,
-    assert_valid_task_file,
-    load_yaml,
-    tasks_for,
-    wait_for_task,
-    write_origin_task,
-)
+from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
+from tools.demo_agent import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 NAMESPACE = "agents-ns"
 AGENT_PATH = "/usr/bin:/bin"
@@ -163,18 +167,18 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     writes where the task says."""
     build = f"agent-{uuid.uuid4().hex[:6]}"
     origin = write_origin_task(deployed.queue_dir)
-    handle = await deployed.start("BuildPipelineWorkflow", BuildPipelineInput(
+    handle = await deployed.start(BUILD_PIPELINE_WORKFLOW, BuildPipelineInput(
         build_name=build, plan_path="/plans/agent.md", task_id=origin, target_agent="builder"),
         result_type=BuildPipelineResult)
     home = deployed.home
 
-    prefab = await wait_for_task(deployed.queue_dir, handle.id, "build_prefab", timeout=60)
+    prefab = await wait_for_task(deployed.queue_dir, handle.id, TASK_BUILD_PREFAB, timeout=60)
     finish(prefab, "payload", "prefab scaffolded", home)
-    implement = await wait_for_task(deployed.queue_dir, handle.id, "build_plan")
+    implement = await wait_for_task(deployed.queue_dir, handle.id, TASK_BUILD_PLAN)
     assert read_as_agent(implement)["payload"]["originating_task_id"] == origin
     finish(implement, "instruction", "implemented", home)
 
-    audit = await wait_for_task(deployed.queue_dir, handle.id, "security_audit")
+    audit = await wait_for_task(deployed.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     payload = read_as_agent(audit)["payload"]
     output_dir = Path(payload["output_dir"])
     request_md = Path(payload["audit_request_path"])
@@ -195,12 +199,12 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     result = run_as_agent(shlex.split(lines[0]), home)
     assert result.returncode == 0, result.stderr
 
-    fix = await wait_for_task(deployed.queue_dir, handle.id, "security_fix")
+    fix = await wait_for_task(deployed.queue_dir, handle.id, TASK_SECURITY_FIX)
     fix_payload = read_as_agent(fix)["payload"]
     assert fix_payload["flags"] == ["Pin the base image digest"]
     assert "Pin the base image digest" in fix_payload["instruction"]
     finish(fix, "payload", "pinned", home)
-    closeout = await wait_for_task(deployed.queue_dir, handle.id, "build_closeout")
+    closeout = await wait_for_task(deployed.queue_dir, handle.id, TASK_BUILD_CLOSEOUT)
     closeout_doc = str(home / "closeout.md")
     finish(closeout, "instruction", closeout_doc, home)
 
@@ -209,7 +213,8 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
                                                                       closeout_doc)
     written = tasks_for(deployed.queue_dir, handle.id)
     assert sorted(task["task_type"] for _, task in written) == sorted(
-        ["build_prefab", "build_plan", "security_audit", "security_fix", "build_closeout"])
+        [TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_SECURITY_FIX,
+         TASK_BUILD_CLOSEOUT])
     for path, _ in written:
         task = assert_self_contained(path, deployed)
         assert task["status"] == "completed"
@@ -224,7 +229,7 @@ async def test_symlinked_cli_and_v050_phase_fields(deployed: Deployed) -> None:
     link = scripts / "temporal-complete"
     link.symlink_to(REPO / "complete_activity.py")
     description = "Write the tests\nContext: not a context line, part of the description"
-    handle = await deployed.start("BuildPlanWorkflow", {
+    handle = await deployed.start(BUILD_PLAN_WORKFLOW, {
         "plan_name": "linked", "phases": [
             {"number": 3, "agent_type": "builder", "description": description,
              "context_refs": ["docs/a.md", "docs/b.md"]},
@@ -232,7 +237,7 @@ async def test_symlinked_cli_and_v050_phase_fields(deployed: Deployed) -> None:
         result_type=BuildPlanResult)
 
     for number, how in ((3, "payload"), (7, "instruction")):
-        path = await wait_for_task(deployed.queue_dir, handle.id, "build_phase", timeout=60)
+        path = await wait_for_task(deployed.queue_dir, handle.id, TASK_BUILD_PHASE, timeout=60)
         task = assert_self_contained(path, deployed)
         payload = task["payload"]
         assert payload["phase_number"] == payload["phase"] == number
@@ -259,11 +264,11 @@ async def test_symlinked_cli_and_v050_phase_fields(deployed: Deployed) -> None:
 
 
 async def parked_phase(pipeline: PipelineEnv) -> tuple[WorkflowHandle, Path]:
-    handle = await pipeline.start("BuildPlanWorkflow", {
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {
         "plan_name": "settings", "phases": [{"number": 1, "agent_type": "builder",
                                              "description": "wait"}]},
         result_type=BuildPlanResult)
-    return handle, await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    return handle, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
 
 
 def edited_copy(path: Path, folder: Path, **temporal: Any) -> Path:

@@ -18,9 +18,10 @@ from decisions import deliver_decision
 from models import BlockDecision, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import AWAITING_DECISION, add_history, find_task, update_task
 from temporal_client import connect
-from tests.agents import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
+from tools.demo_agent import load_yaml, play_stage, poll, poll_async, tasks_for
+from vocabulary import TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
@@ -33,7 +34,7 @@ def decide(origin: Path, status: str, actor: str = "ted") -> float:
 
 async def closeout_started(pipeline: PipelineEnv, workflow_id: str, since: float) -> float:
     def found() -> bool:
-        return any(task.get("task_type") == "build_closeout"
+        return any(task.get("task_type") == TASK_BUILD_CLOSEOUT
                    for _, task in tasks_for(pipeline.queue_dir, workflow_id))
 
     await poll(found, timeout=10, interval=0.02, what="close-out task after the decision")
@@ -42,7 +43,7 @@ async def closeout_started(pipeline: PipelineEnv, workflow_id: str, since: float
 
 async def decision_events(handle: Any) -> list[StageEvent]:
     events = await handle.query("get_events", result_type=list[StageEvent])
-    return [e for e in events if e.stage == "wait_for_block_resolution"
+    return [e for e in events if e.stage == WAIT_FOR_BLOCK_RESOLUTION
             and e.event.startswith(("approved_", "rejected_"))]
 
 
@@ -51,7 +52,7 @@ async def test_file_approval_acts_within_two_seconds(pipeline: PipelineEnv) -> N
     latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
     print(f"file approval -> close-out task: {latency * 1000:.0f} ms")
     assert latency <= DECISION_LATENCY_LIMIT_SECONDS
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result: BuildPipelineResult = await handle.result()
     assert (result.outcome, result.decision) == ("partial", "approved")
     assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
@@ -88,7 +89,7 @@ async def test_decision_made_while_no_worker_runs(pipeline_env_vars: dict[str, s
     since = decide(origin, "approved")  # no worker, no watcher
     async with serving(client, config):
         await closeout_started(pipeline, handle.id, since)
-        await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+        await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
         result = await handle.result()
         assert result.decision == "approved"
         assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
@@ -122,7 +123,7 @@ async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, s
         for _, _, origin in parked:
             decide(origin, "approved")
         for handle, _, _ in parked:
-            await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+            await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
             result = await handle.result()
             assert result.decision == "approved"
             assert [e.event for e in await decision_events(handle)] == \

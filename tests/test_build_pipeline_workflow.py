@@ -12,40 +12,61 @@ from temporalio.exceptions import ApplicationError
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import add_history, find_task, update_task
-from tests.agents import (
-    assert_valid_task_file,
+from tests.agents import assert_valid_task_file
+from tests.conftest import PipelineEnv
+from tools.demo_agent import (
     load_yaml,
     play_stage,
     poll,
-    poll_async,
     tasks_for,
     wait_for_task,
+    wait_until_parked,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    CLOSE_BUILD,
+    EXPIRED,
+    IMPLEMENT_BUILD,
+    IN_PROGRESS,
+    INPUT_REQUIRED,
+    INVALID_INPUT,
+    PHASE_FAILED,
+    PREFAB_SCAFFOLDING,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUBMITTED,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    TRIAGE_INVALID,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 
 FLAG = "Pin the dependency versions"
 BLOCK = "Token is logged in plain text"
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 def pipeline_input(pipeline: PipelineEnv, build: str, **extra: Any) -> BuildPipelineInput:
     return BuildPipelineInput(build_name=build, plan_path="/plans/demo.md",
-                              task_id=origin_task(pipeline), target_agent="builder", **extra)
+                              task_id=write_origin_task(pipeline.queue_dir, build),
+                              target_agent="builder", **extra)
 
 
 async def run_to_triage(pipeline: PipelineEnv, build: str, triage: str,
                         **extra: Any) -> tuple[WorkflowHandle, BuildPipelineInput]:
     inp = pipeline_input(pipeline, build, **extra)
-    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, triage)
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(audit, pipeline.env, "success", "audit written")
     return handle, inp
 
@@ -69,27 +90,28 @@ def agent_tasks(pipeline: PipelineEnv, workflow_id: str) -> dict[str, dict[str, 
 
 async def test_clean_pipeline(pipeline: PipelineEnv) -> None:
     handle, inp = await run_to_triage(pipeline, "clean-build", "info:\n- all good\n")
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env,
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env,
                      message="/docs/closeout.md")
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "success"
     assert result.closeout_path == "/docs/closeout.md"
     assert (result.blocks, result.flags, result.info) == (0, 0, 1)
-    assert result.stages_completed == ["prefab_scaffolding", "implement_build",
-                                       "request_security_audit", "process_triage_output",
-                                       "close_build", "summarize_workflow"]
+    assert result.stages_completed == [PREFAB_SCAFFOLDING, IMPLEMENT_BUILD,
+                                       REQUEST_SECURITY_AUDIT, PROCESS_TRIAGE_OUTPUT,
+                                       CLOSE_BUILD, SUMMARIZE_WORKFLOW]
     tasks = agent_tasks(pipeline, handle.id)
-    assert set(tasks) == {"build_prefab", "build_plan", "security_audit", "build_closeout"}
-    assert tasks["build_prefab"]["target_agent"] == "claudebox"
-    assert tasks["security_audit"]["target_agent"] == "security-agent"
-    assert tasks["build_plan"]["target_agent"] == "builder"
+    assert set(tasks) == {TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT,
+                          TASK_BUILD_CLOSEOUT}
+    assert tasks[TASK_BUILD_PREFAB]["target_agent"] == "claudebox"
+    assert tasks[TASK_SECURITY_AUDIT]["target_agent"] == "security-agent"
+    assert tasks[TASK_BUILD_PLAN]["target_agent"] == "builder"
     for task in tasks.values():
         assert task["status"] == "completed"
         assert task["result"]["completed_by"] == task["target_agent"]
-        assert [h["status"] for h in task["history"]] == ["submitted", "completed"]
+        assert [h["status"] for h in task["history"]] == [SUBMITTED, "completed"]
         assert task["payload"]["plan_path"] == inp.plan_path
-    request_md = pipeline.audit_dir / "audit-requests" / "clean-build" / "request.md"
+    request_md = pipeline.audit_dir / AUDIT_REQUESTS_DIR / "clean-build" / "request.md"
     text = request_md.read_text()
     assert "clean-build" in text and "triage-output.yml" in text and "--task-file" in text
     assert oct(request_md.stat().st_mode & 0o777) == "0o600"
@@ -107,12 +129,12 @@ async def test_flags_pipeline_wraps_findings(pipeline: PipelineEnv) -> None:
     triage = (f"flags:\n- description: {FLAG}\n  severity: low\n"
               f"- {hostile!r}\n")
     handle, _ = await run_to_triage(pipeline, "flag-build", triage)
-    fix = await play_stage(pipeline.queue_dir, handle.id, "security_fix", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+    fix = await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "success" and result.flags == 2
-    assert "apply_flag_fixes" in result.stages_completed
+    assert APPLY_FLAG_FIXES in result.stages_completed
     instruction = load_yaml(fix)["payload"]["instruction"]
     assert instruction.count("<security-findings>") == 1
     assert instruction.count("</security-findings>") == 1
@@ -123,7 +145,7 @@ async def test_flags_pipeline_wraps_findings(pipeline: PipelineEnv) -> None:
         assert len(line) <= 2 + 500 * 5  # escaped entities only ever lengthen `<`/`>`
         assert "\n" not in line
     assert "A" * 499 not in inside and "A" * 400 in inside  # capped at 500 chars
-    assert agent_tasks(pipeline, handle.id)["security_fix"]["payload"]["flag_count"] == 2
+    assert agent_tasks(pipeline, handle.id)[TASK_SECURITY_FIX]["payload"]["flag_count"] == 2
     summary = summary_of(result)
     assert summary["flags"][0] == {"description": FLAG, "severity": "low"}
 
@@ -133,14 +155,10 @@ async def block_pipeline(pipeline: PipelineEnv, build: str, **extra: Any
     handle, inp = await run_to_triage(pipeline, build, f"blocks:\n- description: {BLOCK}\n",
                                       block_poll_interval_seconds=0.2, **extra)
 
-    async def parked() -> bool:
-        status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-        return status.stage == "wait_for_block_resolution" and status.waiting_on is not None
-
-    await poll_async(parked, what="pipeline parked at stage 7")
+    await wait_until_parked(handle)
     origin = find_task(pipeline.queue_dir, inp.task_id)
     task = load_yaml(origin)
-    assert task["status"] == "input-required"
+    assert task["status"] == INPUT_REQUIRED
     assert "1 security block" in task["history"][-1]["note"]
     return handle, inp, origin
 
@@ -149,14 +167,14 @@ async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:
     handle, _, origin = await block_pipeline(pipeline, "approve-build")
     update_task(origin, lambda t: add_history(t, status="approved", actor="ted",
                                               note="risk accepted"))
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result: BuildPipelineResult = await handle.result()
 
     # Approved blocks: v0.5.0's "partial", and the close-out ran, so "complete".
     assert result.outcome == "partial" and result.decision == "approved"
     assert result.status == "complete" and result.workflow_id == handle.id
-    assert "wait_for_block_resolution" in result.stages_completed
-    assert "close_build" in result.stages_completed
+    assert WAIT_FOR_BLOCK_RESOLUTION in result.stages_completed
+    assert CLOSE_BUILD in result.stages_completed
     summary = summary_of(result)
     # The file decided; "ted" is only what the file's history claims.
     assert summary["decided_by"] == "task file" and summary["claimed_by"] == "ted"
@@ -178,8 +196,8 @@ async def test_blocks_rejected_via_task_file(pipeline: PipelineEnv, status: str)
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "rejected" and result.decision == "rejected"
-    assert "close_build" not in result.stages_completed
-    assert "build_closeout" not in agent_tasks(pipeline, handle.id)
+    assert CLOSE_BUILD not in result.stages_completed
+    assert TASK_BUILD_CLOSEOUT not in agent_tasks(pipeline, handle.id)
     assert result.status == "failed"
     summary = summary_of(result)
     assert summary["outcome"] == "rejected"
@@ -192,7 +210,7 @@ async def test_blocks_deadline_times_out(pipeline: PipelineEnv) -> None:
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "timed_out" and result.decision is None
-    assert "close_build" not in result.stages_completed
+    assert CLOSE_BUILD not in result.stages_completed
     summary = summary_of(result)
     assert summary["outcome"] == "timed_out"
     assert summary["counts"]["blocks"] == 1
@@ -215,16 +233,16 @@ async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: Pipeline
 
 async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     inp = pipeline_input(pipeline, "failing-build")
-    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    task = await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env,
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    task = await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env,
                             status="failed", message="compiler exploded")
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "PhaseFailedError"
-    assert "implement_build" in cause.message and "compiler exploded" in cause.message
+    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
+    assert IMPLEMENT_BUILD in cause.message and "compiler exploded" in cause.message
     written = load_yaml(task)
     assert written["status"] == "failed"
     assert written["result"]["output"] == "compiler exploded"
@@ -232,9 +250,9 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     assert len(summary_files) == 1
     summary = load_yaml(summary_files[0])
     assert summary["outcome"] == "failed"
-    assert summary["failed_stage"] == "implement_build"
+    assert summary["failed_stage"] == IMPLEMENT_BUILD
     assert "compiler exploded" in summary["error"]
-    assert set(agent_tasks(pipeline, handle.id)) == {"build_prefab", "build_plan"}
+    assert set(agent_tasks(pipeline, handle.id)) == {TASK_BUILD_PREFAB, TASK_BUILD_PLAN}
 
 
 @pytest.mark.parametrize(("triage", "problem"), [
@@ -250,11 +268,11 @@ async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "TriageInvalidError"
+    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
     assert problem in cause.message and "triage-output.yml" in cause.message
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
     assert summary["outcome"] == "failed"
-    assert summary["failed_stage"] == "process_triage_output"
+    assert summary["failed_stage"] == PROCESS_TRIAGE_OUTPUT
     assert problem in summary["error"]
     # one attempt only: a malformed file is not retried (stage 4 is a local activity: its
     # one marker records the failure of attempt 1)
@@ -284,12 +302,12 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
            "target_agent": "builder", **bad}
     with pytest.raises(ValueError):
         BuildPipelineInput(**raw)  # typed callers are stopped before starting anything
-    handle = await pipeline.start("BuildPipelineWorkflow", raw)  # plain JSON, as scripts do
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInputError"
+    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
     assert next(iter(bad)) in cause.message
     for folder in (pipeline.queue_dir, pipeline.audit_dir, pipeline.summary_dir):
         assert not folder.exists() or not any(folder.rglob("*"))
@@ -304,18 +322,18 @@ async def test_worker_restart_while_agent_works(pipeline_env_vars: dict[str, str
     pipeline = PipelineEnv(config=config, client=client, env=pipeline_env_vars, root=tmp_path)
     async with build_worker(client, config):
         inp = pipeline_input(pipeline, "restart-build")
-        handle = await pipeline.start("BuildPipelineWorkflow", inp,
+        handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp,
                                       result_type=BuildPipelineResult)
-        await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-        implement = await wait_for_task(pipeline.queue_dir, handle.id, "build_plan")
+        await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+        implement = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     # The first worker is gone; the agent finishes while no worker runs at all.
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(implement, pipeline.env)
     async with build_worker(client, config):
-        audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+        audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
         pipeline.write_triage("restart-build", "info: []\n")
         await complete_task(audit, pipeline.env)
-        await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+        await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
         result: BuildPipelineResult = await handle.result()
     assert result.outcome == "success"
     assert len(agent_tasks(pipeline, handle.id)) == 4
@@ -330,21 +348,21 @@ def text_of_history(events: list[Any]) -> list[str]:
 
 async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     inp = pipeline_input(pipeline, "named-agents")
-    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
     assert status.waiting_on is not None and status.waiting_on.agent == "claudebox"
     assert status.agents == {"target": "builder", "prefab": "claudebox",
                              "security": "security-agent"}
     assert status.warnings == []
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage("named-agents", "flags:\n- pin it\n")
-    from tests.agents import complete_task
+    from tools.demo_agent import complete_task
     await complete_task(audit, pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "security_fix", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result: BuildPipelineResult = await handle.result()
     assert (result.outcome, result.status) == ("success", "complete")
 
@@ -362,18 +380,18 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     assert summary["phases_completed"] == ["prefab", "implement", "audit", "triage", "fixes",
                                            "close"]
     tasks = agent_tasks(pipeline, handle.id)
-    assert tasks["build_plan"]["payload"]["originating_task_id"] == inp.task_id
-    assert tasks["security_fix"]["payload"]["flags"] == ["pin it"]
+    assert tasks[TASK_BUILD_PLAN]["payload"]["originating_task_id"] == inp.task_id
+    assert tasks[TASK_SECURITY_FIX]["payload"]["flags"] == ["pin it"]
 
 
 async def test_missing_originating_task_is_a_warning_from_the_start(
         pipeline: PipelineEnv) -> None:
     inp = BuildPipelineInput(build_name="no-origin", plan_path="/plans/p.md",
                              task_id="no-such-task", target_agent="builder")
-    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-    assert status.stage == "prefab_scaffolding"
+    assert status.stage == PREFAB_SCAFFOLDING
     assert len(status.warnings) == 1 and "'no-such-task' not found" in status.warnings[0]
     events = await handle.query("get_events", result_type=list[StageEvent])
     assert [e.event for e in events if e.stage == "pipeline"] == ["started", "warning"]
@@ -381,15 +399,15 @@ async def test_missing_originating_task_is_a_warning_from_the_start(
 
 
 async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -> None:
-    cancelled = await pipeline.start("BuildPipelineWorkflow",
+    cancelled = await pipeline.start(BUILD_PIPELINE_WORKFLOW,
                                      pipeline_input(pipeline, "cancel-me"),
                                      result_type=BuildPipelineResult)
-    timed_out = await pipeline.start("BuildPipelineWorkflow",
+    timed_out = await pipeline.start(BUILD_PIPELINE_WORKFLOW,
                                      pipeline_input(pipeline, "too-slow",
                                                     agent_timeout_seconds=1.5),
                                      result_type=BuildPipelineResult)
-    await play_stage(pipeline.queue_dir, cancelled.id, "build_prefab", pipeline.env)
-    implement = await wait_for_task(pipeline.queue_dir, cancelled.id, "build_plan")
+    await play_stage(pipeline.queue_dir, cancelled.id, TASK_BUILD_PREFAB, pipeline.env)
+    implement = await wait_for_task(pipeline.queue_dir, cancelled.id, TASK_BUILD_PLAN)
     await cancelled.cancel()
     with pytest.raises(WorkflowFailureError):
         await cancelled.result()
@@ -399,12 +417,12 @@ async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -
     task = load_yaml(implement)
     assert task["status"] == "cancelled"
     assert task["history"][-1]["note"] == "pipeline cancelled"
-    slow = agent_tasks(pipeline, timed_out.id)["build_prefab"]
-    assert slow["status"] == "expired"
+    slow = agent_tasks(pipeline, timed_out.id)[TASK_BUILD_PREFAB]
+    assert slow["status"] == EXPIRED
     assert slow["history"][-1]["note"] == "prefab_scaffolding timed out"
     for workflow_id in (cancelled.id, timed_out.id):
         assert not [path for path, t in tasks_for(pipeline.queue_dir, workflow_id)
-                    if t["status"] in ("submitted", "in-progress")]
+                    if t["status"] in (SUBMITTED, IN_PROGRESS)]
     closed = [load_yaml(p) for p in pipeline.summary_dir.rglob("*.yml")]
     assert sorted(t["status"] for s in closed for t in s["tasks_closed"]) == \
-        ["cancelled", "expired"]
+        ["cancelled", EXPIRED]

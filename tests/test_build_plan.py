@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -11,8 +10,16 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPlanResult, PlanStatus
-from tests.agents import assert_valid_task_file, complete_task, poll, tasks_for, wait_for_task
+from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv
+from tools.demo_agent import complete_task, poll, tasks_for, wait_for_status, wait_for_task
+from vocabulary import (
+    BUILD_PHASE,
+    BUILD_PLAN_WORKFLOW,
+    INVALID_INPUT,
+    PHASE_FAILED,
+    TASK_BUILD_PHASE,
+)
 
 PHASES = [
     {"number": 1, "agent_type": "builder", "description": "Write the parser",
@@ -33,21 +40,6 @@ async def status_of(handle: WorkflowHandle) -> PlanStatus:
     return await handle.query("get_status", result_type=PlanStatus)
 
 
-async def wait_status(handle: WorkflowHandle, check: Any, what: str) -> PlanStatus:
-    """Poll the query until `check(status)` holds (the query is the only view we have)."""
-    latest: list[PlanStatus] = []
-
-    async def probe() -> bool:
-        latest[:] = [await status_of(handle)]
-        return bool(check(latest[0]))
-
-    deadline = time.monotonic() + 20
-    while not await probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {latest}"
-        await asyncio.sleep(0.05)
-    return latest[0]
-
-
 async def activity_order(handle: WorkflowHandle) -> list[str]:
     """Scheduled/completed activity events in history order."""
     order = []
@@ -60,11 +52,12 @@ async def activity_order(handle: WorkflowHandle) -> list[str]:
 
 
 async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "parser-plan",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "parser-plan",
                                                         "phases": PHASES},
                                   result_type=BuildPlanResult)
-    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
-    waiting = await wait_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait")
+    first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
+    waiting = await wait_for_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait",
+                                    result_type=PlanStatus)
     assert waiting.plan_name == "parser-plan" and waiting.phases_total == 2
     assert waiting.phases_done == [] and waiting.current_phase == 1
     assert waiting.current_agent == "builder"
@@ -79,7 +72,8 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
                                       if t["payload"]["phase"] == 2), None),
                         what="phase 2 task file")
-    waiting = await wait_status(handle, lambda s: s.current_phase == 2, "phase 2 wait")
+    waiting = await wait_for_status(handle, lambda s: s.current_phase == 2, "phase 2 wait",
+                                    result_type=PlanStatus)
     assert waiting.phases_done == [1] and waiting.current_agent == "reviewer"
     assert await activity_order(handle) == ["scheduled", "completed", "scheduled"]
 
@@ -92,7 +86,7 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     assert final.current_phase is None and final.waiting_on is None
     tasks = [assert_valid_task_file(path) for path in (first, second)]
     for task, phase in zip(tasks, PHASES, strict=True):
-        assert task["task_type"] == "build_phase"
+        assert task["task_type"] == TASK_BUILD_PHASE
         assert task["target_agent"] == phase["agent_type"]
         assert task["status"] == "completed"
         payload = task["payload"]
@@ -100,7 +94,7 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
         assert payload["plan_name"] == "parser-plan"
         assert payload["context_refs"] == phase.get("context_refs", [])
         assert payload["workflow_id"] == handle.id
-        assert payload["activity_type"] == "build_phase"
+        assert payload["activity_type"] == BUILD_PHASE
         assert phase["description"] in payload["instruction"]
         for ref in phase.get("context_refs", []):
             assert ref in payload["instruction"]
@@ -109,10 +103,10 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
 
 
 async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", {"plan_name": "failing-plan",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "failing-plan",
                                                         "phases": PHASES},
                                   result_type=BuildPlanResult)
-    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     await complete_task(first, pipeline.env)
     second = await poll(lambda: next((p for p, t in tasks_for(pipeline.queue_dir, handle.id)
                                       if t["payload"]["phase"] == 2), None),
@@ -123,7 +117,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "PhaseFailedError"
+    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
     assert "phase 2 (reviewer)" in cause.message
     assert "tests do not pass" in cause.message
     assert "1 of 2 phases done" in cause.message
@@ -144,12 +138,12 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
 ])
 async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[str, Any],
                                             field: str) -> None:
-    handle = await pipeline.start("BuildPlanWorkflow", plan)
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan)
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInputError"
+    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
     assert field in cause.message
     assert cause.non_retryable
     assert await activity_order(handle) == []
@@ -159,9 +153,9 @@ async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[st
 async def test_cancelled_plan_ends_cancelled_not_failed(pipeline: PipelineEnv) -> None:
     from temporalio.exceptions import CancelledError
 
-    handle = await pipeline.start("BuildPlanWorkflow",
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW,
                                   {"plan_name": "cancel-plan", "phases": PHASES})
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)

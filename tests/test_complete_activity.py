@@ -20,9 +20,11 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPlanResult
-from tests.agents import assert_valid_task_file, load_yaml, run_cli, wait_for_task
+from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
+from tools.demo_agent import load_yaml, run_cli, wait_for_task
 from tools.devserver import free_port
+from vocabulary import BUILD_PLAN_WORKFLOW, PHASE_FAILED, TASK_BUILD_PHASE
 
 # Valid base64 that no Temporal server ever issued.
 GARBAGE_TOKEN = base64.b64encode(b"this is not a temporal task token" * 3).decode()
@@ -57,11 +59,11 @@ def run(args: list[str], env: dict[str, str], token: str | None,
 
 async def one_phase_plan(pipeline: PipelineEnv) -> tuple[WorkflowHandle, Path, str]:
     """A one-phase BuildPlanWorkflow parked on its agent: (handle, task file, token)."""
-    handle = await pipeline.start("BuildPlanWorkflow", {
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {
         "plan_name": "cli-plan",
         "phases": [{"number": 1, "agent_type": "builder", "description": "do the thing"}],
     }, result_type=BuildPlanResult)
-    path = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    path = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     token = load_yaml(path)["payload"]["task_token"]
     assert isinstance(token, str) and len(token) > 24
     return handle, path, token
@@ -146,13 +148,13 @@ async def test_failed_fails_the_activity_as_phase_failed(pipeline: PipelineEnv) 
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "PhaseFailedError"
+    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
     assert "tests are red" in cause.message
     failures = [e.activity_task_failed_event_attributes.failure
                 async for e in handle.fetch_history_events()
                 if e.HasField("activity_task_failed_event_attributes")]
     assert len(failures) == 1
-    assert failures[0].application_failure_info.type == "PhaseFailedError"
+    assert failures[0].application_failure_info.type == PHASE_FAILED
     assert failures[0].application_failure_info.non_retryable
     assert failures[0].message == "tests are red"
     written = assert_valid_task_file(task)
@@ -240,7 +242,7 @@ def test_task_file_untouched_when_server_unreachable(offline_env: dict[str, str]
 
     task_id = str(uuid.uuid4())
     path = write_task(tmp_path / "queue", new_task(
-        task_id=task_id, target_agent="builder", task_type="build_phase", summary="s",
+        task_id=task_id, target_agent="builder", task_type=TASK_BUILD_PHASE, summary="s",
         payload={"build_name": "b", "instruction": "i", "task_token": GARBAGE_TOKEN}))
     before = path.read_bytes()
 

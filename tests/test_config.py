@@ -12,6 +12,7 @@ import pytest
 
 from config import load_config
 from exceptions import ConfigError
+from vocabulary import DEFAULT_TASK_QUEUE
 
 REPO = Path(__file__).resolve().parent.parent
 MATRIX_SECRET = "mx-SECRET-d41d8cd98f00b204"
@@ -26,7 +27,7 @@ def test_defaults_are_home_relative() -> None:
 
     assert config.temporal_address == "localhost:7233"
     assert config.temporal_namespace == "default"
-    assert config.task_queue == "helm-build"
+    assert config.task_queue == DEFAULT_TASK_QUEUE
     assert config.require_tls is False
     assert config.task_queue_dir == Path("/srv/agent/.claude/task-queue")
     assert config.audit_dir == Path("/srv/agent/.claude/comms/artifacts")

@@ -6,7 +6,6 @@ stage's task file may be written twice."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import signal
 import time
@@ -18,17 +17,36 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.service import RPCError
 
 from complete_activity import mark_task_file
 from config import load_config
-from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import add_history, find_task, new_task, update_task, write_task
+from models import BuildPipelineInput, BuildPipelineResult
+from task_files import add_history, find_task, update_task
 from temporal_client import connect
-from tests.agents import complete_task, load_yaml, task_files, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
+from tools.demo_agent import (
+    StandIn,
+    complete_task,
+    complete_with_token,
+    load_yaml,
+    play_stage,
+    task_files,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+    write_triage,
+)
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    IMPLEMENT_BUILD,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 MAX_KILLS = 8
 BLOCKS = "blocks:\n- description: credentials in the image\n"
@@ -92,35 +110,22 @@ class Pipelines:
         self.audit = Path(self.env["TEMPORAL_AUDIT_DIR"])
 
     async def start(self, build: str, **extra: Any) -> WorkflowHandle:
-        origin = str(uuid.uuid4())
-        write_task(self.queue, new_task(task_id=origin, target_agent="temporal-worker",
-                                        task_type="build_plan", summary="origin", payload={}))
+        origin = write_origin_task(self.queue, build)
         return await self.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=build, plan_path="/plans/p.md", task_id=origin,
                                target_agent="builder", **extra),
             id=f"fault-{build}-{uuid.uuid4().hex[:8]}", task_queue=self.env["TASK_QUEUE"],
             result_type=BuildPipelineResult)
 
     def triage(self, build: str, text: str) -> None:
-        folder = self.audit / "audit-requests" / build
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "triage-output.yml").write_text(text)
+        write_triage(self.audit, build, text)
 
     async def play(self, handle: WorkflowHandle, task_type: str) -> Path:
-        path = await wait_for_task(self.queue, handle.id, task_type, timeout=90)
-        await complete_task(path, self.env)
-        return path
+        return await play_stage(self.queue, handle.id, task_type, self.env, timeout=90)
 
     async def parked(self, handle: WorkflowHandle) -> None:
-        async def check() -> bool:
-            status = await handle.query("get_status", result_type=PipelineStatus)
-            return status.stage == "wait_for_block_resolution" and status.waiting_on is not None
-
-        deadline = time.monotonic() + 90
-        while not await check():
-            assert time.monotonic() < deadline, f"{handle.id} never parked"
-            await asyncio.sleep(0.1)
+        await wait_until_parked(handle, 90)
 
 
 def files_per_stage(queue: Path) -> Counter[tuple[str, str]]:
@@ -134,6 +139,7 @@ def files_per_stage(queue: Path) -> Counter[tuple[str, str]]:
     return counts
 
 
+@pytest.mark.slow
 async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
                                               worker: WorkerProcess) -> None:
     lab = Pipelines(durable_client, worker)
@@ -144,18 +150,19 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     closing = await lab.start("kill-summary")             # next: summarize
     dispatch = await lab.start("kill-dispatch")           # next: write an agent task
     # Agents work in parallel, as real ones do.
-    await asyncio.gather(*(lab.play(h, "build_prefab")
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_PREFAB)
                            for h in (agent, triage, parked, closing, dispatch)))
-    implement = await wait_for_task(lab.queue, agent.id, "build_plan", timeout=90)
-    dispatch_implement = await wait_for_task(lab.queue, dispatch.id, "build_plan", timeout=90)
+    implement = await wait_for_task(lab.queue, agent.id, TASK_BUILD_PLAN, timeout=90)
+    dispatch_implement = await wait_for_task(lab.queue, dispatch.id, TASK_BUILD_PLAN, timeout=90)
     lab.triage("kill-triage", BLOCKS)
     lab.triage("kill-parked", BLOCKS)
     lab.triage("kill-summary", "info: []\n")
-    await asyncio.gather(*(lab.play(h, "build_plan") for h in (triage, parked, closing)))
-    audit = await wait_for_task(lab.queue, triage.id, "security_audit", timeout=90)
-    await asyncio.gather(lab.play(parked, "security_audit"), lab.play(closing, "security_audit"))
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_PLAN) for h in (triage, parked, closing)))
+    audit = await wait_for_task(lab.queue, triage.id, TASK_SECURITY_AUDIT, timeout=90)
+    await asyncio.gather(lab.play(parked, TASK_SECURITY_AUDIT),
+                         lab.play(closing, TASK_SECURITY_AUDIT))
     await lab.parked(parked)
-    closeout = await wait_for_task(lab.queue, closing.id, "build_closeout", timeout=90)
+    closeout = await wait_for_task(lab.queue, closing.id, TASK_BUILD_CLOSEOUT, timeout=90)
 
     worker.kill()
     # While no worker runs, agents and operators carry on: the server keeps it all.
@@ -174,9 +181,10 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     await triage.execute_update("approve_blocks", "approved after restart")
     lab.triage("kill-agent", "info: []\n")
     lab.triage("kill-dispatch", "flags:\n- pin versions\n")
-    await asyncio.gather(lab.play(agent, "security_audit"), lab.play(dispatch, "security_audit"))
-    await lab.play(dispatch, "security_fix")
-    await asyncio.gather(*(lab.play(h, "build_closeout")
+    await asyncio.gather(lab.play(agent, TASK_SECURITY_AUDIT),
+                         lab.play(dispatch, TASK_SECURITY_AUDIT))
+    await lab.play(dispatch, TASK_SECURITY_FIX)
+    await asyncio.gather(*(lab.play(h, TASK_BUILD_CLOSEOUT)
                            for h in (agent, dispatch, triage, parked)))
 
     for handle in (agent, triage, parked, closing, dispatch):
@@ -188,7 +196,7 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
         assert result.summary_path and Path(result.summary_path).is_file()
     counts = files_per_stage(lab.queue)
     assert counts and max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
-    assert counts[(closing.id, "build_closeout")] == 1
+    assert counts[(closing.id, TASK_BUILD_CLOSEOUT)] == 1
     assert worker.starts == 3
 
 
@@ -205,8 +213,8 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
                                                    worker: WorkerProcess) -> None:
     lab = Pipelines(durable_client, worker)
     handle = await lab.start("server-restart")
-    await lab.play(handle, "build_prefab")
-    implement = await wait_for_task(lab.queue, handle.id, "build_plan", timeout=90)
+    await lab.play(handle, TASK_BUILD_PREFAB)
+    implement = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PLAN, timeout=90)
 
     durable.stop()
     assert worker.process is not None and worker.process.poll() is None
@@ -214,65 +222,40 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
     # The same worker process reconnects by itself; the agent finishes afterwards.
     await complete_task(implement, worker.env)
     lab.triage("server-restart", "info: []\n")
-    await lab.play(handle, "security_audit")
-    await lab.play(handle, "build_closeout")
+    await lab.play(handle, TASK_SECURITY_AUDIT)
+    await lab.play(handle, TASK_BUILD_CLOSEOUT)
     result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 120)
     assert result.outcome == "success"
     assert worker.process.poll() is None and worker.starts == 1
     assert max(files_per_stage(lab.queue).values()) == 1
 
 
-class BulkAgents:
-    """All agents at once: complete every submitted task file with its token (the same
-    calls complete_activity.py makes) and write triage for audits. A token that is no
-    longer valid (the stage was dispatched again) is retried when the file changes."""
-
-    def __init__(self, client: Client, queue: Path, audit: Path) -> None:
-        self.client, self.queue, self.audit = client, queue, audit
-        self.done: set[tuple[str, str]] = set()  # (file name, token) handled
-        self.completions = 0
-        self.stale_tokens = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            for path in task_files(self.queue):
-                await self._handle(path)
-            await asyncio.sleep(0.2)
-
-    async def _handle(self, path: Path) -> None:
-        try:
-            task = load_yaml(path)
-        except OSError:
-            return
-        payload = task.get("payload") or {}
-        token = payload.get("task_token")
-        if task.get("status") != "submitted" or not token or (path.name, token) in self.done:
-            return
-        self.done.add((path.name, token))
-        if task["task_type"] == "security_audit":
-            folder = self.audit / "audit-requests" / payload["build_name"]
-            folder.mkdir(parents=True, exist_ok=True)
-            flags = "flags:\n- pin versions\n" if payload["build_name"].endswith("0") else ""
-            (folder / "triage-output.yml").write_text(flags or "info: []\n")
-        handle = self.client.get_async_activity_handle(task_token=base64.b64decode(token))
-        try:
-            await handle.complete(BuildPhaseResult(status="success", output="done"))
-        except RPCError:
-            self.stale_tokens += 1
-            return
-        self.completions += 1
-        await asyncio.to_thread(mark_task_file, path, task, "success", "done",
+def bulk_agents(client: Client, lab: Pipelines) -> StandIn:
+    """All agents at once: complete every submitted task with its token (the same call
+    complete_activity.py makes, then its task file update) and write triage for audits;
+    every tenth build gets a flag. A token that is no longer valid (the stage was
+    dispatched again) shows as a failure; the fresh token in the rewritten file is
+    played again."""
+    async def complete(path: Path, task: dict[str, Any], message: str) -> None:
+        await complete_with_token(client, task, "success", message)
+        await asyncio.to_thread(mark_task_file, path, task, "success", message,
                                 task["target_agent"])
 
+    return StandIn(queue_dir=lab.queue, audit_dir=lab.audit, env=lab.env,
+                   work_dir=lab.audit / "closeouts", complete=complete,
+                   triage=lambda build: ("flags:\n- pin versions\n" if build.endswith("0")
+                                         else "info: []\n"),
+                   concurrency=8, interval=0.2)
 
-async def test_fifty_pipelines_survive_random_kills(durable_client: Client,
-                                                    worker: WorkerProcess) -> None:
+
+@pytest.mark.slow
+async def test_fifty_pipelines_survive_random_kills(durable_client: Client, worker: WorkerProcess,
+                                                    rng: random.Random) -> None:
     lab = Pipelines(durable_client, worker)
-    agents = BulkAgents(durable_client, lab.queue, lab.audit)
+    agents = bulk_agents(durable_client, lab)
     stop = asyncio.Event()
-    player = asyncio.create_task(agents.run(stop))
+    player = asyncio.create_task(agents.serve(stop))
     handles = [await lab.start(f"bulk-{n:02d}") for n in range(50)]
-    rng = random.Random()
     kills = 0
     begun = time.monotonic()
     pending = {asyncio.ensure_future(h.result()): h for h in handles}
@@ -297,8 +280,8 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client,
             future.cancel()
     elapsed = time.monotonic() - begun
     print(f"\n50 pipelines, {kills} SIGKILLs, {len(results)} completed, "
-          f"{50 - len(results)} lost, {agents.completions} agent completions, "
-          f"{agents.stale_tokens} stale tokens, {elapsed:.1f}s")
+          f"{50 - len(results)} lost, {len(agents.done)} agent completions, "
+          f"{len(agents.failures)} stale tokens, {elapsed:.1f}s")
     assert kills >= 5, f"only {kills} kills happened before all pipelines finished"
     assert len(results) == 50
     assert all(r.outcome == "success" for r in results.values())
@@ -306,6 +289,7 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client,
     assert len(counts) >= 50 * 4 and max(counts.values()) == 1
 
 
+@pytest.mark.slow
 async def test_worker_killed_between_start_and_task_file_is_redispatched(
         durable_client: Client, worker: WorkerProcess) -> None:
     """The hardest moment: the server has handed implement_build to the worker, which
@@ -321,7 +305,7 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
 
     lab = Pipelines(durable_client, worker)
     handle = await lab.start("orphan-dispatch")
-    prefab = await wait_for_task(lab.queue, handle.id, "build_prefab", timeout=90)
+    prefab = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PREFAB, timeout=90)
     # Freeze worker.py with its activity poll open; a workflow-only worker in this
     # process makes the decisions meanwhile, so the next activity goes to the frozen one.
     # (Local activities run inside the deciding worker: it carries those, no others.)
@@ -335,7 +319,7 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
 
         async def handed_to_frozen_worker() -> bool:
             description = await handle.describe()
-            return any(p.activity_type.name == "implement_build"
+            return any(p.activity_type.name == IMPLEMENT_BUILD
                        and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
                        and p.last_worker_identity.endswith(f":{worker.pid}")
                        for p in description.raw_description.pending_activities)
@@ -345,17 +329,17 @@ async def test_worker_killed_between_start_and_task_file_is_redispatched(
             assert time.monotonic() < deadline, "implement_build never reached worker.py"
             await asyncio.sleep(0.1)
         worker.kill()
-    assert (handle.id, "build_plan") not in files_per_stage(lab.queue)
+    assert (handle.id, TASK_BUILD_PLAN) not in files_per_stage(lab.queue)
 
     await asyncio.to_thread(worker.start().wait_ready)
-    implement = await wait_for_task(lab.queue, handle.id, "build_plan", timeout=60)
+    implement = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PLAN, timeout=60)
     assert load_yaml(implement)["payload"]["attempt"] == 2
     recovered = [r for r in worker.log_records() if r.get("event") == "activity_recovered"]
-    assert [r["activity"] for r in recovered] == ["implement_build"]
+    assert [r["activity"] for r in recovered] == [IMPLEMENT_BUILD]
     await complete_task(implement, worker.env)
     lab.triage("orphan-dispatch", "info: []\n")
-    await lab.play(handle, "security_audit")
-    await lab.play(handle, "build_closeout")
+    await lab.play(handle, TASK_SECURITY_AUDIT)
+    await lab.play(handle, TASK_BUILD_CLOSEOUT)
     result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 90)
     assert result.outcome == "success"
     assert max(files_per_stage(lab.queue).values()) == 1

@@ -27,9 +27,33 @@ import task_files
 from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
-from tests.agents import load_yaml, poll_async, run_cli, wait_for_task
 from tests.conftest import PipelineEnv, make_env
+from tools.demo_agent import (
+    load_yaml,
+    poll_async,
+    run_cli,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
 from tools.devserver import free_port
+from vocabulary import (
+    ARCHIVE_DIR,
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    INVALID_INPUT,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SEARCH_SUBDIRS,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    TRIAGE_INVALID,
+)
 
 
 def tree(root: Path) -> set[Path]:
@@ -63,24 +87,17 @@ async def finish(pipeline: PipelineEnv, path: Path, output: str = "done") -> Non
         BuildPhaseResult(status="success", output=output))
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary="originating request", payload={"build_name": "x"}))
-    return task_id
-
-
 async def start(pipeline: PipelineEnv, build: str) -> WorkflowHandle:
-    return await pipeline.start("BuildPipelineWorkflow", {
-        "build_name": build, "plan_path": "/plans/p.md", "task_id": origin_task(pipeline),
-        "target_agent": "builder"}, result_type=BuildPipelineResult)
+    return await pipeline.start(BUILD_PIPELINE_WORKFLOW, {
+        "build_name": build, "plan_path": "/plans/p.md",
+        "task_id": write_origin_task(pipeline.queue_dir, build), "target_agent": "builder"},
+        result_type=BuildPipelineResult)
 
 
 async def to_audit(pipeline: PipelineEnv, handle: WorkflowHandle) -> Path:
-    for task_type in ("build_prefab", "build_plan"):
+    for task_type in (TASK_BUILD_PREFAB, TASK_BUILD_PLAN):
         await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, task_type))
-    return await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    return await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
 
 
 def summary(pipeline: PipelineEnv) -> dict[str, Any]:
@@ -135,12 +152,12 @@ async def test_hostile_workflow_input(pipeline: PipelineEnv, outside: Path, fiel
     raw = {"build_name": "ok-build", "plan_path": "/p.md", "task_id": "t-1",
            "target_agent": "builder", field: value}
 
-    handle = await pipeline.start("BuildPipelineWorkflow", raw)  # plain JSON, as scripts do
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "InvalidInputError"
+    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
     assert field in cause.message
     assert len(cause.message) < 2000  # the error names the field; it does not echo 100 kB
     assert tree(pipeline.root) == before  # nothing written, inside or out
@@ -188,12 +205,12 @@ async def test_hostile_triage_file(pipeline: PipelineEnv, outside: Path, row: st
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "TriageInvalidError"
+    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
     assert problem in cause.message and "triage-output.yml" in cause.message
     assert len(cause.message) < 2000
     ending = summary(pipeline)  # not lost: ended, and summarised, in one attempt
     assert ending["outcome"] == "failed"
-    assert ending["failed_stage"] == "process_triage_output"
+    assert ending["failed_stage"] == PROCESS_TRIAGE_OUTPUT
     assert not Path("/tmp/pwned").exists()
     assert_only_in_configured(pipeline, before)
 
@@ -209,16 +226,16 @@ async def test_triage_symlink_is_not_followed(pipeline: PipelineEnv, outside: Pa
         await handle.result()
 
     assert "is a symlink" in str(caught.value.cause)
-    assert summary(pipeline)["failed_stage"] == "process_triage_output"
+    assert summary(pipeline)["failed_stage"] == PROCESS_TRIAGE_OUTPUT
 
 
 async def test_symlinked_audit_folder_is_refused(pipeline: PipelineEnv, outside: Path) -> None:
     """An agent plants audit-requests/<build> -> somewhere else before stage 3 writes."""
-    folder = pipeline.audit_dir / "audit-requests" / "planted-build"
+    folder = pipeline.audit_dir / AUDIT_REQUESTS_DIR / "planted-build"
     folder.parent.mkdir(parents=True)
     folder.symlink_to(outside, target_is_directory=True)
     handle = await start(pipeline, "planted-build")
-    for task_type in ("build_prefab", "build_plan"):
+    for task_type in (TASK_BUILD_PREFAB, TASK_BUILD_PLAN):
         await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, task_type))
 
     with pytest.raises(WorkflowFailureError) as caught:
@@ -226,7 +243,7 @@ async def test_symlinked_audit_folder_is_refused(pipeline: PipelineEnv, outside:
 
     assert "symlink" in str(caught.value.cause)
     ending = summary(pipeline)
-    assert ending["failed_stage"] == "request_security_audit"
+    assert ending["failed_stage"] == REQUEST_SECURITY_AUDIT
     # (the `outside` fixture asserts nothing was written through the link)
 
 
@@ -256,10 +273,10 @@ async def test_findings_cannot_leave_the_delimiters(pipeline: PipelineEnv,
     pipeline.write_triage("breakout", yaml.safe_dump(
         {"flags": [{"description": text} for text in BREAKOUTS]}, allow_unicode=True))
     await finish(pipeline, audit)
-    fix = await wait_for_task(pipeline.queue_dir, handle.id, "security_fix")
+    fix = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX)
     instruction = load_yaml(fix)["payload"]["instruction"]
     await finish(pipeline, fix)
-    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
+    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "success" and result.flags == len(BREAKOUTS)
@@ -289,7 +306,7 @@ def queue(tmp_path: Path) -> Path:
 
 
 def a_task(**payload: Any) -> dict[str, Any]:
-    return new_task(task_id=str(uuid.uuid4()), target_agent="builder", task_type="build_plan",
+    return new_task(task_id=str(uuid.uuid4()), target_agent="builder", task_type=TASK_BUILD_PLAN,
                     summary="s", payload={"build_name": "b", **payload})
 
 
@@ -578,9 +595,9 @@ async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> Non
     finally:
         unblock_fifo(fifo)
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "TriageInvalidError"
+    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
     assert "a FIFO, not a regular file" in cause.message and "triage-output.yml" in cause.message
-    assert summary(pipeline)["failed_stage"] == "process_triage_output"
+    assert summary(pipeline)["failed_stage"] == PROCESS_TRIAGE_OUTPUT
 
 
 async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
@@ -627,7 +644,7 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
         pipeline.write_triage("not-delayed", "info: []\n")
         await finish(pipeline, clean_audit)
         await finish(pipeline, await wait_for_task(pipeline.queue_dir, clean.id,
-                                                   "build_closeout"))
+                                                   TASK_BUILD_CLOSEOUT))
         result: BuildPipelineResult = await clean.result()
         assert result.outcome == "success"
         await stuck.terminate("test done")
@@ -681,8 +698,8 @@ def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
         assert str(real) in str(caught.value) and str(shadow) in str(caught.value)
     # A copy under another name in archive/ is found by the full scan: ambiguous too.
     shadow.unlink()
-    (queue / "archive").mkdir()
-    (queue / "archive" / "copied-by-hand.yml").write_bytes(real.read_bytes())
+    (queue / ARCHIVE_DIR).mkdir()
+    (queue / ARCHIVE_DIR / "copied-by-hand.yml").write_bytes(real.read_bytes())
     task_files.find_task(queue, task["id"])  # the prefix-named file alone decides
     real.rename(queue / "renamed.yml")
     with pytest.raises(AmbiguousTaskError, match="2 files carry this id"):
@@ -721,21 +738,18 @@ async def park(pipeline: PipelineEnv, build: str, blocks: list[str],
     """Run a pipeline whose triage reports `blocks` until it waits for a decision."""
     import yaml
 
-    from models import BuildPipelineInput, PipelineStatus
+    from models import BuildPipelineInput
 
-    handle = await pipeline.start("BuildPipelineWorkflow", BuildPipelineInput(
-        build_name=build, plan_path="/plans/p.md", task_id=task_id or origin_task(pipeline),
-        target_agent="builder", block_poll_interval_seconds=0.2),
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, BuildPipelineInput(
+        build_name=build, plan_path="/plans/p.md",
+        task_id=task_id or write_origin_task(pipeline.queue_dir, build), target_agent="builder",
+        block_poll_interval_seconds=0.2),
         result_type=BuildPipelineResult)
     audit = await to_audit(pipeline, handle)
     pipeline.write_triage(build, yaml.safe_dump({"blocks": blocks}, allow_unicode=True))
     await finish(pipeline, audit)
 
-    async def parked() -> bool:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        return status.stage == "wait_for_block_resolution" and status.waiting_on is not None
-
-    await poll_async(parked, 60, f"{build} parked at stage 7")
+    await wait_until_parked(handle)
     return handle
 
 
@@ -751,7 +765,7 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     task, stage 6 records the ambiguity (get_status and the notice say so), the files
     decide nothing and are left alone, and an Update still decides the pipeline."""
     pipeline, notice, _ = notifying
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     [real] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
     shadow = pipeline.queue_dir / f"00000000-000000-{task_id[:8]}.yml"
     shadow.write_bytes(task_files.dump_task({**load_yaml(real), "status": "approved"}))
@@ -769,13 +783,13 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     assert {path: path.read_bytes() for path in (real, shadow)} == before
     assert (await status_of(handle)).decision is None
     await handle.execute_update("approve_blocks", "approved by the operator")
-    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
+    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
     assert result.outcome == "partial" and result.decision == "approved"
     assert {path: path.read_bytes() for path in (real, shadow)} == before
 
 
-@pytest.mark.parametrize("subdir", task_files.SEARCH_SUBDIRS)
+@pytest.mark.parametrize("subdir", TASK_SEARCH_SUBDIRS)
 def test_linked_task_folders_are_skipped_and_reported(queue: Path, outside: Path,
                                                       subdir: str) -> None:
     """Finding 6: archive/ (or dead-letters/) as a link to an outside folder was searched,
@@ -803,7 +817,7 @@ def test_linked_task_folders_are_skipped_and_reported(queue: Path, outside: Path
     assert bait.read_text() == "do not touch\n"
 
 
-@pytest.mark.parametrize("subdir", task_files.SEARCH_SUBDIRS)
+@pytest.mark.parametrize("subdir", TASK_SEARCH_SUBDIRS)
 def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
         queue: Path, outside: Path, subdir: str) -> None:
     """Finding 6: the folder was fine when the task was found, then an agent swapped it
@@ -822,7 +836,7 @@ def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
     with pytest.raises(UnsafeTaskPathError, match="is a symlink"):
         update_task(path, lambda t: t.update(status="approved"), base=queue)
     assert stat.S_IMODE(outside.stat().st_mode) == 0o755
-    assert load_yaml(outside / "task.yml")["status"] == "submitted"
+    assert load_yaml(outside / "task.yml")["status"] == SUBMITTED
     (outside / "task.yml").unlink()  # for the `outside` fixture's check
 
 
@@ -832,8 +846,8 @@ def test_linked_audit_folders_redirect_no_write(tmp_path: Path, outside: Path) -
     audit = tmp_path / "artifacts"
     (outside / "build").mkdir()
     audit.mkdir()
-    (audit / "audit-requests").symlink_to(outside, target_is_directory=True)
-    target = audit / "audit-requests" / "build" / "request.md"
+    (audit / AUDIT_REQUESTS_DIR).symlink_to(outside, target_is_directory=True)
+    target = audit / AUDIT_REQUESTS_DIR / "build" / "request.md"
     with pytest.raises(UnsafeTaskPathError, match="audit-requests: is a symlink"):
         task_files.write_private_atomic(target, b"# request\n", base=audit)
     from activities.triage import read_triage
@@ -841,7 +855,7 @@ def test_linked_audit_folders_redirect_no_write(tmp_path: Path, outside: Path) -
 
     (outside / "build" / "triage-output.yml").write_text("blocks: []\n")
     with pytest.raises(TriageInvalidError, match="is a symlink"):
-        read_triage(audit / "audit-requests" / "build" / "triage-output.yml", base=audit)
+        read_triage(audit / AUDIT_REQUESTS_DIR / "build" / "triage-output.yml", base=audit)
     assert not (outside / "build" / "request.md").exists()
     (outside / "build" / "triage-output.yml").unlink()
     (outside / "build").rmdir()
@@ -852,24 +866,24 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
     """Finding 6 (record_block_decision): the originating task sat in archive/ when the
     pipeline parked; then archive/ became a link to a folder with a copy of it."""
     outside.chmod(0o755)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     [written] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
-    archive = pipeline.queue_dir / "archive"
+    archive = pipeline.queue_dir / ARCHIVE_DIR
     archive.mkdir()
     origin = written.rename(archive / written.name)
     handle = await park(pipeline, "linked-archive", ["plain-text secret"], task_id)
-    assert load_yaml(origin)["status"] == "input-required"
+    assert load_yaml(origin)["status"] == INPUT_REQUIRED
 
     copy = outside / origin.name
     copy.write_bytes(origin.read_bytes())
     archive.rename(pipeline.queue_dir / "archive-moved")
     archive.symlink_to(outside, target_is_directory=True)
     await handle.execute_update("approve_blocks", "approved by the operator")
-    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout"))
+    await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
 
     assert result.outcome == "partial"
-    assert load_yaml(copy)["status"] == "input-required"  # nothing written through the link
+    assert load_yaml(copy)["status"] == INPUT_REQUIRED  # nothing written through the link
     assert stat.S_IMODE(outside.stat().st_mode) == 0o755
     copy.unlink()
 
@@ -934,10 +948,10 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
     import subprocess
     import sys
 
-    from tests.agents import REPO
+    from tools.demo_agent import REPO
 
     handle = await start(pipeline, "bad-bytes")
-    task = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    task = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     token_file = pipeline.root / "token"
     token_file.write_bytes(b"\xff\xfe" + load_yaml(task)["payload"]["task_token"].encode())
     rows: list[tuple[list[str | bytes], bytes | None, dict[bytes, bytes], str]] = [
@@ -959,6 +973,6 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and problem in lines[0], (args, stderr)
         assert "Traceback" not in stderr
-    assert load_yaml(task)["status"] == "submitted"
+    assert load_yaml(task)["status"] == SUBMITTED
     await finish(pipeline, task)  # still pending: none of the rows completed it
     await handle.terminate("test done")

@@ -24,11 +24,27 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import new_task, task_filename, utc_now, write_task
-from tests.agents import load_yaml, play_stage, poll, wait_for_task
+from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult
+from task_files import task_filename, utc_now
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
+    load_yaml,
+    play_stage,
+    poll,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 GRACE_SECONDS = 5
 RSS_LIMIT_KB = 300 * 1024
@@ -116,22 +132,15 @@ async def finish(client: Client, path: Path, tokens: set[bytes], output: str = "
 async def start(client: Client, worker: WorkerProcess, build: str, task_id: str,
                 **extra: Any) -> WorkflowHandle:
     return await client.start_workflow(
-        "BuildPipelineWorkflow",
+        BUILD_PIPELINE_WORKFLOW,
         BuildPipelineInput(build_name=build, plan_path=f"/plans/{build}.md", task_id=task_id,
                            target_agent="builder", **extra),
         id=f"{build}-{uuid.uuid4().hex[:8]}", task_queue=worker.env["TASK_QUEUE"],
         result_type=BuildPipelineResult)
 
 
-def origin(queue: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=task_id, target_agent="temporal-worker",
-                               task_type="build_plan", summary="origin", payload={}))
-    return task_id
-
-
 def triage_path(worker: WorkerProcess, build: str) -> Path:
-    folder = Path(worker.env["TEMPORAL_AUDIT_DIR"]) / "audit-requests" / build
+    folder = Path(worker.env["TEMPORAL_AUDIT_DIR"]) / AUDIT_REQUESTS_DIR / build
     folder.mkdir(parents=True, exist_ok=True)
     return folder / "triage-output.yml"
 
@@ -154,7 +163,7 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
     through every stage (flags, blocks approved by Update, which cancels the running
     check) with its agent stages finished by the real complete_activity.py."""
     queue = Path(worker.env["TASK_QUEUE_DIR"])
-    handle = await start(client, worker, "token-check", origin(queue),
+    handle = await start(client, worker, "token-check", write_origin_task(queue),
                          block_poll_interval_seconds=0.2)
     tokens: set[bytes] = set()
 
@@ -162,16 +171,15 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
         path = await play_stage(queue, handle.id, task_type, worker.env)
         tokens.add(base64.b64decode(load_yaml(path)["payload"]["task_token"]))
 
-    await stage("build_prefab")
-    await stage("build_plan")
+    await stage(TASK_BUILD_PREFAB)
+    await stage(TASK_BUILD_PLAN)
     triage_path(worker, "token-check").write_text(
         "blocks:\n- secrets in the image\nflags:\n- pin the base image\n")
-    await stage("security_audit")
-    await stage("security_fix")
-    await poll_status(handle, lambda s: s.stage == "wait_for_block_resolution"
-                      and s.waiting_on is not None, "parked")
+    await stage(TASK_SECURITY_AUDIT)
+    await stage(TASK_SECURITY_FIX)
+    await wait_until_parked(handle)
     await handle.execute_update("approve_blocks", "risk accepted")
-    await stage("build_closeout")
+    await stage(TASK_BUILD_CLOSEOUT)
     result = await handle.result()
     assert result.outcome == "partial" and len(tokens) == 5
     assert any("Completing activity with completion" in str(r.get("event"))
@@ -183,17 +191,6 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
                     await namespace_id(client, worker.env.get("TEMPORAL_NAMESPACE", "default")))
     assert_private_log(worker)
 
-
-async def poll_status(handle: WorkflowHandle, condition: Any, what: str,
-                      timeout: float = 60.0) -> PipelineStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        if condition(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.1)
 
 
 def alias_bomb(task_id: str) -> str:
@@ -215,13 +212,13 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
     fifos: list[Path] = []
 
     async def to_audit(handle: WorkflowHandle) -> Path:
-        for task_type in ("build_prefab", "build_plan"):
+        for task_type in (TASK_BUILD_PREFAB, TASK_BUILD_PLAN):
             await finish(client, await wait_for_task(queue, handle.id, task_type), tokens)
-        return await wait_for_task(queue, handle.id, "security_audit")
+        return await wait_for_task(queue, handle.id, TASK_SECURITY_AUDIT)
 
     async def fifo_pipeline(index: int) -> WorkflowHandle:
         build = f"fifo-{index}"
-        handle = await start(client, worker, build, origin(queue))
+        handle = await start(client, worker, build, write_origin_task(queue))
         audit = await to_audit(handle)
         fifo = triage_path(worker, build)
         os.mkfifo(fifo)
@@ -241,18 +238,17 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
 
     async def clean_pipeline(index: int) -> BuildPipelineResult:
         build = f"clean-{index}"
-        handle = await start(client, worker, build, origin(queue))
+        handle = await start(client, worker, build, write_origin_task(queue))
         audit = await to_audit(handle)
         triage_path(worker, build).write_text("info:\n- nothing to report\n")
         await finish(client, audit, tokens)
-        await finish(client, await wait_for_task(queue, handle.id, "build_closeout"), tokens)
+        await finish(client, await wait_for_task(queue, handle.id, TASK_BUILD_CLOSEOUT), tokens)
         return await handle.result()
 
     try:
         fifo_handles = await asyncio.gather(*(fifo_pipeline(i) for i in range(8)))
         bomb = await bomb_pipeline()
-        parked = await poll_status(bomb, lambda s: s.stage == "wait_for_block_resolution"
-                                   and s.waiting_on is not None, "the bomb's pipeline parked")
+        parked = await wait_until_parked(bomb)
         assert any("anchors/aliases are not allowed" in failure
                    for failure in parked.notification_failures), parked.notification_failures
 

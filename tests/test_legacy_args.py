@@ -22,10 +22,33 @@ from activities import legacy_args
 from activities.build_pipeline_activities import PipelineActivities
 from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
-from exceptions import INVALID_INPUT, LEGACY_WAIT_HANDED_OVER
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
-from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import assert_valid_task_file, load_yaml
+from task_files import add_history, find_task, read_task, update_task
+from tests.agents import assert_valid_task_file
+from tools.demo_agent import load_yaml, write_origin_task
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    AUDIT_REQUESTS_DIR,
+    BUILD_PHASE,
+    BUILD_PIPELINE_WORKFLOW,
+    CLOSE_BUILD,
+    IMPLEMENT_BUILD,
+    INPUT_REQUIRED,
+    INVALID_INPUT,
+    LEGACY_WAIT_HANDED_OVER,
+    NOTIFY_BLOCKS,
+    PREFAB_SCAFFOLDING,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUBMITTED,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 
 V050 = Path(__file__).resolve().parent / "histories" / "v050"
 CALL = legacy_args.CallContext("build-v050-blocks-approved", "run-1", "5")
@@ -70,10 +93,10 @@ def test_task_id_of_a_v050_call_is_stable_per_activity_and_uuid4_shaped() -> Non
 
 
 def test_prefab_args() -> None:
-    args = recorded_args("v050-blocks-approved", "prefab_scaffolding")
-    request = legacy_args.agent_request("prefab_scaffolding", args, CALL)
+    args = recorded_args("v050-blocks-approved", PREFAB_SCAFFOLDING)
+    request = legacy_args.agent_request(PREFAB_SCAFFOLDING, args, CALL)
     assert (request.build_name, request.plan_path) == args
-    assert request.task_type == "build_prefab"
+    assert request.task_type == TASK_BUILD_PREFAB
     assert (request.target_agent, request.agent_setting) == ("", "prefab_agent")
     assert request.task_id == legacy_args.task_id_for(CALL)
     assert args[1] in request.instruction
@@ -87,70 +110,70 @@ def recorded_input(history_name: str) -> dict[str, Any]:
 
 
 def test_implement_args_carry_the_originating_task_id() -> None:
-    args = recorded_args("v050-blocks-approved", "implement_build")
-    request = legacy_args.agent_request("implement_build", args, CALL)
-    assert request.task_type == "build_plan"
+    args = recorded_args("v050-blocks-approved", IMPLEMENT_BUILD)
+    request = legacy_args.agent_request(IMPLEMENT_BUILD, args, CALL)
+    assert request.task_type == TASK_BUILD_PLAN
     assert request.target_agent == "builder"
     assert request.plan_path is None  # v0.5.0 does not pass it to stage 2 ...
     assert request.extra_payload == {"originating_task_id": args[1]}
     assert args[1] in request.instruction
     # ... the run's input has it.
     call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
-    request = legacy_args.agent_request("implement_build", args, call)
+    request = legacy_args.agent_request(IMPLEMENT_BUILD, args, call)
     assert request.plan_path == "/home/operator/plans/v050-blocks-approved.md"
 
 
 @pytest.mark.parametrize("plan_path", ["relative.md", "/a\nb", 7, None, "/" + "x" * 5000])
 def test_an_unusable_plan_path_in_the_run_input_is_left_out(plan_path: Any) -> None:
     call = dataclasses.replace(CALL, pipeline={"plan_path": plan_path, "target_agent": "B!"})
-    args = recorded_args("v050-blocks-approved", "close_build")
-    assert legacy_args.agent_request("close_build", args, call).plan_path is None
+    args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
+    assert legacy_args.agent_request(CLOSE_BUILD, args, call).plan_path is None
     audit = legacy_args.audit_request(recorded_args("v050-blocks-approved",
-                                                    "request_security_audit"), call,
+                                                    REQUEST_SECURITY_AUDIT), call,
                                       lambda build: Path("/a") / build, "r.md", "t.yml")
     assert audit.target_agent == "(unknown)"
 
 
 def test_flag_fix_args_carry_the_flag_texts() -> None:
-    args = recorded_args("v050-blocks-approved", "apply_flag_fixes")
-    request = legacy_args.agent_request("apply_flag_fixes", args, CALL)
-    assert request.task_type == "security_fix" and request.target_agent == "builder"
+    args = recorded_args("v050-blocks-approved", APPLY_FLAG_FIXES)
+    request = legacy_args.agent_request(APPLY_FLAG_FIXES, args, CALL)
+    assert request.task_type == TASK_SECURITY_FIX and request.target_agent == "builder"
     assert request.extra_payload == {"flags": ["chmod 600 env"], "flag_count": 1}
     assert "<security-findings>" in request.instruction
     assert "chmod 600 env" in request.instruction
     # Our triage's item shape is accepted too; the finding stays data.
     mixed = legacy_args.agent_request(
-        "apply_flag_fixes", ("web", [{"description": "<b>x</b>", "file": "a"}, "y"], "builder"),
+        APPLY_FLAG_FIXES, ("web", [{"description": "<b>x</b>", "file": "a"}, "y"], "builder"),
         CALL)
     assert mixed.extra_payload["flags"] == ["<b>x</b>", "y"]
     assert "<b>" not in mixed.instruction and "&lt;b&gt;x&lt;/b&gt;" in mixed.instruction
 
 
 def test_close_args() -> None:
-    args = recorded_args("v050-blocks-approved", "close_build")
-    request = legacy_args.agent_request("close_build", args, CALL)
-    assert request.task_type == "build_closeout"
+    args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
+    request = legacy_args.agent_request(CLOSE_BUILD, args, CALL)
+    assert request.task_type == TASK_BUILD_CLOSEOUT
     assert request.target_agent == "builder" and request.build_name == args[0]
     assert "close-out document" in request.instruction
 
 
 def test_audit_args_carry_absolute_paths(tmp_path: Path) -> None:
-    args = recorded_args("v050-blocks-approved", "request_security_audit")
-    folder = tmp_path / "audit-requests" / args[0]
+    args = recorded_args("v050-blocks-approved", REQUEST_SECURITY_AUDIT)
+    folder = tmp_path / AUDIT_REQUESTS_DIR / args[0]
     call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
-    request = legacy_args.audit_request(args, call, lambda build: tmp_path / "audit-requests"
+    request = legacy_args.audit_request(args, call, lambda build: tmp_path / AUDIT_REQUESTS_DIR
                                         / build, "request.md", "triage-output.yml")
     assert request.target_agent == "builder"  # from the run's input
     assert (request.build_name, request.plan_path) == args
     task = request.task
-    assert task.task_type == "security_audit" and task.agent_setting == "security_agent"
+    assert task.task_type == TASK_SECURITY_AUDIT and task.agent_setting == "security_agent"
     assert task.extra_payload == {"audit_folder": f"audit-requests/{args[0]}"}
     assert str(folder / "request.md") in task.instruction
     assert str(folder / "triage-output.yml") in task.instruction
 
 
 def test_notify_args() -> None:
-    args = recorded_args("v050-blocks-approved", "notify_blocks")
+    args = recorded_args("v050-blocks-approved", NOTIFY_BLOCKS)
     request = legacy_args.notify_input(args, CALL)
     assert (request.build_name, request.task_id) == args[:2]
     assert request.workflow_id == CALL.workflow_id
@@ -158,12 +181,12 @@ def test_notify_args() -> None:
 
 
 def test_wait_args() -> None:
-    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
     assert legacy_args.block_check(args) == BlockCheckInput(task_id=args[1])
 
 
 def test_summary_args_with_blocks_are_partial() -> None:
-    args = recorded_args("v050-blocks-approved", "summarize_workflow")
+    args = recorded_args("v050-blocks-approved", SUMMARIZE_WORKFLOW)
     call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
     summary = legacy_args.summary_input(args, call)
     assert summary.workflow_id == args[0] and summary.build_name == args[1]
@@ -173,9 +196,9 @@ def test_summary_args_with_blocks_are_partial() -> None:
     assert summary.started_at.isoformat() == args[2] and summary.ended_at.isoformat() == args[3]
     assert summary.outcome == "partial" and summary.decision == "approved"
     assert summary.stages_completed == [
-        "prefab_scaffolding", "implement_build", "request_security_audit",
-        "process_triage_output", "apply_flag_fixes", "notify_blocks",
-        "wait_for_block_resolution", "close_build", "summarize_workflow"]
+        PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+        PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
+        WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW]
     assert (len(summary.blocks), len(summary.flags), len(summary.info)) == (1, 1, 0)
     assert summary.plan_path == args[7] and summary.closeout_path == args[8]
     assert [event.event for event in summary.events] == ["v050_arguments"]
@@ -183,27 +206,27 @@ def test_summary_args_with_blocks_are_partial() -> None:
 
 
 def test_summary_args_without_blocks_are_success() -> None:
-    args = recorded_args("v050-clean", "summarize_workflow")
+    args = recorded_args("v050-clean", SUMMARIZE_WORKFLOW)
     summary = legacy_args.summary_input(
         args, dataclasses.replace(CALL, workflow_id="build-v050-clean"))
     assert summary.outcome == "success" and summary.decision is None
-    assert "apply_flag_fixes" not in summary.stages_completed
-    assert "notify_blocks" not in summary.stages_completed
+    assert APPLY_FLAG_FIXES not in summary.stages_completed
+    assert NOTIFY_BLOCKS not in summary.stages_completed
     assert (len(summary.blocks), len(summary.flags)) == (0, 0)
 
 
 def test_bad_v050_arguments_fail_at_once_naming_the_problem() -> None:
     agent = legacy_args.agent_request
-    assert "2 positional" in refused(agent, "prefab_scaffolding", ("web",), CALL).message
-    assert "build_name" in refused(agent, "prefab_scaffolding", ("Web!", "/p.md"), CALL).message
-    assert "absolute" in refused(agent, "prefab_scaffolding", ("web", "p.md"), CALL).message
-    assert "separators" in refused(agent, "implement_build", ("web", "../x", "b"), CALL).message
-    assert "target_agent" in refused(agent, "close_build", ("web", "B B"), CALL).message
-    assert "flags" in refused(agent, "apply_flag_fixes", ("web", "x", "b"), CALL).message
-    assert "flags" in refused(agent, "apply_flag_fixes", ("web", [""], "b"), CALL).message
-    assert "no v0.5.0 form" in refused(agent, "build_phase", ("x",), CALL).message
+    assert "2 positional" in refused(agent, PREFAB_SCAFFOLDING, ("web",), CALL).message
+    assert "build_name" in refused(agent, PREFAB_SCAFFOLDING, ("Web!", "/p.md"), CALL).message
+    assert "absolute" in refused(agent, PREFAB_SCAFFOLDING, ("web", "p.md"), CALL).message
+    assert "separators" in refused(agent, IMPLEMENT_BUILD, ("web", "../x", "b"), CALL).message
+    assert "target_agent" in refused(agent, CLOSE_BUILD, ("web", "B B"), CALL).message
+    assert "flags" in refused(agent, APPLY_FLAG_FIXES, ("web", "x", "b"), CALL).message
+    assert "flags" in refused(agent, APPLY_FLAG_FIXES, ("web", [""], "b"), CALL).message
+    assert "no v0.5.0 form" in refused(agent, BUILD_PHASE, ("x",), CALL).message
     assert "control" in refused(legacy_args.notify_input, ("web", "a\nb", ["x"]), CALL).message
-    args = list(recorded_args("v050-clean", "summarize_workflow"))
+    args = list(recorded_args("v050-clean", SUMMARIZE_WORKFLOW))
     call = dataclasses.replace(CALL, workflow_id=args[0])
     assert "not the workflow" in refused(legacy_args.summary_input, tuple(args), CALL).message
     assert "phases" in refused(legacy_args.summary_input,
@@ -216,7 +239,7 @@ def test_bad_v050_arguments_fail_at_once_naming_the_problem() -> None:
 
 def test_own_model_errors_name_the_field() -> None:
     error = refused(legacy_args.own_input, SummaryInput, ({"workflow_id": "x"},),
-                    "summarize_workflow")
+                    SUMMARIZE_WORKFLOW)
     assert error.message.startswith("summarize_workflow: ")
 
 
@@ -247,7 +270,7 @@ def environment(activity_type: str, call: legacy_args.CallContext = CALL) -> Act
     env.info = dataclasses.replace(
         ActivityEnvironment.default_info(), activity_type=activity_type,
         activity_id=call.activity_id, workflow_id=call.workflow_id,
-        workflow_run_id=call.run_id, workflow_type="BuildPipelineWorkflow",
+        workflow_run_id=call.run_id, workflow_type=BUILD_PIPELINE_WORKFLOW,
         task_token=b"token-of-" + activity_type.encode())
     return env
 
@@ -270,21 +293,20 @@ def only_task(config: WorkerConfig) -> tuple[Path, dict[str, Any]]:
     return path, assert_valid_task_file(path)
 
 
-def origin_task(config: WorkerConfig, task_id: str, status: str = "submitted") -> Path:
-    path = write_task(config.task_queue_dir, new_task(
-        task_id=task_id, target_agent="operator", task_type="build_plan",
-        summary="originating build request", payload={"build_name": "web"}))
-    if status != "submitted":
+def origin_task(config: WorkerConfig, task_id: str, status: str = SUBMITTED) -> Path:
+    write_origin_task(config.task_queue_dir, "web", task_id=task_id)
+    path = find_task(config.task_queue_dir, task_id)
+    if status != SUBMITTED:
         update_task(path, lambda task: add_history(task, status=status, actor="alice",
                                                     note="decided"))
     return path
 
 
 @pytest.mark.parametrize(("stage", "history_name", "fields"), [
-    ("prefab_scaffolding", "v050-blocks-approved", {"plan_path"}),
-    ("implement_build", "v050-blocks-approved", {"originating_task_id"}),
-    ("apply_flag_fixes", "v050-blocks-approved", {"flags"}),
-    ("close_build", "v050-blocks-approved", set()),
+    (PREFAB_SCAFFOLDING, "v050-blocks-approved", {"plan_path"}),
+    (IMPLEMENT_BUILD, "v050-blocks-approved", {"originating_task_id"}),
+    (APPLY_FLAG_FIXES, "v050-blocks-approved", {"flags"}),
+    (CLOSE_BUILD, "v050-blocks-approved", set()),
 ])
 async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
         config: WorkerConfig, run_input: dict[str, Any], stage: str, history_name: str,
@@ -298,12 +320,12 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
     assert {"build_name", "instruction", "task_token"} | fields <= set(payload)
     assert payload["build_name"] == args[0]
     assert payload["activity_type"] == stage and payload["workflow_id"] == CALL.workflow_id
-    if stage == "implement_build":
+    if stage == IMPLEMENT_BUILD:
         assert payload["originating_task_id"] == args[1]
-    if stage == "apply_flag_fixes":
+    if stage == APPLY_FLAG_FIXES:
         assert payload["flags"] == args[1]
     assert payload["plan_path"] == run_input["plan_path"]
-    if stage == "prefab_scaffolding":
+    if stage == PREFAB_SCAFFOLDING:
         assert task["target_agent"] == config.prefab_agent
     else:
         assert task["target_agent"] == args[-1]
@@ -312,8 +334,8 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
 async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
         config: WorkerConfig) -> None:
     """No client here: the history read fails; the task is still handed to the agent."""
-    args = recorded_args("v050-blocks-approved", "close_build")
-    await suspended(environment("close_build"), agent_stage(config, "close_build"), *args)
+    args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
+    await suspended(environment(CLOSE_BUILD), agent_stage(config, CLOSE_BUILD), *args)
     path = only_task_path(config)
     payload = load_yaml(path)["payload"]
     assert "plan_path" not in payload and payload["build_name"] == args[0]
@@ -321,10 +343,10 @@ async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
 
 async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
     request = AgentTaskRequest(task_id="2b1e0f3a-7c51-4d2e-9f6a-0123456789ab", build_name="web",
-                               target_agent="builder", task_type="build_plan", summary="s",
+                               target_agent="builder", task_type=TASK_BUILD_PLAN, summary="s",
                                instruction="do it", plan_path="/plans/web.md",
                                extra_payload={"originating_task_id": "T-1"})
-    await suspended(environment("implement_build"), agent_stage(config, "implement_build"),
+    await suspended(environment(IMPLEMENT_BUILD), agent_stage(config, IMPLEMENT_BUILD),
                     request.model_dump(mode="json"))
     _, task = only_task(config)
     assert task["id"] == request.task_id and task["payload"]["originating_task_id"] == "T-1"
@@ -332,11 +354,11 @@ async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
 
 async def test_audit_with_v050_args_writes_request_and_task(
         config: WorkerConfig, run_input: dict[str, Any]) -> None:
-    args = recorded_args("v050-blocks-approved", "request_security_audit")
+    args = recorded_args("v050-blocks-approved", REQUEST_SECURITY_AUDIT)
     activities = PipelineActivities(config)
-    await suspended(environment("request_security_audit"), activities.request_security_audit,
+    await suspended(environment(REQUEST_SECURITY_AUDIT), activities.request_security_audit,
                     *args)
-    folder = config.audit_dir / "audit-requests" / args[0]
+    folder = config.audit_dir / AUDIT_REQUESTS_DIR / args[0]
     request = folder / "request.md"
     assert stat.S_IMODE(request.stat().st_mode) == 0o600
     assert args[1] in request.read_text()
@@ -349,52 +371,52 @@ async def test_audit_with_v050_args_writes_request_and_task(
 
 async def test_notify_with_v050_args_returns_nothing_and_marks_the_origin(
         config: WorkerConfig) -> None:
-    args = recorded_args("v050-blocks-approved", "notify_blocks")
+    args = recorded_args("v050-blocks-approved", NOTIFY_BLOCKS)
     origin_task(config, args[1])
-    result = await environment("notify_blocks").run(
+    result = await environment(NOTIFY_BLOCKS).run(
         PipelineActivities(config).notify_blocks, *args)
     assert result is None
     task = read_task(find_task(config.task_queue_dir, args[1]))
-    assert task["status"] == "input-required"
+    assert task["status"] == INPUT_REQUIRED
     assert CALL.workflow_id in task["history"][-1]["note"]
 
 
 async def test_wait_with_v050_args_hands_a_pending_decision_over(config: WorkerConfig) -> None:
-    args = recorded_args("v050-parked", "wait_for_block_resolution")
-    origin_task(config, args[1], status="input-required")
+    args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
+    origin_task(config, args[1], status=INPUT_REQUIRED)
     with pytest.raises(ApplicationError) as caught:
-        await environment("wait_for_block_resolution").run(
+        await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(config).wait_for_block_resolution, *args)
     assert caught.value.type == LEGACY_WAIT_HANDED_OVER and caught.value.non_retryable
 
 
 async def test_wait_with_v050_args_returns_nothing_when_already_approved(
         config: WorkerConfig) -> None:
-    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
     origin_task(config, args[1], status="approved")
     activities = PipelineActivities(config)
-    assert await environment("wait_for_block_resolution").run(
+    assert await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
         activities.wait_for_block_resolution, *args) is None
     # Our own form still answers with a resolution.
-    resolution = await environment("wait_for_block_resolution").run(
+    resolution = await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
         activities.wait_for_block_resolution, {"task_id": args[1]})
     assert (resolution.decision, resolution.actor) == ("approved", "alice")
 
 
 async def test_wait_with_v050_args_ignores_the_file_when_file_decisions_are_off(
         config: WorkerConfig) -> None:
-    args = recorded_args("v050-parked", "wait_for_block_resolution")
+    args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
     origin_task(config, args[1], status="approved")
     strict = config.model_copy(update={"file_decisions": False})
     with pytest.raises(ApplicationError) as caught:
-        await environment("wait_for_block_resolution").run(
+        await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(strict).wait_for_block_resolution, *args)
     assert caught.value.type == LEGACY_WAIT_HANDED_OVER
 
 
 async def test_summary_with_v050_args(config: WorkerConfig, run_input: dict[str, Any]) -> None:
-    args = recorded_args("v050-blocks-approved", "summarize_workflow")
-    path = Path(await environment("summarize_workflow").run(
+    args = recorded_args("v050-blocks-approved", SUMMARIZE_WORKFLOW)
+    path = Path(await environment(SUMMARIZE_WORKFLOW).run(
         PipelineActivities(config).summarize_workflow, *args))
     assert path == config.summary_dir / "2026-11" / f"{args[0]}.yml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

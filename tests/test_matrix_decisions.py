@@ -34,10 +34,11 @@ from matrix_decisions import (
 )
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from tests import synapse
-from tests.agents import complete_task, load_yaml, poll, wait_for_task
 from tests.conftest import PipelineEnv
-from tests.test_notify import park_pipeline, poll_status, worker_with
+from tests.test_notify import park_pipeline, worker_with
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import complete_task, load_yaml, poll, wait_for_status, wait_for_task
+from vocabulary import CLOSE_BUILD, TASK_BUILD_CLOSEOUT
 
 BLOCKS = ["Deploy key committed to the chart"]
 # A chat decision is recorded as such (the workflow names the source of each decision).
@@ -176,7 +177,7 @@ def decisions_in(events: list[StageEvent]) -> list[StageEvent]:
 
 async def decision_made(handle: WorkflowHandle) -> PipelineStatus:
     """The status once the pipeline has a decision (a clear failure if it never does)."""
-    return await poll_status(handle, lambda s: s.decision is not None, "a block decision",
+    return await wait_for_status(handle, lambda s: s.decision is not None, "a block decision",
                              timeout=20)
 
 
@@ -245,7 +246,7 @@ async def test_approver_replies_approve_and_reject(
 
         sent = time.monotonic()
         await chat.reply(chat.alice, approve_notice, "Approve: risk accepted for the demo")
-        closeout = await wait_for_task(pipeline.queue_dir, approve.id, "build_closeout")
+        closeout = await wait_for_task(pipeline.queue_dir, approve.id, TASK_BUILD_CLOSEOUT)
         latency = time.monotonic() - sent
         with capsys.disabled():
             print(f"\nmatrix reply -> next stage (close_build task written): {latency:.3f}s")
@@ -272,7 +273,7 @@ async def test_approver_replies_approve_and_reject(
     assert "risk accepted for the demo" in entry["note"]
 
     assert rejected.outcome == "rejected" and rejected.decision == "rejected"
-    assert "close_build" not in rejected.stages_completed
+    assert CLOSE_BUILD not in rejected.stages_completed
     assert (reject_status.decision, reject_status.decided_by) == ("rejected", chat.alice.user_id)
     [decided] = decisions_in(reject_events)
     assert decided.detail == f"{chat.alice.user_id}: the deploy key must go first"
@@ -292,7 +293,7 @@ async def test_approver_reactions_decide(chat: Chat, client: Client, temporal_ad
         # With the emoji variation selector, as some clients send it.
         await chat.react(chat.alice, await chat.notice_for(approve.id), "✅\ufe0f")
         await chat.react(chat.alice, await chat.notice_for(reject.id), "❌")
-        closeout = await wait_for_task(pipeline.queue_dir, approve.id, "build_closeout")
+        closeout = await wait_for_task(pipeline.queue_dir, approve.id, TASK_BUILD_CLOSEOUT)
         await complete_task(closeout, pipeline.env)
         approved = await result_of(client, approve)
         assert (await decision_made(reject)).decision == "rejected"
@@ -414,10 +415,10 @@ async def test_decisions_made_while_no_worker_listened(
         await chat.reply(chat.mallory, first_notice, "approve")
 
         async with listening(client, pipeline.config):
-            await wait_for_task(pipeline.queue_dir, second.id, "build_closeout")
+            await wait_for_task(pipeline.queue_dir, second.id, TASK_BUILD_CLOSEOUT)
             # Read in order after the withdrawn reject: a live approval decides `first`.
             await chat.react(alice, first_notice, "✅")
-            await wait_for_task(pipeline.queue_dir, first.id, "build_closeout")
+            await wait_for_task(pipeline.queue_dir, first.id, TASK_BUILD_CLOSEOUT)
         first_status, second_status = await status_of(first), await status_of(second)
         first_events, second_events = await events_of(first), await events_of(second)
         for handle in (first, second):
@@ -453,7 +454,7 @@ async def test_two_workers_listening_apply_one_decision(
                        timeout=30, what="the worker process listening to the room")
             handle, origin = await park_pipeline(pipeline, "two-listeners", BLOCKS)
             reply = await chat.reply(chat.alice, await chat.notice_for(handle.id), "approve")
-            closeout = await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout")
+            closeout = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT)
 
             def seen_by_process() -> bool:
                 return any(r.get("event") == "chat_decision" and r.get("matrix_event") == reply

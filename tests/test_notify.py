@@ -23,11 +23,26 @@ from temporalio.client import Client, WorkflowHandle
 from activities import notify
 from config import load_config
 from models import BuildPipelineInput, PipelineStatus
-from task_files import find_task, new_task, write_task
+from task_files import find_task
 from tests import synapse
-from tests.agents import complete_task, load_yaml, play_stage, poll, wait_for_task
 from tests.conftest import PipelineEnv, make_env
+from tools.demo_agent import (
+    complete_task,
+    load_yaml,
+    play_stage,
+    poll,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
 from tools.devserver import free_port
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    INPUT_REQUIRED,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 from worker import build_worker
 
 BLOCKS = ["Token is logged in plain text", "Admin endpoint has no authentication"]
@@ -50,35 +65,20 @@ async def park_pipeline(pipeline: PipelineEnv, build: str,
                         blocks: list[str]) -> tuple[WorkflowHandle, Path]:
     """Run a pipeline whose audit reports `blocks` until it parks at stage 7; return its
     handle and the originating task file."""
-    task_id = str(uuid.uuid4())
-    write_task(pipeline.queue_dir, new_task(
-        task_id=task_id, target_agent="temporal-worker", task_type="build_plan",
-        summary="originating build request", payload={"build_name": build}))
+    task_id = write_origin_task(pipeline.queue_dir, build)
     inp = BuildPipelineInput(build_name=build, plan_path="/plans/demo.md", task_id=task_id,
                              target_agent="builder", block_poll_interval_seconds=0.2)
-    handle = await pipeline.start("BuildPipelineWorkflow", inp)
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, "blocks:\n" + "".join(f"- description: {b}\n"
                                                        for b in blocks))
     await complete_task(audit, pipeline.env, "success", "audit written")
-    status = await poll_status(handle, lambda s: s.stage == "wait_for_block_resolution"
-                               and s.waiting_on is not None, "pipeline parked at stage 7")
+    status = await wait_until_parked(handle)
     assert status.blocks == len(blocks)
     return handle, find_task(pipeline.queue_dir, task_id)
 
-
-async def poll_status(handle: WorkflowHandle, condition: Any, what: str,
-                      timeout: float = 60.0) -> PipelineStatus:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-        if condition(status):
-            return status
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.1)
 
 
 def origin_note(origin: Path) -> tuple[str, str]:
@@ -139,7 +139,7 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
     assert "Build notice-two: 1 security block(s)" in by_build["notice-two"]
     assert BLOCKS[1] not in by_build["notice-two"]
     status, note = origin_note(first_origin)
-    assert status == "input-required"
+    assert status == INPUT_REQUIRED
     assert "2 security block(s) await approval" in note and "notification failed" not in note
 
 
@@ -199,7 +199,7 @@ async def test_homeserver_down_still_parks_and_records(client: Client, temporal_
     assert status.notification_failures == ["matrix: Matrix whoami: ConnectError"]
     assert any(e["event"] == "notification_failed" for e in events)
     task_status, note = origin_note(origin)
-    assert task_status == "input-required"
+    assert task_status == INPUT_REQUIRED
     assert "2 security block(s) await approval" in note
     assert "notification failed: matrix: Matrix whoami: ConnectError" in note
     attempts = [r for r in caplog.records if r.getMessage() == "notification_failed"]

@@ -31,11 +31,21 @@ from models import BuildPipelineResult
 from observability import CORE_LOGGER, REDACTED, configure_logging, setup_telemetry
 from task_files import add_history, update_task
 from temporal_client import connect
-from tests.agents import REPO, play_stage, poll
 from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_notify import BLOCKS, park_pipeline
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import REPO, play_stage, poll
 from tools.devserver import free_port
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    CLOSE_BUILD,
+    IMPLEMENT_BUILD,
+    NOTIFY_BLOCKS,
+    PREFAB_SCAFFOLDING,
+    REQUEST_SECURITY_AUDIT,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+)
 
 BUILD = "traced-build"
 WORKER_ID = "test-host:4242"
@@ -76,7 +86,7 @@ async def traced_run(temporal_address: str,
             handle, origin = await park_pipeline(pipeline, BUILD, BLOCKS)
             update_task(origin, lambda t: add_history(t, status="approved", actor="ops",
                                                       note="accepted"))
-            await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
+            await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
             result = BuildPipelineResult.model_validate(await handle.result())
     finally:
         for handler in list(root_logger.handlers):
@@ -144,8 +154,8 @@ async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> No
 
     found = await poll(scrape, timeout=30, interval=0.5, what="our counters on /metrics")
     queue = {"task_queue": traced_run.task_queue}
-    for stage in ("prefab_scaffolding", "implement_build", "request_security_audit",
-                  "close_build"):
+    for stage in (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+                  CLOSE_BUILD):
         assert value(found, "build_tasks_dispatched_total", stage=stage, **queue) == 1, stage
     assert value(found, "build_tasks_dispatched_total", **queue) == 4
     assert value(found, "build_blocks_notified_total", **queue) == len(BLOCKS)
@@ -153,12 +163,12 @@ async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> No
     assert value(found, "build_pipelines_completed_total", outcome="partial", **queue) == 1
     # The SDK's own worker metrics come out of the same endpoint.
     assert value(found, "temporal_workflow_completed_total",
-                 workflow_type="BuildPipelineWorkflow", **queue) >= 1
+                 workflow_type=BUILD_PIPELINE_WORKFLOW, **queue) >= 1
     assert value(found, "temporal_activity_execution_latency_count",
-                 activity_type="notify_blocks", **queue) >= 1
+                 activity_type=NOTIFY_BLOCKS, **queue) >= 1
     # Stages 4 and 9 are local activities: their own series.
     assert value(found, "temporal_local_activity_execution_latency_count",
-                 activity_type="summarize_workflow", **queue) >= 1
+                 activity_type=SUMMARIZE_WORKFLOW, **queue) >= 1
     assert any(n == "temporal_worker_task_slots_available" for n, _, _ in found)
     assert all(lab.get("service_name") == "temporal-build-worker"
                for n, lab, _ in found if n.startswith("build_"))
@@ -173,14 +183,14 @@ def test_json_log_lines_carry_context(traced_run: TracedRun) -> None:
     assert all(line["worker_id"] == WORKER_ID for line in lines)
     mine = [line for line in lines if line["workflow_id"] == traced_run.workflow_id]
     dispatched = {line["activity"] for line in mine if line["event"] == "task_dispatched"}
-    assert dispatched == {"prefab_scaffolding", "implement_build", "request_security_audit",
-                          "close_build"}
+    assert dispatched == {PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+                          CLOSE_BUILD}
     # activities.notify logs without passing any context: the filter supplies all of it.
     failed = [line for line in mine if line["event"] == "notification_failed"]
     assert failed, "no notification_failed line for the pipeline"
-    assert all(line["activity"] == "notify_blocks" and line["build_name"] == BUILD
+    assert all(line["activity"] == NOTIFY_BLOCKS and line["build_name"] == BUILD
                and line["logger"] == "activities.notify" for line in failed)
-    assert any(line["event"] == "summary_written" and line["activity"] == "summarize_workflow"
+    assert any(line["event"] == "summary_written" and line["activity"] == SUMMARIZE_WORKFLOW
                for line in mine)
     # The SDK's context travels in fields, not glued onto the event text.
     assert not any("'workflow_id'" in line["event"] for line in lines)

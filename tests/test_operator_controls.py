@@ -25,29 +25,45 @@ from models import (
     StageEvent,
 )
 from task_files import find_task
-from tests.agents import (
+from tests.conftest import PipelineEnv
+from tools.demo_agent import (
     complete_task,
     load_yaml,
     play_stage,
     poll,
     tasks_for,
+    wait_for_status,
     wait_for_task,
+    wait_until_parked,
     write_origin_task,
 )
-from tests.conftest import PipelineEnv
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    CLOSE_BUILD,
+    IMPLEMENT_BUILD,
+    PREFAB_SCAFFOLDING,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUBMITTED,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 BLOCK = "Session token written to the build log"
 
 
-def originating_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 async def start_pipeline(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
-    task_id = originating_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     inp = BuildPipelineInput(build_name=build, plan_path="/plans/ops.md", task_id=task_id,
                              target_agent="builder", block_poll_interval_seconds=30)
-    handle = await pipeline.start("BuildPipelineWorkflow", inp, result_type=BuildPipelineResult)
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
     return handle, task_id
 
 
@@ -64,27 +80,14 @@ async def current_details(handle: WorkflowHandle) -> str:
     return metadata.current_details
 
 
-async def wait_status(handle: WorkflowHandle, check: Any, what: str,
-                      timeout: float = 20.0) -> PipelineStatus:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await status_of(handle)
-        if check(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last status {status}")
-        await asyncio.sleep(0.05)
-
-
 async def park_at_blocks(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHandle, str]:
     handle, task_id = await start_pipeline(pipeline, build)
-    await play_stage(pipeline.queue_dir, handle.id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, f"blocks:\n- description: {BLOCK}\n")
     await complete_task(audit, pipeline.env, "success", "audit written")
-    await wait_status(handle, lambda s: s.waiting_on is not None
-                      and s.waiting_on.kind == "block_decision", "parked at stage 7")
+    await wait_until_parked(handle)
     return handle, task_id
 
 
@@ -103,41 +106,41 @@ async def activity_summaries(handle: WorkflowHandle) -> list[str]:
 
 async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "watched-build")
-    prefab = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     prefab_id = load_yaml(prefab)["id"]
-    status = await wait_status(handle, lambda s: s.waiting_on is not None, "stage 1 waiting")
+    status = await wait_for_status(handle, lambda s: s.waiting_on is not None, "stage 1 waiting")
     assert (status.stage, status.stage_number, status.stages_done) == (
-        "prefab_scaffolding", 1, [])
+        PREFAB_SCAFFOLDING, 1, [])
     assert status.waiting_on is not None
     assert (status.waiting_on.kind, status.waiting_on.agent, status.waiting_on.task_type,
-            status.waiting_on.task_id) == ("agent", "claudebox", "build_prefab", prefab_id)
+            status.waiting_on.task_id) == ("agent", "claudebox", TASK_BUILD_PREFAB, prefab_id)
     assert status.waiting_on.since is not None and not status.paused and status.outcome is None
     details_1 = await current_details(handle)
     assert "Stage 1/9: `prefab_scaffolding`" in details_1
     assert "Waiting on claudebox since" in details_1
 
     await complete_task(prefab, pipeline.env)
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_plan")
-    status = await wait_status(handle, lambda s: s.stage_number == 2, "stage 2")
-    assert status.stages_done == ["prefab_scaffolding"]
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
+    status = await wait_for_status(handle, lambda s: s.stage_number == 2, "stage 2")
+    assert status.stages_done == [PREFAB_SCAFFOLDING]
     assert status.waiting_on is not None and status.waiting_on.agent == "builder"
     details_2 = await current_details(handle)
     assert details_2 != details_1 and "Stage 2/9: `implement_build`" in details_2
     assert "Done: prefab_scaffolding" in details_2
 
-    await play_stage(pipeline.queue_dir, handle.id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, handle.id, "security_audit")
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage("watched-build", "flags:\n- Pin versions\ninfo:\n- fine\n")
     await complete_task(audit, pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "security_fix", pipeline.env)
-    await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env,
+    await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
+    await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env,
                      message="/docs/closeout.md")
     result: BuildPipelineResult = await handle.result()
     assert result.outcome == "success"
 
     final = await status_of(handle)  # queries still answer on a closed workflow
     assert final.outcome == "success" and (final.flags, final.info) == (1, 1)
-    assert final.stages_done[-1] == "summarize_workflow" and final.waiting_on is None
+    assert final.stages_done[-1] == SUMMARIZE_WORKFLOW and final.waiting_on is None
     assert "Outcome: **success**" in await current_details(handle)
     assert await activity_summaries(handle) == [
         "resolve agents, find originating task", "1/9 prefab_scaffolding → claudebox",
@@ -147,36 +150,36 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
         "9/9 summarize_workflow"]
     events = await events_of(handle)
     started = [e.stage for e in events if e.event == "started"]
-    assert started == ["pipeline", "prefab_scaffolding", "implement_build",
-                       "request_security_audit", "process_triage_output", "apply_flag_fixes",
-                       "close_build", "summarize_workflow"]
+    assert started == ["pipeline", PREFAB_SCAFFOLDING, IMPLEMENT_BUILD,
+                       REQUEST_SECURITY_AUDIT, PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES,
+                       CLOSE_BUILD, SUMMARIZE_WORKFLOW]
     assert [e.at for e in events] == sorted(e.at for e in events)
 
 
 async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "paused-build")
-    prefab = await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     await handle.signal("pause", "database migration window")
-    status = await wait_status(handle, lambda s: s.paused, "paused")
+    status = await wait_for_status(handle, lambda s: s.paused, "paused")
     assert status.pause_reason == "database migration window"
     assert "**Paused**: database migration window" in await current_details(handle)
 
     await complete_task(prefab, pipeline.env)  # the running stage may still finish
     deadline = time.monotonic() + 20
-    while not any(e.event == "held" and e.stage == "implement_build"
+    while not any(e.event == "held" and e.stage == IMPLEMENT_BUILD
                   for e in await events_of(handle)):
         assert time.monotonic() < deadline, "pipeline never reached the pause gate"
         await asyncio.sleep(0.05)
     # The workflow is parked at the gate: nothing for stage 2 was dispatched.
     assert [t["task_type"] for _, t in tasks_for(pipeline.queue_dir, handle.id)] == [
-        "build_prefab"]
+        TASK_BUILD_PREFAB]
     status = await status_of(handle)
-    assert status.paused and status.stages_done == ["prefab_scaffolding"]
+    assert status.paused and status.stages_done == [PREFAB_SCAFFOLDING]
     assert status.waiting_on is None
 
     await handle.signal("resume", "window closed")
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_plan")
-    status = await wait_status(handle, lambda s: s.stage == "implement_build", "stage 2")
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
+    status = await wait_for_status(handle, lambda s: s.stage == IMPLEMENT_BUILD, "stage 2")
     assert not status.paused and status.pause_reason == ""
     assert "Paused" not in await current_details(handle)
     kinds = [(e.event, e.detail) for e in await events_of(handle)
@@ -191,18 +194,18 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
 async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv,
                                                            update: str) -> None:
     handle, task_id = await start_pipeline(pipeline, f"early-{update.split('_')[0]}")
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     with pytest.raises(WorkflowUpdateFailedError) as caught:
         await handle.execute_update(update, "looks fine")
     assert "not waiting on blocks" in str(caught.value.cause)
-    assert "prefab_scaffolding" in str(caught.value.cause)
+    assert PREFAB_SCAFFOLDING in str(caught.value.cause)
     status = await status_of(handle)
-    assert status.decision is None and status.stage == "prefab_scaffolding"
+    assert status.decision is None and status.stage == PREFAB_SCAFFOLDING
     # A refused update leaves no trace in history and does not touch the task file.
     history = [e async for e in handle.fetch_history_events()]
     assert not any(e.HasField("workflow_execution_update_accepted_event_attributes")
                    for e in history)
-    assert load_yaml(find_task(pipeline.queue_dir, task_id))["status"] == "submitted"
+    assert load_yaml(find_task(pipeline.queue_dir, task_id))["status"] == SUBMITTED
     await handle.terminate("test done")
 
 
@@ -213,11 +216,11 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
         "approve_blocks", BlockDecision(note="risk accepted for the demo", decided_by="ops-ted"),
         result_type=str)
     assert answer == "approved"
-    closeout = await wait_for_task(pipeline.queue_dir, handle.id, "build_closeout")
+    closeout = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT)
     wall = time.monotonic() - sent
     events = await events_of(handle)
     decided = next(e for e in events if e.event == "approved_by_update")
-    resumed = next(e for e in events if e.stage == "close_build" and e.event == "started")
+    resumed = next(e for e in events if e.stage == CLOSE_BUILD and e.event == "started")
     assert (resumed.at - decided.at).total_seconds() < 1.0, (decided, resumed)
     assert wall < 10, f"close_build took {wall:.1f}s to be dispatched"
     origin = load_yaml(find_task(pipeline.queue_dir, task_id))
@@ -245,15 +248,15 @@ async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> No
     result: BuildPipelineResult = await handle.result()
     assert time.monotonic() - sent < 10
     assert result.outcome == "rejected" and result.decision == "rejected"
-    assert "close_build" not in result.stages_completed
+    assert CLOSE_BUILD not in result.stages_completed
     events = await events_of(handle)
     decided = next(e for e in events if e.event == "rejected_by_update")
-    summarized = next(e for e in events if e.stage == "summarize_workflow")
+    summarized = next(e for e in events if e.stage == SUMMARIZE_WORKFLOW)
     assert (summarized.at - decided.at).total_seconds() < 1.0
     entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
     assert (entry["status"], entry["actor"]) == ("rejected", "operator")
     assert "token leak is a blocker" in entry["note"]
-    assert "build_closeout" not in [t["task_type"]
+    assert TASK_BUILD_CLOSEOUT not in [t["task_type"]
                                     for _, t in tasks_for(pipeline.queue_dir, handle.id)]
 
 
@@ -263,7 +266,7 @@ async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
     from temporalio.exceptions import CancelledError
 
     handle, _ = await start_pipeline(pipeline, "cancelled-build")
-    await wait_for_task(pipeline.queue_dir, handle.id, "build_prefab")
+    await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
@@ -271,7 +274,7 @@ async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
     assert (await handle.describe()).status.name == "CANCELED"
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
     assert summary["outcome"] == "cancelled"
-    assert summary["failed_stage"] == "prefab_scaffolding"
+    assert summary["failed_stage"] == PREFAB_SCAFFOLDING
     assert (await status_of(handle)).outcome == "cancelled"
 
 
@@ -279,8 +282,8 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     plan = BuildPlanInput(plan_name="two-phases", phases=[
         PhaseSpec(number=1, agent_type="builder", description="scaffold"),
         PhaseSpec(number=2, agent_type="tester", description="write tests")])
-    handle = await pipeline.start("BuildPlanWorkflow", plan, result_type=BuildPlanResult)
-    first = await wait_for_task(pipeline.queue_dir, handle.id, "build_phase")
+    handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan, result_type=BuildPlanResult)
+    first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     status: PlanStatus = await handle.query("get_status", result_type=PlanStatus)
     assert (status.plan_name, status.phases_total, status.phases_done) == ("two-phases", 2, [])
     assert (status.current_phase, status.current_agent) == (1, "builder")
@@ -290,7 +293,7 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
 
     def second_phase() -> Any:
         return [p for p, t in tasks_for(pipeline.queue_dir, handle.id)
-                if t["status"] == "submitted" and t["payload"]["phase"] == 2]
+                if t["status"] == SUBMITTED and t["payload"]["phase"] == 2]
 
     second = (await poll(second_phase, what="phase 2 task"))[0]
     status = await handle.query("get_status", result_type=PlanStatus)

@@ -20,10 +20,17 @@ import pytest
 from temporalio.client import Client
 
 from models import BuildPipelineInput, BuildPipelineResult
-from task_files import new_task, write_task
-from tests.agents import complete_task, play_stage, poll, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import READY_LINE, REPO
+from tools.demo_agent import complete_task, play_stage, poll, wait_for_task, write_origin_task
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 
 NODE_MODULES = REPO / "node_modules"
 PM2_BIN = NODE_MODULES / ".bin" / "pm2"
@@ -146,6 +153,7 @@ def out_log(pm2: Pm2, name: str) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.slow
 async def test_pm2_restarts_killed_worker_and_stops_gracefully(
         pm2: tuple[Pm2, dict[str, str], str], client: Client) -> None:
     manager, settings, name = pm2
@@ -158,17 +166,15 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     assert any(str(r.get("event", "")).startswith(READY_LINE) for r in out_log(manager, name))
 
     queue = Path(settings["TASK_QUEUE_DIR"])
-    origin = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=origin, target_agent="temporal-worker",
-                               task_type="build_plan", summary="origin", payload={}))
+    origin = write_origin_task(queue, "pm2-build")
     handle = await client.start_workflow(
-        "BuildPipelineWorkflow",
+        BUILD_PIPELINE_WORKFLOW,
         BuildPipelineInput(build_name="pm2-build", plan_path="/plans/p.md", task_id=origin,
                            target_agent="builder"),
         id=f"pm2-{uuid.uuid4()}", task_queue=settings["TASK_QUEUE"],
         result_type=BuildPipelineResult)
-    await play_stage(queue, handle.id, "build_prefab", settings)
-    implement = await wait_for_task(queue, handle.id, "build_plan", timeout=60)
+    await play_stage(queue, handle.id, TASK_BUILD_PREFAB, settings)
+    implement = await wait_for_task(queue, handle.id, TASK_BUILD_PLAN, timeout=60)
 
     os.kill(first["pid"], signal.SIGKILL)
     second = await poll(lambda: status(status_file).get("state") == "ready"
@@ -177,11 +183,11 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     app = manager.app(name)
     assert app["pm2_env"]["restart_time"] >= 1 and app["pid"] == second["pid"]
     await complete_task(implement, settings)
-    audit_dir = Path(settings["TEMPORAL_AUDIT_DIR"]) / "audit-requests" / "pm2-build"
+    audit_dir = Path(settings["TEMPORAL_AUDIT_DIR"]) / AUDIT_REQUESTS_DIR / "pm2-build"
     audit_dir.mkdir(parents=True, exist_ok=True)
     (audit_dir / "triage-output.yml").write_text("info: []\n")
-    await play_stage(queue, handle.id, "security_audit", settings)
-    await play_stage(queue, handle.id, "build_closeout", settings)
+    await play_stage(queue, handle.id, TASK_SECURITY_AUDIT, settings)
+    await play_stage(queue, handle.id, TASK_BUILD_CLOSEOUT, settings)
     result: BuildPipelineResult = await handle.result()
     assert result.outcome == "success"
 

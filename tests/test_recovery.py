@@ -9,9 +9,18 @@ import sys
 import uuid
 from pathlib import Path
 
+from temporalio import activity
+
 from config import load_config
 from recovery import dispatched, process_gone, task_id_of
 from task_files import new_task, write_task
+from vocabulary import (
+    AGENT_ACTIVITIES,
+    INLINE_ACTIVITIES,
+    TASK_BUILD_PLAN,
+    UNRECOVERED_ACTIVITIES,
+)
+from worker import worker_activities
 
 
 def test_only_a_gone_process_on_this_host_counts_as_dead() -> None:
@@ -38,7 +47,20 @@ def test_dispatched_means_this_attempt_has_a_file(tmp_path: Path) -> None:
     task_id = str(uuid.uuid4())
     assert not dispatched(config, task_id, "3", 1)
     write_task(config.task_queue_dir, new_task(
-        task_id=task_id, target_agent="builder", task_type="build_plan", summary="s",
+        task_id=task_id, target_agent="builder", task_type=TASK_BUILD_PLAN, summary="s",
         payload={"activity_id": "3", "attempt": 1, "task_token": "eA=="}))
     assert dispatched(config, task_id, "3", 1)
     assert not dispatched(config, task_id, "3", 2)  # file of an older attempt: stale token
+
+
+def test_every_registered_activity_is_recovered_or_exempt(tmp_path: Path) -> None:
+    """A new activity must be placed in vocabulary.py's recovery sets, or it would never be
+    recovered after a SIGKILL; names there that no activity carries are stale."""
+    config = load_config({"TASK_QUEUE_DIR": str(tmp_path / "q")})
+    registered = [activity._Definition.must_from_callable(fn).name
+                  for fn in worker_activities(config)]
+    assert len(registered) == len(set(registered))
+    groups = (AGENT_ACTIVITIES, INLINE_ACTIVITIES, UNRECOVERED_ACTIVITIES)
+    placed = [name for group in groups for name in group]
+    assert len(placed) == len(set(placed)), "an activity is in two recovery groups"
+    assert set(registered) == set(placed)

@@ -25,6 +25,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from vocabulary import WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
 
@@ -83,7 +84,7 @@ def test_event_driven_histories_park_without_an_activity() -> None:
         events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
         scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
                      for e in events if "activityTaskScheduledEventAttributes" in e]
-        assert "wait_for_block_resolution" not in scheduled, stem
+        assert WAIT_FOR_BLOCK_RESOLUTION not in scheduled, stem
         assert any("timerStartedEventAttributes" in e for e in events), stem
 
 

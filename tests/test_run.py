@@ -16,10 +16,12 @@ import pytest
 
 from config import WorkerConfig, load_config
 from temporal_client import connect
-from tests.agents import REPO, assert_valid_task_file, poll, run_cli, wait_for_task
+from tests.agents import assert_valid_task_file
 from tests.conftest import make_env
 from tools import devserver
+from tools.demo_agent import REPO, poll, run_cli, wait_for_task
 from tools.run import DEV_SERVER_WARNING, is_local_host, wants_dev_server
+from vocabulary import BUILD_PIPELINE_WORKFLOW, TASK_BUILD_PLAN, TASK_BUILD_PREFAB
 
 READY = "Worker started, listening on task queue"
 EMBEDDED = "an embedded Temporal dev server is running there"
@@ -79,12 +81,12 @@ async def test_starts_dev_server_worker_and_stops_both(tmp_path: Path) -> None:
         client = await connect(load_config(env))
         workflow_id = f"run-{uuid.uuid4().hex[:8]}"
         await client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             {"build_name": "run-check", "plan_path": "/plans/run-check.md",
              "task_id": "origin-1", "target_agent": "builder"},
             id=workflow_id, task_queue=env["TASK_QUEUE"])
         prefab = await wait_for_task(Path(env["TASK_QUEUE_DIR"]), workflow_id,
-                                     "build_prefab", timeout=STARTUP_SECONDS)
+                                     TASK_BUILD_PREFAB, timeout=STARTUP_SECONDS)
         assert_valid_task_file(prefab)
     finally:
         code = interrupt(process)
@@ -99,7 +101,7 @@ async def test_starts_dev_server_worker_and_stops_both(tmp_path: Path) -> None:
         await wait_for_line(log, READY, occurrence=2)
         completed = run_cli(["--task-file", str(prefab), "success", "scaffolded"], env)
         assert completed.returncode == 0, completed.stderr
-        await wait_for_task(Path(env["TASK_QUEUE_DIR"]), workflow_id, "build_plan",
+        await wait_for_task(Path(env["TASK_QUEUE_DIR"]), workflow_id, TASK_BUILD_PLAN,
                             timeout=STARTUP_SECONDS)
     finally:
         code = interrupt(process)

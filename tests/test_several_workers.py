@@ -4,13 +4,12 @@ through complete_activity.py, while one worker is SIGKILLed twice at random mome
 restarted. Every pipeline must end as expected, no stage's task file may be written
 twice and every block decision must be applied exactly once.
 
-The moments are drawn from a seeded generator: the seed is printed, and
-SEVERAL_WORKERS_SEED=<seed> replays the same kill plan."""
+The moments are drawn from the seeded `rng` fixture: the seed is printed, and
+TEST_SEED=<seed> replays the same kill plan."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import Counter
@@ -19,26 +18,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineResult, PipelineStatus
-from task_files import AWAITING_DECISION, add_history, update_task
-from tests.agents import complete_task, load_yaml, poll, task_files
 from tests.conftest import make_env
 from tests.test_block_watcher import decision_events
 from tests.test_faults import BLOCKS, Pipelines, files_per_stage
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import StandIn, poll
+from vocabulary import (
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
-SEED_ENV = "SEVERAL_WORKERS_SEED"
 PIPELINES = 100
 # One in ten pipelines gets a flag, one in ten a block its originating task approves.
 KINDS = ("flag", "block", *("clean",) * 8)
 TRIAGE = {"clean": "info: []\n", "flag": "flags:\n- pin versions\n", "block": BLOCKS}
-STAGES = {"clean": ("build_prefab", "build_plan", "security_audit", "build_closeout"),
-          "flag": ("build_prefab", "build_plan", "security_audit", "security_fix",
-                   "build_closeout"),
-          "block": ("build_prefab", "build_plan", "security_audit", "build_closeout")}
+STAGES = {"clean": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT),
+          "flag": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_SECURITY_FIX,
+                   TASK_BUILD_CLOSEOUT),
+          "block": (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT, TASK_BUILD_CLOSEOUT)}
 KILLS = 2
 # Agent processes at once: each is a Python start (~0.4 s CPU), on two cores.
 CONCURRENT_AGENTS = 4
@@ -47,82 +50,6 @@ DEADLINE_SECONDS = 300.0
 
 def kind_of(build: str) -> str:
     return build.split("-")[1]
-
-
-class CliAgents:
-    """Every agent at once: each submitted task is finished by a separate
-    complete_activity.py process, an audit's triage is written before it is reported,
-    and a parked pipeline's originating task gets `approved` once, as a person would.
-    A file is parsed again only when it changed."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.queue = Path(env["TASK_QUEUE_DIR"])
-        self.audit = Path(env["TEMPORAL_AUDIT_DIR"])
-        self.seen: dict[Path, tuple[int, int]] = {}
-        self.handed: set[tuple[str, str]] = set()  # (file name, token) given to an agent
-        self.approved: set[str] = set()  # originating task ids
-        self.gate = asyncio.Semaphore(CONCURRENT_AGENTS)
-        self.jobs: set[asyncio.Task[None]] = set()
-        self.completions = 0
-        self.failures: list[str] = []
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            for path, task in await asyncio.to_thread(self._changed):
-                self._act(path, task)
-            try:
-                await asyncio.wait_for(stop.wait(), 0.1)
-            except TimeoutError:
-                pass
-        await asyncio.gather(*self.jobs)
-
-    def _changed(self) -> list[tuple[Path, dict[str, Any]]]:
-        changed = []
-        for path in task_files(self.queue):
-            try:
-                stat = path.stat()
-                signature = (stat.st_mtime_ns, stat.st_size)
-                if self.seen.get(path) == signature:
-                    continue
-                task = load_yaml(path)
-            except (OSError, yaml.YAMLError):
-                continue
-            self.seen[path] = signature
-            if isinstance(task, dict):
-                changed.append((path, task))
-        return changed
-
-    def _act(self, path: Path, task: dict[str, Any]) -> None:
-        payload = task.get("payload") or {}
-        token = payload.get("task_token")
-        if task.get("status") == "submitted" and token and (path.name, token) not in self.handed:
-            self.handed.add((path.name, token))
-            self._spawn(self._complete(path, task))
-        elif (AWAITING_DECISION in task and task.get("status") == "input-required"
-              and task["id"] not in self.approved):
-            self.approved.add(task["id"])
-            self._spawn(asyncio.to_thread(update_task, path, lambda t: add_history(
-                t, status="approved", actor="ted", note="risk accepted")))
-
-    def _spawn(self, work: Any) -> None:
-        job = asyncio.ensure_future(work)
-        self.jobs.add(job)
-        job.add_done_callback(self.jobs.discard)
-
-    async def _complete(self, path: Path, task: dict[str, Any]) -> None:
-        build = task["payload"]["build_name"]
-        if task["task_type"] == "security_audit":
-            folder = self.audit / "audit-requests" / build
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "triage-output.yml").write_text(TRIAGE[kind_of(build)])
-        async with self.gate:
-            try:
-                await complete_task(path, self.env)
-            except (AssertionError, OSError, TimeoutError) as err:
-                self.failures.append(f"{path.name} ({task['task_type']}): {err}")
-                return
-        self.completions += 1
 
 
 @pytest.fixture
@@ -156,11 +83,9 @@ async def stuck_report(pending: dict[str, WorkflowHandle]) -> list[str]:
     return report
 
 
-async def test_two_workers_one_folder_survive_kills(client: Client,
-                                                    workers: list[WorkerProcess]) -> None:
-    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
-    print(f"\n{SEED_ENV}={seed}")
-    rng = random.Random(seed)
+@pytest.mark.slow
+async def test_two_workers_one_folder_survive_kills(client: Client, workers: list[WorkerProcess],
+                                                    rng: random.Random) -> None:
     victim = rng.choice(workers)
     expected_completions = sum(len(STAGES[KINDS[n % len(KINDS)]]) for n in range(PIPELINES))
     # Each kill lands once a random share of the agents' work is done, plus a random
@@ -171,9 +96,14 @@ async def test_two_workers_one_folder_survive_kills(client: Client,
           f"{[(at, round(delay, 2)) for at, delay in plan]}")
 
     lab = Pipelines(client, workers[0])
-    agents = CliAgents(lab.env)
+    # Every agent at once: each submitted task is finished by a separate
+    # complete_activity.py process, and a parked pipeline's originating task gets
+    # `approved` once, as a person would.
+    agents = StandIn(queue_dir=lab.queue, audit_dir=lab.audit, env=lab.env,
+                     work_dir=lab.audit / "closeouts", triage=lambda build: TRIAGE[kind_of(build)],
+                     approve_origins=True, concurrency=CONCURRENT_AGENTS)
     stop = asyncio.Event()
-    player = asyncio.create_task(agents.run(stop))
+    player = asyncio.create_task(agents.serve(stop))
     begun = time.monotonic()
     handles: dict[str, WorkflowHandle] = {}
     kinds: dict[str, str] = {}
@@ -186,7 +116,7 @@ async def test_two_workers_one_folder_survive_kills(client: Client,
 
     async def killer() -> None:
         for at, delay in plan:
-            await poll(lambda at=at: agents.completions >= at, timeout=DEADLINE_SECONDS,
+            await poll(lambda at=at: len(agents.done) >= at, timeout=DEADLINE_SECONDS,
                        what=f"{at} agent completions")
             await asyncio.sleep(delay)  # the random moment itself, not a synchronisation
             victim.kill()
@@ -201,7 +131,7 @@ async def test_two_workers_one_folder_survive_kills(client: Client,
             remaining = DEADLINE_SECONDS - (time.monotonic() - begun)
             assert remaining > 0, (
                 f"{len(pending)} of {PIPELINES} pipelines unfinished after "
-                f"{DEADLINE_SECONDS:.0f}s (seed {seed}, kills at {kill_log}, agent failures "
+                f"{DEADLINE_SECONDS:.0f}s (kills at {kill_log}, agent failures "
                 f"{agents.failures[:5]}):\n"
                 + "\n".join(await stuck_report({h.id: h for h in pending.values()})))
             done, _ = await asyncio.wait(pending, timeout=min(remaining, 5.0))
@@ -218,7 +148,7 @@ async def test_two_workers_one_folder_survive_kills(client: Client,
     recovered = sum(r.get("recovered", 0) for r in events_named(victim, "recovery_sweep_done"))
     dispatched = [len(events_named(w, "task_dispatched")) for w in workers]
     print(f"{PIPELINES} pipelines on 2 workers in {elapsed:.1f}s, kills at {kill_log}, "
-          f"{agents.completions} agent completions, task files dispatched by a/b "
+          f"{len(agents.done)} agent completions, task files dispatched by a/b "
           f"{dispatched}, {recovered} activities recovered")
 
     assert agents.failures == []
@@ -241,7 +171,7 @@ async def test_two_workers_one_folder_survive_kills(client: Client,
     assert [path for path, n in writes.items() if n > 1] == []
     assert set(counts) == {(wid, stage) for wid, kind in kinds.items()
                            for stage in STAGES[kind]}
-    assert agents.completions == expected_completions
+    assert len(agents.done) == expected_completions
     for workflow_id, kind in kinds.items():
         if kind == "block":
             events = [e.event for e in await decision_events(handles[workflow_id])]

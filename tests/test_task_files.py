@@ -27,7 +27,16 @@ from task_files import (
     write_private_atomic,
     write_task,
 )
-from tests.agents import SCHEMA_PATH, assert_valid_task_file, load_yaml
+from tests.agents import SCHEMA_PATH, assert_valid_task_file
+from tools.demo_agent import load_yaml
+from vocabulary import (
+    ARCHIVE_DIR,
+    BUILD_PHASE,
+    DEAD_LETTERS_DIR,
+    IN_PROGRESS,
+    SUBMITTED,
+    TASK_BUILD_PHASE,
+)
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -39,7 +48,7 @@ def mode(path: Path) -> int:
 def a_task(task_id: str | None = None) -> dict:
     task_id = task_id or str(uuid.uuid4())
     path = f"/q/{task_filename(task_id, CREATED)}"
-    return new_task(task_id=task_id, target_agent="builder", task_type="build_phase",
+    return new_task(task_id=task_id, target_agent="builder", task_type=TASK_BUILD_PHASE,
                     summary="a phase",
                     payload={"build_name": "b", "plan_name": "b", "phase": 1, "phase_number": 1,
                              "description": "a phase", "context_refs": [],
@@ -50,7 +59,7 @@ def a_task(task_id: str | None = None) -> dict:
                                           "task_queue": "q", "require_tls": False,
                                           "tls": False},
                              "task_token": "dG9rZW4=", "workflow_id": "wf", "run_id": "r",
-                             "activity_id": "1", "activity_type": "build_phase", "attempt": 1},
+                             "activity_id": "1", "activity_type": BUILD_PHASE, "attempt": 1},
                     created=CREATED)
 
 
@@ -127,7 +136,7 @@ def test_update_is_atomic_and_keeps_0600(tmp_path: Path, open_umask: None) -> No
     path = write_task(queue, a_task())
     inode_before = path.stat().st_ino
 
-    updated = update_task(path, lambda t: add_history(t, status="in-progress", actor="ted",
+    updated = update_task(path, lambda t: add_history(t, status=IN_PROGRESS, actor="ted",
                                                       note="working on it"))
 
     assert mode(path) == 0o600
@@ -137,8 +146,8 @@ def test_update_is_atomic_and_keeps_0600(tmp_path: Path, open_umask: None) -> No
     assert sorted(p.name for p in queue.iterdir()) == [path.name]  # no leftover .tmp
     on_disk = load_yaml(path)
     assert on_disk == updated
-    assert on_disk["status"] == "in-progress"
-    assert [h["status"] for h in on_disk["history"]] == ["submitted", "in-progress"]
+    assert on_disk["status"] == IN_PROGRESS
+    assert [h["status"] for h in on_disk["history"]] == [SUBMITTED, IN_PROGRESS]
     assert on_disk["history"][-1]["actor"] == "ted"
     assert_valid_task_file(path)
 
@@ -216,7 +225,7 @@ def test_find_task_by_fallback_scan(tmp_path: Path) -> None:
     assert find_task(queue, task["id"]) == renamed
 
 
-@pytest.mark.parametrize("subdir", ["archive", "dead-letters"])
+@pytest.mark.parametrize("subdir", [ARCHIVE_DIR, DEAD_LETTERS_DIR])
 @pytest.mark.parametrize("rename", [False, True])
 def test_find_task_in_archive_folders(tmp_path: Path, subdir: str, rename: bool) -> None:
     queue = tmp_path / "queue"
@@ -241,7 +250,7 @@ def test_find_task_hint_wins(tmp_path: Path) -> None:
 def test_find_task_missing(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     write_task(queue, a_task())
-    (queue / "archive").mkdir()
+    (queue / ARCHIVE_DIR).mkdir()
     (queue / "broken.yml").write_text("- not\n- a mapping\n")
     missing = str(uuid.uuid4())
     with pytest.raises(TaskNotFoundError) as caught:
@@ -295,7 +304,7 @@ def schema_for(definition: str) -> dict:
 
 
 @pytest.mark.parametrize(("document", "valid"), [
-    ({"id": "T-123", "status": "submitted"}, True),
+    ({"id": "T-123", "status": SUBMITTED}, True),
     ({"id": "T-123", "status": "approved", "history": [
         {"timestamp": "2026-01-02T03:04:05Z", "status": "approved", "actor": "ted",
          "note": "ok"}], "anything": {"else": 1}}, True),

@@ -23,18 +23,9 @@ from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
-from models import BuildPlanInput, PhaseSpec, PipelineStatus
+from models import BuildPlanInput, PhaseSpec
 from task_files import add_history, find_task, update_task
-from tests.agents import (
-    SCHEMA_PATH,
-    complete_task,
-    load_yaml,
-    play_stage,
-    poll,
-    tasks_for,
-    wait_for_task,
-    write_origin_task,
-)
+from tests.agents import SCHEMA_PATH
 from tests.conftest import PipelineEnv, make_env
 from tests.mtls import (
     CLIENT_NAME,
@@ -49,6 +40,28 @@ from tests.mtls import (
 from tests.worker_process import WorkerProcess
 from tools import devserver
 from tools.common import proc_start_ticks
+from tools.demo_agent import (
+    complete_task,
+    load_yaml,
+    play_stage,
+    poll,
+    tasks_for,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    INPUT_REQUIRED,
+    INVALID_INPUT,
+    SUBMITTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "list-workers",
@@ -172,6 +185,7 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
     assert unhealthy.returncode == 1 and "UNHEALTHY" in unhealthy.stdout
 
 
+@pytest.mark.slow
 async def test_monitoring_tools_on_completed_and_failed_workflows(
         pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
@@ -190,7 +204,7 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     assert waited.returncode == 5 and "still RUNNING" in waited.stderr
     pending = await atool("get-workflow-result", "--workflow-id", plan_id, env=env)
     assert pending.returncode == 1 and "still RUNNING" in pending.stderr
-    await play_stage(pipeline.queue_dir, plan_id, "build_phase", pipeline.env)
+    await play_stage(pipeline.queue_dir, plan_id, TASK_BUILD_PHASE, pipeline.env)
     waited = await atool("wait-for-workflow-status", "--workflow-id", plan_id, "--status",
                          "COMPLETED", "--timeout", "30", env=env)
     assert waited.returncode == 0, waited.stderr
@@ -202,7 +216,7 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     clean = await atool("analyze-workflow-error", "--workflow-id", plan_id, env=env)
     assert clean.returncode == 0 and "no errors found" in clean.stdout
 
-    failed = await pipeline.start("BuildPipelineWorkflow", {
+    failed = await pipeline.start(BUILD_PIPELINE_WORKFLOW, {
         "build_name": "Bad Name", "plan_path": "/p.md", "task_id": "t", "target_agent": "b"},
         workflow_id=f"bad-input-{uuid.uuid4().hex[:6]}")
     waited = await atool("wait-for-workflow-status", "--workflow-id", failed.id, "--status",
@@ -210,7 +224,7 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     assert waited.returncode == 1 and "closed as FAILED" in waited.stderr
     result = await atool("get-workflow-result", "--workflow-id", failed.id, env=env)
     assert result.returncode == 1 and "FAILED" in result.stderr
-    assert "InvalidInputError" in result.stderr
+    assert INVALID_INPUT in result.stderr
     analysis = await atool("analyze-workflow-error", "--workflow-id", failed.id, env=env)
     assert analysis.returncode == 1
     assert "WorkflowExecutionFailed: InvalidInputError: invalid BuildPipelineInput: " \
@@ -229,7 +243,7 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     assert down.returncode == 4 and "cannot connect" in down.stderr
 
 
-@workflow.defn(name="BuildPipelineWorkflow", sandboxed=False)
+@workflow.defn(name=BUILD_PIPELINE_WORKFLOW, sandboxed=False)
 class FakeBrokenPipelineWorkflow:
     """A fake, registered under the real name on its own queue: its code raises a plain
     exception, which fails every workflow task (the real workflow has no such bug)."""
@@ -244,13 +258,13 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
     env = ops_env(pipeline.env, pipeline.root)
     broken_queue = f"broken-{uuid.uuid4().hex[:8]}"
     stalled_id = f"stalled-{uuid.uuid4().hex[:8]}"
-    healthy = await pipeline.start("BuildPlanWorkflow", BuildPlanInput(
+    healthy = await pipeline.start(BUILD_PLAN_WORKFLOW, BuildPlanInput(
         plan_name="healthy", phases=[PhaseSpec(number=1, agent_type="builder",
                                                description="wait for me")]))
-    await wait_for_task(pipeline.queue_dir, healthy.id, "build_phase")
+    await wait_for_task(pipeline.queue_dir, healthy.id, TASK_BUILD_PHASE)
     query = f"WorkflowId = '{stalled_id}' OR WorkflowId = '{healthy.id}'"
     async with Worker(client, task_queue=broken_queue, workflows=[FakeBrokenPipelineWorkflow]):
-        await client.start_workflow("BuildPipelineWorkflow", {"build_name": "x"},
+        await client.start_workflow(BUILD_PIPELINE_WORKFLOW, {"build_name": "x"},
                                     id=stalled_id, task_queue=broken_queue)
 
         async def listed() -> subprocess.CompletedProcess[str] | None:
@@ -294,10 +308,6 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
     assert none_left.returncode == 0 and "0 stalled" in none_left.stdout
 
 
-def origin_task(pipeline: PipelineEnv) -> str:
-    return write_origin_task(pipeline.queue_dir)
-
-
 async def start_build_waiting(args: list[str], env: dict[str, str]
                               ) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
@@ -312,24 +322,17 @@ async def start_build_waiting(args: list[str], env: dict[str, str]
 
 
 async def park(pipeline: PipelineEnv, workflow_id: str, build: str) -> None:
-    await play_stage(pipeline.queue_dir, workflow_id, "build_prefab", pipeline.env)
-    await play_stage(pipeline.queue_dir, workflow_id, "build_plan", pipeline.env)
-    audit = await wait_for_task(pipeline.queue_dir, workflow_id, "security_audit")
+    await play_stage(pipeline.queue_dir, workflow_id, TASK_BUILD_PREFAB, pipeline.env)
+    await play_stage(pipeline.queue_dir, workflow_id, TASK_BUILD_PLAN, pipeline.env)
+    audit = await wait_for_task(pipeline.queue_dir, workflow_id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, "blocks:\n- description: Secrets in the image\n")
     await complete_task(audit, pipeline.env)
-    handle = pipeline.client.get_workflow_handle(workflow_id)
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        if status.waiting_on is not None and status.waiting_on.kind == "block_decision":
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"not parked: {status}"
-        await asyncio.sleep(0.1)
+    await wait_until_parked(pipeline.client.get_workflow_handle(workflow_id))
 
 
 async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     build_file = pipeline.root / "build.yml"
     build_file.write_text(f"build_name: approved-tool\nplan_path: /plans/tool.md\n"
                           f"task_id: {task_id}\ntarget_agent: builder\n"
@@ -344,7 +347,7 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
                            "accepted for now", "--by", "ted", env=env)
     assert approved.returncode == 0, approved.stderr
     assert f"{workflow_id} approved by ted" in approved.stdout
-    await play_stage(pipeline.queue_dir, workflow_id, "build_closeout", pipeline.env)
+    await play_stage(pipeline.queue_dir, workflow_id, TASK_BUILD_CLOSEOUT, pipeline.env)
     entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
     assert (entry["status"], entry["actor"]) == ("approved", "ted")
     assert "accepted for now" in entry["note"]
@@ -358,7 +361,7 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
 
 async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
-    task_id = origin_task(pipeline)
+    task_id = write_origin_task(pipeline.queue_dir)
     bad = await atool("start-build", "--build-name", "Bad_Name", "--plan-path", "/p.md",
                       "--task-id", task_id, "--target-agent", "builder", env=env)
     assert bad.returncode == 2 and "build_name" in bad.stderr and not bad.stdout
@@ -382,7 +385,7 @@ async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None
     result = await atool("get-workflow-result", "--workflow-id", workflow_id, env=env)
     assert result.returncode == 1 and "COMPLETED but its result reports a problem" in \
         result.stderr
-    assert "build_closeout" not in [t["task_type"]
+    assert TASK_BUILD_CLOSEOUT not in [t["task_type"]
                                     for _, t in tasks_for(pipeline.queue_dir, workflow_id)]
 
 
@@ -416,15 +419,15 @@ async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -
     document = load_yaml(origin)
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.validate(document, {**schema, "$ref": "#/$defs/originatingTask"})
-    assert (document["status"], document["target_agent"]) == ("submitted", "temporal-worker")
+    assert (document["status"], document["target_agent"]) == (SUBMITTED, "temporal-worker")
     assert workflow_id in document["history"][0]["note"]
 
     # Stages 6 and 7 use it: it is marked input-required, and approving it decides.
     await park(pipeline, workflow_id, "created-tool")
-    assert load_yaml(origin)["status"] == "input-required"
+    assert load_yaml(origin)["status"] == INPUT_REQUIRED
     update_task(origin, lambda task: add_history(task, status="approved", actor="ted",
                                                  note="fine"))
-    await play_stage(pipeline.queue_dir, workflow_id, "build_closeout", pipeline.env)
+    await play_stage(pipeline.queue_dir, workflow_id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result = await asyncio.wait_for(
         pipeline.client.get_workflow_handle(workflow_id).result(), 60)
     assert (result["decision"], result["closeout_path"]) == ("approved", "done")
@@ -435,7 +438,7 @@ async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: Pipeline
     args = ["--build-name", "warned-tool", "--plan-path", "/plans/tool.md",
             "--target-agent", "builder", "--task-id"]
     missing = await atool("start-build", *args, "no-such-task", env=env)
-    known = await atool("start-build", *args, origin_task(pipeline), env=env)
+    known = await atool("start-build", *args, write_origin_task(pipeline.queue_dir), env=env)
     try:
         assert missing.returncode == 0, missing.stderr
         assert missing.stderr.startswith("start-build: warning: no task file with id "

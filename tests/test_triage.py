@@ -8,10 +8,11 @@ import pytest
 
 from activities.triage import MAX_DEPTH, MAX_TRIAGE_BYTES, read_triage
 from exceptions import TriageInvalidError, TriageMissingError
+from vocabulary import AUDIT_REQUESTS_DIR
 
 
 def triage_file(tmp_path: Path, content: str | bytes) -> Path:
-    path = tmp_path / "audit-requests" / "b" / "triage-output.yml"
+    path = tmp_path / AUDIT_REQUESTS_DIR / "b" / "triage-output.yml"
     path.parent.mkdir(parents=True)
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -52,7 +53,7 @@ def test_empty_file_is_an_empty_result(tmp_path: Path, content: str) -> None:
 
 
 def test_missing_file_is_retryable_kind(tmp_path: Path) -> None:
-    path = tmp_path / "audit-requests" / "b" / "triage-output.yml"
+    path = tmp_path / AUDIT_REQUESTS_DIR / "b" / "triage-output.yml"
     with pytest.raises(TriageMissingError) as caught:
         read_triage(path)
     assert str(path) in str(caught.value)

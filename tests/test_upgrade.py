@@ -34,22 +34,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import (
-    assert_valid_task_file,
+from task_files import add_history, find_task, read_task, update_task
+from tests.agents import assert_valid_task_file
+from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
+from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
     complete_task,
     load_yaml,
     poll_async,
     run_cli,
     wait_for_build_task,
     wait_for_task,
+    write_origin_task,
+    write_triage,
 )
-from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
-from tests.worker_process import WorkerProcess
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    CLOSE_BUILD,
+    IMPLEMENT_BUILD,
+    INPUT_REQUIRED,
+    NOTIFY_BLOCKS,
+    PREFAB_SCAFFOLDING,
+    PROCESS_TRIAGE_OUTPUT,
+    REQUEST_SECURITY_AUDIT,
+    SUMMARIZE_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 
 # Long enough for v0.5.0's workflow half to be stopped after its activity half before the
 # parked pipeline's old activity times out (v0.5.0 would then fail that pipeline).
@@ -57,34 +77,20 @@ HEARTBEAT_SECONDS = 15.0
 STANDIN_ENV = {"V050_BLOCK_POLL_SECONDS": "0.5",
                "V050_BLOCK_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS)}
 ADOPTED_EVENT = "adopted"
-COMMON = ["prefab_scaffolding", "implement_build", "request_security_audit",
-          "process_triage_output"]
-BLOCK_STAGES = ["notify_blocks", "wait_for_block_resolution"]
+COMMON = [PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+          PROCESS_TRIAGE_OUTPUT]
+BLOCK_STAGES = [NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RESOLUTION]
 EXPECTED = {  # build: (outcome, stages completed, close-out path)
-    "up-implement": ("success", [*COMMON, "close_build", "summarize_workflow"], "/srv/out/impl"),
-    "up-fixes": ("success", [*COMMON, "apply_flag_fixes", "close_build", "summarize_workflow"],
+    "up-implement": ("success", [*COMMON, CLOSE_BUILD, SUMMARIZE_WORKFLOW], "/srv/out/impl"),
+    "up-fixes": ("success", [*COMMON, APPLY_FLAG_FIXES, CLOSE_BUILD, SUMMARIZE_WORKFLOW],
                  "/srv/out/fixes"),
-    "up-parked": ("partial", [*COMMON, *BLOCK_STAGES, "close_build", "summarize_workflow"],
+    "up-parked": ("partial", [*COMMON, *BLOCK_STAGES, CLOSE_BUILD, SUMMARIZE_WORKFLOW],
                   "/srv/out/parked"),
-    "up-notify": ("partial", [*COMMON, "apply_flag_fixes", *BLOCK_STAGES, "close_build",
-                              "summarize_workflow"], "/srv/out/notify"),
-    "up-summary": ("success", [*COMMON, "close_build", "summarize_workflow"],
+    "up-notify": ("partial", [*COMMON, APPLY_FLAG_FIXES, *BLOCK_STAGES, CLOSE_BUILD,
+                              SUMMARIZE_WORKFLOW], "/srv/out/notify"),
+    "up-summary": ("success", [*COMMON, CLOSE_BUILD, SUMMARIZE_WORKFLOW],
                    "build_closeout-done"),
 }
-
-
-def origin_task(queue_dir: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(task_id=task_id, target_agent="operator",
-                                   task_type="build_plan", summary="originating build request",
-                                   payload={"build_name": "origin"}))
-    return task_id
-
-
-def write_triage(audit_dir: Path, build: str, triage: dict[str, list[str]]) -> None:
-    folder = audit_dir / "audit-requests" / build
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "triage-output.yml").write_text(yaml.safe_dump(triage))
 
 
 def approve(queue_dir: Path, task_id: str) -> None:
@@ -95,7 +101,7 @@ def approve(queue_dir: Path, task_id: str) -> None:
 
 async def start_v050(client: Client, env: dict[str, str], build: str) -> tuple[WorkflowHandle,
                                                                                  str]:
-    task_id = origin_task(Path(env["TASK_QUEUE_DIR"]))
+    task_id = write_origin_task(Path(env["TASK_QUEUE_DIR"]))
     handle = await client.start_workflow(
         WORKFLOW_TYPE, {"build_name": build, "plan_path": f"/srv/plans/{build}.md",
                         "task_id": task_id, "target_agent": "builder"},
@@ -108,7 +114,7 @@ async def v050_agent(env: dict[str, str], build: str, task_type: str,
     """A v0.5.0 agent finishing a v0.5.0 task file."""
     path = await wait_for_build_task(Path(env["TASK_QUEUE_DIR"]), build, task_type, 60)
     if triage is not None:
-        write_triage(Path(env["TEMPORAL_AUDIT_DIR"]), build, triage)
+        write_triage(Path(env["TEMPORAL_AUDIT_DIR"]), build, yaml.safe_dump(triage))
     await complete_task(path, env, "success", f"{task_type}-done")
     return path
 
@@ -126,7 +132,7 @@ async def our_agent(env: dict[str, str], workflow_id: str, task_type: str, messa
 
 async def stage_7_activity_running(handle: WorkflowHandle) -> bool:
     description = await handle.describe()
-    return any(p.activity_type.name == "wait_for_block_resolution"
+    return any(p.activity_type.name == WAIT_FOR_BLOCK_RESOLUTION
                and p.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
                for p in description.raw_description.pending_activities)
 
@@ -143,7 +149,7 @@ async def old_stage_7_timed_out(handle: WorkflowHandle) -> bool:
     scheduled = {e.event_id for e in history.events
                  if e.HasField("activity_task_scheduled_event_attributes")
                  and e.activity_task_scheduled_event_attributes.activity_type.name
-                 == "wait_for_block_resolution"}
+                 == WAIT_FOR_BLOCK_RESOLUTION}
     return any(e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT
                and e.activity_task_timed_out_event_attributes.scheduled_event_id in scheduled
                for e in history.events)
@@ -170,6 +176,7 @@ async def started_by(handle: WorkflowHandle, activity_type: str) -> tuple[list[A
     raise AssertionError(f"{activity_type} never started in {handle.id}")
 
 
+@pytest.mark.slow
 async def test_v050_pipelines_finish_under_our_worker(
         client: Client, pipeline_env_vars: dict[str, str], tmp_path: Path) -> None:
     env = {**pipeline_env_vars, **STANDIN_ENV}
@@ -184,33 +191,33 @@ async def test_v050_pipelines_finish_under_our_worker(
         runs = {build: await start_v050(client, env, build) for build in EXPECTED}
         handles = {build: handle for build, (handle, _) in runs.items()}
         origins = {build: task_id for build, (_, task_id) in runs.items()}
-        await asyncio.gather(*(v050_agent(env, build, "build_prefab") for build in EXPECTED))
-        await asyncio.gather(*(v050_agent(env, build, "build_plan") for build in EXPECTED
+        await asyncio.gather(*(v050_agent(env, build, TASK_BUILD_PREFAB) for build in EXPECTED))
+        await asyncio.gather(*(v050_agent(env, build, TASK_BUILD_PLAN) for build in EXPECTED
                                if build != "up-implement"))
         await asyncio.gather(
-            v050_agent(env, "up-fixes", "security_audit", {"flags": ["pin the digest"]}),
-            v050_agent(env, "up-parked", "security_audit",
+            v050_agent(env, "up-fixes", TASK_SECURITY_AUDIT, {"flags": ["pin the digest"]}),
+            v050_agent(env, "up-parked", TASK_SECURITY_AUDIT,
                        {"blocks": ["token in values.yaml"], "info": ["fyi"]}),
-            v050_agent(env, "up-notify", "security_audit",
+            v050_agent(env, "up-notify", TASK_SECURITY_AUDIT,
                        {"blocks": ["world-readable key"], "flags": ["chmod 600 env"]}),
-            v050_agent(env, "up-summary", "security_audit", {}))
-        implement_task = await wait_for_build_task(queue_dir, "up-implement", "build_plan", 60)
-        fix_task = await wait_for_build_task(queue_dir, "up-fixes", "security_fix", 60)
+            v050_agent(env, "up-summary", TASK_SECURITY_AUDIT, {}))
+        implement_task = await wait_for_build_task(queue_dir, "up-implement", TASK_BUILD_PLAN, 60)
+        fix_task = await wait_for_build_task(queue_dir, "up-fixes", TASK_SECURITY_FIX, 60)
         await poll_async(lambda: stage_7_activity_running(handles["up-parked"]), 60,
                     "v0.5.0's stage 7 running")
         assert read_task(find_task(queue_dir, origins["up-parked"]))["status"] \
-            == "input-required"
-        await wait_for_build_task(queue_dir, "up-notify", "security_fix", 60)
-        await wait_for_build_task(queue_dir, "up-summary", "build_closeout", 60)
+            == INPUT_REQUIRED
+        await wait_for_build_task(queue_dir, "up-notify", TASK_SECURITY_FIX, 60)
+        await wait_for_build_task(queue_dir, "up-summary", TASK_BUILD_CLOSEOUT, 60)
 
         # ---- v0.5.0 stops: its activity half first, so the workflow half schedules
         # the next activities of two pipelines that nothing then starts ----
         v050_activities.stop()
-        await asyncio.gather(v050_agent(env, "up-notify", "security_fix"),
-                             v050_agent(env, "up-summary", "build_closeout"))
-        await poll_async(lambda: scheduled_unstarted(handles["up-notify"], "notify_blocks"), 30,
+        await asyncio.gather(v050_agent(env, "up-notify", TASK_SECURITY_FIX),
+                             v050_agent(env, "up-summary", TASK_BUILD_CLOSEOUT))
+        await poll_async(lambda: scheduled_unstarted(handles["up-notify"], NOTIFY_BLOCKS), 30,
                     "v0.5.0's notify_blocks scheduled")
-        await poll_async(lambda: scheduled_unstarted(handles["up-summary"], "summarize_workflow"),
+        await poll_async(lambda: scheduled_unstarted(handles["up-summary"], SUMMARIZE_WORKFLOW),
                     30, "v0.5.0's summarize_workflow scheduled")
         v050_workflows.stop()
 
@@ -227,17 +234,17 @@ async def test_v050_pipelines_finish_under_our_worker(
         assert fixed.returncode == 0, fixed.stderr
 
         # From here on every stage is ours: our task files, found by workflow id.
-        await our_agent(env, handles["up-implement"].id, "security_audit", "audited",
-                        lambda: write_triage(audit_dir, "up-implement", {"info": ["fyi"]}))
-        await our_agent(env, handles["up-implement"].id, "build_closeout", "/srv/out/impl")
-        await our_agent(env, handles["up-fixes"].id, "build_closeout", "/srv/out/fixes")
+        await our_agent(env, handles["up-implement"].id, TASK_SECURITY_AUDIT, "audited",
+                        lambda: write_triage(audit_dir, "up-implement", "info:\n- fyi\n"))
+        await our_agent(env, handles["up-implement"].id, TASK_BUILD_CLOSEOUT, "/srv/out/impl")
+        await our_agent(env, handles["up-fixes"].id, TASK_BUILD_CLOSEOUT, "/srv/out/fixes")
 
         # v0.5.0's notify_blocks ran here; the pipeline then waits in our stage 7.
         status = await poll_async(lambda: parked_status(handles["up-notify"]), 60,
                              "up-notify waiting for a block decision")
         assert status["waiting_on"]["kind"] == "block_decision"
         approve(queue_dir, origins["up-notify"])
-        await our_agent(env, handles["up-notify"].id, "build_closeout", "/srv/out/notify")
+        await our_agent(env, handles["up-notify"].id, TASK_BUILD_CLOSEOUT, "/srv/out/notify")
 
         # Stage 7: the old activity's heartbeat times out; the pipeline keeps waiting.
         parked = handles["up-parked"]
@@ -248,15 +255,15 @@ async def test_v050_pipelines_finish_under_our_worker(
         assert status["adopted"] is True, status
         assert (await parked.describe()).status == WorkflowExecutionStatus.RUNNING
         approve(queue_dir, origins["up-parked"])
-        await our_agent(env, parked.id, "build_closeout", "/srv/out/parked")
+        await our_agent(env, parked.id, TASK_BUILD_CLOSEOUT, "/srv/out/parked")
 
         results = {build: await asyncio.wait_for(handle.result(), 120)
                    for build, handle in handles.items()}
         # v0.5.0's scheduled activities ran on our worker, with v0.5.0's arguments.
-        notify_args, notify_worker = await started_by(handles["up-notify"], "notify_blocks")
+        notify_args, notify_worker = await started_by(handles["up-notify"], NOTIFY_BLOCKS)
         assert notify_args == ["up-notify", origins["up-notify"], ["world-readable key"]]
         summary_args, summary_worker = await started_by(handles["up-summary"],
-                                                        "summarize_workflow")
+                                                        SUMMARIZE_WORKFLOW)
         assert len(summary_args) == 9 and summary_args[1] == "up-summary"
         assert notify_worker == summary_worker == identity
     finally:

@@ -28,10 +28,17 @@ from temporalio.worker import Worker
 
 from activities.build_pipeline_activities import PipelineActivities
 from config import load_config
-from exceptions import LEGACY_WAIT_HANDED_OVER
-from task_files import add_history, find_task, new_task, read_task, update_task, write_task
-from tests.agents import assert_valid_task_file, complete_task, poll, wait_for_build_task
+from task_files import add_history, find_task, read_task, update_task
+from tests.agents import assert_valid_task_file
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
+from tools.demo_agent import (
+    complete_task,
+    poll,
+    wait_for_build_task,
+    write_origin_task,
+    write_triage,
+)
+from vocabulary import LEGACY_WAIT_HANDED_OVER
 
 RECORDED = Path(__file__).resolve().parent / "histories" / "v050"
 # What the recording's agents and security agent did, per path.
@@ -100,9 +107,8 @@ def outline(history: WorkflowHistory) -> list[list[Any]]:
 
 
 def origin_task(queue_dir: Path, task_id: str) -> Path:
-    return write_task(queue_dir, new_task(
-        task_id=task_id, target_agent="operator", task_type="build_plan",
-        summary="originating build request", payload={"build_name": "origin"}))
+    write_origin_task(queue_dir, "origin", task_id=task_id)
+    return find_task(queue_dir, task_id)
 
 
 async def approve_when_asked(queue_dir: Path, task_id: str) -> None:
@@ -125,9 +131,7 @@ async def play_agents(queue_dir: Path, env: dict[str, str], build: str,
     for task_type in stages:
         path = await wait_for_build_task(queue_dir, build, task_type, timeout=60)
         if task_type == "security_audit":
-            folder = audit_dir / "audit-requests" / build
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "triage-output.yml").write_text(yaml.safe_dump(triage))
+            write_triage(audit_dir, build, yaml.safe_dump(triage))
         output = (f"/home/operator/closeout/{build}" if task_type == "build_closeout"
                   else f"{task_type}-done")
         await complete_task(path, env, "success", output)
@@ -153,6 +157,7 @@ async def run_recorded_path(client: Client, env: dict[str, str], name: str
     return await handle.fetch_history(), result, played
 
 
+@pytest.mark.slow
 async def test_standin_writes_the_recorded_v050_histories(
         client: Client, pipeline_env_vars: dict[str, str], tmp_path: Path) -> None:
     env = {**pipeline_env_vars, **STANDIN_ENV}
@@ -216,6 +221,7 @@ async def play_our_tasks(env: dict[str, str], build: str, triage: dict[str, list
     return tasks
 
 
+@pytest.mark.slow
 async def test_v050_calls_run_on_our_activities(
         client: Client, v050_workflow_with_our_activities: dict[str, str]) -> None:
     env = v050_workflow_with_our_activities

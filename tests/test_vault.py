@@ -25,17 +25,8 @@ from temporalio.service import TLSConfig
 from config import VAULT_VARS, load_config
 from exceptions import CredentialError, CredentialSettingError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
-from task_files import new_task, write_task
 from temporal_client import connect
-from tests.agents import (
-    REPO,
-    assert_valid_task_file,
-    complete_task,
-    load_yaml,
-    run_cli,
-    task_files,
-    wait_for_task,
-)
+from tests.agents import assert_valid_task_file
 from tests.conftest import make_env
 from tests.mtls import (
     CLIENT_NAME,
@@ -56,8 +47,28 @@ from tests.mtls import (
     write_secret_id_file,
 )
 from tests.worker_process import WorkerProcess
+from tools.demo_agent import (
+    REPO,
+    complete_task,
+    load_yaml,
+    run_cli,
+    task_files,
+    wait_for_task,
+    write_origin_task,
+)
 from tools.devserver import free_port
 from vault import fetch_tls_material
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 # Valid base64 that no server ever issued: the CLI must fail on credentials before using it.
 GARBAGE_TOKEN = "dGhpcyBpcyBub3QgYSB0YXNrIHRva2Vu"
@@ -162,14 +173,6 @@ def test_fetch_keeps_the_three_pems_in_memory(bed: Bed, vault_vars: dict[str, st
     assert sorted(tmp_path.rglob("*")) == before  # nothing written to disk
 
 
-def origin_task(queue_dir: Path) -> str:
-    task_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(task_id=task_id, target_agent="temporal-worker",
-                                   task_type="build_plan", summary="originating request",
-                                   payload={"build_name": "mtls-build"}))
-    return task_id
-
-
 @pytest.fixture
 def umask_000() -> Iterator[None]:
     """The loosest umask an operator could have: files must still come out private."""
@@ -184,6 +187,7 @@ def modes_under(root: Path) -> dict[Path, int]:
     return {path: stat.S_IMODE(path.lstat().st_mode) for path in [root, *root.rglob("*")]}
 
 
+@pytest.mark.slow
 async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[str, str],
                                                    tmp_path: Path, umask_000: None) -> None:
     scratch = tmp_path / "tmpdir"
@@ -197,17 +201,17 @@ async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[st
         await asyncio.to_thread(worker.wait_ready, 60)
         client = await connect(config)  # the operator's side goes through mTLS too
         inp = BuildPipelineInput(build_name="mtls-build", plan_path="/plans/mtls.md",
-                                 task_id=origin_task(config.task_queue_dir),
+                                 task_id=write_origin_task(config.task_queue_dir),
                                  target_agent="builder")
-        handle = await client.start_workflow("BuildPipelineWorkflow", inp,
+        handle = await client.start_workflow(BUILD_PIPELINE_WORKFLOW, inp,
                                              id=f"mtls-{uuid.uuid4()}",
                                              task_queue=config.task_queue,
                                              result_type=BuildPipelineResult)
-        for task_type in ("build_prefab", "build_plan", "security_audit", "security_fix",
-                          "build_closeout"):
+        for task_type in (TASK_BUILD_PREFAB, TASK_BUILD_PLAN, TASK_SECURITY_AUDIT,
+                          TASK_SECURITY_FIX, TASK_BUILD_CLOSEOUT):
             path = await wait_for_task(config.task_queue_dir, handle.id, task_type, timeout=60)
-            if task_type == "security_audit":
-                triage = config.audit_dir / "audit-requests" / "mtls-build" / "triage-output.yml"
+            if task_type == TASK_SECURITY_AUDIT:
+                triage = config.audit_dir / AUDIT_REQUESTS_DIR / "mtls-build" / "triage-output.yml"
                 triage.write_text("flags:\n- Pin the base image\n")
             done = await complete_task(path, env, "success", f"{task_type} done")
             cli_output += [done.stdout, done.stderr]
@@ -269,11 +273,11 @@ async def test_agent_cli_takes_vault_settings_from_the_env_file(bed: Bed,
         await asyncio.to_thread(worker.wait_ready, 60)
         client = await connect(config)
         handle = await client.start_workflow(
-            "BuildPlanWorkflow", {"plan_name": "mtls-plan", "phases": [
+            BUILD_PLAN_WORKFLOW, {"plan_name": "mtls-plan", "phases": [
                 {"number": 1, "agent_type": "builder", "description": "through mTLS"}]},
             id=f"mtls-plan-{uuid.uuid4()}", task_queue=config.task_queue,
             result_type=BuildPlanResult)
-        path = await wait_for_task(config.task_queue_dir, handle.id, "build_phase", timeout=60)
+        path = await wait_for_task(config.task_queue_dir, handle.id, TASK_BUILD_PHASE, timeout=60)
         payload = assert_valid_task_file(path)["payload"]
         assert payload["temporal"] == {
             "address": bed.proxy.address, "namespace": "default",

@@ -16,10 +16,17 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineInput
-from task_files import new_task, write_task
-from tests.agents import complete_task, play_stage, poll, wait_for_task
 from tests.conftest import make_env
 from tests.worker_process import REPO, WorkerProcess
+from tools.demo_agent import complete_task, play_stage, poll, wait_for_task, write_origin_task
+from vocabulary import (
+    AUDIT_REQUESTS_DIR,
+    BUILD_PIPELINE_WORKFLOW,
+    NOTIFY_BLOCKS,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+)
 
 SECRET = "syt_do-not-print-this-token"
 
@@ -51,18 +58,16 @@ async def pipeline_in_notify(client: Client, worker: WorkerProcess,
                              tmp_path: Path) -> WorkflowHandle:
     """Drive a pipeline through the CLI until stage 6 runs the (slow) script."""
     queue = Path(worker.env["TASK_QUEUE_DIR"])
-    origin = str(uuid.uuid4())
-    write_task(queue, new_task(task_id=origin, target_agent="temporal-worker",
-                               task_type="build_plan", summary="origin", payload={}))
+    origin = write_origin_task(queue, "slow-notify")
     handle = await client.start_workflow(
-        "BuildPipelineWorkflow",
+        BUILD_PIPELINE_WORKFLOW,
         BuildPipelineInput(build_name="slow-notify", plan_path="/plans/p.md", task_id=origin,
                            target_agent="builder"),
         id=f"worker-test-{uuid.uuid4()}", task_queue=worker.env["TASK_QUEUE"])
-    await play_stage(queue, handle.id, "build_prefab", worker.env)
-    await play_stage(queue, handle.id, "build_plan", worker.env)
-    audit = await wait_for_task(queue, handle.id, "security_audit")
-    triage = Path(worker.env["TEMPORAL_AUDIT_DIR"]) / "audit-requests" / "slow-notify"
+    await play_stage(queue, handle.id, TASK_BUILD_PREFAB, worker.env)
+    await play_stage(queue, handle.id, TASK_BUILD_PLAN, worker.env)
+    audit = await wait_for_task(queue, handle.id, TASK_SECURITY_AUDIT)
+    triage = Path(worker.env["TEMPORAL_AUDIT_DIR"]) / AUDIT_REQUESTS_DIR / "slow-notify"
     triage.mkdir(parents=True, exist_ok=True)
     (triage / "triage-output.yml").write_text("blocks:\n- hardcoded password\n")
     await complete_task(audit, worker.env)
@@ -77,7 +82,7 @@ async def notify_completed(handle: WorkflowHandle) -> bool:
     notify = {e.event_id for e in events
               if e.HasField("activity_task_scheduled_event_attributes")
               and e.activity_task_scheduled_event_attributes.activity_type.name
-              == "notify_blocks"}
+              == NOTIFY_BLOCKS}
     return any(e.activity_task_completed_event_attributes.scheduled_event_id in notify
                for e in events if e.HasField("activity_task_completed_event_attributes"))
 

@@ -40,7 +40,7 @@ from tools.common import (
     stop,
     wait_ready,
 )
-from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TASK_BUILD_REQUEST, TOTAL_STAGES
+from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
 AGENT = "builder"
@@ -88,16 +88,13 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     import yaml
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
-    from task_files import SOURCE_AGENT, find_task, new_task, read_task, write_task
-    from tools.demo_agent import DemoAgent
+    from task_files import find_task, read_task
+    from tools.demo_agent import StandIn, is_parked, write_origin_task
     from tools.ops import decide
     from tools.start_build import start
 
     queue_dir = Path(env["TASK_QUEUE_DIR"])
-    origin_id = str(uuid.uuid4())
-    write_task(queue_dir, new_task(
-        task_id=origin_id, target_agent=SOURCE_AGENT, task_type=TASK_BUILD_REQUEST,
-        summary=f"Build {BUILD}", payload={"build_name": BUILD}))
+    origin_id = write_origin_task(queue_dir, BUILD)
     say(f"originating task {origin_id} written to {queue_dir}")
 
     client = await connect_client(env)
@@ -109,17 +106,16 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
                 {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
     handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
 
-    agent = DemoAgent(workflow_id=workflow_id, queue_dir=queue_dir,
-                      audit_dir=Path(env["TEMPORAL_AUDIT_DIR"]), env=env,
-                      work_dir=root / "closeouts")
+    agent = StandIn(workflow_id=workflow_id, queue_dir=queue_dir,
+                    audit_dir=Path(env["TEMPORAL_AUDIT_DIR"]), env=env,
+                    work_dir=root / "closeouts")
     agent_task = asyncio.create_task(agent.run(timeout=DEADLINE_SECONDS))
     try:
         async def parked() -> PipelineStatus | None:
             if agent_task.done():
                 agent_task.result()  # surfaces the agent's error
             status = await handle.query("get_status", result_type=PipelineStatus)
-            waiting = status.waiting_on
-            return status if waiting is not None and waiting.kind == "block_decision" else None
+            return status if is_parked(status) else None
 
         status = await wait_for(parked, "the pipeline to park on its block", 60)
         say(f"parked at {status.stage_number}/{TOTAL_STAGES} {status.stage}: {status.blocks} "

@@ -15,17 +15,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+from tools.demo_agent import play_stage, wait_until_parked, write_origin_task, write_triage
+from vocabulary import (
+    APPROVED,
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    REJECTED,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_BUILD_PLAN,
+    TASK_BUILD_PREFAB,
+    TASK_SECURITY_AUDIT,
+    TASK_SECURITY_FIX,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # One folder per shape of history; older folders keep what must still replay.
@@ -38,75 +48,41 @@ FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "pla
 
 
 class Recorder:
-    """Drives one workflow per path against a worker with private folders."""
+    """Drives one workflow per path against a worker with private folders; the agents
+    are the shared stand-in's (tools/demo_agent.py)."""
 
     def __init__(self, client: Client, env: dict[str, str], root: Path) -> None:
         self.client, self.env, self.root = client, env, root
         self.queue = root / "task-queue"
 
-    async def find_task(self, workflow_id: str, task_type: str) -> Path:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            for path in sorted(self.queue.glob("*.yml")):
-                task = yaml.safe_load(path.read_text())
-                if (task["payload"].get("workflow_id") == workflow_id
-                        and task["task_type"] == task_type and task["status"] == "submitted"):
-                    return path
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"no {task_type} task for {workflow_id} after {WAIT_SECONDS}s")
-
     async def play(self, handle: WorkflowHandle, task_type: str, status: str = "success",
                    message: str = "done") -> None:
-        path = await self.find_task(handle.id, task_type)
-        result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, str(REPO / "complete_activity.py"),
-                             "--task-file", str(path), status, message],
-            env=self.env, capture_output=True, text=True, timeout=60, cwd=REPO)
-        if result.returncode != 0:
-            raise RuntimeError(f"complete_activity.py exited {result.returncode}: "
-                               f"{result.stderr.strip()}")
-
-    def origin(self) -> str:
-        from task_files import new_task, write_task
-
-        task_id = str(uuid.uuid4())
-        write_task(self.queue, new_task(task_id=task_id, target_agent="temporal-worker",
-                                        task_type="build_plan", summary="build request",
-                                        payload={}))
-        return task_id
+        await play_stage(self.queue, handle.id, task_type, self.env, status, message,
+                         timeout=WAIT_SECONDS)
 
     async def pipeline(self, name: str, triage: str | None, **extra: Any) -> WorkflowHandle:
         """Start a pipeline and play it up to and including the security audit."""
         from models import BuildPipelineInput
 
         handle = await self.client.start_workflow(
-            "BuildPipelineWorkflow",
+            BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=name, plan_path="/plans/recorded.md",
-                               task_id=self.origin(), target_agent="builder", **extra),
+                               task_id=write_origin_task(self.queue, name),
+                               target_agent="builder", **extra),
             id=f"record-{name}", task_queue=self.env["TASK_QUEUE"])
-        await self.play(handle, "build_prefab")
+        await self.play(handle, TASK_BUILD_PREFAB)
         if triage is None:
             return handle
-        await self.play(handle, "build_plan")
-        folder = self.root / "artifacts" / "audit-requests" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "triage-output.yml").write_text(triage)
-        await self.play(handle, "security_audit")
+        await self.play(handle, TASK_BUILD_PLAN)
+        write_triage(self.root / "artifacts", name, triage)
+        await self.play(handle, TASK_SECURITY_AUDIT)
         return handle
 
     async def parked(self, handle: WorkflowHandle) -> Path:
-        from models import PipelineStatus
         from task_files import find_task
 
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            status = await handle.query("get_status", result_type=PipelineStatus)
-            waiting = status.waiting_on
-            if waiting is not None and waiting.kind == "block_decision":
-                inp = await self._input(handle)
-                return find_task(self.queue, inp["task_id"])
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"{handle.id} did not park at stage 7")
+        await wait_until_parked(handle, WAIT_SECONDS)
+        return find_task(self.queue, (await self._input(handle))["task_id"])
 
     async def _input(self, handle: WorkflowHandle) -> dict[str, Any]:
         import json
@@ -128,19 +104,19 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
 
     async def clean() -> WorkflowHandle:
         handle = await recorder.pipeline("clean", "info:\n- fine\n")
-        await recorder.play(handle, "build_closeout", message="/docs/closeout.md")
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT, message="/docs/closeout.md")
         return handle
 
     async def flags() -> WorkflowHandle:
         handle = await recorder.pipeline("flags", "flags:\n- description: pin versions\n")
-        await recorder.play(handle, "security_fix")
-        await recorder.play(handle, "build_closeout")
+        await recorder.play(handle, TASK_SECURITY_FIX)
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def approved_by_file() -> WorkflowHandle:
         handle = await recorder.pipeline("approved", blocks, block_poll_interval_seconds=0.2)
-        await recorder.set_origin_status(handle, "approved")
-        await recorder.play(handle, "build_closeout")
+        await recorder.set_origin_status(handle, APPROVED)
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def approved_by_update() -> WorkflowHandle:
@@ -148,12 +124,12 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
                                          block_poll_interval_seconds=0.2)
         await recorder.parked(handle)
         await handle.execute_update("approve_blocks", "looks fine")
-        await recorder.play(handle, "build_closeout")
+        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
         return handle
 
     async def rejected() -> WorkflowHandle:
         handle = await recorder.pipeline("rejected", blocks, block_poll_interval_seconds=0.2)
-        await recorder.set_origin_status(handle, "rejected")
+        await recorder.set_origin_status(handle, REJECTED)
         return handle
 
     async def timed_out() -> WorkflowHandle:
@@ -164,7 +140,7 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
 
     async def agent_failure() -> WorkflowHandle:
         handle = await recorder.pipeline("agent-failure", None)
-        await recorder.play(handle, "build_plan", status="failed", message="compiler broke")
+        await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
         return handle
 
     async def bad_triage() -> WorkflowHandle:
@@ -176,10 +152,10 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
         phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
                             context_refs=["/plans/recorded.md"]) for n in (1, 2)]
         handle = await client.start_workflow(
-            "BuildPlanWorkflow", BuildPlanInput(plan_name=name, phases=phases),
+            BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
             id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
-        await recorder.play(handle, "build_phase")
-        await recorder.play(handle, "build_phase", status="failed" if fail else "success",
+        await recorder.play(handle, TASK_BUILD_PHASE)
+        await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
                             message="phase broke" if fail else "done")
         return handle
 

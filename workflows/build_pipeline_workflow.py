@@ -39,7 +39,6 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
-    from exceptions import INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
     from models import (
         STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
@@ -66,6 +65,33 @@ with workflow.unsafe.imports_passed_through():
         TriageResult,
         WaitingOn,
     )
+    from vocabulary import (
+        APPLY_FLAG_FIXES,
+        APPROVED,
+        BUILD_PIPELINE_WORKFLOW,
+        CANCELLED,
+        CLOSE_BUILD,
+        EXPIRED,
+        IMPLEMENT_BUILD,
+        INVALID_INPUT,
+        NOTIFY_BLOCKS,
+        PHASE_FAILED,
+        PREFAB_SCAFFOLDING,
+        PREPARE_PIPELINE,
+        PROCESS_TRIAGE_OUTPUT,
+        RECORD_DECISION,
+        REQUEST_SECURITY_AUDIT,
+        STAGE_NUMBERS,
+        SUMMARIZE_WORKFLOW,
+        TASK_BUILD_CLOSEOUT,
+        TASK_BUILD_PLAN,
+        TASK_BUILD_PREFAB,
+        TASK_SECURITY_AUDIT,
+        TASK_SECURITY_FIX,
+        TOTAL_STAGES,
+        TRIAGE_INVALID,
+        WAIT_FOR_BLOCK_RESOLUTION,
+    )
     from workflows import instructions
 
 # workflow.patched ids, one per change to the command sequence.
@@ -74,19 +100,6 @@ EVENT_DRIVEN_WAIT_PATCH = "event-driven-block-wait"  # stage 7 without a polling
 LOCAL_INLINE_PATCH = "local-inline-stages"  # stages 4 and 9 as local activities
 ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run enters here
 
-STAGE_NUMBERS = {
-    "prefab_scaffolding": 1,
-    "implement_build": 2,
-    "request_security_audit": 3,
-    "process_triage_output": 4,
-    "apply_flag_fixes": 5,
-    "notify_blocks": 6,
-    "wait_for_block_resolution": 7,
-    "close_build": 8,
-    "summarize_workflow": 9,
-}
-TOTAL_STAGES = len(STAGE_NUMBERS)
-PREPARE_ACTIVITY = "prepare_pipeline"
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
 AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
 
@@ -143,7 +156,7 @@ def decider_label(choice: BlockDecision) -> str:
     return choice.decided_by
 
 
-@workflow.defn(name="BuildPipelineWorkflow")
+@workflow.defn(name=BUILD_PIPELINE_WORKFLOW)
 class BuildPipelineWorkflow:
     def __init__(self) -> None:
         self._input: BuildPipelineInput | None = None
@@ -220,7 +233,7 @@ class BuildPipelineWorkflow:
 
     async def _prepare(self, pipeline: BuildPipelineInput) -> None:
         self._setup = await workflow.execute_local_activity(
-            PREPARE_ACTIVITY, PrepareInput(task_id=pipeline.task_id),
+            PREPARE_PIPELINE, PrepareInput(task_id=pipeline.task_id),
             result_type=PipelineSetup,
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
@@ -231,28 +244,28 @@ class BuildPipelineWorkflow:
 
     async def _run_stages(self, pipeline: BuildPipelineInput) -> Outcome:
         await self._agent_stage(
-            "prefab_scaffolding", policies.PREFAB, self._task(
+            PREFAB_SCAFFOLDING, policies.PREFAB, self._task(
                 pipeline, agent=self._stage_agent(pipeline, "prefab_agent"),
-                agent_setting="prefab_agent", task_type="build_prefab",
+                agent_setting="prefab_agent", task_type=TASK_BUILD_PREFAB,
                 summary=f"Prefab scaffolding for {pipeline.build_name}",
                 instruction=instructions.prefab(pipeline.build_name, pipeline.plan_path)))
         await self._agent_stage(
-            "implement_build", policies.IMPLEMENT, self._task(
-                pipeline, agent=pipeline.target_agent, task_type="build_plan",
+            IMPLEMENT_BUILD, policies.IMPLEMENT, self._task(
+                pipeline, agent=pipeline.target_agent, task_type=TASK_BUILD_PLAN,
                 summary=f"Implement {pipeline.build_name}",
                 instruction=instructions.implement(pipeline.build_name, pipeline.plan_path),
                 extra={"originating_task_id": pipeline.task_id}))
         await self._security_audit(pipeline)
         self._triage = await self._run_activity(
-            "process_triage_output", policies.TRIAGE, pipeline.build_name,
+            PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, pipeline.build_name,
             result_type=TriageResult, waiting=None, local=self._local_inline)
         triage = self._triage
-        self._event("process_triage_output", "triaged", f"{len(triage.blocks)} blocks, "
+        self._event(PROCESS_TRIAGE_OUTPUT, "triaged", f"{len(triage.blocks)} blocks, "
                     f"{len(triage.flags)} flags, {len(triage.info)} info")
         if triage.flags:
             await self._agent_stage(
-                "apply_flag_fixes", policies.FLAG_FIXES, self._task(
-                    pipeline, agent=pipeline.target_agent, task_type="security_fix",
+                APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
+                    pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
                     summary=f"Fix {len(triage.flags)} security flag(s) on {pipeline.build_name}",
                     instruction=instructions.flag_fixes(pipeline.build_name, triage.flags),
                     extra={"flag_count": len(triage.flags),
@@ -262,8 +275,8 @@ class BuildPipelineWorkflow:
             if outcome != "partial":
                 return outcome
         closeout = await self._agent_stage(
-            "close_build", policies.CLOSE_BUILD, self._task(
-                pipeline, agent=pipeline.target_agent, task_type="build_closeout",
+            CLOSE_BUILD, policies.CLOSE_BUILD, self._task(
+                pipeline, agent=pipeline.target_agent, task_type=TASK_BUILD_CLOSEOUT,
                 summary=f"Close out {pipeline.build_name}",
                 instruction=instructions.closeout(pipeline.build_name, pipeline.plan_path)))
         self._closeout_path = closeout.output or None
@@ -300,14 +313,14 @@ class BuildPipelineWorkflow:
         folder = "audit-requests/" + pipeline.build_name
         request = self._task(
             pipeline, agent=self._stage_agent(pipeline, "security_agent"),
-            agent_setting="security_agent", task_type="security_audit",
+            agent_setting="security_agent", task_type=TASK_SECURITY_AUDIT,
             summary=f"Security audit of {pipeline.build_name}",
             instruction=instructions.security_audit(
                 pipeline.build_name, f"<TEMPORAL_AUDIT_DIR>/{folder}/request.md",
                 f"<TEMPORAL_AUDIT_DIR>/{folder}/triage-output.yml"),
             extra={"audit_folder": folder})
         await self._run_activity(
-            "request_security_audit",
+            REQUEST_SECURITY_AUDIT,
             policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
             AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
                          target_agent=pipeline.target_agent, task=request),
@@ -321,7 +334,7 @@ class BuildPipelineWorkflow:
         self._awaiting_decision = True
         try:
             notified = await self._run_activity(
-                "notify_blocks", policies.NOTIFY_BLOCKS,
+                NOTIFY_BLOCKS, policies.NOTIFY_BLOCKS,
                 NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
                                   workflow_id=workflow.info().workflow_id, blocks=blocks),
                 result_type=NotifyBlocksResult | None, waiting=None)
@@ -334,15 +347,15 @@ class BuildPipelineWorkflow:
         self._decision_paths = notified.decision_paths
         self._origin_task_path = notified.originating_task_path or self._origin_task_path
         for failure in notified.failures:
-            self._event("notify_blocks", "notification_failed", failure)
+            self._event(NOTIFY_BLOCKS, "notification_failed", failure)
         decision = await self._wait_for_decision(pipeline)
         if decision is None:
-            self._event("wait_for_block_resolution", "timed_out",
+            self._event(WAIT_FOR_BLOCK_RESOLUTION, "timed_out",
                         f"no decision within {pipeline.block_wait_timeout_seconds:.0f}s")
             return "timed_out"
         if self._decided_via_update:
             await self._run_activity(
-                "record_block_decision", policies.RECORD_DECISION,
+                RECORD_DECISION, policies.RECORD_DECISION,
                 RecordDecisionInput(task_id=pipeline.task_id, path_hint=self._origin_task_path,
                                     decision=decision, actor=self._decided_by or "operator",
                                     note=self._decision_note,
@@ -350,7 +363,7 @@ class BuildPipelineWorkflow:
                                     source=self._decision_source or "update",
                                     claimed_by=self._claimed_by),
                 result_type=str, waiting=None, count_as_stage=False)
-        self._event("wait_for_block_resolution", decision, f"by {self._decided_by}")
+        self._event(WAIT_FOR_BLOCK_RESOLUTION, decision, f"by {self._decided_by}")
         return "partial" if decision == "approved" else "rejected"
 
     async def _wait_for_decision(self, pipeline: BuildPipelineInput) -> Decision | None:
@@ -362,7 +375,7 @@ class BuildPipelineWorkflow:
         - parked by this service before decisions were event-driven: the polling
           activity beside the deadline timer, as recorded.
         """
-        stage = "wait_for_block_resolution"
+        stage = WAIT_FOR_BLOCK_RESOLUTION
         await self._enter(stage)
         deadline = timedelta(seconds=pipeline.block_wait_timeout_seconds)
         self._waiting = WaitingOn(kind="block_decision", stage=stage, task_id=pipeline.task_id,
@@ -441,19 +454,19 @@ class BuildPipelineWorkflow:
             resolution = poll.result()
         except ActivityError as err:
             message, _ = describe_activity_failure(err)
-            self._event("wait_for_block_resolution", "poll_failed",
+            self._event(WAIT_FOR_BLOCK_RESOLUTION, "poll_failed",
                         f"{message}; waiting for a decision by Update, task file or chat")
             return
         if resolution is None:
             # v0.5.0's check returns nothing once the originating task is approved.
-            resolution = BlockResolution(decision="approved", task_status="approved")
+            resolution = BlockResolution(decision="approved", task_status=APPROVED)
         self._decision = resolution.decision
         self._decided_by, self._decision_source = "task file", "task_file"
         self._claimed_by = resolution.actor or None
         if self._claimed_by == "task file":
             self._claimed_by = None
         self._decision_note = resolution.note
-        self._event("wait_for_block_resolution", "task_status", resolution.task_status)
+        self._event(WAIT_FOR_BLOCK_RESOLUTION, "task_status", resolution.task_status)
 
     # ---- shared stage machinery ---------------------------------------------------------
 
@@ -531,25 +544,25 @@ class BuildPipelineWorkflow:
         for task_id, stage in self._open_tasks.items():
             expired = self._expired_tasks.get(task_id)
             tasks.append(OpenTask(task_id=task_id, stage=stage,
-                                  status="expired" if expired else "cancelled",
+                                  status=EXPIRED if expired else CANCELLED,
                                   reason=expired or reason))
         return tasks
 
     async def _summarize(self, pipeline: BuildPipelineInput) -> str:
-        self._stage = "summarize_workflow"
-        self._event("summarize_workflow", "started", f"outcome {self._outcome}")
+        self._stage = SUMMARIZE_WORKFLOW
+        self._event(SUMMARIZE_WORKFLOW, "started", f"outcome {self._outcome}")
         self._details()
         info = workflow.info()
         execute = (workflow.execute_local_activity if self._local_inline
                    else workflow.execute_activity)
         path = await execute(
-            "summarize_workflow",
+            SUMMARIZE_WORKFLOW,
             SummaryInput(
                 workflow_id=info.workflow_id, run_id=info.run_id,
                 build_name=pipeline.build_name, target_agent=pipeline.target_agent,
                 plan_path=pipeline.plan_path, task_id=pipeline.task_id,
                 outcome=self._outcome or "failed", failed_stage=self._failed_stage,
-                error=self._error, stages_completed=[*self._stages_done, "summarize_workflow"],
+                error=self._error, stages_completed=[*self._stages_done, SUMMARIZE_WORKFLOW],
                 started_at=info.start_time, ended_at=workflow.now(),
                 blocks=self._triage.blocks, flags=self._triage.flags, info=self._triage.info,
                 decision=self._decision, decided_by=self._decided_by,
@@ -560,15 +573,15 @@ class BuildPipelineWorkflow:
             result_type=str,
             start_to_close_timeout=policies.SUMMARY.start_to_close,
             retry_policy=policies.SUMMARY.retry,
-            summary=self._summary_line("summarize_workflow", None))
+            summary=self._summary_line(SUMMARIZE_WORKFLOW, None))
         self._open_tasks.clear()
-        self._finish("summarize_workflow")
+        self._finish(SUMMARIZE_WORKFLOW)
         self._details()
         return path
 
     def _result(self, pipeline: BuildPipelineInput, summary_path: str) -> BuildPipelineResult:
         return BuildPipelineResult(
-            status="complete" if "close_build" in self._stages_done else "failed",
+            status="complete" if CLOSE_BUILD in self._stages_done else "failed",
             workflow_id=workflow.info().workflow_id,
             outcome=self._outcome or "failed", build_name=pipeline.build_name,
             stages_completed=list(self._stages_done), failed_stage=self._failed_stage,
@@ -677,7 +690,7 @@ class BuildPipelineWorkflow:
         self._decision_note, self._decided_via_update = choice.note, True
         via = {"update": "by_update", "task_file": "by_task_file", "matrix": "by_matrix"}
         claimed = f" (claims to be {choice.claimed_by})" if choice.claimed_by else ""
-        self._event("wait_for_block_resolution", f"{decision}_{via[choice.source]}",
+        self._event(WAIT_FOR_BLOCK_RESOLUTION, f"{decision}_{via[choice.source]}",
                     f"{self._decided_by}{claimed}: {choice.note}".rstrip(": "))
         self._details()
         return decision

@@ -8,11 +8,18 @@ from typing import Any
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
+from vocabulary import (
+    BUILD_PHASE,
+    BUILD_PLAN_WORKFLOW,
+    INVALID_INPUT,
+    PHASE_FAILED,
+    TASK_BUILD_PHASE,
+)
+
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
-    from exceptions import INVALID_INPUT, PHASE_FAILED
     from models import (
         AgentTaskRequest,
         BuildPhaseResult,
@@ -25,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.build_pipeline_workflow import describe_activity_failure, validation_message
 
 
-@workflow.defn(name="BuildPlanWorkflow")
+@workflow.defn(name=BUILD_PLAN_WORKFLOW)
 class BuildPlanWorkflow:
     def __init__(self) -> None:
         self._plan: BuildPlanInput | None = None
@@ -49,22 +56,22 @@ class BuildPlanWorkflow:
             self._current, self._current_agent = phase.number, phase.agent_type
             request = AgentTaskRequest(
                 task_id=str(workflow.uuid4()), build_name=plan.plan_name,
-                target_agent=phase.agent_type, task_type="build_phase",
+                target_agent=phase.agent_type, task_type=TASK_BUILD_PHASE,
                 summary=f"{plan.plan_name} phase {phase.number}: "
                         f"{' '.join(phase.description.split())[:120]}",
                 instruction=instructions.build_phase(plan.plan_name, phase.number,
                                                      phase.description, phase.context_refs),
                 extra_payload={"plan_name": plan.plan_name, "phase": phase.number,
                                "context_refs": list(phase.context_refs)})
-            self._waiting = WaitingOn(kind="agent", stage="build_phase", agent=phase.agent_type,
-                                      task_type="build_phase", task_id=request.task_id,
+            self._waiting = WaitingOn(kind="agent", stage=BUILD_PHASE, agent=phase.agent_type,
+                                      task_type=TASK_BUILD_PHASE, task_id=request.task_id,
                                       since=workflow.now())
             workflow.set_current_details(
                 f"**{plan.plan_name}**: phase {phase.number} ({len(self._done) + 1}/{total}) "
                 f"→ `{phase.agent_type}`")
             try:
                 await workflow.execute_activity(
-                    "build_phase", request, result_type=BuildPhaseResult,
+                    BUILD_PHASE, request, result_type=BuildPhaseResult,
                     start_to_close_timeout=policies.BUILD_PHASE.start_to_close,
                     schedule_to_close_timeout=policies.BUILD_PHASE.schedule_to_close,
                     retry_policy=policies.BUILD_PHASE.retry,
