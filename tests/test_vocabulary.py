@@ -55,7 +55,8 @@ def test_readme_stage_table_is_the_nine_stages_in_order() -> None:
     for row in rows:
         stage, who = codes(row[1])[0], row[2]
         if stage in v.INLINE_STAGES:
-            assert who == "inline", stage
+            local = stage in (v.PROCESS_TRIAGE_OUTPUT, v.SUMMARIZE_WORKFLOW)
+            assert who == ("inline (local activity)" if local else "inline"), stage
         else:
             assert stage in v.AGENT_STAGES, stage
             assert codes(who)[-1] == v.STAGE_TASK_TYPES[stage], stage
