@@ -307,7 +307,7 @@ async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes, st
         raise rpc_error(err, config, origin) from None
 
 
-def mark_task_file(path: Path, task: dict[str, Any], status: str, message: str,
+def mark_task_file(path: Path, status: str, message: str,
                    completed_by: str) -> None:
     final = COMPLETED if status == "success" else FAILED
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             completed_by = (args.completed_by or environ.get("AGENT_NAME")
                             or str(task.get("target_agent") or "agent"))
             try:
-                mark_task_file(args.task_file, task, status, message, completed_by)
+                mark_task_file(args.task_file, status, message, completed_by)
             except TaskFileError as err:
                 print(f"complete_activity: activity {status} recorded in Temporal, but the "
                       f"task file was not updated: {err}", file=sys.stderr)

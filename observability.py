@@ -16,6 +16,7 @@ runtime exports metrics one way only — traces still go over OTLP).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -192,10 +193,9 @@ class PrivateFileHandler(logging.FileHandler):
     def _open(self):  # type: ignore[no-untyped-def]
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                      0o600)
-        try:
+        # Not ours to change when another account created the file for us.
+        with contextlib.suppress(OSError):
             os.fchmod(fd, 0o600)
-        except OSError:
-            pass  # not ours to change (e.g. a file another account created for us)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 

@@ -18,6 +18,7 @@ Every file here can be written by an agent, so every read and write assumes the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import glob
@@ -110,6 +111,31 @@ def _deepest_existing(path: Path) -> Path:
     return path
 
 
+def _open_child(fd: int, name: str, shown: Path, *, create: bool) -> tuple[int, bool]:
+    """A descriptor of folder `name` under `fd` (never through a link), and whether this
+    call created it."""
+    created = False
+    try:
+        if create:
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                pass
+        return os.open(name, _DIR_FLAGS, dir_fd=fd), created
+    except FileNotFoundError:
+        if create:  # removed between our mkdir and open
+            raise TaskFileError(f"{shown_path(shown)}: vanished while being created") from None
+        raise
+    except OSError as err:
+        if _is_link(err, name, fd):
+            raise UnsafeTaskPathError(f"{shown_path(shown)}: is a symlink; refusing to follow "
+                                      f"it") from None
+        if err.errno == errno.ENOTDIR:
+            raise TaskFileError(f"{shown_path(shown)}: exists but is not a directory") from None
+        raise TaskFileError(f"{shown_path(shown)}: cannot open: {err.strerror}") from None
+
+
 def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
     """A descriptor of `directory`; below the trusted folder no link is followed.
 
@@ -136,29 +162,7 @@ def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
         current = top
         for name in directory.relative_to(top).parts:
             current = current / name
-            created = False
-            try:
-                if create:
-                    try:
-                        os.mkdir(name, 0o700, dir_fd=fd)
-                        created = True
-                    except FileExistsError:
-                        pass
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if create:  # removed between our mkdir and open
-                    raise TaskFileError(f"{shown_path(current)}: vanished while being "
-                                        f"created") from None
-                raise
-            except OSError as err:
-                if _is_link(err, name, fd):
-                    raise UnsafeTaskPathError(f"{shown_path(current)}: is a symlink; refusing "
-                                              f"to follow it") from None
-                if err.errno == errno.ENOTDIR:
-                    raise TaskFileError(f"{shown_path(current)}: exists but is not a "
-                                        f"directory") from None
-                raise TaskFileError(f"{shown_path(current)}: cannot open: "
-                                    f"{err.strerror}") from None
+            child, created = _open_child(fd, name, current, create=create)
             os.close(fd)
             fd = child
             if created:  # mkdir's mode is cut by the umask
@@ -372,10 +376,8 @@ def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -
                 os.fsync(handle.fileno())
             os.replace(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
             raise
     return path
 
@@ -417,7 +419,7 @@ class _TaskDumper(_SafeDumper):
     """Multi-line strings (instructions) as literal blocks, readable by humans; never an
     anchor or alias (the reader refuses them), even for an object used twice."""
 
-    def ignore_aliases(self, data: Any) -> bool:
+    def ignore_aliases(self, _data: Any) -> bool:
         return True
 
 

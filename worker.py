@@ -130,7 +130,7 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         async with worker:
-            log.info(f"Worker started, listening on task queue: {config.task_queue}",
+            log.info("Worker started, listening on task queue: %s", config.task_queue,
                      extra={"ready": True, "task_queue": config.task_queue,
                             "namespace": config.temporal_namespace})
             write_status(config.status_file, "ready", config)

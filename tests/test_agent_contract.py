@@ -182,7 +182,8 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     payload = read_as_agent(audit)["payload"]
     output_dir = Path(payload["output_dir"])
     request_md = Path(payload["audit_request_path"])
-    assert output_dir.is_absolute() and request_md == output_dir / "request.md"
+    assert output_dir.is_absolute()
+    assert request_md == output_dir / "request.md"
     assert Path(payload["triage_path"]) == output_dir / "triage-output.yml"
     assert Path(payload["audit_report_path"]) == output_dir / "audit.md"
     assert f"{output_dir}/triage-output.yml" in payload["instruction"]
@@ -241,7 +242,8 @@ async def test_symlinked_cli_and_v050_phase_fields(deployed: Deployed) -> None:
         task = assert_self_contained(path, deployed)
         payload = task["payload"]
         assert payload["phase_number"] == payload["phase"] == number
-        assert payload["plan_name"] == "linked" and payload["workflow_id"] == handle.id
+        assert payload["plan_name"] == "linked"
+        assert payload["workflow_id"] == handle.id
         if number == 3:
             assert payload["description"] == description
             assert payload["context_refs"] == ["docs/a.md", "docs/b.md"]
@@ -323,7 +325,8 @@ async def test_wrong_setting_is_exit_2_naming_it(pipeline: PipelineEnv, tmp_path
     assert result.returncode == 2, (case, result.stderr)
     assert time.monotonic() - started < 15
     line = result.stderr.strip()
-    assert len(line.splitlines()) == 1 and named in line, line
+    assert len(line.splitlines()) == 1, line
+    assert named in line, line
     assert path.read_bytes() == before  # nothing was reported
     # With the setting right, the very same task completes.
     finish(path, "payload", "done after all", home)
@@ -339,7 +342,8 @@ def test_foreign_interpreter_is_exit_2(tmp_path: Path) -> None:
     result = run_as_agent([system, str(REPO / "complete_activity.py"), "--task-file",
                            str(tmp_path / "t.yml"), "success"], tmp_path)
     assert result.returncode == 2
-    assert "payload.complete_command" in result.stderr and system in result.stderr
+    assert "payload.complete_command" in result.stderr
+    assert system in result.stderr
 
 
 # --- the env file: read exactly as pm2's ecosystem.config.js reads it --------------------
@@ -388,7 +392,8 @@ def test_env_file_is_read_as_pm2_reads_it(tmp_path: Path) -> None:
     missing = tmp_path / "none.env"
     assert read_env_file(missing) == {}
     pm2 = ecosystem_env(missing)
-    assert pm2.returncode == 0 and "WORKER_ENV_FILE" not in json.loads(pm2.stdout)
+    assert pm2.returncode == 0
+    assert "WORKER_ENV_FILE" not in json.loads(pm2.stdout)
 
     env_file.write_text("VAULT_ROLE_ID=s3cr3t-role\nnot a setting s3cr3t\n")
     assert ecosystem_env(env_file).returncode != 0  # pm2 refuses it too

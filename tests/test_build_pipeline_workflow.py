@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
@@ -113,7 +114,9 @@ async def test_clean_pipeline(pipeline: PipelineEnv) -> None:
         assert task["payload"]["plan_path"] == inp.plan_path
     request_md = pipeline.audit_dir / AUDIT_REQUESTS_DIR / "clean-build" / "request.md"
     text = request_md.read_text()
-    assert "clean-build" in text and "triage-output.yml" in text and "--task-file" in text
+    assert "clean-build" in text
+    assert "triage-output.yml" in text
+    assert "--task-file" in text
     assert oct(request_md.stat().st_mode & 0o777) == "0o600"
     summary = summary_of(result)
     assert summary["outcome"] == "success"
@@ -133,7 +136,8 @@ async def test_flags_pipeline_wraps_findings(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
     result: BuildPipelineResult = await handle.result()
 
-    assert result.outcome == "success" and result.flags == 2
+    assert result.outcome == "success"
+    assert result.flags == 2
     assert APPLY_FLAG_FIXES in result.stages_completed
     instruction = load_yaml(fix)["payload"]["instruction"]
     assert instruction.count("<security-findings>") == 1
@@ -144,7 +148,8 @@ async def test_flags_pipeline_wraps_findings(pipeline: PipelineEnv) -> None:
     for line in inside.strip().splitlines():
         assert len(line) <= 2 + 500 * 5  # escaped entities only ever lengthen `<`/`>`
         assert "\n" not in line
-    assert "A" * 499 not in inside and "A" * 400 in inside  # capped at 500 chars
+    assert "A" * 499 not in inside
+    assert "A" * 400 in inside
     assert agent_tasks(pipeline, handle.id)[TASK_SECURITY_FIX]["payload"]["flag_count"] == 2
     summary = summary_of(result)
     assert summary["flags"][0] == {"description": FLAG, "severity": "low"}
@@ -171,13 +176,16 @@ async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:
     result: BuildPipelineResult = await handle.result()
 
     # Approved blocks: v0.5.0's "partial", and the close-out ran, so "complete".
-    assert result.outcome == "partial" and result.decision == "approved"
-    assert result.status == "complete" and result.workflow_id == handle.id
+    assert result.outcome == "partial"
+    assert result.decision == "approved"
+    assert result.status == "complete"
+    assert result.workflow_id == handle.id
     assert WAIT_FOR_BLOCK_RESOLUTION in result.stages_completed
     assert CLOSE_BUILD in result.stages_completed
     summary = summary_of(result)
     # The file decided; "ted" is only what the file's history claims.
-    assert summary["decided_by"] == "task file" and summary["claimed_by"] == "ted"
+    assert summary["decided_by"] == "task file"
+    assert summary["claimed_by"] == "ted"
     assert summary["decision_source"] == "task_file"
     assert summary["blocks"] == [{"description": BLOCK}]
     assert summary["notification_failures"]  # no channel configured in tests: recorded
@@ -195,7 +203,8 @@ async def test_blocks_rejected_via_task_file(pipeline: PipelineEnv, status: str)
     update_task(origin, lambda t: add_history(t, status=status, actor="ted", note="no"))
     result: BuildPipelineResult = await handle.result()
 
-    assert result.outcome == "rejected" and result.decision == "rejected"
+    assert result.outcome == "rejected"
+    assert result.decision == "rejected"
     assert CLOSE_BUILD not in result.stages_completed
     assert TASK_BUILD_CLOSEOUT not in agent_tasks(pipeline, handle.id)
     assert result.status == "failed"
@@ -209,7 +218,8 @@ async def test_blocks_deadline_times_out(pipeline: PipelineEnv) -> None:
                                         block_wait_timeout_seconds=2)
     result: BuildPipelineResult = await handle.result()
 
-    assert result.outcome == "timed_out" and result.decision is None
+    assert result.outcome == "timed_out"
+    assert result.decision is None
     assert CLOSE_BUILD not in result.stages_completed
     summary = summary_of(result)
     assert summary["outcome"] == "timed_out"
@@ -241,8 +251,10 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
-    assert IMPLEMENT_BUILD in cause.message and "compiler exploded" in cause.message
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == PHASE_FAILED
+    assert IMPLEMENT_BUILD in cause.message
+    assert "compiler exploded" in cause.message
     written = load_yaml(task)
     assert written["status"] == "failed"
     assert written["result"]["output"] == "compiler exploded"
@@ -268,8 +280,10 @@ async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
-    assert problem in cause.message and "triage-output.yml" in cause.message
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == TRIAGE_INVALID
+    assert problem in cause.message
+    assert "triage-output.yml" in cause.message
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
     assert summary["outcome"] == "failed"
     assert summary["failed_stage"] == PROCESS_TRIAGE_OUTPUT
@@ -282,7 +296,8 @@ async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str
               and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
               and b"process_triage_output" in e.marker_recorded_event_attributes
               .details["data"].payloads[0].data]
-    assert len(triage) == 1 and triage[0].failure.application_failure_info.non_retryable
+    assert len(triage) == 1
+    assert triage[0].failure.application_failure_info.non_retryable
     assert json.loads(triage[0].details["data"].payloads[0].data)["attempt"] == 1
 
 
@@ -300,14 +315,15 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
                                                      bad: dict[str, str]) -> None:
     raw = {"build_name": "ok-build", "plan_path": "/p.md", "task_id": "t-1",
            "target_agent": "builder", **bad}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError):
         BuildPipelineInput(**raw)  # typed callers are stopped before starting anything
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == INVALID_INPUT
     assert next(iter(bad)) in cause.message
     for folder in (pipeline.queue_dir, pipeline.audit_dir, pipeline.summary_dir):
         assert not folder.exists() or not any(folder.rglob("*"))
@@ -351,7 +367,8 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
-    assert status.waiting_on is not None and status.waiting_on.agent == "claudebox"
+    assert status.waiting_on is not None
+    assert status.waiting_on.agent == "claudebox"
     assert status.agents == {"target": "builder", "prefab": "claudebox",
                              "security": "security-agent"}
     assert status.warnings == []
@@ -392,7 +409,8 @@ async def test_missing_originating_task_is_a_warning_from_the_start(
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
     assert status.stage == PREFAB_SCAFFOLDING
-    assert len(status.warnings) == 1 and "'no-such-task' not found" in status.warnings[0]
+    assert len(status.warnings) == 1
+    assert "'no-such-task' not found" in status.warnings[0]
     events = await handle.query("get_events", result_type=list[StageEvent])
     assert [e.event for e in events if e.stage == "pipeline"] == ["started", "warning"]
     await handle.cancel()

@@ -58,8 +58,10 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     waiting = await wait_for_status(handle, lambda s: s.waiting_on is not None, "phase 1 wait",
                                     result_type=PlanStatus)
-    assert waiting.plan_name == "parser-plan" and waiting.phases_total == 2
-    assert waiting.phases_done == [] and waiting.current_phase == 1
+    assert waiting.plan_name == "parser-plan"
+    assert waiting.phases_total == 2
+    assert waiting.phases_done == []
+    assert waiting.current_phase == 1
     assert waiting.current_agent == "builder"
     assert waiting.waiting_on.agent == "builder"
     assert waiting.waiting_on.task_id == assert_valid_task_file(first)["id"]
@@ -74,7 +76,8 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
                         what="phase 2 task file")
     waiting = await wait_for_status(handle, lambda s: s.current_phase == 2, "phase 2 wait",
                                     result_type=PlanStatus)
-    assert waiting.phases_done == [1] and waiting.current_agent == "reviewer"
+    assert waiting.phases_done == [1]
+    assert waiting.current_agent == "reviewer"
     assert await activity_order(handle) == ["scheduled", "completed", "scheduled"]
 
     await complete_task(second, pipeline.env, message="looks good")
@@ -82,8 +85,10 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
 
     assert result == BuildPlanResult(status="success", phases_run=2)
     final = await status_of(handle)
-    assert final.outcome == "success" and final.phases_done == [1, 2]
-    assert final.current_phase is None and final.waiting_on is None
+    assert final.outcome == "success"
+    assert final.phases_done == [1, 2]
+    assert final.current_phase is None
+    assert final.waiting_on is None
     tasks = [assert_valid_task_file(path) for path in (first, second)]
     for task, phase in zip(tasks, PHASES, strict=True):
         assert task["task_type"] == TASK_BUILD_PHASE
@@ -117,13 +122,16 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == PHASE_FAILED
     assert "phase 2 (reviewer)" in cause.message
     assert "tests do not pass" in cause.message
     assert "1 of 2 phases done" in cause.message
     status = await status_of(handle)
-    assert status.outcome == "failed" and status.phases_done == [1]
-    assert status.error and "tests do not pass" in status.error
+    assert status.outcome == "failed"
+    assert status.phases_done == [1]
+    assert status.error
+    assert "tests do not pass" in status.error
     assert assert_valid_task_file(second)["status"] == "failed"
 
 
@@ -143,7 +151,8 @@ async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[st
         await outcome(handle)
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == INVALID_INPUT
     assert field in cause.message
     assert cause.non_retryable
     assert await activity_order(handle) == []

@@ -65,7 +65,8 @@ async def one_phase_plan(pipeline: PipelineEnv) -> tuple[WorkflowHandle, Path, s
     }, result_type=BuildPlanResult)
     path = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
     token = load_yaml(path)["payload"]["task_token"]
-    assert isinstance(token, str) and len(token) > 24
+    assert isinstance(token, str)
+    assert len(token) > 24
     return handle, path, token
 
 
@@ -148,7 +149,8 @@ async def test_failed_fails_the_activity_as_phase_failed(pipeline: PipelineEnv) 
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == PHASE_FAILED
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == PHASE_FAILED
     assert "tests are red" in cause.message
     failures = [e.activity_task_failed_event_attributes.failure
                 async for e in handle.fetch_history_events()

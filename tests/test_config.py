@@ -60,7 +60,8 @@ def test_values_are_read() -> None:
     assert config.log_level == "DEBUG"
     assert config.max_concurrent_activities == 4
     assert config.prefab_agent == "scaffolder"
-    assert config.require_tls and config.vault_enabled
+    assert config.require_tls
+    assert config.vault_enabled
 
 
 @pytest.mark.parametrize(("env", "variable"), [
@@ -94,7 +95,8 @@ def test_partial_vault_lists_every_missing_variable() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config({"VAULT_ADDR": "https://vault.example:8200"})
     message = str(caught.value)
-    assert "VAULT_ROLE_ID" in message and "VAULT_SECRET_ID_FILE" in message
+    assert "VAULT_ROLE_ID" in message
+    assert "VAULT_SECRET_ID_FILE" in message
 
 
 def test_blank_values_mean_default() -> None:

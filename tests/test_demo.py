@@ -43,4 +43,5 @@ def test_demo_runs_one_pipeline_end_to_end() -> None:
         assert f"pid {pid} stopped" in out
         assert proc_start_ticks(pid) is None, f"pid {pid} still running"
     folder = re.search(r"written to (\S+)/task-queue", out)
-    assert folder and not Path(folder.group(1)).exists()
+    assert folder
+    assert not Path(folder.group(1)).exists()

@@ -193,9 +193,11 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
         # Blocks were found and approved in two of them: their builds closed out "partial".
         blocked = handle in (triage, parked)
         assert result.outcome == ("partial" if blocked else "success"), result
-        assert result.summary_path and Path(result.summary_path).is_file()
+        assert result.summary_path
+        assert Path(result.summary_path).is_file()
     counts = files_per_stage(lab.queue)
-    assert counts and max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+    assert counts
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
     assert counts[(closing.id, TASK_BUILD_CLOSEOUT)] == 1
     assert worker.starts == 3
 
@@ -217,7 +219,8 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
     implement = await wait_for_task(lab.queue, handle.id, TASK_BUILD_PLAN, timeout=90)
 
     durable.stop()
-    assert worker.process is not None and worker.process.poll() is None
+    assert worker.process is not None
+    assert worker.process.poll() is None
     durable.start()
     # The same worker process reconnects by itself; the agent finishes afterwards.
     await complete_task(implement, worker.env)
@@ -226,7 +229,8 @@ async def test_temporal_server_restart_mid_pipeline(durable: DurableServer,
     await lab.play(handle, TASK_BUILD_CLOSEOUT)
     result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 120)
     assert result.outcome == "success"
-    assert worker.process.poll() is None and worker.starts == 1
+    assert worker.process.poll() is None
+    assert worker.starts == 1
     assert max(files_per_stage(lab.queue).values()) == 1
 
 
@@ -238,7 +242,7 @@ def bulk_agents(client: Client, lab: Pipelines) -> StandIn:
     played again."""
     async def complete(path: Path, task: dict[str, Any], message: str) -> None:
         await complete_with_token(client, task, "success", message)
-        await asyncio.to_thread(mark_task_file, path, task, "success", message,
+        await asyncio.to_thread(mark_task_file, path, "success", message,
                                 task["target_agent"])
 
     return StandIn(queue_dir=lab.queue, audit_dir=lab.audit, env=lab.env,
@@ -286,7 +290,8 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client, work
     assert len(results) == 50
     assert all(r.outcome == "success" for r in results.values())
     counts = files_per_stage(lab.queue)
-    assert len(counts) >= 50 * 4 and max(counts.values()) == 1
+    assert len(counts) >= 50 * 4
+    assert max(counts.values()) == 1
 
 
 @pytest.mark.slow

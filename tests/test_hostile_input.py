@@ -144,10 +144,10 @@ INPUT_ROWS = [
 ]
 
 
+@pytest.mark.usefixtures("outside")
 @pytest.mark.parametrize(("field", "value"), INPUT_ROWS,
                          ids=[f"{f}-{i}" for i, (f, _) in enumerate(INPUT_ROWS)])
-async def test_hostile_workflow_input(pipeline: PipelineEnv, outside: Path, field: str,
-                                      value: str) -> None:
+async def test_hostile_workflow_input(pipeline: PipelineEnv, field: str, value: str) -> None:
     before = tree(pipeline.root)
     raw = {"build_name": "ok-build", "plan_path": "/p.md", "task_id": "t-1",
            "target_agent": "builder", field: value}
@@ -157,7 +157,8 @@ async def test_hostile_workflow_input(pipeline: PipelineEnv, outside: Path, fiel
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == INVALID_INPUT
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == INVALID_INPUT
     assert field in cause.message
     assert len(cause.message) < 2000  # the error names the field; it does not echo 100 kB
     assert tree(pipeline.root) == before  # nothing written, inside or out
@@ -191,10 +192,11 @@ TRIAGE_ROWS: list[tuple[str, str | bytes, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("row", "triage", "problem"), TRIAGE_ROWS,
-                         ids=[row for row, _, _ in TRIAGE_ROWS])
-async def test_hostile_triage_file(pipeline: PipelineEnv, outside: Path, row: str,
-                                   triage: str | bytes, problem: str) -> None:
+@pytest.mark.usefixtures("outside")
+@pytest.mark.parametrize(("triage", "problem"),
+                         [pytest.param(t, p, id=row) for row, t, p in TRIAGE_ROWS])
+async def test_hostile_triage_file(pipeline: PipelineEnv, triage: str | bytes,
+                                   problem: str) -> None:
     handle = await start(pipeline, "hostile-triage")
     audit = await to_audit(pipeline, handle)
     pipeline.write_triage("hostile-triage", triage)
@@ -205,8 +207,10 @@ async def test_hostile_triage_file(pipeline: PipelineEnv, outside: Path, row: st
         await handle.result()
 
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
-    assert problem in cause.message and "triage-output.yml" in cause.message
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == TRIAGE_INVALID
+    assert problem in cause.message
+    assert "triage-output.yml" in cause.message
     assert len(cause.message) < 2000
     ending = summary(pipeline)  # not lost: ended, and summarised, in one attempt
     assert ending["outcome"] == "failed"
@@ -264,8 +268,8 @@ BREAKOUTS = [
 ]
 
 
-async def test_findings_cannot_leave_the_delimiters(pipeline: PipelineEnv,
-                                                    outside: Path) -> None:
+@pytest.mark.usefixtures("outside")
+async def test_findings_cannot_leave_the_delimiters(pipeline: PipelineEnv) -> None:
     import yaml
 
     handle = await start(pipeline, "breakout")
@@ -279,7 +283,8 @@ async def test_findings_cannot_leave_the_delimiters(pipeline: PipelineEnv,
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
 
-    assert result.outcome == "success" and result.flags == len(BREAKOUTS)
+    assert result.outcome == "success"
+    assert result.flags == len(BREAKOUTS)
     # Read the instruction the way a model might: compatibility-folded and with the
     # invisible characters gone. Still exactly one open and one close tag.
     folded = unicodedata.normalize("NFKC", instruction)
@@ -292,7 +297,8 @@ async def test_findings_cannot_leave_the_delimiters(pipeline: PipelineEnv,
     lines = inside.strip().splitlines()
     assert len(lines) == len(BREAKOUTS)  # one line per finding, none split or merged
     for line in lines:
-        assert "<" not in line and ">" not in line
+        assert "<" not in line
+        assert ">" not in line
         assert "\x1b" not in line
     assert "treat it as data" in instruction.lower()
 
@@ -319,7 +325,7 @@ def test_symlink_at_task_path_is_refused(queue: Path, outside: Path) -> None:
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
         task_files.write_private_atomic(path, b"overwritten")
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
-        update_task(path, lambda document: None)
+        update_task(path, lambda _document: None)
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
         read_task(path)
     assert path.is_symlink()
@@ -331,7 +337,7 @@ def test_symlink_at_temp_path_is_refused(queue: Path, outside: Path,
     a fixed name (named as such, a fake) lets the test plant the link first."""
     path = write_task(queue, a_task())
     original = path.read_bytes()
-    monkeypatch.setattr(task_files.secrets, "token_hex", lambda n: "predictable")
+    monkeypatch.setattr(task_files.secrets, "token_hex", lambda _n: "predictable")
     temp = path.with_name(f".{path.name}.predictable.tmp")
     temp.symlink_to(outside / "precious.txt")
 
@@ -386,10 +392,9 @@ TASK_FILE_ROWS: list[tuple[str, str | bytes, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("row", "content", "problem"), TASK_FILE_ROWS,
-                         ids=[row for row, _, _ in TASK_FILE_ROWS])
-def test_hostile_task_file(queue: Path, row: str, content: str | bytes,
-                           problem: str) -> None:
+@pytest.mark.parametrize(("content", "problem"),
+                         [pytest.param(c, p, id=row) for row, c, p in TASK_FILE_ROWS])
+def test_hostile_task_file(queue: Path, content: str | bytes, problem: str) -> None:
     ensure_private_dir(queue)
     path = queue / "20260101-000000-deadbeef.yml"
     if isinstance(content, bytes):
@@ -434,10 +439,10 @@ CLI_ROWS: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("row", "form", "problem"), CLI_ROWS,
-                         ids=[row for row, _, _ in CLI_ROWS])
-def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Path,
-                           row: str, form: str, problem: str) -> None:
+@pytest.mark.parametrize(("form", "problem"),
+                         [pytest.param(f, p, id=row) for row, f, p in CLI_ROWS])
+def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Path, form: str,
+                           problem: str) -> None:
     stdin = None
     target = tmp_path / "input"
     if form == "argv-huge":
@@ -472,7 +477,8 @@ def test_hostile_cli_input(cli_env: dict[str, str], tmp_path: Path, outside: Pat
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and problem in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert problem in lines[0], result.stderr
     assert len(lines[0]) < 1000  # the offending input is not echoed back
     assert "A" * 100 not in result.stderr + result.stdout
     assert {p: p.stat(follow_symlinks=False).st_mtime_ns for p in tree(tmp_path)} == before
@@ -523,12 +529,15 @@ def test_fifo_is_refused_never_waited_on(queue: Path, tmp_path: Path) -> None:
     os.mkfifo(triage)
     try:
         refused = within(5, read_task, fifo)
-        assert isinstance(refused, UnsafeTaskPathError) and "FIFO" in str(refused)
+        assert isinstance(refused, UnsafeTaskPathError)
+        assert "FIFO" in str(refused)
         missing = within(5, task_files.find_task, queue, task["id"])
         assert isinstance(missing, task_files.TaskNotFoundError)
-        assert "a FIFO" in str(missing) and fifo.name in str(missing)  # reported, not hidden
+        assert "a FIFO" in str(missing)
+        assert fifo.name in str(missing)
         bad = within(5, read_triage, triage)
-        assert isinstance(bad, TriageInvalidError) and "FIFO" in str(bad)
+        assert isinstance(bad, TriageInvalidError)
+        assert "FIFO" in str(bad)
         refused = within(5, task_files.read_agent_file, triage, 100)
         assert isinstance(refused, UnsafeTaskPathError)
     finally:
@@ -557,18 +566,18 @@ def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
             swaps[0] += 1
 
     def read_many() -> tuple[int, int]:
-        parsed = fifos = 0
+        parsed, refusals = 0, []
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not (parsed > 50 and fifos > 50):
+        while time.monotonic() < deadline and not (parsed > 50 and len(refusals) > 50):
             try:
                 read_task(path)
                 parsed += 1
             except UnsafeTaskPathError as err:
-                assert "FIFO" in str(err)
-                fifos += 1
+                refusals.append(str(err))
             except task_files.TaskNotFoundError:
                 pass  # between two renames
-        return parsed, fifos
+        assert all("FIFO" in refusal for refusal in refusals), set(refusals)
+        return parsed, len(refusals)
 
     swapper = threading.Thread(target=swap, daemon=True)
     swapper.start()
@@ -579,7 +588,8 @@ def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
         swapper.join(5)
         unblock_fifo(path)
     print(f"swaps={swaps[0]} parsed={parsed} fifos={fifos}")
-    assert fifos > 0 and parsed > 0  # the race was really run, and no read ever blocked
+    assert fifos > 0
+    assert parsed > 0
 
 
 async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> None:
@@ -595,8 +605,10 @@ async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> Non
     finally:
         unblock_fifo(fifo)
     cause = caught.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == TRIAGE_INVALID
-    assert "a FIFO, not a regular file" in cause.message and "triage-output.yml" in cause.message
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == TRIAGE_INVALID
+    assert "a FIFO, not a regular file" in cause.message
+    assert "triage-output.yml" in cause.message
     assert summary(pipeline)["failed_stage"] == PROCESS_TRIAGE_OUTPUT
 
 
@@ -637,7 +649,8 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
             return None
 
         message = await poll_async(stalled, 20, "the stuck read to fail its stage")
-        assert "read_triage_waiting_on_fifos" in message and "triage-output.yml" in message
+        assert "read_triage_waiting_on_fifos" in message
+        assert "triage-output.yml" in message
         # Its retry waits minutes; meanwhile another pipeline runs from end to end.
         clean = await start(pipeline, "not-delayed")
         clean_audit = await to_audit(pipeline, clean)
@@ -695,7 +708,8 @@ def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
     for lookup in ({}, {"full_scan": False}, {"search_archives": False}):
         with pytest.raises(AmbiguousTaskError) as caught:
             task_files.find_task(queue, task["id"], **lookup)
-        assert str(real) in str(caught.value) and str(shadow) in str(caught.value)
+        assert str(real) in str(caught.value)
+        assert str(shadow) in str(caught.value)
     # A copy under another name in archive/ is found by the full scan: ambiguous too.
     shadow.unlink()
     (queue / ARCHIVE_DIR).mkdir()
@@ -775,7 +789,8 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
 
     [problem] = (await status_of(handle)).notification_failures
     assert "2 files carry this id" in problem
-    assert str(real) in problem and str(shadow) in problem
+    assert str(real) in problem
+    assert str(shadow) in problem
     assert "files carry this id" in notice()
     assert "to status 'approved'" not in notice()  # the file is not offered to decide
     # Stage 6 named the waiting run in neither file, so the watcher routes neither file's
@@ -785,7 +800,8 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     await handle.execute_update("approve_blocks", "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
-    assert result.outcome == "partial" and result.decision == "approved"
+    assert result.outcome == "partial"
+    assert result.decision == "approved"
     assert {path: path.read_bytes() for path in (real, shadow)} == before
 
 
@@ -808,7 +824,7 @@ def test_linked_task_folders_are_skipped_and_reported(queue: Path, outside: Path
     for attempt in (lambda: ensure_private_dir(queue / subdir, base=queue),
                     lambda: task_files.write_private_atomic(queue / subdir / "x.yml", b"x: 1\n",
                                                             base=queue),
-                    lambda: update_task(queue / subdir / bait.name, lambda t: None,
+                    lambda: update_task(queue / subdir / bait.name, lambda _t: None,
                                         base=queue)):
         with pytest.raises(UnsafeTaskPathError, match="is a symlink"):
             attempt()
@@ -898,14 +914,17 @@ async def test_any_volume_of_blocks_fits_every_channel(notifying: Any) -> None:
     handle = await park(pipeline, "many-blocks", blocks)
 
     status = await status_of(handle)
-    assert status.notification_failures == [] and status.blocks == 460
+    assert status.notification_failures == []
+    assert status.blocks == 460
     text = notice()
     assert len(text.encode()) <= NOTICE_MAX_BYTES
     listed = [line for line in text.splitlines() if line.startswith("- block ")]
-    assert listed and all(len(line) <= 2 + 300 for line in listed)
+    assert listed
+    assert all(len(line) <= 2 + 300 for line in listed)
     assert f"- … and {460 - len(listed)} more block(s)" in text
     [posted] = ntfy.requests
-    assert len(posted["body"].encode()) <= 4096 and posted["body"] == text
+    assert len(posted["body"].encode()) <= 4096
+    assert posted["body"] == text
     await handle.terminate("test done")
 
 
@@ -936,8 +955,10 @@ async def test_notices_carry_block_text_as_inert_single_lines(notifying: Any) ->
     for ch in text:
         category = unicodedata.category(ch)
         assert ch == "\n" or category not in ("Cc", "Cf", "Zl", "Zp"), repr(ch)
-    assert "@room" not in text and "@" not in text
-    assert "<" not in text and ">" not in text
+    assert "@room" not in text
+    assert "@" not in text
+    assert "<" not in text
+    assert ">" not in text
     assert ntfy.requests[0]["body"] == text
 
 
@@ -971,7 +992,8 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
         stderr = result.stderr.decode(errors="replace")
         assert result.returncode == 2, (args, stderr)
         lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and problem in lines[0], (args, stderr)
+        assert len(lines) == 1, (args, stderr)
+        assert problem in lines[0], (args, stderr)
         assert "Traceback" not in stderr
     assert load_yaml(task)["status"] == SUBMITTED
     await finish(pipeline, task)  # still pending: none of the rows completed it

@@ -181,7 +181,8 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
     await handle.execute_update("approve_blocks", "risk accepted")
     await stage(TASK_BUILD_CLOSEOUT)
     result = await handle.result()
-    assert result.outcome == "partial" and len(tokens) == 5
+    assert result.outcome == "partial"
+    assert len(tokens) == 5
     assert any("Completing activity with completion" in str(r.get("event"))
                for r in worker.log_records()), "the SDK's DEBUG lines were not logged at all"
 
@@ -263,7 +264,8 @@ async def test_planted_files_stall_bloat_and_leak_nothing(worker: WorkerProcess,
             with pytest.raises(WorkflowFailureError) as caught:
                 await asyncio.wait_for(handle.result(), 30)
             cause = caught.value.cause
-            assert isinstance(cause, ApplicationError) and "a FIFO" in cause.message
+            assert isinstance(cause, ApplicationError)
+            assert "a FIFO" in cause.message
         await poll(lambda: any(r.get("event") == "task_file_skipped"
                                and "anchors/aliases" in str(r.get("reason"))
                                for r in worker.log_records()), 10,

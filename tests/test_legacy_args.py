@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from temporalio import activity
 from temporalio.client import WorkflowHistory
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -70,7 +71,8 @@ def recorded_args(history_name: str, activity_name: str) -> tuple[Any, ...]:
 def refused(call: Any, *args: Any) -> ApplicationError:
     with pytest.raises(ApplicationError) as caught:
         call(*args)
-    assert caught.value.type == INVALID_INPUT and caught.value.non_retryable
+    assert caught.value.type == INVALID_INPUT
+    assert caught.value.non_retryable
     return caught.value
 
 
@@ -137,7 +139,8 @@ def test_an_unusable_plan_path_in_the_run_input_is_left_out(plan_path: Any) -> N
 def test_flag_fix_args_carry_the_flag_texts() -> None:
     args = recorded_args("v050-blocks-approved", APPLY_FLAG_FIXES)
     request = legacy_args.agent_request(APPLY_FLAG_FIXES, args, CALL)
-    assert request.task_type == TASK_SECURITY_FIX and request.target_agent == "builder"
+    assert request.task_type == TASK_SECURITY_FIX
+    assert request.target_agent == "builder"
     assert request.extra_payload == {"flags": ["chmod 600 env"], "flag_count": 1}
     assert "<security-findings>" in request.instruction
     assert "chmod 600 env" in request.instruction
@@ -146,14 +149,16 @@ def test_flag_fix_args_carry_the_flag_texts() -> None:
         APPLY_FLAG_FIXES, ("web", [{"description": "<b>x</b>", "file": "a"}, "y"], "builder"),
         CALL)
     assert mixed.extra_payload["flags"] == ["<b>x</b>", "y"]
-    assert "<b>" not in mixed.instruction and "&lt;b&gt;x&lt;/b&gt;" in mixed.instruction
+    assert "<b>" not in mixed.instruction
+    assert "&lt;b&gt;x&lt;/b&gt;" in mixed.instruction
 
 
 def test_close_args() -> None:
     args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
     request = legacy_args.agent_request(CLOSE_BUILD, args, CALL)
     assert request.task_type == TASK_BUILD_CLOSEOUT
-    assert request.target_agent == "builder" and request.build_name == args[0]
+    assert request.target_agent == "builder"
+    assert request.build_name == args[0]
     assert "close-out document" in request.instruction
 
 
@@ -166,7 +171,8 @@ def test_audit_args_carry_absolute_paths(tmp_path: Path) -> None:
     assert request.target_agent == "builder"  # from the run's input
     assert (request.build_name, request.plan_path) == args
     task = request.task
-    assert task.task_type == TASK_SECURITY_AUDIT and task.agent_setting == "security_agent"
+    assert task.task_type == TASK_SECURITY_AUDIT
+    assert task.agent_setting == "security_agent"
     assert task.extra_payload == {"audit_folder": f"audit-requests/{args[0]}"}
     assert str(folder / "request.md") in task.instruction
     assert str(folder / "triage-output.yml") in task.instruction
@@ -189,18 +195,22 @@ def test_summary_args_with_blocks_are_partial() -> None:
     args = recorded_args("v050-blocks-approved", SUMMARIZE_WORKFLOW)
     call = dataclasses.replace(CALL, pipeline=recorded_input("v050-blocks-approved"))
     summary = legacy_args.summary_input(args, call)
-    assert summary.workflow_id == args[0] and summary.build_name == args[1]
+    assert summary.workflow_id == args[0]
+    assert summary.build_name == args[1]
     assert summary.target_agent == "builder"
     assert summary.task_id == "842daac3-5dce-436d-b4df-3197d43c0100"
     assert summary.run_id == CALL.run_id
-    assert summary.started_at.isoformat() == args[2] and summary.ended_at.isoformat() == args[3]
-    assert summary.outcome == "partial" and summary.decision == "approved"
+    assert summary.started_at.isoformat() == args[2]
+    assert summary.ended_at.isoformat() == args[3]
+    assert summary.outcome == "partial"
+    assert summary.decision == "approved"
     assert summary.stages_completed == [
         PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
         PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
         WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW]
     assert (len(summary.blocks), len(summary.flags), len(summary.info)) == (1, 1, 0)
-    assert summary.plan_path == args[7] and summary.closeout_path == args[8]
+    assert summary.plan_path == args[7]
+    assert summary.closeout_path == args[8]
     assert [event.event for event in summary.events] == ["v050_arguments"]
     assert summary.adopted
 
@@ -209,7 +219,8 @@ def test_summary_args_without_blocks_are_success() -> None:
     args = recorded_args("v050-clean", SUMMARIZE_WORKFLOW)
     summary = legacy_args.summary_input(
         args, dataclasses.replace(CALL, workflow_id="build-v050-clean"))
-    assert summary.outcome == "success" and summary.decision is None
+    assert summary.outcome == "success"
+    assert summary.decision is None
     assert APPLY_FLAG_FIXES not in summary.stages_completed
     assert NOTIFY_BLOCKS not in summary.stages_completed
     assert (len(summary.blocks), len(summary.flags)) == (0, 0)
@@ -277,9 +288,8 @@ def environment(activity_type: str, call: legacy_args.CallContext = CALL) -> Act
 
 async def suspended(env: ActivityEnvironment, fn: Any, *args: Any) -> None:
     """An agent stage ends by suspending (async completion), never by returning."""
-    with pytest.raises(BaseException) as caught:  # the SDK's private suspend signal
+    with pytest.raises(activity._CompleteAsyncError):  # the SDK's private suspend signal
         await env.run(fn, *args)
-    assert type(caught.value).__name__ == "_CompleteAsyncError", caught.value
 
 
 def only_task_path(config: WorkerConfig) -> Path:
@@ -319,7 +329,8 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
     # v0.5.0's fields for this task type, beside ours.
     assert {"build_name", "instruction", "task_token"} | fields <= set(payload)
     assert payload["build_name"] == args[0]
-    assert payload["activity_type"] == stage and payload["workflow_id"] == CALL.workflow_id
+    assert payload["activity_type"] == stage
+    assert payload["workflow_id"] == CALL.workflow_id
     if stage == IMPLEMENT_BUILD:
         assert payload["originating_task_id"] == args[1]
     if stage == APPLY_FLAG_FIXES:
@@ -338,7 +349,8 @@ async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
     await suspended(environment(CLOSE_BUILD), agent_stage(config, CLOSE_BUILD), *args)
     path = only_task_path(config)
     payload = load_yaml(path)["payload"]
-    assert "plan_path" not in payload and payload["build_name"] == args[0]
+    assert "plan_path" not in payload
+    assert payload["build_name"] == args[0]
 
 
 async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
@@ -349,11 +361,12 @@ async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
     await suspended(environment(IMPLEMENT_BUILD), agent_stage(config, IMPLEMENT_BUILD),
                     request.model_dump(mode="json"))
     _, task = only_task(config)
-    assert task["id"] == request.task_id and task["payload"]["originating_task_id"] == "T-1"
+    assert task["id"] == request.task_id
+    assert task["payload"]["originating_task_id"] == "T-1"
 
 
-async def test_audit_with_v050_args_writes_request_and_task(
-        config: WorkerConfig, run_input: dict[str, Any]) -> None:
+@pytest.mark.usefixtures("run_input")
+async def test_audit_with_v050_args_writes_request_and_task(config: WorkerConfig) -> None:
     args = recorded_args("v050-blocks-approved", REQUEST_SECURITY_AUDIT)
     activities = PipelineActivities(config)
     await suspended(environment(REQUEST_SECURITY_AUDIT), activities.request_security_audit,
@@ -387,7 +400,8 @@ async def test_wait_with_v050_args_hands_a_pending_decision_over(config: WorkerC
     with pytest.raises(ApplicationError) as caught:
         await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(config).wait_for_block_resolution, *args)
-    assert caught.value.type == LEGACY_WAIT_HANDED_OVER and caught.value.non_retryable
+    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+    assert caught.value.non_retryable
 
 
 async def test_wait_with_v050_args_returns_nothing_when_already_approved(
@@ -421,10 +435,13 @@ async def test_summary_with_v050_args(config: WorkerConfig, run_input: dict[str,
     assert path == config.summary_dir / "2026-11" / f"{args[0]}.yml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     summary = yaml.safe_load(path.read_text())
-    assert summary["outcome"] == "partial" and summary["build_name"] == args[1]
+    assert summary["outcome"] == "partial"
+    assert summary["build_name"] == args[1]
     assert summary["counts"] == {"blocks": 1, "flags": 1, "info": 0}
-    assert summary["closeout_path"] == args[8] and summary["plan_path"] == args[7]
-    assert summary["run_id"] == CALL.run_id and summary["adopted"] is True
+    assert summary["closeout_path"] == args[8]
+    assert summary["plan_path"] == args[7]
+    assert summary["run_id"] == CALL.run_id
+    assert summary["adopted"] is True
     assert (summary["task_id"], summary["target_agent"]) == (run_input["task_id"], "builder")
     # v0.5.0's own keys, from v0.5.0's own arguments.
     assert (summary["blocks_hit"], summary["flags_applied"]) == (args[5], args[6])

@@ -262,7 +262,8 @@ async def test_approver_replies_approve_and_reject(
         rejected = await result_of(client, reject)
         reject_status, reject_events = await status_of(reject), await events_of(reject)
 
-    assert approved.outcome == "partial" and approved.decision == "approved"
+    assert approved.outcome == "partial"
+    assert approved.decision == "approved"
     [decided] = decisions_in(approve_events)
     assert decided.event == "approved_by_matrix"
     assert decided.detail == f"{chat.alice.user_id}: risk accepted for the demo"
@@ -272,7 +273,8 @@ async def test_approver_replies_approve_and_reject(
     assert (entry["status"], entry["actor"]) == ("approved", chat.alice.user_id)
     assert "risk accepted for the demo" in entry["note"]
 
-    assert rejected.outcome == "rejected" and rejected.decision == "rejected"
+    assert rejected.outcome == "rejected"
+    assert rejected.decision == "rejected"
     assert CLOSE_BUILD not in rejected.stages_completed
     assert (reject_status.decision, reject_status.decided_by) == ("rejected", chat.alice.user_id)
     [decided] = decisions_in(reject_events)
@@ -373,7 +375,8 @@ async def test_only_an_approver_in_the_notice_room_decides(
     [decided] = decisions_in(events)
     assert decided.event == "rejected_by_matrix"
     note = decided.detail.removeprefix(f"{alice.user_id}: ")
-    assert note.startswith("[31mred [0m reversed yyy") and note.endswith("…")
+    assert note.startswith("[31mred [0m reversed yyy")
+    assert note.endswith("…")
     assert len(note) == NOTE_MAX_CHARS
     assert not any(ch in note for ch in "\x1b\u202e\u200b")
     assert (status.decision, status.decided_by) == ("rejected", alice.user_id)
@@ -474,22 +477,25 @@ async def test_two_workers_listening_apply_one_decision(
         finally:
             other.stop()
 
-    assert result.outcome == "partial" and result.decision == "approved"
+    assert result.outcome == "partial"
+    assert result.decision == "approved"
     [decided] = decisions_in(events)
     assert decided.detail == chat.alice.user_id
     entries = [h for h in load_yaml(origin)["history"] if h["status"] == "approved"]
-    assert len(entries) == 1 and entries[0]["actor"] == chat.alice.user_id
+    assert len(entries) == 1
+    assert entries[0]["actor"] == chat.alice.user_id
     stopped = [r for r in other.log_records() if r.get("event") == "worker_stopped"]
-    assert stopped and stopped[0]["shutdown_seconds"] < 5
+    assert stopped
+    assert stopped[0]["shutdown_seconds"] < 5
     # The long poll is not logged request by request (one line per 25 s when idle).
     assert not [r for r in other.log_records() if r.get("logger") == "httpx"]
     log_text = other.log_path.read_text()
-    assert chat.bot.token not in log_text and chat.bot.token not in caplog.text
+    assert chat.bot.token not in log_text
+    assert chat.bot.token not in caplog.text
 
 
 async def test_listener_is_off_without_approvers_and_survives_a_bad_token(
-        chat: Chat, client: Client, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
+        chat: Chat, client: Client, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     env = {**chat.env(), "MATRIX_APPROVERS": ""}
     stop = asyncio.Event()

@@ -140,7 +140,8 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
     assert BLOCKS[1] not in by_build["notice-two"]
     status, note = origin_note(first_origin)
     assert status == INPUT_REQUIRED
-    assert "2 security block(s) await approval" in note and "notification failed" not in note
+    assert "2 security block(s) await approval" in note
+    assert "notification failed" not in note
 
 
 async def test_room_id_alias_and_short_name_resolve(homeserver: synapse.Homeserver,
@@ -173,13 +174,15 @@ async def test_bad_token_and_unknown_room_fail_without_retry(
                           "MATRIX_ACCESS_TOKEN": bad})
     with pytest.raises(notify.NotifyFailed) as failed:
         await notify.send_matrix(config, "x", txn_seed="bad-token")
-    assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value) and not failed.value.retryable
+    assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value)
+    assert not failed.value.retryable
     assert bad not in str(failed.value)
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "no-such-room",
                           "MATRIX_ACCESS_TOKEN": matrix_token})
     with pytest.raises(notify.NotifyFailed) as failed:
         await notify.send_matrix(config, "x", txn_seed="no-room")
-    assert "#no-such-room:localhost" in str(failed.value) and "M_NOT_FOUND" in str(failed.value)
+    assert "#no-such-room:localhost" in str(failed.value)
+    assert "M_NOT_FOUND" in str(failed.value)
     assert not failed.value.retryable
 
 
@@ -204,7 +207,8 @@ async def test_homeserver_down_still_parks_and_records(client: Client, temporal_
     assert "notification failed: matrix: Matrix whoami: ConnectError" in note
     attempts = [r for r in caplog.records if r.getMessage() == "notification_failed"]
     assert [getattr(r, "attempt", None) for r in attempts] == [1, 2, 3]
-    assert secret not in caplog.text and secret not in origin.read_text()
+    assert secret not in caplog.text
+    assert secret not in origin.read_text()
 
 
 # ---- legacy script and ntfy --------------------------------------------------------------
@@ -290,5 +294,6 @@ async def test_failing_channel_is_retried_then_reported(ntfy: Recorder) -> None:
     ntfy.status = 503
     config = load_config({"NTFY_URL": f"{ntfy.url}/builds"})
     delivered, failures = await notify.notify_all(config, "title", "message", "seed")
-    assert delivered == [] and failures == ["ntfy: ntfy: HTTP 503"]
+    assert delivered == []
+    assert failures == ["ntfy: ntfy: HTTP 503"]
     assert len(ntfy.requests) == notify.ATTEMPTS_PER_CHANNEL

@@ -74,7 +74,8 @@ async def traced_run(temporal_address: str,
     config = load_config(variables)
     exporter = InMemorySpanExporter()
     telemetry = setup_telemetry(config, span_exporter=exporter)
-    assert telemetry.runtime is not None and len(telemetry.interceptors) == 1
+    assert telemetry.runtime is not None
+    assert len(telemetry.interceptors) == 1
     client = await connect(config, interceptors=telemetry.interceptors,
                            runtime=telemetry.runtime)
     root_logger = logging.getLogger()
@@ -178,7 +179,8 @@ async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> No
 
 def test_json_log_lines_carry_context(traced_run: TracedRun) -> None:
     lines = traced_run.log_lines
-    assert lines and all({"ts", "level", "event", "worker_id", "workflow_id", "activity",
+    assert lines
+    assert all({"ts", "level", "event", "worker_id", "workflow_id", "activity",
                           "build_name"} <= set(line) for line in lines)
     assert all(line["worker_id"] == WORKER_ID for line in lines)
     mine = [line for line in lines if line["workflow_id"] == traced_run.workflow_id]
@@ -223,7 +225,8 @@ def test_opentelemetry_not_imported_unless_configured() -> None:
     assert probe() == {"otel": [], "runtime": True, "interceptors": 0}
     enabled = probe(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     assert "opentelemetry.sdk.trace" in enabled["otel"]
-    assert enabled["runtime"] and enabled["interceptors"] == 1
+    assert enabled["runtime"]
+    assert enabled["interceptors"] == 1
 
 
 @pytest.fixture
@@ -269,7 +272,8 @@ async def test_worker_process_serves_prometheus(
     assert err == ""
     records = json_lines(out)
     started = [r for r in records if r["event"] == "worker_starting"]
-    assert started and started[0]["settings"]["PROMETHEUS_BIND_ADDRESS"] == address
+    assert started
+    assert started[0]["settings"]["PROMETHEUS_BIND_ADDRESS"] == address
     assert any(r["event"] == "worker_stopped" for r in records)
 
 
@@ -300,10 +304,12 @@ def test_core_fields_never_carry_a_token(tmp_path: Path) -> None:
     text = log_file.read_text()
     [line] = [json.loads(raw) for raw in text.splitlines()]
     assert line["event"] == "Activity not found on completion"
-    assert line["core_target"] == entry.target and line["core_fields"]["attempt"] == 2
+    assert line["core_target"] == entry.target
+    assert line["core_fields"]["attempt"] == 2
     assert line["core_fields"]["task_token"] == REDACTED
     assert line["core_fields"]["details"].startswith("NotFound")
-    assert token.hex() not in text and "secret-task-token" not in text
+    assert token.hex() not in text
+    assert "secret-task-token" not in text
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -314,8 +320,8 @@ def json_lines(text: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             raise AssertionError(f"not a JSON line: {line!r}") from None
-        assert isinstance(record, dict) and {"ts", "level", "event", "logger",
-                                             "worker_id"} <= set(record), line
+        assert isinstance(record, dict), line
+        assert {"ts", "level", "event", "logger", "worker_id"} <= set(record), line
         records.append(record)
     return records
 
@@ -344,7 +350,8 @@ async def test_sdk_core_warning_is_a_json_line(temporal_address: str, tmp_path: 
         assert worker.wait(60) == 0
     finally:
         worker.stop()
-    assert line["level"] == "WARNING" and line["event"] == "Failing workflow task"
+    assert line["level"] == "WARNING"
+    assert line["event"] == "Failing workflow task"
     assert line["core_target"].startswith("temporalio_sdk_core")
     assert line["core_fields"]["run_id"] == handle.result_run_id
     assert "NoSuchWorkflow" in line["core_fields"]["failure"]
@@ -368,4 +375,5 @@ def test_prometheus_address_errors_exit_2(temporal_address: str, tmp_path: Path)
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
-    assert "PROMETHEUS_BIND_ADDRESS" in line and "in use" in line
+    assert "PROMETHEUS_BIND_ADDRESS" in line
+    assert "in use" in line

@@ -114,7 +114,9 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     assert status.waiting_on is not None
     assert (status.waiting_on.kind, status.waiting_on.agent, status.waiting_on.task_type,
             status.waiting_on.task_id) == ("agent", "claudebox", TASK_BUILD_PREFAB, prefab_id)
-    assert status.waiting_on.since is not None and not status.paused and status.outcome is None
+    assert status.waiting_on.since is not None
+    assert not status.paused
+    assert status.outcome is None
     details_1 = await current_details(handle)
     assert "Stage 1/9: `prefab_scaffolding`" in details_1
     assert "Waiting on claudebox since" in details_1
@@ -123,9 +125,11 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     status = await wait_for_status(handle, lambda s: s.stage_number == 2, "stage 2")
     assert status.stages_done == [PREFAB_SCAFFOLDING]
-    assert status.waiting_on is not None and status.waiting_on.agent == "builder"
+    assert status.waiting_on is not None
+    assert status.waiting_on.agent == "builder"
     details_2 = await current_details(handle)
-    assert details_2 != details_1 and "Stage 2/9: `implement_build`" in details_2
+    assert details_2 != details_1
+    assert "Stage 2/9: `implement_build`" in details_2
     assert "Done: prefab_scaffolding" in details_2
 
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
@@ -139,8 +143,10 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     assert result.outcome == "success"
 
     final = await status_of(handle)  # queries still answer on a closed workflow
-    assert final.outcome == "success" and (final.flags, final.info) == (1, 1)
-    assert final.stages_done[-1] == SUMMARIZE_WORKFLOW and final.waiting_on is None
+    assert final.outcome == "success"
+    assert (final.flags, final.info) == (1, 1)
+    assert final.stages_done[-1] == SUMMARIZE_WORKFLOW
+    assert final.waiting_on is None
     assert "Outcome: **success**" in await current_details(handle)
     assert await activity_summaries(handle) == [
         "resolve agents, find originating task", "1/9 prefab_scaffolding → claudebox",
@@ -174,13 +180,15 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
     assert [t["task_type"] for _, t in tasks_for(pipeline.queue_dir, handle.id)] == [
         TASK_BUILD_PREFAB]
     status = await status_of(handle)
-    assert status.paused and status.stages_done == [PREFAB_SCAFFOLDING]
+    assert status.paused
+    assert status.stages_done == [PREFAB_SCAFFOLDING]
     assert status.waiting_on is None
 
     await handle.signal("resume", "window closed")
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     status = await wait_for_status(handle, lambda s: s.stage == IMPLEMENT_BUILD, "stage 2")
-    assert not status.paused and status.pause_reason == ""
+    assert not status.paused
+    assert status.pause_reason == ""
     assert "Paused" not in await current_details(handle)
     kinds = [(e.event, e.detail) for e in await events_of(handle)
              if e.event in ("paused", "held", "resumed")]
@@ -200,7 +208,8 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
     assert "not waiting on blocks" in str(caught.value.cause)
     assert PREFAB_SCAFFOLDING in str(caught.value.cause)
     status = await status_of(handle)
-    assert status.decision is None and status.stage == PREFAB_SCAFFOLDING
+    assert status.decision is None
+    assert status.stage == PREFAB_SCAFFOLDING
     # A refused update leaves no trace in history and does not touch the task file.
     history = [e async for e in handle.fetch_history_events()]
     assert not any(e.HasField("workflow_execution_update_accepted_event_attributes")
@@ -227,13 +236,15 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
     entry = origin["history"][-1]
     assert (origin["status"], entry["status"], entry["actor"]) == ("approved", "approved",
                                                                    "ops-ted")
-    assert "risk accepted for the demo" in entry["note"] and "update" in entry["note"]
+    assert "risk accepted for the demo" in entry["note"]
+    assert "update" in entry["note"]
     with pytest.raises(WorkflowUpdateFailedError):  # decided already: refused
         await handle.execute_update("reject_blocks", "too late")
 
     await complete_task(closeout, pipeline.env)
     result: BuildPipelineResult = await handle.result()
-    assert result.outcome == "partial" and result.decision == "approved"
+    assert result.outcome == "partial"
+    assert result.decision == "approved"
     summary = load_yaml(Path(result.summary_path or ""))
     assert (summary["decided_by"], summary["decision_source"]) == ("ops-ted", "update")
     assert any(s.startswith("7/9 record_block_decision") for s in
@@ -247,7 +258,8 @@ async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> No
                                        result_type=str) == "rejected"
     result: BuildPipelineResult = await handle.result()
     assert time.monotonic() - sent < 10
-    assert result.outcome == "rejected" and result.decision == "rejected"
+    assert result.outcome == "rejected"
+    assert result.decision == "rejected"
     assert CLOSE_BUILD not in result.stages_completed
     events = await events_of(handle)
     decided = next(e for e in events if e.event == "rejected_by_update")
@@ -287,7 +299,8 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     status: PlanStatus = await handle.query("get_status", result_type=PlanStatus)
     assert (status.plan_name, status.phases_total, status.phases_done) == ("two-phases", 2, [])
     assert (status.current_phase, status.current_agent) == (1, "builder")
-    assert status.waiting_on is not None and status.waiting_on.task_id == load_yaml(first)["id"]
+    assert status.waiting_on is not None
+    assert status.waiting_on.task_id == load_yaml(first)["id"]
     assert "phase 1 (1/2)" in await current_details(handle)
     await complete_task(first, pipeline.env)
 
@@ -301,4 +314,5 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     await complete_task(second, pipeline.env)
     assert (await handle.result()).phases_run == 2
     status = await handle.query("get_status", result_type=PlanStatus)
-    assert status.outcome == "success" and status.phases_done == [1, 2]
+    assert status.outcome == "success"
+    assert status.phases_done == [1, 2]

@@ -93,8 +93,10 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
     base["WORKER_ENV_FILE"] = str(tmp_path / "none.env")
     app = ecosystem_settings(base)
     assert app["interpreter"] == str(REPO / ".venv" / "bin" / "python")
-    assert app["cwd"] == str(REPO) and app["script"] == str(REPO / "worker.py")
-    assert app["autorestart"] is True and app["max_restarts"] == 10
+    assert app["cwd"] == str(REPO)
+    assert app["script"] == str(REPO / "worker.py")
+    assert app["autorestart"] is True
+    assert app["max_restarts"] == 10
     assert app["exp_backoff_restart_delay"] > 0
     assert app["kill_timeout"] == 45000  # > the worker's default 30 s graceful shutdown
     assert app["stop_exit_codes"] == [2]
@@ -162,7 +164,8 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     first = await poll(lambda: status(status_file).get("state") == "ready"
                        and status(status_file), timeout=90, what="worker ready under pm2")
     app = manager.app(name)
-    assert app["pm2_env"]["status"] == "online" and app["pid"] == first["pid"]
+    assert app["pm2_env"]["status"] == "online"
+    assert app["pid"] == first["pid"]
     assert any(str(r.get("event", "")).startswith(READY_LINE) for r in out_log(manager, name))
 
     queue = Path(settings["TASK_QUEUE_DIR"])
@@ -181,7 +184,8 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
                         and status(status_file)["pid"] != first["pid"]
                         and status(status_file), timeout=90, what="pm2 restart")
     app = manager.app(name)
-    assert app["pm2_env"]["restart_time"] >= 1 and app["pid"] == second["pid"]
+    assert app["pm2_env"]["restart_time"] >= 1
+    assert app["pid"] == second["pid"]
     await complete_task(implement, settings)
     audit_dir = Path(settings["TEMPORAL_AUDIT_DIR"]) / AUDIT_REQUESTS_DIR / "pm2-build"
     audit_dir.mkdir(parents=True, exist_ok=True)
@@ -198,5 +202,6 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     assert took < kill_timeout
     assert status(status_file)["state"] == "stopped"
     events = [r.get("event") for r in out_log(manager, name)]
-    assert "shutdown_requested" in events and "worker_stopped" in events
+    assert "shutdown_requested" in events
+    assert "worker_stopped" in events
     assert manager.app(name)["pm2_env"]["status"] == "stopped"

@@ -39,7 +39,8 @@ def test_only_a_gone_process_on_this_host_counts_as_dead() -> None:
 def test_task_id_from_either_input_shape() -> None:
     assert task_id_of({"task_id": "t-1", "build_name": "b"}) == "t-1"
     assert task_id_of({"build_name": "b", "task": {"task_id": "t-2"}}) == "t-2"
-    assert task_id_of(None) is None and task_id_of({"task": "x"}) is None
+    assert task_id_of(None) is None
+    assert task_id_of({"task": "x"}) is None
 
 
 def test_dispatched_means_this_attempt_has_a_file(tmp_path: Path) -> None:

@@ -73,7 +73,8 @@ def open_umask() -> Iterator[None]:
         os.umask(previous)
 
 
-def test_private_modes_under_open_umask(tmp_path: Path, open_umask: None) -> None:
+@pytest.mark.usefixtures("open_umask")
+def test_private_modes_under_open_umask(tmp_path: Path) -> None:
     queue = tmp_path / "home" / ".claude" / "task-queue"
     task = a_task()
 
@@ -90,7 +91,8 @@ def test_private_modes_under_open_umask(tmp_path: Path, open_umask: None) -> Non
     assert_valid_task_file(path)
 
 
-def test_existing_loose_queue_dir_is_tightened(tmp_path: Path, open_umask: None) -> None:
+@pytest.mark.usefixtures("open_umask")
+def test_existing_loose_queue_dir_is_tightened(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     queue.mkdir(mode=0o777)
     assert mode(queue) == 0o777
@@ -131,7 +133,8 @@ def test_symlinked_directory_entry_is_refused(tmp_path: Path) -> None:
         write_private_atomic(queue / "odd.yml", b"x: 1\n")
 
 
-def test_update_is_atomic_and_keeps_0600(tmp_path: Path, open_umask: None) -> None:
+@pytest.mark.usefixtures("open_umask")
+def test_update_is_atomic_and_keeps_0600(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     path = write_task(queue, a_task())
     inode_before = path.stat().st_ino
@@ -295,7 +298,8 @@ def test_task_file_path_is_where_write_task_writes(tmp_path: Path) -> None:
     again = {**task, "created": "2027-01-01T00:00:00Z"}
     assert task_file_path(queue, again) == expected
     assert task_file_path(queue, again, may_exist=False) != expected
-    assert write_task(queue, again) == expected and load_yaml(expected) == again
+    assert write_task(queue, again) == expected
+    assert load_yaml(expected) == again
 
 
 def schema_for(definition: str) -> dict:
@@ -318,7 +322,7 @@ def test_schema_describes_the_minimal_originating_task(document: dict, valid: bo
     assert validator.is_valid(document) == valid
 
 
-def test_schema_is_exact_per_task_type(tmp_path: Path) -> None:
+def test_schema_is_exact_per_task_type() -> None:
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
     task = a_task()
     assert validator.is_valid(task)

@@ -107,7 +107,8 @@ def test_every_tool_has_help_with_exit_codes() -> None:
     schemes = set()
     for name, result in results:
         assert result.returncode == 0, (name, result.stderr)
-        assert f"tools/{name}" in result.stdout and "exit codes" in result.stdout, name
+        assert f"tools/{name}" in result.stdout, name
+        assert "exit codes" in result.stdout, name
         schemes.add(" ".join(result.stdout.partition("exit codes")[2].split()))
     assert len(schemes) == 1, schemes  # one exit-code scheme, the same text everywhere
     assert tool("wait-for-workflow-status", env=env).returncode == 2  # missing options
@@ -121,7 +122,8 @@ def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
                                       bystander: subprocess.Popen[bytes]) -> None:
     shared = ops_env(dict(os.environ), tmp_path, TEMPORAL_ADDRESS=temporal_address)
     result = tool("ops", "ensure-server", env=shared)
-    assert result.returncode == 0 and "not started by these tools" in result.stdout
+    assert result.returncode == 0
+    assert "not started by these tools" in result.stdout
     assert not (tmp_path / "pids" / "server-toolstest.pid").exists()
 
     port = devserver.free_port()
@@ -132,10 +134,12 @@ def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
     assert f"pid {record['pid']}" in result.stdout
     assert proc_start_ticks(record["pid"]) == record["start_ticks"]
     again = tool("ensure-server", env=env)
-    assert again.returncode == 0 and f"started by these tools, pid {record['pid']}" in again.stdout
+    assert again.returncode == 0
+    assert f"started by these tools, pid {record['pid']}" in again.stdout
 
     result = tool("kill-all-workers", "--include-server", env=env)
-    assert result.returncode == 0 and f"pid {record['pid']} stopped" in result.stdout
+    assert result.returncode == 0
+    assert f"pid {record['pid']} stopped" in result.stdout
     assert proc_start_ticks(record["pid"]) is None
     assert not devserver.is_listening("127.0.0.1", port)
     assert not (tmp_path / "pids" / "server-toolstest.pid").exists()
@@ -151,7 +155,8 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
     first = json.loads((tmp_path / "pids" / "worker-toolstest.pid").read_text())
     assert proc_start_ticks(first["pid"]) == first["start_ticks"]
     listing = tool("list-workers", env=env)
-    assert listing.returncode == 0 and str(first["pid"]) in listing.stdout
+    assert listing.returncode == 0
+    assert str(first["pid"]) in listing.stdout
     assert "running" in listing.stdout
     assert "Worker started, listening on task queue" in \
         (tmp_path / "logs" / "worker-toolstest.log").read_text()
@@ -161,13 +166,15 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
         return result if result.returncode == 0 else None
 
     health = asyncio.run(poll(healthy, timeout=30, interval=0.5, what="healthy worker"))
-    assert "HEALTHY" in health.stdout and f":{first['pid']}" in health.stdout
+    assert "HEALTHY" in health.stdout
+    assert f":{first['pid']}" in health.stdout
 
     replaced = tool("ensure-worker", env=env)
     assert replaced.returncode == 0, replaced.stderr
     assert f"pid {first['pid']} stopped" in replaced.stdout
     second = json.loads((tmp_path / "pids" / "worker-toolstest.pid").read_text())
-    assert second["pid"] != first["pid"] and proc_start_ticks(first["pid"]) is None
+    assert second["pid"] != first["pid"]
+    assert proc_start_ticks(first["pid"]) is None
 
     # A PID file whose PID now names another process (here: the bystander): only the file
     # goes, the process is left alone.
@@ -175,14 +182,18 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
     foreign.write_text(json.dumps({**second, "pid": bystander.pid, "project": "other",
                                    "start_ticks": 1}))
     result = tool("kill-worker", env=env)
-    assert result.returncode == 0 and f"pid {second['pid']} stopped" in result.stdout
+    assert result.returncode == 0
+    assert f"pid {second['pid']} stopped" in result.stdout
     assert proc_start_ticks(second["pid"]) is None
     result = tool("kill-all-workers", env=env)
-    assert result.returncode == 0 and "stale PID file removed" in result.stdout
-    assert not foreign.exists() and bystander.poll() is None
+    assert result.returncode == 0
+    assert "stale PID file removed" in result.stdout
+    assert not foreign.exists()
+    assert bystander.poll() is None
     assert tool("list-workers", env=env).returncode == 1
     unhealthy = tool("monitor-worker-health", env=env)
-    assert unhealthy.returncode == 1 and "UNHEALTHY" in unhealthy.stdout
+    assert unhealthy.returncode == 1
+    assert "UNHEALTHY" in unhealthy.stdout
 
 
 @pytest.mark.slow
@@ -197,33 +208,42 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     handle = pipeline.client.get_workflow_handle(plan_id)
     assert await (await handle.describe()).static_summary() == "plan tool-plan: 1 phase(s)"
     details = await (await handle.describe()).static_details()
-    assert details is not None and "tools/start-build" in details and "`builder`" in details
+    assert details is not None
+    assert "tools/start-build" in details
+    assert "`builder`" in details
 
     waited = await atool("wait-for-workflow-status", "--workflow-id", plan_id, "--status",
                          "COMPLETED", "--timeout", "1", env=env)
-    assert waited.returncode == 5 and "still RUNNING" in waited.stderr
+    assert waited.returncode == 5
+    assert "still RUNNING" in waited.stderr
     pending = await atool("get-workflow-result", "--workflow-id", plan_id, env=env)
-    assert pending.returncode == 1 and "still RUNNING" in pending.stderr
+    assert pending.returncode == 1
+    assert "still RUNNING" in pending.stderr
     await play_stage(pipeline.queue_dir, plan_id, TASK_BUILD_PHASE, pipeline.env)
     waited = await atool("wait-for-workflow-status", "--workflow-id", plan_id, "--status",
                          "COMPLETED", "--timeout", "30", env=env)
     assert waited.returncode == 0, waited.stderr
     result = await atool("get-workflow-result", "--workflow-id", plan_id, env=env)
-    assert result.returncode == 0 and "COMPLETED" in result.stdout
+    assert result.returncode == 0
+    assert "COMPLETED" in result.stdout
     raw = await atool("get-workflow-result", "--workflow-id", plan_id, "--raw", env=env)
-    assert raw.returncode == 0 and json.loads(raw.stdout) == {"status": "success",
+    assert raw.returncode == 0
+    assert json.loads(raw.stdout) == {"status": "success",
                                                               "phases_run": 1}
     clean = await atool("analyze-workflow-error", "--workflow-id", plan_id, env=env)
-    assert clean.returncode == 0 and "no errors found" in clean.stdout
+    assert clean.returncode == 0
+    assert "no errors found" in clean.stdout
 
     failed = await pipeline.start(BUILD_PIPELINE_WORKFLOW, {
         "build_name": "Bad Name", "plan_path": "/p.md", "task_id": "t", "target_agent": "b"},
         workflow_id=f"bad-input-{uuid.uuid4().hex[:6]}")
     waited = await atool("wait-for-workflow-status", "--workflow-id", failed.id, "--status",
                          "COMPLETED", "--timeout", "30", env=env)
-    assert waited.returncode == 1 and "closed as FAILED" in waited.stderr
+    assert waited.returncode == 1
+    assert "closed as FAILED" in waited.stderr
     result = await atool("get-workflow-result", "--workflow-id", failed.id, env=env)
-    assert result.returncode == 1 and "FAILED" in result.stderr
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr
     assert INVALID_INPUT in result.stderr
     analysis = await atool("analyze-workflow-error", "--workflow-id", failed.id, env=env)
     assert analysis.returncode == 1
@@ -237,10 +257,12 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     assert any(plan_id in line and "COMPLETED" in line for line in lines)
     assert any(failed.id in line and "FAILED" in line for line in lines)
     missing = await atool("get-workflow-result", "--workflow-id", "no-such-workflow", env=env)
-    assert missing.returncode == 3 and "not found" in missing.stderr
+    assert missing.returncode == 3
+    assert "not found" in missing.stderr
     unreachable = {**env, "TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}"}
     down = await atool("list-recent-workflows", env=unreachable)
-    assert down.returncode == 4 and "cannot connect" in down.stderr
+    assert down.returncode == 4
+    assert "cannot connect" in down.stderr
 
 
 @workflow.defn(name=BUILD_PIPELINE_WORKFLOW, sandboxed=False)
@@ -249,7 +271,7 @@ class FakeBrokenPipelineWorkflow:
     exception, which fails every workflow task (the real workflow has no such bug)."""
 
     @workflow.run
-    async def run(self, raw_input: Any) -> None:
+    async def run(self, _raw_input: Any) -> None:
         raise RuntimeError("simulated bug in workflow code")
 
 
@@ -289,23 +311,28 @@ async def test_stalled_workflow_found_explained_and_terminated(pipeline: Pipelin
 
         dry = await atool("bulk-cancel-workflows", "--pattern", "stalled-*", "--query", query,
                           "--terminate", "--dry-run", env=env)
-        assert dry.returncode == 0 and f"would terminate {stalled_id}" in dry.stdout
+        assert dry.returncode == 0
+        assert f"would terminate {stalled_id}" in dry.stdout
         assert healthy.id not in dry.stdout
         done = await atool("bulk-cancel-workflows", "--pattern", "stalled-*", "--query", query,
                            "--terminate", env=env)
         assert done.returncode == 0, done.stderr
-        assert f"terminate {stalled_id}" in done.stdout and healthy.id not in done.stdout
+        assert f"terminate {stalled_id}" in done.stdout
+        assert healthy.id not in done.stdout
         assert "COMPLETED, 1 of 1 done" in done.stdout  # the batch job finished
     status = (await client.get_workflow_handle(stalled_id).describe()).status
     assert status == WorkflowExecutionStatus.TERMINATED
     assert (await healthy.describe()).status == WorkflowExecutionStatus.RUNNING
     cancelled = await atool("bulk-cancel-workflows", "--pattern", healthy.id, env=env)
-    assert cancelled.returncode == 0 and f"cancel {healthy.id}" in cancelled.stdout
+    assert cancelled.returncode == 0
+    assert f"cancel {healthy.id}" in cancelled.stdout
     assert "COMPLETED, 1 of 1 done" in cancelled.stdout
     glob = await atool("bulk-cancel-workflows", "--pattern", "a?c*", env=env)
-    assert glob.returncode == 2 and "--query" in glob.stderr
+    assert glob.returncode == 2
+    assert "--query" in glob.stderr
     none_left = await atool("find-stalled-workflows", "--query", query, env=env)
-    assert none_left.returncode == 0 and "0 stalled" in none_left.stdout
+    assert none_left.returncode == 0
+    assert "0 stalled" in none_left.stdout
 
 
 async def start_build_waiting(args: list[str], env: dict[str, str]
@@ -340,7 +367,8 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
     process, workflow_id = await start_build_waiting(["--file", str(build_file)], env)
     assert workflow_id.startswith("tool-approve-")
     early = await atool("approve-build", "--workflow-id", workflow_id, env=env)
-    assert early.returncode == 1 and "not waiting on blocks" in early.stderr
+    assert early.returncode == 1
+    assert "not waiting on blocks" in early.stderr
     await park(pipeline, workflow_id, "approved-tool")
 
     approved = await atool("approve-build", "--workflow-id", workflow_id, "--note",
@@ -354,9 +382,11 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     result = json.loads(out.decode())
-    assert result["outcome"] == "partial" and result["decision"] == "approved"
+    assert result["outcome"] == "partial"
+    assert result["decision"] == "approved"
     again = await atool("approve-build", "--workflow-id", workflow_id, env=env)
-    assert again.returncode == 3 and "not found or already closed" in again.stderr
+    assert again.returncode == 3
+    assert "not found or already closed" in again.stderr
 
 
 async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None:
@@ -364,7 +394,9 @@ async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None
     task_id = write_origin_task(pipeline.queue_dir)
     bad = await atool("start-build", "--build-name", "Bad_Name", "--plan-path", "/p.md",
                       "--task-id", task_id, "--target-agent", "builder", env=env)
-    assert bad.returncode == 2 and "build_name" in bad.stderr and not bad.stdout
+    assert bad.returncode == 2
+    assert "build_name" in bad.stderr
+    assert not bad.stdout
     process, workflow_id = await start_build_waiting(
         ["--build-name", "rejected-tool", "--plan-path", "/plans/tool.md", "--task-id",
          task_id, "--target-agent", "builder"], env)
@@ -377,13 +409,15 @@ async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None
                            "secrets must go", "--by", "ann", env=env)
     assert rejected.returncode == 0, rejected.stderr
     out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 1 and "outcome is 'rejected'" in err.decode()
+    assert process.returncode == 1
+    assert "outcome is 'rejected'" in err.decode()
     assert json.loads(out.decode())["outcome"] == "rejected"  # ended after the decision
     entry = load_yaml(find_task(pipeline.queue_dir, task_id))["history"][-1]
     assert (entry["status"], entry["actor"]) == ("rejected", "ann")
     assert "secrets must go" in entry["note"]
     result = await atool("get-workflow-result", "--workflow-id", workflow_id, env=env)
-    assert result.returncode == 1 and "COMPLETED but its result reports a problem" in \
+    assert result.returncode == 1
+    assert "COMPLETED but its result reports a problem" in \
         result.stderr
     assert TASK_BUILD_CLOSEOUT not in [t["task_type"]
                                     for _, t in tasks_for(pipeline.queue_dir, workflow_id)]
@@ -400,10 +434,13 @@ async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -
     env = ops_env(pipeline.env, pipeline.root)
     both = await atool("start-build", "--build-name", "x", "--plan-path", "/p.md", "--task-id",
                        "T-1", "--create-task", "--target-agent", "builder", env=env)
-    assert both.returncode == 2 and "not both" in both.stderr and not both.stdout
+    assert both.returncode == 2
+    assert "not both" in both.stderr
+    assert not both.stdout
     plan = await atool("start-build", "--plan-name", "p", "--phase", "1:builder:x",
                        "--create-task", env=env)
-    assert plan.returncode == 2 and "--create-task" in plan.stderr
+    assert plan.returncode == 2
+    assert "--create-task" in plan.stderr
     assert not pipeline.queue_dir.exists() or not list(pipeline.queue_dir.glob("*.yml"))
 
     started = await atool("start-build", "--build-name", "created-tool", "--plan-path",
@@ -443,8 +480,10 @@ async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: Pipeline
         assert missing.returncode == 0, missing.stderr
         assert missing.stderr.startswith("start-build: warning: no task file with id "
                                          "'no-such-task' in ")
-        assert str(pipeline.queue_dir) in missing.stderr and "--create-task" in missing.stderr
-        assert known.returncode == 0 and known.stderr == ""
+        assert str(pipeline.queue_dir) in missing.stderr
+        assert "--create-task" in missing.stderr
+        assert known.returncode == 0
+        assert known.stderr == ""
     finally:
         for result in (missing, known):
             if result.returncode == 0:
@@ -473,23 +512,27 @@ def test_tools_see_a_worker_they_did_not_start(tmp_path: Path,
         assert any(row.startswith("poller") and str(worker.pid) in row for row in rows)
         assert not any(row.startswith("pid file") for row in rows)
         health = tool("monitor-worker-health", env=env)
-        assert health.returncode == 0 and health.stdout.rstrip().endswith("HEALTHY"), \
-            health.stdout
+        assert health.returncode == 0, health.stdout
+        assert health.stdout.rstrip().endswith("HEALTHY"), health.stdout
         assert f"state ready, pid {worker.pid} (running)" in health.stdout
-        assert poller in health.stdout and "no worker started" not in health.stdout
+        assert poller in health.stdout
+        assert "no worker started" not in health.stdout
         # Without a status file the pollers alone show it serving.
         bare = {key: value for key, value in env.items() if key != "WORKER_STATUS_FILE"}
         assert tool("list-workers", env=bare).returncode == 0
         assert tool("monitor-worker-health", env=bare).returncode == 0
         # Seen, but never stopped: it is not ours.
         kill = tool("kill-all-workers", env=env)
-        assert kill.returncode == 0 and "nothing started by these tools" in kill.stdout
-        assert worker.process is not None and worker.process.poll() is None
+        assert kill.returncode == 0
+        assert "nothing started by these tools" in kill.stdout
+        assert worker.process is not None
+        assert worker.process.poll() is None
     finally:
         worker.stop()
     assert tool("list-workers", env=env).returncode == 1
     stopped = tool("monitor-worker-health", env=env)
-    assert stopped.returncode == 1 and "UNHEALTHY: WORKER_STATUS_FILE says 'stopped'" in \
+    assert stopped.returncode == 1
+    assert "UNHEALTHY: WORKER_STATUS_FILE says 'stopped'" in \
         stopped.stdout
 
 
@@ -510,15 +553,18 @@ async def test_temporal_passthrough_connects_as_the_worker(pipeline: PipelineEnv
     assert [run["execution"]["workflowId"] for run in json.loads(listed.stdout)] == [handle.id]
     via_ops = await atool("ops", "temporal", "workflow", "describe", "--workflow-id",
                           handle.id, env=env)
-    assert via_ops.returncode == 0 and handle.id in via_ops.stdout
+    assert via_ops.returncode == 0
+    assert handle.id in via_ops.stdout
     plain = await asyncio.to_thread(subprocess.run, [devserver.temporal_binary(), "workflow",
                                     "list", "--query", query], env=env, capture_output=True)
     assert plain.returncode != 0  # the same environment misleads the CLI run by hand
     missing = await atool("temporal", "workflow", "describe", "--workflow-id", "no-such-wf",
                           env=env)
-    assert missing.returncode == 1 and "not found" in missing.stderr  # temporal's own code
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
     bad = await atool("temporal", "workflow", "list", env={**env, "TASK_QUEUE": "a b"})
-    assert bad.returncode == 2 and "configuration error: TASK_QUEUE" in bad.stderr
+    assert bad.returncode == 2
+    assert "configuration error: TASK_QUEUE" in bad.stderr
     await handle.terminate()
 
 
@@ -553,7 +599,8 @@ def test_temporal_passthrough_with_vault_mtls(temporal_address: str, tmp_path: P
                               text=True, timeout=60)
         assert bare.returncode != 0
         health = tool("temporal", "operator", "cluster", "health", env=env)
-        assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
+        assert health.returncode == 0, health.stderr
+        assert "SERVING" in health.stdout, health.stderr
         recent = tool("list-recent-workflows", env=env)
         assert recent.returncode == 0, recent.stderr
         assert CLIENT_NAME in proxy.log.accepted

@@ -264,7 +264,8 @@ async def test_v050_pipelines_finish_under_our_worker(
         assert notify_args == ["up-notify", origins["up-notify"], ["world-readable key"]]
         summary_args, summary_worker = await started_by(handles["up-summary"],
                                                         SUMMARIZE_WORKFLOW)
-        assert len(summary_args) == 9 and summary_args[1] == "up-summary"
+        assert len(summary_args) == 9
+        assert summary_args[1] == "up-summary"
         assert notify_worker == summary_worker == identity
     finally:
         v050_activities.stop()
@@ -274,13 +275,16 @@ async def test_v050_pipelines_finish_under_our_worker(
     for build, (outcome, stages, closeout) in EXPECTED.items():
         result = results[build]
         assert result["outcome"] == outcome, result
-        assert result["status"] == "complete" and result["workflow_id"] == handles[build].id
-        assert result["build_name"] == build and result["stages_completed"] == stages
+        assert result["status"] == "complete"
+        assert result["workflow_id"] == handles[build].id
+        assert result["build_name"] == build
+        assert result["stages_completed"] == stages
         assert result["closeout_path"] == closeout
         summary_path = Path(result["summary_path"])
         assert summary_path.is_relative_to(Path(env["SUMMARY_DIR"]))
         summary = yaml.safe_load(summary_path.read_text())
-        assert summary["adopted"] is True and summary["outcome"] == outcome, summary
+        assert summary["adopted"] is True, summary
+        assert summary["outcome"] == outcome, summary
         assert summary["stages_completed"] == stages
         assert summary["build_report_path"] == closeout
         events = [e["event"] for e in summary["events"]]
@@ -293,7 +297,8 @@ async def test_v050_pipelines_finish_under_our_worker(
     for build in ("up-parked", "up-notify"):
         assert results[build]["decision"] == "approved"
         summary = yaml.safe_load(Path(results[build]["summary_path"]).read_text())
-        assert summary["decision"] == "approved" and summary["decision_source"] == "task_file"
+        assert summary["decision"] == "approved"
+        assert summary["decision_source"] == "task_file"
     parked_summary = yaml.safe_load(Path(parked_result["summary_path"]).read_text())
     assert parked_summary["blocks"][0]["description"] == "token in values.yaml"
     notify_origin = read_task(find_task(queue_dir, origins["up-notify"]))

@@ -173,7 +173,8 @@ async def test_standin_writes_the_recorded_v050_histories(
         assert [row[0] for row in got] == [row[0] for row in want], name
         for index, (mine, theirs) in enumerate(zip(got, want, strict=True)):
             assert mine == theirs, f"{name} event {index + 1}: {mine} != {theirs}"
-        assert result["status"] == "complete" and result["workflow_id"] == history.workflow_id
+        assert result["status"] == "complete"
+        assert result["workflow_id"] == history.workflow_id
         summary = yaml.safe_load(Path(result["summary_path"]).read_text())
         assert summary["outcome"] == ("partial" if "blocks" in name else "success")
         # v0.5.0 task files: v0.5.0's payload fields, the token, no workflow ids.
@@ -238,11 +239,13 @@ async def test_v050_calls_run_on_our_activities(
                                                       "build_closeout"])
     result = await asyncio.wait_for(handle.result(), 60)
     # The v0.5.0 workflow finished on our activities, reading results of its own shapes.
-    assert result["status"] == "complete" and result["workflow_id"] == handle.id
+    assert result["status"] == "complete"
+    assert result["workflow_id"] == handle.id
     summary_path = Path(result["summary_path"])
     assert summary_path.parent.parent == summary_dir
     summary = yaml.safe_load(summary_path.read_text())
-    assert summary["outcome"] == "success" and summary["counts"]["flags"] == 1
+    assert summary["outcome"] == "success"
+    assert summary["counts"]["flags"] == 1
     assert summary["closeout_path"] == f"/srv/closeout/{build}"
     assert summary["stages_completed"][-2:] == ["close_build", "summarize_workflow"]
     # Our task files, with v0.5.0's payload fields for v0.5.0's calls.
@@ -285,7 +288,8 @@ async def test_v050_stage_7_is_handed_over_by_our_activities(
     assert handle.id in task["history"][-1]["note"]
     # ... and our stage 7 does not hold v0.5.0's 7-day activity open: it hands it back.
     cause = caught.value.cause
-    assert isinstance(cause, ActivityError) and cause.activity_type == "wait_for_block_resolution"
+    assert isinstance(cause, ActivityError)
+    assert cause.activity_type == "wait_for_block_resolution"
     assert isinstance(cause.cause, ApplicationError)
     assert cause.cause.type == LEGACY_WAIT_HANDED_OVER
     history = await handle.fetch_history()

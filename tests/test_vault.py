@@ -188,8 +188,9 @@ def modes_under(root: Path) -> dict[Path, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("umask_000")
 async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[str, str],
-                                                   tmp_path: Path, umask_000: None) -> None:
+                                                   tmp_path: Path) -> None:
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
     env = {**vault_vars, "LOG_LEVEL": "DEBUG", "TMPDIR": str(scratch)}
@@ -221,11 +222,13 @@ async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[st
     finally:
         worker.stop()
 
-    assert result.outcome == "success" and result.flags == 1
+    assert result.outcome == "success"
+    assert result.flags == 1
     assert exit_code == 0, worker.tail()
     # Everyone went through the client-certificate check: worker, test client, 5 CLI runs.
     accepted = bed.proxy.log.accepted[accepted_before:]
-    assert len(accepted) >= 7 and set(accepted) == {CLIENT_NAME}
+    assert len(accepted) >= 7
+    assert set(accepted) == {CLIENT_NAME}
     # No task token, AppRole credential, Vault token or key material in any output.
     tokens = [load_yaml(p)["payload"]["task_token"] for p in task_files(config.task_queue_dir)
               if "task_token" in load_yaml(p)["payload"]]
@@ -297,7 +300,8 @@ async def test_agent_cli_takes_vault_settings_from_the_env_file(bed: Bed,
         worker.stop()
 
     assert missing.returncode == 2, missing.stderr
-    assert "VAULT_ADDR" in stderr_line(missing) and str(env_file) in stderr_line(missing)
+    assert "VAULT_ADDR" in stderr_line(missing)
+    assert str(env_file) in stderr_line(missing)
     assert result == BuildPlanResult(status="success", phases_run=1)
     assert load_yaml(path)["result"]["output"] == "through the env file"
     # Worker, test client and the agent's CLI all passed the client-certificate check.
@@ -344,7 +348,8 @@ def test_wrong_ca_is_a_clear_error(bed: Bed, vault_vars: dict[str, str], tmp_pat
 
     assert (worker.returncode, cli.returncode) == (4, 4), (worker.stderr, cli.stderr)
     hint = "TLS handshake failed: the server certificate is not trusted by ca_cert_pem"
-    assert hint in stderr_line(worker) and hint in stderr_line(cli)
+    assert hint in stderr_line(worker)
+    assert hint in stderr_line(cli)
     assert_no_secrets(bed, worker.stdout, worker.stderr, cli.stdout, cli.stderr)
 
 

@@ -98,7 +98,8 @@ async def test_ready_status_file_and_clean_sigterm(temporal_address: str,
         assert ready["pid"] == worker.pid
         assert ready["task_queue"] == worker.env["TASK_QUEUE"]
         started = [r for r in worker.log_records() if r.get("ready") is True]
-        assert len(started) == 1 and started[0]["task_queue"] == worker.env["TASK_QUEUE"]
+        assert len(started) == 1
+        assert started[0]["task_queue"] == worker.env["TASK_QUEUE"]
 
         begun = time.monotonic()
         worker.signal(signal.SIGTERM)
@@ -107,7 +108,8 @@ async def test_ready_status_file_and_clean_sigterm(temporal_address: str,
     finally:
         worker.stop()
     events = [r["event"] for r in worker.log_records()]
-    assert "shutdown_requested" in events and events[-1] == "worker_stopped"
+    assert "shutdown_requested" in events
+    assert events[-1] == "worker_stopped"
     assert status(status_file)["state"] == "stopped"  # type: ignore[index]
 
 
@@ -131,7 +133,8 @@ async def test_graceful_shutdown_lets_running_activity_finish(
     assert (tmp_path / "notify-done").exists()
     assert await notify_completed(handle)
     stopped = [r for r in worker.log_records() if r["event"] == "worker_stopped"]
-    assert stopped and 2 <= stopped[0]["shutdown_seconds"] < 20
+    assert stopped
+    assert 2 <= stopped[0]["shutdown_seconds"] < 20
     assert status(status_file)["state"] == "stopped"  # type: ignore[index]
     await handle.terminate("test done")
 
@@ -153,7 +156,8 @@ async def test_second_signal_exits_at_once(temporal_address: str, client: Client
     finally:
         worker.stop()
     events = [r["event"] for r in worker.log_records()]
-    assert "shutdown_forced" in events and "worker_stopped" not in events
+    assert "shutdown_forced" in events
+    assert "worker_stopped" not in events
     assert not (tmp_path / "notify-done").exists()
     assert not await notify_completed(handle)
     await handle.terminate("test done")
@@ -172,7 +176,8 @@ def test_configuration_errors_exit_2_naming_the_variable(tmp_path: Path) -> None
         result = run_worker({**base, name: value})
         assert result.returncode == 2, (name, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and name in lines[0], result.stderr
+        assert len(lines) == 1, result.stderr
+        assert name in lines[0], result.stderr
         assert SECRET not in result.stderr + result.stdout
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import signal
@@ -385,10 +386,8 @@ async def serve(environ: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(dict(os.environ)))
-    except KeyboardInterrupt:
-        pass
     sys.stdout.flush()
     # Skip interpreter teardown: temporalio's native threads can abort it.
     os._exit(0)

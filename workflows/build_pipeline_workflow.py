@@ -438,7 +438,8 @@ class BuildPipelineWorkflow:
                 heartbeat_timeout=policies.V050_BLOCK_CHECK_HEARTBEAT,
                 retry_policy=policies.ONCE,
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
-        assert interval is not None and deadline is not None
+        assert interval is not None
+        assert deadline is not None
         return workflow.start_activity(
             stage, args=args, result_type=BlockResolution,
             start_to_close_timeout=policies.BLOCK_CHECK_ATTEMPT,
