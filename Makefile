@@ -47,8 +47,10 @@ run: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# Two pytest processes: most tests wait on real servers and processes, so the second
+# one uses the time the first spends waiting (worksteal evens out the long tests).
 test: lint node
-	$(PY) -m pytest -p no:cacheprovider --timeout=600
+	$(PY) -m pytest -p no:cacheprovider --timeout=600 -n 2 --dist worksteal
 
 bench: venv
 	$(PY) bench/pipeline_bench.py
