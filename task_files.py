@@ -513,8 +513,9 @@ class _Lookup:
     def read(self, folder: Path, fd: int, name: str,
              needle: bytes = b"") -> dict[str, Any] | None:
         """The task in `folder/name`; None when unreadable, or when its bytes do not
-        contain `needle` (most files of a full scan are other tasks: no YAML parse)."""
-        shown = shown_path(folder / name)
+        contain `needle` (most files of a full scan are other tasks: no YAML parse).
+        No Path per file: a miss reads every file, and a Path each was an eighth of it."""
+        shown = shown_path(os.path.join(folder, name))
         try:
             raw = _read_capped(name, MAX_TASK_FILE_BYTES, shown, fd)
             if needle not in raw:

@@ -12,6 +12,7 @@ the worker reaches Temporal; the workflow cannot know those, the activity fills 
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import shlex
@@ -46,8 +47,14 @@ def completion_command(task_path: Path) -> list[str]:
     The interpreter is this worker's own, as invoked and never resolved: a venv's python
     is a symlink, and its target does not see the venv's packages."""
     interpreter = os.path.abspath(sys.executable or "python3")
-    script = Path(__file__).resolve().parent.parent / CLI_SCRIPT
-    return [interpreter, str(script), "--task-file", str(task_path)]
+    return [interpreter, _cli_script(), "--task-file", str(task_path)]
+
+
+@functools.cache
+def _cli_script() -> str:
+    """Resolved once (a realpath walk per task file otherwise): a running worker's own
+    checkout does not move under it."""
+    return str(Path(__file__).resolve().parent.parent / CLI_SCRIPT)
 
 
 def completion_text(command: list[str]) -> str:
