@@ -410,6 +410,7 @@ class Bench:
     audit_dir: Path
     handoffs: list[tuple[str, float]] = field(default_factory=list)  # (transition, seconds)
     record_handoffs: bool = False
+    origin_tasks: bool = False  # every pipeline gets its originating task file
 
 
 @dataclass
@@ -429,7 +430,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
     task_id = str(uuid.uuid4())
     queue = bench.agents.register(workflow_id)
     try:
-        if park:
+        if park or bench.origin_tasks:
             # payload.workflow_id: the folder watch routes its input-required change here.
             await asyncio.to_thread(write_origin_task, bench.queue_dir, build, task_id=task_id,
                                     workflow_id=workflow_id)
@@ -678,7 +679,8 @@ async def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> N
         agents = Agents(asyncio.get_running_loop())
         watch = FolderWatch(queue_dir, agents.deliver_threadsafe, args.watch)
         watch.start()
-        bench = Bench(client, agents, task_queue, queue_dir, audit_dir)
+        bench = Bench(client, agents, task_queue, queue_dir, audit_dir,
+                      origin_tasks=args.origin_tasks)
 
         async def checked(step: Any) -> Any:
             """Await a step, failing fast if the worker or the watcher died meanwhile."""
@@ -912,6 +914,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="parked pipelines (besides the --decisions ones) approved by a "
                              "reply to their block notice in a Matrix room on a Synapse the "
                              "bench starts, one at a time (default 0: skipped)")
+    parser.add_argument("--origin-tasks", action="store_true",
+                        help="give every pipeline its originating task file, as "
+                             "`tools/start-build --create-task` does (default: only parked "
+                             "ones; without it, stage 1 looks for the file in vain)")
     args = parser.parse_args(argv)
     if args.parked < 0 or args.concurrent < 1 or args.park_parallel < 1:
         parser.error("--parked must be >= 0, --concurrent and --park-parallel >= 1")
@@ -945,7 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     report: dict[str, Any] = {"machine_cores": os.cpu_count(),
                               "load_average_at_start": load_average(),
-                              "worker_env": args.worker_env, "watch": args.watch}
+                              "worker_env": args.worker_env, "watch": args.watch,
+                              "origin_tasks": args.origin_tasks}
     started = time.monotonic()
     code = EXIT_OK
     try:
