@@ -6,7 +6,7 @@
 2. starts worker.py as its own process on a fresh task queue,
 3. writes the originating task and starts one BuildPipelineWorkflow (tools/start-build's
    code: static summary and details for the Web UI),
-4. lets the DEMO AGENT STAND-IN (tools/demo_agent.py) finish each agent stage through
+4. lets the DEMO AGENT STAND-IN (tests/standin.py) finish each agent stage through
    `complete_activity.py --task-file`; its triage has one flag and one block,
 5. approves the block through the approve_blocks Update (tools/approve-build's code),
 6. checks: COMPLETED, outcome partial (blocks approved), summary file written,
@@ -89,7 +89,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
     from task_files import find_task, read_task
-    from tools.demo_agent import StandIn, is_parked, write_origin_task
+    from tests.standin import StandIn, is_parked, write_origin_task
     from tools.ops import decide
     from tools.start_build import start
 
