@@ -31,6 +31,15 @@ def temporal_binary() -> str:
     return found
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """host:port -> the (host, port) to bind or dial: `[::1]:7233` -> ("::1", 7233),
+    localhost -> 127.0.0.1; ValueError when it is not host:port."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} must be host:port")
+    return ("127.0.0.1" if host == "localhost" else host.strip("[]")), int(port)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
