@@ -4,6 +4,7 @@ the SDK and the `temporal` CLI), the processes they start (PID files): docs/oper
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -102,12 +103,20 @@ def temporal_binary() -> str:
         raise ToolError(str(err), EXIT_USAGE) from None
 
 
-def cli_json(env: Mapping[str, str], *args: str) -> Any:
-    """`temporal ARGS -o json` with `env` (cli_env); its error mapped to our exit codes."""
+@functools.cache
+def own_cli_env() -> dict[str, str]:
+    """cli_env() of this process, once: with Vault, one fetch of the certificates."""
+    return cli_env()
+
+
+def cli_json(*args: str, env: Mapping[str, str] | None = None) -> Any:
+    """`temporal ARGS -o json` connected as the worker (cli_env of `env`, else of this
+    process); its error mapped to our exit codes."""
     binary = temporal_binary()
     try:
         done = subprocess.run([binary, *args, "-o", "json", "--client-connect-timeout",
-                               f"{CONNECT_TIMEOUT_SECONDS:g}s"], env=dict(env), text=True,
+                               f"{CONNECT_TIMEOUT_SECONDS:g}s"], text=True,
+                              env=own_cli_env() if env is None else cli_env(env),
                               capture_output=True, stdin=subprocess.DEVNULL)
     except OSError as err:
         raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
@@ -139,7 +148,6 @@ class OpsSettings:
     pid_dir: Path
     project_dir: Path
     project_name: str
-    address: str
     worker_cmd: list[str]
     env: dict[str, str]  # what the processes spawned with these settings get
 
@@ -153,7 +161,6 @@ class OpsSettings:
             pid_dir=Path(env.get("CLAUDE_TEMPORAL_PID_DIR") or "/tmp/claude-temporal-pids"),
             project_dir=project,
             project_name=env.get("CLAUDE_TEMPORAL_PROJECT_NAME") or project.name,
-            address=env.get("TEMPORAL_ADDRESS") or "localhost:7233",
             worker_cmd=(shlex.split(command) if command
                         else [sys.executable, str(project / "worker.py")]),
             env=dict(env))

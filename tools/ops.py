@@ -54,8 +54,9 @@ UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
 def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
     from tools import devserver
 
+    config = worker_config(settings.env)
     try:
-        host, port = devserver.split_address(settings.address)
+        host, port = devserver.split_address(config.temporal_address)
     except ValueError as err:
         raise ToolError(f"TEMPORAL_ADDRESS {err}", EXIT_USAGE) from None
     path = settings.pid_file("server")
@@ -66,9 +67,9 @@ def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
         print(f"ensure-server: Temporal already listening on {host}:{port} ({owner})")
         return EXIT_OK
     ui_port = args.ui_port if args.ui_port is not None else port + 1000
-    namespace = worker_config(settings.env).temporal_namespace
     command = devserver.command(port, ui_port=ui_port, db_filename=args.db_filename, host=host,
-                                namespaces=tuple({namespace} - {"default"}), log_level="warn")
+                                namespaces=tuple({config.temporal_namespace} - {"default"}),
+                                log_level="warn")
 
     def healthy(record: ProcessRecord) -> None:
         problem = devserver.wait_healthy(host, port, record.alive, args.timeout)
@@ -126,7 +127,7 @@ def pollers(queue: str) -> dict[str, list[str]]:
     """identity -> the task queue types it polls (`temporal task-queue describe`). The
     server remembers pollers for minutes: a local one whose process is gone is dropped."""
     found: dict[str, list[str]] = {}
-    for poller in (cli_json(cli_env(), "task-queue", "describe", "--task-queue", queue)
+    for poller in (cli_json("task-queue", "describe", "--task-queue", queue)
                    or {}).get("pollers") or []:
         identity = str(poller.get("identity", ""))
         pid = local_pid(identity)
@@ -255,8 +256,7 @@ def temporal_passthrough(argv: list[str]) -> NoReturn:
 def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - timedelta(minutes=args.minutes)
     query = f'StartTime > "{since.isoformat(timespec="seconds").replace("+00:00", "Z")}"'
-    found = cli_json(cli_env(), "workflow", "list", "--query", query, "--limit",
-                     str(args.limit)) or []
+    found = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     print(f"{'WORKFLOW ID':<48} {'TYPE':<22} {'STATUS':<11} {'STARTED (UTC)':<20} CLOSED")
     for wf in found:
         status = wf["status"].removeprefix("WORKFLOW_EXECUTION_STATUS_")
@@ -278,12 +278,10 @@ def id_clause(pattern: str) -> str:
 
 
 def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
-    env = cli_env()
     query = " AND ".join(f"({part})" for part in ('ExecutionStatus = "Running"',
                                                   id_clause(args.pattern), args.query) if part)
     verb = "terminate" if args.terminate else "cancel"
-    matched = cli_json(env, "workflow", "list", "--query", query, "--limit",
-                       str(args.limit)) or []
+    matched = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     for wf in matched:
         print(f"{'would ' if args.dry_run else ''}{verb} {wf['execution']['workflowId']} "
               f"({wf['type']['name']})")
@@ -291,10 +289,10 @@ def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"no running workflow matches {query}")
     if not matched or args.dry_run:
         return EXIT_OK
-    job = cli_json(env, "workflow", verb, "--query", query, "--reason", args.reason,
+    job = cli_json("workflow", verb, "--query", query, "--reason", args.reason,
                    "--yes")["batchJobId"]
     deadline = time.monotonic() + args.timeout
-    while (batch := cli_json(env, "batch", "describe", "--job-id", job))["state"].endswith(
+    while (batch := cli_json("batch", "describe", "--job-id", job))["state"].endswith(
             "RUNNING") and time.monotonic() < deadline:
         time.sleep(0.3)
     state = batch["state"].removeprefix("BATCH_OPERATION_STATE_")
@@ -313,7 +311,7 @@ def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> in
 def describe(workflow_id: str, run_id: str | None = None) -> dict[str, Any]:
     """`temporal workflow describe`; a missing workflow is EXIT_NOT_FOUND."""
     run = ["--run-id", run_id] if run_id else []
-    return cli_json(cli_env(), "workflow", "describe", "--workflow-id", workflow_id, *run)
+    return cli_json("workflow", "describe", "--workflow-id", workflow_id, *run)
 
 
 def status_of(described: dict[str, Any]) -> str:
@@ -346,8 +344,7 @@ def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
 def history(workflow_id: str, run_id: str | None = None) -> list[dict[str, Any]]:
     """The events of `temporal workflow show`."""
     run = ["--run-id", run_id] if run_id else []
-    return cli_json(cli_env(), "workflow", "show", "--workflow-id", workflow_id,
-                    *run)["events"]
+    return cli_json("workflow", "show", "--workflow-id", workflow_id, *run)["events"]
 
 
 def event_attributes(event: dict[str, Any]) -> dict[str, Any]:
@@ -408,8 +405,7 @@ def stall_of(workflow_id: str, run_id: str) -> str | None:
 
 def find_stalled_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     query = 'ExecutionStatus = "Running"' + (f" AND ({args.query})" if args.query else "")
-    running = cli_json(cli_env(), "workflow", "list", "--query", query, "--limit",
-                       str(args.limit)) or []
+    running = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     stalls = []
     for wf in running:
         wid = wf["execution"]["workflowId"]
@@ -538,9 +534,9 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
     except ValueError as err:
         raise ToolError(f"invalid decision: {str(err).splitlines()[0]}", EXIT_USAGE) from None
     try:
-        return cli_json(cli_env(env), "workflow", "update", "execute", "--workflow-id",
-                        workflow_id, "--name", UPDATES[command], "--input",
-                        decision.model_dump_json())["result"]
+        return cli_json("workflow", "update", "execute", "--workflow-id", workflow_id,
+                        "--name", UPDATES[command], "--input", decision.model_dump_json(),
+                        env=env)["result"]
     except ToolError as err:
         if err.exit_code == EXIT_NOT_FOUND or "already completed" in str(err):
             raise ToolError(f"workflow {workflow_id!r} not found or already closed",
@@ -557,9 +553,6 @@ def decide_build(settings: OpsSettings, args: argparse.Namespace) -> int:
                     args.note if args.command == "approve-build" else args.reason, by)
     print(f"{args.command}: {args.workflow_id} {answer} by {by}")
     return EXIT_OK
-
-
-# ---- command line ---------------------------------------------------------------------------
 
 Handler = Callable[[OpsSettings, argparse.Namespace], int | Awaitable[int]]
 WORKFLOW_ID = (("--workflow-id",), {"required": True})
