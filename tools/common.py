@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from models import COMPLETED_OUTCOMES
+from tools.devserver import wait_until
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONNECT, EXIT_TIMEOUT = range(6)
 EXIT_CODES_HELP = ("exit codes (every command): 0 done/healthy, 1 needs attention (failed, "
@@ -271,15 +271,6 @@ def stop(record: ProcessRecord, path: Path | None, timeout: float = 45.0) -> str
     if path is not None:
         path.unlink(missing_ok=True)
     return f"{record.role} {record.project}: pid {record.pid} {how}"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def wait_ready(record: ProcessRecord, offset: int, timeout: float) -> None:

@@ -16,11 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.common import (
-    OpsSettings,
-    ToolError,
-    connect_client,
-)
+from tools.common import OpsSettings, ToolError, connect_client
 from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
@@ -129,7 +125,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ui-port", type=int, help="serve the Web UI on this port")
+    parser.add_argument("--ui-port", type=int, help="Web UI port (default: a free one)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     try:
         args = parser.parse_args(argv)

@@ -308,10 +308,11 @@ def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> in
         else EXIT_ATTENTION
 
 
-def describe(workflow_id: str, run_id: str | None = None) -> dict[str, Any]:
-    """`temporal workflow describe`; a missing workflow is EXIT_NOT_FOUND."""
+def workflow_json(verb: str, workflow_id: str, run_id: str | None = None) -> Any:
+    """`temporal workflow describe|show` of a workflow's latest run (or `run_id`); a missing
+    workflow is EXIT_NOT_FOUND."""
     run = ["--run-id", run_id] if run_id else []
-    return cli_json("workflow", "describe", "--workflow-id", workflow_id, *run)
+    return cli_json("workflow", verb, "--workflow-id", workflow_id, *run)
 
 
 def status_of(described: dict[str, Any]) -> str:
@@ -321,7 +322,7 @@ def status_of(described: dict[str, Any]) -> str:
 
 def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
     wid = args.workflow_id
-    described = describe(wid, args.run_id)
+    described = workflow_json("describe", wid, args.run_id)
     info, status = described["workflowExecutionInfo"], status_of(described)
     if status == "RUNNING":
         raise ToolError(f"{wid} is still RUNNING; no result yet (tools/wait-for-workflow-status"
@@ -339,12 +340,6 @@ def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
     if problem:
         raise ToolError(f"workflow COMPLETED but its result reports a problem: {problem}")
     return EXIT_OK
-
-
-def history(workflow_id: str, run_id: str | None = None) -> list[dict[str, Any]]:
-    """The events of `temporal workflow show`."""
-    run = ["--run-id", run_id] if run_id else []
-    return cli_json("workflow", "show", "--workflow-id", workflow_id, *run)["events"]
 
 
 def event_attributes(event: dict[str, Any]) -> dict[str, Any]:
@@ -384,11 +379,12 @@ def pending_failures(described: dict[str, Any]) -> list[dict[str, Any]]:
 
 def stall_of(workflow_id: str, run_id: str) -> str | None:
     """Why a running workflow makes no progress, or None if it is healthy."""
-    described = describe(workflow_id, run_id)
+    described = workflow_json("describe", workflow_id, run_id)
     task = described.get("pendingWorkflowTask")
     attempt = task.get("attempt", 1) if task else 0
     if task:  # a failed workflow task is always followed by a pending retry
-        last_task = [event for event in history(workflow_id, run_id) if event["eventType"] in (
+        events = workflow_json("show", workflow_id, run_id)["events"]
+        last_task = [event for event in events if event["eventType"] in (
             "EVENT_TYPE_WORKFLOW_TASK_COMPLETED", "EVENT_TYPE_WORKFLOW_TASK_FAILED",
             "EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT")][-1:]
         if last_task and last_task[0]["eventType"] == "EVENT_TYPE_WORKFLOW_TASK_FAILED":
@@ -475,8 +471,8 @@ def finding(event: dict[str, Any], scheduled: dict[str, str]) -> tuple[str, str,
 
 
 def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> int:
-    described = describe(args.workflow_id, args.run_id)
-    events = history(args.workflow_id, args.run_id)
+    described = workflow_json("describe", args.workflow_id, args.run_id)
+    events = workflow_json("show", args.workflow_id, args.run_id)["events"]
     scheduled = {event["eventId"]: event_attributes(event)["activityType"]["name"]
                  for event in events if event["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"}
     findings = [found for event in events if (found := finding(event, scheduled))]
@@ -513,7 +509,8 @@ def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) ->
         raise ToolError(f"unknown status {args.status!r}; one of {', '.join(statuses)}",
                         EXIT_USAGE)
     deadline = time.monotonic() + args.timeout
-    while (current := status_of(describe(args.workflow_id, args.run_id))) != wanted:
+    while (current := status_of(workflow_json("describe", args.workflow_id,
+                                              args.run_id))) != wanted:
         if current != "RUNNING":
             raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
         if time.monotonic() > deadline:
@@ -543,7 +540,8 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
                             EXIT_NOT_FOUND) from None
         if err.exit_code != EXIT_ATTENTION:
             raise
-        reason = str(err).partition("unable to update workflow: ")[2] or str(err)
+        reason = (str(err).partition("unable to update workflow: ")[2] or str(err)).rsplit(
+            " (type: ", 1)[0]
         raise ToolError(f"refused by {workflow_id}: {reason}") from None
 
 
