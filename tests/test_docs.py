@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Folders that are not the project's: tooling state, never committed.
-NOT_PROJECT = {"__pycache__"}
+NOT_PROJECT = {"__pycache__", "node_modules"}
 
 
 def layout_paths() -> list[str]:

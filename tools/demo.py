@@ -29,13 +29,9 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-class DemoFailed(Exception):
-    """A check of the demo did not hold."""
-
-
 def check(condition: bool, message: str) -> None:
     if not condition:
-        raise DemoFailed(message)
+        raise ToolError(message)
 
 
 def timeline(events: list[Any]) -> list[str]:
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             ui_port=args.ui_port or devserver.free_port(), db_filename=None, timeout=60))
         ops.ensure_worker(settings, argparse.Namespace(timeout=60, stop_timeout=20))
         asyncio.run(run_pipeline(env, root))
-    except (DemoFailed, ToolError, TimeoutError, AssertionError, OSError) as err:
+    except (ToolError, TimeoutError, AssertionError, OSError) as err:
         print(f"demo: FAILED: {err}", file=sys.stderr)
         code = 1
     except Exception as err:  # any other break still stops what we started
