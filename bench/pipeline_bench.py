@@ -61,13 +61,13 @@ from task_files import (  # noqa: E402
 )
 from temporal_client import connect  # noqa: E402
 from tests import synapse  # noqa: E402
-from tools import devserver  # noqa: E402
-from tools.demo_agent import (  # noqa: E402
+from tests.standin import (  # noqa: E402
     approve_origin,
     complete_with_token,
     write_origin_task,
     write_triage,
 )
+from tools import devserver  # noqa: E402
 from vocabulary import (  # noqa: E402
     BUILD_PIPELINE_WORKFLOW,
     INPUT_REQUIRED,

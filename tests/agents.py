@@ -1,5 +1,5 @@
 """Test-only checks on what the worker writes. Playing the agents (finding task files,
-completing stages, the originating task, waiting) is tools/demo_agent.py, shared with
+completing stages, the originating task, waiting) is tests/standin.py, shared with
 the demo, the bench and the history recorder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import jsonschema
 
-from tools.demo_agent import REPO, load_yaml
+from tests.standin import REPO, load_yaml
 
 SCHEMA_PATH = REPO / "schemas" / "task-file.schema.json"
 

@@ -21,8 +21,8 @@ from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
 from task_files import ensure_private_dir
 from temporal_client import connect
+from tests.standin import write_triage
 from tools import devserver
-from tools.demo_agent import write_triage
 from vocabulary import AUDIT_REQUESTS_DIR
 from worker import build_worker
 

@@ -29,9 +29,9 @@ from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
 from temporal_client import connect
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
+from tests.standin import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
 from tests.worker_process import WorkerProcess
 from tools import devserver
-from tools.demo_agent import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,

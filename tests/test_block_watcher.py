@@ -19,8 +19,8 @@ from models import BlockDecision, BuildPipelineResult, PipelineStatus, StageEven
 from task_files import AWAITING_DECISION, add_history, find_task, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
+from tests.standin import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
-from tools.demo_agent import load_yaml, play_stage, poll, poll_async, tasks_for
 from vocabulary import TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 

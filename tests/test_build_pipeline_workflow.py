@@ -15,7 +15,7 @@ from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, Stag
 from task_files import add_history, find_task, update_task
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv
-from tools.demo_agent import (
+from tests.standin import (
     load_yaml,
     play_stage,
     poll,
@@ -67,7 +67,7 @@ async def run_to_triage(pipeline: PipelineEnv, build: str, triage: str,
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, triage)
-    from tools.demo_agent import complete_task
+    from tests.standin import complete_task
     await complete_task(audit, pipeline.env, "success", "audit written")
     return handle, inp
 
@@ -343,7 +343,7 @@ async def test_worker_restart_while_agent_works(pipeline_env_vars: dict[str, str
         await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
         implement = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     # The first worker is gone; the agent finishes while no worker runs at all.
-    from tools.demo_agent import complete_task
+    from tests.standin import complete_task
     await complete_task(implement, pipeline.env)
     async with build_worker(client, config):
         audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
@@ -376,7 +376,7 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage("named-agents", "flags:\n- pin it\n")
-    from tools.demo_agent import complete_task
+    from tests.standin import complete_task
     await complete_task(audit, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)

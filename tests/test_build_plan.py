@@ -12,7 +12,7 @@ from temporalio.exceptions import ApplicationError
 from models import BuildPlanResult, PlanStatus
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv
-from tools.demo_agent import complete_task, poll, tasks_for, wait_for_status, wait_for_task
+from tests.standin import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,

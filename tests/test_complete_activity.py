@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 from models import BuildPlanResult
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
-from tools.demo_agent import load_yaml, run_cli, wait_for_task
+from tests.standin import load_yaml, run_cli, wait_for_task
 from tools.devserver import free_port
 from vocabulary import BUILD_PLAN_WORKFLOW, PHASE_FAILED, TASK_BUILD_PHASE
 

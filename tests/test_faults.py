@@ -24,9 +24,7 @@ from models import BuildPipelineInput, BuildPipelineResult
 from task_files import add_history, find_task, update_task
 from temporal_client import connect
 from tests.conftest import make_env
-from tests.worker_process import WorkerProcess
-from tools import devserver
-from tools.demo_agent import (
+from tests.standin import (
     StandIn,
     complete_task,
     complete_with_token,
@@ -38,6 +36,8 @@ from tools.demo_agent import (
     write_origin_task,
     write_triage,
 )
+from tests.worker_process import WorkerProcess
+from tools import devserver
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     IMPLEMENT_BUILD,

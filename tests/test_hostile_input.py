@@ -28,7 +28,7 @@ from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
 from tests.conftest import PipelineEnv, make_env
-from tools.demo_agent import (
+from tests.standin import (
     load_yaml,
     poll_async,
     run_cli,
@@ -969,7 +969,7 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
     import subprocess
     import sys
 
-    from tools.demo_agent import REPO
+    from tests.standin import REPO
 
     handle = await start(pipeline, "bad-bytes")
     task = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)

@@ -27,8 +27,7 @@ from temporalio.exceptions import ApplicationError
 from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult
 from task_files import task_filename, utc_now
 from tests.conftest import make_env
-from tests.worker_process import WorkerProcess
-from tools.demo_agent import (
+from tests.standin import (
     load_yaml,
     play_stage,
     poll,
@@ -36,6 +35,7 @@ from tools.demo_agent import (
     wait_until_parked,
     write_origin_task,
 )
+from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,

@@ -26,7 +26,7 @@ from config import WorkerConfig, load_config
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
 from task_files import add_history, find_task, read_task, update_task
 from tests.agents import assert_valid_task_file
-from tools.demo_agent import load_yaml, write_origin_task
+from tests.standin import load_yaml, write_origin_task
 from vocabulary import (
     APPLY_FLAG_FIXES,
     AUDIT_REQUESTS_DIR,

@@ -35,9 +35,9 @@ from matrix_decisions import (
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from tests import synapse
 from tests.conftest import PipelineEnv
+from tests.standin import complete_task, load_yaml, poll, wait_for_status, wait_for_task
 from tests.test_notify import park_pipeline, worker_with
 from tests.worker_process import WorkerProcess
-from tools.demo_agent import complete_task, load_yaml, poll, wait_for_status, wait_for_task
 from vocabulary import CLOSE_BUILD, TASK_BUILD_CLOSEOUT
 
 BLOCKS = ["Deploy key committed to the chart"]

@@ -26,7 +26,7 @@ from models import BuildPipelineInput, PipelineStatus
 from task_files import find_task
 from tests import synapse
 from tests.conftest import PipelineEnv, make_env
-from tools.demo_agent import (
+from tests.standin import (
     complete_task,
     load_yaml,
     play_stage,

@@ -32,9 +32,9 @@ from observability import CORE_LOGGER, REDACTED, configure_logging, setup_teleme
 from task_files import add_history, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, make_env, serving
+from tests.standin import REPO, play_stage, poll
 from tests.test_notify import BLOCKS, park_pipeline
 from tests.worker_process import WorkerProcess
-from tools.demo_agent import REPO, play_stage, poll
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,

@@ -26,7 +26,7 @@ from models import (
 )
 from task_files import find_task
 from tests.conftest import PipelineEnv
-from tools.demo_agent import (
+from tests.standin import (
     complete_task,
     load_yaml,
     play_stage,

@@ -8,7 +8,7 @@ tests/histories/ holds one folder per shape of history:
   polled the originating task with a retried activity);
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
 - `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
-  python -m tools.record_histories).
+  python -m tests.record_histories).
 
 Replays run in the SDK's workflow sandbox (the Replayer's default), which worker.py skips
 for speed: a non-deterministic call on any recorded path fails here.

@@ -22,10 +22,10 @@ from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineResult, PipelineStatus
 from tests.conftest import make_env
+from tests.standin import StandIn, poll
 from tests.test_block_watcher import decision_events
 from tests.test_faults import BLOCKS, Pipelines, files_per_stage
 from tests.worker_process import WorkerProcess
-from tools.demo_agent import StandIn, poll
 from vocabulary import (
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,

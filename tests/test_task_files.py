@@ -28,7 +28,7 @@ from task_files import (
     write_task,
 )
 from tests.agents import SCHEMA_PATH, assert_valid_task_file
-from tools.demo_agent import load_yaml
+from tests.standin import load_yaml
 from vocabulary import (
     ARCHIVE_DIR,
     BUILD_PHASE,

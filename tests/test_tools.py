@@ -37,10 +37,7 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.worker_process import WorkerProcess
-from tools import devserver
-from tools.common import proc_start_ticks
-from tools.demo_agent import (
+from tests.standin import (
     complete_task,
     load_yaml,
     play_stage,
@@ -50,6 +47,9 @@ from tools.demo_agent import (
     wait_until_parked,
     write_origin_task,
 )
+from tests.worker_process import WorkerProcess
+from tools import devserver
+from tools.common import proc_start_ticks
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,

@@ -41,9 +41,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from task_files import add_history, find_task, read_task, update_task
 from tests.agents import assert_valid_task_file
-from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
-from tests.worker_process import WorkerProcess
-from tools.demo_agent import (
+from tests.standin import (
     complete_task,
     load_yaml,
     poll_async,
@@ -53,6 +51,8 @@ from tools.demo_agent import (
     write_origin_task,
     write_triage,
 )
+from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
+from tests.worker_process import WorkerProcess
 from vocabulary import (
     APPLY_FLAG_FIXES,
     CLOSE_BUILD,

@@ -46,8 +46,7 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.worker_process import WorkerProcess
-from tools.demo_agent import (
+from tests.standin import (
     REPO,
     complete_task,
     load_yaml,
@@ -56,6 +55,7 @@ from tools.demo_agent import (
     wait_for_task,
     write_origin_task,
 )
+from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vault import fetch_tls_material
 from vocabulary import (

@@ -17,8 +17,8 @@ from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineInput
 from tests.conftest import make_env
+from tests.standin import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from tests.worker_process import REPO, WorkerProcess
-from tools.demo_agent import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,

@@ -1,17 +1,16 @@
-"""What the operator tools, start-build and the demo share: exit codes, the worker's
-connection settings (for the SDK client and for the `temporal` CLI), and the processes
-these tools start, recorded in PID files. docs/operators.md describes the tools."""
+"""What the operator commands and the demo share: exit codes, the worker's connection (for
+the SDK and the `temporal` CLI), the processes they start (PID files): docs/operators.md."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from models import COMPLETED_OUTCOMES
-from vocabulary import DEFAULT_TASK_QUEUE
+from tools.devserver import wait_until
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONNECT, EXIT_TIMEOUT = range(6)
 EXIT_CODES_HELP = ("exit codes (every command): 0 done/healthy, 1 needs attention (failed, "
@@ -32,14 +31,9 @@ READY_LINE = "Worker started, listening on task queue"
 
 
 class ToolError(Exception):
-    """A tool cannot go on; carries the exit code and the one line to print."""
-
     def __init__(self, message: str, exit_code: int = EXIT_ATTENTION) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-# ---- connection: the worker's settings -----------------------------------------------------
 
 
 def worker_config(env: Mapping[str, str] | None = None) -> Any:
@@ -75,9 +69,8 @@ async def connect_client(env: Mapping[str, str] | None = None) -> Any:
 
 
 def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment that makes `temporal` connect as the worker does: its address,
-    namespace and, with Vault, its mTLS material inline (*_DATA variables: never on disk,
-    never in argv). No other TEMPORAL_* setting and no CLI config file take part."""
+    """The environment that makes `temporal` connect as the worker does (docs/operators.md):
+    with Vault, its mTLS material inline (*_DATA variables: never on disk, never in argv)."""
     from exceptions import CredentialError
 
     config = worker_config(env)
@@ -110,12 +103,20 @@ def temporal_binary() -> str:
         raise ToolError(str(err), EXIT_USAGE) from None
 
 
-def cli_json(env: Mapping[str, str], *args: str) -> Any:
-    """`temporal ARGS -o json` with `env` (cli_env); its error mapped to our exit codes."""
+@functools.cache
+def own_cli_env() -> dict[str, str]:
+    """cli_env() of this process, once: with Vault, one fetch of the certificates."""
+    return cli_env()
+
+
+def cli_json(*args: str, env: Mapping[str, str] | None = None) -> Any:
+    """`temporal ARGS -o json` connected as the worker (cli_env of `env`, else of this
+    process); its error mapped to our exit codes."""
     binary = temporal_binary()
     try:
         done = subprocess.run([binary, *args, "-o", "json", "--client-connect-timeout",
-                               f"{CONNECT_TIMEOUT_SECONDS:g}s"], env=dict(env), text=True,
+                               f"{CONNECT_TIMEOUT_SECONDS:g}s"], text=True,
+                              env=own_cli_env() if env is None else cli_env(env),
                               capture_output=True, stdin=subprocess.DEVNULL)
     except OSError as err:
         raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
@@ -141,18 +142,14 @@ def result_problem(result: Any) -> str | None:
     return None
 
 
-# ---- processes these tools started (PID files) ---------------------------------------------
-
-
 @dataclass(frozen=True)
 class OpsSettings:
     log_dir: Path
     pid_dir: Path
     project_dir: Path
     project_name: str
-    address: str
     worker_cmd: list[str]
-    task_queue: str
+    env: dict[str, str]  # what the processes spawned with these settings get
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OpsSettings:
@@ -164,10 +161,9 @@ class OpsSettings:
             pid_dir=Path(env.get("CLAUDE_TEMPORAL_PID_DIR") or "/tmp/claude-temporal-pids"),
             project_dir=project,
             project_name=env.get("CLAUDE_TEMPORAL_PROJECT_NAME") or project.name,
-            address=env.get("TEMPORAL_ADDRESS") or "localhost:7233",
             worker_cmd=(shlex.split(command) if command
                         else [sys.executable, str(project / "worker.py")]),
-            task_queue=env.get("TASK_QUEUE") or DEFAULT_TASK_QUEUE)
+            env=dict(env))
 
     def pid_file(self, role: str) -> Path:
         return self.pid_dir / f"{role}-{self.project_name}.pid"
@@ -228,13 +224,14 @@ def records(settings: OpsSettings, role: str) -> list[tuple[Path, ProcessRecord]
 
 
 def spawn(settings: OpsSettings, role: str, cmd: list[str], *, cwd: Path,
-          env: Mapping[str, str] | None = None) -> ProcessRecord:
-    """Start `cmd` detached (own session), log to the role's log file, write its PID file."""
+          ready: Callable[[ProcessRecord], None]) -> ProcessRecord:
+    """Start `cmd` detached (own session), log to the role's log file, write its PID file,
+    wait until `ready` returns (it raises ToolError if not; a dead process loses its file)."""
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     settings.pid_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_file(role)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(cmd, cwd=cwd, env=dict(env or os.environ),
+        process = subprocess.Popen(cmd, cwd=cwd, env=settings.env,
                                    stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     ticks = proc_start_ticks(process.pid)
@@ -246,6 +243,12 @@ def spawn(settings: OpsSettings, role: str, cmd: list[str], *, cwd: Path,
     temp.write_text(json.dumps(asdict(record), indent=1) + "\n")
     temp.replace(settings.pid_file(role))
     process.returncode = 0  # it outlives us: no ResourceWarning for an unreaped child
+    try:
+        ready(record)
+    except ToolError:
+        if not record.alive():
+            settings.pid_file(role).unlink(missing_ok=True)
+        raise
     return record
 
 
@@ -270,15 +273,6 @@ def stop(record: ProcessRecord, path: Path | None, timeout: float = 45.0) -> str
     return f"{record.role} {record.project}: pid {record.pid} {how}"
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 def wait_ready(record: ProcessRecord, offset: int, timeout: float) -> None:
     """Until the worker logs its ready line after byte `offset` of its log."""
     def fresh() -> str:
@@ -293,9 +287,6 @@ def wait_ready(record: ProcessRecord, offset: int, timeout: float) -> None:
         raise ToolError(f"worker process died during startup: {last} (log {record.log})")
     raise ToolError(f"worker pid {record.pid} not ready after {timeout:.0f}s; still running; "
                     f"see {record.log}", EXIT_TIMEOUT)
-
-
-# ---- running a tool ---------------------------------------------------------------------------
 
 
 def run_tool(name: str, call: Callable[[], int]) -> int:

@@ -1,22 +1,7 @@
-"""`make demo`: one command, one whole pipeline, end to end, on this machine.
-
-    python -m tools.demo [--ui-port PORT] [--keep]
-
-1. starts an embedded Temporal dev server on a free port (state in a temp folder),
-2. starts worker.py as its own process on a fresh task queue,
-3. writes the originating task and starts one BuildPipelineWorkflow (tools/start-build's
-   code: static summary and details for the Web UI),
-4. lets the DEMO AGENT STAND-IN (tools/demo_agent.py) finish each agent stage through
-   `complete_activity.py --task-file`; its triage has one flag and one block,
-5. approves the block through the approve_blocks Update (tools/approve-build's code),
-6. checks: COMPLETED, outcome partial (blocks approved), summary file written,
-   originating task records who approved; prints the stage timeline,
-7. stops the worker and the server it started (by their PID files) and removes the temp
-   folder (kept with --keep).
-
-With --ui-port the server's Web UI is served on that port while the demo runs.
-Exit codes: 0 demo passed · 1 a check failed or a step broke (one line on stderr) · 2 usage.
-"""
+"""`make demo`: one whole pipeline end to end on this machine (docs/operators.md, "The
+demo"): a private dev server and worker, the agent stand-in of tests/standin.py, one block
+approved through the Update, the result checked. Exit codes: 0 passed · 1 a check failed or
+a step broke (one line on stderr) · 2 usage."""
 
 from __future__ import annotations
 
@@ -31,15 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.common import (
-    OpsSettings,
-    ProcessRecord,
-    ToolError,
-    connect_client,
-    spawn,
-    stop,
-    wait_ready,
-)
+from tools.common import OpsSettings, ToolError, connect_client
 from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
@@ -52,24 +29,9 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-class DemoFailed(Exception):
-    """A check of the demo did not hold."""
-
-
 def check(condition: bool, message: str) -> None:
     if not condition:
-        raise DemoFailed(message)
-
-
-async def wait_for(predicate: Any, what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoFailed(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
+        raise ToolError(message)
 
 
 def timeline(events: list[Any]) -> list[str]:
@@ -89,7 +51,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
     from task_files import find_task, read_task
-    from tools.demo_agent import StandIn, is_parked, write_origin_task
+    from tests.standin import StandIn, is_parked, wait_for_status, write_origin_task
     from tools.ops import decide
     from tools.start_build import start
 
@@ -111,25 +73,23 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
                     work_dir=root / "closeouts")
     agent_task = asyncio.create_task(agent.run(timeout=DEADLINE_SECONDS))
     try:
-        async def parked() -> PipelineStatus | None:
+        def parked(status: PipelineStatus) -> bool:
             if agent_task.done():
                 agent_task.result()  # surfaces the agent's error
-            status = await handle.query("get_status", result_type=PipelineStatus)
-            return status if is_parked(status) else None
+            return is_parked(status)
 
-        status = await wait_for(parked, "the pipeline to park on its block", 60)
+        status = await wait_for_status(handle, parked, "the pipeline to park on its block", 60)
         say(f"parked at {status.stage_number}/{TOTAL_STAGES} {status.stage}: {status.blocks} "
             f"block, {status.flags} flag; stages done: {', '.join(status.stages_done)}")
-        answer = await decide(client, "approve-build", workflow_id, "demo: risk accepted", OPERATOR)
+        answer = await asyncio.to_thread(decide, env, "approve-build", workflow_id,
+                                         "demo: risk accepted", OPERATOR)
         say(f"approve_blocks Update answered {answer!r} (by {OPERATOR})")
         result: BuildPipelineResult = await asyncio.wait_for(handle.result(), 60)
         await agent_task
     finally:
         agent_task.cancel()
 
-    description = await handle.describe()
-    check(description.status is not None and description.status.name == "COMPLETED",
-          f"workflow status is {description.status}, expected COMPLETED")
+    description = await handle.describe()  # result() returned: it COMPLETED
     # Blocks approved: the build closed out, "partial" in v0.5.0's words.
     check(result.outcome == "partial" and result.status == "complete",
           f"outcome {result.outcome!r} / status {result.status!r}, expected partial/complete")
@@ -161,46 +121,37 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ui-port", type=int, help="serve the Web UI on this port")
+    parser.add_argument("--ui-port", type=int, help="Web UI port (default: a free one)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
         return 2 if exit_request.code not in (0, None) else 0
-    from tools import devserver
+    from tools import devserver, ops
 
     began = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="build-worker-demo-"))
-    port = devserver.free_port()
-    settings = OpsSettings.from_env({
-        "CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
-        "CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
-        "CLAUDE_TEMPORAL_PROJECT_NAME": "demo",
-        "TEMPORAL_ADDRESS": f"127.0.0.1:{port}"})
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_", "SEND_MATRIX"))}
-    env.update({"TEMPORAL_ADDRESS": settings.address, "TASK_QUEUE": f"demo-{uuid.uuid4().hex[:8]}",
+           if not key.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_", "SEND_MATRIX",
+                                  "CLAUDE_TEMPORAL_", "WORKER_STATUS_FILE"))}
+    # The operator commands' own code starts and stops the server and the worker, with
+    # their PID and log files in the temp folder.
+    env.update({"CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
+                "CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
+                "CLAUDE_TEMPORAL_PROJECT_NAME": "demo",
+                "TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}",
+                "TASK_QUEUE": f"demo-{uuid.uuid4().hex[:8]}",
                 "TASK_QUEUE_DIR": str(root / "task-queue"),
                 "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
                 "SUMMARY_DIR": str(root / "summaries"), "LOG_LEVEL": "INFO"})
-    started: list[ProcessRecord] = []
+    settings = OpsSettings.from_env(env)
     code = 0
     try:
-        server = spawn(settings, "server", devserver.command(port, ui_port=args.ui_port,
-                                                             log_level="warn"), cwd=root)
-        started.append(server)
-        problem = devserver.wait_healthy("127.0.0.1", port, server.alive, 60)
-        check(problem is None, f"dev server {problem}; see {server.log}")
-        ui = f", Web UI http://127.0.0.1:{args.ui_port}" if args.ui_port else ""
-        say(f"dev server pid {server.pid} on {settings.address}{ui}")
-        worker = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir,
-                       env=env)
-        started.append(worker)
-        wait_ready(worker, 0, 60)
-        say(f"worker pid {worker.pid} ready on task queue {env['TASK_QUEUE']} "
-            f"(log {worker.log})")
+        ops.ensure_server(settings, argparse.Namespace(
+            ui_port=args.ui_port or devserver.free_port(), db_filename=None, timeout=60))
+        ops.ensure_worker(settings, argparse.Namespace(timeout=60, stop_timeout=20))
         asyncio.run(run_pipeline(env, root))
-    except (DemoFailed, ToolError, TimeoutError, OSError) as err:
+    except (ToolError, TimeoutError, AssertionError, OSError) as err:
         print(f"demo: FAILED: {err}", file=sys.stderr)
         code = 1
     except Exception as err:  # any other break still stops what we started
@@ -212,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         if code and worker_log.exists():
             for line in worker_log.read_text(errors="replace").splitlines()[-5:]:
                 print(f"demo: worker log: {line[:300]}", file=sys.stderr)
-        for record in reversed(started):
-            try:
-                say(stop(record, settings.pid_file(record.role), timeout=20))
-            except ToolError as err:
-                print(f"demo: {err}", file=sys.stderr)
-                code = 1
+        try:
+            ops.kill_all_workers(settings, argparse.Namespace(include_server=True, timeout=20))
+        except ToolError as err:
+            print(f"demo: {err}", file=sys.stderr)
+            code = 1
         if args.keep:
             say(f"kept {root}")
         else:

@@ -31,6 +31,15 @@ def temporal_binary() -> str:
     return found
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """host:port -> the (host, port) to bind or dial: `[::1]:7233` -> ("::1", 7233),
+    localhost -> 127.0.0.1; ValueError when it is not host:port."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{address!r} must be host:port")
+    return ("127.0.0.1" if host == "localhost" else host.strip("[]")), int(port)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,17 +69,22 @@ def command(port: int, *, ui_port: int | None = None, db_filename: Path | None =
     return args + (["--db-filename", str(db_filename)] if db_filename is not None else [])
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_healthy(host: str, port: int, alive: Callable[[], bool], timeout: float) -> str | None:
     """Until the server answers a health check (its port opens before it serves); the
     reason it never did, or None."""
-    deadline = time.monotonic() + timeout
-    while not (is_listening(host, port) and is_healthy(host, port)):
-        if not alive():
-            return "exited during startup"
-        if time.monotonic() > deadline:
-            return f"not healthy on {host}:{port} after {timeout:.0f}s"
-        time.sleep(0.2)
-    return None
+    if not wait_until(lambda: not alive() or (is_listening(host, port) and is_healthy(host, port)),
+                      timeout, 0.2):
+        return f"not healthy on {host}:{port} after {timeout:.0f}s"
+    return None if alive() else "exited during startup"
 
 
 def start(port: int, *, log_path: Path | None = None, host: str = "127.0.0.1",

@@ -1,12 +1,6 @@
-"""`tools/ops COMMAND [options]`: the one operator entry point (docs/operators.md).
-
-Every other executable in tools/ is a link to the shim tools/ops and runs the command of
-its own name (`tools/list-workers` is `tools/ops list-workers`). What the `temporal` CLI
-does is done by running it with the worker's connection settings (common.cli_env), and
-`tools/temporal ...` runs any `temporal` command that way; the Python here is what this
-project adds: worker lifecycle by PID file, which workers serve, stall and error
-analysis, waiting, starting and deciding builds.
-"""
+"""`tools/ops COMMAND [options]`, the one operator entry point; the other names in tools/
+are links to it (docs/operators.md). What the `temporal` CLI does is done by running it with
+the worker's connection (common.cli_env); the Python here is what this project adds."""
 
 from __future__ import annotations
 
@@ -19,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,7 +31,6 @@ from tools.common import (
     ToolError,
     cli_env,
     cli_json,
-    connect_client,
     exit_process,
     proc_start_ticks,
     records,
@@ -58,16 +51,14 @@ MAX_STATUS_FILE_BYTES = 4096
 UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
 
 
-# ---- lifecycle: processes these tools start ------------------------------------------------
-
-
 def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
     from tools import devserver
 
-    host, _, port_text = settings.address.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise ToolError(f"TEMPORAL_ADDRESS {settings.address!r} must be host:port", EXIT_USAGE)
-    host, port = ("127.0.0.1" if host == "localhost" else host), int(port_text)
+    config = worker_config(settings.env)
+    try:
+        host, port = devserver.split_address(config.temporal_address)
+    except ValueError as err:
+        raise ToolError(f"TEMPORAL_ADDRESS {err}", EXIT_USAGE) from None
     path = settings.pid_file("server")
     mine = ProcessRecord.read(path)
     if devserver.is_listening(host, port):
@@ -76,16 +67,18 @@ def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
         print(f"ensure-server: Temporal already listening on {host}:{port} ({owner})")
         return EXIT_OK
     ui_port = args.ui_port if args.ui_port is not None else port + 1000
-    namespace = worker_config().temporal_namespace
     command = devserver.command(port, ui_port=ui_port, db_filename=args.db_filename, host=host,
-                                namespaces=tuple({namespace} - {"default"}), log_level="warn")
-    record = spawn(settings, "server", [temporal_binary(), *command[1:]], cwd=settings.project_dir)
-    problem = devserver.wait_healthy(host, port, record.alive, args.timeout)
-    if problem:
-        if not record.alive():
-            path.unlink(missing_ok=True)
-        raise ToolError(f"dev server {problem}; see {record.log}",
-                        EXIT_TIMEOUT if record.alive() else EXIT_ATTENTION)
+                                namespaces=tuple({config.temporal_namespace} - {"default"}),
+                                log_level="warn")
+
+    def healthy(record: ProcessRecord) -> None:
+        problem = devserver.wait_healthy(host, port, record.alive, args.timeout)
+        if problem:
+            raise ToolError(f"dev server {problem}; see {record.log}",
+                            EXIT_TIMEOUT if record.alive() else EXIT_ATTENTION)
+
+    record = spawn(settings, "server", [temporal_binary(), *command[1:]],
+                   cwd=settings.project_dir, ready=healthy)
     print(f"ensure-server: started Temporal dev server pid {record.pid} on {host}:{port}, "
           f"Web UI http://{host}:{ui_port}, log {record.log}")
     return EXIT_OK
@@ -97,13 +90,8 @@ def ensure_worker(settings: OpsSettings, args: argparse.Namespace) -> int:
     if old is not None:
         print(f"ensure-worker: {stop(old, path, args.stop_timeout)}")
     offset = log.stat().st_size if log.exists() else 0
-    record = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir)
-    try:
-        wait_ready(record, offset, args.timeout)
-    except ToolError:
-        if not record.alive():
-            path.unlink(missing_ok=True)
-        raise
+    record = spawn(settings, "worker", settings.worker_cmd, cwd=settings.project_dir,
+                   ready=lambda started: wait_ready(started, offset, args.timeout))
     print(f"ensure-worker: worker pid {record.pid} ready (project {settings.project_name}, "
           f"log {log})")
     return EXIT_OK
@@ -127,9 +115,6 @@ def kill_all_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- which workers serve: PID files, WORKER_STATUS_FILE, pollers ---------------------------
-
-
 def local_pid(identity: str) -> int | None:
     """The pid in a poller identity of this host: `host:pid` (worker.py), `pid@host` (SDK)."""
     host, _, pid = identity.rpartition(":")
@@ -142,7 +127,7 @@ def pollers(queue: str) -> dict[str, list[str]]:
     """identity -> the task queue types it polls (`temporal task-queue describe`). The
     server remembers pollers for minutes: a local one whose process is gone is dropped."""
     found: dict[str, list[str]] = {}
-    for poller in (cli_json(cli_env(), "task-queue", "describe", "--task-queue", queue)
+    for poller in (cli_json("task-queue", "describe", "--task-queue", queue)
                    or {}).get("pollers") or []:
         identity = str(poller.get("identity", ""))
         pid = local_pid(identity)
@@ -152,14 +137,16 @@ def pollers(queue: str) -> dict[str, list[str]]:
 
 
 def worker_status(path: Path | None) -> dict[str, Any] | None:
-    """WORKER_STATUS_FILE as worker.py writes it ({state, pid, task_queue, since}),
-    read without blocking (a FIFO) and bounded; `alive` added from /proc."""
+    """WORKER_STATUS_FILE as worker.py writes it ({state, pid, task_queue, since}), read as
+    any file others can write (task_files.read_agent_file); `alive` added from /proc."""
+    from exceptions import TaskFileError
+    from task_files import read_agent_file
+
     if path is None:
         return None
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
-            status = json.loads(handle.read(MAX_STATUS_FILE_BYTES))
-    except (OSError, ValueError):
+        status = json.loads(read_agent_file(path, MAX_STATUS_FILE_BYTES))
+    except (OSError, ValueError, TaskFileError):
         status = None
     if not isinstance(status, dict):
         return {"state": "unreadable", "pid": None, "alive": False}
@@ -257,9 +244,6 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
     return EXIT_ATTENTION if problems else EXIT_OK
 
 
-# ---- workflows: through the `temporal` CLI ---------------------------------------------------
-
-
 def temporal_passthrough(argv: list[str]) -> NoReturn:
     """exec `temporal ARGV` with the worker's address, namespace and credentials."""
     binary, env = temporal_binary(), cli_env()
@@ -272,8 +256,7 @@ def temporal_passthrough(argv: list[str]) -> NoReturn:
 def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - timedelta(minutes=args.minutes)
     query = f'StartTime > "{since.isoformat(timespec="seconds").replace("+00:00", "Z")}"'
-    found = cli_json(cli_env(), "workflow", "list", "--query", query, "--limit",
-                     str(args.limit)) or []
+    found = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     print(f"{'WORKFLOW ID':<48} {'TYPE':<22} {'STATUS':<11} {'STARTED (UTC)':<20} CLOSED")
     for wf in found:
         status = wf["status"].removeprefix("WORKFLOW_EXECUTION_STATUS_")
@@ -295,12 +278,10 @@ def id_clause(pattern: str) -> str:
 
 
 def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
-    env = cli_env()
     query = " AND ".join(f"({part})" for part in ('ExecutionStatus = "Running"',
                                                   id_clause(args.pattern), args.query) if part)
     verb = "terminate" if args.terminate else "cancel"
-    matched = cli_json(env, "workflow", "list", "--query", query, "--limit",
-                       str(args.limit)) or []
+    matched = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     for wf in matched:
         print(f"{'would ' if args.dry_run else ''}{verb} {wf['execution']['workflowId']} "
               f"({wf['type']['name']})")
@@ -308,10 +289,10 @@ def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"no running workflow matches {query}")
     if not matched or args.dry_run:
         return EXIT_OK
-    job = cli_json(env, "workflow", verb, "--query", query, "--reason", args.reason,
+    job = cli_json("workflow", verb, "--query", query, "--reason", args.reason,
                    "--yes")["batchJobId"]
     deadline = time.monotonic() + args.timeout
-    while (batch := cli_json(env, "batch", "describe", "--job-id", job))["state"].endswith(
+    while (batch := cli_json("batch", "describe", "--job-id", job))["state"].endswith(
             "RUNNING") and time.monotonic() < deadline:
         time.sleep(0.3)
     state = batch["state"].removeprefix("BATCH_OPERATION_STATE_")
@@ -327,22 +308,28 @@ def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> in
         else EXIT_ATTENTION
 
 
+def workflow_json(verb: str, workflow_id: str, run_id: str | None = None) -> Any:
+    """`temporal workflow describe|show` of a workflow's latest run (or `run_id`); a missing
+    workflow is EXIT_NOT_FOUND."""
+    run = ["--run-id", run_id] if run_id else []
+    return cli_json("workflow", verb, "--workflow-id", workflow_id, *run)
+
+
+def status_of(described: dict[str, Any]) -> str:
+    return described["workflowExecutionInfo"]["status"].removeprefix(
+        "WORKFLOW_EXECUTION_STATUS_")
+
+
 def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
     wid = args.workflow_id
-    run = ["--run-id", args.run_id] if args.run_id else []
-    described = cli_json(cli_env(), "workflow", "describe", "--workflow-id", wid, *run)
-    info = described["workflowExecutionInfo"]
-    status = info["status"].removeprefix("WORKFLOW_EXECUTION_STATUS_")
+    described = workflow_json("describe", wid, args.run_id)
+    info, status = described["workflowExecutionInfo"], status_of(described)
     if status == "RUNNING":
         raise ToolError(f"{wid} is still RUNNING; no result yet (tools/wait-for-workflow-status"
                         f" --workflow-id {wid} --status COMPLETED)")
     if status != "COMPLETED":
-        close = described.get("closeEvent") or {}
-        attrs = next((v for k, v in close.items() if k.endswith("Attributes")), {})
-        failure = attrs.get("failure") or {}
-        kind = (failure.get("applicationFailureInfo") or {}).get("type")
-        reason = f"{kind}: {failure.get('message')}" if kind else failure.get(
-            "message") or attrs.get("reason")
+        attrs = event_attributes(described.get("closeEvent") or {})
+        reason = failure_text(attrs["failure"]) if attrs.get("failure") else attrs.get("reason")
         raise ToolError(f"{wid} is {status}, no result" + (f": {reason}" if reason else "") +
                         f" (tools/analyze-workflow-error --workflow-id {wid})")
     result = described.get("result")
@@ -355,89 +342,75 @@ def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- workflows: what this project adds (SDK client) -------------------------------------------
+def event_attributes(event: dict[str, Any]) -> dict[str, Any]:
+    return next((value for key, value in event.items() if key.endswith("EventAttributes")), {})
 
 
-async def describe(client: Any, workflow_id: str, run_id: str | None = None,
-                   history: bool = False) -> tuple[Any, list[Any]]:
-    """(description, history events if asked); a missing workflow is EXIT_NOT_FOUND."""
-    from temporalio.service import RPCError, RPCStatusCode
-
-    handle = client.get_workflow_handle(workflow_id, run_id=run_id)
-    try:
-        return await handle.describe(), ([event async for event in
-                                          handle.fetch_history_events()] if history else [])
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise ToolError(f"workflow {workflow_id!r} not found", EXIT_NOT_FOUND) from None
-        raise
-
-
-def failure_text(failure: Any) -> str:
-    """`Type: message` of a Failure proto, following its cause chain."""
+def failure_text(failure: dict[str, Any] | None) -> str:
+    """`Type: message` of a Failure, following its cause chain."""
     parts = []
-    while failure is not None and failure.message:
+    while failure and failure.get("message"):
         kind = failure_type(failure, follow=False)
-        parts.append(f"{kind}: {failure.message}" if kind else failure.message)
-        failure = failure.cause if failure.HasField("cause") else None
+        parts.append(f"{kind}: {failure['message']}" if kind else failure["message"])
+        failure = failure.get("cause")
     return " <- ".join(parts) or "(no message)"
 
 
-def failure_type(failure: Any, follow: bool = True) -> str:
-    """The ApplicationError type of a Failure proto (of its first cause that has one)."""
-    while failure is not None:
-        if failure.HasField("application_failure_info") and failure.application_failure_info.type:
-            return failure.application_failure_info.type
-        failure = failure.cause if follow and failure.HasField("cause") else None
+def failure_type(failure: dict[str, Any] | None, follow: bool = True) -> str:
+    """The ApplicationError type of a Failure (of its first cause that has one)."""
+    while failure:
+        kind = (failure.get("applicationFailureInfo") or {}).get("type")
+        if kind:
+            return kind
+        failure = failure.get("cause") if follow else None
     return ""
 
 
-def first_line(failure: Any) -> str:
-    return failure_text(failure).splitlines()[0][:200] if failure is not None else "no failure"
+def first_line(failure: dict[str, Any] | None) -> str:
+    return failure_text(failure).splitlines()[0][:200] if failure else "no failure"
 
 
-def pending_failures(raw: Any) -> list[tuple[Any, Any]]:
-    """(pending activity, its last failure) for activities that are not the benign stage-7
-    poll and have failed before."""
-    return [(pending, pending.last_failure) for pending in raw.pending_activities
-            if pending.HasField("last_failure") and pending.attempt > 1
-            and failure_type(pending.last_failure) not in BENIGN_FAILURE_TYPES]
+def pending_failures(described: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pending activities that have failed before, but not the benign stage-7 poll."""
+    return [pending for pending in described.get("pendingActivities") or []
+            if pending.get("lastFailure") and pending.get("attempt", 1) > 1
+            and failure_type(pending["lastFailure"]) not in BENIGN_FAILURE_TYPES]
 
 
-async def stall_of(client: Any, workflow_id: str, run_id: str) -> str | None:
+def stall_of(workflow_id: str, run_id: str) -> str | None:
     """Why a running workflow makes no progress, or None if it is healthy."""
-    description, events = await describe(client, workflow_id, run_id, history=True)
-    raw = description.raw_description
-    attempt = raw.pending_workflow_task.attempt if raw.HasField("pending_workflow_task") else 0
-    last_task = [event for event in events if event.HasField(
-        "workflow_task_completed_event_attributes") or event.HasField(
-        "workflow_task_failed_event_attributes") or event.HasField(
-        "workflow_task_timed_out_event_attributes")][-1:]
-    if last_task and last_task[0].HasField("workflow_task_failed_event_attributes"):
-        failure = last_task[0].workflow_task_failed_event_attributes.failure
-        return f"WorkflowTaskFailed (attempt {max(attempt, 1)}): {first_line(failure)}"
+    described = workflow_json("describe", workflow_id, run_id)
+    task = described.get("pendingWorkflowTask")
+    attempt = task.get("attempt", 1) if task else 0
+    if task:  # a failed workflow task is always followed by a pending retry
+        events = workflow_json("show", workflow_id, run_id)["events"]
+        last_task = [event for event in events if event["eventType"] in (
+            "EVENT_TYPE_WORKFLOW_TASK_COMPLETED", "EVENT_TYPE_WORKFLOW_TASK_FAILED",
+            "EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT")][-1:]
+        if last_task and last_task[0]["eventType"] == "EVENT_TYPE_WORKFLOW_TASK_FAILED":
+            failure = event_attributes(last_task[0]).get("failure")
+            return f"WorkflowTaskFailed (attempt {max(attempt, 1)}): {first_line(failure)}"
     if attempt > 2:
         return f"workflow task retrying (attempt {attempt})"
-    for pending, failure in pending_failures(raw):
-        if pending.attempt > 2:
-            return (f"ActivityTaskFailed x{pending.attempt - 1} "
-                    f"({pending.activity_type.name}): {first_line(failure)}")
+    for pending in pending_failures(described):
+        if pending["attempt"] > 2:
+            return (f"ActivityTaskFailed x{pending['attempt'] - 1} "
+                    f"({pending['activityType']['name']}): {first_line(pending['lastFailure'])}")
     return None
 
 
-async def find_stalled_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
-    client = await connect_client()
+def find_stalled_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
     query = 'ExecutionStatus = "Running"' + (f" AND ({args.query})" if args.query else "")
-    checked = 0
+    running = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     stalls = []
-    async for wf in client.list_workflows(query, limit=args.limit):
-        checked += 1
-        reason = await stall_of(client, wf.id, wf.run_id)
+    for wf in running:
+        wid = wf["execution"]["workflowId"]
+        reason = stall_of(wid, wf["execution"]["runId"])
         if reason is not None:
-            stalls.append(wf.id)
-            print(f"STALLED {wf.id} ({wf.workflow_type}): {reason}")
-            print(f"  next: tools/analyze-workflow-error --workflow-id {wf.id}")
-    print(f"({len(stalls)} stalled of {checked} running workflow(s) checked)")
+            stalls.append(wid)
+            print(f"STALLED {wid} ({wf['type']['name']}): {reason}")
+            print(f"  next: tools/analyze-workflow-error --workflow-id {wid}")
+    print(f"({len(stalls)} stalled of {len(running)} running workflow(s) checked)")
     return EXIT_ATTENTION if stalls else EXIT_OK
 
 
@@ -462,67 +435,63 @@ ADVICE = {
 }
 
 
-def finding(event: Any, scheduled: dict[int, str]) -> tuple[str, str, str] | None:
+def finding(event: dict[str, Any], scheduled: dict[str, str]) -> tuple[str, str, str] | None:
     """(what, detail, what to do) for one history event that records a problem."""
-    from temporalio.api.enums.v1 import WorkflowTaskFailedCause
-
-    if event.HasField("workflow_task_failed_event_attributes"):
-        attrs = event.workflow_task_failed_event_attributes
-        cause = WorkflowTaskFailedCause.Name(attrs.cause).removeprefix(
-            "WORKFLOW_TASK_FAILED_CAUSE_")
-        message = failure_text(attrs.failure)
-        tail = [line for line in attrs.failure.stack_trace.strip().splitlines() if line][-3:]
+    kind = event["eventType"].removeprefix("EVENT_TYPE_")
+    what = "".join(word.capitalize() for word in kind.split("_"))
+    attrs = event_attributes(event)
+    failure = attrs.get("failure")
+    if kind == "WORKFLOW_TASK_FAILED":
+        cause = str(attrs.get("cause", "")).removeprefix("WORKFLOW_TASK_FAILED_CAUSE_")
+        message = failure_text(failure)
+        tail = [line for line in (failure or {}).get("stackTrace", "").strip().splitlines()
+                if line][-3:]
         nondeterministic = "NON_DETERMINISTIC" in cause or any(word in message.lower() for word
                                                                in ("nondetermin", "non-determin",
                                                                    "history mismatch"))
-        return ("WorkflowTaskFailed (workflow stalled)",
+        return (f"{what} (workflow stalled)",
                 "\n      ".join([f"{message} [cause {cause}]", *tail]),
                 ADVICE["nondeterminism" if nondeterministic else "workflow_task"])
-    for field, what, default in (
-            ("activity_task_failed_event_attributes", "ActivityTaskFailed", "activity_failed"),
-            ("activity_task_timed_out_event_attributes", "ActivityTaskTimedOut", "timed_out")):
-        if event.HasField(field):
-            attrs = getattr(event, field)
-            name = scheduled.get(attrs.scheduled_event_id, "activity")
-            advice = ADVICE["timed_out"] if default == "timed_out" else ADVICE.get(
-                failure_type(attrs.failure), ADVICE[default])
-            return f"{what} ({name})", failure_text(attrs.failure), advice
-    if event.HasField("workflow_execution_failed_event_attributes"):
-        failure = event.workflow_execution_failed_event_attributes.failure
-        return ("WorkflowExecutionFailed", failure_text(failure),
-                ADVICE.get(failure_type(failure), ADVICE["workflow_failed"]))
-    if event.HasField("workflow_execution_timed_out_event_attributes"):
-        return "WorkflowExecutionTimedOut", "execution timeout reached", ADVICE["timed_out"]
-    if event.HasField("workflow_execution_terminated_event_attributes"):
-        attrs = event.workflow_execution_terminated_event_attributes
-        return ("WorkflowExecutionTerminated",
-                f"{attrs.reason or 'no reason'} (by {attrs.identity or '?'})", ADVICE["terminated"])
-    if event.HasField("workflow_execution_canceled_event_attributes"):
-        return "WorkflowExecutionCanceled", "cancel request honoured", ADVICE["canceled"]
+    if kind in ("ACTIVITY_TASK_FAILED", "ACTIVITY_TASK_TIMED_OUT"):
+        name = scheduled.get(attrs.get("scheduledEventId", ""), "activity")
+        advice = ADVICE["timed_out"] if kind.endswith("TIMED_OUT") else ADVICE.get(
+            failure_type(failure), ADVICE["activity_failed"])
+        return f"{what} ({name})", failure_text(failure), advice
+    if kind == "WORKFLOW_EXECUTION_FAILED":
+        return what, failure_text(failure), ADVICE.get(failure_type(failure),
+                                                       ADVICE["workflow_failed"])
+    if kind == "WORKFLOW_EXECUTION_TIMED_OUT":
+        return what, "execution timeout reached", ADVICE["timed_out"]
+    if kind == "WORKFLOW_EXECUTION_TERMINATED":
+        return (what, f"{attrs.get('reason') or 'no reason'} (by {attrs.get('identity') or '?'})",
+                ADVICE["terminated"])
+    if kind == "WORKFLOW_EXECUTION_CANCELED":
+        return what, "cancel request honoured", ADVICE["canceled"]
     return None
 
 
-async def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> int:
-    client = await connect_client()
-    description, events = await describe(client, args.workflow_id, args.run_id, history=True)
-    scheduled = {event.event_id: event.activity_task_scheduled_event_attributes.activity_type.name
-                 for event in events if event.HasField("activity_task_scheduled_event_attributes")}
+def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> int:
+    described = workflow_json("describe", args.workflow_id, args.run_id)
+    events = workflow_json("show", args.workflow_id, args.run_id)["events"]
+    scheduled = {event["eventId"]: event_attributes(event)["activityType"]["name"]
+                 for event in events if event["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_SCHEDULED"}
     findings = [found for event in events if (found := finding(event, scheduled))]
-    raw = description.raw_description
-    findings += [(f"Activity retrying ({pending.activity_type.name}, attempt {pending.attempt})",
-                  failure_text(failure), ADVICE["activity_retrying"])
-                 for pending, failure in pending_failures(raw)]
-    status = description.status.name if description.status else "UNKNOWN"
-    print(f"{args.workflow_id} ({description.workflow_type}) status {status}, "
+    findings += [(f"Activity retrying ({pending['activityType']['name']}, attempt "
+                  f"{pending['attempt']})", failure_text(pending["lastFailure"]),
+                  ADVICE["activity_retrying"]) for pending in pending_failures(described)]
+    info = described["workflowExecutionInfo"]
+    print(f"{args.workflow_id} ({info['type']['name']}) status {status_of(described)}, "
           f"{len(events)} history events")
-    for pending in raw.pending_activities:
-        if failure_type(pending.last_failure) in BENIGN_FAILURE_TYPES:
-            print(f"note: {pending.activity_type.name} is polling (attempt {pending.attempt}): "
-                  f"{failure_text(pending.last_failure)} — normal while blocks await a "
-                  f"decision; tools/approve-build or tools/reject-build decides")
-    if raw.HasField("pending_workflow_task") and raw.pending_workflow_task.attempt > 1:
-        print(f"note: workflow task attempt {raw.pending_workflow_task.attempt}: the worker "
-              f"keeps failing it (see the worker log {settings.log_file('worker')})")
+    for pending in described.get("pendingActivities") or []:
+        if failure_type(pending.get("lastFailure")) in BENIGN_FAILURE_TYPES:
+            print(f"note: {pending['activityType']['name']} is polling (attempt "
+                  f"{pending['attempt']}): {failure_text(pending['lastFailure'])} — normal "
+                  f"while blocks await a decision; tools/approve-build or tools/reject-build "
+                  f"decides")
+    task_attempt = (described.get("pendingWorkflowTask") or {}).get("attempt", 1)
+    if task_attempt > 1:
+        print(f"note: workflow task attempt {task_attempt}: the worker keeps failing it (see "
+              f"the worker log {settings.log_file('worker')})")
     if not findings:
         print("no errors found in the history")
         return EXIT_OK
@@ -531,7 +500,7 @@ async def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace
     return EXIT_ATTENTION
 
 
-async def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) -> int:
+def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) -> int:
     from temporalio.client import WorkflowExecutionStatus
 
     statuses = [status.name for status in WorkflowExecutionStatus]
@@ -539,27 +508,22 @@ async def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespa
     if wanted not in statuses:
         raise ToolError(f"unknown status {args.status!r}; one of {', '.join(statuses)}",
                         EXIT_USAGE)
-    client = await connect_client()
     deadline = time.monotonic() + args.timeout
-    while True:
-        status = (await describe(client, args.workflow_id, args.run_id))[0].status
-        current = status.name if status else "UNKNOWN"
-        if current == wanted:
-            print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
-            return EXIT_OK
+    while (current := status_of(workflow_json("describe", args.workflow_id,
+                                              args.run_id))) != wanted:
         if current != "RUNNING":
             raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
         if time.monotonic() > deadline:
             raise ToolError(f"{args.workflow_id} still {current} after {args.timeout:g}s "
                             f"(wanted {wanted})", EXIT_TIMEOUT)
-        await asyncio.sleep(args.interval)
+        time.sleep(args.interval)
+    print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
+    return EXIT_OK
 
 
-async def decide(client: Any, command: str, workflow_id: str, note: str, by: str) -> str:
-    """Send approve_blocks / reject_blocks; return the workflow's answer."""
-    from temporalio.client import WorkflowUpdateFailedError
-    from temporalio.service import RPCError, RPCStatusCode
-
+def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: str,
+           by: str) -> str:
+    """approve_blocks / reject_blocks (temporal workflow update execute); the answer."""
     from models import BlockDecision
 
     try:
@@ -567,27 +531,26 @@ async def decide(client: Any, command: str, workflow_id: str, note: str, by: str
     except ValueError as err:
         raise ToolError(f"invalid decision: {str(err).splitlines()[0]}", EXIT_USAGE) from None
     try:
-        return await client.get_workflow_handle(workflow_id).execute_update(
-            UPDATES[command], decision, result_type=str, rpc_timeout=timedelta(seconds=30))
-    except WorkflowUpdateFailedError as err:
-        reason = getattr(err.cause, "message", None) or str(err.cause)
-        raise ToolError(f"refused by {workflow_id}: {reason}") from None
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
+        return cli_json("workflow", "update", "execute", "--workflow-id", workflow_id,
+                        "--name", UPDATES[command], "--input", decision.model_dump_json(),
+                        env=env)["result"]
+    except ToolError as err:
+        if err.exit_code == EXIT_NOT_FOUND or "already completed" in str(err):
             raise ToolError(f"workflow {workflow_id!r} not found or already closed",
                             EXIT_NOT_FOUND) from None
-        raise ToolError(f"Temporal error: {err.message.splitlines()[0][:200]}") from None
+        if err.exit_code != EXIT_ATTENTION:
+            raise
+        reason = (str(err).partition("unable to update workflow: ")[2] or str(err)).rsplit(
+            " (type: ", 1)[0]
+        raise ToolError(f"refused by {workflow_id}: {reason}") from None
 
 
-async def decide_build(settings: OpsSettings, args: argparse.Namespace) -> int:
+def decide_build(settings: OpsSettings, args: argparse.Namespace) -> int:
     by = args.by or getpass.getuser()
-    answer = await decide(await connect_client(), args.command, args.workflow_id,
-                          args.note if args.command == "approve-build" else args.reason, by)
+    answer = decide(None, args.command, args.workflow_id,
+                    args.note if args.command == "approve-build" else args.reason, by)
     print(f"{args.command}: {args.workflow_id} {answer} by {by}")
     return EXIT_OK
-
-
-# ---- command line ---------------------------------------------------------------------------
 
 Handler = Callable[[OpsSettings, argparse.Namespace], int | Awaitable[int]]
 WORKFLOW_ID = (("--workflow-id",), {"required": True})

@@ -1,21 +1,7 @@
-"""`make run`: the worker, with an embedded Temporal dev server when there is none.
-
-    python -m tools.run [--ui-port PORT] [--state-dir DIR]
-
-If nothing listens at TEMPORAL_ADDRESS (default localhost:7233) and that address is on
-this machine (localhost or a loopback IP) and no TLS is configured, a dev server (the
-`temporal` binary from the venv) is started on it first, with the Web UI on
-DEV_SERVER_UI_PORT (default 8233) and its state in DEV_SERVER_DIR (default `.run/`:
-temporal.db survives restarts, temporal.log is its log), and a warning says once that
-every local user then holds operator power over it. Then worker.py runs as a child
-process. SIGINT/SIGTERM are passed on to the worker; when it exits, the dev server this
-command started (and only that one) is stopped.
-
-A remote or TLS address is never replaced: an unreachable one makes the worker exit 4.
-
-Exit codes: the worker's (0 clean shutdown · 2 bad configuration · 3 credentials ·
-4 cannot connect · 1 anything else); 1 as well if the dev server cannot be started.
-"""
+"""`make run`: the worker, after starting an embedded Temporal dev server if nothing listens
+at a local plaintext TEMPORAL_ADDRESS (README, "make run"; a remote or TLS address is never
+replaced). Signals go on to the worker; then only a dev server this started is stopped.
+Exit codes: the worker's; 1 if the dev server cannot be started."""
 
 from __future__ import annotations
 
@@ -44,12 +30,6 @@ DEV_SERVER_WARNING = (
     "(SECURITY.md).")
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """host:port -> (host, port); `[::1]:7233` -> ("::1", 7233)."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def is_local_host(host: str) -> bool:
     """Literal loopback only: no DNS lookup decides whether we start a server."""
     if host == "localhost":
@@ -64,7 +44,7 @@ def wants_dev_server(config: WorkerConfig) -> bool:
     """Start one only for a plaintext, local address where nothing listens yet."""
     if config.vault_enabled or config.require_tls:
         return False
-    host, port = split_address(config.temporal_address)
+    host, port = devserver.split_address(config.temporal_address)
     return is_local_host(host) and not devserver.is_listening(host, port)
 
 
@@ -96,8 +76,7 @@ class _Signals:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tools.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.run", description=__doc__)
     parser.add_argument("--ui-port", type=int,
                         default=int(os.environ.get("DEV_SERVER_UI_PORT") or DEFAULT_UI_PORT),
                         help="Web UI port of an embedded dev server (env DEV_SERVER_UI_PORT, "
@@ -111,16 +90,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def start_dev_server(config: WorkerConfig, ui_port: int,
                      state_dir: Path) -> subprocess.Popen[bytes]:
-    host, port = split_address(config.temporal_address)
-    bind = "127.0.0.1" if host == "localhost" else host
-    if devserver.is_listening(bind, ui_port):
+    host, port = devserver.split_address(config.temporal_address)
+    if devserver.is_listening(host, ui_port):
         raise RuntimeError(f"Web UI port {ui_port} is already in use: set DEV_SERVER_UI_PORT "
                            f"(or --ui-port) to a free port")
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)  # the database holds task tokens and build details
     namespaces = () if config.temporal_namespace == "default" else (config.temporal_namespace,)
     return devserver.start(port, ui_port=ui_port, db_filename=state_dir / "temporal.db",
-                           log_path=state_dir / "temporal.log", host=bind,
+                           log_path=state_dir / "temporal.log", host=host,
                            namespaces=namespaces)
 
 

@@ -1,10 +1,5 @@
-"""tools/start-build: start a BuildPipelineWorkflow or a BuildPlanWorkflow, from flags or
-a YAML file (docs/operators.md, "Starting builds"). The input is validated before
-anything starts; the workflow id is the first stdout line, so `WID=$(tools/start-build
-...)` works; the Web UI gets a static summary and details (who started what, with which
-input). --create-task writes the pipeline's originating task into TASK_QUEUE_DIR first;
-a --task-id with no file there gets a warning (an Update still decides its blocks).
-"""
+"""tools/start-build (docs/operators.md, "Starting builds"): input validated before anything
+starts, the workflow id the first stdout line, a static summary and details for the Web UI."""
 
 from __future__ import annotations
 
@@ -150,10 +145,6 @@ def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
-def task_queue_dir() -> Path:
-    return worker_config().task_queue_dir
-
-
 def originating_task(inp: BuildPipelineInput, workflow_id: str) -> dict[str, Any]:
     """The minimal originating task: addressed to the worker, so no agent takes it as work."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
@@ -168,7 +159,7 @@ def originating_task(inp: BuildPipelineInput, workflow_id: str) -> dict[str, Any
 
 
 def warn_if_no_task_file(inp: BuildPipelineInput) -> None:
-    queue_dir = task_queue_dir()
+    queue_dir = worker_config().task_queue_dir
     try:
         find_task(queue_dir, inp.task_id)
     except TaskNotFoundError:
@@ -195,7 +186,7 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
         # Before the start: the pipeline may look for it at once.
-        created = write_task(task_queue_dir(), originating_task(inp, workflow_id),
+        created = write_task(worker_config().task_queue_dir, originating_task(inp, workflow_id),
                              may_exist=False)
     elif isinstance(inp, BuildPipelineInput) and options.get("check_task"):
         warn_if_no_task_file(inp)

@@ -16,7 +16,7 @@ driver of pipelines shares: finding a stage's task file, writing the originating
 and the triage, waiting until a pipeline is parked at stage 7, polling with a deadline
 (nothing here sleeps as synchronisation). It does not depend on pytest.
 
-    python -m tools.demo_agent --workflow-id ID [--timeout 90]
+    python -m tests.standin --workflow-id ID [--timeout 90]
 
 uses TASK_QUEUE_DIR / TEMPORAL_AUDIT_DIR / TEMPORAL_ADDRESS like the worker, and stops
 when the closeout task is done. Exit codes: 0 closeout done · 1 a completion failed
@@ -67,7 +67,7 @@ NAME = "demo-agent"
 REPO = Path(__file__).resolve().parent.parent
 TRIAGE_FILE = "triage-output.yml"
 DEMO_TRIAGE = """\
-# Written by the agent stand-in (tools/demo_agent.py), not by a security review.
+# Written by the agent stand-in (tests/standin.py), not by a security review.
 flags:
   - description: "Pin the base image to a digest"
 blocks:
@@ -395,7 +395,7 @@ class StandIn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.demo_agent",
+    parser = argparse.ArgumentParser(prog="python -m tests.standin",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflow-id", required=True)
     parser.add_argument("--timeout", type=float, default=90.0)
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config()
     except ConfigError as err:
-        print(f"demo_agent: configuration error: {err}", file=sys.stderr)
+        print(f"standin: configuration error: {err}", file=sys.stderr)
         return 2
     agent = StandIn(workflow_id=args.workflow_id, queue_dir=config.task_queue_dir,
                     audit_dir=config.audit_dir, env=dict(os.environ),
@@ -417,16 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         done = asyncio.run(agent.run(timeout=args.timeout))
     except TimeoutError as err:
-        print(f"demo_agent: {err}", file=sys.stderr)
+        print(f"standin: {err}", file=sys.stderr)
         return 5
     except StandInError as err:
-        print(f"demo_agent: {err}", file=sys.stderr)
+        print(f"standin: {err}", file=sys.stderr)
         return 1
-    print(f"demo_agent: finished {', '.join(done)}")
+    print(f"standin: finished {', '.join(done)}")
     return 0
 
 
 if __name__ == "__main__":
-    from tools.ops import exit_process
+    from tools.common import exit_process
 
     exit_process(main())

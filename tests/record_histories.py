@@ -1,6 +1,6 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tools.record_histories [--out tests/histories/local-inline]
+    python -m tests.record_histories [--out tests/histories/local-inline]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
@@ -23,7 +23,7 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from tools.demo_agent import play_stage, wait_until_parked, write_origin_task, write_triage
+from tests.standin import play_stage, wait_until_parked, write_origin_task, write_triage
 from vocabulary import (
     APPROVED,
     BUILD_PIPELINE_WORKFLOW,
@@ -49,7 +49,7 @@ FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "pla
 
 class Recorder:
     """Drives one workflow per path against a worker with private folders; the agents
-    are the shared stand-in's (tools/demo_agent.py)."""
+    are the shared stand-in's (tests/standin.py)."""
 
     def __init__(self, client: Client, env: dict[str, str], root: Path) -> None:
         self.client, self.env, self.root = client, env, root
@@ -222,7 +222,7 @@ async def record(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.record_histories",
+    parser = argparse.ArgumentParser(prog="python -m tests.record_histories",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
