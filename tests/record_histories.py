@@ -99,74 +99,86 @@ class Recorder:
                                                 note="recorded"))
 
 
+BLOCKS = "blocks:\n- description: secret in log\n"
+
+
+async def _clean(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("clean", "info:\n- fine\n")
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT, message="/docs/closeout.md")
+    return handle
+
+
+async def _flags(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("flags", "flags:\n- description: pin versions\n")
+    await recorder.play(handle, TASK_SECURITY_FIX)
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _approved_by_file(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("approved", BLOCKS, block_poll_interval_seconds=0.2)
+    await recorder.set_origin_status(handle, APPROVED)
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _approved_by_update(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("approved-update", BLOCKS, block_poll_interval_seconds=0.2)
+    await recorder.parked(handle)
+    await handle.execute_update("approve_blocks", "looks fine")
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _rejected(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("rejected", BLOCKS, block_poll_interval_seconds=0.2)
+    await recorder.set_origin_status(handle, REJECTED)
+    return handle
+
+
+async def _timed_out(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("timed-out", BLOCKS, block_poll_interval_seconds=0.2,
+                                     block_wait_timeout_seconds=2)
+    await recorder.parked(handle)
+    return handle
+
+
+async def _agent_failure(recorder: Recorder) -> WorkflowHandle:
+    handle = await recorder.pipeline("agent-failure", None)
+    await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
+    return handle
+
+
+async def _bad_triage(recorder: Recorder) -> WorkflowHandle:
+    return await recorder.pipeline("bad-triage", "- not a mapping\n")
+
+
+async def _plan(client: Client, recorder: Recorder, name: str, fail: bool) -> WorkflowHandle:
+    from models import BuildPlanInput, PhaseSpec
+
+    phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
+                        context_refs=["/plans/recorded.md"]) for n in (1, 2)]
+    handle = await client.start_workflow(
+        BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
+        id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
+    await recorder.play(handle, TASK_BUILD_PHASE)
+    await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
+                        message="phase broke" if fail else "done")
+    return handle
+
+
 async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHandle]:
-    blocks = "blocks:\n- description: secret in log\n"
-
-    async def clean() -> WorkflowHandle:
-        handle = await recorder.pipeline("clean", "info:\n- fine\n")
-        await recorder.play(handle, TASK_BUILD_CLOSEOUT, message="/docs/closeout.md")
-        return handle
-
-    async def flags() -> WorkflowHandle:
-        handle = await recorder.pipeline("flags", "flags:\n- description: pin versions\n")
-        await recorder.play(handle, TASK_SECURITY_FIX)
-        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
-        return handle
-
-    async def approved_by_file() -> WorkflowHandle:
-        handle = await recorder.pipeline("approved", blocks, block_poll_interval_seconds=0.2)
-        await recorder.set_origin_status(handle, APPROVED)
-        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
-        return handle
-
-    async def approved_by_update() -> WorkflowHandle:
-        handle = await recorder.pipeline("approved-update", blocks,
-                                         block_poll_interval_seconds=0.2)
-        await recorder.parked(handle)
-        await handle.execute_update("approve_blocks", "looks fine")
-        await recorder.play(handle, TASK_BUILD_CLOSEOUT)
-        return handle
-
-    async def rejected() -> WorkflowHandle:
-        handle = await recorder.pipeline("rejected", blocks, block_poll_interval_seconds=0.2)
-        await recorder.set_origin_status(handle, REJECTED)
-        return handle
-
-    async def timed_out() -> WorkflowHandle:
-        handle = await recorder.pipeline("timed-out", blocks, block_poll_interval_seconds=0.2,
-                                         block_wait_timeout_seconds=2)
-        await recorder.parked(handle)
-        return handle
-
-    async def agent_failure() -> WorkflowHandle:
-        handle = await recorder.pipeline("agent-failure", None)
-        await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
-        return handle
-
-    async def bad_triage() -> WorkflowHandle:
-        return await recorder.pipeline("bad-triage", "- not a mapping\n")
-
-    async def plan(name: str, fail: bool) -> WorkflowHandle:
-        from models import BuildPlanInput, PhaseSpec
-
-        phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
-                            context_refs=["/plans/recorded.md"]) for n in (1, 2)]
-        handle = await client.start_workflow(
-            BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
-            id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
-        await recorder.play(handle, TASK_BUILD_PHASE)
-        await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
-                            message="phase broke" if fail else "done")
-        return handle
-
     paths: dict[str, Callable[[], Awaitable[WorkflowHandle]]] = {
-        "pipeline_clean": clean, "pipeline_flags": flags,
-        "pipeline_approved_task_file": approved_by_file,
-        "pipeline_approved_update": approved_by_update, "pipeline_rejected": rejected,
-        "pipeline_timed_out": timed_out, "pipeline_agent_failure": agent_failure,
-        "pipeline_bad_triage": bad_triage,
-        "plan_success": lambda: plan("plan-success", False),
-        "plan_failure": lambda: plan("plan-failure", True),
+        "pipeline_clean": lambda: _clean(recorder),
+        "pipeline_flags": lambda: _flags(recorder),
+        "pipeline_approved_task_file": lambda: _approved_by_file(recorder),
+        "pipeline_approved_update": lambda: _approved_by_update(recorder),
+        "pipeline_rejected": lambda: _rejected(recorder),
+        "pipeline_timed_out": lambda: _timed_out(recorder),
+        "pipeline_agent_failure": lambda: _agent_failure(recorder),
+        "pipeline_bad_triage": lambda: _bad_triage(recorder),
+        "plan_success": lambda: _plan(client, recorder, "plan-success", False),
+        "plan_failure": lambda: _plan(client, recorder, "plan-failure", True),
     }
     gate = asyncio.Semaphore(CONCURRENCY)
 

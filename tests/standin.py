@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -371,10 +372,8 @@ class StandIn:
         """Play until `stop` is set, then let the completions under way finish."""
         while not stop.is_set():
             await self.step()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
-            except TimeoutError:
-                pass
         await asyncio.gather(*self._jobs)
 
     async def run(self, until: str = TASK_BUILD_CLOSEOUT, timeout: float = 90.0) -> list[str]:

@@ -4,6 +4,7 @@ read back, and the worker process itself started with telemetry on and off."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,6 +52,23 @@ BUILD = "traced-build"
 WORKER_ID = "test-host:4242"
 
 
+@contextlib.contextmanager
+def worker_logging(level: str, log_file: Path | None) -> Iterator[None]:
+    """The worker's logging set up in this process, and the root logger restored after."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    configure_logging(level, log_file, WORKER_ID)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
 @dataclass
 class TracedRun:
     workflow_id: str
@@ -78,24 +96,16 @@ async def traced_run(temporal_address: str,
     assert len(telemetry.interceptors) == 1
     client = await connect(config, interceptors=telemetry.interceptors,
                            runtime=telemetry.runtime)
-    root_logger = logging.getLogger()
-    saved = (list(root_logger.handlers), root_logger.level)
-    configure_logging(config.log_level, config.log_file, WORKER_ID)
     try:
-        async with serving(client, config):
-            pipeline = PipelineEnv(config=config, client=client, env=variables, root=root)
-            handle, origin = await park_pipeline(pipeline, BUILD, BLOCKS)
-            update_task(origin, lambda t: add_history(t, status="approved", actor="ops",
-                                                      note="accepted"))
-            await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
-            result = BuildPipelineResult.model_validate(await handle.result())
+        with worker_logging(config.log_level, config.log_file):
+            async with serving(client, config):
+                pipeline = PipelineEnv(config=config, client=client, env=variables, root=root)
+                handle, origin = await park_pipeline(pipeline, BUILD, BLOCKS)
+                update_task(origin, lambda t: add_history(t, status="approved", actor="ops",
+                                                          note="accepted"))
+                await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
+                result = BuildPipelineResult.model_validate(await handle.result())
     finally:
-        for handler in list(root_logger.handlers):
-            root_logger.removeHandler(handler)
-            handler.close()
-        for handler in saved[0]:
-            root_logger.addHandler(handler)
-        root_logger.setLevel(saved[1])
         activity.logger.activity_info_on_message = True
         workflow.logger.workflow_info_on_message = True
     telemetry.shutdown()
@@ -288,19 +298,9 @@ def test_core_fields_never_carry_a_token(tmp_path: Path) -> None:
         "attempt": 2})
 
     log_file = tmp_path / "core.jsonl"
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    configure_logging("INFO", log_file, WORKER_ID)
-    try:
+    with worker_logging("INFO", log_file):
         logging.getLogger(CORE_LOGGER).warning("Activity not found on completion",
                                                extra={"temporal_log": entry})
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
     text = log_file.read_text()
     [line] = [json.loads(raw) for raw in text.splitlines()]
     assert line["event"] == "Activity not found on completion"

@@ -90,9 +90,9 @@ def wait_healthy(host: str, port: int, alive: Callable[[], bool], timeout: float
 def start(port: int, *, log_path: Path | None = None, host: str = "127.0.0.1",
           **options: Any) -> subprocess.Popen[bytes]:
     """Start a dev server (options: see command()) and wait until it is healthy."""
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(command(port, host=host, **options), stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path or os.devnull, "ab") as log:  # the server keeps its own copy
+        process = subprocess.Popen(command(port, host=host, **options), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     problem = wait_healthy(host, port, lambda: process.poll() is None, STARTUP_TIMEOUT_SECONDS)
     if problem:
         stop(process)

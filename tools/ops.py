@@ -197,9 +197,10 @@ def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
     return EXIT_OK if serving else EXIT_ATTENTION
 
 
-def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
-    config = worker_config()
-    queue = args.task_queue or config.task_queue
+def local_worker_report(settings: OpsSettings, config: Any
+                        ) -> tuple[ProcessRecord | None, list[str]]:
+    """Print what this host knows of the worker (PID file, status file, log); return the
+    PID file's record and the problems found."""
     problems: list[str] = []
     path = settings.pid_file("worker")
     record = ProcessRecord.read(path)
@@ -228,6 +229,13 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"log: {log} ({len(errors)} error line(s) in the last {len(tail)} lines)")
         if errors:
             print(f"  last error: {errors[-1][:300]}")
+    return record, problems
+
+
+def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
+    record, problems = local_worker_report(settings, config)
     polling = pollers(queue)
     print(f"task queue {queue!r}: {len(polling)} poller(s)")
     for identity, kinds in polling.items():
@@ -253,7 +261,7 @@ def temporal_passthrough(argv: list[str]) -> NoReturn:
         raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
 
 
-def list_recent_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
+def list_recent_workflows(_settings: OpsSettings, args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - timedelta(minutes=args.minutes)
     query = f'StartTime > "{since.isoformat(timespec="seconds").replace("+00:00", "Z")}"'
     found = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
@@ -277,7 +285,7 @@ def id_clause(pattern: str) -> str:
             else f'WorkflowId = "{stem}"')
 
 
-def bulk_cancel_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
+def bulk_cancel_workflows(_settings: OpsSettings, args: argparse.Namespace) -> int:
     query = " AND ".join(f"({part})" for part in ('ExecutionStatus = "Running"',
                                                   id_clause(args.pattern), args.query) if part)
     verb = "terminate" if args.terminate else "cancel"
@@ -320,7 +328,7 @@ def status_of(described: dict[str, Any]) -> str:
         "WORKFLOW_EXECUTION_STATUS_")
 
 
-def get_workflow_result(settings: OpsSettings, args: argparse.Namespace) -> int:
+def get_workflow_result(_settings: OpsSettings, args: argparse.Namespace) -> int:
     wid = args.workflow_id
     described = workflow_json("describe", wid, args.run_id)
     info, status = described["workflowExecutionInfo"], status_of(described)
@@ -399,7 +407,7 @@ def stall_of(workflow_id: str, run_id: str) -> str | None:
     return None
 
 
-def find_stalled_workflows(settings: OpsSettings, args: argparse.Namespace) -> int:
+def find_stalled_workflows(_settings: OpsSettings, args: argparse.Namespace) -> int:
     query = 'ExecutionStatus = "Running"' + (f" AND ({args.query})" if args.query else "")
     running = cli_json("workflow", "list", "--query", query, "--limit", str(args.limit)) or []
     stalls = []
@@ -500,7 +508,7 @@ def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> i
     return EXIT_ATTENTION
 
 
-def wait_for_workflow_status(settings: OpsSettings, args: argparse.Namespace) -> int:
+def wait_for_workflow_status(_settings: OpsSettings, args: argparse.Namespace) -> int:
     from temporalio.client import WorkflowExecutionStatus
 
     statuses = [status.name for status in WorkflowExecutionStatus]
@@ -545,7 +553,7 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
         raise ToolError(f"refused by {workflow_id}: {reason}") from None
 
 
-def decide_build(settings: OpsSettings, args: argparse.Namespace) -> int:
+def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
     by = args.by or getpass.getuser()
     answer = decide(None, args.command, args.workflow_id,
                     args.note if args.command == "approve-build" else args.reason, by)

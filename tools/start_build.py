@@ -126,7 +126,7 @@ def build_request(args: argparse.Namespace) -> tuple[str, BaseModel, dict[str, A
     return kind, inp, options
 
 
-def web_ui_text(kind: str, inp: BaseModel) -> tuple[str, str]:
+def web_ui_text(inp: BaseModel) -> tuple[str, str]:
     """(static summary, static details) shown for the whole life of the workflow."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -182,7 +182,7 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     prefix = "plan" if kind == PLAN else "build"
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
     queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or DEFAULT_TASK_QUEUE
-    summary, details = web_ui_text(kind, inp)
+    summary, details = web_ui_text(inp)
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
         # Before the start: the pipeline may look for it at once.
@@ -222,7 +222,7 @@ async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any],
     return EXIT_OK
 
 
-async def command(settings: OpsSettings, args: argparse.Namespace) -> int:
+async def command(_settings: OpsSettings, args: argparse.Namespace) -> int:
     """`tools/start-build`: start from the file or the flags."""
     kind, inp, options = build_request(args)
     return await start(await connect_client(), kind, inp, {"check_task": True, **options},
