@@ -592,12 +592,19 @@ def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
     assert parsed > 0
 
 
-async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> None:
-    handle = await start(pipeline, "fifo-triage")
+async def at_audit_with_fifo_triage(pipeline: PipelineEnv, build: str
+                                    ) -> tuple[WorkflowHandle, Path, Path]:
+    """A pipeline at its audit stage whose triage file is a FIFO: (handle, audit, fifo)."""
+    handle = await start(pipeline, build)
     audit = await to_audit(pipeline, handle)
-    fifo = pipeline.triage_path("fifo-triage")
+    fifo = pipeline.triage_path(build)
     fifo.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(fifo)
+    return handle, audit, fifo
+
+
+async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> None:
+    handle, audit, fifo = await at_audit_with_fifo_triage(pipeline, "fifo-triage")
     try:
         await finish(pipeline, audit)
         with pytest.raises(WorkflowFailureError) as caught:
@@ -631,11 +638,7 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
 
     monkeypatch.setattr(file_io, "FILE_IO_TIMEOUT_SECONDS", 1.0)
     monkeypatch.setattr(build_pipeline_activities, "read_triage", read_triage_waiting_on_fifos)
-    stuck = await start(pipeline, "stuck-read")
-    audit = await to_audit(pipeline, stuck)
-    fifo = pipeline.triage_path("stuck-read")
-    fifo.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(fifo)
+    stuck, audit, fifo = await at_audit_with_fifo_triage(pipeline, "stuck-read")
     try:
         await finish(pipeline, audit)
 
