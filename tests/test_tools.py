@@ -449,6 +449,15 @@ async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -
     assert started.returncode == 0, started.stderr
     workflow_id = started.stdout.strip()
     task_id = (await started_input(pipeline.client, workflow_id))["task_id"]
+    again = await atool("start-build", "--build-name", "created-tool", "--plan-path",
+                        "/plans/tool.md", "--create-task", "--target-agent", "builder",
+                        "--workflow-id", workflow_id, env=env)
+    assert again.returncode == 3, again.stderr
+    assert f"{workflow_id!r} is already running" in again.stderr
+    assert not again.stdout
+    # The second start's originating task went again with its failed start.
+    assert [load_yaml(path)["id"] for path in pipeline.queue_dir.glob("*.yml")
+            if load_yaml(path)["source_agent"] == "start-build"] == [task_id]
     origin = find_task(pipeline.queue_dir, task_id)
     assert origin.name.endswith(f"-{task_id[:8]}.yml")  # found by name, not by a scan
     assert f"originating task {task_id} written to {origin}" in started.stderr
@@ -514,7 +523,8 @@ def test_tools_see_a_worker_they_did_not_start(tmp_path: Path,
         health = tool("monitor-worker-health", env=env)
         assert health.returncode == 0, health.stdout
         assert health.stdout.rstrip().endswith("HEALTHY"), health.stdout
-        assert f"state ready, pid {worker.pid} (running)" in health.stdout
+        assert any(row.startswith("status file") and f" {worker.pid} ready" in row
+                   for row in health.stdout.splitlines()), health.stdout
         assert poller in health.stdout
         assert "no worker started" not in health.stdout
         # Without a status file the pollers alone show it serving.

@@ -50,24 +50,6 @@ def worker_config(env: Mapping[str, str] | None = None) -> Any:
         raise ToolError(f"configuration error: {err}", EXIT_USAGE) from None
 
 
-async def connect_client(env: Mapping[str, str] | None = None) -> Any:
-    """An SDK client exactly as the worker connects (temporal_client.connect)."""
-    import asyncio
-
-    from exceptions import CredentialError
-    from temporal_client import connect
-
-    config = worker_config(env)
-    try:
-        return await asyncio.wait_for(connect(config), CONNECT_TIMEOUT_SECONDS)
-    except CredentialError as err:
-        raise ToolError(f"credentials: {err}", EXIT_CONNECT) from None
-    except (TimeoutError, RuntimeError) as err:
-        detail = str(err).splitlines()[0][:200] if str(err) else "timed out"
-        raise ToolError(f"cannot connect to Temporal at {config.temporal_address}: {detail}",
-                        EXIT_CONNECT) from None
-
-
 def cli_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment that makes `temporal` connect as the worker does (docs/operators.md):
     with Vault, its mTLS material inline (*_DATA variables: never on disk, never in argv)."""

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.common import OpsSettings, ToolError, connect_client
+from tools.common import OpsSettings, ToolError, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
@@ -51,6 +51,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
     from task_files import find_task, read_task
+    from temporal_client import connect
     from tests.standin import StandIn, is_parked, wait_for_status, write_origin_task
     from tools.ops import decide
     from tools.start_build import start
@@ -59,13 +60,13 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     origin_id = write_origin_task(queue_dir, BUILD)
     say(f"originating task {origin_id} written to {queue_dir}")
 
-    client = await connect_client(env)
+    client = await connect(worker_config(env))
     workflow_id = f"build-{BUILD}-{uuid.uuid4().hex[:8]}"
     inp = BuildPipelineInput(build_name=BUILD, plan_path=str(root / "plans" / f"{BUILD}.md"),
                              task_id=origin_id, target_agent=AGENT)
     print("[demo] started workflow ", end="", flush=True)
-    await start(client, BUILD_PIPELINE_WORKFLOW, inp,
-                {"workflow_id": workflow_id, "task_queue": env["TASK_QUEUE"]})
+    await asyncio.to_thread(start, BUILD_PIPELINE_WORKFLOW, inp, {"workflow_id": workflow_id},
+                            env)
     handle = client.get_workflow_handle(workflow_id, result_type=BuildPipelineResult)
 
     agent = StandIn(workflow_id=workflow_id, queue_dir=queue_dir,

@@ -5,7 +5,6 @@ the worker's connection (common.cli_env); the Python here is what this project a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import getpass
 import json
@@ -13,7 +12,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -163,65 +162,70 @@ def rss(pid: int) -> str:
     return "unknown"
 
 
-def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
-    config = worker_config()
-    queue = args.task_queue or config.task_queue
-    rows, serving = [], False
+Row = tuple[str, object, str, str, str]
+SERVING = ("running", "ready", "polling")
+
+
+def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Row], list[str]]:
+    """Every worker in sight, whoever started it: the PID files of these tools,
+    WORKER_STATUS_FILE, the queue's pollers; and the problems a health check counts."""
+    rows: list[Row] = []
+    problems: list[str] = []
     for _, record in records(settings, "worker"):
         alive = record.alive()
-        serving |= alive
         rows.append(("pid file", record.pid, "running" if alive else "stale",
                      uptime(record.started_at) if alive else "-",
-                     f"project {record.project}, log {record.log}"))
+                     f"project {record.project}, log {record.log}"
+                     + (f", RSS {rss(record.pid)}" if alive else "")))
+        if not alive and record.project == settings.project_name:
+            problems.append("the worker these tools started is not running")
     status = worker_status(config.status_file)
     if status is not None:
-        state = str(status.get("state"))
-        serving |= status["alive"] and state == "ready"
-        rows.append(("status file", status.get("pid"), state if status["alive"] else
-                     f"{state}, gone", uptime(status.get("since")) if status["alive"] else "-",
+        state, pid, alive = str(status.get("state")), status.get("pid"), status["alive"]
+        rows.append(("status file", pid, state if alive else f"{state}, gone",
+                     uptime(status.get("since")) if alive else "-",
                      f"queue {status.get('task_queue')}, {config.status_file}"))
+        if state != "ready" or not alive:
+            problems.append(f"WORKER_STATUS_FILE says {state!r}" +
+                            ("" if alive else f" and pid {pid} is not running"))
     try:
         polling = pollers(queue)
     except ToolError as err:
         polling = {}
-        print(f"(pollers unknown: {err})")
-    serving |= bool(polling)
+        rows.append(("poller", "-", "unknown", "-", str(err)))
     for identity, kinds in polling.items():
-        rows.append(("poller", local_pid(identity) or "-", "polling", "-",
-                     f"{identity} on {queue!r} ({', '.join(kinds)})"))
+        pid = local_pid(identity)
+        rows.append(("poller", pid or "-", "polling", "-", f"{identity} on {queue!r} "
+                     f"({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else "")))
+    if not polling:
+        problems.append(f"no worker polls task queue {queue!r}")
+    return rows, problems
+
+
+def print_rows(rows: list[Row], queue: str) -> None:
     print(f"{'SOURCE':<12} {'PID':>8} {'STATE':<14} {'UPTIME':>10}  DETAIL")
     for row in rows:
         print("{:<12} {:>8} {:<14} {:>10}  {}".format(*row))
     if not rows:
         print(f"(no worker: no PID file, no WORKER_STATUS_FILE, no poller on {queue!r})")
-    return EXIT_OK if serving else EXIT_ATTENTION
 
 
-def local_worker_report(settings: OpsSettings, config: Any
-                        ) -> tuple[ProcessRecord | None, list[str]]:
-    """Print what this host knows of the worker (PID file, status file, log); return the
-    PID file's record and the problems found."""
-    problems: list[str] = []
-    path = settings.pid_file("worker")
-    record = ProcessRecord.read(path)
-    if record is not None and record.alive():
-        print(f"process: pid {record.pid} (started by these tools) running for "
-              f"{uptime(record.started_at)}, RSS {rss(record.pid)}")
-    elif record is not None:
-        print(f"process: pid {record.pid} is NOT running (stale PID file {path})")
-        problems.append("the worker these tools started is not running")
-    status = worker_status(config.status_file)
-    if status is not None:
-        state, pid = status.get("state"), status.get("pid")
-        print(f"status file {config.status_file}: state {state}, pid {pid} "
-              f"({'running' if status['alive'] else 'not running'}), queue "
-              f"{status.get('task_queue')}, since {status.get('since')}")
-        if state != "ready" or not status["alive"]:
-            problems.append(f"WORKER_STATUS_FILE says {state!r}" +
-                            ("" if status["alive"] else f" and pid {pid} is not running"))
-    if record is None and status is None:
-        print("process: no PID file of these tools and no WORKER_STATUS_FILE; judged by "
-              "the pollers")
+def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
+    rows, _ = worker_rows(settings, config, queue)
+    print_rows(rows, queue)
+    return EXIT_OK if any(row[2] in SERVING for row in rows) else EXIT_ATTENTION
+
+
+def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
+    """list-workers' table, the errors in the log of the worker these tools started, and
+    the verdict."""
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
+    rows, problems = worker_rows(settings, config, queue)
+    print_rows(rows, queue)
+    record = ProcessRecord.read(settings.pid_file("worker"))
     if record is not None:
         log = Path(record.log)
         tail = log.read_text(errors="replace").splitlines()[-500:] if log.exists() else []
@@ -229,22 +233,8 @@ def local_worker_report(settings: OpsSettings, config: Any
         print(f"log: {log} ({len(errors)} error line(s) in the last {len(tail)} lines)")
         if errors:
             print(f"  last error: {errors[-1][:300]}")
-    return record, problems
-
-
-def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
-    config = worker_config()
-    queue = args.task_queue or config.task_queue
-    record, problems = local_worker_report(settings, config)
-    polling = pollers(queue)
-    print(f"task queue {queue!r}: {len(polling)} poller(s)")
-    for identity, kinds in polling.items():
-        pid = local_pid(identity)
-        print(f"  {identity} ({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else ""))
-    if not polling:
-        problems.append(f"no worker polls task queue {queue!r}")
-    elif record is not None and record.alive() and record.pid not in map(local_pid, polling):
-        problems.append(f"worker pid {record.pid} is running but not polling {queue!r}")
+        if record.alive() and record.pid not in [row[1] for row in rows if row[0] == "poller"]:
+            problems.append(f"worker pid {record.pid} is running but not polling {queue!r}")
     for problem in problems:
         print(f"UNHEALTHY: {problem}")
     if not problems:
@@ -329,8 +319,12 @@ def status_of(described: dict[str, Any]) -> str:
 
 
 def get_workflow_result(_settings: OpsSettings, args: argparse.Namespace) -> int:
-    wid = args.workflow_id
-    described = workflow_json("describe", wid, args.run_id)
+    return show_result(args.workflow_id, args.run_id, raw=args.raw)
+
+
+def show_result(wid: str, run_id: str | None, *, raw: bool) -> int:
+    """Print a closed workflow's result; ToolError if it has none or it reports a problem."""
+    described = workflow_json("describe", wid, run_id)
     info, status = described["workflowExecutionInfo"], status_of(described)
     if status == "RUNNING":
         raise ToolError(f"{wid} is still RUNNING; no result yet (tools/wait-for-workflow-status"
@@ -341,9 +335,9 @@ def get_workflow_result(_settings: OpsSettings, args: argparse.Namespace) -> int
         raise ToolError(f"{wid} is {status}, no result" + (f": {reason}" if reason else "") +
                         f" (tools/analyze-workflow-error --workflow-id {wid})")
     result = described.get("result")
-    if not args.raw:
+    if not raw:
         print(f"{wid} ({info['type']['name']}) COMPLETED at {info.get('closeTime')}")
-    print(json.dumps(result, indent=None if args.raw else 2))
+    print(json.dumps(result, indent=None if raw else 2), flush=True)
     problem = result_problem(result)
     if problem:
         raise ToolError(f"workflow COMPLETED but its result reports a problem: {problem}")
@@ -516,17 +510,27 @@ def wait_for_workflow_status(_settings: OpsSettings, args: argparse.Namespace) -
     if wanted not in statuses:
         raise ToolError(f"unknown status {args.status!r}; one of {', '.join(statuses)}",
                         EXIT_USAGE)
-    deadline = time.monotonic() + args.timeout
-    while (current := status_of(workflow_json("describe", args.workflow_id,
-                                              args.run_id))) != wanted:
-        if current != "RUNNING":
-            raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
-        if time.monotonic() > deadline:
-            raise ToolError(f"{args.workflow_id} still {current} after {args.timeout:g}s "
-                            f"(wanted {wanted})", EXIT_TIMEOUT)
-        time.sleep(args.interval)
+    current = wait_while_running(args.workflow_id, args.run_id, args.timeout, args.interval,
+                                 wanted)
+    if current != wanted:
+        raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
     print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
     return EXIT_OK
+
+
+def wait_while_running(wid: str, run_id: str | None, timeout: float | None,
+                       interval: float = 0.5, wanted: str = "") -> str:
+    """Poll until the workflow is `wanted` or closed; its status (EXIT_TIMEOUT past
+    `timeout` seconds; None: no limit)."""
+    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+    while True:
+        current = status_of(workflow_json("describe", wid, run_id))
+        if current != "RUNNING" or current == wanted:
+            return current
+        if time.monotonic() > deadline:
+            raise ToolError(f"{wid} still {current} after {timeout:g}s"
+                            + (f" (wanted {wanted})" if wanted else ""), EXIT_TIMEOUT)
+        time.sleep(interval)
 
 
 def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: str,
@@ -560,7 +564,15 @@ def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
     print(f"{args.command}: {args.workflow_id} {answer} by {by}")
     return EXIT_OK
 
-Handler = Callable[[OpsSettings, argparse.Namespace], int | Awaitable[int]]
+def start_build_command(_settings: OpsSettings, args: argparse.Namespace) -> int:
+    kind, inp, options = start_build.build_request(args)
+    workflow_id = start_build.start(kind, inp, {"check_task": True, **options})
+    if args.wait:
+        wait_while_running(workflow_id, None, args.timeout)
+        return show_result(workflow_id, None, raw=True)
+    return EXIT_OK
+
+Handler = Callable[[OpsSettings, argparse.Namespace], int]
 WORKFLOW_ID = (("--workflow-id",), {"required": True})
 RUN_ID = (("--run-id",), {"help": "a specific run (default: the latest)"})
 QUEUE = (("--task-queue",), {"help": "default: TASK_QUEUE or the worker's default"})
@@ -622,7 +634,7 @@ COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, An
          (("--dry-run",), {"action": "store_true"}),
          (("--limit",), {"type": int, "default": 1000, "help": "most listed"}),
          timeout(60.0, "seconds to wait for the batch")]),
-    ("start-build", start_build.command, "Start a BuildPipelineWorkflow or a "
+    ("start-build", start_build_command, "Start a BuildPipelineWorkflow or a "
      "BuildPlanWorkflow; prints its id first. 3: the id is already running.",
      start_build.OPTIONS),
     ("approve-build", decide_build, "Approve the security blocks of a pipeline parked at "
@@ -662,11 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:
         return EXIT_USAGE if exit_request.code not in (0, None) else EXIT_OK
 
-    def call() -> int:
-        outcome = args.handler(OpsSettings.from_env(), args)
-        return asyncio.run(outcome) if asyncio.iscoroutine(outcome) else outcome
-
-    return run_tool(args.command, call)
+    return run_tool(args.command, lambda: args.handler(OpsSettings.from_env(), args))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,7 @@ starts, the workflow id the first stdout line, a static summary and details for 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
-import json
 import os
 import socket
 import sys
@@ -21,18 +19,7 @@ from pydantic import BaseModel, ValidationError
 from exceptions import TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
 from task_files import SOURCE_AGENT, find_task, new_task, write_task
-from tools.common import (
-    EXIT_ATTENTION,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_TIMEOUT,
-    EXIT_USAGE,
-    OpsSettings,
-    ToolError,
-    connect_client,
-    result_problem,
-    worker_config,
-)
+from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, ToolError, cli_json, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW as PIPELINE
 from vocabulary import BUILD_PLAN_WORKFLOW as PLAN
 from vocabulary import DEFAULT_TASK_QUEUE, TASK_BUILD_REQUEST, TOTAL_STAGES
@@ -169,61 +156,38 @@ def warn_if_no_task_file(inp: BuildPipelineInput) -> None:
               file=sys.stderr, flush=True)
 
 
-async def start(client: Any, kind: str, inp: BaseModel, options: dict[str, Any], *,
-                wait: bool = False, timeout: float | None = None) -> int:
-    """Start the workflow and print its id; with `wait`, print and judge its result.
+def start(kind: str, inp: BaseModel, options: dict[str, Any],
+          env: dict[str, str] | None = None) -> str:
+    """Start the workflow (`temporal workflow start`), print its id and return it.
 
     A pipeline's originating task is written first with option `create_task`, else
     looked for (a warning when missing) with option `check_task`."""
-    from temporalio.client import WorkflowFailureError
-    from temporalio.exceptions import WorkflowAlreadyStartedError
-
     name = getattr(inp, "build_name", None) or getattr(inp, "plan_name", "build")
     prefix = "plan" if kind == PLAN else "build"
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
-    queue = options.get("task_queue") or os.environ.get("TASK_QUEUE") or DEFAULT_TASK_QUEUE
+    queue = options.get("task_queue") or (os.environ if env is None else env).get(
+        "TASK_QUEUE") or DEFAULT_TASK_QUEUE
     summary, details = web_ui_text(inp)
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
         # Before the start: the pipeline may look for it at once.
-        created = write_task(worker_config().task_queue_dir, originating_task(inp, workflow_id),
-                             may_exist=False)
+        created = write_task(worker_config(env).task_queue_dir,
+                             originating_task(inp, workflow_id), may_exist=False)
     elif isinstance(inp, BuildPipelineInput) and options.get("check_task"):
         warn_if_no_task_file(inp)
     try:
-        handle = await client.start_workflow(kind, inp, id=workflow_id, task_queue=queue,
-                                             static_summary=summary, static_details=details)
+        cli_json("workflow", "start", "--type", kind, "--workflow-id", workflow_id,
+                 "--fail-existing", "--task-queue", queue, "--input", inp.model_dump_json(),
+                 "--static-summary", summary, "--static-details", details, env=env)
     except BaseException as err:
         if created is not None:
             created.unlink(missing_ok=True)  # no pipeline will ever use it
-        if isinstance(err, WorkflowAlreadyStartedError):
+        if isinstance(err, ToolError) and "already" in str(err):
             raise ToolError(f"a workflow with id {workflow_id!r} is already running",
                             EXIT_NOT_FOUND) from None
         raise
     if created is not None:
         print(f"start-build: originating task {inp.task_id} written to {created}",
               file=sys.stderr, flush=True)
-    print(handle.id, flush=True)
-    if not wait:
-        return EXIT_OK
-    try:
-        result = await asyncio.wait_for(handle.result(), timeout)
-    except TimeoutError:
-        raise ToolError(f"{handle.id} still running after {timeout:g}s", EXIT_TIMEOUT) from None
-    except WorkflowFailureError as err:
-        cause = err.cause
-        raise ToolError(f"{handle.id} failed: {getattr(cause, 'message', None) or cause}",
-                        EXIT_ATTENTION) from None
-    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-    print(json.dumps(data, indent=2))
-    problem = result_problem(data)
-    if problem:
-        raise ToolError(f"{handle.id} completed but {problem}", EXIT_ATTENTION)
-    return EXIT_OK
-
-
-async def command(_settings: OpsSettings, args: argparse.Namespace) -> int:
-    """`tools/start-build`: start from the file or the flags."""
-    kind, inp, options = build_request(args)
-    return await start(await connect_client(), kind, inp, {"check_task": True, **options},
-                       wait=args.wait, timeout=args.timeout)
+    print(workflow_id, flush=True)
+    return workflow_id
