@@ -17,18 +17,12 @@ import yaml
 
 from exceptions import TaskFileError, TriageInvalidError, TriageMissingError
 from models import Finding, TriageResult
-from task_files import DepthLimitedLoader, read_agent_file
+from task_files import load_agent_yaml, read_agent_file
 
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16
 MAX_DESCRIPTION_CHARS = 20_000
 SECTIONS = ("blocks", "flags", "info")
-
-
-class _StrictLoader(DepthLimitedLoader):
-    """Triage needs less nesting than a task file."""
-
-    max_depth = MAX_DEPTH
 
 
 def _item(path: Path, section: str, index: int, raw: Any) -> Finding:
@@ -56,7 +50,7 @@ def _item(path: Path, section: str, index: int, raw: Any) -> Finding:
 
 def parse_triage_text(path: Path, text: str) -> TriageResult:
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - strict SafeLoader
+        document = load_agent_yaml(text, MAX_DEPTH)  # triage needs less than a task file
     except yaml.YAMLError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TriageInvalidError(f"{path}: unsafe or invalid YAML: {first}") from None
