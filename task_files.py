@@ -37,6 +37,7 @@ from yaml.events import (
     AliasEvent,
     CollectionEndEvent,
     CollectionStartEvent,
+    DocumentStartEvent,
     NodeEvent,
     ScalarEvent,
 )
@@ -272,11 +273,24 @@ def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH) -> Any:
     quadratically with nesting depth and recurses once per level, so one "[[[[…" file
     would otherwise cost seconds on every read (or end it with a RecursionError); a 1 KB
     alias bomb expands to gigabytes."""
-    depth = 0
+    try:
+        _check_events(text, max_depth)
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader, checked above
+    except ValueError as err:  # an integer of more than 4300 digits, a lone surrogate
+        raise yaml.YAMLError(str(err).splitlines()[0] if str(err) else "invalid") from None
+
+
+def _check_events(text: str, max_depth: int) -> None:
+    depth = documents = 0
     for event in yaml.parse(text, Loader=_SafeLoader):
         if isinstance(event, CollectionEndEvent):
             depth -= 1
             continue
+        if isinstance(event, DocumentStartEvent):
+            documents += 1
+            if documents > 1:  # refused now, not after walking a megabyte of documents
+                raise yaml.YAMLError(f"expected a single document in the stream (line "
+                                     f"{event.start_mark.line + 1})")
         if not isinstance(event, NodeEvent):
             continue
         line = event.start_mark.line + 1
@@ -289,7 +303,6 @@ def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH) -> Any:
             raise yaml.YAMLError(f"nesting deeper than {max_depth} levels")
         if isinstance(event, CollectionStartEvent):
             depth += 1
-    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader, checked above
 
 
 def _short_string(value: Any, limit: int) -> bool:

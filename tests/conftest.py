@@ -21,8 +21,8 @@ from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
 from task_files import ensure_private_dir
 from temporal_client import connect
+from tests import temporal_server
 from tests.standin import write_triage
-from tools import devserver
 from vocabulary import AUDIT_REQUESTS_DIR
 from worker import build_worker
 
@@ -41,7 +41,7 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
 @pytest.fixture(scope="session")
 def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("devserver") / "server.log"
-    with devserver.running(log_path=log) as address:
+    with temporal_server.running(log_path=log) as address:
         yield address
 
 

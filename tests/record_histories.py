@@ -204,12 +204,12 @@ async def record(out: Path) -> None:
     from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
-    from tools import devserver
+    from tests import temporal_server
     from worker import build_worker
 
     with tempfile.TemporaryDirectory(prefix="record-histories-") as tmp:
         root = Path(tmp)
-        with devserver.running(log_path=root / "server.log") as address:
+        with temporal_server.running(log_path=root / "server.log") as address:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
             env.update({"TEMPORAL_ADDRESS": address, "TASK_QUEUE": "record-histories",

@@ -27,11 +27,11 @@ from config import load_config
 from exceptions import ConfigError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
 from temporal_client import connect
+from tests import temporal_server
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
 from tests.standin import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
 from tests.worker_process import WorkerProcess
-from tools import devserver
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
@@ -101,7 +101,7 @@ def finish(path: Path, how: str, message: str, home: Path) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def ns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("ns-devserver") / "server.log"
-    with devserver.running(log_path=log, namespaces=(NAMESPACE,)) as address:
+    with temporal_server.running(log_path=log, namespaces=(NAMESPACE,)) as address:
         assert not address.endswith(":7233")
         yield address
 

@@ -189,6 +189,7 @@ TRIAGE_ROWS: list[tuple[str, str | bytes, str]] = [
     ("description not text", "blocks:\n- description: {nested: true}\n",
      "description must be a string"),
     ("empty description", "flags:\n- description: '   '\n", "description is empty"),
+    ("integer of 5000 digits", "info:\n- " + "9" * 5000 + "\n", "integer string conversion"),
 ]
 
 
@@ -389,6 +390,8 @@ TASK_FILE_ROWS: list[tuple[str, str | bytes, str]] = [
      "not valid YAML"),
     ("non-UTF-8", b"id: caf\xe9\n", "not valid YAML"),
     ("not a mapping", "- a\n- b\n", "top level must be a mapping"),
+    ("integer of 5000 digits", "id: x\nn: " + "1" * 5000 + "\n", "integer string conversion"),
+    ("a megabyte of documents", "---\nid: x\n" * 50_000, "expected a single document"),
 ]
 
 

@@ -196,6 +196,22 @@ def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str
     assert "UNHEALTHY" in unhealthy.stdout
 
 
+def test_worker_tools_when_temporal_cannot_be_reached(tmp_path: Path,
+                                                     pipeline_env_vars: dict[str, str]) -> None:
+    """The pollers are then unknown: said once, not taken for "no worker polls"."""
+    env = ops_env({**pipeline_env_vars,
+                   "TEMPORAL_ADDRESS": f"127.0.0.1:{devserver.free_port()}"}, tmp_path)
+    health = tool("monitor-worker-health", env=env)
+    assert health.returncode == 1, health.stderr
+    verdicts = [line for line in health.stdout.splitlines() if line.startswith("UNHEALTHY")]
+    assert len(verdicts) == 1, health.stdout
+    assert verdicts[0].startswith("UNHEALTHY: pollers unknown: cannot connect to Temporal")
+    listing = tool("list-workers", env=env)
+    assert listing.returncode == 1
+    assert any(row.startswith("poller") and " unknown " in row
+               for row in listing.stdout.splitlines()), listing.stdout
+
+
 @pytest.mark.slow
 async def test_monitoring_tools_on_completed_and_failed_workflows(
         pipeline: PipelineEnv) -> None:
@@ -477,6 +493,21 @@ async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -
     result = await asyncio.wait_for(
         pipeline.client.get_workflow_handle(workflow_id).result(), 60)
     assert (result["decision"], result["closeout_path"]) == ("approved", "done")
+
+
+async def test_start_build_input_larger_than_one_argument(pipeline: PipelineEnv) -> None:
+    """An argument may hold 128 KiB; this plan's input is larger (the CLI gets a file)."""
+    env = ops_env(pipeline.env, pipeline.root)
+    phases = [f"{number}:builder:" + "x" * 19_000 for number in range(1, 8)]
+    started = await atool("start-build", "--plan-name", "big-plan",
+                          *[arg for phase in phases for arg in ("--phase", phase)], env=env)
+    assert started.returncode == 0, started.stderr
+    workflow_id = started.stdout.strip()
+    try:
+        recorded = (await started_input(pipeline.client, workflow_id))["phases"]
+        assert [len(phase["description"]) for phase in recorded] == [19_000] * 7
+    finally:
+        await pipeline.client.get_workflow_handle(workflow_id).terminate()
 
 
 async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: PipelineEnv) -> None:

@@ -1,5 +1,6 @@
-"""What the operator commands and the demo share: exit codes, the worker's connection (for
-the SDK and the `temporal` CLI), the processes they start (PID files): docs/operators.md."""
+"""What the operator commands and the demo share: exit codes, the worker's settings and
+connection for the `temporal` CLI, the processes they start (PID files):
+docs/operators.md."""
 
 from __future__ import annotations
 
@@ -91,17 +92,21 @@ def own_cli_env() -> dict[str, str]:
     return cli_env()
 
 
-def cli_json(*args: str, env: Mapping[str, str] | None = None) -> Any:
+def cli_json(*args: str, env: Mapping[str, str] | None = None,
+             timeout: float | None = None) -> Any:
     """`temporal ARGS -o json` connected as the worker (cli_env of `env`, else of this
-    process); its error mapped to our exit codes."""
+    process); its error mapped to our exit codes, EXIT_TIMEOUT after `timeout` seconds."""
     binary = temporal_binary()
     try:
         done = subprocess.run([binary, *args, "-o", "json", "--client-connect-timeout",
                                f"{CONNECT_TIMEOUT_SECONDS:g}s"], text=True,
                               env=own_cli_env() if env is None else cli_env(env),
-                              capture_output=True, stdin=subprocess.DEVNULL)
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
     except OSError as err:
         raise ToolError(f"cannot run {binary}: {err.strerror}", EXIT_USAGE) from None
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"temporal {' '.join(args[:2])}: no answer after {timeout:g}s",
+                        EXIT_TIMEOUT) from None
     if done.returncode:
         line = (done.stderr.strip().splitlines() or ["failed"])[0].removeprefix("Error: ")
         if "connecting to Temporal" in line:

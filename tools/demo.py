@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.common import OpsSettings, ToolError, worker_config
+from tools.common import CONNECT_TIMEOUT_SECONDS, OpsSettings, ToolError, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
@@ -60,7 +60,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     origin_id = write_origin_task(queue_dir, BUILD)
     say(f"originating task {origin_id} written to {queue_dir}")
 
-    client = await connect(worker_config(env))
+    client = await asyncio.wait_for(connect(worker_config(env)), CONNECT_TIMEOUT_SECONDS)
     workflow_id = f"build-{BUILD}-{uuid.uuid4().hex[:8]}"
     inp = BuildPipelineInput(build_name=BUILD, plan_path=str(root / "plans" / f"{BUILD}.md"),
                              task_id=origin_id, target_agent=AGENT)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +127,3 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10.0, *,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-@contextlib.contextmanager
-def running(port: int | None = None, **kwargs: object) -> Iterator[str]:
-    """A dev server for the duration of the block; yields its address."""
-    chosen = port or free_port()
-    process = start(chosen, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield f"127.0.0.1:{chosen}"
-    finally:
-        stop(process)

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from tools import start_build
 from tools.common import (
     EXIT_ATTENTION,
     EXIT_CODES_HELP,
+    EXIT_CONNECT,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TIMEOUT,
@@ -44,8 +45,6 @@ from tools.common import (
 )
 from vocabulary import BLOCKS_PENDING, INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
 
-# Activity failures that are the stage-7 poll loop working as designed, not a problem.
-BENIGN_FAILURE_TYPES = frozenset({BLOCKS_PENDING})
 MAX_STATUS_FILE_BYTES = 4096
 UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
 
@@ -162,7 +161,14 @@ def rss(pid: int) -> str:
     return "unknown"
 
 
-Row = tuple[str, object, str, str, str]
+class Row(NamedTuple):
+    source: str
+    pid: object
+    state: str
+    uptime: str
+    detail: str
+
+
 SERVING = ("running", "ready", "polling")
 
 
@@ -173,7 +179,7 @@ def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Ro
     problems: list[str] = []
     for _, record in records(settings, "worker"):
         alive = record.alive()
-        rows.append(("pid file", record.pid, "running" if alive else "stale",
+        rows.append(Row("pid file", record.pid, "running" if alive else "stale",
                      uptime(record.started_at) if alive else "-",
                      f"project {record.project}, log {record.log}"
                      + (f", RSS {rss(record.pid)}" if alive else "")))
@@ -182,7 +188,7 @@ def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Ro
     status = worker_status(config.status_file)
     if status is not None:
         state, pid, alive = str(status.get("state")), status.get("pid"), status["alive"]
-        rows.append(("status file", pid, state if alive else f"{state}, gone",
+        rows.append(Row("status file", pid, state if alive else f"{state}, gone",
                      uptime(status.get("since")) if alive else "-",
                      f"queue {status.get('task_queue')}, {config.status_file}"))
         if state != "ready" or not alive:
@@ -191,12 +197,15 @@ def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Ro
     try:
         polling = pollers(queue)
     except ToolError as err:
-        polling = {}
-        rows.append(("poller", "-", "unknown", "-", str(err)))
+        if err.exit_code != EXIT_CONNECT:
+            raise
+        rows.append(Row("poller", "-", "unknown", "-", str(err)))
+        problems.append(f"pollers unknown: {err}")
+        return rows, problems
     for identity, kinds in polling.items():
         pid = local_pid(identity)
-        rows.append(("poller", pid or "-", "polling", "-", f"{identity} on {queue!r} "
-                     f"({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else "")))
+        rows.append(Row("poller", pid or "-", "polling", "-", f"{identity} on {queue!r} "
+                        f"({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else "")))
     if not polling:
         problems.append(f"no worker polls task queue {queue!r}")
     return rows, problems
@@ -215,7 +224,7 @@ def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
     queue = args.task_queue or config.task_queue
     rows, _ = worker_rows(settings, config, queue)
     print_rows(rows, queue)
-    return EXIT_OK if any(row[2] in SERVING for row in rows) else EXIT_ATTENTION
+    return EXIT_OK if any(row.state in SERVING for row in rows) else EXIT_ATTENTION
 
 
 def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
@@ -233,7 +242,8 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"log: {log} ({len(errors)} error line(s) in the last {len(tail)} lines)")
         if errors:
             print(f"  last error: {errors[-1][:300]}")
-        if record.alive() and record.pid not in [row[1] for row in rows if row[0] == "poller"]:
+        polling = [row.pid for row in rows if row.state == "polling"]
+        if record.alive() and polling and record.pid not in polling:
             problems.append(f"worker pid {record.pid} is running but not polling {queue!r}")
     for problem in problems:
         print(f"UNHEALTHY: {problem}")
@@ -319,11 +329,13 @@ def status_of(described: dict[str, Any]) -> str:
 
 
 def get_workflow_result(_settings: OpsSettings, args: argparse.Namespace) -> int:
-    return show_result(args.workflow_id, args.run_id, raw=args.raw)
+    return show_result(args.workflow_id, args.run_id, header=not args.raw,
+                       indent=None if args.raw else 2)
 
 
-def show_result(wid: str, run_id: str | None, *, raw: bool) -> int:
-    """Print a closed workflow's result; ToolError if it has none or it reports a problem."""
+def show_result(wid: str, run_id: str | None, *, header: bool, indent: int | None) -> int:
+    """Print a closed workflow's result (after a `header` line); ToolError if it has none
+    or the result reports a problem."""
     described = workflow_json("describe", wid, run_id)
     info, status = described["workflowExecutionInfo"], status_of(described)
     if status == "RUNNING":
@@ -335,9 +347,9 @@ def show_result(wid: str, run_id: str | None, *, raw: bool) -> int:
         raise ToolError(f"{wid} is {status}, no result" + (f": {reason}" if reason else "") +
                         f" (tools/analyze-workflow-error --workflow-id {wid})")
     result = described.get("result")
-    if not raw:
+    if header:
         print(f"{wid} ({info['type']['name']}) COMPLETED at {info.get('closeTime')}")
-    print(json.dumps(result, indent=None if raw else 2), flush=True)
+    print(json.dumps(result, indent=indent), flush=True)
     problem = result_problem(result)
     if problem:
         raise ToolError(f"workflow COMPLETED but its result reports a problem: {problem}")
@@ -376,7 +388,7 @@ def pending_failures(described: dict[str, Any]) -> list[dict[str, Any]]:
     """Pending activities that have failed before, but not the benign stage-7 poll."""
     return [pending for pending in described.get("pendingActivities") or []
             if pending.get("lastFailure") and pending.get("attempt", 1) > 1
-            and failure_type(pending["lastFailure"]) not in BENIGN_FAILURE_TYPES]
+            and failure_type(pending["lastFailure"]) != BLOCKS_PENDING]
 
 
 def stall_of(workflow_id: str, run_id: str) -> str | None:
@@ -485,7 +497,7 @@ def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> i
     print(f"{args.workflow_id} ({info['type']['name']}) status {status_of(described)}, "
           f"{len(events)} history events")
     for pending in described.get("pendingActivities") or []:
-        if failure_type(pending.get("lastFailure")) in BENIGN_FAILURE_TYPES:
+        if failure_type(pending.get("lastFailure")) == BLOCKS_PENDING:
             print(f"note: {pending['activityType']['name']} is polling (attempt "
                   f"{pending['attempt']}): {failure_text(pending['lastFailure'])} — normal "
                   f"while blocks await a decision; tools/approve-build or tools/reject-build "
@@ -510,27 +522,17 @@ def wait_for_workflow_status(_settings: OpsSettings, args: argparse.Namespace) -
     if wanted not in statuses:
         raise ToolError(f"unknown status {args.status!r}; one of {', '.join(statuses)}",
                         EXIT_USAGE)
-    current = wait_while_running(args.workflow_id, args.run_id, args.timeout, args.interval,
-                                 wanted)
-    if current != wanted:
-        raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
+    deadline = time.monotonic() + args.timeout
+    while (current := status_of(workflow_json("describe", args.workflow_id,
+                                              args.run_id))) != wanted:
+        if current != "RUNNING":
+            raise ToolError(f"{args.workflow_id} closed as {current}; it will never be {wanted}")
+        if time.monotonic() > deadline:
+            raise ToolError(f"{args.workflow_id} still {current} after {args.timeout:g}s "
+                            f"(wanted {wanted})", EXIT_TIMEOUT)
+        time.sleep(args.interval)
     print(f"wait-for-workflow-status: {args.workflow_id} is {current}")
     return EXIT_OK
-
-
-def wait_while_running(wid: str, run_id: str | None, timeout: float | None,
-                       interval: float = 0.5, wanted: str = "") -> str:
-    """Poll until the workflow is `wanted` or closed; its status (EXIT_TIMEOUT past
-    `timeout` seconds; None: no limit)."""
-    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-    while True:
-        current = status_of(workflow_json("describe", wid, run_id))
-        if current != "RUNNING" or current == wanted:
-            return current
-        if time.monotonic() > deadline:
-            raise ToolError(f"{wid} still {current} after {timeout:g}s"
-                            + (f" (wanted {wanted})" if wanted else ""), EXIT_TIMEOUT)
-        time.sleep(interval)
 
 
 def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: str,
@@ -567,10 +569,18 @@ def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
 def start_build_command(_settings: OpsSettings, args: argparse.Namespace) -> int:
     kind, inp, options = start_build.build_request(args)
     workflow_id = start_build.start(kind, inp, {"check_task": True, **options})
-    if args.wait:
-        wait_while_running(workflow_id, None, args.timeout)
-        return show_result(workflow_id, None, raw=True)
-    return EXIT_OK
+    if not args.wait:
+        return EXIT_OK
+    try:  # one long poll of the server until the workflow closes, however it ends
+        cli_json("workflow", "result", "--workflow-id", workflow_id, timeout=args.timeout)
+    except ToolError as err:
+        if err.exit_code == EXIT_TIMEOUT:
+            raise ToolError(f"{workflow_id} still running after {args.timeout:g}s",
+                            EXIT_TIMEOUT) from None
+        if err.exit_code != EXIT_ATTENTION:
+            raise  # a closed workflow that failed is explained by show_result
+    return show_result(workflow_id, None, header=False, indent=2)
+
 
 Handler = Callable[[OpsSettings, argparse.Namespace], int]
 WORKFLOW_ID = (("--workflow-id",), {"required": True})

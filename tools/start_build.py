@@ -8,6 +8,7 @@ import getpass
 import os
 import socket
 import sys
+import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,8 +166,7 @@ def start(kind: str, inp: BaseModel, options: dict[str, Any],
     name = getattr(inp, "build_name", None) or getattr(inp, "plan_name", "build")
     prefix = "plan" if kind == PLAN else "build"
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
-    queue = options.get("task_queue") or (os.environ if env is None else env).get(
-        "TASK_QUEUE") or DEFAULT_TASK_QUEUE
+    queue = options.get("task_queue") or (env or os.environ).get("TASK_QUEUE") or DEFAULT_TASK_QUEUE
     summary, details = web_ui_text(inp)
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
@@ -176,13 +176,18 @@ def start(kind: str, inp: BaseModel, options: dict[str, Any],
     elif isinstance(inp, BuildPipelineInput) and options.get("check_task"):
         warn_if_no_task_file(inp)
     try:
-        cli_json("workflow", "start", "--type", kind, "--workflow-id", workflow_id,
-                 "--fail-existing", "--task-queue", queue, "--input", inp.model_dump_json(),
-                 "--static-summary", summary, "--static-details", details, env=env)
+        # The input goes in a private file: an argument is capped at 128 KiB (a plan may
+        # be larger) and any local user can read another's argv.
+        with tempfile.NamedTemporaryFile("w", prefix="start-build-", suffix=".json") as file:
+            file.write(inp.model_dump_json())
+            file.flush()
+            cli_json("workflow", "start", "--type", kind, "--workflow-id", workflow_id,
+                     "--fail-existing", "--task-queue", queue, "--input-file", file.name,
+                     "--static-summary", summary, "--static-details", details, env=env)
     except BaseException as err:
         if created is not None:
             created.unlink(missing_ok=True)  # no pipeline will ever use it
-        if isinstance(err, ToolError) and "already" in str(err):
+        if isinstance(err, ToolError) and "already running" in str(err):
             raise ToolError(f"a workflow with id {workflow_id!r} is already running",
                             EXIT_NOT_FOUND) from None
         raise
