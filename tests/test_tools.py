@@ -111,8 +111,20 @@ def test_every_tool_has_help_with_exit_codes() -> None:
         assert "exit codes" in result.stdout, name
         schemes.add(" ".join(result.stdout.partition("exit codes")[2].split()))
     assert len(schemes) == 1, schemes  # one exit-code scheme, the same text everywhere
-    assert tool("wait-for-workflow-status", env=env).returncode == 2  # missing options
     assert tool("ops", "no-such-command", env=env).returncode == 2
+    # A usage error is one line on stderr, named like the command that was run.
+    for args, line in [
+        (["wait-for-workflow-status"], "wait-for-workflow-status: the following arguments "
+                                       "are required: --workflow-id, --status"),
+        (["start-build", "--nope"], "start-build: unrecognized arguments: --nope"),
+        (["start-build", "--build-name", "b", "--plan-path", "/p.md", "--task-id", "T-1",
+          "--target-agent", "builder", "--wait", "--timeout", "-1"],
+         "start-build: --timeout -1: must be more than 0 seconds"),
+    ]:
+        refused = tool(*args, env={**env, "TEMPORAL_ADDRESS": "127.0.0.1:1"})
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.splitlines() == [line]
+        assert not refused.stdout  # nothing was started
     # Every name is a link to the one shim, which dispatches on the name it was run by.
     for name in ALIASES:
         assert os.readlink(REPO / "tools" / name) == "ops", name
@@ -506,6 +518,10 @@ async def test_start_build_input_larger_than_one_argument(pipeline: PipelineEnv)
     try:
         recorded = (await started_input(pipeline.client, workflow_id))["phases"]
         assert [len(phase["description"]) for phase in recorded] == [19_000] * 7
+        refused = await atool("reject-build", "--workflow-id", workflow_id, "--reason", "x",
+                              env=env)
+        assert refused.returncode == 1  # running, but a plan takes no block decisions
+        assert "it takes no block decisions" in refused.stderr
     finally:
         await pipeline.client.get_workflow_handle(workflow_id).terminate()
 

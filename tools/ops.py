@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 from tools import start_build
 from tools.common import (
@@ -161,25 +161,22 @@ def rss(pid: int) -> str:
     return "unknown"
 
 
-class Row(NamedTuple):
-    source: str
-    pid: object
-    state: str
-    uptime: str
-    detail: str
-
-
+Row = tuple[str, object, str, str, str]  # source, pid, state, uptime, detail
 SERVING = ("running", "ready", "polling")
 
 
-def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Row], list[str]]:
-    """Every worker in sight, whoever started it: the PID files of these tools,
-    WORKER_STATUS_FILE, the queue's pollers; and the problems a health check counts."""
+def show_workers(settings: OpsSettings, args: argparse.Namespace
+                 ) -> tuple[str, list[Row], list[str]]:
+    """Print every worker in sight, whoever started it: the PID files of these tools,
+    WORKER_STATUS_FILE, the queue's pollers. Returns the queue, the rows and the problems
+    a health check counts."""
+    config = worker_config()
+    queue = args.task_queue or config.task_queue
     rows: list[Row] = []
     problems: list[str] = []
     for _, record in records(settings, "worker"):
         alive = record.alive()
-        rows.append(Row("pid file", record.pid, "running" if alive else "stale",
+        rows.append(("pid file", record.pid, "running" if alive else "stale",
                      uptime(record.started_at) if alive else "-",
                      f"project {record.project}, log {record.log}"
                      + (f", RSS {rss(record.pid)}" if alive else "")))
@@ -188,52 +185,43 @@ def worker_rows(settings: OpsSettings, config: Any, queue: str) -> tuple[list[Ro
     status = worker_status(config.status_file)
     if status is not None:
         state, pid, alive = str(status.get("state")), status.get("pid"), status["alive"]
-        rows.append(Row("status file", pid, state if alive else f"{state}, gone",
+        rows.append(("status file", pid, state if alive else f"{state}, gone",
                      uptime(status.get("since")) if alive else "-",
                      f"queue {status.get('task_queue')}, {config.status_file}"))
         if state != "ready" or not alive:
             problems.append(f"WORKER_STATUS_FILE says {state!r}" +
                             ("" if alive else f" and pid {pid} is not running"))
     try:
-        polling = pollers(queue)
+        polling: dict[str, list[str]] | None = pollers(queue)
     except ToolError as err:
         if err.exit_code != EXIT_CONNECT:
             raise
-        rows.append(Row("poller", "-", "unknown", "-", str(err)))
+        polling = None
+        rows.append(("poller", "-", "unknown", "-", str(err)))
         problems.append(f"pollers unknown: {err}")
-        return rows, problems
-    for identity, kinds in polling.items():
+    for identity, kinds in (polling or {}).items():
         pid = local_pid(identity)
-        rows.append(Row("poller", pid or "-", "polling", "-", f"{identity} on {queue!r} "
-                        f"({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else "")))
-    if not polling:
+        rows.append(("poller", pid or "-", "polling", "-", f"{identity} on {queue!r} "
+                     f"({', '.join(kinds)})" + (f", RSS {rss(pid)}" if pid else "")))
+    if polling == {}:
         problems.append(f"no worker polls task queue {queue!r}")
-    return rows, problems
-
-
-def print_rows(rows: list[Row], queue: str) -> None:
     print(f"{'SOURCE':<12} {'PID':>8} {'STATE':<14} {'UPTIME':>10}  DETAIL")
     for row in rows:
         print("{:<12} {:>8} {:<14} {:>10}  {}".format(*row))
     if not rows:
         print(f"(no worker: no PID file, no WORKER_STATUS_FILE, no poller on {queue!r})")
+    return queue, rows, problems
 
 
 def list_workers(settings: OpsSettings, args: argparse.Namespace) -> int:
-    config = worker_config()
-    queue = args.task_queue or config.task_queue
-    rows, _ = worker_rows(settings, config, queue)
-    print_rows(rows, queue)
-    return EXIT_OK if any(row.state in SERVING for row in rows) else EXIT_ATTENTION
+    _, rows, _ = show_workers(settings, args)
+    return EXIT_OK if any(state in SERVING for _, _, state, _, _ in rows) else EXIT_ATTENTION
 
 
 def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> int:
     """list-workers' table, the errors in the log of the worker these tools started, and
     the verdict."""
-    config = worker_config()
-    queue = args.task_queue or config.task_queue
-    rows, problems = worker_rows(settings, config, queue)
-    print_rows(rows, queue)
+    queue, rows, problems = show_workers(settings, args)
     record = ProcessRecord.read(settings.pid_file("worker"))
     if record is not None:
         log = Path(record.log)
@@ -242,7 +230,7 @@ def monitor_worker_health(settings: OpsSettings, args: argparse.Namespace) -> in
         print(f"log: {log} ({len(errors)} error line(s) in the last {len(tail)} lines)")
         if errors:
             print(f"  last error: {errors[-1][:300]}")
-        polling = [row.pid for row in rows if row.state == "polling"]
+        polling = [pid for _, pid, state, _, _ in rows if state == "polling"]
         if record.alive() and polling and record.pid not in polling:
             problems.append(f"worker pid {record.pid} is running but not polling {queue!r}")
     for problem in problems:
@@ -549,6 +537,9 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
                         "--name", UPDATES[command], "--input", decision.model_dump_json(),
                         env=env)["result"]
     except ToolError as err:
+        if "handler for" in str(err):  # a workflow without the Update: not a pipeline
+            raise ToolError(f"refused by {workflow_id}: it takes no block decisions (no "
+                            f"{UPDATES[command]} update; not a BuildPipelineWorkflow)") from None
         if err.exit_code == EXIT_NOT_FOUND or "already completed" in str(err):
             raise ToolError(f"workflow {workflow_id!r} not found or already closed",
                             EXIT_NOT_FOUND) from None
@@ -568,6 +559,8 @@ def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
 
 def start_build_command(_settings: OpsSettings, args: argparse.Namespace) -> int:
     kind, inp, options = start_build.build_request(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise ToolError(f"--timeout {args.timeout:g}: must be more than 0 seconds", EXIT_USAGE)
     workflow_id = start_build.start(kind, inp, {"check_task": True, **options})
     if not args.wait:
         return EXIT_OK
@@ -658,9 +651,15 @@ COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, An
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tools/ops", epilog=EXIT_CODES_HELP,
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog.removeprefix('tools/')}: {message}\n")
+
+
+def build_parser(name: str = "ops") -> argparse.ArgumentParser:
+    # `name`: the command an unknown option is reported for (the top level finds it).
+    parser = _Parser(
+        prog=f"tools/{name}", epilog=EXIT_CODES_HELP,
         description="Operator commands (docs/operators.md). `tools/temporal ARGS` (or "
                     "`tools/ops temporal ARGS`) runs the temporal CLI with the worker's "
                     "address, namespace and credentials; it exits with temporal's code.")
@@ -680,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["temporal"]:
         return run_tool("temporal", lambda: temporal_passthrough(argv[1:]))
     try:
-        args = build_parser().parse_args(argv)
+        named = argv[0] if argv and argv[0] in {name for name, *_ in COMMANDS} else "ops"
+        args = build_parser(named).parse_args(argv)
     except SystemExit as exit_request:
         return EXIT_USAGE if exit_request.code not in (0, None) else EXIT_OK
 
