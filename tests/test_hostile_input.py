@@ -391,7 +391,9 @@ TASK_FILE_ROWS: list[tuple[str, str | bytes, str]] = [
     ("non-UTF-8", b"id: caf\xe9\n", "not valid YAML"),
     ("not a mapping", "- a\n- b\n", "top level must be a mapping"),
     ("integer of 5000 digits", "id: x\nn: " + "1" * 5000 + "\n", "integer string conversion"),
-    ("a megabyte of documents", "---\nid: x\n" * 50_000, "expected a single document"),
+    # Refused at the second document: the alias in it is never reached, nor the rest.
+    ("a megabyte of documents", "---\nid: x\n---\nref: *a\n" + "---\nid: y\n" * 50_000,
+     "expected a single document"),
 ]
 
 
