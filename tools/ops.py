@@ -538,8 +538,7 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
                         env=env)["result"]
     except ToolError as err:
         if "handler for" in str(err):  # a workflow without the Update: not a pipeline
-            raise ToolError(f"refused by {workflow_id}: it takes no block decisions (no "
-                            f"{UPDATES[command]} update; not a BuildPipelineWorkflow)") from None
+            raise ToolError(f"refused by {workflow_id}: it takes no block decisions") from None
         if err.exit_code == EXIT_NOT_FOUND or "already completed" in str(err):
             raise ToolError(f"workflow {workflow_id!r} not found or already closed",
                             EXIT_NOT_FOUND) from None
@@ -556,6 +555,7 @@ def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
                     args.note if args.command == "approve-build" else args.reason, by)
     print(f"{args.command}: {args.workflow_id} {answer} by {by}")
     return EXIT_OK
+
 
 def start_build_command(_settings: OpsSettings, args: argparse.Namespace) -> int:
     kind, inp, options = start_build.build_request(args)
