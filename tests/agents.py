@@ -1,15 +1,19 @@
-"""Test-only checks on what the worker writes. Playing the agents (finding task files,
-completing stages, the originating task, waiting) is tests/standin.py, shared with
-the demo, the bench and the history recorder."""
+"""Test-only checks on what the worker writes, and on how a workflow failed. Playing the
+agents (finding task files, completing stages, the originating task, waiting) is
+tests/standin.py, shared with the demo, the bench and the history recorder."""
 
 from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
 from tests.standin import REPO, load_yaml
 
@@ -24,3 +28,14 @@ def assert_valid_task_file(path: Path) -> dict[str, Any]:
     jsonschema.validate(task, json.loads(SCHEMA_PATH.read_text()))
     assert path.name.endswith(f"-{task['id'][:8]}.yml"), path.name
     return task
+
+
+async def application_failure(result: Awaitable[Any], failure_type: str) -> ApplicationError:
+    """The ApplicationError a workflow failed with (`result`: what awaits its result); it
+    must be of `failure_type`."""
+    with pytest.raises(WorkflowFailureError) as caught:
+        await result
+    cause = caught.value.cause
+    assert isinstance(cause, ApplicationError), cause
+    assert cause.type == failure_type, cause
+    return cause

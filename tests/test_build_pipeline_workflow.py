@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import add_history, find_task, update_task
-from tests.agents import assert_valid_task_file
+from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv
 from tests.standin import (
     load_yaml,
@@ -247,12 +246,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
     task = await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env,
                             status="failed", message="compiler exploded")
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == PHASE_FAILED
+    cause = await application_failure(handle.result(), PHASE_FAILED)
     assert IMPLEMENT_BUILD in cause.message
     assert "compiler exploded" in cause.message
     written = load_yaml(task)
@@ -276,12 +270,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
 async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str,
                                               problem: str) -> None:
     handle, _ = await run_to_triage(pipeline, "bad-triage", triage)
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == TRIAGE_INVALID
+    cause = await application_failure(handle.result(), TRIAGE_INVALID)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
@@ -318,12 +307,7 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
     with pytest.raises(ValidationError):
         BuildPipelineInput(**raw)  # typed callers are stopped before starting anything
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == INVALID_INPUT
+    cause = await application_failure(handle.result(), INVALID_INPUT)
     assert next(iter(bad)) in cause.message
     for folder in (pipeline.queue_dir, pipeline.audit_dir, pipeline.summary_dir):
         assert not folder.exists() or not any(folder.rglob("*"))

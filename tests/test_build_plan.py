@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
 
 from models import BuildPlanResult, PlanStatus
-from tests.agents import assert_valid_task_file
+from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv
 from tests.standin import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from vocabulary import (
@@ -118,12 +117,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
                         what="phase 2 task file")
     await complete_task(second, pipeline.env, status="failed", message="tests do not pass")
 
-    with pytest.raises(WorkflowFailureError) as caught:
-        await outcome(handle)
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == PHASE_FAILED
+    cause = await application_failure(outcome(handle), PHASE_FAILED)
     assert "phase 2 (reviewer)" in cause.message
     assert "tests do not pass" in cause.message
     assert "1 of 2 phases done" in cause.message
@@ -147,12 +141,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
 async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[str, Any],
                                             field: str) -> None:
     handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan)
-    with pytest.raises(WorkflowFailureError) as caught:
-        await outcome(handle)
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == INVALID_INPUT
+    cause = await application_failure(outcome(handle), INVALID_INPUT)
     assert field in cause.message
     assert cause.non_retryable
     assert await activity_order(handle) == []

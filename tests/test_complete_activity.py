@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
+from temporalio.client import WorkflowHandle
 
 from models import BuildPlanResult
-from tests.agents import assert_valid_task_file
+from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
 from tests.standin import load_yaml, run_cli, wait_for_task
 from tools.devserver import free_port
@@ -146,11 +145,7 @@ async def test_failed_fails_the_activity_as_phase_failed(pipeline: PipelineEnv) 
                  token)
 
     assert result.returncode == 0, result.stderr
-    with pytest.raises(WorkflowFailureError) as caught:
-        await outcome(handle)
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == PHASE_FAILED
+    cause = await application_failure(outcome(handle), PHASE_FAILED)
     assert "tests are red" in cause.message
     failures = [e.activity_task_failed_event_attributes.failure
                 async for e in handle.fetch_history_events()

@@ -27,6 +27,7 @@ import task_files
 from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
+from tests.agents import application_failure
 from tests.conftest import PipelineEnv, make_env
 from tests.standin import (
     load_yaml,
@@ -153,12 +154,7 @@ async def test_hostile_workflow_input(pipeline: PipelineEnv, field: str, value: 
            "target_agent": "builder", field: value}
 
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == INVALID_INPUT
+    cause = await application_failure(handle.result(), INVALID_INPUT)
     assert field in cause.message
     assert len(cause.message) < 2000  # the error names the field; it does not echo 100 kB
     assert tree(pipeline.root) == before  # nothing written, inside or out
@@ -204,12 +200,7 @@ async def test_hostile_triage_file(pipeline: PipelineEnv, triage: str | bytes,
     before = tree(pipeline.root)
     await finish(pipeline, audit)
 
-    with pytest.raises(WorkflowFailureError) as caught:
-        await handle.result()
-
-    cause = caught.value.cause
-    assert isinstance(cause, ApplicationError)
-    assert cause.type == TRIAGE_INVALID
+    cause = await application_failure(handle.result(), TRIAGE_INVALID)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     assert len(cause.message) < 2000
