@@ -10,9 +10,14 @@ executor at exit, so one planted file kept the worker from stopping. Here each c
 - waits at most FILE_IO_TIMEOUT_SECONDS (queueing included), then raises
   FileIoStalledError so the stage that asked fails with a clear message;
 - leaves a stuck thread behind and puts a fresh one in its place, so at most
-  MAX_FILE_IO_THREADS reads run at once and a stuck one delays no other pipeline.
-  Past MAX_STUCK_THREADS still-stuck threads, new calls fail at once instead of
-  piling up more.
+  MAX_FILE_IO_THREADS reads run at once. Past MAX_STUCK_THREADS still-stuck threads,
+  new calls fail at once instead of piling up more.
+
+One thread serves while it keeps up: file calls take a millisecond or two, and every
+extra thread contending for the GIL costs the worker CPU (bench/README.md). A call not
+started within GROW_AFTER_SECONDS (its thread is stuck or behind) starts another, up
+to MAX_FILE_IO_THREADS, so a stuck read delays other pipelines by that much at most;
+threads beyond the first leave after IDLE_THREAD_SECONDS without work.
 
 The pool is created on first use, never at import.
 """
@@ -38,6 +43,8 @@ T = TypeVar("T")
 FILE_IO_TIMEOUT_SECONDS = 10.0
 MAX_FILE_IO_THREADS = 8
 MAX_STUCK_THREADS = 64
+GROW_AFTER_SECONDS = 0.2
+IDLE_THREAD_SECONDS = 30.0
 
 _Work = tuple[concurrent.futures.Future, Callable[..., Any], tuple[Any, ...]]
 
@@ -51,12 +58,15 @@ class _DaemonPool:
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._serving = 0  # threads that take work from the queue
-        self._idle = 0
         self._abandoned: set[concurrent.futures.Future] = set()
 
     @property
     def stuck(self) -> int:
         return len(self._abandoned)
+
+    @property
+    def serving(self) -> int:
+        return self._serving
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -65,9 +75,15 @@ class _DaemonPool:
                 raise FileIoStalledError(f"{len(self._abandoned)} file reads are still stuck; "
                                          f"refusing to start another")
             self._work.put((future, fn, args))
-            if self._idle == 0 and self._serving < self._size:
+            if self._serving == 0:
                 self._spawn()
         return future
+
+    def relieve(self, future: concurrent.futures.Future) -> None:
+        """`future` has waited GROW_AFTER_SECONDS without starting: add a thread."""
+        with self._lock:
+            if not (future.running() or future.done()) and self._serving < self._size:
+                self._spawn()
 
     def abandon(self, future: concurrent.futures.Future) -> None:
         """The caller gave up on `future`: drop it if it never started, else let its
@@ -88,11 +104,14 @@ class _DaemonPool:
 
     def _serve(self) -> None:
         while True:
-            with self._lock:
-                self._idle += 1
-            future, fn, args = self._work.get()
-            with self._lock:
-                self._idle -= 1
+            try:
+                future, fn, args = self._work.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._serving > 1:
+                        self._serving -= 1
+                        return
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -142,7 +161,10 @@ async def run_file_io(fn: Callable[..., T], *args: Any, timeout: float | None = 
     future = pool.submit(context.run, (fn, *args))
     waiter = asyncio.wrap_future(future)
     try:
-        done, _ = await asyncio.wait({waiter}, timeout=limit)
+        done, _ = await asyncio.wait({waiter}, timeout=min(limit, GROW_AFTER_SECONDS))
+        if not done and limit > GROW_AFTER_SECONDS:
+            pool.relieve(future)
+            done, _ = await asyncio.wait({waiter}, timeout=limit - GROW_AFTER_SECONDS)
     except asyncio.CancelledError:
         waiter.cancel()
         pool.abandon(future)

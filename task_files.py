@@ -72,6 +72,7 @@ PLAIN_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:int",
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TOP_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the trusted folder: links followed
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISLNK, "a symlink"))
@@ -120,19 +121,29 @@ def _deepest_existing(path: Path) -> Path:
 
 def _open_child(fd: int, name: str, shown: Path, *, create: bool) -> tuple[int, bool]:
     """A descriptor of folder `name` under `fd` (never through a link), and whether this
-    call created it."""
+    call created it. Opened first, created only when missing: the folder nearly always
+    exists, and every call here is a file write's or read's."""
+    try:
+        return _open_child_dir(fd, name, shown), False
+    except FileNotFoundError:
+        if not create:
+            raise
     created = False
     try:
-        if create:
-            try:
-                os.mkdir(name, 0o700, dir_fd=fd)
-                created = True
-            except FileExistsError:
-                pass
-        return os.open(name, _DIR_FLAGS, dir_fd=fd), created
+        os.mkdir(name, 0o700, dir_fd=fd)
+        created = True
+    except FileExistsError:  # made (or planted) since we looked: opened as any other
+        pass
+    try:
+        return _open_child_dir(fd, name, shown), created
+    except FileNotFoundError:  # removed between our mkdir and open
+        raise TaskFileError(f"{shown_path(shown)}: vanished while being created") from None
+
+
+def _open_child_dir(fd: int, name: str, shown: Path) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=fd)
     except FileNotFoundError:
-        if create:  # removed between our mkdir and open
-            raise TaskFileError(f"{shown_path(shown)}: vanished while being created") from None
         raise
     except OSError as err:
         if _is_link(err, name, fd):
@@ -156,15 +167,19 @@ def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
     trusted = Path(os.path.abspath(base)) if base is not None else directory
     if trusted != directory and trusted not in directory.parents:
         raise UnsafeTaskPathError(f"{shown_path(directory)}: not below {shown_path(trusted)}")
-    top = trusted if os.path.isdir(trusted) else _deepest_existing(trusted)
-    if not create and top != trusted:
-        raise FileNotFoundError(errno.ENOENT, "no such folder", str(trusted))
-    try:
-        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except NotADirectoryError:
-        raise TaskFileError(f"{shown_path(top)}: exists but is not a directory") from None
-    except OSError as err:
-        raise TaskFileError(f"{shown_path(top)}: cannot open: {err.strerror}") from None
+    try:  # the common case, in one call; anything else takes the walk that explains it
+        fd = os.open(trusted, _TOP_FLAGS)
+        top = trusted
+    except OSError:
+        top = trusted if os.path.isdir(trusted) else _deepest_existing(trusted)
+        if not create and top != trusted:
+            raise FileNotFoundError(errno.ENOENT, "no such folder", str(trusted)) from None
+        try:
+            fd = os.open(top, _TOP_FLAGS)
+        except NotADirectoryError:
+            raise TaskFileError(f"{shown_path(top)}: exists but is not a directory") from None
+        except OSError as err:
+            raise TaskFileError(f"{shown_path(top)}: cannot open: {err.strerror}") from None
     try:
         current = top
         for name in directory.relative_to(top).parts:
@@ -372,6 +387,13 @@ def _refuse_link_at(dir_fd: int, name: str, shown: str) -> None:
         raise UnsafeTaskPathError(f"{shown}: is not a regular file")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    # No file object: it would add an fstat and an isatty ioctl to every write.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -> Path:
     """Write `data` to `path` as a 0600 file via temp file + rename; refuse symlinks.
 
@@ -389,11 +411,12 @@ def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -
             raise UnsafeTaskPathError(f"{shown_path(path.with_name(temp))}: temp path already "
                                       f"exists; refusing") from None
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                os.fchmod(fd, 0o600)
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
