@@ -74,13 +74,13 @@ class _DaemonPool:
             if len(self._abandoned) >= self._max_stuck:
                 raise FileIoStalledError(f"{len(self._abandoned)} file reads are still stuck; "
                                          f"refusing to start another")
-            self._work.put((future, fn, args))
             if self._serving == 0:
                 self._spawn()
+            self._work.put((future, fn, args))
         return future
 
     def relieve(self, future: concurrent.futures.Future) -> None:
-        """`future` has waited GROW_AFTER_SECONDS without starting: add a thread."""
+        """`future` has waited a while without starting: add a thread."""
         with self._lock:
             if not (future.running() or future.done()) and self._serving < self._size:
                 self._spawn()
@@ -99,8 +99,8 @@ class _DaemonPool:
                 self._spawn()
 
     def _spawn(self) -> None:  # lock held
-        self._serving += 1
         threading.Thread(target=self._serve, name="file-io", daemon=True).start()
+        self._serving += 1  # only once it runs: a failed start counts no thread
 
     def _serve(self) -> None:
         while True:
@@ -160,12 +160,13 @@ async def run_file_io(fn: Callable[..., T], *args: Any, timeout: float | None = 
     context = contextvars.copy_context()
     future = pool.submit(context.run, (fn, *args))
     waiter = asyncio.wrap_future(future)
+    first_wait = min(GROW_AFTER_SECONDS, limit / 2)
     try:
-        done, _ = await asyncio.wait({waiter}, timeout=min(limit, GROW_AFTER_SECONDS))
-        if not done and limit > GROW_AFTER_SECONDS:
+        done, _ = await asyncio.wait({waiter}, timeout=first_wait)
+        if not done:
             pool.relieve(future)
-            done, _ = await asyncio.wait({waiter}, timeout=limit - GROW_AFTER_SECONDS)
-    except asyncio.CancelledError:
+            done, _ = await asyncio.wait({waiter}, timeout=limit - first_wait)
+    except BaseException:  # cancelled, or no thread could be started: nobody will wait
         waiter.cancel()
         pool.abandon(future)
         raise

@@ -130,14 +130,16 @@ def _open_child(fd: int, name: str, shown: Path, *, create: bool) -> tuple[int, 
             raise
     created = False
     try:
-        os.mkdir(name, 0o700, dir_fd=fd)
-        created = True
-    except FileExistsError:  # made (or planted) since we looked: opened as any other
-        pass
-    try:
-        return _open_child_dir(fd, name, shown), created
-    except FileNotFoundError:  # removed between our mkdir and open
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+            created = True
+        except FileExistsError:  # made (or planted) since we looked: opened as any other
+            pass
+        return os.open(name, _DIR_FLAGS, dir_fd=fd), created
+    except FileNotFoundError:  # the folder above, or this one, removed meanwhile
         raise TaskFileError(f"{shown_path(shown)}: vanished while being created") from None
+    except OSError as err:
+        raise _child_error(err, fd, name, shown) from None
 
 
 def _open_child_dir(fd: int, name: str, shown: Path) -> int:
@@ -146,12 +148,15 @@ def _open_child_dir(fd: int, name: str, shown: Path) -> int:
     except FileNotFoundError:
         raise
     except OSError as err:
-        if _is_link(err, name, fd):
-            raise UnsafeTaskPathError(f"{shown_path(shown)}: is a symlink; refusing to follow "
-                                      f"it") from None
-        if err.errno == errno.ENOTDIR:
-            raise TaskFileError(f"{shown_path(shown)}: exists but is not a directory") from None
-        raise TaskFileError(f"{shown_path(shown)}: cannot open: {err.strerror}") from None
+        raise _child_error(err, fd, name, shown) from None
+
+
+def _child_error(err: OSError, fd: int, name: str, shown: Path) -> TaskFileError:
+    if _is_link(err, name, fd):
+        return UnsafeTaskPathError(f"{shown_path(shown)}: is a symlink; refusing to follow it")
+    if err.errno == errno.ENOTDIR:
+        return TaskFileError(f"{shown_path(shown)}: exists but is not a directory")
+    return TaskFileError(f"{shown_path(shown)}: cannot open: {err.strerror}")
 
 
 def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:

@@ -133,6 +133,25 @@ def test_symlinked_directory_entry_is_refused(tmp_path: Path) -> None:
         write_private_atomic(queue / "odd.yml", b"x: 1\n")
 
 
+@pytest.mark.parametrize(("fault", "message"), [
+    (FileNotFoundError(2, "No such file or directory"), "vanished while being created"),
+    (PermissionError(13, "Permission denied"), "cannot open: Permission denied"),
+])
+def test_folder_that_cannot_be_made_is_a_task_file_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: OSError, message: str) -> None:
+    """A fake mkdir: as root, a folder is always writable, and the one above vanishing
+    between two calls cannot be timed. Either way the caller gets a TaskFileError."""
+
+    def failing_mkdir(*_args: object, **_kwargs: object) -> None:
+        raise fault
+
+    monkeypatch.setattr(os, "mkdir", failing_mkdir)
+    with pytest.raises(TaskFileError, match=message) as caught:
+        write_private_atomic(tmp_path / "audit" / "build" / "request.md", b"x", base=tmp_path)
+    assert "audit" in str(caught.value)
+    assert not (tmp_path / "audit").exists()
+
+
 @pytest.mark.usefixtures("open_umask")
 def test_update_is_atomic_and_keeps_0600(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
