@@ -353,12 +353,17 @@ def test_wrong_ca_is_a_clear_error(bed: Bed, vault_vars: dict[str, str], tmp_pat
     assert_no_secrets(bed, worker.stdout, worker.stderr, cli.stdout, cli.stderr)
 
 
-@pytest.mark.parametrize(("case", "hint"), [
-    ("foreign client certificate", "the server does not trust our client certificate"),
-    ("no server name", "set TEMPORAL_TLS_SERVER_NAME to a name on the certificate"),
+@pytest.mark.parametrize(("case", "hints"), [
+    # TLS 1.3 checks the client certificate after the client's side of the handshake: the
+    # refusal arrives as the server's alert or, on a loaded machine, as the connection
+    # closing before the alert is read. Both messages name the client certificate.
+    ("foreign client certificate", ("the server does not trust our client certificate",
+                                    "(does it accept our client certificate?)")),
+    ("no server name", ("set TEMPORAL_TLS_SERVER_NAME to a name on the certificate",)),
 ])
 async def test_tls_failures_are_clear(bed: Bed, vault_vars: dict[str, str],
-                                      swap_secret: object, case: str, hint: str) -> None:
+                                      swap_secret: object, case: str,
+                                      hints: tuple[str, ...]) -> None:
     env = dict(vault_vars)
     if case == "foreign client certificate":
         swap_secret(foreign_client(bed.pki))
@@ -369,7 +374,7 @@ async def test_tls_failures_are_clear(bed: Bed, vault_vars: dict[str, str],
         await connect(load_config(env))
 
     assert str(caught.value).startswith("TLS handshake failed: ")
-    assert hint in str(caught.value)
+    assert any(hint in str(caught.value) for hint in hints), str(caught.value)
     assert_no_secrets(bed, str(caught.value))
 
 
