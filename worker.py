@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
@@ -171,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return EXIT_OK
     try:
-        return asyncio.run(serve(config, worker_id))
+        # libuv's event loop runs the loop's own machinery (callbacks, futures, wake-ups
+        # from the SDK's and the file pool's threads) in C: about 5 % less worker CPU per
+        # pipeline than asyncio's, and a shorter hand-off when busy (bench/README.md).
+        return uvloop.run(serve(config, worker_id))
     except CredentialError as err:
         print(f"worker: credential error: {err}", file=sys.stderr)
         return EXIT_CREDENTIALS
