@@ -128,18 +128,20 @@ def _open_child(fd: int, name: str, shown: Path, *, create: bool) -> tuple[int, 
     except FileNotFoundError:
         if not create:
             raise
-    created = False
+    vanished = TaskFileError(f"{shown_path(shown)}: vanished while being created")
     try:
-        try:
-            os.mkdir(name, 0o700, dir_fd=fd)
-            created = True
-        except FileExistsError:  # made (or planted) since we looked: opened as any other
-            pass
-        return os.open(name, _DIR_FLAGS, dir_fd=fd), created
-    except FileNotFoundError:  # the folder above, or this one, removed meanwhile
-        raise TaskFileError(f"{shown_path(shown)}: vanished while being created") from None
+        os.mkdir(name, 0o700, dir_fd=fd)
+        created = True
+    except FileExistsError:  # made (or planted) since we looked: opened as any other
+        created = False
+    except FileNotFoundError:  # the folder above removed meanwhile
+        raise vanished from None
     except OSError as err:
         raise _child_error(err, fd, name, shown) from None
+    try:
+        return _open_child_dir(fd, name, shown), created
+    except FileNotFoundError:  # removed between our mkdir and open
+        raise vanished from None
 
 
 def _open_child_dir(fd: int, name: str, shown: Path) -> int:
