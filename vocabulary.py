@@ -92,14 +92,16 @@ TRIAGE_MISSING: Final = "TriageMissingError"
 TRIAGE_INVALID: Final = "TriageInvalidError"
 INVALID_INPUT: Final = "InvalidInputError"
 BLOCKS_PENDING: Final = "BlocksPendingError"
+# approve_blocks / reject_blocks refused: the pipeline is not waiting on blocks.
+DECISION_REFUSED: Final = "DecisionRefusedError"
 TASK_FILE_ERROR: Final = "TaskFileError"
 FILE_IO_STALLED: Final = "FileIoStalledError"
 WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
 LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
 FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_INPUT,
-                        BLOCKS_PENDING, TASK_FILE_ERROR, FILE_IO_STALLED, WORKER_LOST,
-                        LEGACY_WAIT_HANDED_OVER)
+                        BLOCKS_PENDING, DECISION_REFUSED, TASK_FILE_ERROR, FILE_IO_STALLED,
+                        WORKER_LOST, LEGACY_WAIT_HANDED_OVER)
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build

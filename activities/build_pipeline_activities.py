@@ -25,7 +25,7 @@ from activities.dispatch import (
     dispatch_agent_task,
 )
 from activities.notify import compose_block_notice, notify_all
-from activities.triage import read_triage
+from activities.triage import MAX_DEPTH, MAX_DESCRIPTION_CHARS, MAX_TRIAGE_BYTES, read_triage
 from config import WorkerConfig
 from exceptions import (
     FileIoStalledError,
@@ -130,6 +130,7 @@ def audit_request_markdown(request: AuditRequest, folder: Path, command: list[st
     """request.md; `command` completes the audit task (its last item is the task file)."""
     success = shlex.join([*command, "success", "audit written"])
     failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
+    chars, mib, depth = f"{MAX_DESCRIPTION_CHARS:,}", MAX_TRIAGE_BYTES // 2**20, MAX_DEPTH
     return f"""# Security audit request: {request.build_name}
 
 ## Scope
@@ -152,8 +153,10 @@ info:              # informational, no action
   - "a plain string is accepted too"
 ```
 Each list is optional. Items are `{{description: ...}}` mappings (other keys are kept) or
-plain strings. The file must be UTF-8, at most 1 MiB, plain YAML (no tags, anchors or
-aliases); anything else fails the pipeline with an error naming the problem.
+plain strings, at most {chars} characters per description. The file must be UTF-8, at
+most {mib} MiB, plain YAML in one document (no tags, anchors or aliases, nesting at most {depth}
+levels, no integer of more than 4300 digits) and a regular file, not a link; anything
+else fails the pipeline with an error naming the problem.
 
 ## How to complete
 Write both files first, then run (from any directory):

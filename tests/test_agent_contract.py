@@ -23,6 +23,7 @@ import pytest
 import yaml
 from temporalio.client import Client, WorkflowHandle
 
+from activities.triage import MAX_DEPTH, MAX_DESCRIPTION_CHARS, MAX_TRIAGE_BYTES
 from config import load_config
 from exceptions import ConfigError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
@@ -197,6 +198,12 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     assert len(lines) == 1, text
     assert shlex.split(lines[0])[:-2] == payload["complete_command"]
     assert "python complete_activity.py" not in text
+    # ... and the limits the triage is held to (the ones AGENTS.md gives).
+    prose = " ".join(text.split())
+    for limit in (f"at most {MAX_DESCRIPTION_CHARS:,} characters per description",
+                  f"at most {MAX_TRIAGE_BYTES // 2**20} MiB", "one document",
+                  f"nesting at most {MAX_DEPTH} levels", "not a link"):
+        assert limit in prose, limit
     result = run_as_agent(shlex.split(lines[0]), home)
     assert result.returncode == 0, result.stderr
 

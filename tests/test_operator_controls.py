@@ -12,6 +12,7 @@ import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 
 from models import (
     BlockDecision,
@@ -42,7 +43,9 @@ from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     CLOSE_BUILD,
+    DECISION_REFUSED,
     IMPLEMENT_BUILD,
+    INVALID_INPUT,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
@@ -205,8 +208,11 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
     with pytest.raises(WorkflowUpdateFailedError) as caught:
         await handle.execute_update(update, "looks fine")
-    assert "not waiting on blocks" in str(caught.value.cause)
-    assert PREFAB_SCAFFOLDING in str(caught.value.cause)
+    refusal = caught.value.cause
+    assert isinstance(refusal, ApplicationError)
+    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert "not waiting on blocks" in str(refusal)
+    assert PREFAB_SCAFFOLDING in str(refusal)
     status = await status_of(handle)
     assert status.decision is None
     assert status.stage == PREFAB_SCAFFOLDING
@@ -238,8 +244,11 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
                                                                    "ops-ted")
     assert "risk accepted for the demo" in entry["note"]
     assert "update" in entry["note"]
-    with pytest.raises(WorkflowUpdateFailedError):  # decided already: refused
+    with pytest.raises(WorkflowUpdateFailedError) as caught:  # decided already: refused
         await handle.execute_update("reject_blocks", "too late")
+    assert isinstance(caught.value.cause, ApplicationError)
+    assert caught.value.cause.type == DECISION_REFUSED
+    assert "decision: approved" in str(caught.value.cause)
 
     await complete_task(closeout, pipeline.env)
     result: BuildPipelineResult = await handle.result()
@@ -253,6 +262,12 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
 
 async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "rejected-build")
+    with pytest.raises(WorkflowUpdateFailedError) as caught:  # a body that is no decision
+        await handle.execute_update("reject_blocks", {"note": "no", "decided_by": 7})
+    refusal = caught.value.cause
+    assert isinstance(refusal, ApplicationError)
+    assert (refusal.type, refusal.non_retryable) == (INVALID_INPUT, True)
+    assert "invalid decision: decided_by" in str(refusal)
     sent = time.monotonic()
     assert await handle.execute_update("reject_blocks", "token leak is a blocker",
                                        result_type=str) == "rejected"

@@ -611,8 +611,8 @@ COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, An
          (("--minutes",), {"type": float, "default": 5.0}),
          (("--limit",), {"type": int, "default": 200})]),
     ("find-stalled-workflows", find_stalled_workflows, "Running workflows that make no "
-     "progress: failing workflow tasks or activities retrying again and again (the stage-7 "
-     "block poll is not counted).", [
+     "progress: failing workflow tasks or activities retrying again and again (a pipeline "
+     "parked at stage 7 is not counted, whether on a timer or an older run's block poll).", [
          (("--query",), {"help": "extra visibility query, e.g. \"WorkflowType = "
                                  "'BuildPipelineWorkflow'\""}),
          (("--limit",), {"type": int, "default": 500})]),

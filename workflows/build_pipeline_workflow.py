@@ -71,6 +71,7 @@ with workflow.unsafe.imports_passed_through():
         BUILD_PIPELINE_WORKFLOW,
         CANCELLED,
         CLOSE_BUILD,
+        DECISION_REFUSED,
         EXPIRED,
         IMPLEMENT_BUILD,
         INVALID_INPUT,
@@ -679,10 +680,17 @@ class BuildPipelineWorkflow:
         return list(self._events)
 
     def _validate_decision(self, raw: Any) -> None:
+        # Non-retryable: the CLI shows a plain ValueError as "retryable: true", and no
+        # retry of the same Update can succeed.
         if not self._awaiting_decision or self._decision is not None:
-            raise ValueError(f"pipeline is not waiting on blocks (stage: {self._stage}, "
-                             f"outcome: {self._outcome}, decision: {self._decision})")
-        coerce_decision(raw)
+            raise ApplicationError(f"pipeline is not waiting on blocks (stage: {self._stage}, "
+                                   f"outcome: {self._outcome}, decision: {self._decision})",
+                                   type=DECISION_REFUSED, non_retryable=True)
+        try:
+            coerce_decision(raw)
+        except ValidationError as err:
+            raise ApplicationError(f"invalid decision: {validation_message(err)}",
+                                   type=INVALID_INPUT, non_retryable=True) from None
 
     def _decide(self, decision: Decision, raw: Any) -> str:
         choice = coerce_decision(raw)
