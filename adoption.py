@@ -65,7 +65,7 @@ def mark_waiting(config: WorkerConfig, task_id: str, workflow_id: str, run_id: s
                                    "since": timestamp()}
         changed = True
 
-    update_task(path, mark)
+    update_task(path, mark, base=config.task_queue_dir)
     return changed
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from task_files import (
     TASK_SUFFIX,
     claimed_actor,
     ensure_private_dir,
+    find_task,
     parse_task,
     read_agent_file,
     shown_path,
@@ -52,6 +54,7 @@ RESCAN_INTERVAL_SECONDS = 600.0
 DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
 MAX_NOTE_CHARS = 2000
+MAX_DELIVERIES_IN_FLIGHT = 64
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -59,7 +62,9 @@ def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
     """(workflow_id, run_id, decision, choice) when the task decides a waiting run."""
     waiter = task.get(AWAITING_DECISION)
     status = task.get("status")
-    if not isinstance(waiter, dict) or status not in DECIDING_STATUSES:
+    task_id = task.get("id")
+    if not isinstance(waiter, dict) or status not in DECIDING_STATUSES or not isinstance(
+            task_id, str) or not task_id:
         return None
     workflow_id, run_id = waiter.get("workflow_id"), waiter.get("run_id")
     if not isinstance(workflow_id, str) or not workflow_id:
@@ -70,7 +75,7 @@ def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
     if status != decision:
         note = f"task status {status}" + (f": {note}" if note else "")
     choice = BlockDecision(decided_by="task file", source="task_file", note=note,
-                           claimed_by=actor or None)
+                           claimed_by=actor or None, task_id=task_id)
     return workflow_id, run_id if isinstance(run_id, str) and run_id else None, decision, choice
 
 
@@ -82,6 +87,9 @@ class BlockDecisionWatcher:
         self.config = config
         self.folder = config.task_queue_dir
         self.delivered = 0
+        # One delivery in flight per waiting run, off the watch loop: a run no worker
+        # answers for holds up only its own decision (decisions.py bounds the wait).
+        self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
 
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
@@ -89,7 +97,8 @@ class BlockDecisionWatcher:
             raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
             if AWAITING_DECISION.encode() not in raw:
                 return  # agent task files (nearly every write) are not parsed at all
-            task = parse_task(shown_path(path), raw)
+            # Parsed off the event loop: a file built to be slow to parse delays only this.
+            task = await run_file_io(parse_task, shown_path(path), raw)
         except FileNotFoundError:
             return
         except (TaskFileError, FileIoStalledError) as err:
@@ -99,6 +108,34 @@ class BlockDecisionWatcher:
         if found is None:
             return
         workflow_id, run_id, decision, choice = found
+        problem = await self._not_the_task(path, choice.task_id or "")
+        if problem:
+            log.warning("decision_not_delivered", extra={
+                "workflow_id": workflow_id, "task_file": str(path), "error": problem})
+            return
+        target = (workflow_id, run_id)
+        if target in self._deliveries or len(self._deliveries) >= MAX_DELIVERIES_IN_FLIGHT:
+            # The one in flight carries the run's first decision, which is the one applied;
+            # past the cap, the next rescan tries again.
+            return
+        delivery = asyncio.create_task(self._deliver(path, workflow_id, run_id, decision,
+                                                     choice))
+        self._deliveries[target] = delivery
+        delivery.add_done_callback(lambda _: self._deliveries.pop(target, None))
+
+    async def _not_the_task(self, path: Path, task_id: str) -> str:
+        """Why the file at `path` is not the task its id names ('' when it is): a copy
+        of an originating task, or two files with its id, decide nothing."""
+        try:
+            found = await run_file_io(find_task, self.folder, task_id)
+        except (TaskFileError, FileIoStalledError) as err:
+            return str(err)[:300]
+        if os.path.abspath(found) != os.path.abspath(path):
+            return f"the task with id {task_id!r} is {shown_path(found)}, not this file"
+        return ""
+
+    async def _deliver(self, path: Path, workflow_id: str, run_id: str | None,
+                       decision: Decision, choice: BlockDecision) -> None:
         try:
             outcome = await deliver_decision(self.client, workflow_id=workflow_id,
                                              run_id=run_id, decision=decision, choice=choice)
@@ -108,6 +145,11 @@ class BlockDecisionWatcher:
             return
         if outcome == "applied":
             self.delivered += 1
+
+    async def settle(self) -> None:
+        """Wait for the deliveries in flight (tests, and a scan that must be complete)."""
+        while self._deliveries:
+            await asyncio.gather(*self._deliveries.values(), return_exceptions=True)
 
     async def scan(self) -> None:
         if not self.folder.is_dir():
@@ -137,6 +179,8 @@ class BlockDecisionWatcher:
                     await self.consider(path)
         finally:
             rescans.cancel()
+            for delivery in list(self._deliveries.values()):
+                delivery.cancel()
 
     async def _rescan_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

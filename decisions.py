@@ -10,6 +10,7 @@ the Update's validator; that refusal is an expected outcome, not an error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal
 
@@ -17,11 +18,12 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from models import BlockDecision, Decision
+from policies import DECISION_DELIVERY_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 UPDATE_NAMES: dict[Decision, str] = {"approved": "approve_blocks", "rejected": "reject_blocks"}
-Delivery = Literal["applied", "refused", "gone"]
+Delivery = Literal["applied", "refused", "gone", "unanswered"]
 
 
 def update_id(workflow_id: str, run_id: str | None) -> str:
@@ -32,11 +34,20 @@ def update_id(workflow_id: str, run_id: str | None) -> str:
 async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | None,
                            decision: Decision, choice: BlockDecision) -> Delivery:
     """Send `decision` to the workflow; `applied`, `refused` (not waiting, or already
-    decided otherwise) or `gone` (no such running workflow)."""
+    decided otherwise), `gone` (no such running workflow) or `unanswered` (no worker took
+    the Update in time, e.g. a workflow on a queue nobody serves: the SDK would wait for
+    one without end)."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+    limit = DECISION_DELIVERY_TIMEOUT.total_seconds()
     try:
-        await handle.execute_update(UPDATE_NAMES[decision], choice,
-                                    id=update_id(workflow_id, run_id), result_type=str)
+        await asyncio.wait_for(handle.execute_update(
+            UPDATE_NAMES[decision], choice, id=update_id(workflow_id, run_id), result_type=str),
+            limit)
+    except TimeoutError:
+        log.warning("decision_not_delivered", extra={
+            "workflow_id": workflow_id, "decision": decision, "source": choice.source,
+            "error": f"no answer within {limit:.0f}s (is a worker serving that workflow?)"})
+        return "unanswered"
     except WorkflowUpdateFailedError as err:
         log.info("decision_refused", extra={"workflow_id": workflow_id, "decision": decision,
                                             "source": choice.source,

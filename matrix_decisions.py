@@ -48,6 +48,7 @@ from activities.notify import _json as matrix_call  # same errors: the step, nev
 from config import WorkerConfig
 from decisions import deliver_decision
 from models import BlockDecision, Decision, MatrixNoticeRef
+from visible_text import visible_line
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ CATCH_UP_EVENTS = 50
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 # A pipeline whose worker does not take the Update must not hold up everyone else's.
-DELIVERY_TIMEOUT_SECONDS = 30.0
 MAX_EVENTS_PER_SYNC = 500
 MAX_BODY_CHARS = 8000
 NOTE_MAX_CHARS = 500
@@ -107,11 +107,7 @@ def _is_id(value: object, sigil: str) -> bool:
 def clean_note(text: str) -> str:
     """One line of at most NOTE_MAX_CHARS, without control or invisible format characters
     (terminal escapes, zero-width and bidi characters only hide text from a reader)."""
-    folded = unicodedata.normalize("NFKC", text[:MAX_BODY_CHARS])
-    visible = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in folded
-                      if unicodedata.category(ch) != "Cf")
-    line = " ".join(visible.split())
-    return line if len(line) <= NOTE_MAX_CHARS else line[:NOTE_MAX_CHARS - 1] + "…"
+    return visible_line(text[:MAX_BODY_CHARS], NOTE_MAX_CHARS)
 
 
 def strip_reply_fallback(body: str) -> str:
@@ -248,14 +244,8 @@ class RoomListener:
         log.info("chat_decision", extra={**fields, "catching_up": catching_up})
         choice = BlockDecision(note=wanted.note, decided_by=wanted.sender, source="matrix")
         try:
-            await asyncio.wait_for(
-                deliver_decision(self.client, workflow_id=notice.workflow_id,
-                                 run_id=notice.run_id, decision=wanted.decision,
-                                 choice=choice),
-                DELIVERY_TIMEOUT_SECONDS)
-        except TimeoutError:
-            log.warning("chat_decision_not_delivered", extra={
-                **fields, "error": f"no answer within {DELIVERY_TIMEOUT_SECONDS:.0f}s"})
+            await deliver_decision(self.client, workflow_id=notice.workflow_id,
+                                   run_id=notice.run_id, decision=wanted.decision, choice=choice)
         except RPCError as err:
             if err.status in TRANSIENT_RPC:
                 raise _TryLater(f"Temporal: {err.status.name if err.status else 'error'}") \

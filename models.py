@@ -305,6 +305,9 @@ class BlockDecision(BaseModel):
     # For file decisions: the actor the file's own history names. Anyone who can write
     # the folder can write that name, so it is shown as claimed, never as decided_by.
     claimed_by: str | None = Field(default=None, max_length=100)
+    # For file decisions: the id the deciding file carries. The pipeline refuses a file
+    # decision whose file is not its originating task (None: sent by an earlier worker).
+    task_id: str | None = Field(default=None, max_length=200)
 
 
 class MatrixNoticeRef(BaseModel):

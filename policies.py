@@ -66,6 +66,9 @@ NOTIFY_BLOCKS = StagePolicy(
 
 SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
 
+# How long a block decision (file, chat) waits for its pipeline's Update to be answered.
+DECISION_DELIVERY_TIMEOUT = timedelta(seconds=30)
+
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.
 PREPARE = StagePolicy(timedelta(seconds=30), RetryPolicy(maximum_attempts=3))

@@ -86,7 +86,7 @@ async def scheduled_input(handle: WorkflowHandle, activity_id: str) -> Any:
 def dispatched(config: WorkerConfig, task_id: str, activity_id: str, attempt: int) -> bool:
     """Does a task file carry the token of this very attempt?"""
     try:
-        task = read_task(find_task(config.task_queue_dir, task_id))
+        task = read_task(find_task(config.task_queue_dir, task_id), base=config.task_queue_dir)
     except TaskNotFoundError:
         return False
     except TaskFileError:

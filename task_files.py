@@ -43,6 +43,7 @@ from yaml.events import (
 )
 
 from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from visible_text import visible_line
 from vocabulary import SUBMITTED, TASK_SEARCH_SUBDIRS
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,17 @@ SOURCE_AGENT = "temporal-worker"
 TASK_TTL_DAYS = 7
 MAX_TASK_FILE_BYTES = 1024 * 1024
 MAX_TASK_DEPTH = 32  # the schema needs 4 levels; hand edits get plenty of room
+# Scalars and collections in one agent YAML document. A task file has about a hundred, a
+# triage of the most findings allowed a few thousand; checking each costs the parser's
+# Python loop microseconds, so a megabyte of tiny nodes would cost seconds per read.
+MAX_YAML_NODES = 20_000
 TASK_SUFFIX = ".yml"
 # Top-level key of an originating task while a pipeline waits on its decision:
 # {workflow_id, run_id, since}, written at stage 6, removed once the decision is recorded.
 AWAITING_DECISION = "awaiting_decision"
 # A claimed actor as shown in decisions (BlockDecision.claimed_by).
 CLAIMED_ACTOR_CHARS = 100
+MAX_CLAIMED_NOTE_CHARS = 2000
 # The fields the worker acts on must be short strings (see check_task_fields).
 MAX_STATUS_CHARS = 64
 MAX_ACTOR_CHARS = 200
@@ -287,10 +293,11 @@ _SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH) -> Any:
-    """Load YAML an agent wrote: at most `max_depth` levels of nesting, no anchors or
-    aliases, no explicit tags beyond the plain ones (yaml.YAMLError otherwise).
+    """Load YAML an agent wrote: at most `max_depth` levels of nesting and MAX_YAML_NODES
+    nodes, no anchors or aliases, no explicit tags beyond the plain ones (yaml.YAMLError
+    otherwise).
 
-    All three are checked on the parser's event stream, which stops at the first offence,
+    All four are checked on the parser's event stream, which stops at the first offence,
     before any node is composed or object built. PyYAML's composer slows down
     quadratically with nesting depth and recurses once per level, so one "[[[[…" file
     would otherwise cost seconds on every read (or end it with a RecursionError); a 1 KB
@@ -303,7 +310,7 @@ def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH) -> Any:
 
 
 def _check_events(text: str, max_depth: int) -> None:
-    depth = documents = 0
+    depth = documents = nodes = 0
     for event in yaml.parse(text, Loader=_SafeLoader):
         if isinstance(event, CollectionEndEvent):
             depth -= 1
@@ -315,7 +322,10 @@ def _check_events(text: str, max_depth: int) -> None:
                                      f"{event.start_mark.line + 1})")
         if not isinstance(event, NodeEvent):
             continue
+        nodes += 1
         line = event.start_mark.line + 1
+        if nodes > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values (line {line})")
         if isinstance(event, AliasEvent) or event.anchor is not None:
             raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
         tag = event.tag if isinstance(event, ScalarEvent | CollectionStartEvent) else None
@@ -371,11 +381,12 @@ def parse_task(shown: str, raw: bytes) -> dict[str, Any]:
     return document
 
 
-def read_task(path: Path) -> dict[str, Any]:
+def read_task(path: Path, *, base: Path | None = None) -> dict[str, Any]:
     """Parse one task file; refuse links, non-regular and oversized files, unsafe YAML,
-    non-mappings and mistyped fields (all TaskFileError naming the file)."""
+    non-mappings and mistyped fields (all TaskFileError naming the file). With `base`
+    (the task folder it was found in), no link below `base` is followed."""
     try:
-        raw = read_agent_file(path, MAX_TASK_FILE_BYTES)
+        raw = read_agent_file(path, MAX_TASK_FILE_BYTES, base=base)
     except FileNotFoundError:
         raise TaskNotFoundError(f"{shown_path(path)}: no such task file") from None
     return parse_task(shown_path(path), raw)
@@ -637,14 +648,7 @@ def update_task(path: Path, mutate: Callable[[dict[str, Any]], None], *,
                 base: Path | None = None) -> dict[str, Any]:
     """Read, change and atomically rewrite a task file (mode stays 0600). With `base`
     (the task folder it was found in), no link below `base` is followed."""
-    if base is None:
-        task = read_task(path)
-    else:
-        try:
-            raw = read_agent_file(path, MAX_TASK_FILE_BYTES, base=base)
-        except FileNotFoundError:
-            raise TaskNotFoundError(f"{shown_path(path)}: no such task file") from None
-        task = parse_task(shown_path(path), raw)
+    task = read_task(path, base=base)
     mutate(task)
     write_private_atomic(path, dump_task(task), base=base)
     return task
@@ -658,9 +662,8 @@ def claimed_actor(task: dict[str, Any], status: str) -> tuple[str, str]:
     for entry in reversed(history if isinstance(history, list) else []):
         if isinstance(entry, dict) and entry.get("status") == status:
             actor, note = entry.get("actor"), entry.get("note")
-            return (" ".join(actor.split())[:CLAIMED_ACTOR_CHARS] if isinstance(actor, str)
-                    else "",
-                    " ".join(note.split())[:2000] if isinstance(note, str) else "")
+            return (visible_line(actor, CLAIMED_ACTOR_CHARS) if isinstance(actor, str) else "",
+                    visible_line(note, MAX_CLAIMED_NOTE_CHARS) if isinstance(note, str) else "")
     return "", ""
 
 

@@ -25,7 +25,14 @@ from activities.dispatch import (
     dispatch_agent_task,
 )
 from activities.notify import compose_block_notice, notify_all
-from activities.triage import MAX_DEPTH, MAX_DESCRIPTION_CHARS, MAX_TRIAGE_BYTES, read_triage
+from activities.triage import (
+    MAX_DEPTH,
+    MAX_DESCRIPTION_CHARS,
+    MAX_FINDINGS,
+    MAX_FINDINGS_BYTES,
+    MAX_TRIAGE_BYTES,
+    read_triage,
+)
 from config import WorkerConfig
 from exceptions import (
     FileIoStalledError,
@@ -54,6 +61,7 @@ from models import (
 from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
 from task_files import (
     AWAITING_DECISION,
+    MAX_YAML_NODES,
     SOURCE_AGENT,
     add_history,
     claimed_actor,
@@ -131,6 +139,7 @@ def audit_request_markdown(request: AuditRequest, folder: Path, command: list[st
     success = shlex.join([*command, "success", "audit written"])
     failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
     chars, mib, depth = f"{MAX_DESCRIPTION_CHARS:,}", MAX_TRIAGE_BYTES // 2**20, MAX_DEPTH
+    findings, kib, nodes = MAX_FINDINGS, MAX_FINDINGS_BYTES // 1024, MAX_YAML_NODES
     return f"""# Security audit request: {request.build_name}
 
 ## Scope
@@ -153,10 +162,11 @@ info:              # informational, no action
   - "a plain string is accepted too"
 ```
 Each list is optional. Items are `{{description: ...}}` mappings (other keys are kept) or
-plain strings, at most {chars} characters per description. The file must be UTF-8, at
-most {mib} MiB, plain YAML in one document (no tags, anchors or aliases, nesting at most {depth}
-levels, no integer of more than 4300 digits) and a regular file, not a link; anything
-else fails the pipeline with an error naming the problem.
+plain strings, at most {chars} characters per description; at most {findings} findings in
+all, taking at most {kib} KiB as JSON. The file must be UTF-8, at most {mib} MiB, plain
+YAML in one document (no tags, anchors or aliases, nesting at most {depth} levels, at most
+{nodes:,} values, no integer of more than 4300 digits) and a regular file, not a link;
+anything else fails the pipeline with an error naming the problem.
 
 ## How to complete
 Write both files first, then run (from any directory):
@@ -190,14 +200,15 @@ class PipelineActivities:
                 self.wait_for_block_resolution, self.record_block_decision,
                 self.summarize_workflow, self.prepare_pipeline]
 
-    def decision_paths(self, task_path: str | None, task_id: str) -> list[str]:
-        """How a parked pipeline can be decided with this worker's settings."""
+    def decision_paths(self, task_path: str | None) -> list[str]:
+        """How a parked pipeline can be decided with this worker's settings. The task file
+        only when stage 6 found it (and so marked it): a missing or doubled originating task
+        decides nothing."""
         paths = ["`tools/approve-build` / `tools/reject-build` (approve_blocks / "
                  "reject_blocks update)"]
-        if self.config.file_decisions:
-            where = f"`{task_path}`" if task_path else f"the task with id `{task_id}`"
+        if self.config.file_decisions and task_path:
             paths.append(f"set status `approved` or `rejected` in the originating task "
-                         f"{where}")
+                         f"`{task_path}`")
         if self.config.matrix_approvers and self.config.matrix_homeserver:
             paths.append(f"reply `approve` / `reject` (or react ✅ / ❌) to the notice in "
                          f"{self.config.matrix_room}: {', '.join(self.config.matrix_approvers)}")
@@ -322,7 +333,7 @@ class PipelineActivities:
         return NotifyBlocksResult(
             delivered=delivered, failures=failures,
             originating_task_path=str(path) if path else None,
-            decision_paths=self.decision_paths(str(path) if path else None, request.task_id))
+            decision_paths=self.decision_paths(str(path) if path else None))
 
     @activity.defn(name=WAIT_FOR_BLOCK_RESOLUTION)
     async def wait_for_block_resolution(self, *args: Any) -> BlockResolution | None:
@@ -338,7 +349,7 @@ class PipelineActivities:
         try:
             path = await run_file_io(partial(find_task, self.config.task_queue_dir,
                                              request.task_id, hint=hint))
-            task = await run_file_io(read_task, path)
+            task = await run_file_io(partial(read_task, path, base=self.config.task_queue_dir))
         except TaskNotFoundError:
             raise ApplicationError(f"originating task {request.task_id!r} not found yet",
                                    type=BLOCKS_PENDING,
@@ -475,9 +486,11 @@ class PipelineActivities:
     def _close_open_task(self, task_id: str, status: str, reason: str) -> bool:
         """Mark an agent task its pipeline no longer waits for, if an agent has not
         finished it meanwhile; a task that cannot be found or read is left alone."""
+        queue_dir = self.config.task_queue_dir
         try:
-            path = find_task(self.config.task_queue_dir, task_id)
-            if read_task(path).get("status") not in OPEN_STATUSES:
+            path = find_task(queue_dir, task_id)
+            # base: a folder swapped for a link after the lookup redirects nothing.
+            if read_task(path, base=queue_dir).get("status") not in OPEN_STATUSES:
                 return False
         except TaskFileError:
             return False
@@ -490,7 +503,7 @@ class PipelineActivities:
                 changed = True
 
         try:
-            update_task(path, close)
+            update_task(path, close, base=queue_dir)
         except TaskFileError as err:
             log.warning("open_task_not_closed", extra={"task_id": task_id, "error": str(err)})
             return False

@@ -22,6 +22,12 @@ from task_files import load_agent_yaml, read_agent_file
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16
 MAX_DESCRIPTION_CHARS = 20_000
+# The pipeline holds its findings in workflow state, sends them to stages 5 and 6 and
+# writes them into the summary: a cap on their number and on their size as JSON keeps one
+# triage from costing the worker megabytes per parked pipeline, or from making a result
+# too large for Temporal to record (its limit is 2 MiB per payload).
+MAX_FINDINGS = 200
+MAX_FINDINGS_BYTES = 128 * 1024
 SECTIONS = ("blocks", "flags", "info")
 
 
@@ -63,7 +69,7 @@ def parse_triage_text(path: Path, text: str) -> TriageResult:
     if unknown:
         raise TriageInvalidError(f"{path}: unknown top-level keys {unknown}; "
                                  f"expected {list(SECTIONS)}")
-    sections: dict[str, list[Finding]] = {}
+    lists: dict[str, list[Any]] = {}
     for section in SECTIONS:
         items = document.get(section)
         if items is None:
@@ -71,8 +77,18 @@ def parse_triage_text(path: Path, text: str) -> TriageResult:
         if not isinstance(items, list):
             raise TriageInvalidError(f"{path}: '{section}' must be a list, got "
                                      f"{type(items).__name__}")
-        sections[section] = [_item(path, section, i, raw) for i, raw in enumerate(items)]
-    return TriageResult(triage_path=str(path), **sections)
+        lists[section] = items
+    count = sum(len(items) for items in lists.values())
+    if count > MAX_FINDINGS:
+        raise TriageInvalidError(f"{path}: {count} findings; at most {MAX_FINDINGS}")
+    result = TriageResult(triage_path=str(path), **{
+        section: [_item(path, section, i, raw) for i, raw in enumerate(items)]
+        for section, items in lists.items()})
+    size = len(result.model_dump_json())
+    if size > MAX_FINDINGS_BYTES:
+        raise TriageInvalidError(f"{path}: findings take {size} bytes as JSON; at most "
+                                 f"{MAX_FINDINGS_BYTES}")
+    return result
 
 
 def read_triage(path: Path, *, base: Path | None = None) -> TriageResult:

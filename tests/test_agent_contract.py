@@ -23,10 +23,17 @@ import pytest
 import yaml
 from temporalio.client import Client, WorkflowHandle
 
-from activities.triage import MAX_DEPTH, MAX_DESCRIPTION_CHARS, MAX_TRIAGE_BYTES
+from activities.triage import (
+    MAX_DEPTH,
+    MAX_DESCRIPTION_CHARS,
+    MAX_FINDINGS,
+    MAX_FINDINGS_BYTES,
+    MAX_TRIAGE_BYTES,
+)
 from config import load_config
 from exceptions import ConfigError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
+from task_files import MAX_YAML_NODES
 from temporal_client import connect
 from tests import temporal_server
 from tests.agents import assert_valid_task_file
@@ -202,7 +209,9 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
     prose = " ".join(text.split())
     for limit in (f"at most {MAX_DESCRIPTION_CHARS:,} characters per description",
                   f"at most {MAX_TRIAGE_BYTES // 2**20} MiB", "one document",
-                  f"nesting at most {MAX_DEPTH} levels", "not a link"):
+                  f"nesting at most {MAX_DEPTH} levels", "not a link",
+                  f"at most {MAX_FINDINGS} findings in all, taking at most "
+                  f"{MAX_FINDINGS_BYTES // 1024} KiB", f"at most {MAX_YAML_NODES:,} values"):
         assert limit in prose, limit
     result = run_as_agent(shlex.split(lines[0]), home)
     assert result.returncode == 0, result.stderr

@@ -4,15 +4,20 @@ worker restart, and exactly once with two workers on one folder."""
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+import yaml
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
+from block_watcher import pending_decision
 from config import load_config
 from decisions import deliver_decision
 from models import BlockDecision, BuildPipelineResult, PipelineStatus, StageEvent
@@ -21,7 +26,7 @@ from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
 from tests.standin import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
-from vocabulary import TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
+from vocabulary import DECISION_REFUSED, TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
@@ -211,3 +216,92 @@ async def test_retried_notice_keeps_a_decision_already_in_the_file(
     assert task["status"] == "approved"
     assert task["history"][-1]["status"] == "approved"
     assert task[AWAITING_DECISION]["since"] == "earlier"
+
+
+def watcher_said(caplog: pytest.LogCaptureFixture, event: str, needle: str) -> bool:
+    return any(record.getMessage() == event and needle in str(record.__dict__)
+               for record in caplog.records)
+
+
+def planted(folder: Path, name: str, task_id: str, waiter: dict[str, Any]) -> Path:
+    """A file that says `approved` and names the waiting run, as stage 6 writes it."""
+    path = folder / name
+    path.write_text(yaml.safe_dump({
+        "id": task_id, "status": "approved", AWAITING_DECISION: waiter,
+        "history": [{"status": "approved", "actor": "security-lead (alice)",
+                     "note": "reviewed with the CISO"}]}))
+    return path
+
+
+async def test_only_the_originating_task_decides(pipeline: PipelineEnv,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A file with another id naming the waiting run is refused by the pipeline; a second
+    file with the task's own id makes the watcher refuse both (it cannot tell which is
+    the task); the operator's Update still decides."""
+    caplog.set_level(logging.INFO)
+    handle, inp, origin = await block_pipeline(pipeline, "planted-decision")
+    waiter = load_yaml(origin)[AWAITING_DECISION]
+    other = planted(pipeline.queue_dir, "20200101-000000-0unrelat.yml",
+                    "0unrelat-ed00-4000-8000-000000000000", waiter)
+    await poll(lambda: watcher_said(caplog, "decision_refused", "not this pipeline's "
+                                    "originating task"), timeout=10, what="other id refused")
+    shadow = planted(pipeline.queue_dir, f"20200101-000000-{inp.task_id[:8]}.yml",
+                     inp.task_id, waiter)
+    await poll(lambda: watcher_said(caplog, "decision_not_delivered", "2 files carry this id"),
+               timeout=10, what="shadow copy refused")
+    decide(origin, "approved")  # with a shadow beside it, not even the real file decides
+    await poll(lambda: watcher_said(caplog, "decision_not_delivered", origin.name),
+               timeout=10, what="real file refused too")
+
+    assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
+    await handle.execute_update("reject_blocks", {"decided_by": "bob", "note": "no"})
+    result: BuildPipelineResult = await handle.result()
+    assert (result.outcome, result.decision) == ("rejected", "rejected")
+    assert [e.event for e in await decision_events(handle)] == ["rejected_by_update"]
+    assert load_yaml(other)["status"] == load_yaml(shadow)["status"] == "approved"
+
+
+async def test_pipeline_refuses_a_file_decision_from_another_task(
+        pipeline: PipelineEnv) -> None:
+    handle, _, _ = await block_pipeline(pipeline, "wrong-file")
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update("approve_blocks", BlockDecision(
+            decided_by="task file", source="task_file", task_id="some-other-task"))
+    refusal = caught.value.cause
+    assert isinstance(refusal, ApplicationError)
+    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert "'some-other-task', not this pipeline's originating task" in str(refusal)
+    assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
+    await handle.cancel()
+
+
+async def test_a_run_nobody_serves_holds_up_no_other_decision(pipeline: PipelineEnv) -> None:
+    """A file naming a workflow on a queue no worker polls: its Update waits unanswered,
+    off the watch loop, while a real decision lands at once."""
+    nobody = await pipeline.client.start_workflow(
+        BuildPipelineWorkflow.run, {"build_name": "nobody"}, id=f"nobody-{uuid.uuid4()}",
+        task_queue=f"nobody-{uuid.uuid4()}")
+    try:
+        handle, _, origin = await block_pipeline(pipeline, "unstalled")
+        task_id = f"{uuid.uuid4()}"
+        planted(pipeline.queue_dir, f"20200101-000000-{task_id[:8]}.yml", task_id,
+                {"workflow_id": nobody.id})
+        latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
+        print(f"file approval beside an unanswered one -> close-out: {latency * 1000:.0f} ms")
+        assert latency <= DECISION_LATENCY_LIMIT_SECONDS
+        await handle.cancel()
+    finally:
+        await nobody.terminate("test done")
+
+
+def test_a_file_decision_carries_its_task_id_and_only_visible_text() -> None:
+    task = {"id": "task-1", "status": "approved", AWAITING_DECISION: {"workflow_id": "w"},
+            "history": [{"status": "approved", "actor": "ops-bot\x1b[31m\u202eecnatpecca ksir",
+                         "note": "risk\x1b[2K\rfine\u200b"}]}
+    found = pending_decision(task)
+    assert found is not None
+    workflow_id, run_id, decision, choice = found
+    assert (workflow_id, run_id, decision) == ("w", None, "approved")
+    assert (choice.claimed_by, choice.note, choice.task_id) == (
+        "ops-bot [31mecnatpecca ksir", "risk [2K fine", "task-1")
+    assert pending_decision({**task, "id": None}) is None  # no id: not an originating task

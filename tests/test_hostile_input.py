@@ -24,6 +24,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 import task_files
+from activities.triage import MAX_FINDINGS
 from exceptions import TaskFileError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
 from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
@@ -42,6 +43,7 @@ from vocabulary import (
     ARCHIVE_DIR,
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
+    EXPIRED,
     INPUT_REQUIRED,
     INVALID_INPUT,
     PROCESS_TRIAGE_OUTPUT,
@@ -186,6 +188,10 @@ TRIAGE_ROWS: list[tuple[str, str | bytes, str]] = [
      "description must be a string"),
     ("empty description", "flags:\n- description: '   '\n", "description is empty"),
     ("integer of 5000 digits", "info:\n- " + "9" * 5000 + "\n", "integer string conversion"),
+    # Valid, under 1 MiB, and would have made a result too large for Temporal to record.
+    ("262,000 findings", "flags:\n" + "- a\n" * 262_000, "more than 20000 values"),
+    ("findings beyond the cap", "info:\n" + "- a\n" * (MAX_FINDINGS + 1),
+     f"findings; at most {MAX_FINDINGS}"),
 ]
 
 
@@ -786,8 +792,11 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
 
     handle = await park(pipeline, "shadowed", ["hardcoded credential"], task_id)
 
-    [problem] = (await status_of(handle)).notification_failures
+    status = await status_of(handle)
+    [problem] = status.notification_failures
     assert "2 files carry this id" in problem
+    assert len(status.decision_paths) == 1  # the Updates only: neither file is offered
+    assert "approve-build" in status.decision_paths[0]
     assert str(real) in problem
     assert str(shadow) in problem
     assert "files carry this id" in notice()
@@ -855,6 +864,31 @@ def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
     (outside / "task.yml").unlink()  # for the `outside` fixture's check
 
 
+def test_closing_an_open_task_writes_nothing_through_a_swapped_folder(
+        queue: Path, outside: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline that ended marks its agent task still open as closed. The agent moved
+    that task into archive/, and swapped archive/ for a link once the lookup had found it
+    there; the lookup is faked to give that moment's answer, a race no real lookup hits
+    on demand. The worker must not rewrite the outside file of the same name."""
+    from activities import build_pipeline_activities
+    from config import load_config
+
+    outside.chmod(0o755)
+    task = a_task()
+    ensure_private_dir(queue)
+    (outside / "config.yml").write_bytes(task_files.dump_task(task))
+    (queue / ARCHIVE_DIR).symlink_to(outside, target_is_directory=True)
+    monkeypatch.setattr(build_pipeline_activities, "find_task",
+                        lambda _queue, _task_id: queue / ARCHIVE_DIR / "config.yml")
+    activities = build_pipeline_activities.PipelineActivities(load_config({
+        "HOME": str(queue.parent), "TASK_QUEUE_DIR": str(queue)}))
+
+    assert activities._close_open_task(task["id"], EXPIRED, "stage timed out") is False
+    assert load_yaml(outside / "config.yml") == task
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    (outside / "config.yml").unlink()  # for the `outside` fixture's check
+
+
 def test_linked_audit_folders_redirect_no_write(tmp_path: Path, outside: Path) -> None:
     """Finding 6 for the audit tree: audit-requests/ (not only audit-requests/<build>) as
     a link, swapped in after audit_folder() looked."""
@@ -905,22 +939,23 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
 
 async def test_any_volume_of_blocks_fits_every_channel(notifying: Any) -> None:
     """Finding 7: 460 blocks of 300 characters overflowed the script's argv (no alert at
-    all) and sent 139 KB to ntfy."""
+    all) and sent 139 KB to ntfy. A triage now holds at most MAX_FINDINGS findings; that
+    many blocks of 300 characters still far exceed every channel's limit."""
     from activities.notify import NOTICE_MAX_BYTES
 
     pipeline, notice, ntfy = notifying
-    blocks = [f"block {i:03d} " + "x" * 290 for i in range(460)]
+    blocks = [f"block {i:03d} " + "x" * 290 for i in range(MAX_FINDINGS)]
     handle = await park(pipeline, "many-blocks", blocks)
 
     status = await status_of(handle)
     assert status.notification_failures == []
-    assert status.blocks == 460
+    assert status.blocks == MAX_FINDINGS
     text = notice()
     assert len(text.encode()) <= NOTICE_MAX_BYTES
     listed = [line for line in text.splitlines() if line.startswith("- block ")]
     assert listed
     assert all(len(line) <= 2 + 300 for line in listed)
-    assert f"- … and {460 - len(listed)} more block(s)" in text
+    assert f"- … and {MAX_FINDINGS - len(listed)} more block(s)" in text
     [posted] = ntfy.requests
     assert len(posted["body"].encode()) <= 4096
     assert posted["body"] == text

@@ -39,6 +39,7 @@ from tests.mtls import (
 )
 from tests.standin import (
     complete_task,
+    complete_with_token,
     load_yaml,
     play_stage,
     poll,
@@ -301,6 +302,31 @@ class FakeBrokenPipelineWorkflow:
     @workflow.run
     async def run(self, _raw_input: Any) -> None:
         raise RuntimeError("simulated bug in workflow code")
+
+
+async def test_analysis_shows_an_agent_message_never_as_terminal_codes(
+        pipeline: PipelineEnv) -> None:
+    """An agent fails its stage with a message built to erase the real status line on
+    the operator's terminal and print a reassuring one instead."""
+    env = ops_env(pipeline.env, pipeline.root)
+    handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, {
+        "build_name": "forged", "plan_path": "/p.md",
+        "task_id": write_origin_task(pipeline.queue_dir), "target_agent": "builder"},
+        workflow_id=f"forged-{uuid.uuid4().hex[:6]}")
+    prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
+    forged = "\x1b[2K\r\x1b[1Aforged: COMPLETED\nno errors found in the history\u202e\x1b[8m"
+    await complete_with_token(pipeline.client, load_yaml(prefab), "failed", forged)
+    waited = await atool("wait-for-workflow-status", "--workflow-id", handle.id, "--status",
+                         "FAILED", "--timeout", "30", env=env)
+    assert waited.returncode == 0, waited.stderr
+
+    analysis = await atool("analyze-workflow-error", "--workflow-id", handle.id, env=env)
+    assert analysis.returncode == 1
+    assert not set("\x1b\r\u202e") & set(analysis.stdout), analysis.stdout
+    assert "no errors found in the history" not in analysis.stdout.splitlines()
+    shown = "\\x1b[2K\\r\\x1b[1Aforged: COMPLETED\\nno errors found in the history\\u202e"
+    assert shown in analysis.stdout
+    assert "status FAILED" in analysis.stdout.splitlines()[0]
 
 
 async def test_stalled_workflow_found_explained_and_terminated(pipeline: PipelineEnv,

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from activities.triage import MAX_DEPTH, MAX_TRIAGE_BYTES, read_triage
+from activities.triage import (
+    MAX_DEPTH,
+    MAX_DESCRIPTION_CHARS,
+    MAX_FINDINGS,
+    MAX_FINDINGS_BYTES,
+    MAX_TRIAGE_BYTES,
+    read_triage,
+)
 from exceptions import TriageInvalidError, TriageMissingError
 from vocabulary import AUDIT_REQUESTS_DIR
 
@@ -86,6 +93,12 @@ info: [*c, *c, *c, *c, *c, *c, *c, *c, *c]
     ("blocks:\n  - description: 7\n", "blocks[0]: description must be a string"),
     ("flags:\n  - '   '\n", "flags[0]: description is empty"),
     ("blockers:\n  - typo in the key\n", "unknown top-level keys ['blockers']"),
+    # Valid YAML under 1 MiB, but too much for the pipeline to hold or Temporal to record.
+    ("info:\n" + "  - a\n" * 90_000, "more than 20000 values"),
+    ("flags:\n" + "  - a\n" * (MAX_FINDINGS - 1) + "info:\n  - a\n  - b\n",
+     f"{MAX_FINDINGS + 1} findings; at most {MAX_FINDINGS}"),
+    ("info:\n" + f"  - {'x' * MAX_DESCRIPTION_CHARS}\n" * 7,
+     f"; at most {MAX_FINDINGS_BYTES}"),
 ])
 def test_refused_with_file_and_problem(tmp_path: Path, content: str, problem: str) -> None:
     path = triage_file(tmp_path, content)
@@ -128,6 +141,15 @@ def test_exactly_one_mib_is_accepted(tmp_path: Path) -> None:
     path = triage_file(tmp_path, head + "x" * (MAX_TRIAGE_BYTES - len(head) - 1) + "\n")
     assert path.stat().st_size == MAX_TRIAGE_BYTES
     assert [i.description for i in read_triage(path).info] == ["ok"]
+
+
+def test_the_most_findings_allowed_are_accepted(tmp_path: Path) -> None:
+    extra = "    severity: high\n    files: [a.py, b.py]\n"
+    path = triage_file(tmp_path, "blocks:\n" + f"  - description: {'d' * 400}\n{extra}"
+                       * MAX_FINDINGS)
+    triage = read_triage(path)
+    assert len(triage.blocks) == MAX_FINDINGS
+    assert len(triage.model_dump_json()) <= MAX_FINDINGS_BYTES
 
 
 def test_symlink_is_refused(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from tools.common import (
     wait_ready,
     worker_config,
 )
+from visible_text import escaped
 from vocabulary import BLOCKS_PENDING, INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
 
 MAX_STATUS_FILE_BYTES = 4096
@@ -353,7 +354,8 @@ def failure_text(failure: dict[str, Any] | None) -> str:
     parts = []
     while failure and failure.get("message"):
         kind = failure_type(failure, follow=False)
-        parts.append(f"{kind}: {failure['message']}" if kind else failure["message"])
+        message = escaped(failure["message"])  # written by whoever failed the activity
+        parts.append(f"{kind}: {message}" if kind else message)
         failure = failure.get("cause")
     return " <- ".join(parts) or "(no message)"
 
@@ -446,8 +448,8 @@ def finding(event: dict[str, Any], scheduled: dict[str, str]) -> tuple[str, str,
     if kind == "WORKFLOW_TASK_FAILED":
         cause = str(attrs.get("cause", "")).removeprefix("WORKFLOW_TASK_FAILED_CAUSE_")
         message = failure_text(failure)
-        tail = [line for line in (failure or {}).get("stackTrace", "").strip().splitlines()
-                if line][-3:]
+        tail = [escaped(line) for line in
+                (failure or {}).get("stackTrace", "").strip().splitlines() if line][-3:]
         nondeterministic = "NON_DETERMINISTIC" in cause or any(word in message.lower() for word
                                                                in ("nondetermin", "non-determin",
                                                                    "history mismatch"))
@@ -465,7 +467,8 @@ def finding(event: dict[str, Any], scheduled: dict[str, str]) -> tuple[str, str,
     if kind == "WORKFLOW_EXECUTION_TIMED_OUT":
         return what, "execution timeout reached", ADVICE["timed_out"]
     if kind == "WORKFLOW_EXECUTION_TERMINATED":
-        return (what, f"{attrs.get('reason') or 'no reason'} (by {attrs.get('identity') or '?'})",
+        return (what, escaped(f"{attrs.get('reason') or 'no reason'} "
+                              f"(by {attrs.get('identity') or '?'})"),
                 ADVICE["terminated"])
     if kind == "WORKFLOW_EXECUTION_CANCELED":
         return what, "cancel request honoured", ADVICE["canceled"]

@@ -687,10 +687,15 @@ class BuildPipelineWorkflow:
                                    f"outcome: {self._outcome}, decision: {self._decision})",
                                    type=DECISION_REFUSED, non_retryable=True)
         try:
-            coerce_decision(raw)
+            choice = coerce_decision(raw)
         except ValidationError as err:
             raise ApplicationError(f"invalid decision: {validation_message(err)}",
                                    type=INVALID_INPUT, non_retryable=True) from None
+        if (choice.source == "task_file" and choice.task_id is not None
+                and self._input is not None and choice.task_id != self._input.task_id):
+            raise ApplicationError(f"the deciding file carries task id {choice.task_id!r}, not "
+                                   f"this pipeline's originating task", type=DECISION_REFUSED,
+                                   non_retryable=True)
 
     def _decide(self, decision: Decision, raw: Any) -> str:
         choice = coerce_decision(raw)

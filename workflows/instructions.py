@@ -8,9 +8,8 @@ close nor reopen the delimiter (nor open any other tag).
 
 from __future__ import annotations
 
-import unicodedata
-
 from models import Finding
+from visible_text import visible_line
 
 FINDING_MAX_CHARS = 500
 OPEN_TAG = "<security-findings>"
@@ -31,13 +30,8 @@ def sanitize_finding(text: str) -> str:
     # NFKC first, so look-alikes (fullwidth ＜, small-form ﹤) become the `<` that is then
     # escaped; control and format characters (ANSI escapes, zero-width, bidi overrides)
     # are dropped, as they only serve to hide text from a human reviewer.
-    folded = unicodedata.normalize("NFKC", text)
-    visible = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in folded
-                      if unicodedata.category(ch) != "Cf")
-    collapsed = " ".join(visible.split())
-    if len(collapsed) > FINDING_MAX_CHARS:
-        collapsed = collapsed[: FINDING_MAX_CHARS - 1] + "…"
-    return collapsed.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    line = visible_line(text, FINDING_MAX_CHARS)
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def finding_texts(findings: list[Finding]) -> list[str]:
