@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import watchfiles
+from pydantic import ValidationError
 from temporalio.client import Client
-from temporalio.service import RPCError
 
 from config import WorkerConfig
 from decisions import deliver_decision
 from exceptions import FileIoStalledError, TaskFileError
 from file_io import run_file_io
-from models import BlockDecision, Decision
+from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision
 from task_files import (
     AWAITING_DECISION,
     MAX_TASK_FILE_BYTES,
@@ -45,7 +45,9 @@ from task_files import (
     read_agent_file,
     shown_path,
 )
+from visible_text import visible_line
 from vocabulary import APPROVED, DECIDING_STATUSES
+from workflows.build_pipeline_workflow import validation_message
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ RESCAN_INTERVAL_SECONDS = 600.0
 # Pause between coalesced batches of file events (watchfiles' debounce), in ms.
 DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
-MAX_NOTE_CHARS = 2000
 MAX_DELIVERIES_IN_FLIGHT = 64
 
 
@@ -71,9 +72,9 @@ def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
         return None
     actor, note = claimed_actor(task, status)
     decision: Decision = "approved" if status == APPROVED else "rejected"
-    note = note[:MAX_NOTE_CHARS]
     if status != decision:
         note = f"task status {status}" + (f": {note}" if note else "")
+    note = visible_line(note, MAX_DECISION_NOTE_CHARS)
     choice = BlockDecision(decided_by="task file", source="task_file", note=note,
                            claimed_by=actor or None, task_id=task_id)
     return workflow_id, run_id if isinstance(run_id, str) and run_id else None, decision, choice
@@ -90,6 +91,7 @@ class BlockDecisionWatcher:
         # One delivery in flight per waiting run, off the watch loop: a run no worker
         # answers for holds up only its own decision (decisions.py bounds the wait).
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
+        self._again: dict[tuple[str, str | None], Path] = {}
 
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
@@ -104,24 +106,40 @@ class BlockDecisionWatcher:
         except (TaskFileError, FileIoStalledError) as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})
             return
-        found = pending_decision(task)
+        try:
+            found = pending_decision(task)
+        except ValidationError as err:  # e.g. an id longer than any task's: not a decision
+            log.warning("task_file_skipped", extra={"task_file": str(path),
+                                                    "error": validation_message(err)})
+            return
         if found is None:
             return
         workflow_id, run_id, decision, choice = found
+        target = (workflow_id, run_id)
+        if self._in_flight(target, path):
+            return
+        if len(self._deliveries) >= MAX_DELIVERIES_IN_FLIGHT:
+            log.warning("decision_deferred", extra={
+                "workflow_id": workflow_id, "task_file": str(path),
+                "error": f"{MAX_DELIVERIES_IN_FLIGHT} decisions in flight; the next rescan "
+                         f"tries again"})
+            return
         problem = await self._not_the_task(path, choice.task_id or "")
         if problem:
             log.warning("decision_not_delivered", extra={
                 "workflow_id": workflow_id, "task_file": str(path), "error": problem})
             return
-        target = (workflow_id, run_id)
-        if target in self._deliveries or len(self._deliveries) >= MAX_DELIVERIES_IN_FLIGHT:
-            # The one in flight carries the run's first decision, which is the one applied;
-            # past the cap, the next rescan tries again.
-            return
-        delivery = asyncio.create_task(self._deliver(path, workflow_id, run_id, decision,
-                                                     choice))
-        self._deliveries[target] = delivery
-        delivery.add_done_callback(lambda _: self._deliveries.pop(target, None))
+        if not self._in_flight(target, path):  # checked again: the lookup awaited
+            self._deliveries[target] = asyncio.create_task(
+                self._deliver(target, path, decision, choice))
+
+    def _in_flight(self, target: tuple[str, str | None], path: Path) -> bool:
+        """Whether a decision for this run is on its way; if so, `path` is looked at
+        again once it ends, unless it was applied (a run takes its first decision only)."""
+        if target in self._deliveries:
+            self._again[target] = path
+            return True
+        return False
 
     async def _not_the_task(self, path: Path, task_id: str) -> str:
         """Why the file at `path` is not the task its id names ('' when it is): a copy
@@ -134,22 +152,24 @@ class BlockDecisionWatcher:
             return f"the task with id {task_id!r} is {shown_path(found)}, not this file"
         return ""
 
-    async def _deliver(self, path: Path, workflow_id: str, run_id: str | None,
-                       decision: Decision, choice: BlockDecision) -> None:
+    async def _deliver(self, target: tuple[str, str | None], path: Path, decision: Decision,
+                       choice: BlockDecision) -> None:
+        workflow_id, run_id = target
+        outcome = "failed"
         try:
             outcome = await deliver_decision(self.client, workflow_id=workflow_id,
                                              run_id=run_id, decision=decision, choice=choice)
-        except RPCError as err:
+        except Exception as err:  # one delivery must never end the watcher
             log.warning("decision_not_delivered", extra={
-                "workflow_id": workflow_id, "task_file": str(path), "error": str(err)[:200]})
-            return
+                "workflow_id": workflow_id, "task_file": str(path),
+                "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        finally:
+            del self._deliveries[target]
+            later = self._again.pop(target, None)
         if outcome == "applied":
             self.delivered += 1
-
-    async def settle(self) -> None:
-        """Wait for the deliveries in flight (tests, and a scan that must be complete)."""
-        while self._deliveries:
-            await asyncio.gather(*self._deliveries.values(), return_exceptions=True)
+        elif later is not None:
+            await self.consider(later)
 
     async def scan(self) -> None:
         if not self.folder.is_dir():

@@ -14,7 +14,11 @@ import asyncio
 import logging
 from typing import Literal
 
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from models import BlockDecision, Decision
@@ -43,7 +47,12 @@ async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | No
         await asyncio.wait_for(handle.execute_update(
             UPDATE_NAMES[decision], choice, id=update_id(workflow_id, run_id), result_type=str),
             limit)
-    except TimeoutError:
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        # The SDK turns wait_for's cancel into its own error; a cancel of this task (the
+        # worker stopping) must still stop it.
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError from None
         log.warning("decision_not_delivered", extra={
             "workflow_id": workflow_id, "decision": decision, "source": choice.source,
             "error": f"no answer within {limit:.0f}s (is a worker serving that workflow?)"})

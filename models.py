@@ -294,12 +294,15 @@ class BlockResolution(BaseModel):
     note: str = ""
 
 
+MAX_DECISION_NOTE_CHARS = 2000
+
+
 class BlockDecision(BaseModel):
     """Argument of the approve_blocks / reject_blocks updates (a plain string also works)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    note: str = Field(default="", max_length=2000)
+    note: str = Field(default="", max_length=MAX_DECISION_NOTE_CHARS)
     decided_by: str = Field(default="operator", min_length=1, max_length=100)
     source: DecisionSource = "update"
     # For file decisions: the actor the file's own history names. Anyone who can write

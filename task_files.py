@@ -62,7 +62,6 @@ TASK_SUFFIX = ".yml"
 AWAITING_DECISION = "awaiting_decision"
 # A claimed actor as shown in decisions (BlockDecision.claimed_by).
 CLAIMED_ACTOR_CHARS = 100
-MAX_CLAIMED_NOTE_CHARS = 2000
 # The fields the worker acts on must be short strings (see check_task_fields).
 MAX_STATUS_CHARS = 64
 MAX_ACTOR_CHARS = 200
@@ -663,7 +662,7 @@ def claimed_actor(task: dict[str, Any], status: str) -> tuple[str, str]:
         if isinstance(entry, dict) and entry.get("status") == status:
             actor, note = entry.get("actor"), entry.get("note")
             return (visible_line(actor, CLAIMED_ACTOR_CHARS) if isinstance(actor, str) else "",
-                    visible_line(note, MAX_CLAIMED_NOTE_CHARS) if isinstance(note, str) else "")
+                    visible_line(note, MAX_NOTE_CHARS) if isinstance(note, str) else "")
     return "", ""
 
 

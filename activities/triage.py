@@ -84,7 +84,7 @@ def parse_triage_text(path: Path, text: str) -> TriageResult:
     result = TriageResult(triage_path=str(path), **{
         section: [_item(path, section, i, raw) for i, raw in enumerate(items)]
         for section, items in lists.items()})
-    size = len(result.model_dump_json())
+    size = len(result.model_dump_json().encode())
     if size > MAX_FINDINGS_BYTES:
         raise TriageInvalidError(f"{path}: findings take {size} bytes as JSON; at most "
                                  f"{MAX_FINDINGS_BYTES}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,17 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
-from block_watcher import pending_decision
+import decisions
+from block_watcher import BlockDecisionWatcher, pending_decision
 from config import load_config
 from decisions import deliver_decision
-from models import BlockDecision, BuildPipelineResult, PipelineStatus, StageEvent
+from models import (
+    MAX_DECISION_NOTE_CHARS,
+    BlockDecision,
+    BuildPipelineResult,
+    PipelineStatus,
+    StageEvent,
+)
 from task_files import AWAITING_DECISION, add_history, find_task, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
@@ -250,7 +258,9 @@ async def test_only_the_originating_task_decides(pipeline: PipelineEnv,
     await poll(lambda: watcher_said(caplog, "decision_not_delivered", "2 files carry this id"),
                timeout=10, what="shadow copy refused")
     decide(origin, "approved")  # with a shadow beside it, not even the real file decides
-    await poll(lambda: watcher_said(caplog, "decision_not_delivered", origin.name),
+    await poll(lambda: any(record.getMessage() == "decision_not_delivered"
+                           and getattr(record, "task_file", None) == str(origin)
+                           for record in caplog.records),
                timeout=10, what="real file refused too")
 
     assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
@@ -275,9 +285,13 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
     await handle.cancel()
 
 
-async def test_a_run_nobody_serves_holds_up_no_other_decision(pipeline: PipelineEnv) -> None:
+async def test_a_run_nobody_serves_holds_up_no_other_decision(
+        pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A file naming a workflow on a queue no worker polls: its Update waits unanswered,
-    off the watch loop, while a real decision lands at once."""
+    off the watch loop, while a real decision lands at once; then it is given up."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(decisions, "DECISION_DELIVERY_TIMEOUT", timedelta(seconds=3))
     nobody = await pipeline.client.start_workflow(
         BuildPipelineWorkflow.run, {"build_name": "nobody"}, id=f"nobody-{uuid.uuid4()}",
         task_queue=f"nobody-{uuid.uuid4()}")
@@ -289,6 +303,9 @@ async def test_a_run_nobody_serves_holds_up_no_other_decision(pipeline: Pipeline
         latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
         print(f"file approval beside an unanswered one -> close-out: {latency * 1000:.0f} ms")
         assert latency <= DECISION_LATENCY_LIMIT_SECONDS
+        await poll(lambda: watcher_said(caplog, "decision_not_delivered", "no answer within 3s"),
+                   timeout=15, what="the unanswered delivery given up")
+        assert watcher_said(caplog, "decision_not_delivered", nobody.id)
         await handle.cancel()
     finally:
         await nobody.terminate("test done")
@@ -305,3 +322,29 @@ def test_a_file_decision_carries_its_task_id_and_only_visible_text() -> None:
     assert (choice.claimed_by, choice.note, choice.task_id) == (
         "ops-bot [31mecnatpecca ksir", "risk [2K fine", "task-1")
     assert pending_decision({**task, "id": None}) is None  # no id: not an originating task
+
+
+def test_a_rejecting_status_with_the_longest_note_still_decides() -> None:
+    note = "n" * 2000  # as long as a task file's history note may be
+    task = {"id": "task-1", "status": "cancelled", AWAITING_DECISION: {"workflow_id": "w"},
+            "history": [{"status": "cancelled", "actor": "ann", "note": note}]}
+    found = pending_decision(task)
+    assert found is not None
+    _, _, decision, choice = found
+    assert decision == "rejected"
+    assert choice.note.startswith("task status cancelled: nnn")
+    assert len(choice.note) == MAX_DECISION_NOTE_CHARS
+
+
+async def test_a_file_that_cannot_be_a_decision_never_stops_the_watcher(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    config = load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue")})
+    config.task_queue_dir.mkdir()
+    path = config.task_queue_dir / "odd.yml"
+    path.write_text(yaml.safe_dump({"id": "x" * 300, "status": "approved",
+                                    AWAITING_DECISION: {"workflow_id": "w"}}))
+    watcher = BlockDecisionWatcher(client=None, config=config)  # type: ignore[arg-type]
+    await watcher.consider(path)  # returns; nothing raised, nothing sent
+    assert watcher_said(caplog, "task_file_skipped", "task_id")
+    assert watcher.delivered == 0

@@ -332,7 +332,8 @@ def show_result(wid: str, run_id: str | None, *, header: bool, indent: int | Non
                         f" --workflow-id {wid} --status COMPLETED)")
     if status != "COMPLETED":
         attrs = event_attributes(described.get("closeEvent") or {})
-        reason = failure_text(attrs["failure"]) if attrs.get("failure") else attrs.get("reason")
+        reason = (failure_text(attrs["failure"]) if attrs.get("failure")
+                  else escaped(attrs.get("reason") or ""))
         raise ToolError(f"{wid} is {status}, no result" + (f": {reason}" if reason else "") +
                         f" (tools/analyze-workflow-error --workflow-id {wid})")
     result = described.get("result")
@@ -353,8 +354,8 @@ def failure_text(failure: dict[str, Any] | None) -> str:
     """`Type: message` of a Failure, following its cause chain."""
     parts = []
     while failure and failure.get("message"):
-        kind = failure_type(failure, follow=False)
-        message = escaped(failure["message"])  # written by whoever failed the activity
+        # Type and message are written by whoever failed the activity (any token holder).
+        kind, message = escaped(failure_type(failure, follow=False)), escaped(failure["message"])
         parts.append(f"{kind}: {message}" if kind else message)
         failure = failure.get("cause")
     return " <- ".join(parts) or "(no message)"
