@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from temporalio.client import Client
 
 from config import WorkerConfig
 from decisions import deliver_decision
-from exceptions import FileIoStalledError, TaskFileError
+from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision
 from task_files import (
@@ -143,9 +144,17 @@ class BlockDecisionWatcher:
 
     async def _not_the_task(self, path: Path, task_id: str) -> str:
         """Why the file at `path` is not the task its id names ('' when it is): a copy
-        of an originating task, or two files with its id, decide nothing."""
+        of an originating task, or two files with its id, decide nothing.
+
+        Only files named with the id's prefix are looked at (no full scan: a folder of
+        planted files would otherwise cost a read of every file per file). A file
+        named otherwise decides only when no file is named for its id, and the pipeline
+        still refuses any id but its originating task's."""
         try:
-            found = await run_file_io(find_task, self.folder, task_id)
+            found = await run_file_io(partial(find_task, self.folder, task_id,
+                                              full_scan=False))
+        except TaskNotFoundError:
+            return ""
         except (TaskFileError, FileIoStalledError) as err:
             return str(err)[:300]
         if os.path.abspath(found) != os.path.abspath(path):
