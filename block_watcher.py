@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from temporalio.client import Client
 
 from config import WorkerConfig
 from decisions import deliver_decision
-from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
+from exceptions import AmbiguousTaskError, FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision
 from task_files import (
@@ -57,6 +58,7 @@ RESCAN_INTERVAL_SECONDS = 600.0
 DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
 MAX_DELIVERIES_IN_FLIGHT = 64
+MAX_DEFERRED = 1000
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -93,6 +95,7 @@ class BlockDecisionWatcher:
         # answers for holds up only its own decision (decisions.py bounds the wait).
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str | None], Path] = {}
+        self._deferred: OrderedDict[Path, None] = OrderedDict()
 
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision."""
@@ -122,8 +125,12 @@ class BlockDecisionWatcher:
         if len(self._deliveries) >= MAX_DELIVERIES_IN_FLIGHT:
             log.warning("decision_deferred", extra={
                 "workflow_id": workflow_id, "task_file": str(path),
-                "error": f"{MAX_DELIVERIES_IN_FLIGHT} decisions in flight; the next rescan "
-                         f"tries again"})
+                "error": f"{MAX_DELIVERIES_IN_FLIGHT} decisions in flight; looked at again "
+                         f"when one ends"})
+            self._deferred[path] = None
+            self._deferred.move_to_end(path)
+            if len(self._deferred) > MAX_DEFERRED:
+                self._deferred.popitem(last=False)  # the rescan still finds it
             return
         problem = await self._not_the_task(path, choice.task_id or "")
         if problem:
@@ -155,6 +162,9 @@ class BlockDecisionWatcher:
                                               full_scan=False))
         except TaskNotFoundError:
             return ""
+        except AmbiguousTaskError as err:
+            return (f"{str(err)[:300]}; once the stray files are gone, save the originating "
+                    f"task again (or wait for the rescan)")
         except (TaskFileError, FileIoStalledError) as err:
             return str(err)[:300]
         if os.path.abspath(found) != os.path.abspath(path):
@@ -167,7 +177,8 @@ class BlockDecisionWatcher:
         outcome = "failed"
         try:
             outcome = await deliver_decision(self.client, workflow_id=workflow_id,
-                                             run_id=run_id, decision=decision, choice=choice)
+                                             run_id=run_id, decision=decision, choice=choice,
+                                             task_queue=self.config.task_queue)
         except Exception as err:  # one delivery must never end the watcher
             log.warning("decision_not_delivered", extra={
                 "workflow_id": workflow_id, "task_file": str(path),
@@ -179,6 +190,9 @@ class BlockDecisionWatcher:
             self.delivered += 1
         elif later is not None:
             await self.consider(later)
+            return
+        if self._deferred:
+            await self.consider(self._deferred.popitem(last=False)[0])
 
     async def scan(self) -> None:
         if not self.folder.is_dir():

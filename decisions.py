@@ -16,13 +16,15 @@ from typing import Literal
 
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.service import RPCError, RPCStatusCode
 
 from models import BlockDecision, Decision
-from policies import DECISION_DELIVERY_TIMEOUT
+from policies import DECISION_DELIVERY_TIMEOUT, DECISION_DESCRIBE_TIMEOUT
+from vocabulary import BUILD_PIPELINE_WORKFLOW
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,37 @@ def update_id(workflow_id: str, run_id: str | None) -> str:
 
 
 async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | None,
-                           decision: Decision, choice: BlockDecision) -> Delivery:
+                           decision: Decision, choice: BlockDecision,
+                           task_queue: str) -> Delivery:
     """Send `decision` to the workflow; `applied`, `refused` (not waiting, or already
     decided otherwise), `gone` (no such running workflow) or `unanswered` (no worker took
     the Update in time, e.g. a workflow on a queue nobody serves: the SDK would wait for
     one without end)."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     limit = DECISION_DELIVERY_TIMEOUT.total_seconds()
+    # Whoever writes the folder (or posts in the room) names the run: only a running
+    # pipeline on this worker's queue gets the Update. Anything else (a workflow no
+    # worker serves, say) would hold a delivery until the limit.
     try:
-        await asyncio.wait_for(handle.execute_update(
+        described = await handle.describe(rpc_timeout=DECISION_DESCRIBE_TIMEOUT)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            log.info("decision_target_gone", extra={"workflow_id": workflow_id,
+                                                    "source": choice.source})
+            return "gone"
+        raise
+    if described.status != WorkflowExecutionStatus.RUNNING:
+        log.info("decision_target_gone", extra={"workflow_id": workflow_id,
+                                                "source": choice.source})
+        return "gone"
+    if (described.workflow_type, described.task_queue) != (BUILD_PIPELINE_WORKFLOW, task_queue):
+        log.warning("decision_not_delivered", extra={
+            "workflow_id": workflow_id, "decision": decision, "source": choice.source,
+            "error": f"not a {BUILD_PIPELINE_WORKFLOW} on task queue {task_queue!r} "
+                     f"({described.workflow_type[:100]!r} on {described.task_queue[:100]!r})"})
+        return "refused"
+    try:
+        applied = await asyncio.wait_for(handle.execute_update(
             UPDATE_NAMES[decision], choice, id=update_id(workflow_id, run_id), result_type=str),
             limit)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
@@ -68,6 +92,12 @@ async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | No
                                                     "source": choice.source})
             return "gone"
         raise
+    if applied != decision:
+        # One Update id per run: Temporal answered with the decision taken before.
+        log.info("decision_refused", extra={"workflow_id": workflow_id, "decision": decision,
+                                            "source": choice.source,
+                                            "reason": f"the run was decided already: {applied}"})
+        return "refused"
     log.info("decision_delivered", extra={"workflow_id": workflow_id, "decision": decision,
                                           "source": choice.source,
                                           "decided_by": choice.decided_by})

@@ -183,6 +183,7 @@ class RoomListener:
     def __init__(self, client: Client, config: WorkerConfig, http: httpx.AsyncClient,
                  bot: str, room_id: str) -> None:
         self.client = client
+        self.task_queue = config.task_queue
         self.approvers = frozenset(config.matrix_approvers)
         self.http = http
         self.bot = bot
@@ -244,7 +245,8 @@ class RoomListener:
         choice = BlockDecision(note=wanted.note, decided_by=wanted.sender, source="matrix")
         try:
             await deliver_decision(self.client, workflow_id=notice.workflow_id,
-                                   run_id=notice.run_id, decision=wanted.decision, choice=choice)
+                                   run_id=notice.run_id, decision=wanted.decision, choice=choice,
+                                   task_queue=self.task_queue)
         except RPCError as err:
             if err.status in TRANSIENT_RPC:
                 raise _TryLater(f"Temporal: {err.status.name if err.status else 'error'}") \

@@ -68,6 +68,8 @@ SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
 
 # How long a block decision (file, chat) waits for its pipeline's Update to be answered.
 DECISION_DELIVERY_TIMEOUT = timedelta(seconds=30)
+# The look at the named run (is it a pipeline on this worker's queue?) before that.
+DECISION_DESCRIBE_TIMEOUT = timedelta(seconds=10)
 
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.

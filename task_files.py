@@ -26,7 +26,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +68,10 @@ MAX_ACTOR_CHARS = 200
 MAX_NOTE_CHARS = 2000
 # How many unreadable or skipped entries a failed lookup names.
 MAX_REPORTED_PROBLEMS = 5
+# Files named for one id prefix a lookup reads at most: a task has one, two ids sharing
+# eight characters are one in four billion; more are planted, and reading each (up to
+# 1 MiB) for every lookup would let a few hundred of them stall the worker.
+MAX_PREFIX_CANDIDATES = 16
 # Explicit tags a hand-written file may use; anything else (!!python/..., !!binary,
 # !!set, local !tags) is refused.
 PLAIN_TAGS = frozenset({"tag:yaml.org,2002:str", "tag:yaml.org,2002:int",
@@ -588,8 +592,12 @@ class _Lookup:
             return None
 
     def matching(self, pattern: str, task_id: str) -> list[Path]:
+        return self.matching_among(self.candidates(pattern), task_id)
+
+    def matching_among(self, names: Iterable[tuple[Path, int, str]], task_id: str
+                       ) -> list[Path]:
         found = []
-        for folder, fd, name in self.candidates(pattern):
+        for folder, fd, name in names:
             task = self.read(folder, fd, name, task_id.encode())
             if task is not None and task.get("id") == task_id:
                 found.append(folder / name)
@@ -614,7 +622,8 @@ def find_task(queue_dir: Path, task_id: str, *, hint: Path | None = None,
     Order: the hinted path; files named with the id's 8-char prefix (no file reads
     beyond those candidates); then a full scan of the queue, archive/ and dead-letters/.
     Folders that are links are skipped and reported, never followed. Two files carrying
-    the id raise AmbiguousTaskError naming both: a planted copy is never picked silently.
+    the id raise AmbiguousTaskError naming both: a planted copy is never picked silently;
+    so do more than MAX_PREFIX_CANDIDATES files named for the prefix, unread.
     """
     lookup = _Lookup(queue_dir, search_archives)
     try:
@@ -622,7 +631,13 @@ def find_task(queue_dir: Path, task_id: str, *, hint: Path | None = None,
             task = lookup.read_hint(hint)
             if task is not None and task.get("id") == task_id:
                 return hint
-        found = lookup.matching(f"*-{glob.escape(task_id[:8])}.yml", task_id)
+        named = list(lookup.candidates(f"*-{glob.escape(task_id[:8])}.yml"))
+        if len(named) > MAX_PREFIX_CANDIDATES:
+            raise AmbiguousTaskError(
+                f"task {task_id!r}: {len(named)} files are named for its prefix "
+                f"{task_id[:8]!r} (at most {MAX_PREFIX_CANDIDATES} are read); refusing: "
+                f"remove the stray files")
+        found = lookup.matching_among(named, task_id)
         if not found and full_scan:
             found = lookup.matching("*.yml", task_id)
     finally:

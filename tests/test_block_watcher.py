@@ -182,7 +182,8 @@ async def test_decision_while_blocks_are_notified_is_taken(
         await at_stage(handle, "notify_blocks")
         delivery = await deliver_decision(
             client, workflow_id=handle.id, run_id=handle.result_run_id, decision="approved",
-            choice=BlockDecision(decided_by="ted", note="known risk"))
+            choice=BlockDecision(decided_by="ted", note="known risk"),
+            task_queue=pipeline.config.task_queue)
         release.touch()
         await play_stage(pipeline.queue_dir, handle.id, "build_closeout", pipeline.env)
         result: BuildPipelineResult = await handle.result()
@@ -288,25 +289,34 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
 async def test_a_run_nobody_serves_holds_up_no_other_decision(
         pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file naming a workflow on a queue no worker polls: its Update waits unanswered,
-    off the watch loop, while a real decision lands at once; then it is given up."""
+    """A file naming a pipeline on a queue no worker polls: the watcher sends it nothing
+    (it is not on this worker's queue), and a real decision lands at once. Sent anyway,
+    its Update goes unanswered and is given up at the limit."""
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(decisions, "DECISION_DELIVERY_TIMEOUT", timedelta(seconds=3))
+    nobody_queue = f"nobody-{uuid.uuid4()}"
     nobody = await pipeline.client.start_workflow(
         BuildPipelineWorkflow.run, {"build_name": "nobody"}, id=f"nobody-{uuid.uuid4()}",
-        task_queue=f"nobody-{uuid.uuid4()}")
+        task_queue=nobody_queue)
     try:
         handle, _, origin = await block_pipeline(pipeline, "unstalled")
         task_id = f"{uuid.uuid4()}"
         planted(pipeline.queue_dir, f"20200101-000000-{task_id[:8]}.yml", task_id,
                 {"workflow_id": nobody.id})
+        await poll(lambda: watcher_said(caplog, "decision_not_delivered",
+                                        f"on task queue {pipeline.config.task_queue!r}"),
+                   timeout=10, what="the other queue's run refused")
         latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
-        print(f"file approval beside an unanswered one -> close-out: {latency * 1000:.0f} ms")
+        print(f"file approval beside a planted one -> close-out: {latency * 1000:.0f} ms")
         assert latency <= DECISION_LATENCY_LIMIT_SECONDS
-        await poll(lambda: watcher_said(caplog, "decision_not_delivered", "no answer within 3s"),
-                   timeout=15, what="the unanswered delivery given up")
-        assert watcher_said(caplog, "decision_not_delivered", nobody.id)
         await handle.cancel()
+
+        sent = time.monotonic()
+        assert await deliver_decision(
+            pipeline.client, workflow_id=nobody.id, run_id=None, decision="approved",
+            choice=BlockDecision(), task_queue=nobody_queue) == "unanswered"
+        assert 3 <= time.monotonic() - sent < 10
+        assert watcher_said(caplog, "decision_not_delivered", "no answer within 3s")
     finally:
         await nobody.terminate("test done")
 
@@ -348,3 +358,21 @@ async def test_a_file_that_cannot_be_a_decision_never_stops_the_watcher(
     await watcher.consider(path)  # returns; nothing raised, nothing sent
     assert watcher_said(caplog, "task_file_skipped", "task_id")
     assert watcher.delivered == 0
+
+
+async def test_a_later_opposite_decision_is_reported_refused(
+        pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """One Update id per run: Temporal answers a second delivery with the first decision,
+    without asking the pipeline; that is not a delivery of the second."""
+    caplog.set_level(logging.INFO)
+    handle, _, _ = await block_pipeline(pipeline, "decided-once")
+    first = await deliver_decision(pipeline.client, workflow_id=handle.id, run_id=None,
+                                   decision="approved", choice=BlockDecision(decided_by="ann"),
+                                   task_queue=pipeline.config.task_queue)
+    second = await deliver_decision(pipeline.client, workflow_id=handle.id, run_id=None,
+                                    decision="rejected", choice=BlockDecision(decided_by="bob"),
+                                    task_queue=pipeline.config.task_queue)
+    assert (first, second) == ("applied", "refused")
+    assert watcher_said(caplog, "decision_refused", "the run was decided already: approved")
+    assert (await handle.query("get_status", result_type=PipelineStatus)).decision == "approved"
+    await handle.cancel()

@@ -864,6 +864,27 @@ def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
     (outside / "task.yml").unlink()  # for the `outside` fixture's check
 
 
+def test_files_planted_under_one_prefix_are_refused_unread(
+        queue: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of 1 MiB files named for one id prefix made every lookup of that prefix
+    read them all; past the cap none is read."""
+    ensure_private_dir(queue)
+    for number in range(task_files.MAX_PREFIX_CANDIDATES + 1):
+        (queue / f"a{number:05d}-deadbee0.yml").write_text(f"id: deadbee0-{number}\n")
+    reads: list[str] = []
+    real_read = task_files._Lookup.read
+    monkeypatch.setattr(task_files._Lookup, "read", lambda self, folder, fd, name, needle=b"":
+                        reads.append(name) or real_read(self, folder, fd, name, needle))
+    with pytest.raises(task_files.AmbiguousTaskError) as caught:
+        task_files.find_task(queue, "deadbee0-1")
+    assert f"{task_files.MAX_PREFIX_CANDIDATES + 1} files are named for its prefix" in str(
+        caught.value)
+    assert reads == []
+    (queue / "a00000-deadbee0.yml").unlink()  # at the cap, the files are read again
+    assert task_files.find_task(queue, "deadbee0-1") == queue / "a00001-deadbee0.yml"
+    assert len(reads) == task_files.MAX_PREFIX_CANDIDATES
+
+
 def test_closing_an_open_task_writes_nothing_through_a_swapped_folder(
         queue: Path, outside: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pipeline that ended marks its agent task still open as closed. The agent moved
