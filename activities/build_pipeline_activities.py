@@ -25,14 +25,7 @@ from activities.dispatch import (
     dispatch_agent_task,
 )
 from activities.notify import compose_block_notice, notify_all
-from activities.triage import (
-    MAX_DEPTH,
-    MAX_DESCRIPTION_CHARS,
-    MAX_FINDINGS,
-    MAX_FINDINGS_BYTES,
-    MAX_TRIAGE_BYTES,
-    read_triage,
-)
+from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
     FileIoStalledError,
@@ -61,7 +54,6 @@ from models import (
 from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
 from task_files import (
     AWAITING_DECISION,
-    MAX_YAML_NODES,
     SOURCE_AGENT,
     add_history,
     claimed_actor,
@@ -138,8 +130,6 @@ def audit_request_markdown(request: AuditRequest, folder: Path, command: list[st
     """request.md; `command` completes the audit task (its last item is the task file)."""
     success = shlex.join([*command, "success", "audit written"])
     failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
-    chars, mib, depth = f"{MAX_DESCRIPTION_CHARS:,}", MAX_TRIAGE_BYTES // 2**20, MAX_DEPTH
-    findings, kib, nodes = MAX_FINDINGS, MAX_FINDINGS_BYTES // 1024, MAX_YAML_NODES
     return f"""# Security audit request: {request.build_name}
 
 ## Scope
@@ -161,12 +151,7 @@ flags:             # auto-fixable; sent to the build agent as a security_fix tas
 info:              # informational, no action
   - "a plain string is accepted too"
 ```
-Each list is optional. Items are `{{description: ...}}` mappings (other keys are kept) or
-plain strings, at most {chars} characters per description; at most {findings} findings in
-all, taking at most {kib} KiB as JSON. The file must be UTF-8, at most {mib} MiB, plain
-YAML in one document (no tags, anchors or aliases, nesting at most {depth} levels, at most
-{nodes:,} values, no integer of more than 4300 digits) and a regular file, not a link;
-anything else fails the pipeline with an error naming the problem.
+{limits_text()}
 
 ## How to complete
 Write both files first, then run (from any directory):

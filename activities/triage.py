@@ -17,7 +17,7 @@ import yaml
 
 from exceptions import TaskFileError, TriageInvalidError, TriageMissingError
 from models import Finding, TriageResult
-from task_files import load_agent_yaml, read_agent_file
+from task_files import MAX_YAML_NODES, load_agent_yaml, read_agent_file
 
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16
@@ -29,6 +29,18 @@ MAX_DESCRIPTION_CHARS = 20_000
 MAX_FINDINGS = 200
 MAX_FINDINGS_BYTES = 128 * 1024
 SECTIONS = ("blocks", "flags", "info")
+
+
+def limits_text() -> str:
+    """What read_triage accepts, in words for the agent that writes the file."""
+    return (f"Each list is optional. Items are `{{description: ...}}` mappings (other keys "
+            f"are kept) or\nplain strings, at most {MAX_DESCRIPTION_CHARS:,} characters per "
+            f"description; at most {MAX_FINDINGS} findings in\nall, taking at most "
+            f"{MAX_FINDINGS_BYTES // 1024} KiB as JSON. The file must be UTF-8, at most "
+            f"{MAX_TRIAGE_BYTES // 2**20} MiB, plain\nYAML in one document (no tags, anchors "
+            f"or aliases, nesting at most {MAX_DEPTH} levels, at most\n{MAX_YAML_NODES:,} "
+            f"values, no integer of more than 4300 digits) and a regular file, not a link;\n"
+            f"anything else fails the pipeline with an error naming the problem.")
 
 
 def _item(path: Path, section: str, index: int, raw: Any) -> Finding:
