@@ -4,6 +4,7 @@ worker restart, and exactly once with two workers on one folder."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -376,3 +377,42 @@ async def test_a_later_opposite_decision_is_reported_refused(
     assert watcher_said(caplog, "decision_refused", "the run was decided already: approved")
     assert (await handle.query("get_status", result_type=PipelineStatus)).decision == "approved"
     await handle.cancel()
+
+
+async def test_a_deferred_or_rewritten_decision_is_looked_at_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one delivery allowed in flight, a second run's decision waits, and a file
+    rewritten while its run's delivery is on its way is looked at again once it ends.
+    The deliveries are a fake that holds the first until released: the order of events
+    is what is checked, and a real server cannot hold an answer on demand."""
+    import block_watcher
+
+    config = load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue")})
+    config.task_queue_dir.mkdir()
+    release = asyncio.Event()
+    sent: list[tuple[str, str]] = []
+
+    async def fake_deliver(_client: Any, *, workflow_id: str, decision: str,
+                           **_: Any) -> str:
+        sent.append((workflow_id, decision))
+        if len(sent) == 1:
+            await release.wait()
+            return "refused"  # not waiting yet: a later write must be looked at
+        return "applied"
+
+    monkeypatch.setattr(block_watcher, "deliver_decision", fake_deliver)
+    monkeypatch.setattr(block_watcher, "MAX_DELIVERIES_IN_FLIGHT", 1)
+    watcher = BlockDecisionWatcher(client=None, config=config)  # type: ignore[arg-type]
+    first = planted(config.task_queue_dir, "20200101-000000-aaaaaaaa.yml",
+                    "aaaaaaaa-1", {"workflow_id": "run-a"})
+    second = planted(config.task_queue_dir, "20200101-000000-bbbbbbbb.yml",
+                     "bbbbbbbb-1", {"workflow_id": "run-b"})
+    await watcher.consider(first)
+    await poll(lambda: len(sent) == 1, timeout=5, what="first delivery under way")
+    await watcher.consider(second)  # deferred: the one slot is taken
+    await watcher.consider(first)  # rewritten while its delivery is on its way
+    assert sent == [("run-a", "approved")]
+    release.set()
+    await poll(lambda: len(sent) >= 3, timeout=5, what="both files sent after the first")
+    assert sorted(sent[1:]) == [("run-a", "approved"), ("run-b", "approved")], sent
+    await poll(lambda: watcher.delivered == 2, timeout=5, what="both counted")
