@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -31,11 +32,13 @@ import watchfiles
 from pydantic import ValidationError
 from temporalio.client import Client
 
+from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_close
 from config import WorkerConfig
 from decisions import deliver_decision
 from exceptions import AmbiguousTaskError, FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
-from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision
+from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision, TaskNotice
+from policies import TASK_CLOSE_RPC_TIMEOUT
 from task_files import (
     AWAITING_DECISION,
     MAX_TASK_FILE_BYTES,
@@ -48,7 +51,7 @@ from task_files import (
     shown_path,
 )
 from visible_text import visible_line
-from vocabulary import APPROVED, DECIDING_STATUSES
+from vocabulary import APPROVED, DEAD_LETTERS_DIR, DECIDING_STATUSES, TASK_NOTICE_SIGNAL
 from workflows.build_pipeline_workflow import validation_message
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ DEBOUNCE_MS = 50
 POLL_DELAY_MS = 300
 MAX_DELIVERIES_IN_FLIGHT = 64
 MAX_DEFERRED = 1000
+MAX_NOTICE_CHARS = 300
+MAX_SETTLED = 10_000
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -90,26 +95,52 @@ class BlockDecisionWatcher:
         self.client = client
         self.config = config
         self.folder = config.task_queue_dir
+        self._watched = frozenset(os.path.abspath(folder) for folder in (
+            self.folder, self.folder / DEAD_LETTERS_DIR))
         self.delivered = 0
         # One delivery in flight per waiting run, off the watch loop: a run no worker
         # answers for holds up only its own decision (decisions.py bounds the wait).
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str | None], Path] = {}
         self._deferred: OrderedDict[Path, None] = OrderedDict()
+        self.closes = ClosedTaskApplier(client, config.task_queue)
+        self._closing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        # Closed files already dealt with, by path and content: a rescan skips them.
+        self._settled: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     async def consider(self, path: Path) -> None:
-        """Read one file; if it decides a waiting run, deliver the decision."""
+        """Read one file; if it decides a waiting run, deliver the decision; if it is one
+        of our agent tasks closed with the platform's tools, finish its stage."""
         try:
             raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
-            if AWAITING_DECISION.encode() not in raw:
-                return  # agent task files (nearly every write) are not parsed at all
-            # Parsed off the event loop: a file built to be slow to parse delays only this.
-            task = await run_file_io(parse_task, shown_path(path), raw)
         except FileNotFoundError:
             return
         except (TaskFileError, FileIoStalledError) as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})
             return
+        closing, deciding = may_close(raw), AWAITING_DECISION.encode() in raw
+        if not (closing or deciding):
+            return  # agent task files (nearly every write) are not parsed at all
+        seen = (str(path), hash(raw))
+        if seen in self._settled:
+            return  # a close already applied or found stale, unchanged since
+        try:
+            # Parsed off the event loop: a file built to be slow to parse delays only this.
+            task = await run_file_io(parse_task, shown_path(path), raw)
+        except (TaskFileError, FileIoStalledError) as err:
+            if deciding:
+                await self._unreadable_decision(path, raw, str(err))
+            else:
+                log.warning("task_file_skipped", extra={"task_file": str(path),
+                                                        "error": str(err)[:300]})
+            return
+        closed = closed_task(task, dead_lettered=path.parent.name == DEAD_LETTERS_DIR)
+        if closed is not None:
+            await self._consider_close(path, closed, seen)
+        elif deciding:
+            await self._consider_decision(path, task)
+
+    async def _consider_decision(self, path: Path, task: dict[str, Any]) -> None:
         try:
             found = pending_decision(task)
         except ValidationError as err:  # e.g. an id longer than any task's: not a decision
@@ -140,6 +171,55 @@ class BlockDecisionWatcher:
         if not self._in_flight(target, path):  # checked again: the lookup awaited
             self._deliveries[target] = asyncio.create_task(
                 self._deliver(target, path, decision, choice))
+
+    async def _unreadable_decision(self, path: Path, raw: bytes, error: str) -> None:
+        """A file that names a waiting run but cannot be read decides nothing: say so,
+        in the log and, when the run can be told from its bytes, in its status."""
+        log.warning("decision_file_unreadable", extra={"task_file": str(path),
+                                                       "error": error[:300]})
+        named = waiting_run(raw)
+        if named is None:
+            return
+        workflow_id, task_id = named
+        notice = TaskNotice(task_id=task_id, kind="decision_file_unreadable",
+                            detail=error[:MAX_NOTICE_CHARS])
+        try:
+            await self.client.get_workflow_handle(workflow_id).signal(
+                TASK_NOTICE_SIGNAL, notice, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+        except Exception as err:  # a notice is best effort; the WARNING above stands
+            log.debug("task_notice_not_sent", extra={"workflow_id": workflow_id,
+                                                     "error": f"{type(err).__name__}"})
+
+    async def _consider_close(self, path: Path, closed: ClosedTask,
+                              seen: tuple[str, int]) -> None:
+        key = (closed.workflow_id, closed.activity_id, closed.status)
+        if key in self._closing:
+            return
+        problem = await self._not_the_task(path, closed.task_id)
+        if problem:
+            log.warning("task_close_refused", extra={"task_file": str(path), "error": problem})
+            return
+        while len(self._closing) >= MAX_DELIVERIES_IN_FLIGHT:
+            await asyncio.wait(list(self._closing.values()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        if key not in self._closing:  # checked again: the lookup awaited
+            self._closing[key] = asyncio.create_task(self._close(key, closed, seen))
+
+    async def _close(self, key: tuple[str, str, str], closed: ClosedTask,
+                     seen: tuple[str, int]) -> None:
+        try:
+            outcome = await self.closes.apply(closed)
+        except Exception as err:  # one close must never end the watcher; the rescan retries
+            log.warning("task_close_not_applied", extra={
+                "workflow_id": closed.workflow_id, "task_id": closed.task_id,
+                "error": f"{type(err).__name__}: {str(err)[:200]}"})
+        else:
+            if outcome != "noticed":
+                self._settled[seen] = None
+                if len(self._settled) > MAX_SETTLED:
+                    self._settled.popitem(last=False)
+        finally:
+            del self._closing[key]
 
     def _in_flight(self, target: tuple[str, str | None], path: Path) -> bool:
         """Whether a decision for this run is on its way; if so, `path` is looked at
@@ -197,10 +277,16 @@ class BlockDecisionWatcher:
     async def scan(self) -> None:
         if not self.folder.is_dir():
             return
-        paths = await asyncio.to_thread(
-            lambda: sorted(p for p in self.folder.glob(f"*{TASK_SUFFIX}")
-                           if not p.name.startswith(".")))
-        for path in paths:
+
+        def listing() -> list[Path]:
+            found = []
+            for folder in (self.folder, self.folder / DEAD_LETTERS_DIR):
+                if folder.is_dir() and not folder.is_symlink():
+                    found += sorted(p for p in folder.glob(f"*{TASK_SUFFIX}")
+                                    if not p.name.startswith("."))
+            return found
+
+        for path in await asyncio.to_thread(listing):
             await self.consider(path)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -213,16 +299,18 @@ class BlockDecisionWatcher:
                                                   "polling": self.config.watch_polling})
         try:
             await self.scan()
+            # Recursive for dead-letters/, where the dispatcher moves tasks it gives up
+            # on; the filter keeps the other folders' events out.
             async for changes in watchfiles.awatch(
-                    self.folder, stop_event=stop, recursive=False, debounce=DEBOUNCE_MS,
+                    self.folder, stop_event=stop, recursive=True, debounce=DEBOUNCE_MS,
                     step=DEBOUNCE_MS, force_polling=self.config.watch_polling,
                     poll_delay_ms=POLL_DELAY_MS, ignore_permission_denied=True,
-                    watch_filter=_task_file_written):
+                    watch_filter=partial(_task_file_written, self._watched)):
                 for path in sorted({Path(raw) for _, raw in changes}):
                     await self.consider(path)
         finally:
             rescans.cancel()
-            for delivery in list(self._deliveries.values()):
+            for delivery in [*self._deliveries.values(), *self._closing.values()]:
                 delivery.cancel()
 
     async def _rescan_forever(self, stop: asyncio.Event) -> None:
@@ -233,10 +321,25 @@ class BlockDecisionWatcher:
                 await self.scan()
 
 
-def _task_file_written(change: watchfiles.Change, raw: str) -> bool:
-    name = Path(raw).name
+def _task_file_written(folders: frozenset[str], change: watchfiles.Change, raw: str) -> bool:
+    name = os.path.basename(raw)
     return (change != watchfiles.Change.deleted and name.endswith(TASK_SUFFIX)
-            and not name.startswith("."))
+            and not name.startswith(".") and os.path.dirname(raw) in folders)
+
+
+# `awaiting_decision:` and the `workflow_id:` below it, as the worker writes them (a file
+# that cannot be parsed can still name the run it was meant to decide).
+_WAITER_RE = re.compile(
+    rb"^awaiting_decision:\s*\n\s+workflow_id:\s*['\"]?([A-Za-z0-9._:/-]{1,200})", re.MULTILINE)
+_ID_RE = re.compile(rb"^id:\s*['\"]?([A-Za-z0-9._:-]{1,128})", re.MULTILINE)
+
+
+def waiting_run(raw: bytes) -> tuple[str, str] | None:
+    """(workflow id, task id) an unparseable decision file names, if it names both."""
+    run, task = _WAITER_RE.search(raw), _ID_RE.search(raw)
+    if run is None or task is None:
+        return None
+    return run.group(1).decode(), task.group(1).decode()
 
 
 async def watch_block_decisions(client: Client, config: WorkerConfig,

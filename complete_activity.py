@@ -24,10 +24,12 @@ import argparse
 import asyncio
 import base64
 import binascii
+import glob
 import os
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
+    from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
     from temporalio.exceptions import ApplicationError
     from temporalio.service import RPCError, RPCStatusCode
 except ImportError:
@@ -63,10 +66,22 @@ from exceptions import (
     UsageError,
 )
 from models import BuildPhaseResult
-from task_files import add_history, read_agent_file, read_task, timestamp, update_task
-from vocabulary import COMPLETED, FAILED, PHASE_FAILED
+from task_files import add_history, read_agent_file, read_task, task_time, update_task
+from vocabulary import COMPLETED, FAILED, PHASE_FAILED, STATUS_QUERY, TASK_SEARCH_SUBDIRS
 
 STATUSES = ("success", "failed")
+
+
+@dataclass(frozen=True)
+class ActivityIds:
+    """A stage's activity named by its run, for task files that carry no token."""
+
+    task_id: str
+    workflow_id: str
+    run_id: str
+    activity_id: str
+
+
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 100_000
 NAMESPACE_NOT_FOUND = "NamespaceNotFoundFailure"  # gRPC error detail of an unknown namespace
@@ -166,17 +181,52 @@ def decode_text(raw: bytes, where: str) -> str:
         raise UsageError(f"{where}: cannot read: not UTF-8 (byte {err.start})") from None
 
 
-def resolve_token(args: argparse.Namespace, token_arg: str | None,
-                  environ: dict[str, str]) -> tuple[bytes, dict[str, Any] | None]:
+def locate_task_file(path: Path) -> Path:
+    """The task file the command names, or where the platform's tools moved it since
+    (archive/ or dead-letters/ beside it: the same name, or a name for the same id)."""
+    if os.path.lexists(path):
+        return path
+    queue_dir = path.parent
+    for sub in TASK_SEARCH_SUBDIRS:
+        if os.path.lexists(queue_dir / sub / path.name):
+            return queue_dir / sub / path.name
+    id8 = path.stem.rpartition("-")[2]
+    if len(id8) == 8:
+        for sub in ("", *TASK_SEARCH_SUBDIRS):
+            named = sorted((queue_dir / sub).glob(f"*-{glob.escape(id8)}.yml"))
+            if len(named) == 1:
+                return named[0]
+    return path
+
+
+def activity_ids(task: dict[str, Any], shown: Path) -> ActivityIds:
+    """Where a task without a token comes from: its run and the stage's activity."""
+    payload = task.get("payload")
+    ids = [payload.get(key) if isinstance(payload, dict) else None
+           for key in ("workflow_id", "run_id", "activity_id")]
+    task_id = task.get("id")
+    if not all(isinstance(value, str) and value for value in ids) or not isinstance(
+            task_id, str):
+        raise UsageError(f"{shown}: the file names no task token and no workflow_id, run_id "
+                         f"and activity_id to complete")
+    return ActivityIds(task_id=task_id, workflow_id=str(ids[0]), run_id=str(ids[1]),
+                       activity_id=str(ids[2]))
+
+
+def resolve_token(args: argparse.Namespace, token_arg: str | None, environ: dict[str, str]
+                  ) -> tuple[bytes | ActivityIds, dict[str, Any] | None]:
     if args.task_file is not None:
+        args.task_file = locate_task_file(args.task_file)
         try:
             task = read_task(args.task_file)
         except TaskFileError as err:
             raise UsageError(str(err)) from None
         payload = task.get("payload")
         token = payload.get("task_token") if isinstance(payload, dict) else None
+        if token is None:  # the platform dialect keeps tokens off the shared folder
+            return activity_ids(task, args.task_file), task
         if not isinstance(token, str):
-            raise UsageError(f"{args.task_file}: payload.task_token missing")
+            raise UsageError(f"{args.task_file}: payload.task_token must be a string")
         return decode_token(token, f"{args.task_file} payload.task_token"), task
     if args.token_file is not None:
         return decode_token(read_small(args.token_file, "--token-file"), "--token-file"), None
@@ -277,8 +327,34 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
     return CompletionError(f"Temporal error {err.status.name}: {first}")
 
 
-async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes, status: str,
-               message: str) -> None:
+async def check_waiting_on(client: Any, ids: ActivityIds, config: WorkerConfig,
+                           origin: Mapping[str, str]) -> None:
+    """A task file without a token completes only the stage its run waits on now: the
+    run must be running and say (get_status) that it waits on this very task."""
+    handle = client.get_workflow_handle(ids.workflow_id, run_id=ids.run_id)
+    try:
+        described = await handle.describe(rpc_timeout=policies.CLI_RPC_TIMEOUT)
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            raise ActivityGoneError(f"workflow {ids.workflow_id} has ended "
+                                    f"({described.status.name.lower()}); task {ids.task_id} "
+                                    f"completes nothing")
+        status = await handle.query(STATUS_QUERY, rpc_timeout=policies.CLI_RPC_TIMEOUT)
+    except RPCError as err:
+        raise rpc_error(err, config, origin) from None
+    except WorkflowQueryFailedError as err:
+        raise CompletionError(f"workflow {ids.workflow_id} did not say what it waits on: "
+                              f"{str(err)[:200]}") from None
+    waiting = status.get("waiting_on") if isinstance(status, dict) else None
+    waited = waiting.get("task_id") if isinstance(waiting, dict) else None
+    if waited != ids.task_id:
+        raise ActivityGoneError(f"workflow {ids.workflow_id} is not waiting on task "
+                                f"{ids.task_id} (it waits on "
+                                f"{'task ' + str(waited)[:80] if waited else 'no agent task'}): "
+                                f"a task of an earlier attempt or stage completes nothing")
+
+
+async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes | ActivityIds,
+               status: str, message: str) -> None:
     from temporal_client import connect
 
     try:
@@ -294,7 +370,13 @@ async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes, st
         source = f"set by {where}" if where else "unset: the default"
         raise ConnectError(f"cannot connect to Temporal at {config.temporal_address} "
                            f"(TEMPORAL_ADDRESS {source}): {detail}") from None
-    handle = client.get_async_activity_handle(task_token=token)
+    if isinstance(token, ActivityIds):
+        await check_waiting_on(client, token, config, origin)
+        handle = client.get_async_activity_handle(workflow_id=token.workflow_id,
+                                                  run_id=token.run_id,
+                                                  activity_id=token.activity_id)
+    else:
+        handle = client.get_async_activity_handle(task_token=token)
     try:
         if status == "success":
             await handle.complete(BuildPhaseResult(status="success", output=message),
@@ -313,11 +395,25 @@ def mark_task_file(path: Path, status: str, message: str,
 
     def apply(document: dict[str, Any]) -> None:
         document["result"] = {"output": message, "completed_by": completed_by,
-                              "completed_at": timestamp()}
+                              "completed_at": task_time(document)}
         add_history(document, status=final, actor=completed_by,
                     note=message[:500] or f"activity reported {status}")
 
     update_task(path, apply)
+
+
+def already_closed(task: dict[str, Any] | None, status: str) -> bool:
+    """Whether the task file already says what the caller reports, closed with the task
+    tools (the worker then finished the stage from the file): a harmless repeat, said so."""
+    wanted = COMPLETED if status == "success" else FAILED
+    if task is None or task.get("status") != wanted:
+        return False
+    result = task.get("result")
+    by = result.get("completed_by") if isinstance(result, dict) else None
+    print(f"complete_activity: nothing to do: task {str(task.get('id'))[:80]} was already "
+          f"closed as {wanted}" + (f" by {str(by)[:80]}" if by else "")
+          + "; its stage took that close")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,8 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         token_arg, status, message = split_positionals(args, environ)
         token, task = resolve_token(args, token_arg, environ)
         config, origin = cli_settings(task, environ)
-        asyncio.run(asyncio.wait_for(send(config, origin, token, status, message),
-                                     OVERALL_TIMEOUT_SECONDS))
+        try:
+            asyncio.run(asyncio.wait_for(send(config, origin, token, status, message),
+                                         OVERALL_TIMEOUT_SECONDS))
+        except ActivityGoneError:
+            if already_closed(task, status):
+                return 0
+            raise
         if task is not None:
             completed_by = (args.completed_by or environ.get("AGENT_NAME")
                             or str(task.get("target_agent") or "agent"))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from exceptions import ConfigError
 from models import NAME_RE as NAME_PATTERN
-from vocabulary import DEFAULT_TASK_QUEUE
+from vocabulary import DEFAULT_TASK_QUEUE, DIALECT_PLATFORM, DIALECTS, WORKFLOW_MODES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MATRIX_USER_RE = re.compile(r"^@[a-z0-9._=/+-]+:[A-Za-z0-9.-]+(:[0-9]+)?$")
@@ -57,6 +57,9 @@ ENV_FIELDS: dict[str, str] = {
     "MATRIX_APPROVERS": "matrix_approvers",
     "BLOCK_FILE_DECISIONS": "file_decisions",
     "TASK_WATCH_POLLING": "watch_polling",
+    "TASK_FILE_DIALECT": "task_file_dialect",
+    "TASK_WORKFLOW_MODE": "task_workflow_mode",
+    "TASK_TOKEN_IN_FILE": "task_token_in_file",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -136,6 +139,12 @@ class WorkerConfig(BaseModel):
     file_decisions: bool = True
     # Watch the task folder by polling (network filesystems) instead of inotify.
     watch_polling: bool = False
+    # Whose words task files speak: the platform's task tools' (default) or v0.5.0's.
+    task_file_dialect: str = DIALECT_PLATFORM
+    # workflow_mode of platform-dialect task files (what the dispatcher does with them).
+    task_workflow_mode: str = "semi-auto"
+    # Put the task token back into platform-dialect files (agents passing it on argv).
+    task_token_in_file: bool = False
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -171,6 +180,29 @@ class WorkerConfig(BaseModel):
         if not NAME_PATTERN.match(value) or len(value) > 63:
             raise ValueError("must match ^[a-z0-9][a-z0-9-]*$ (max 63)")
         return value
+
+    @field_validator("task_file_dialect")
+    @classmethod
+    def _dialect(cls, value: str) -> str:
+        if value not in DIALECTS:
+            raise ValueError(f"must be one of {', '.join(DIALECTS)}")
+        return value
+
+    @field_validator("task_workflow_mode")
+    @classmethod
+    def _workflow_mode(cls, value: str) -> str:
+        if value not in WORKFLOW_MODES:
+            raise ValueError(f"must be one of {', '.join(WORKFLOW_MODES)}")
+        return value
+
+    @property
+    def platform_dialect(self) -> bool:
+        return self.task_file_dialect == DIALECT_PLATFORM
+
+    @property
+    def token_in_task_file(self) -> bool:
+        """Whether agent task files carry payload.task_token: always in v050."""
+        return not self.platform_dialect or self.task_token_in_file
 
     @field_validator("log_level")
     @classmethod

@@ -167,6 +167,15 @@ class WaitingOn(BaseModel):
     since: datetime
 
 
+class TaskNotice(BaseModel):
+    """What the folder watch saw about one of a pipeline's task files: the dispatcher
+    failed to route it (and retries), or a decision written into it cannot be read."""
+
+    task_id: str = Field(max_length=200)
+    kind: Literal["routing_failed", "decision_file_unreadable"]
+    detail: str = Field(max_length=500)
+
+
 class PlanStatus(BaseModel):
     plan_name: str
     phases_total: int
@@ -203,6 +212,9 @@ class AgentTaskRequest(BaseModel):
     instruction: str
     plan_path: str | None = None
     extra_payload: dict[str, Any] = Field(default_factory=dict)
+    # The pipeline's originating task (platform-dialect payload.originating_task_id);
+    # None in requests recorded before it was passed.
+    originating_task_id: str | None = None
 
 
 class Finding(BaseModel):

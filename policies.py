@@ -70,6 +70,9 @@ SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
 DECISION_DELIVERY_TIMEOUT = timedelta(seconds=30)
 # The look at the named run (is it a pipeline on this worker's queue?) before that.
 DECISION_DESCRIBE_TIMEOUT = timedelta(seconds=10)
+# Each call that applies a task closed with the platform's tools (describe, query,
+# complete by id): one slow server must not hold the folder watch's other work.
+TASK_CLOSE_RPC_TIMEOUT = timedelta(seconds=10)
 
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.

@@ -295,49 +295,99 @@ def read_agent_file(path: Path, max_bytes: int, *, base: Path | None = None) -> 
 _SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH) -> Any:
+def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH, *,
+                    allow_aliases: bool = False) -> Any:
     """Load YAML an agent wrote: at most `max_depth` levels of nesting and MAX_YAML_NODES
-    nodes, no anchors or aliases, no explicit tags beyond the plain ones (yaml.YAMLError
-    otherwise).
+    nodes, no explicit tags beyond the plain ones (yaml.YAMLError otherwise). Anchors and
+    aliases are refused, or with `allow_aliases` accepted while the document they expand
+    to stays within the same two bounds (the platform's tools write an anchor and an
+    alias whenever they dump one timestamp twice).
 
-    All four are checked on the parser's event stream, which stops at the first offence,
+    All of it is checked on the parser's event stream, which stops at the first offence,
     before any node is composed or object built. PyYAML's composer slows down
     quadratically with nesting depth and recurses once per level, so one "[[[[…" file
     would otherwise cost seconds on every read (or end it with a RecursionError); a 1 KB
     alias bomb expands to gigabytes."""
     try:
-        _check_events(text, max_depth)
+        _check_events(text, max_depth, allow_aliases)
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader, checked above
     except ValueError as err:  # an integer of more than 4300 digits, a lone surrogate
         raise yaml.YAMLError(str(err).splitlines()[0] if str(err) else "invalid") from None
 
 
-def _check_events(text: str, max_depth: int) -> None:
-    depth = documents = nodes = 0
-    for event in yaml.parse(text, Loader=_SafeLoader):
+class _EventBudget:
+    """What one document's events expand to: values counted with every alias replaced by
+    what its anchor holds, and the nesting that expansion reaches."""
+
+    def __init__(self, max_depth: int, allow_aliases: bool) -> None:
+        self.max_depth = max_depth
+        self.allow_aliases = allow_aliases
+        self.depth = self.documents = self.nodes = 0
+        # anchor -> (values it expands to, levels it spans)
+        self.anchors: dict[str, tuple[int, int]] = {}
+        # per open collection: [anchor, values before it, levels below it]
+        self.open: list[list[Any]] = []
+
+    def take(self, event: yaml.Event) -> None:
         if isinstance(event, CollectionEndEvent):
-            depth -= 1
-            continue
-        if isinstance(event, DocumentStartEvent):
-            documents += 1
-            if documents > 1:  # refused now, not after walking a megabyte of documents
+            self._close()
+        elif isinstance(event, DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:  # refused now, not after walking a megabyte of documents
                 raise yaml.YAMLError(f"expected a single document in the stream (line "
                                      f"{event.start_mark.line + 1})")
-        if not isinstance(event, NodeEvent):
-            continue
-        nodes += 1
+        elif isinstance(event, AliasEvent):
+            self._alias(event)
+        elif isinstance(event, NodeEvent):
+            self._node(event)
+
+    def _node(self, event: NodeEvent) -> None:
         line = event.start_mark.line + 1
-        if nodes > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values (line {line})")
-        if isinstance(event, AliasEvent) or event.anchor is not None:
+        self._grow(1, 1, line)
+        if event.anchor is not None and not self.allow_aliases:
             raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
         tag = event.tag if isinstance(event, ScalarEvent | CollectionStartEvent) else None
         if tag is not None and tag not in PLAIN_TAGS:
             raise yaml.YAMLError(f"tag {tag[:60]!r} is not allowed (line {line})")
-        if depth >= max_depth:
-            raise yaml.YAMLError(f"nesting deeper than {max_depth} levels")
         if isinstance(event, CollectionStartEvent):
-            depth += 1
+            self.open.append([event.anchor, self.nodes - 1, 0])
+            self.depth += 1
+        elif event.anchor is not None:
+            self.anchors[event.anchor] = (1, 1)
+
+    def _alias(self, event: AliasEvent) -> None:
+        line = event.start_mark.line + 1
+        if not self.allow_aliases:
+            raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
+        found = self.anchors.get(event.anchor or "")
+        if found is None:  # undefined, or its own enclosing collection: a cycle
+            raise yaml.YAMLError(f"alias {str(event.anchor)[:60]!r} refers to no complete "
+                                 f"anchored value (line {line})")
+        self._grow(*found, line)
+
+    def _grow(self, values: int, levels: int, line: int) -> None:
+        self.nodes += values
+        if self.nodes > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values, aliases expanded "
+                                 f"(line {line})")
+        if self.depth + levels > self.max_depth:
+            raise yaml.YAMLError(f"nesting deeper than {self.max_depth} levels")
+        if self.open:
+            self.open[-1][2] = max(self.open[-1][2], levels)
+
+    def _close(self) -> None:
+        anchor, before, below = self.open.pop()
+        self.depth -= 1
+        if self.open:
+            self.open[-1][2] = max(self.open[-1][2], below + 1)
+        if anchor is not None:
+            self.anchors[anchor] = (self.nodes - before, below + 1)
+
+
+def _check_events(text: str, max_depth: int, allow_aliases: bool = False) -> None:
+    budget = _EventBudget(max_depth, allow_aliases)
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        budget.take(event)
 
 
 def _short_string(value: Any, limit: int) -> bool:
@@ -369,11 +419,14 @@ def check_task_fields(shown: str, task: dict[str, Any]) -> None:
 
 
 def parse_task(shown: str, raw: bytes) -> dict[str, Any]:
-    """Parse task YAML already read (at most the cap + 1 bytes) and check its fields."""
+    """Parse task YAML already read (at most the cap + 1 bytes) and check its fields.
+
+    Anchors and aliases are accepted within the expansion budget: the platform's tools
+    write them into every file they touch (PROTOCOL.md §1.3)."""
     if len(raw) > MAX_TASK_FILE_BYTES:
         raise TaskFileError(f"{shown}: larger than {MAX_TASK_FILE_BYTES} bytes")
     try:
-        document = load_agent_yaml(raw.decode("utf-8"))
+        document = load_agent_yaml(raw.decode("utf-8"), allow_aliases=True)
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TaskFileError(f"{shown}: not valid YAML: {first}") from None
@@ -446,13 +499,28 @@ def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -
     return path
 
 
+def task_time(task: dict[str, Any], moment: datetime | None = None) -> datetime | str:
+    """A timestamp in the style of `task`: a native YAML timestamp when its `created` is
+    one (the platform's tools write them so, PROTOCOL.md §1.3), else v0.5.0's string."""
+    moment = (moment or utc_now()).astimezone(UTC)
+    return moment if isinstance(task.get("created"), datetime) else timestamp(moment)
+
+
+def created_at(task: dict[str, Any]) -> datetime:
+    """The moment a task says it was created, in either form (str or native)."""
+    created = task["created"]
+    if isinstance(created, datetime):
+        return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+
+
 def task_filename(task_id: str, created: datetime) -> str:
     return f"{created.astimezone(UTC):%Y%m%d-%H%M%S}-{task_id[:8]}.yml"
 
 
 def new_task(*, task_id: str, target_agent: str, task_type: str, summary: str,
              payload: dict[str, Any], created: datetime | None = None) -> dict[str, Any]:
-    """A task document with every schema field, status `submitted`."""
+    """A task document in v0.5.0's words with every schema field, status `submitted`."""
     created_at = timestamp(created)
     return {
         "id": task_id,
@@ -469,6 +537,33 @@ def new_task(*, task_id: str, target_agent: str, task_type: str, summary: str,
         "result": {"output": None, "completed_by": None, "completed_at": None},
         "history": [{"timestamp": created_at, "status": SUBMITTED, "actor": SOURCE_AGENT,
                      "note": "task created"}],
+    }
+
+
+def new_platform_task(*, task_id: str, target_agent: str, task_type: str, summary: str,
+                      payload: dict[str, Any], workflow_mode: str,
+                      created: datetime | None = None) -> dict[str, Any]:
+    """A task document as the platform's task tools write one (PROTOCOL.md §1.2, their key
+    order): native timestamps with offset, every key a submitted task has, status
+    `submitted` (the dispatcher's to route)."""
+    moment = (created or utc_now()).astimezone(UTC)
+    return {
+        "id": task_id,
+        "created": moment,
+        "source_agent": SOURCE_AGENT,
+        "target_agent": target_agent,
+        "task_type": task_type,
+        "risk_level": "low",
+        "requires_approval": False,
+        "workflow_mode": workflow_mode,
+        "status": SUBMITTED,
+        "summary": summary,
+        "ttl_days": TASK_TTL_DAYS,
+        "payload": payload,
+        "result": {"output": None, "completed_by": None, "completed_at": None},
+        "history": [{"timestamp": moment, "status": SUBMITTED, "actor": SOURCE_AGENT,
+                     "note": "task created"}],
+        "retry_policy": {"next_retry_at": None, "retry_count": 0},
     }
 
 
@@ -514,8 +609,7 @@ def task_file_path(queue_dir: Path, task: dict[str, Any], created: datetime | No
             return find_task(queue_dir, task["id"], search_archives=False, full_scan=False)
         except TaskNotFoundError:
             pass
-    moment = created or datetime.fromisoformat(task["created"].replace("Z", "+00:00"))
-    return queue_dir / task_filename(task["id"], moment)
+    return queue_dir / task_filename(task["id"], created or created_at(task))
 
 
 def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None = None, *,
@@ -691,5 +785,5 @@ def add_history(task: dict[str, Any], *, status: str, actor: str, note: str) -> 
         task["history"] = history
     if len(note) > MAX_NOTE_CHARS:
         note = note[:MAX_NOTE_CHARS - 1] + "…"
-    history.append({"timestamp": timestamp(), "status": status,
+    history.append({"timestamp": task_time(task), "status": status,
                     "actor": actor[:MAX_ACTOR_CHARS], "note": note})

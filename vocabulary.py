@@ -70,19 +70,52 @@ STAGE_TASK_TYPES: Final = {PREFAB_SCAFFOLDING: TASK_BUILD_PREFAB, IMPLEMENT_BUIL
 # Every task type the worker writes for an agent (the schema's task_type enum).
 AGENT_TASK_TYPES: Final = (*STAGE_TASK_TYPES.values(), TASK_BUILD_PHASE)
 
+# --- task file dialects (TASK_FILE_DIALECT) ---
+# `platform`: the words and formats of the platform's task tools that share the folder
+# (task-queue-mcp, task-dispatcher, the queue bot); `v050`: v0.5.0's own.
+DIALECT_PLATFORM: Final = "platform"
+DIALECT_V050: Final = "v050"
+DIALECTS: Final = (DIALECT_PLATFORM, DIALECT_V050)
+# The platform's task types our tasks use; the stage's own name goes in payload.stage.
+PLATFORM_TASK_BUILD: Final = "build"
+PLATFORM_TASK_AUDIT: Final = "audit"
+PLATFORM_TASK_FIX: Final = "fix"
+PLATFORM_TASK_DOCS: Final = "docs"
+# v0.5.0 task type -> the platform's task type, in the platform dialect.
+PLATFORM_TASK_TYPES: Final = {TASK_BUILD_PREFAB: PLATFORM_TASK_BUILD,
+                              TASK_BUILD_PLAN: PLATFORM_TASK_BUILD,
+                              TASK_SECURITY_AUDIT: PLATFORM_TASK_AUDIT,
+                              TASK_SECURITY_FIX: PLATFORM_TASK_FIX,
+                              TASK_BUILD_CLOSEOUT: PLATFORM_TASK_DOCS,
+                              TASK_BUILD_PHASE: PLATFORM_TASK_BUILD}
+# The platform's workflow modes (TASK_WORKFLOW_MODE); the dispatcher acts on them.
+WORKFLOW_MODES: Final = ("semi-auto", "auto", "manual-then-auto")
+
 # --- task statuses: a task file's `status` ---
 SUBMITTED: Final = "submitted"
 IN_PROGRESS: Final = "in-progress"
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
-INPUT_REQUIRED: Final = "input-required"  # an originating task parked on a block decision
+INPUT_REQUIRED: Final = "input-required"  # v050: an originating task parked on a decision
 APPROVED: Final = "approved"
 REJECTED: Final = "rejected"
 CANCELLED: Final = "cancelled"
 EXPIRED: Final = "expired"
+# The platform's own statuses besides the shared ones (PROTOCOL.md §2).
+PENDING_APPROVAL: Final = "pending-approval"  # platform: an originating task parked on a decision
+PARKED: Final = "parked"
+ROUTING_FAILED: Final = "routing-failed"
 # The statuses an agent task can have (the schema's status enum).
 AGENT_TASK_STATUSES: Final = (SUBMITTED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, EXPIRED)
+# Every status the platform's tools know; the platform dialect writes no other.
+PLATFORM_STATUSES: Final = (SUBMITTED, APPROVED, PENDING_APPROVAL, IN_PROGRESS, PARKED,
+                            ROUTING_FAILED, COMPLETED, FAILED, CANCELLED)
+TERMINAL_STATUSES: Final = frozenset({COMPLETED, FAILED, CANCELLED, EXPIRED})
 OPEN_STATUSES: Final = frozenset({SUBMITTED, IN_PROGRESS})
+# An agent task of the platform dialect nobody has finished: every non-terminal status.
+PLATFORM_OPEN_STATUSES: Final = frozenset(PLATFORM_STATUSES) - TERMINAL_STATUSES
+# The statuses that say an agent has taken its task (pickup).
+CLAIMED_STATUSES: Final = frozenset({IN_PROGRESS, COMPLETED, FAILED})
 REJECTING_STATUSES: Final = frozenset({REJECTED, CANCELLED, FAILED})
 DECIDING_STATUSES: Final = REJECTING_STATUSES | {APPROVED}
 
@@ -108,6 +141,12 @@ AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one fo
 ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still searched
 DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
 TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
+
+# --- queries and signals the worker's own processes use ---
+STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands
+# BuildPipelineWorkflow: something about one of its task files the folder watch saw
+# (a routing failure, an unreadable decision file); shown as a warning.
+TASK_NOTICE_SIGNAL: Final = "task_notice"
 
 # --- queue ---
 DEFAULT_TASK_QUEUE: Final = "helm-build"

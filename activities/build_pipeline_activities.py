@@ -60,6 +60,7 @@ from task_files import (
     dump_yaml,
     find_task,
     read_task,
+    task_time,
     timestamp,
     update_task,
     write_private_atomic,
@@ -70,14 +71,19 @@ from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BLOCKS_PENDING,
     BUILD_PIPELINE_WORKFLOW,
+    CANCELLED,
     CLOSE_BUILD,
+    COMPLETED,
     DECIDING_STATUSES,
+    FAILED,
     FILE_IO_STALLED,
     IMPLEMENT_BUILD,
     INPUT_REQUIRED,
     LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
     OPEN_STATUSES,
+    PENDING_APPROVAL,
+    PLATFORM_OPEN_STATUSES,
     PREFAB_SCAFFOLDING,
     PREPARE_PIPELINE,
     PROCESS_TRIAGE_OUTPUT,
@@ -85,6 +91,7 @@ from vocabulary import (
     REJECTING_STATUSES,
     REQUEST_SECURITY_AUDIT,
     SUMMARIZE_WORKFLOW,
+    TERMINAL_STATUSES,
     TRIAGE_INVALID,
     TRIAGE_MISSING,
     WAIT_FOR_BLOCK_RESOLUTION,
@@ -92,6 +99,19 @@ from vocabulary import (
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER
 
 log = logging.getLogger(__name__)
+
+# An agent task nobody has finished, in either dialect.
+UNFINISHED_STATUSES = OPEN_STATUSES | PLATFORM_OPEN_STATUSES
+
+
+def platform_decision_status(current: Any, decision: str) -> str:
+    """The originating task's status once a decision is recorded, in the platform's
+    words (it has no `rejected`): approved, or the status it has (an operator's Cancel
+    stays; a rejection by Update closes the task `failed` when the pipeline ends)."""
+    if decision == APPROVED and current not in TERMINAL_STATUSES:
+        return APPROVED
+    return str(current) if isinstance(current, str) and current else PENDING_APPROVAL
+
 
 AGENT_STAGES = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, APPLY_FLAG_FIXES, CLOSE_BUILD)
 # v0.5.0's summary names its phases with these words (`phases_completed`).
@@ -292,6 +312,9 @@ class PipelineActivities:
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
+        # pending-approval: the status the platform's Approve accepts and its dispatcher
+        # leaves alone (PROTOCOL.md §9 row 3); v0.5.0 wrote input-required.
+        parked_status = PENDING_APPROVAL if self.config.platform_dialect else INPUT_REQUIRED
         if path is not None:
             waiter = {"workflow_id": request.workflow_id,
                       "run_id": activity.info().workflow_run_id, "since": timestamp()}
@@ -305,7 +328,7 @@ class PipelineActivities:
                     return
                 # The folder watcher routes a decision in this file to this run.
                 task[AWAITING_DECISION] = waiter
-                add_history(task, status=INPUT_REQUIRED, actor=SOURCE_AGENT, note=note)
+                add_history(task, status=parked_status, actor=SOURCE_AGENT, note=note)
 
             try:
                 await run_file_io(partial(update_task, path, mark_waiting, base=queue_dir))
@@ -389,7 +412,9 @@ class PipelineActivities:
 
             def record(task: dict[str, Any]) -> None:
                 task.pop(AWAITING_DECISION, None)
-                add_history(task, status=request.decision, actor=request.actor, note=note)
+                status = (platform_decision_status(task.get("status"), request.decision)
+                          if self.config.platform_dialect else request.decision)
+                add_history(task, status=status, actor=request.actor, note=note)
 
             await run_file_io(partial(update_task, path, record, base=queue_dir))
         except (TaskFileError, FileIoStalledError) as err:
@@ -451,13 +476,17 @@ class PipelineActivities:
         }
         try:
             for open_task in summary.open_tasks:
+                status = (CANCELLED if self.config.platform_dialect else open_task.status)
                 closed = await run_file_io(self._close_open_task, open_task.task_id,
-                                           open_task.status, open_task.reason)
+                                           status, open_task.reason)
                 if closed:
                     document["tasks_closed"].append({"task_id": open_task.task_id,
                                                      "stage": open_task.stage,
-                                                     "status": open_task.status,
+                                                     "status": status,
                                                      "reason": open_task.reason})
+            if self.config.platform_dialect and not summary.adopted:
+                document["originating_task_closed"] = await run_file_io(
+                    self._close_originating_task, summary.task_id, summary.outcome, str(path))
             await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
                                       base=self.config.summary_dir))
         except FileIoStalledError as err:
@@ -468,6 +497,46 @@ class PipelineActivities:
                                            "outcome": summary.outcome})
         return str(path)
 
+    def _close_originating_task(self, task_id: str, outcome: str,
+                                summary_path: str) -> str | None:
+        """Close the originating task the way the platform's tools close one: `completed`
+        for success or partial, `failed` for any other ending; a task already ended (an
+        operator's Cancel) is left as it is. The status it was left at, None when the task
+        could not be found or written."""
+        final = COMPLETED if outcome in ("success", "partial") else FAILED
+        output = f"pipeline {outcome}; summary {summary_path}"
+        left: str | None = None
+
+        def close(task: dict[str, Any]) -> None:
+            nonlocal left
+            task.pop(AWAITING_DECISION, None)
+            left = str(task.get("status"))
+            if left in TERMINAL_STATUSES:
+                return
+            task["result"] = {"output": output, "completed_by": SOURCE_AGENT,
+                              "completed_at": task_time(task)}
+            add_history(task, status=final, actor=SOURCE_AGENT, note=f"build {output}")
+            left = final
+
+        if not self._rewrite_task(task_id, close, "originating_task_not_closed"):
+            return None
+        return left
+
+    def _rewrite_task(self, task_id: str, change: Callable[[dict[str, Any]], None],
+                      event: str) -> bool:
+        """Apply `change` to the task with `task_id`; False (a WARNING unless the task is
+        simply not there) when it cannot be found or written."""
+        queue_dir = self.config.task_queue_dir
+        try:
+            path = find_task(queue_dir, task_id)
+            update_task(path, change, base=queue_dir)
+        except TaskNotFoundError:
+            return False
+        except TaskFileError as err:
+            log.warning(event, extra={"task_id": task_id, "error": str(err)})
+            return False
+        return True
+
     def _close_open_task(self, task_id: str, status: str, reason: str) -> bool:
         """Mark an agent task its pipeline no longer waits for, if an agent has not
         finished it meanwhile; a task that cannot be found or read is left alone."""
@@ -475,7 +544,7 @@ class PipelineActivities:
         try:
             path = find_task(queue_dir, task_id)
             # base: a folder swapped for a link after the lookup redirects nothing.
-            if read_task(path, base=queue_dir).get("status") not in OPEN_STATUSES:
+            if read_task(path, base=queue_dir).get("status") not in UNFINISHED_STATUSES:
                 return False
         except TaskFileError:
             return False
@@ -483,7 +552,7 @@ class PipelineActivities:
 
         def close(task: dict[str, Any]) -> None:
             nonlocal changed
-            if task.get("status") in OPEN_STATUSES:
+            if task.get("status") in UNFINISHED_STATUSES:
                 add_history(task, status=status, actor=SOURCE_AGENT, note=reason)
                 changed = True
 

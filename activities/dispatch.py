@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from config import WorkerConfig, connection_facts
 from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
 from observability import TASKS_DISPATCHED, bind_build_name, count
-from task_files import new_task, task_file_path, write_task
+from task_files import new_platform_task, new_task, task_file_path, write_task
+from vocabulary import PLATFORM_TASK_TYPES
 from workflows.instructions import COMPLETE_HINT
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,19 @@ def completion_text(command: list[str]) -> str:
             f"If it could not be done, run instead:\n    {failed}")
 
 
-def resolve_instruction(instruction: str, command: list[str]) -> str:
-    text = completion_text(command)
+def platform_completion_text(task_id: str, command: list[str]) -> str:
+    """What replaces COMPLETE_HINT in the platform dialect: the task tools' way first
+    (claim, then close with the result as output), the CLI as the other way."""
+    return (f"Claim this task with the task tools (update_task {task_id} in-progress); when "
+            f"done, close it (update_task {task_id} completed, your one-line result as the "
+            f"output), or failed with the reason if it could not be done. The pipeline "
+            f"goes on as soon as the task is closed.\n"
+            + completion_text(command).replace("When done, run", "Or, instead of closing "
+                                               "it with the task tools, run", 1))
+
+
+def resolve_instruction(instruction: str, command: list[str], text: str | None = None) -> str:
+    text = text or completion_text(command)
     if COMPLETE_HINT in instruction:
         return instruction.replace(COMPLETE_HINT, text)
     # An instruction built without the hint (an older workflow's) still says how to finish.
@@ -83,14 +96,50 @@ class PreparedTask:
     command: list[str]
 
 
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def platform_fields(request: AgentTaskRequest, payload: dict[str, Any],
+                    instruction: str) -> dict[str, Any]:
+    """The payload keys every task the platform's tools submit has (PROTOCOL.md §1.2), in
+    their order: what their UIs show (`description`), `context_refs` (absolute paths
+    only), `priority`, and the pipeline's originating task when its id is a UUID (the
+    dispatcher copies that task's workflow_mode to this one); then our stage's name."""
+    description = payload.get("description")
+    refs = [ref for ref in (request.plan_path, payload.get("audit_request_path"),
+                            *(payload.get("context_refs") or []))
+            if isinstance(ref, str) and ref.startswith("/")]
+    fields: dict[str, Any] = {
+        "description": description if isinstance(description, str) else instruction,
+        "context_refs": list(dict.fromkeys(refs)),
+        "priority": "normal",
+    }
+    origin = request.originating_task_id or payload.get("originating_task_id")
+    if isinstance(origin, str) and _is_uuid(origin):
+        fields["originating_task_id"] = origin
+    fields["stage"] = activity.info().activity_type
+    return fields
+
+
 def prepare_agent_task(config: WorkerConfig, request: AgentTaskRequest,
                        extra_payload: dict[str, Any] | None = None) -> PreparedTask:
     info = activity.info()
     target_agent = request.target_agent
     if not target_agent and request.agent_setting is not None:
         target_agent = getattr(config, request.agent_setting)
-    task = new_task(task_id=request.task_id, target_agent=target_agent,
-                    task_type=request.task_type, summary=request.summary, payload={})
+    platform = config.platform_dialect
+    if platform:
+        task = new_platform_task(
+            task_id=request.task_id, target_agent=target_agent,
+            task_type=PLATFORM_TASK_TYPES.get(request.task_type, request.task_type),
+            summary=request.summary, payload={}, workflow_mode=config.task_workflow_mode)
+    else:
+        task = new_task(task_id=request.task_id, target_agent=target_agent,
+                        task_type=request.task_type, summary=request.summary, payload={})
     queue_dir = Path(os.path.abspath(config.task_queue_dir))
     # Only a re-dispatch (attempt > 1, after a lost worker) can find its file already there.
     path = task_file_path(queue_dir, task, may_exist=info.attempt > 1)
@@ -100,11 +149,19 @@ def prepare_agent_task(config: WorkerConfig, request: AgentTaskRequest,
         payload["plan_path"] = request.plan_path
     payload.update(request.extra_payload)
     payload.update(extra_payload or {})
+    hint = platform_completion_text(request.task_id, command) if platform else None
+    instruction = resolve_instruction(request.instruction, command, hint)
+    if platform:
+        fields = platform_fields(request, payload, instruction)
+        payload = {**fields, **payload, "context_refs": fields["context_refs"]}
     payload.update({
-        "instruction": resolve_instruction(request.instruction, command),
+        "instruction": instruction,
         "complete_command": command,
         "temporal": connection_facts(config),
-        "task_token": base64.b64encode(info.task_token).decode("ascii"),
+    })
+    if config.token_in_task_file:
+        payload["task_token"] = base64.b64encode(info.task_token).decode("ascii")
+    payload.update({
         "workflow_id": info.workflow_id,
         "run_id": info.workflow_run_id,
         "activity_id": info.activity_id,

@@ -23,7 +23,7 @@ from task_files import ensure_private_dir
 from temporal_client import connect
 from tests import temporal_server
 from tests.standin import write_triage
-from vocabulary import AUDIT_REQUESTS_DIR
+from vocabulary import AUDIT_REQUESTS_DIR, DIALECT_V050
 from worker import build_worker
 
 SEED_ENV = "TEST_SEED"
@@ -85,8 +85,12 @@ class PipelineEnv:
 
 
 def make_env(root: Path, address: str, **extra: str) -> dict[str, str]:
+    """A worker's environment with private folders. Task files speak v0.5.0's words unless
+    `TASK_FILE_DIALECT` is given: the suite written against v0.5.0's contract keeps
+    testing it unchanged; the platform dialect's tests ask for it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "VAULT_"))}
     env.update({
+        "TASK_FILE_DIALECT": DIALECT_V050,
         "TEMPORAL_ADDRESS": address,
         "TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
         "TASK_QUEUE_DIR": str(root / "task-queue"),

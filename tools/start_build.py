@@ -12,18 +12,27 @@ import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from exceptions import TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
-from task_files import SOURCE_AGENT, find_task, new_task, write_task
+from task_files import SOURCE_AGENT, find_task, new_platform_task, new_task, write_task
 from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, ToolError, cli_json, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW as PIPELINE
+
+if TYPE_CHECKING:
+    from config import WorkerConfig
 from vocabulary import BUILD_PLAN_WORKFLOW as PLAN
-from vocabulary import DEFAULT_TASK_QUEUE, TASK_BUILD_REQUEST, TOTAL_STAGES
+from vocabulary import (
+    DEFAULT_TASK_QUEUE,
+    IN_PROGRESS,
+    PLATFORM_TASK_BUILD,
+    TASK_BUILD_REQUEST,
+    TOTAL_STAGES,
+)
 
 START_OPTIONS = ("workflow_id", "task_queue", "workflow")
 ORIGIN_SOURCE = "start-build"
@@ -133,13 +142,25 @@ def web_ui_text(inp: BaseModel) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
-def originating_task(inp: BuildPipelineInput, workflow_id: str) -> dict[str, Any]:
-    """The minimal originating task: addressed to the worker, so no agent takes it as work."""
+def originating_task(inp: BuildPipelineInput, workflow_id: str,
+                     config: WorkerConfig | None = None) -> dict[str, Any]:
+    """The minimal originating task: addressed to the worker, so no agent takes it as work.
+    In the platform dialect it is a `build` task `in-progress`, the status the dispatcher
+    leaves alone (a `submitted` one it would route, and dead-letter)."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
-    task = new_task(task_id=inp.task_id, target_agent=SOURCE_AGENT, task_type=TASK_BUILD_REQUEST,
-                    summary=f"Build {inp.build_name} ({inp.plan_path}) → {inp.target_agent}",
-                    payload={"build_name": inp.build_name, "plan_path": inp.plan_path,
-                             "target_agent": inp.target_agent})
+    summary = f"Build {inp.build_name} ({inp.plan_path}) → {inp.target_agent}"
+    payload = {"build_name": inp.build_name, "plan_path": inp.plan_path,
+               "target_agent": inp.target_agent}
+    if config is not None and config.platform_dialect:
+        payload = {"description": summary, "context_refs": [inp.plan_path],
+                   "priority": "normal", **payload}
+        task = new_platform_task(task_id=inp.task_id, target_agent=SOURCE_AGENT,
+                                 task_type=PLATFORM_TASK_BUILD, summary=summary,
+                                 payload=payload, workflow_mode=config.task_workflow_mode)
+        task["status"] = task["history"][0]["status"] = IN_PROGRESS
+    else:
+        task = new_task(task_id=inp.task_id, target_agent=SOURCE_AGENT,
+                        task_type=TASK_BUILD_REQUEST, summary=summary, payload=payload)
     task["source_agent"] = ORIGIN_SOURCE
     task["history"][0].update(actor=who, note=f"build requested with tools/start-build "
                                               f"(workflow {workflow_id})")
@@ -171,8 +192,9 @@ def start(kind: str, inp: BaseModel, options: dict[str, Any],
     created: Path | None = None
     if isinstance(inp, BuildPipelineInput) and options.get("create_task"):
         # Before the start: the pipeline may look for it at once.
-        created = write_task(worker_config(env).task_queue_dir,
-                             originating_task(inp, workflow_id), may_exist=False)
+        config = worker_config(env)
+        created = write_task(config.task_queue_dir, originating_task(inp, workflow_id, config),
+                             may_exist=False)
     elif isinstance(inp, BuildPipelineInput) and options.get("check_task"):
         warn_if_no_task_file(inp)
     try:

@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         RecordDecisionInput,
         StageEvent,
         SummaryInput,
+        TaskNotice,
         TriageResult,
         WaitingOn,
     )
@@ -83,10 +84,12 @@ with workflow.unsafe.imports_passed_through():
         RECORD_DECISION,
         REQUEST_SECURITY_AUDIT,
         STAGE_NUMBERS,
+        STATUS_QUERY,
         SUMMARIZE_WORKFLOW,
         TASK_BUILD_CLOSEOUT,
         TASK_BUILD_PLAN,
         TASK_BUILD_PREFAB,
+        TASK_NOTICE_SIGNAL,
         TASK_SECURITY_AUDIT,
         TASK_SECURITY_FIX,
         TOTAL_STAGES,
@@ -169,6 +172,8 @@ class BuildPipelineWorkflow:
         self._stages_done: list[str] = []
         self._events: list[StageEvent] = []
         self._warnings: list[str] = []
+        # task id -> what the folder watch said about it, while the run waits on it
+        self._task_notices: dict[str, str] = {}
         self._triage = TriageResult()
         self._waiting: WaitingOn | None = None
         self._open_tasks: dict[str, str] = {}
@@ -301,7 +306,7 @@ class BuildPipelineWorkflow:
             task_id=str(workflow.uuid4()), build_name=pipeline.build_name,
             target_agent=agent or "", agent_setting=agent_setting, task_type=task_type,
             summary=summary, instruction=instruction, plan_path=pipeline.plan_path,
-            extra_payload=extra or {})
+            extra_payload=extra or {}, originating_task_id=pipeline.task_id)
 
     async def _agent_stage(self, stage: str, policy: policies.StagePolicy,
                            request: AgentTaskRequest) -> BuildPhaseResult:
@@ -509,6 +514,8 @@ class BuildPipelineWorkflow:
             raise _StageFailed(stage, message, kind) from None
         finally:
             self._waiting = None
+            if waiting is not None:
+                self._task_notices.pop(waiting.task_id, None)
         if waiting is not None:
             self._open_tasks.pop(waiting.task_id, None)
         if count_as_stage:
@@ -629,7 +636,7 @@ class BuildPipelineWorkflow:
                  f"Stage {number}/{TOTAL_STAGES}: `{self._stage}`"]
         if self._adopted:
             lines.append("Adopted: started by an earlier worker (v0.5.0-compatible history)")
-        for warning in self._warnings:
+        for warning in self._all_warnings():
             lines.append(f"**Warning**: {warning}")
         if self._paused:
             lines.append(f"**Paused**: {self._pause_reason or 'no reason given'}")
@@ -659,7 +666,7 @@ class BuildPipelineWorkflow:
 
     # ---- queries, updates, signals ------------------------------------------------------
 
-    @workflow.query
+    @workflow.query(name=STATUS_QUERY)
     def get_status(self) -> PipelineStatus:
         pipeline = self._input
         return PipelineStatus(
@@ -673,7 +680,10 @@ class BuildPipelineWorkflow:
             decision_source=self._decision_source, claimed_by=self._claimed_by,
             decision_paths=list(self._decision_paths),
             notification_failures=list(self._notification_failures),
-            agents=self._agents(), warnings=list(self._warnings), adopted=self._adopted)
+            agents=self._agents(), warnings=self._all_warnings(), adopted=self._adopted)
+
+    def _all_warnings(self) -> list[str]:
+        return [*self._warnings, *self._task_notices.values()]
 
     @workflow.query
     def get_events(self) -> list[StageEvent]:
@@ -724,6 +734,29 @@ class BuildPipelineWorkflow:
     @reject_blocks.validator
     def _check_reject(self, decision: Any = None) -> None:
         self._validate_decision(decision)
+
+    @workflow.signal(name=TASK_NOTICE_SIGNAL)
+    def task_notice(self, raw: Any) -> None:
+        """The folder watch's word about a task file of this run; only about the task it
+        waits on now (anything else is stale, or not this run's)."""
+        try:
+            notice = TaskNotice.model_validate(raw)
+        except ValidationError:
+            return
+        waiting = self._waiting
+        if waiting is None or waiting.task_id != notice.task_id:
+            return
+        if notice.kind == "routing_failed":
+            text = (f"task {notice.task_id} ({waiting.stage}) could not be routed by the "
+                    f"dispatcher, which retries: {notice.detail}")
+        else:
+            text = f"the decision in task {notice.task_id} cannot be read: {notice.detail}"
+        if self._task_notices.get(notice.task_id) == text:
+            return
+        if notice.task_id not in self._task_notices:  # one event per task, not per rewrite
+            self._event(waiting.stage, "warning", text)
+        self._task_notices[notice.task_id] = text
+        self._details()
 
     @workflow.signal
     def pause(self, reason: str = "") -> None:

@@ -13,6 +13,7 @@ from vocabulary import (
     BUILD_PLAN_WORKFLOW,
     INVALID_INPUT,
     PHASE_FAILED,
+    STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
 
@@ -96,7 +97,7 @@ class BuildPlanWorkflow:
         workflow.set_current_details(f"**{plan.plan_name}**: all {total} phases done")
         return BuildPlanResult(status="success", phases_run=len(self._done))
 
-    @workflow.query
+    @workflow.query(name=STATUS_QUERY)
     def get_status(self) -> PlanStatus:
         plan = self._plan
         return PlanStatus(

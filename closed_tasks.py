@@ -1,0 +1,192 @@
+"""Agent tasks closed with the platform's task tools finish their stage.
+
+On the platform an agent never runs our CLI: it claims its task and closes it through
+task-queue-mcp (`update_task … completed` with its result as output, or `failed`), and
+the dispatcher may give up routing a task (`failed`, moved to `dead-letters/`) or report
+that it could not route it yet (`routing-failed`). The folder watcher hands every such
+file here, and this module completes or fails the stage's activity by its workflow id,
+run id and activity id (no task token needed), or tells the run about the routing
+failure.
+
+A close acts only on the stage it was written for: the run must be running on this
+worker's queue, the activity the file names must be pending, and the run must say
+(get_status) that it waits on this very task id. A file of an earlier attempt, of
+another run or of an ended run completes nothing. When `complete_activity.py` was first,
+the activity is no longer pending and the file is a harmless no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from models import BuildPhaseResult, TaskNotice
+from policies import TASK_CLOSE_RPC_TIMEOUT
+from task_files import SOURCE_AGENT
+from visible_text import visible_line
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    COMPLETED,
+    FAILED,
+    PHASE_FAILED,
+    ROUTING_FAILED,
+    STATUS_QUERY,
+    TASK_NOTICE_SIGNAL,
+)
+
+log = logging.getLogger(__name__)
+
+# Top-level lines a file must hold before it is parsed at all: nearly every write in the
+# folder is a fresh task (`status: submitted`) or someone else's.
+CLOSING_LINES = tuple(f"\nstatus: {status}".encode() for status in (COMPLETED, FAILED,
+                                                                     ROUTING_FAILED))
+OWN_TASK_LINE = f"\nsource_agent: {SOURCE_AGENT}".encode()
+MAX_OUTPUT_CHARS = 100_000  # as complete_activity.py takes
+MAX_REASON_CHARS = 400
+MAX_REMEMBERED = 2000  # routing notices already sent, so a rewrite does not send again
+
+
+def may_close(raw: bytes) -> bool:
+    """Whether a file's bytes can be a closed (or unroutable) task of ours."""
+    return OWN_TASK_LINE in raw and any(line in raw for line in CLOSING_LINES)
+
+
+@dataclass(frozen=True)
+class ClosedTask:
+    task_id: str
+    status: str
+    workflow_id: str
+    run_id: str
+    activity_id: str
+    output: str
+    reason: str
+    dead_lettered: bool
+
+
+def _text(value: Any, limit: int) -> str:
+    return visible_line(value, limit) if isinstance(value, str) else ""
+
+
+def _reason(task: dict[str, Any]) -> str:
+    """Why the task failed or could not be routed, as its writers recorded it."""
+    for source in (task.get("failed_reason"), task.get("retry_policy")):
+        if isinstance(source, dict):
+            for key in ("reason", "last_failure_reason"):
+                if _text(source.get(key), MAX_REASON_CHARS):
+                    return _text(source.get(key), MAX_REASON_CHARS)
+    history = task.get("history")
+    for entry in reversed(history if isinstance(history, list) else []):
+        if isinstance(entry, dict) and _text(entry.get("note"), MAX_REASON_CHARS):
+            return _text(entry.get("note"), MAX_REASON_CHARS)
+    return ""
+
+
+def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | None:
+    """The close a parsed task file stands for, or None when it is not one of ours."""
+    payload, result = task.get("payload"), task.get("result")
+    status, task_id = task.get("status"), task.get("id")
+    if (task.get("source_agent") != SOURCE_AGENT or not isinstance(payload, dict)
+            or status not in (COMPLETED, FAILED, ROUTING_FAILED)
+            or not isinstance(task_id, str) or not task_id):
+        return None
+    ids = [payload.get(key) for key in ("workflow_id", "run_id", "activity_id")]
+    if not all(isinstance(value, str) and value for value in ids):
+        return None
+    output = result.get("output") if isinstance(result, dict) else None
+    return ClosedTask(task_id=task_id, status=str(status), workflow_id=ids[0],
+                      run_id=ids[1], activity_id=ids[2],
+                      output=output[:MAX_OUTPUT_CHARS] if isinstance(output, str) else "",
+                      reason=_reason(task), dead_lettered=dead_lettered)
+
+
+class ClosedTaskApplier:
+    """Applies closes for one worker; stateless but for what is on its way."""
+
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.client = client
+        self.task_queue = task_queue
+        self.applied = 0
+        self._notified: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    async def apply(self, closed: ClosedTask) -> str:
+        """What became of the close: applied, noticed, stale, refused or gone."""
+        handle = self.client.get_workflow_handle(closed.workflow_id, run_id=closed.run_id)
+        try:
+            described = await handle.describe(rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return "gone"
+            raise
+        if (described.status != WorkflowExecutionStatus.RUNNING
+                or described.task_queue != self.task_queue
+                or described.workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW)):
+            return "gone"
+        if closed.status == ROUTING_FAILED:
+            return await self._notice(closed, described.workflow_type)
+        pending = {activity.activity_id for activity in
+                   described.raw_description.pending_activities}
+        if closed.activity_id not in pending:
+            return "stale"  # completed already (the CLI, or another worker), or another run's
+        status = await handle.query(STATUS_QUERY, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+        waiting = status.get("waiting_on") if isinstance(status, dict) else None
+        waited = waiting.get("task_id") if isinstance(waiting, dict) else None
+        if waited != closed.task_id:
+            log.warning("task_close_refused", extra={
+                "workflow_id": closed.workflow_id, "task_id": closed.task_id,
+                "error": f"the run waits on task {str(waited)[:80]!r}, not this one"})
+            return "refused"
+        return await self._complete(closed)
+
+    async def _complete(self, closed: ClosedTask) -> str:
+        activity = self.client.get_async_activity_handle(
+            workflow_id=closed.workflow_id, run_id=closed.run_id,
+            activity_id=closed.activity_id)
+        try:
+            if closed.status == COMPLETED:
+                await activity.complete(BuildPhaseResult(status="success", output=closed.output),
+                                        rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+            else:
+                await activity.fail(ApplicationError(self._failure(closed), type=PHASE_FAILED,
+                                                     non_retryable=True),
+                                    rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                return "stale"  # the CLI won the race
+            raise
+        self.applied += 1
+        log.info("task_close_applied", extra={"workflow_id": closed.workflow_id,
+                                              "task_id": closed.task_id,
+                                              "status": closed.status,
+                                              "dead_lettered": closed.dead_lettered})
+        return "applied"
+
+    @staticmethod
+    def _failure(closed: ClosedTask) -> str:
+        if closed.dead_lettered:
+            return (f"the dispatcher gave up routing task {closed.task_id} (dead-lettered): "
+                    f"{closed.reason or 'no reason given'}")
+        detail = _text(closed.output, MAX_REASON_CHARS) or closed.reason
+        return f"task {closed.task_id} closed as failed: {detail or 'no reason given'}"
+
+    async def _notice(self, closed: ClosedTask, workflow_type: str) -> str:
+        key = (closed.task_id, closed.reason)
+        if workflow_type != BUILD_PIPELINE_WORKFLOW or key in self._notified:
+            return "stale"
+        notice = TaskNotice(task_id=closed.task_id, kind="routing_failed",
+                            detail=closed.reason or "no reason given")
+        handle = self.client.get_workflow_handle(closed.workflow_id, run_id=closed.run_id)
+        await handle.signal(TASK_NOTICE_SIGNAL, notice, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+        self._notified[key] = None
+        if len(self._notified) > MAX_REMEMBERED:
+            self._notified.popitem(last=False)
+        log.warning("task_routing_failed", extra={"workflow_id": closed.workflow_id,
+                                                  "task_id": closed.task_id,
+                                                  "error": closed.reason})
+        return "noticed"
