@@ -1,0 +1,458 @@
+"""tools/temporal-workflow-start.sh as the platform's dispatcher runs it (PROTOCOL.md §5.4):
+installed by a link at ~/scripts/, called with `<workflow_type> <workflow_id>
+<input_json>` built from a `workflow` task, in the dispatcher's environment (not the
+worker's: the settings come from the worker's env file), with its 30 s limit. A real dev
+server and a real worker process; the agents played by tests/standin.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from config import load_config
+from exceptions import StartRefusedError
+from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
+from platform_input import parse_request, pipeline_input, plan_input
+from tests.conftest import make_env
+from tests.standin import StandIn, play_stage, poll
+from tests.worker_process import WorkerProcess
+from tools.devserver import free_port
+from vocabulary import (
+    BUILD_PIPELINE_WORKFLOW,
+    BUILD_PLAN_WORKFLOW,
+    TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
+    TASK_WORKFLOW,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DISPATCHER_TIMEOUT = 30.0
+# The roster fixture of the dispatcher (PROTOCOL.md §5.7).
+ROSTER = """\
+sysadmin:
+  project_dir: ~/.claude/projects/sysadmin
+developer:
+  project_dir: ~/.claude/projects/developer
+research:
+  project_dir: ~/.claude/projects/research
+writer:
+  project_dir: ~/.claude/projects/writer
+security:
+  project_dir: ~/.claude/projects/security
+steward:
+  project_dir: ~/.claude/projects/steward
+  run_as_user: agent-steward
+  launcher: /usr/local/sbin/forge/run-steward.sh
+"""
+NO_BLOCKS = "flags:\n  - Pin the base image to a digest\n"
+
+
+# ---- the dispatcher's side, from PROTOCOL.md §5.4 ---------------------------------------
+
+class RoutingFailure(Exception):
+    """What the dispatcher refuses itself, before it calls the script."""
+
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+DROPPED_KEYS = ("workflow_type", "plan_name", "task_token")
+
+
+def launch_argv(task: Mapping[str, Any], script: Path) -> list[str]:
+    """The dispatcher's call for a `workflow` task: type, `<plan_name>-<id8>`, input."""
+    payload = task.get("payload") or {}
+    workflow_type = payload.get("workflow_type") or BUILD_PIPELINE_WORKFLOW
+    if workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW):
+        raise RoutingFailure(f"Unknown workflow_type: {workflow_type!r}")
+    plan_name = payload.get("plan_name")
+    if not isinstance(plan_name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", plan_name):
+        raise RoutingFailure(f"Invalid plan_name for workflow submission: {plan_name!r}")
+    task_id = str(task["id"]) if UUID_RE.fullmatch(str(task["id"])) else "invalid-id"
+    data = {"plan_name": plan_name,
+            **{key: value for key, value in payload.items() if key not in DROPPED_KEYS}}
+    return [str(script), workflow_type, f"{plan_name}-{task_id[:8]}", json.dumps(data)]
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    workflow_id: str
+
+
+def run_script(argv: list[str], env: Mapping[str, str]) -> Launch:
+    started = time.monotonic()
+    done = subprocess.run(argv, env=dict(env), capture_output=True, text=True,
+                          timeout=DISPATCHER_TIMEOUT, stdin=subprocess.DEVNULL, cwd="/")
+    return Launch(done.returncode, done.stdout, done.stderr, time.monotonic() - started,
+                  argv[2])
+
+
+def rewrite(path: Path, task: dict[str, Any], status: str, note: str) -> None:
+    """The dispatcher's rewrite: its history entry, string timestamp, 0600 temp + rename."""
+    task["status"] = status
+    task["history"].append({"timestamp": datetime.now(UTC).isoformat(), "status": status,
+                            "actor": "dispatcher", "note": note})
+    temp = path.with_suffix(".tmp")
+    temp.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    temp.chmod(0o600)
+    temp.replace(path)
+
+
+def dispatch(path: Path, script: Path, env: Mapping[str, str]) -> Launch:
+    """One `workflow` task through the dispatcher's tick: `approved` before the call,
+    the call, then `in-progress` on exit 0 (else routing-failed)."""
+    task = yaml.safe_load(path.read_text())
+    argv = launch_argv(task, script)
+    rewrite(path, task, "approved", "Auto-approved: requires_approval=false")
+    launch = run_script(argv, env)
+    if launch.returncode == 0:
+        rewrite(path, task, "in-progress", "Temporal workflow submitted")
+    else:
+        rewrite(path, task, "routing-failed",
+                f"temporal-workflow-start.sh exited {launch.returncode}")
+    return launch
+
+
+def file_workflow_task(queue_dir: Path, **payload: Any) -> tuple[Path, str]:
+    """A planning agent's `workflow` task, as the platform writes it; (path, id)."""
+    task_id = str(uuid.uuid4())
+    created = datetime.now(UTC)
+    task = {"id": task_id, "created": created, "source_agent": "planner",
+            "target_agent": "temporal", "task_type": TASK_WORKFLOW, "risk_level": "low",
+            "requires_approval": False, "workflow_mode": "auto", "status": "submitted",
+            "summary": f"Build {payload.get('plan_name')}", "ttl_days": 30,
+            "payload": {"description": "", "context_refs": [], "priority": "normal",
+                        **payload},
+            "result": {"output": None, "completed_by": None, "completed_at": None},
+            "history": [{"timestamp": datetime.now(UTC), "status": "submitted",
+                         "actor": "planner", "note": "Task submitted via task-queue-mcp"}],
+            "retry_policy": {"next_retry_at": None, "retry_count": 0}}
+    queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = queue_dir / f"{created:%Y%m%d-%H%M%S}-{task_id[:8]}.yml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    path.chmod(0o600)
+    return path, task_id
+
+
+# ---- the setting: worker settings in its env file, the script linked into ~/scripts ----
+
+@dataclass
+class Platform:
+    root: Path
+    worker_env: dict[str, str]  # the worker's (pm2's) environment
+    dispatcher_env: dict[str, str]  # what the dispatcher's cron job has
+    script: Path  # ~/scripts/temporal-workflow-start.sh, a link
+
+    @property
+    def queue_dir(self) -> Path:
+        return Path(self.worker_env["TASK_QUEUE_DIR"])
+
+
+WORKER_SETTINGS = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL_AUDIT_DIR",
+                   "SUMMARY_DIR", "PREFAB_AGENT", "SECURITY_AGENT", "DEFAULT_TARGET_AGENT",
+                   "PLAN_DIR", "AGENT_ROSTER_FILE")
+
+
+@pytest.fixture
+def platform(tmp_path: Path, temporal_address: str) -> Platform:
+    home = tmp_path / "home"
+    (home / "scripts").mkdir(parents=True)
+    script = home / "scripts" / "temporal-workflow-start.sh"
+    script.symlink_to(REPO / "tools" / "temporal-workflow-start.sh")  # docs/operations.md
+    roster = home / "scripts" / "agent-launch.yml"
+    roster.write_text(ROSTER)
+    env = make_env(tmp_path, temporal_address, PREFAB_AGENT="developer",
+                   SECURITY_AGENT="security", DEFAULT_TARGET_AGENT="developer",
+                   PLAN_DIR=str(tmp_path / "plans"), AGENT_ROSTER_FILE=str(roster))
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("".join(f"{name}={env[name]}\n" for name in WORKER_SETTINGS))
+    env_file.chmod(0o600)
+    dispatcher = {"PATH": "/usr/bin:/bin", "HOME": str(home),
+                  "WORKER_ENV_FILE": str(env_file)}
+    return Platform(tmp_path, env, dispatcher, script)
+
+
+@pytest.fixture
+def worker(platform: Platform) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(platform.worker_env, platform.root / "worker.log").start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+async def assert_not_started(client: Client, workflow_id: str) -> None:
+    with pytest.raises(RPCError) as caught:
+        await client.get_workflow_handle(workflow_id).describe()
+    assert caught.value.status == RPCStatusCode.NOT_FOUND
+
+
+def refused(launch: Launch, code: int, *words: str) -> None:
+    """Non-zero within the limit, one line on stderr naming the problem."""
+    assert launch.returncode == code, (launch.returncode, launch.stderr)
+    assert launch.seconds < DISPATCHER_TIMEOUT
+    lines = launch.stderr.splitlines()
+    assert len(lines) == 1, launch.stderr
+    assert lines[0].startswith("temporal-workflow-start: "), lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert launch.stdout == ""
+
+
+# ---- runs started the dispatcher's way ---------------------------------------------------
+
+@pytest.mark.usefixtures("worker")
+async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
+                                                           client: Client) -> None:
+    path, task_id = file_workflow_task(
+        platform.queue_dir, workflow_type=BUILD_PIPELINE_WORKFLOW, plan_name="web-portal",
+        description="Build the web portal\nwith SSO", context_refs=["/srv/plans/sso.md"],
+        originating_task_id=str(uuid.uuid4()))
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    assert launch.returncode == 0, launch.stderr
+    assert launch.seconds < DISPATCHER_TIMEOUT
+    assert launch.workflow_id == f"web-portal-{task_id[:8]}"
+    assert f"started {BUILD_PIPELINE_WORKFLOW} {launch.workflow_id}" in launch.stdout
+    assert yaml.safe_load(path.read_text())["status"] == "in-progress"
+
+    handle = client.get_workflow_handle(launch.workflow_id, result_type=BuildPipelineResult)
+    description = await handle.describe()
+    assert await description.static_summary() == "Build the web portal with SSO"
+    started = await first_input(client, launch.workflow_id)
+    assert started == {**started, "build_name": "web-portal", "task_id": task_id,
+                       "plan_path": str(platform.root / "plans" / "web-portal.md"),
+                       "target_agent": "developer"}
+    agents = StandIn(queue_dir=platform.queue_dir,
+                     audit_dir=Path(platform.worker_env["TEMPORAL_AUDIT_DIR"]),
+                     env=platform.worker_env, work_dir=platform.root / "closeouts",
+                     workflow_id=launch.workflow_id, triage=lambda _build: NO_BLOCKS)
+    done = await agents.run(until=TASK_BUILD_CLOSEOUT, timeout=120)
+    assert done[:2] == ["build_prefab", "build_plan"]
+    result = await handle.result()
+    assert (result.status, result.outcome) == ("complete", "success")
+    status = await handle.query("get_status", result_type=PipelineStatus)
+    assert status.warnings == []  # the filing task was found as the originating task
+    assert status.agents == {"target": "developer", "prefab": "developer",
+                             "security": "security"}
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client: Client) -> None:
+    phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
+              {"number": 2, "agent_type": "writer", "description": "Document it",
+               "context_refs": ["/srv/docs/style.md"]}]
+    path, task_id = file_workflow_task(
+        platform.queue_dir, workflow_type=BUILD_PLAN_WORKFLOW, plan_name="helm-chart",
+        description="Chart and docs", context_refs=["/srv/plans/helm-chart.md"],
+        phases=phases)
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    assert launch.returncode == 0, launch.stderr
+    assert launch.workflow_id == f"helm-chart-{task_id[:8]}"
+    first = await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
+                             platform.worker_env)
+    task = yaml.safe_load(first.read_text())
+    assert (task["target_agent"], task["payload"]["context_refs"]) == (
+        "developer", ["/srv/plans/helm-chart.md"])
+    second = await poll(lambda: next(
+        (p for p in platform.queue_dir.glob("*.yml") if p != first
+         and (yaml.safe_load(p.read_text()) or {}).get("task_type") == TASK_BUILD_PHASE),
+        None), 30, what="phase 2 task")
+    assert yaml.safe_load(second.read_text())["payload"]["context_refs"] == [
+        "/srv/docs/style.md"]
+    await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
+                     platform.worker_env)
+    result = await client.get_workflow_handle(launch.workflow_id,
+                                              result_type=BuildPlanResult).result()
+    assert (result.status, result.phases_run) == ("success", 2)
+
+
+# ---- refusals: non-zero within the limit, one line, nothing started ---------------------
+
+async def test_unknown_workflow_type_is_refused(platform: Platform, client: Client) -> None:
+    path, _ = file_workflow_task(platform.queue_dir, workflow_type="DeployWorkflow",
+                                 plan_name="web")
+    with pytest.raises(RoutingFailure):
+        dispatch(path, platform.script, platform.dispatcher_env)
+    task = yaml.safe_load(path.read_text())
+    task["payload"]["workflow_type"] = BUILD_PIPELINE_WORKFLOW
+    argv = launch_argv(task, platform.script)
+    argv[1] = "DeployWorkflow"  # the script refuses it too when called by hand
+    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
+    refused(launch, 2, "unknown workflow type 'DeployWorkflow'")
+    await assert_not_started(client, launch.workflow_id)
+
+
+async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> None:
+    path, task_id = file_workflow_task(platform.queue_dir, plan_name="Web_Portal")
+    with pytest.raises(RoutingFailure):
+        dispatch(path, platform.script, platform.dispatcher_env)
+    argv = [str(platform.script), BUILD_PIPELINE_WORKFLOW, f"Web_Portal-{task_id[:8]}",
+            json.dumps({"plan_name": "Web_Portal"})]
+    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
+    refused(launch, 2, "invalid plan_name 'Web_Portal'")
+    await assert_not_started(client, launch.workflow_id)
+    too_long = "a" * 64  # the dispatcher passes it; a build name is at most 63
+    path, task_id = file_workflow_task(platform.queue_dir, plan_name=too_long)
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    refused(launch, 2, "plan_name", "1-63 chars")
+    await assert_not_started(client, launch.workflow_id)
+
+
+async def test_input_missing_a_required_key_is_refused(platform: Platform,
+                                                        client: Client) -> None:
+    env = {**platform.dispatcher_env, "DEFAULT_TARGET_AGENT": ""}  # the default unset
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
+    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    refused(launch, 2, "no target_agent", "DEFAULT_TARGET_AGENT")
+    await assert_not_started(client, launch.workflow_id)
+    assert yaml.safe_load(path.read_text())["status"] == "routing-failed"
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="docs",
+                                 workflow_type=BUILD_PLAN_WORKFLOW)
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    refused(launch, 2, "no phases")
+    await assert_not_started(client, launch.workflow_id)
+    # No filing task behind the id the workflow id ends with.
+    argv = [str(platform.script), BUILD_PIPELINE_WORKFLOW, "web-0badc0de",
+            json.dumps({"plan_name": "web"})]
+    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
+    refused(launch, 2, "no readable `workflow` task for plan 'web'", "0badc0de")
+    await assert_not_started(client, launch.workflow_id)
+
+
+async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
+                                                      client: Client) -> None:
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="web",
+                                 target_agent="claudebox")
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    refused(launch, 2, "target agent 'claudebox' is not on the dispatcher's roster")
+    await assert_not_started(client, launch.workflow_id)
+    # The worker's own default for stage 3, and a plan's phase agent.
+    env = {**platform.dispatcher_env, "SECURITY_AGENT": "security-agent"}
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="api")
+    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    refused(launch, 2, "security agent 'security-agent'")
+    await assert_not_started(client, launch.workflow_id)
+    path, _ = file_workflow_task(
+        platform.queue_dir, plan_name="guide", workflow_type=BUILD_PLAN_WORKFLOW,
+        phases=[{"number": 1, "agent_type": "writer", "description": "a"},
+                {"number": 2, "agent_type": "reviewer", "description": "b"}])
+    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    refused(launch, 2, "phase 2 'reviewer'")
+    await assert_not_started(client, launch.workflow_id)
+
+
+async def test_an_id_already_running_is_refused(platform: Platform, client: Client) -> None:
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
+    first = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    assert first.returncode == 0, first.stderr  # no worker: it stays running
+    handle = client.get_workflow_handle(first.workflow_id)
+    try:
+        run_id = (await handle.describe()).run_id
+        again = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+        refused(again, 3, f"{first.workflow_id!r} is already running")
+        description = await handle.describe()
+        assert (description.run_id, description.status) == (
+            run_id, WorkflowExecutionStatus.RUNNING)
+    finally:
+        await handle.terminate("test over")
+
+
+async def test_an_unreachable_server_is_refused(platform: Platform, client: Client) -> None:
+    # The environment wins over the env file, as under pm2.
+    env = {**platform.dispatcher_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"}
+    path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
+    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    refused(launch, 4, "cannot connect to Temporal at 127.0.0.1:")
+    await assert_not_started(client, launch.workflow_id)
+
+
+def test_start_build_refuses_an_agent_not_on_the_roster(platform: Platform) -> None:
+    env = {**platform.worker_env, "PATH": os.environ["PATH"]}
+    done = subprocess.run([str(REPO / "tools" / "start-build"), "--build-name", "web",
+                           "--plan-path", "/srv/plans/web.md", "--task-id", "t-1",
+                           "--target-agent", "claudebox"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"start-build: refused: target agent 'claudebox' is not on the dispatcher's roster "
+        f"(AGENT_ROSTER_FILE {platform.worker_env['AGENT_ROSTER_FILE']}: developer, "
+        f"research, security, steward, sysadmin, writer)"]
+
+
+def test_worker_warns_about_each_stage_agent_not_on_the_roster(platform: Platform) -> None:
+    env = {**platform.worker_env, "PREFAB_AGENT": "claudebox",
+           "DEFAULT_TARGET_AGENT": "builder"}
+    done = subprocess.run([sys.executable, str(REPO / "worker.py"), "--check-config"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    warned = [(r["level"], r.get("setting"), r.get("agent")) for r in records
+              if r.get("event") == "stage_agent_not_on_roster"]
+    assert warned == [("WARNING", "PREFAB_AGENT", "claudebox"),
+                      ("WARNING", "DEFAULT_TARGET_AGENT", "builder")]
+
+
+# ---- the mapping itself ------------------------------------------------------------------
+
+def test_the_mapping_defaults_overrides_and_ignored_keys(tmp_path: Path) -> None:
+    config = load_config({"HOME": str(tmp_path), "PLAN_DIR": "~/plans",
+                          "DEFAULT_TARGET_AGENT": "developer"})
+    wid = "web-0123abcd"
+    fields = parse_request(BUILD_PIPELINE_WORKFLOW, wid, json.dumps(
+        {"plan_name": "web", "description": "d", "priority": "urgent", "amendments": [],
+         "originating_task_id": str(uuid.uuid4()), "context_refs": ["/x"]}))
+    inp = pipeline_input(fields, "tid-1", config)
+    assert (inp.build_name, inp.plan_path, inp.target_agent, inp.task_id) == (
+        "web", str(tmp_path / "plans" / "web.md"), "developer", "tid-1")
+    fields.update(plan_path="/srv/web.md", target_agent="builder", prefab_agent="sysadmin",
+                  agent_timeout_seconds=60)
+    inp = pipeline_input(fields, "tid-1", config)
+    assert (inp.plan_path, inp.target_agent, inp.prefab_agent, inp.agent_timeout_seconds) == (
+        "/srv/web.md", "builder", "sysadmin", 60)
+    absolute = re.escape("plan_path 'relative.md' must be an absolute")
+    with pytest.raises(StartRefusedError, match=absolute):
+        pipeline_input({**fields, "plan_path": "relative.md"}, "tid-1", config)
+    with pytest.raises(StartRefusedError, match=r"^input is not JSON"):
+        parse_request(BUILD_PIPELINE_WORKFLOW, wid, "{")
+    with pytest.raises(StartRefusedError, match="not <plan_name>-<id8>"):
+        parse_request(BUILD_PIPELINE_WORKFLOW, "api-0123abcd", '{"plan_name": "web"}')
+    plan = plan_input({"plan_name": "p", "context_refs": ["/c"], "phases": [
+        {"number": 1, "agent_type": "writer", "description": "x"}]})
+    assert plan.phases[0].context_refs == ["/c"]
+    with pytest.raises(StartRefusedError, match=re.escape("phases.0.agent_type")):
+        plan_input({"plan_name": "p", "phases": [{"number": 1, "agent_type": "Bad",
+                                                  "description": "x"}]})
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+async def asyncio_thread(func: Any, *args: Any) -> Any:
+    """Run a blocking call off the event loop (the test's client lives on it)."""
+    import asyncio
+
+    return await asyncio.to_thread(func, *args)
+
+
+async def first_input(client: Client, workflow_id: str) -> dict[str, Any]:
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        attributes = event.workflow_execution_started_event_attributes
+        return json.loads(attributes.input.payloads[0].data)
+    raise AssertionError("no history")
