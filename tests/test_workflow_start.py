@@ -29,6 +29,16 @@ from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
 from platform_input import parse_request, pipeline_input, plan_input
 from tests.conftest import make_env
+from tests.mtls import (
+    CLIENT_NAME,
+    make_approle,
+    make_pki,
+    openbao,
+    tls_proxy,
+    vault_env,
+    worker_secret,
+    write_secret_id_file,
+)
 from tests.standin import StandIn, play_stage, poll
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
@@ -170,6 +180,12 @@ WORKER_SETTINGS = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL
                    "PLAN_DIR", "AGENT_ROSTER_FILE")
 
 
+def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture
 def platform(tmp_path: Path, temporal_address: str) -> Platform:
     home = tmp_path / "home"
@@ -181,9 +197,8 @@ def platform(tmp_path: Path, temporal_address: str) -> Platform:
     env = make_env(tmp_path, temporal_address, PREFAB_AGENT="developer",
                    SECURITY_AGENT="security", DEFAULT_TARGET_AGENT="developer",
                    PLAN_DIR=str(tmp_path / "plans"), AGENT_ROSTER_FILE=str(roster))
-    env_file = tmp_path / "worker.env"
-    env_file.write_text("".join(f"{name}={env[name]}\n" for name in WORKER_SETTINGS))
-    env_file.chmod(0o600)
+    env_file = write_env_file(tmp_path / "worker.env",
+                              {name: env[name] for name in WORKER_SETTINGS})
     dispatcher = {"PATH": "/usr/bin:/bin", "HOME": str(home),
                   "WORKER_ENV_FILE": str(env_file)}
     return Platform(tmp_path, env, dispatcher, script)
@@ -382,6 +397,31 @@ async def test_an_unreachable_server_is_refused(platform: Platform, client: Clie
     launch = await asyncio_thread(dispatch, path, platform.script, env)
     refused(launch, 4, "cannot connect to Temporal at 127.0.0.1:")
     await assert_not_started(client, launch.workflow_id)
+
+
+async def test_the_start_connects_with_the_workers_vault_mtls(platform: Platform,
+                                                              client: Client) -> None:
+    """Only the worker's env file names Vault; the dispatcher's environment has nothing."""
+    pki = make_pki()
+    with openbao(platform.root / "bao.log") as bao, \
+            tls_proxy(platform.worker_env["TEMPORAL_ADDRESS"], pki, platform.root) as proxy:
+        role = make_approle(bao)
+        bao.write_worker_secret(worker_secret(pki))
+        secret_id_file = write_secret_id_file(platform.root, role.secret_id)
+        settings = {name: platform.worker_env[name] for name in WORKER_SETTINGS}
+        write_env_file(Path(platform.dispatcher_env["WORKER_ENV_FILE"]), {
+            **settings, **vault_env(bao, role, secret_id_file, proxy.address)})
+        path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
+        launch = await asyncio_thread(dispatch, path, platform.script,
+                                      platform.dispatcher_env)
+        assert launch.returncode == 0, launch.stderr
+        assert CLIENT_NAME in proxy.log.accepted
+        for secret in (role.role_id, role.secret_id, bao.root_token,
+                       pki.client.key_pem.splitlines()[1]):
+            assert secret not in launch.stdout + launch.stderr
+    handle = client.get_workflow_handle(launch.workflow_id)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await handle.terminate("test over")
 
 
 def test_start_build_refuses_an_agent_not_on_the_roster(platform: Platform) -> None:
