@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import yaml
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+import policies
 from config import load_config
 from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
@@ -422,6 +424,31 @@ async def test_the_start_connects_with_the_workers_vault_mtls(platform: Platform
     handle = client.get_workflow_handle(launch.workflow_id)
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     await handle.terminate("test over")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_server_that_never_answers_is_given_up_within_the_limit(
+        platform: Platform, client: Client, silent_port: str) -> None:
+    """Temporal, then Vault (its request hangs in a thread), accepting and then silent."""
+    secret_id_file = write_secret_id_file(platform.root, "s-1")
+    silent_vault = {"VAULT_ADDR": f"http://{silent_port}", "VAULT_ROLE_ID": "r-1",
+                    "VAULT_SECRET_ID_FILE": str(secret_id_file)}
+    for extra in ({"TEMPORAL_ADDRESS": silent_port}, silent_vault):
+        path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
+        launch = await asyncio_thread(dispatch, path, platform.script,
+                                      {**platform.dispatcher_env, **extra})
+        refused(launch, 4, "cannot connect to Temporal at", "no answer within 8s",
+                *(["Vault at http://"] if "VAULT_ADDR" in extra else []))
+        assert launch.seconds < policies.DISPATCHER_START_DEADLINE.total_seconds()
+        await assert_not_started(client, launch.workflow_id)
 
 
 def test_start_build_refuses_an_agent_not_on_the_roster(platform: Platform) -> None:

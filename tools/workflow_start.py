@@ -104,17 +104,21 @@ async def start(workflow_type: str, workflow_id: str, inp: BaseModel, fields: di
 
     from temporal_client import connect
 
+    limit = policies.CLI_CONNECT_TIMEOUT.total_seconds()
+    where = f"Temporal at {config.temporal_address}" + (
+        f" (credentials from Vault at {config.vault_addr})" if config.vault_enabled else "")
     try:
-        client = await asyncio.wait_for(connect(config),
-                                        policies.CLI_CONNECT_TIMEOUT.total_seconds())
+        client = await asyncio.wait_for(connect(config), limit)
     except CredentialSettingError as err:
         raise ToolError(f"credentials: {err}", EXIT_USAGE) from None
     except CredentialError as err:
         raise ToolError(f"credentials: {err}", EXIT_CONNECT) from None
-    except (TimeoutError, RuntimeError) as err:
-        detail = str(err).splitlines()[0][:200] if str(err) else "no answer"
-        raise ToolError(f"cannot connect to Temporal at {config.temporal_address}: {detail}",
+    except TimeoutError:
+        raise ToolError(f"cannot connect to {where}: no answer within {limit:g}s",
                         EXIT_CONNECT) from None
+    except RuntimeError as err:
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ToolError(f"cannot connect to {where}: {detail}", EXIT_CONNECT) from None
     try:
         handle = await client.start_workflow(
             workflow_type, inp, id=workflow_id, task_queue=config.task_queue,
@@ -140,12 +144,17 @@ def run(argv: list[str], environ: Mapping[str, str]) -> int:
     except (StartRefusedError, ConfigError) as err:
         raise ToolError(f"refused: {err}", EXIT_USAGE) from None
     deadline = policies.DISPATCHER_START_DEADLINE.total_seconds()
+    # Not asyncio.run: it would wait at the end for a Vault request still hanging in its
+    # thread; close() leaves that thread behind, and the process exits without it.
+    loop = asyncio.new_event_loop()
     try:
-        run_id = asyncio.run(asyncio.wait_for(
+        run_id = loop.run_until_complete(asyncio.wait_for(
             start(workflow_type, workflow_id, inp, fields, config), deadline))
     except TimeoutError:
         raise ToolError(f"no answer from Temporal at {config.temporal_address} (or Vault) "
                         f"within {deadline:g}s", EXIT_TIMEOUT) from None
+    finally:
+        loop.close()
     print(f"{NAME}: started {workflow_type} {workflow_id} (run {run_id}) on task queue "
           f"{config.task_queue}", flush=True)
     return EXIT_OK
