@@ -1,8 +1,9 @@
 """PLATFORM TOOLS STAND-IN: plays the platform's task tools (task-queue-mcp's queue
 operations and one task-dispatcher tick) against a task folder, for tests that put this
 worker's files in front of them. It is NOT the platform's code: it is written only from
-the facts in /work/shared/task-queue/PROTOCOL.md ("PROTOCOL"; [TQ] = task-queue-mcp,
-[TD] = task-dispatcher), is as strict as those facts, and answers with their texts.
+the facts in the task tools' PROTOCOL.md ("PROTOCOL", kept beside the repository in
+../shared/task-queue/; § numbers are its sections; [TQ] = task-queue-mcp, [TD] =
+task-dispatcher), is as strict as those facts, and answers with their texts.
 
 The vocabularies below are the TOOLS' words (PROTOCOL §2), deliberately not imported from
 vocabulary.py: the point is to check this project's files against the other side.
@@ -43,9 +44,24 @@ Where PROTOCOL writes `[...]` or `{…}` in a text, the stand-in fills in the so
 a Python list / set literal, as update_task's known `['completed', 'failed', 'in-progress']`
 is. Where PROTOCOL elides (`…`), the stand-in keeps the known words and ends with `…`: match
 those texts on their prefix. Texts PROTOCOL does not give at all are the stand-in's own,
-marked "(stand-in text)" below; so are the success results beyond `ok`, the Auto-approved /
-Needs approval reasons, the notify history note and the fixture roster's project dirs.
+marked "stand-in text" where they are made; so are the success results beyond `ok`, the
+Auto-approved / Needs approval reasons, the roster errors, the notify history note and room,
+and the fixture roster's project dirs.
 The dead-letter refusal keeps PROTOCOL's literal `POST /tasks/<id>/requeue`.
+
+Choices where PROTOCOL is silent: records handed out (get_task, list_tasks) carry datetimes
+as ISO strings, as the MCP tools send them (§4.2); a standard operator move needs no note
+even with allow_override; set_task_status, cancel_task and requeue_dead_letter refuse any
+actor but `operator` (§3.6: only the HTTP routes reach them), park/unpark accept the target
+agent too; list_tasks sorts every loaded record before filtering, so a naive `created`
+makes filtered lists raise too; [TD] writes `target_agent` resolved from `auto` and the
+inherited `workflow_mode` into the file.
+
+Use:
+    tools = TaskTools(queue_dir, umask=0o022)
+    tools.approve(task_id)                       # the operator, through the Matrix bot
+    Dispatcher(queue_dir, start_script=script, log_dir=logs).tick()
+    problems = validate_task(yaml.safe_load(text), filename)
 """
 
 from __future__ import annotations
@@ -335,8 +351,8 @@ def _park_gate(actor: str) -> Callable[[dict[str, Any]], str | None]:
         target = record.get("target_agent")
         if actor in (target, OPERATOR):
             return None
-        # PROTOCOL gives only the end (`… and may not park or unpark it.`); the start is
-        # update_task's.
+        # stand-in text up to "and may not": PROTOCOL gives only `… and may not park or
+        # unpark it.`; the start is update_task's refusal.
         return (f"actor {actor!r} is not the target agent for this task ({target!r}) "
                 "and may not park or unpark it.")
     return gate
@@ -726,7 +742,8 @@ def _close_notify(record: dict[str, Any], now: datetime, requires_approval: bool
 
 # --- §5.7 roster ------------------------------------------------------------------------
 class RosterError(ValueError):
-    """A missing or invalid `agent-launch.yml`: [TD] fails every tick."""
+    """A missing or invalid `agent-launch.yml`: [TD] fails every tick (messages are
+    stand-in text)."""
 
 
 # The fixture's agents (§5.7); their project folder names are the stand-in's.
