@@ -664,3 +664,53 @@ def test_td_write_is_private_even_under_a_loose_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert mode_of(path) == 0o600
     assert not (tmp_path / "t.tmp").exists()
+
+
+def test_default_start_timeout_is_thirty_seconds(tmp_path: Path) -> None:
+    assert Dispatcher(tmp_path, start_script=tmp_path / "s", log_dir=tmp_path).start_timeout \
+        == 30.0
+
+
+def test_mode_and_auto_target_checks(tmp_path: Path, queue: Path) -> None:
+    _, manual = record_file(queue, workflow_mode="manual")
+    _, unrouted = record_file(queue, target_agent="auto", task_type="research")
+    dispatcher(tmp_path).tick()
+    assert load_yaml(manual)["history"][-1]["note"] == (
+        "Unknown workflow_mode 'manual' — not in task-queue-mcp's vocabulary (['auto', "
+        "'manual-then-auto', 'semi-auto']). Refusing to guess: …")
+    assert load_yaml(unrouted)["history"][-1]["note"] == "No agent found for task_type=research"
+
+
+def test_manifests_route_auto_and_decide_approval(tmp_path: Path, queue: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    for name, hosts in (("elsewhere", ["other"]), ("research", ["forge"])):
+        (manifests / f"{name}.yml").write_text(yaml.safe_dump({
+            "name": name, "capabilities": ["research"], "scope": {"hosts": hosts},
+            "max_auto_risk": "medium",
+            "interaction_permissions": {"auto_approved": ["writer"], "needs_approval": []}}))
+    (manifests / "example-manifest.yml").write_text(yaml.safe_dump({
+        "name": "example", "capabilities": ["research"], "scope": {"hosts": ["all"]}}))
+    _, routed = record_file(queue, target_agent="auto", task_type="research")
+    _, risky = record_file(queue, target_agent="research", task_type="research",
+                           risk_level="high")
+    _, trusted = record_file(queue, target_agent="research", task_type="research",
+                             risk_level="high", source_agent="writer")
+    for path in (routed, risky, trusted):  # no requires_approval: the manifest decides
+        record = load_yaml(path)
+        del record["requires_approval"]
+        path.write_text(dump_yaml(record))
+    dispatcher(tmp_path, manifests_dir=manifests).tick()
+    assert (load_yaml(routed)["target_agent"], load_yaml(routed)["status"]) == ("research",
+                                                                                "approved")
+    assert load_yaml(risky)["status"] == "pending-approval"
+    assert load_yaml(trusted)["status"] == "approved"
+
+
+def test_anchors_survive_a_dispatcher_rewrite(tmp_path: Path, tools: TaskTools) -> None:
+    _, path = submit(tools, requires_approval=True)
+    dispatcher(tmp_path).tick()
+    text = path.read_text()
+    assert "created: &id001 " in text
+    assert "- timestamp: *id001\n" in text
+    assert load_yaml(path)["status"] == "pending-approval"
