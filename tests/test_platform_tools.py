@@ -382,14 +382,17 @@ def test_tq_rewrite_takes_the_umask_mode_td_rewrite_stays_private(tmp_path: Path
     assert tools.approve(task_id)["ok"]
     assert mode_of(path) == 0o644
     assert (tools.queue_dir / ".locks" / f"{task_id}.lock").exists()
-    _other_id, other = submit(tools, requires_approval=True)
+    _, other = submit(tools, requires_approval=True)
     other.chmod(0o600)
+    _, loose = submit(tools, requires_approval=True)
+    assert mode_of(loose) == 0o644
     dispatcher(tmp_path).tick()
-    assert load_yaml(other)["status"] == "pending-approval"
-    assert mode_of(other) == 0o600
-    assert "timestamp: '" in other.read_text()  # [TD] writes quoted ISO strings
+    for rewritten in (other, loose):
+        assert load_yaml(rewritten)["status"] == "pending-approval"
+        assert mode_of(rewritten) == 0o600
+        assert "timestamp: '" in rewritten.read_text()  # [TD] writes quoted ISO strings
     assert sorted(p.name for p in tools.queue_dir.iterdir()) == sorted(
-        [".locks", path.name, other.name])
+        [".locks", path.name, other.name, loose.name])
 
 
 # --- §4.1 list_tasks -----------------------------------------------------------------------
@@ -714,3 +717,18 @@ def test_anchors_survive_a_dispatcher_rewrite(tmp_path: Path, tools: TaskTools) 
     assert "created: &id001 " in text
     assert "- timestamp: *id001\n" in text
     assert load_yaml(path)["status"] == "pending-approval"
+
+
+def test_a_start_that_cannot_run_aborts_the_tick_with_the_task_approved(
+        tmp_path: Path, queue: Path) -> None:
+    _, dated = workflow_task(queue, when=datetime.now(UTC))  # JSON cannot encode it
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dispatcher(tmp_path).tick()
+    assert load_yaml(dated)["status"] == "approved"
+    dated.unlink()
+    _, path = workflow_task(queue)
+    with pytest.raises(FileNotFoundError):
+        dispatcher(tmp_path, start_script=tmp_path / "missing.sh").tick()
+    assert load_yaml(path)["status"] == "approved"
+    dispatcher(tmp_path).tick()  # never retried: approved is not routed again
+    assert load_yaml(path)["status"] == "approved"
