@@ -1,11 +1,13 @@
 """tools/temporal-workflow-start.sh as the platform's dispatcher runs it (PROTOCOL.md §5.4):
-installed by a link at ~/scripts/, called with `<workflow_type> <workflow_id>
-<input_json>` built from a `workflow` task, in the dispatcher's environment (not the
-worker's: the settings come from the worker's env file), with its 30 s limit. A real dev
-server and a real worker process; the agents played by tests/standin.py."""
+installed by a link at ~/scripts/ and called by the dispatcher's tick (the stand-in in
+tests/platform_tools.py: `<workflow_type> <workflow_id> <input_json>` built from a
+`workflow` task, 30 s limit, output into its log, `in-progress` or a routing failure) in
+the dispatcher's environment, not the worker's: the settings come from the worker's env
+file. A real dev server and a real worker process; the agents played by tests/standin.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -26,7 +29,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import policies
-from config import load_config
+from config import ENV_FIELDS, load_config
 from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
 from platform_input import parse_request, pipeline_input, plan_input
@@ -41,7 +44,8 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.standin import StandIn, play_stage, poll
+from tests.platform_tools import Dispatcher
+from tests.standin import StandIn, play_stage
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (
@@ -74,72 +78,45 @@ steward:
 NO_BLOCKS = "flags:\n  - Pin the base image to a digest\n"
 
 
-# ---- the dispatcher's side, from PROTOCOL.md §5.4 ---------------------------------------
-
-class RoutingFailure(Exception):
-    """What the dispatcher refuses itself, before it calls the script."""
-
-
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-DROPPED_KEYS = ("workflow_type", "plan_name", "task_token")
-
-
-def launch_argv(task: Mapping[str, Any], script: Path) -> list[str]:
-    """The dispatcher's call for a `workflow` task: type, `<plan_name>-<id8>`, input."""
-    payload = task.get("payload") or {}
-    workflow_type = payload.get("workflow_type") or BUILD_PIPELINE_WORKFLOW
-    if workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW):
-        raise RoutingFailure(f"Unknown workflow_type: {workflow_type!r}")
-    plan_name = payload.get("plan_name")
-    if not isinstance(plan_name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", plan_name):
-        raise RoutingFailure(f"Invalid plan_name for workflow submission: {plan_name!r}")
-    task_id = str(task["id"]) if UUID_RE.fullmatch(str(task["id"])) else "invalid-id"
-    data = {"plan_name": plan_name,
-            **{key: value for key, value in payload.items() if key not in DROPPED_KEYS}}
-    return [str(script), workflow_type, f"{plan_name}-{task_id[:8]}", json.dumps(data)]
-
+# ---- the dispatcher: ticks of tests/platform_tools.py's stand-in ------------------------
 
 @dataclass
 class Launch:
-    returncode: int
-    stdout: str
-    stderr: str
+    returncode: int | None  # None: the dispatcher refused the task without calling the script
+    output: str  # what the script wrote (stdout and stderr), as the dispatcher logs it
     seconds: float
     workflow_id: str
+    status: str  # the task's status after the tick
+    reason: str  # the routing failure the dispatcher recorded, if any
 
 
-def run_script(argv: list[str], env: Mapping[str, str]) -> Launch:
+def tick(platform: Platform, path: Path, **env: str) -> Launch:
+    """One dispatcher tick over the queue in the dispatcher's environment (plus `env`):
+    what it did with the `workflow` task at `path`."""
+    task_id = yaml.safe_load(path.read_text())["id"]
+    log = platform.logs / f"temporal-start-{task_id[:8]}.log"
+    offset = log.stat().st_size if log.exists() else 0
+    dispatcher = Dispatcher(platform.queue_dir, start_script=platform.script,
+                            log_dir=platform.logs)
+    with mock.patch.dict(os.environ, env):
+        started = time.monotonic()
+        dispatcher.tick()
+        seconds = time.monotonic() - started
+    launch = next((item for item in dispatcher.launches if item["task_id"] == task_id), {})
+    record = yaml.safe_load(path.read_text())
+    return Launch(launch.get("returncode"),
+                  log.read_bytes()[offset:].decode() if log.exists() else "", seconds,
+                  launch["argv"][2] if "argv" in launch else "", record["status"],
+                  record["retry_policy"].get("last_failure_reason") or "")
+
+
+def run_script(argv: list[str], **env: str) -> Launch:
+    """The script called by hand, in the dispatcher's environment (plus `env`)."""
     started = time.monotonic()
-    done = subprocess.run(argv, env=dict(env), capture_output=True, text=True,
+    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=DISPATCHER_TIMEOUT, stdin=subprocess.DEVNULL, cwd="/")
-    return Launch(done.returncode, done.stdout, done.stderr, time.monotonic() - started,
-                  argv[2])
-
-
-def rewrite(path: Path, task: dict[str, Any], status: str, note: str) -> None:
-    """The dispatcher's rewrite: its history entry, string timestamp, 0600 temp + rename."""
-    task["status"] = status
-    task["history"].append({"timestamp": datetime.now(UTC).isoformat(), "status": status,
-                            "actor": "dispatcher", "note": note})
-    temp = path.with_suffix(".tmp")
-    temp.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
-    temp.chmod(0o600)
-    temp.replace(path)
-
-
-def dispatch(path: Path, script: Path, env: Mapping[str, str]) -> Launch:
-    """One `workflow` task through the dispatcher's tick: `approved` before the call,
-    the call, then `in-progress` on exit 0 (else routing-failed)."""
-    task = yaml.safe_load(path.read_text())
-    argv = launch_argv(task, script)
-    rewrite(path, task, "approved", "Auto-approved: requires_approval=false")
-    launch = run_script(argv, env)
-    if launch.returncode == 0:
-        rewrite(path, task, "in-progress", "Temporal workflow submitted")
-    else:
-        rewrite(path, task, "routing-failed",
-                f"temporal-workflow-start.sh exited {launch.returncode}")
-    return launch
+    return Launch(done.returncode, done.stdout + done.stderr, time.monotonic() - started,
+                  argv[2], "", "")
 
 
 def file_workflow_task(queue_dir: Path, **payload: Any) -> tuple[Path, str]:
@@ -169,8 +146,9 @@ def file_workflow_task(queue_dir: Path, **payload: Any) -> tuple[Path, str]:
 class Platform:
     root: Path
     worker_env: dict[str, str]  # the worker's (pm2's) environment
-    dispatcher_env: dict[str, str]  # what the dispatcher's cron job has
+    env_file: Path  # the worker's env file: the script's only source of settings
     script: Path  # ~/scripts/temporal-workflow-start.sh, a link
+    logs: Path  # the dispatcher's ~/.pm2/logs
 
     @property
     def queue_dir(self) -> Path:
@@ -189,11 +167,15 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
 
 
 @pytest.fixture
-def platform(tmp_path: Path, temporal_address: str) -> Platform:
+def platform(tmp_path: Path, temporal_address: str,
+             monkeypatch: pytest.MonkeyPatch) -> Platform:
+    """The worker's settings in its env file, the script linked into ~/scripts as
+    docs/operations.md says, and this process's environment made the dispatcher's: its
+    HOME, WORKER_ENV_FILE, none of the worker's variables."""
     home = tmp_path / "home"
     (home / "scripts").mkdir(parents=True)
     script = home / "scripts" / "temporal-workflow-start.sh"
-    script.symlink_to(REPO / "tools" / "temporal-workflow-start.sh")  # docs/operations.md
+    script.symlink_to(REPO / "tools" / "temporal-workflow-start.sh")
     roster = home / "scripts" / "agent-launch.yml"
     roster.write_text(ROSTER)
     env = make_env(tmp_path, temporal_address, PREFAB_AGENT="developer",
@@ -201,9 +183,13 @@ def platform(tmp_path: Path, temporal_address: str) -> Platform:
                    PLAN_DIR=str(tmp_path / "plans"), AGENT_ROSTER_FILE=str(roster))
     env_file = write_env_file(tmp_path / "worker.env",
                               {name: env[name] for name in WORKER_SETTINGS})
-    dispatcher = {"PATH": "/usr/bin:/bin", "HOME": str(home),
-                  "WORKER_ENV_FILE": str(env_file)}
-    return Platform(tmp_path, env, dispatcher, script)
+    for name in ENV_FIELDS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WORKER_ENV_FILE", str(env_file))
+    logs = home / ".pm2" / "logs"
+    logs.mkdir(parents=True)
+    return Platform(tmp_path, env, env_file, script, logs)
 
 
 @pytest.fixture
@@ -222,16 +208,18 @@ async def assert_not_started(client: Client, workflow_id: str) -> None:
     assert caught.value.status == RPCStatusCode.NOT_FOUND
 
 
-def refused(launch: Launch, code: int, *words: str) -> None:
-    """Non-zero within the limit, one line on stderr naming the problem."""
-    assert launch.returncode == code, (launch.returncode, launch.stderr)
+def refused(launch: Launch, code: int, *words: str, by_hand: bool = False) -> None:
+    """Non-zero within the limit, one line naming the problem; a routing failure."""
+    assert launch.returncode == code, (launch.returncode, launch.output)
     assert launch.seconds < DISPATCHER_TIMEOUT
-    lines = launch.stderr.splitlines()
-    assert len(lines) == 1, launch.stderr
+    lines = launch.output.splitlines()
+    assert len(lines) == 1, launch.output
     assert lines[0].startswith("temporal-workflow-start: "), lines
     for word in words:
         assert word in lines[0], lines[0]
-    assert launch.stdout == ""
+    if not by_hand:
+        assert (launch.status, launch.reason) == (
+            "routing-failed", f"temporal-workflow-start.sh exited {code}")
 
 
 # ---- runs started the dispatcher's way ---------------------------------------------------
@@ -243,12 +231,13 @@ async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
         platform.queue_dir, workflow_type=BUILD_PIPELINE_WORKFLOW, plan_name="web-portal",
         description="Build the web portal\nwith SSO", context_refs=["/srv/plans/sso.md"],
         originating_task_id=str(uuid.uuid4()))
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
-    assert launch.returncode == 0, launch.stderr
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode == 0, launch.output
     assert launch.seconds < DISPATCHER_TIMEOUT
     assert launch.workflow_id == f"web-portal-{task_id[:8]}"
-    assert f"started {BUILD_PIPELINE_WORKFLOW} {launch.workflow_id}" in launch.stdout
-    assert yaml.safe_load(path.read_text())["status"] == "in-progress"
+    assert launch.output.startswith(
+        f"temporal-workflow-start: started {BUILD_PIPELINE_WORKFLOW} {launch.workflow_id}")
+    assert launch.status == "in-progress"
 
     handle = client.get_workflow_handle(launch.workflow_id, result_type=BuildPipelineResult)
     description = await handle.describe()
@@ -280,22 +269,19 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
         platform.queue_dir, workflow_type=BUILD_PLAN_WORKFLOW, plan_name="helm-chart",
         description="Chart and docs", context_refs=["/srv/plans/helm-chart.md"],
         phases=phases)
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
-    assert launch.returncode == 0, launch.stderr
-    assert launch.workflow_id == f"helm-chart-{task_id[:8]}"
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode == 0, launch.output
+    assert (launch.workflow_id, launch.status) == (f"helm-chart-{task_id[:8]}", "in-progress")
     first = await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
                              platform.worker_env)
     task = yaml.safe_load(first.read_text())
     assert (task["target_agent"], task["payload"]["context_refs"]) == (
         "developer", ["/srv/plans/helm-chart.md"])
-    second = await poll(lambda: next(
-        (p for p in platform.queue_dir.glob("*.yml") if p != first
-         and (yaml.safe_load(p.read_text()) or {}).get("task_type") == TASK_BUILD_PHASE),
-        None), 30, what="phase 2 task")
-    assert yaml.safe_load(second.read_text())["payload"]["context_refs"] == [
-        "/srv/docs/style.md"]
-    await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
-                     platform.worker_env)
+    second = await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
+                              platform.worker_env)
+    task = yaml.safe_load(second.read_text())
+    assert (task["target_agent"], task["payload"]["context_refs"]) == (
+        "writer", ["/srv/docs/style.md"])
     result = await client.get_workflow_handle(launch.workflow_id,
                                               result_type=BuildPlanResult).result()
     assert (result.status, result.phases_run) == ("success", 2)
@@ -304,53 +290,53 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
 # ---- refusals: non-zero within the limit, one line, nothing started ---------------------
 
 async def test_unknown_workflow_type_is_refused(platform: Platform, client: Client) -> None:
-    path, _ = file_workflow_task(platform.queue_dir, workflow_type="DeployWorkflow",
-                                 plan_name="web")
-    with pytest.raises(RoutingFailure):
-        dispatch(path, platform.script, platform.dispatcher_env)
-    task = yaml.safe_load(path.read_text())
-    task["payload"]["workflow_type"] = BUILD_PIPELINE_WORKFLOW
-    argv = launch_argv(task, platform.script)
-    argv[1] = "DeployWorkflow"  # the script refuses it too when called by hand
-    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
-    refused(launch, 2, "unknown workflow type 'DeployWorkflow'")
+    path, task_id = file_workflow_task(platform.queue_dir, workflow_type="DeployWorkflow",
+                                       plan_name="web")
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode is None  # the dispatcher refuses it itself
+    assert launch.reason.startswith("Unknown workflow_type: 'DeployWorkflow'")
+    # Called by hand, the script refuses it too.
+    launch = await asyncio.to_thread(run_script, [
+        str(platform.script), "DeployWorkflow", f"web-{task_id[:8]}",
+        json.dumps({"plan_name": "web"})])
+    refused(launch, 2, "unknown workflow type 'DeployWorkflow'", by_hand=True)
     await assert_not_started(client, launch.workflow_id)
 
 
 async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> None:
     path, task_id = file_workflow_task(platform.queue_dir, plan_name="Web_Portal")
-    with pytest.raises(RoutingFailure):
-        dispatch(path, platform.script, platform.dispatcher_env)
-    argv = [str(platform.script), BUILD_PIPELINE_WORKFLOW, f"Web_Portal-{task_id[:8]}",
-            json.dumps({"plan_name": "Web_Portal"})]
-    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
-    refused(launch, 2, "invalid plan_name 'Web_Portal'")
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode is None  # the dispatcher refuses it itself
+    assert launch.reason == "Invalid plan_name for workflow submission: 'Web_Portal'"
+    launch = await asyncio.to_thread(run_script, [
+        str(platform.script), BUILD_PIPELINE_WORKFLOW, f"Web_Portal-{task_id[:8]}",
+        json.dumps({"plan_name": "Web_Portal"})])
+    refused(launch, 2, "invalid plan_name 'Web_Portal'", by_hand=True)
     await assert_not_started(client, launch.workflow_id)
     too_long = "a" * 64  # the dispatcher passes it; a build name is at most 63
     path, task_id = file_workflow_task(platform.queue_dir, plan_name=too_long)
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    launch = await asyncio.to_thread(tick, platform, path)
     refused(launch, 2, "plan_name", "1-63 chars")
     await assert_not_started(client, launch.workflow_id)
 
 
 async def test_input_missing_a_required_key_is_refused(platform: Platform,
                                                         client: Client) -> None:
-    env = {**platform.dispatcher_env, "DEFAULT_TARGET_AGENT": ""}  # the default unset
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
-    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    # DEFAULT_TARGET_AGENT unset: an empty variable in the environment wins over the file.
+    launch = await asyncio.to_thread(tick, platform, path, DEFAULT_TARGET_AGENT="")
     refused(launch, 2, "no target_agent", "DEFAULT_TARGET_AGENT")
     await assert_not_started(client, launch.workflow_id)
-    assert yaml.safe_load(path.read_text())["status"] == "routing-failed"
     path, _ = file_workflow_task(platform.queue_dir, plan_name="docs",
                                  workflow_type=BUILD_PLAN_WORKFLOW)
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    launch = await asyncio.to_thread(tick, platform, path)
     refused(launch, 2, "no phases")
     await assert_not_started(client, launch.workflow_id)
     # No filing task behind the id the workflow id ends with.
-    argv = [str(platform.script), BUILD_PIPELINE_WORKFLOW, "web-0badc0de",
-            json.dumps({"plan_name": "web"})]
-    launch = await asyncio_thread(run_script, argv, platform.dispatcher_env)
-    refused(launch, 2, "no readable `workflow` task for plan 'web'", "0badc0de")
+    launch = await asyncio.to_thread(run_script, [
+        str(platform.script), BUILD_PIPELINE_WORKFLOW, "web-0badc0de",
+        json.dumps({"plan_name": "web"})])
+    refused(launch, 2, "no readable `workflow` task for plan 'web'", "0badc0de", by_hand=True)
     await assert_not_started(client, launch.workflow_id)
 
 
@@ -358,32 +344,36 @@ async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
                                                       client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web",
                                  target_agent="claudebox")
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    launch = await asyncio.to_thread(tick, platform, path)
     refused(launch, 2, "target agent 'claudebox' is not on the dispatcher's roster")
     await assert_not_started(client, launch.workflow_id)
-    # The worker's own default for stage 3, and a plan's phase agent.
-    env = {**platform.dispatcher_env, "SECURITY_AGENT": "security-agent"}
+    # The worker's own setting for stage 3, and a plan's phase agent.
     path, _ = file_workflow_task(platform.queue_dir, plan_name="api")
-    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    launch = await asyncio.to_thread(tick, platform, path, SECURITY_AGENT="security-agent")
     refused(launch, 2, "security agent 'security-agent'")
     await assert_not_started(client, launch.workflow_id)
     path, _ = file_workflow_task(
         platform.queue_dir, plan_name="guide", workflow_type=BUILD_PLAN_WORKFLOW,
         phases=[{"number": 1, "agent_type": "writer", "description": "a"},
                 {"number": 2, "agent_type": "reviewer", "description": "b"}])
-    launch = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+    launch = await asyncio.to_thread(tick, platform, path)
     refused(launch, 2, "phase 2 'reviewer'")
     await assert_not_started(client, launch.workflow_id)
 
 
 async def test_an_id_already_running_is_refused(platform: Platform, client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
-    first = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
-    assert first.returncode == 0, first.stderr  # no worker: it stays running
+    first = await asyncio.to_thread(tick, platform, path)
+    assert first.returncode == 0, first.output  # no worker: it stays running
     handle = client.get_workflow_handle(first.workflow_id)
     try:
         run_id = (await handle.describe()).run_id
-        again = await asyncio_thread(dispatch, path, platform.script, platform.dispatcher_env)
+        # The dispatcher's retry of a start it gave up on (PROTOCOL §5.5) that did start.
+        task = yaml.safe_load(path.read_text())
+        task["status"] = "routing-failed"
+        task["retry_policy"].update(retry_count=1, next_retry_at="2026-01-01T00:00:00+00:00")
+        path.write_text(yaml.safe_dump(task, sort_keys=False))
+        again = await asyncio.to_thread(tick, platform, path)
         refused(again, 3, f"{first.workflow_id!r} is already running")
         description = await handle.describe()
         assert (description.run_id, description.status) == (
@@ -393,10 +383,10 @@ async def test_an_id_already_running_is_refused(platform: Platform, client: Clie
 
 
 async def test_an_unreachable_server_is_refused(platform: Platform, client: Client) -> None:
-    # The environment wins over the env file, as under pm2.
-    env = {**platform.dispatcher_env, "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"}
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
-    launch = await asyncio_thread(dispatch, path, platform.script, env)
+    # The environment wins over the env file, as under pm2.
+    launch = await asyncio.to_thread(tick, platform, path,
+                                     TEMPORAL_ADDRESS=f"127.0.0.1:{free_port()}")
     refused(launch, 4, "cannot connect to Temporal at 127.0.0.1:")
     await assert_not_started(client, launch.workflow_id)
 
@@ -411,16 +401,15 @@ async def test_the_start_connects_with_the_workers_vault_mtls(platform: Platform
         bao.write_worker_secret(worker_secret(pki))
         secret_id_file = write_secret_id_file(platform.root, role.secret_id)
         settings = {name: platform.worker_env[name] for name in WORKER_SETTINGS}
-        write_env_file(Path(platform.dispatcher_env["WORKER_ENV_FILE"]), {
+        write_env_file(platform.env_file, {
             **settings, **vault_env(bao, role, secret_id_file, proxy.address)})
         path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
-        launch = await asyncio_thread(dispatch, path, platform.script,
-                                      platform.dispatcher_env)
-        assert launch.returncode == 0, launch.stderr
+        launch = await asyncio.to_thread(tick, platform, path)
+        assert launch.returncode == 0, launch.output
         assert CLIENT_NAME in proxy.log.accepted
         for secret in (role.role_id, role.secret_id, bao.root_token,
                        pki.client.key_pem.splitlines()[1]):
-            assert secret not in launch.stdout + launch.stderr
+            assert secret not in launch.output
     handle = client.get_workflow_handle(launch.workflow_id)
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     await handle.terminate("test over")
@@ -443,8 +432,7 @@ async def test_a_server_that_never_answers_is_given_up_within_the_limit(
                     "VAULT_SECRET_ID_FILE": str(secret_id_file)}
     for extra in ({"TEMPORAL_ADDRESS": silent_port}, silent_vault):
         path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
-        launch = await asyncio_thread(dispatch, path, platform.script,
-                                      {**platform.dispatcher_env, **extra})
+        launch = await asyncio.to_thread(tick, platform, path, **extra)
         refused(launch, 4, "cannot connect to Temporal at", "no answer within 8s",
                 *(["Vault at http://"] if "VAULT_ADDR" in extra else []))
         assert launch.seconds < policies.DISPATCHER_START_DEADLINE.total_seconds()
@@ -510,13 +498,6 @@ def test_the_mapping_defaults_overrides_and_ignored_keys(tmp_path: Path) -> None
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-async def asyncio_thread(func: Any, *args: Any) -> Any:
-    """Run a blocking call off the event loop (the test's client lives on it)."""
-    import asyncio
-
-    return await asyncio.to_thread(func, *args)
-
 
 async def first_input(client: Client, workflow_id: str) -> dict[str, Any]:
     async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
