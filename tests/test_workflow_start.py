@@ -439,6 +439,19 @@ async def test_a_server_that_never_answers_is_given_up_within_the_limit(
         await assert_not_started(client, launch.workflow_id)
 
 
+def test_help_and_usage() -> None:
+    script = str(REPO / "tools" / "temporal-workflow-start.sh")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0
+    assert "Exit codes: 0 the run has started" in shown.stdout
+    wrong = subprocess.run([script, BUILD_PIPELINE_WORKFLOW, "web-0123abcd"],
+                           capture_output=True, text=True, timeout=30)
+    assert (wrong.returncode, wrong.stdout) == (2, "")
+    assert wrong.stderr.splitlines() == [
+        "temporal-workflow-start: expected 3 arguments, got 2; usage: "
+        "temporal-workflow-start.sh <workflow_type> <workflow_id> <input_json>"]
+
+
 def test_start_build_refuses_an_agent_not_on_the_roster(platform: Platform) -> None:
     env = {**platform.worker_env, "PATH": os.environ["PATH"]}
     done = subprocess.run([str(REPO / "tools" / "start-build"), "--build-name", "web",

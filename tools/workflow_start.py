@@ -135,6 +135,9 @@ async def start(workflow_type: str, workflow_id: str, inp: BaseModel, fields: di
 
 
 def run(argv: list[str], environ: Mapping[str, str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return EXIT_OK
     if len(argv) != 3:
         raise ToolError(f"expected 3 arguments, got {len(argv)}; {USAGE}", EXIT_USAGE)
     workflow_type, workflow_id, input_json = argv
