@@ -60,6 +60,9 @@ ENV_FIELDS: dict[str, str] = {
     "TASK_FILE_DIALECT": "task_file_dialect",
     "TASK_WORKFLOW_MODE": "task_workflow_mode",
     "TASK_TOKEN_IN_FILE": "task_token_in_file",
+    "PLAN_DIR": "plan_dir",
+    "DEFAULT_TARGET_AGENT": "default_target_agent",
+    "AGENT_ROSTER_FILE": "agent_roster_file",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -145,6 +148,14 @@ class WorkerConfig(BaseModel):
     task_workflow_mode: str = "semi-auto"
     # Put the task token back into platform-dialect files (agents passing it on argv).
     task_token_in_file: bool = False
+    # Builds the platform's dispatcher starts (platform_input.py): where a plan named in
+    # a `workflow` task lives (<plan_dir>/<plan_name>.md) and who implements it, when the
+    # task's payload does not say. Unset: the payload must.
+    plan_dir: Path | None = None
+    default_target_agent: str | None = None
+    # The dispatcher's roster (agent-launch.yml): the agents it can launch. Set, a start
+    # naming a stage agent not on it is refused, and the worker warns at start.
+    agent_roster_file: Path | None = None
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -174,9 +185,11 @@ class WorkerConfig(BaseModel):
             raise ValueError("must be non-empty and contain no whitespace")
         return value
 
-    @field_validator("prefab_agent", "security_agent")
+    @field_validator("prefab_agent", "security_agent", "default_target_agent")
     @classmethod
-    def _agent_name(cls, value: str) -> str:
+    def _agent_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not NAME_PATTERN.match(value) or len(value) > 63:
             raise ValueError("must match ^[a-z0-9][a-z0-9-]*$ (max 63)")
         return value
@@ -221,10 +234,17 @@ class WorkerConfig(BaseModel):
 
     @field_validator("task_queue_dir", "audit_dir", "summary_dir", "log_file",
                      "matrix_access_token_file", "send_matrix_script", "vault_secret_id_file",
-                     "status_file", "worker_env_file")
+                     "status_file", "worker_env_file", "plan_dir", "agent_roster_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.expanduser(str(value)))
+
+    @field_validator("plan_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path (or start with ~)")
+        return value
 
     @property
     def vault_enabled(self) -> bool:

@@ -9,6 +9,8 @@ BuildWorkerError                   -- everything this service raises on purpose
 │   ├── AmbiguousTaskError         -- two or more task files carry the requested id
 │   └── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
 ├── FileIoStalledError             -- file I/O did not finish within its time bound
+├── StartRefusedError              -- a workflow start refused before anything started
+│   └── UnknownAgentError          -- ... because a stage agent is not on the roster
 ├── TriageError                    -- the security agent's triage output is unusable
 │   ├── TriageMissingError         -- triage-output.yml not there yet (retryable)
 │   └── TriageInvalidError         -- present but not acceptable (never retried)
@@ -61,6 +63,16 @@ class UnsafeTaskPathError(TaskFileError):
 class FileIoStalledError(BuildWorkerError):
     """Reading or writing a file took longer than its bound (or too many such reads are
     still stuck); the stage that asked fails, nothing else waits for it."""
+
+
+class StartRefusedError(BuildWorkerError):
+    """A start request (the dispatcher's or tools/start-build's) does not make a valid
+    input: a missing or invalid key, no filing task to go with it. Nothing was started."""
+
+
+class UnknownAgentError(StartRefusedError):
+    """A stage agent of the start is not on the dispatcher's roster (AGENT_ROSTER_FILE):
+    its task would wait for an agent nobody launches."""
 
 
 class TriageError(BuildWorkerError):

@@ -107,6 +107,10 @@ V050_BLOCK_CHECK_HEARTBEAT = timedelta(minutes=10)
 # own timer. complete_activity.py bounds every call it makes:
 CLI_CONNECT_TIMEOUT = timedelta(seconds=8)
 CLI_RPC_TIMEOUT = timedelta(seconds=5)
+# tools/temporal-workflow-start.sh: the platform's dispatcher kills it after 30 s and
+# counts that as a routing failure. Everything after start-up (Vault, connect, start)
+# must end within this, leaving the interpreter's start-up and exit a margin.
+DISPATCHER_START_DEADLINE = timedelta(seconds=20)
 
 # Failure types that end a pipeline as "agent failure".
 AGENT_FAILURE_TYPES = (PHASE_FAILED,)

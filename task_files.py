@@ -752,6 +752,30 @@ def find_task(queue_dir: Path, task_id: str, *, hint: Path | None = None,
                             f"(nor in {', '.join(TASK_SEARCH_SUBDIRS)}){skipped}")
 
 
+def find_by_prefix(queue_dir: Path, prefix: str, accept: Callable[[dict[str, Any]], bool],
+                   *, search_archives: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """The task files named `*-<prefix>.yml` whose id starts with `prefix` and that
+    `accept` takes: for a caller that knows only an id's first 8 characters (the
+    dispatcher's workflow id). No full scan; more than MAX_PREFIX_CANDIDATES files named
+    for the prefix raise AmbiguousTaskError, unread."""
+    lookup = _Lookup(queue_dir, search_archives)
+    try:
+        named = list(lookup.candidates(f"*-{glob.escape(prefix)}.yml"))
+        if len(named) > MAX_PREFIX_CANDIDATES:
+            raise AmbiguousTaskError(
+                f"{len(named)} files are named for the id prefix {prefix!r} (at most "
+                f"{MAX_PREFIX_CANDIDATES} are read); refusing: remove the stray files")
+        found = []
+        for folder, fd, name in named:
+            task = lookup.read(folder, fd, name, prefix.encode())
+            if (task is not None and str(task.get("id", "")).startswith(prefix)
+                    and accept(task)):
+                found.append((folder / name, task))
+        return found
+    finally:
+        lookup.close()
+
+
 def update_task(path: Path, mutate: Callable[[dict[str, Any]], None], *,
                 base: Path | None = None) -> dict[str, Any]:
     """Read, change and atomically rewrite a task file (mode stays 0600). With `base`

@@ -54,6 +54,7 @@ UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
 BUILD_PLAN_WORKFLOW: Final = "BuildPlanWorkflow"
+WORKFLOW_TYPES: Final = (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW)
 
 # --- task types: what a task file's `task_type` says ---
 TASK_BUILD_REQUEST: Final = "build_request"  # an originating task written by tools
@@ -63,6 +64,9 @@ TASK_SECURITY_AUDIT: Final = "security_audit"
 TASK_SECURITY_FIX: Final = "security_fix"
 TASK_BUILD_CLOSEOUT: Final = "build_closeout"
 TASK_BUILD_PHASE: Final = "build_phase"
+# The platform's task asking its dispatcher to start a workflow (PROTOCOL.md §5.4); the
+# filing task becomes the pipeline's originating task.
+TASK_WORKFLOW: Final = "workflow"
 # The task type of each agent stage's task file.
 STAGE_TASK_TYPES: Final = {PREFAB_SCAFFOLDING: TASK_BUILD_PREFAB, IMPLEMENT_BUILD: TASK_BUILD_PLAN,
                            REQUEST_SECURITY_AUDIT: TASK_SECURITY_AUDIT,

@@ -33,6 +33,7 @@ from exceptions import ConfigError, CredentialError
 from matrix_decisions import listen_for_decisions
 from observability import configure_logging, setup_telemetry
 from recovery import recover_lost_activities
+from roster import warn_missing
 from temporal_client import connect
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     configure_logging(config.log_level, config.log_file, worker_id)
     log.info("worker_starting", extra={"settings": config.public_summary()})
+    warn_missing(config)  # a stage agent the dispatcher cannot launch: warned, not fatal
     if args.check_config:
         return EXIT_OK
     try:

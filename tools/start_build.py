@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from exceptions import TaskNotFoundError
+import roster
+from exceptions import ConfigError, StartRefusedError, TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
 from task_files import SOURCE_AGENT, find_task, new_platform_task, new_task, write_task
 from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, ToolError, cli_json, worker_config
@@ -178,12 +179,22 @@ def warn_if_no_task_file(inp: BuildPipelineInput) -> None:
               file=sys.stderr, flush=True)
 
 
+def check_roster(inp: BaseModel, env: dict[str, str] | None) -> None:
+    """With AGENT_ROSTER_FILE set, refuse (exit 2) a start whose agents it lacks."""
+    try:
+        roster.check_start(inp, worker_config(env))
+    except (StartRefusedError, ConfigError) as err:
+        raise ToolError(f"refused: {err}", EXIT_USAGE) from None
+
+
 def start(kind: str, inp: BaseModel, options: dict[str, Any],
           env: dict[str, str] | None = None) -> str:
     """Start the workflow (`temporal workflow start`), print its id and return it.
 
-    A pipeline's originating task is written first with option `create_task`, else
-    looked for (a warning when missing) with option `check_task`."""
+    Refused first if an agent is not on the roster (AGENT_ROSTER_FILE). A pipeline's
+    originating task is written first with option `create_task`, else looked for (a
+    warning when missing) with option `check_task`."""
+    check_roster(inp, env)
     name = getattr(inp, "build_name", None) or getattr(inp, "plan_name", "build")
     prefix = "plan" if kind == PLAN else "build"
     workflow_id = options.get("workflow_id") or f"{prefix}-{name}-{uuid.uuid4().hex[:8]}"
