@@ -57,6 +57,7 @@ ENV_FIELDS: dict[str, str] = {
     "MATRIX_APPROVERS": "matrix_approvers",
     "BLOCK_FILE_DECISIONS": "file_decisions",
     "TASK_WATCH_POLLING": "watch_polling",
+    "AGENT_BUS_COMMS_DIR": "agent_bus_comms_dir",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -136,6 +137,8 @@ class WorkerConfig(BaseModel):
     file_decisions: bool = True
     # Watch the task folder by polling (network filesystems) instead of inotify.
     watch_polling: bool = False
+    # The platform's comms folder: events go to its logs/ (agent-bus). Unset = no events.
+    agent_bus_comms_dir: Path | None = None
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -189,7 +192,7 @@ class WorkerConfig(BaseModel):
 
     @field_validator("task_queue_dir", "audit_dir", "summary_dir", "log_file",
                      "matrix_access_token_file", "send_matrix_script", "vault_secret_id_file",
-                     "status_file", "worker_env_file")
+                     "status_file", "worker_env_file", "agent_bus_comms_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.expanduser(str(value)))

@@ -9,6 +9,7 @@ BuildWorkerError                   -- everything this service raises on purpose
 │   ├── AmbiguousTaskError         -- two or more task files carry the requested id
 │   └── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
 ├── FileIoStalledError             -- file I/O did not finish within its time bound
+├── EventLogError                  -- an event could not be appended to the platform's log
 ├── TriageError                    -- the security agent's triage output is unusable
 │   ├── TriageMissingError         -- triage-output.yml not there yet (retryable)
 │   └── TriageInvalidError         -- present but not acceptable (never retried)
@@ -61,6 +62,12 @@ class UnsafeTaskPathError(TaskFileError):
 class FileIoStalledError(BuildWorkerError):
     """Reading or writing a file took longer than its bound (or too many such reads are
     still stuck); the stage that asked fails, nothing else waits for it."""
+
+
+class EventLogError(BuildWorkerError):
+    """An event could not be appended to the platform's event log (its lock stayed taken,
+    the file is not a regular file, its last line is unreadable...). Never fails a stage:
+    the event is dropped with a warning."""
 
 
 class TriageError(BuildWorkerError):
