@@ -78,13 +78,7 @@ def append(comms_dir: Path, records: list[dict[str, Any]],
     stays taken for `lock_wait` seconds (default LOCK_WAIT_SECONDS); nothing is written
     then."""
     path = log_path(comms_dir)
-    _make_folder(path.parent)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                     | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE)
-    except OSError as err:
-        reason = "a symlink" if err.errno == errno.ELOOP else err.strerror
-        raise EventLogError(f"{path}: cannot open: {reason}") from None
+    fd = _open_log(path)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise EventLogError(f"{path}: not a regular file")
@@ -100,11 +94,27 @@ def append(comms_dir: Path, records: list[dict[str, Any]],
     return path
 
 
-def _make_folder(folder: Path) -> None:
+def _open_log(path: Path) -> int:
+    """The log file, opened for reading and appending (created if missing). Agents can
+    write below the comms folder: a link in place of `logs/` or of the file redirects
+    nothing, and a FIFO stalls nothing (refused by the caller once open)."""
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
     except OSError as err:
-        raise EventLogError(f"{folder}: cannot create: {err.strerror}") from None
+        raise EventLogError(f"{path.parent}: cannot use: {_reason(err)}") from None
+    try:
+        return os.open(path.name, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                       | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE, dir_fd=folder)
+    except OSError as err:
+        raise EventLogError(f"{path}: cannot open: {_reason(err)}") from None
+    finally:
+        os.close(folder)
+
+
+def _reason(err: OSError) -> str:
+    return "a symlink" if err.errno == errno.ELOOP else str(err.strerror)
 
 
 def _lock(fd: int, path: Path, lock_wait: float) -> None:

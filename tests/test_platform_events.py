@@ -164,7 +164,13 @@ def fifo(comms: Path) -> None:
     os.mkfifo(agent_bus.log_path(comms))
 
 
-MAKE_FAULT = {"unwritable": unwritable, "fifo": fifo}
+def linked_folder(comms: Path) -> None:
+    """An agent's link in place of logs/, to a folder of its choosing."""
+    (comms / "elsewhere").mkdir()
+    (comms / "logs").symlink_to(comms / "elsewhere")
+
+
+MAKE_FAULT = {"unwritable": unwritable, "fifo": fifo, "linked_folder": linked_folder}
 
 
 @contextlib.contextmanager
@@ -184,7 +190,7 @@ def summary_input() -> SummaryInput:
                         stages_completed=[], started_at=now, ended_at=now)
 
 
-@pytest.mark.parametrize("fault", ["unwritable", "fifo", "lock_held"])
+@pytest.mark.parametrize("fault", ["unwritable", "fifo", "linked_folder", "lock_held"])
 async def test_a_log_that_cannot_be_written_is_a_warning_and_a_count(
         tmp_path: Path, meter: Meter, fault: str, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,6 +214,8 @@ async def test_a_log_that_cannot_be_written_is_a_warning_and_a_count(
     assert meter.failures() == before + 1
     if fault == "lock_held":
         assert agent_bus.log_path(comms).read_bytes() == b""
+    if fault == "linked_folder":
+        assert list((comms / "elsewhere").iterdir()) == []
 
 
 # ---- a real pipeline ---------------------------------------------------------------------
