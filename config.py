@@ -63,6 +63,7 @@ ENV_FIELDS: dict[str, str] = {
     "PLAN_DIR": "plan_dir",
     "DEFAULT_TARGET_AGENT": "default_target_agent",
     "AGENT_ROSTER_FILE": "agent_roster_file",
+    "AGENT_BUS_COMMS_DIR": "agent_bus_comms_dir",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -156,6 +157,8 @@ class WorkerConfig(BaseModel):
     # The dispatcher's roster (agent-launch.yml): the agents it can launch. Set, a start
     # naming a stage agent not on it is refused, and the worker warns at start.
     agent_roster_file: Path | None = None
+    # The platform's comms folder: events go to its logs/ (agent-bus). Unset = no events.
+    agent_bus_comms_dir: Path | None = None
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -234,7 +237,8 @@ class WorkerConfig(BaseModel):
 
     @field_validator("task_queue_dir", "audit_dir", "summary_dir", "log_file",
                      "matrix_access_token_file", "send_matrix_script", "vault_secret_id_file",
-                     "status_file", "worker_env_file", "plan_dir", "agent_roster_file")
+                     "status_file", "worker_env_file", "plan_dir", "agent_roster_file",
+                     "agent_bus_comms_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.expanduser(str(value)))

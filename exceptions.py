@@ -11,6 +11,7 @@ BuildWorkerError                   -- everything this service raises on purpose
 ├── FileIoStalledError             -- file I/O did not finish within its time bound
 ├── StartRefusedError              -- a workflow start refused before anything started
 │   └── UnknownAgentError          -- ... because a stage agent is not on the roster
+├── EventLogError                  -- an event could not be appended to the platform's log
 ├── TriageError                    -- the security agent's triage output is unusable
 │   ├── TriageMissingError         -- triage-output.yml not there yet (retryable)
 │   └── TriageInvalidError         -- present but not acceptable (never retried)
@@ -73,6 +74,12 @@ class StartRefusedError(BuildWorkerError):
 class UnknownAgentError(StartRefusedError):
     """A stage agent of the start is not on the dispatcher's roster (AGENT_ROSTER_FILE):
     its task would wait for an agent nobody launches."""
+
+
+class EventLogError(BuildWorkerError):
+    """An event could not be appended to the platform's event log (its lock stayed taken,
+    the file is not a regular file, its last line is unreadable...). Never fails a stage:
+    the event is dropped with a warning."""
 
 
 class TriageError(BuildWorkerError):

@@ -273,6 +273,9 @@ class NotifyBlocksResult(BaseModel):
 
 class PrepareInput(BaseModel):
     task_id: str
+    # For the platform's build.started event; None from runs begun before it was sent.
+    build_name: str | None = None
+    target_agent: str | None = None
 
 
 class PipelineSetup(BaseModel):
@@ -350,6 +353,7 @@ class RecordDecisionInput(BaseModel):
     workflow_id: str
     source: DecisionSource = "update"
     claimed_by: str | None = None
+    build_name: str | None = None  # for the platform's event; None from earlier runs
 
 
 class PipelineStatus(BaseModel):

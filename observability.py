@@ -61,12 +61,16 @@ PIPELINES_COMPLETED = "build_pipelines_completed"
 BLOCKS_NOTIFIED = "build_blocks_notified"
 NOTIFICATIONS_SENT = "build_notifications_sent"
 NOTIFICATION_FAILURES = "build_notification_failures"
+PLATFORM_EVENTS_WRITTEN = "build_platform_events_written"
+PLATFORM_EVENT_FAILURES = "build_platform_event_failures"
 _COUNTER_HELP = {
     TASKS_DISPATCHED: "Agent task files written, by stage",
     PIPELINES_COMPLETED: "Build pipelines that wrote their summary, by outcome",
     BLOCKS_NOTIFIED: "Security blocks announced to operators",
     NOTIFICATIONS_SENT: "Block notifications delivered, by channel",
     NOTIFICATION_FAILURES: "Block notifications that failed after retries, by channel",
+    PLATFORM_EVENTS_WRITTEN: "Events appended to the platform's event log, by event type",
+    PLATFORM_EVENT_FAILURES: "Events the platform's event log did not take, by event type",
 }
 
 # How often the runtime pushes metrics over OTLP.

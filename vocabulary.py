@@ -154,3 +154,18 @@ TASK_NOTICE_SIGNAL: Final = "task_notice"
 
 # --- queue ---
 DEFAULT_TASK_QUEUE: Final = "helm-build"
+
+# --- the platform's event log (agent-bus; task-queue/PROTOCOL.md §7) ---
+BUS_LOGS_DIR: Final = "logs"  # under AGENT_BUS_COMMS_DIR: <UTC date>-cross-agent.jsonl
+BUS_SCOPE: Final = "cross-agent"  # the scope of every event the worker writes
+# The event types the worker writes, each one of the platform's declared cross-agent types.
+EVENT_BUILD_STARTED: Final = "build.started"
+EVENT_HANDOFF_CREATED: Final = "handoff.created"  # an agent stage's task file written
+EVENT_AUDIT_REQUESTED: Final = "audit.requested"  # stage 3's task file written
+EVENT_AUDIT_COMPLETED: Final = "audit.completed"  # stage 4 read the triage
+EVENT_SECURITY_FINDING: Final = "security.finding"  # one per block and per flag
+EVENT_HANDOFF_COMPLETED: Final = "handoff.completed"  # the operators' block decision
+EVENT_BUILD_COMPLETED: Final = "build.completed"  # the summary written, with the outcome
+BUS_EVENT_TYPES: Final = (EVENT_BUILD_STARTED, EVENT_HANDOFF_CREATED, EVENT_AUDIT_REQUESTED,
+                          EVENT_AUDIT_COMPLETED, EVENT_SECURITY_FINDING,
+                          EVENT_HANDOFF_COMPLETED, EVENT_BUILD_COMPLETED)

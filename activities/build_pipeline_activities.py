@@ -17,7 +17,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from activities import legacy_args
+from activities import legacy_args, platform_events
 from activities.dispatch import (
     REASON_PLACEHOLDER,
     PreparedTask,
@@ -235,6 +235,7 @@ class PipelineActivities:
             setup.warning = f"originating task {request.task_id!r} unusable: {err}"
         else:
             setup.originating_task_path = str(path)
+        await platform_events.build_started(self.config, request, setup)
         return setup
 
     @activity.defn(name=REQUEST_SECURITY_AUDIT)
@@ -262,13 +263,15 @@ class PipelineActivities:
         bind_build_name(build_name)
         path = audit_folder(self.config, build_name) / TRIAGE_FILE
         try:
-            return await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
+            triage = await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
             raise ApplicationError(str(err), type=TRIAGE_MISSING) from None
         except TriageInvalidError as err:
             raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
         except FileIoStalledError as err:
             raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
+        await platform_events.audit_completed(self.config, build_name, triage, path)
+        return triage
 
     @activity.defn(name=NOTIFY_BLOCKS)
     async def notify_blocks(self, *args: Any) -> NotifyBlocksResult | None:
@@ -396,6 +399,7 @@ class PipelineActivities:
     @activity.defn(name=RECORD_DECISION)
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:
         """Write a decision into the originating task's history; nobody waits any more."""
+        await platform_events.decision_recorded(self.config, request, request.path_hint)
         hint = Path(request.path_hint) if request.path_hint else None
         via = {"update": "workflow update", "task_file": "task file",
                "matrix": "Matrix"}[request.source]
@@ -492,6 +496,7 @@ class PipelineActivities:
         except FileIoStalledError as err:
             raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
+        await platform_events.build_completed(self.config, summary, path)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,
                                            "outcome": summary.outcome})

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from temporalio import activity
 
-from activities import legacy_args
+from activities import legacy_args, platform_events
 from config import WorkerConfig, connection_facts
 from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
@@ -194,6 +194,7 @@ async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest, *
                                        "target_agent": request.target_agent
                                        or getattr(config, request.agent_setting or "", None),
                                        "build_name": request.build_name})
+    await platform_events.handed_off(config, request, path)
     activity.raise_complete_async()
 
 

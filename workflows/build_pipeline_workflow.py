@@ -239,7 +239,9 @@ class BuildPipelineWorkflow:
 
     async def _prepare(self, pipeline: BuildPipelineInput) -> None:
         self._setup = await workflow.execute_local_activity(
-            PREPARE_PIPELINE, PrepareInput(task_id=pipeline.task_id),
+            PREPARE_PIPELINE, PrepareInput(task_id=pipeline.task_id,
+                                           build_name=pipeline.build_name,
+                                           target_agent=pipeline.target_agent),
             result_type=PipelineSetup,
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
@@ -367,7 +369,8 @@ class BuildPipelineWorkflow:
                                     note=self._decision_note,
                                     workflow_id=workflow.info().workflow_id,
                                     source=self._decision_source or "update",
-                                    claimed_by=self._claimed_by),
+                                    claimed_by=self._claimed_by,
+                                    build_name=pipeline.build_name),
                 result_type=str, waiting=None, count_as_stage=False)
         self._event(WAIT_FOR_BLOCK_RESOLUTION, decision, f"by {self._decided_by}")
         return "partial" if decision == "approved" else "rejected"
