@@ -207,7 +207,9 @@ class PrivateFileHandler(logging.FileHandler):
         self._dropped = 0
         self._warned_at = -LOG_FILE_WARNING_SECONDS
         self._warning = False
-        super().__init__(filename)
+        # Opened by the first record, where a failure is handled like any other: a
+        # LOG_FILE on a full or read-only disk does not stop the worker from starting.
+        super().__init__(filename, delay=True)
 
     def _open(self):  # type: ignore[no-untyped-def]
         flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -325,7 +327,8 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
     redaction = RedactTokens()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        _private_parents(log_file.parent)
+        with contextlib.suppress(OSError):  # reported by the handler, on its first record
+            _private_parents(log_file.parent)
         handlers.append(PrivateFileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):
