@@ -1,4 +1,5 @@
-"""A full or read-only disk under each folder the worker writes, on real tmpfs mounts.
+"""A full or read-only disk under each folder the worker writes, on real tmpfs mounts;
+and a summary that can never be written, which must not lose the run's outcome.
 
 Each folder (task folder, audit folder, summary folder, with the status and log files
 beside the summaries) is a tiny tmpfs of its own, filled with zeros until ENOSPC or
@@ -12,12 +13,14 @@ Mounting needs root (CI runs the tests as root); without it these tests are skip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +29,17 @@ from temporalio.client import Client, WorkflowHandle
 
 from config import load_config
 from exceptions import DiskWriteError
-from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
+from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from task_files import read_task, write_private_atomic, write_task
-from tests.conftest import make_env
-from tests.standin import StandIn, load_yaml, poll, poll_async, write_origin_task
+from tests.conftest import PipelineEnv, make_env
+from tests.standin import (
+    StandIn,
+    complete_with_token,
+    load_yaml,
+    poll,
+    poll_async,
+    write_origin_task,
+)
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
@@ -318,3 +328,39 @@ def _log_events(path: Path) -> list[str]:
     if not path.exists():
         return []
     return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+# --- a summary that can never be written ---------------------------------------------------
+
+async def test_a_summary_that_cannot_be_written_still_ends_the_run_with_its_outcome(
+        pipeline: PipelineEnv, tmp_path: Path) -> None:
+    """Not a full disk (that is waited out): a link planted where the summary goes is
+    refused on each of SUMMARY_ATTEMPTS attempts; the run still ends with its outcome."""
+    workflow_id = f"summary-link-{uuid.uuid4()}"
+    elsewhere = tmp_path / "elsewhere.yml"
+    elsewhere.write_text("not the worker's\n")
+    for moment in (datetime.now(UTC), datetime.now(UTC) + timedelta(minutes=1)):
+        folder = pipeline.summary_dir / moment.strftime("%Y-%m")
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            (folder / f"{workflow_id}.yml").symlink_to(elsewhere)
+
+    async def complete(_path: Path, task: dict[str, Any], message: str) -> None:
+        await complete_with_token(pipeline.client, task, "success", message)
+
+    standin = StandIn(pipeline.queue_dir, pipeline.audit_dir, pipeline.env, tmp_path / "work",
+                      workflow_id=workflow_id, triage=lambda _build: NO_FINDINGS,
+                      complete=complete)
+    handle = await pipeline.start("BuildPipelineWorkflow", pipeline_input("link", tmp_path),
+                                  workflow_id, result_type=BuildPipelineResult)
+    await standin.run()
+    result = await asyncio.wait_for(handle.result(), 30)
+    assert (result.outcome, result.status, result.summary_path) == ("success", "complete", None)
+    events = await handle.query("get_events", result_type=list[StageEvent])
+    failed = [event for event in events
+              if (event.stage, event.event) == (SUMMARIZE_WORKFLOW, "failed")]
+    assert len(failed) == 1, events
+    assert "is a symlink" in failed[0].detail, failed[0]
+    status = await handle.query("get_status", result_type=PipelineStatus)
+    assert any(warning.startswith("summary not written:") for warning in status.warnings)
+    assert elsewhere.read_text() == "not the worker's\n"
