@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import subprocess
 import uuid
@@ -30,6 +31,7 @@ from temporalio.client import Client, WorkflowHandle
 from config import load_config
 from exceptions import DiskWriteError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
+from observability import PrivateFileHandler
 from task_files import read_task, write_private_atomic, write_task
 from tests.conftest import PipelineEnv, make_env
 from tests.standin import (
@@ -151,6 +153,39 @@ def test_a_read_only_task_folder_names_the_folder_and_erofs(disks: dict[str, Tin
         assert disk.temp_files() == []
     finally:
         disk.remount("rw")
+
+
+def test_a_log_file_on_a_full_disk_drops_lines_warns_once_and_resumes(
+        disks: dict[str, TinyDisk], caplog: pytest.LogCaptureFixture) -> None:
+    disk = disks["summaries"]
+    path = disk.path / "worker.jsonl"
+    handler = PrivateFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test_full_disk.worker")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("before")
+        disk.fill()
+        os.truncate(disk.path / FILLER, os.path.getsize(disk.path / FILLER) - 4096)
+        logger.warning("x" * 20_000)  # one page of it fits: the disk cuts the line
+        for number in range(5):
+            logger.warning("lost %d", number)
+        disk.free()
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "before"
+    assert set(lines[1]) == {"x"}
+    assert len(lines[1]) < 20_000
+    assert lines[2:] == ["after"]  # not glued to the cut line
+    warnings = [r for r in caplog.records if r.getMessage() == "log_file_not_written"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].error == f"{disk.path}: No space left on device (ENOSPC)"
+    resumed = [r for r in caplog.records if r.getMessage() == "log_file_written_again"]
+    assert [r.dropped_records for r in resumed] == [6]
 
 
 # --- pipelines through a real worker process ----------------------------------------------
