@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from exceptions import DiskWriteError, FileIoStalledError
-from vocabulary import DISK_WRITE_ERROR, FILE_IO_STALLED
+from exceptions import DiskWriteError
+from vocabulary import DISK_WRITE_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def write_attempt(max_attempts: int) -> Iterator[None]:
             "error": str(err)})
         raise ApplicationError(str(err), type=DISK_WRITE_ERROR) from None
     except Exception as err:
+        # Typed by class name, as the SDK types an exception it converts itself.
         final = activity.info().attempt >= max_attempts
-        failure_type = FILE_IO_STALLED if isinstance(err, FileIoStalledError) else (
-            type(err).__name__)
+        failure_type = type(err).__name__
         raise ApplicationError(str(err) or failure_type, type=failure_type,
                                non_retryable=final) from err
