@@ -35,7 +35,13 @@ from temporalio.client import Client
 from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_close
 from config import WorkerConfig
 from decisions import deliver_decision
-from exceptions import AmbiguousTaskError, FileIoStalledError, TaskFileError, TaskNotFoundError
+from exceptions import (
+    AmbiguousTaskError,
+    DiskWriteError,
+    FileIoStalledError,
+    TaskFileError,
+    TaskNotFoundError,
+)
 from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT
@@ -293,7 +299,11 @@ class BlockDecisionWatcher:
         if not self.config.file_decisions:
             log.info("file_decisions_off", extra={"task_queue_dir": str(self.folder)})
             return
-        await asyncio.to_thread(ensure_private_dir, self.folder)
+        try:
+            await asyncio.to_thread(ensure_private_dir, self.folder)
+        except DiskWriteError as err:
+            # Watching only reads: a full or read-only folder is watched as it is.
+            log.warning("decision_watch_folder_unwritable", extra={"error": str(err)})
         rescans = asyncio.create_task(self._rescan_forever(stop))
         log.info("decision_watch_started", extra={"task_queue_dir": str(self.folder),
                                                   "polling": self.config.watch_polling})

@@ -7,7 +7,8 @@ BuildWorkerError                   -- everything this service raises on purpose
 ├── TaskFileError                  -- a task file could not be read, written or found
 │   ├── TaskNotFoundError          -- no task file carries the requested id
 │   ├── AmbiguousTaskError         -- two or more task files carry the requested id
-│   └── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
+│   ├── UnsafeTaskPathError        -- a symlink or foreign path where a task file belongs
+│   └── DiskWriteError             -- the folder is full or read-only (retried)
 ├── FileIoStalledError             -- file I/O did not finish within its time bound
 ├── StartRefusedError              -- a workflow start refused before anything started
 │   └── UnknownAgentError          -- ... because a stage agent is not on the roster
@@ -59,6 +60,17 @@ class AmbiguousTaskError(TaskFileError):
 
 class UnsafeTaskPathError(TaskFileError):
     """A symlink or non-regular file sits where a task file (or its temp file) belongs."""
+
+
+class DiskWriteError(TaskFileError):
+    """A folder the worker writes (task, audit or summary folder) is full or read-only
+    (ENOSPC, EDQUOT, EROFS). Nothing half-written is left; the write is retried until
+    space returns. `folder` and `errno` say where and why."""
+
+    def __init__(self, message: str, folder: str, errno: int) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.errno = errno
 
 
 class FileIoStalledError(BuildWorkerError):

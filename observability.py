@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -190,17 +192,82 @@ def core_logging() -> LoggingConfig:
         prepend_target_on_message=False, append_log_fields_to_message=False))
 
 
+# While LOG_FILE cannot be written (a full or read-only disk), one WARNING per this many
+# seconds says so on the other handlers (stdout), with the number of records lost.
+LOG_FILE_WARNING_SECONDS = 60.0
+
+
 class PrivateFileHandler(logging.FileHandler):
     """LOG_FILE, created 0600 (and tightened to 0600 if it exists) whatever the umask:
-    the log names workflows, builds and paths that are nobody else's business."""
+    the log names workflows, builds and paths that are nobody else's business.
+
+    A write that fails (ENOSPC, EROFS, ...) never reaches the code that logged: the
+    record is dropped, the file is reopened for the next one, a WARNING goes to the other
+    handlers at most every LOG_FILE_WARNING_SECONDS, and once the file takes lines again
+    it gets one saying how many were lost. A line the disk cut short is ended first, so
+    every complete line stays one JSON document."""
+
+    def __init__(self, filename: Path) -> None:
+        self._dropped = 0
+        self._warned_at = -LOG_FILE_WARNING_SECONDS
+        self._warning = False
+        # Opened by the first record, where a failure is handled like any other: a
+        # LOG_FILE on a full or read-only disk does not stop the worker from starting.
+        super().__init__(filename, delay=True)
 
     def _open(self):  # type: ignore[no-untyped-def]
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+        flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:  # readable too, to look at the last byte
+            fd = os.open(self.baseFilename, os.O_RDWR | flags, 0o600)
+        except PermissionError:
+            fd = os.open(self.baseFilename, os.O_WRONLY | flags, 0o600)
         # Not ours to change when another account created the file for us.
         with contextlib.suppress(OSError):
             os.fchmod(fd, 0o600)
+        with contextlib.suppress(OSError):
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._warning:
+            return  # the warning about this file, for the other handlers only
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+        except OSError:
+            self.handleError(record)
+            return
+        logging.StreamHandler.emit(self, record)
+        if self._dropped and self.stream is not None:
+            dropped, self._dropped = self._dropped, 0
+            logging.getLogger(__name__).warning("log_file_written_again", extra={
+                "log_file": self.baseFilename, "dropped_records": dropped})
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
+        self._dropped += 1
+        stream, self.stream = self.stream, None
+        if stream is not None:  # its buffer holds the failed line: dropped with it
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
+        now = time.monotonic()
+        if now - self._warned_at < LOG_FILE_WARNING_SECONDS:
+            return
+        self._warned_at = now
+        code = errno.errorcode.get(err.errno or 0, str(err.errno))
+        self._warning = True
+        try:
+            logging.getLogger(__name__).warning("log_file_not_written", extra={
+                "log_file": self.baseFilename,
+                "error": f"{os.path.dirname(self.baseFilename)}: {err.strerror} ({code})",
+                "dropped_records": self._dropped})
+        finally:
+            self._warning = False
 
 
 def _private_parents(folder: Path) -> None:
@@ -264,7 +331,8 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
     redaction = RedactTokens()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        _private_parents(log_file.parent)
+        with contextlib.suppress(OSError):  # reported by the handler, on its first record
+            _private_parents(log_file.parent)
         handlers.append(PrivateFileHandler(log_file))
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -2,7 +2,8 @@
 
 Agent work runs once (an agent's work is not repeatable by the worker): the activity's
 start-to-close timeout is how long the agent has to call complete_activity.py. Only the
-dispatch is retried, when a worker died before any agent saw the task (DISPATCH_RETRY).
+dispatch is retried, when no agent saw the task: a worker died before the task file was
+written, or the task folder (or the audit folder) was full or read-only (DISPATCH_RETRY).
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from datetime import timedelta
 from temporalio.common import RetryPolicy
 
 from vocabulary import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
+
+# A full or read-only folder (DiskWriteError) is retried until space returns: first after
+# a second, doubling, then every DISK_RETRY_MAX_INTERVAL, so a freed disk is used within
+# that long. Any other failure of the same activity ends it after its *_ATTEMPTS
+# attempts (the activity makes that failure non-retryable itself: a retry policy cannot
+# count attempts per failure type).
+DISK_RETRY_INITIAL_INTERVAL = timedelta(seconds=1)
+DISK_RETRY_MAX_INTERVAL = timedelta(minutes=1)
 
 ONCE = RetryPolicy(maximum_attempts=1)
 
@@ -25,10 +34,17 @@ class StagePolicy:
 
 
 # Agent work runs once: an agent's failure is non-retryable and a timeout cannot retry
-# (schedule-to-close ends together with start-to-close). The only retry is the one
-# recovery.py asks for when a worker died before the task file existed, i.e. before
-# any agent saw the work; it re-dispatches the same task id into the same file.
-DISPATCH_RETRY = RetryPolicy(maximum_attempts=3, non_retryable_error_types=[PHASE_FAILED])
+# (schedule-to-close ends together with start-to-close). Every retry happens before any
+# agent saw the work, and re-dispatches the same task id into the same file:
+# - recovery.py's, when a worker died before the task file existed;
+# - a DiskWriteError: the task file (or request.md) could not be written;
+# - any other failure of the dispatch, up to DISPATCH_ATTEMPTS attempts in all.
+# Retries run within the stage's limit (schedule-to-close): time spent waiting for disk
+# space is taken from the agent's time.
+DISPATCH_ATTEMPTS = 3
+DISPATCH_RETRY = RetryPolicy(initial_interval=DISK_RETRY_INITIAL_INTERVAL,
+                             maximum_interval=DISK_RETRY_MAX_INTERVAL, maximum_attempts=0,
+                             non_retryable_error_types=[PHASE_FAILED])
 
 
 def agent_stage(limit: timedelta) -> StagePolicy:
@@ -64,7 +80,13 @@ NOTIFY_BLOCKS = StagePolicy(
     RetryPolicy(maximum_attempts=3, non_retryable_error_types=[TASK_FILE_ERROR]),
 )
 
-SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=3))
+# The summary is retried while its folder (or the task folder, where it closes tasks the
+# pipeline left open) is full or read-only: the run stays at stage 9, its outcome in its
+# status, until the summary is written. Other failures: SUMMARY_ATTEMPTS attempts.
+SUMMARY_ATTEMPTS = 3
+SUMMARY = StagePolicy(timedelta(minutes=1), RetryPolicy(
+    initial_interval=DISK_RETRY_INITIAL_INTERVAL, maximum_interval=DISK_RETRY_MAX_INTERVAL,
+    maximum_attempts=0))
 
 # How long a block decision (file, chat) waits for its pipeline's Update to be answered.
 DECISION_DELIVERY_TIMEOUT = timedelta(seconds=30)

@@ -37,11 +37,12 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+import policies
 from adoption import adopt
 from config import WorkerConfig
 from exceptions import TaskFileError, TaskNotFoundError
 from task_files import find_task, read_task
-from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, WORKER_LOST
+from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, SUMMARIZE_WORKFLOW, WORKER_LOST
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,17 @@ def dispatched(config: WorkerConfig, task_id: str, activity_id: str, attempt: in
     return payload.get("activity_id") == activity_id and payload.get("attempt") == attempt
 
 
+def crash_limit_reached(name: str, attempt: int, maximum_attempts: int) -> bool:
+    """Agent dispatch and the summary retry without an attempt limit, for a full disk's
+    sake (policies.py); a worker lost during them still gets the attempts their other
+    failures get, no more. Policies with a limit of their own (older runs) keep it."""
+    if maximum_attempts != 0:
+        return False
+    if name in AGENT_ACTIVITIES:
+        return attempt >= policies.DISPATCH_ATTEMPTS
+    return name == SUMMARIZE_WORKFLOW and attempt >= policies.SUMMARY_ATTEMPTS
+
+
 async def recover_workflow(client: Client, config: WorkerConfig, workflow_id: str,
                            run_id: str, host: str, own_pid: int) -> list[str]:
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
@@ -115,12 +127,13 @@ async def recover_workflow(client: Client, config: WorkerConfig, workflow_id: st
             if task_id is None or await asyncio.to_thread(
                     dispatched, config, task_id, pending.activity_id, pending.attempt):
                 continue
+        final = crash_limit_reached(name, pending.attempt, pending.maximum_attempts)
         await client.get_async_activity_handle(
             workflow_id=workflow_id, run_id=run_id, activity_id=pending.activity_id,
         ).fail(ApplicationError(
             f"worker {pending.last_worker_identity} died during {name} (attempt "
-            f"{pending.attempt}); run again", type=WORKER_LOST,
-            next_retry_delay=timedelta(seconds=1)))
+            f"{pending.attempt}); " + ("no attempt left" if final else "run again"),
+            type=WORKER_LOST, non_retryable=final, next_retry_delay=timedelta(seconds=1)))
         released.append(name)
         log.warning("activity_recovered", extra={
             "workflow_id": workflow_id, "activity": name, "attempt": pending.attempt,

@@ -14,11 +14,13 @@ Every file here can be written by an agent, so every read and write assumes the 
   folder is opened with O_NOFOLLOW|O_DIRECTORY, so a link planted or swapped in after a
   check cannot redirect a write or a chmod.
 - A lookup by id that finds two files carrying the id is an error naming both.
+- A full or read-only folder (ENOSPC, EDQUOT, EROFS) is a DiskWriteError naming the
+  folder and the errno; the temp file is removed, and the file in place (if any) is the
+  old one, whole: nothing half-written is ever visible under the file's name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fnmatch
 import glob
@@ -42,7 +44,13 @@ from yaml.events import (
     ScalarEvent,
 )
 
-from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from exceptions import (
+    AmbiguousTaskError,
+    DiskWriteError,
+    TaskFileError,
+    TaskNotFoundError,
+    UnsafeTaskPathError,
+)
 from visible_text import visible_line
 from vocabulary import SUBMITTED, TASK_SEARCH_SUBDIRS
 
@@ -85,6 +93,9 @@ _TOP_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # the trusted folder: 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISLNK, "a symlink"))
+# Errors of a folder that is full or read-only: they pass when space returns or the
+# filesystem is remounted read-write, so writes failing with them are retried.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def utc_now() -> datetime:
@@ -105,6 +116,17 @@ def shown_path(path: Path | str) -> str:
 
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def disk_error(err: OSError, folder: Path | str, what: str) -> DiskWriteError | None:
+    """A DiskWriteError naming `folder` and the errno when `err` says the folder is full or
+    read-only, else None (the caller raises what it would have)."""
+    if err.errno not in DISK_ERRNOS:
+        return None
+    code = errno.errorcode.get(err.errno, str(err.errno))
+    return DiskWriteError(f"cannot write {what} to {shown_path(folder)}: "
+                          f"{err.strerror or os.strerror(err.errno)} ({code})",
+                          folder=str(folder), errno=err.errno)
 
 
 # --- folders, opened by descriptor ------------------------------------------------------
@@ -163,6 +185,9 @@ def _open_child_dir(fd: int, name: str, shown: Path) -> int:
 
 
 def _child_error(err: OSError, fd: int, name: str, shown: Path) -> TaskFileError:
+    full = disk_error(err, shown.parent, f"folder {name!r}")
+    if full is not None:
+        return full
     if _is_link(err, name, fd):
         return UnsafeTaskPathError(f"{shown_path(shown)}: is a symlink; refusing to follow it")
     if err.errno == errno.ENOTDIR:
@@ -208,11 +233,21 @@ def _open_folder(directory: Path, base: Path | None, *, create: bool) -> int:
         if create and stat.S_IMODE(os.fstat(fd).st_mode) != 0o700 and (
                 directory != top or not os.path.islink(directory)):
             # A configured folder that is itself a link belongs to whoever made the link.
-            os.fchmod(fd, 0o700)
+            _fchmod_folder(fd, directory)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _fchmod_folder(fd: int, directory: Path) -> None:
+    try:
+        os.fchmod(fd, 0o700)
+    except OSError as err:
+        full = disk_error(err, directory, "the folder's mode")
+        if full is not None:
+            raise full from None
+        raise
 
 
 @contextmanager
@@ -473,29 +508,23 @@ def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -
 
     Everything happens through a descriptor of the folder, so swapping the folder for a
     link after it was opened redirects nothing. With `base` (the configured root the
-    path lies under), no folder between `base` and the file may be a link either."""
+    path lies under), no folder between `base` and the file may be a link either.
+    A full or read-only folder raises DiskWriteError (folder and errno named) after the
+    temp file is removed; `path` keeps its old content, or stays absent."""
     shown = shown_path(path)
     with _folder(path.parent, base, create=True) as dir_fd:
         _refuse_link_at(dir_fd, path.name, shown)
         temp = f".{path.name}.{secrets.token_hex(6)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            raise UnsafeTaskPathError(f"{shown_path(path.with_name(temp))}: temp path already "
-                                      f"exists; refusing") from None
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp, dir_fd=dir_fd)
-            raise
+            _write_temp_and_rename(dir_fd, temp, path, data)
+        except OSError as err:
+            full = disk_error(err, path.parent, repr(path.name))
+            if full is None:
+                raise
+            log.warning("disk_write_failed", extra={"folder": full.folder, "file": path.name,
+                                                    "errno": errno.errorcode[err.errno],
+                                                    "error": str(full)})
+            raise full from None
     return path
 
 
@@ -512,6 +541,37 @@ def created_at(task: dict[str, Any]) -> datetime:
     if isinstance(created, datetime):
         return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
     return datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+def _write_temp_and_rename(dir_fd: int, temp: str, path: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        raise UnsafeTaskPathError(f"{shown_path(path.with_name(temp))}: temp path already "
+                                  f"exists; refusing") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _remove_temp(dir_fd, temp, path.parent)
+        raise
+
+
+def _remove_temp(dir_fd: int, temp: str, folder: Path) -> None:
+    """Remove a failed write's temp file. Unlinking needs no space, so a full folder
+    loses it; only a folder turned read-only since the temp was made keeps it (a
+    dot-name that agents and tools skip), and that is logged."""
+    try:
+        os.unlink(temp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.warning("temp_file_left", extra={"folder": shown_path(folder), "file": temp,
+                                             "error": err.strerror})
 
 
 def task_filename(task_id: str, created: datetime) -> str:

@@ -134,11 +134,13 @@ DECISION_REFUSED: Final = "DecisionRefusedError"
 TASK_FILE_ERROR: Final = "TaskFileError"
 FILE_IO_STALLED: Final = "FileIoStalledError"
 WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
+# A folder the worker writes is full or read-only (ENOSPC, EDQUOT, EROFS): retried.
+DISK_WRITE_ERROR: Final = "DiskWriteError"
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
 LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
 FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_INPUT,
                         BLOCKS_PENDING, DECISION_REFUSED, TASK_FILE_ERROR, FILE_IO_STALLED,
-                        WORKER_LOST, LEGACY_WAIT_HANDED_OVER)
+                        WORKER_LOST, LEGACY_WAIT_HANDED_OVER, DISK_WRITE_ERROR)
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build

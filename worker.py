@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -92,8 +94,13 @@ def write_status(path: Path | None, state: str, config: WorkerConfig) -> None:
         temp.write_text(json.dumps(document) + "\n")
         os.replace(temp, path)
     except OSError as err:
-        log.warning("status_file_not_written", extra={"status_file": str(path),
-                                                      "error": str(err)})
+        # A full disk leaves the temp file cut short: removed (that needs no space).
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        code = errno.errorcode.get(err.errno or 0, str(err.errno))
+        log.warning("status_file_not_written", extra={
+            "status_file": str(path), "state": state,
+            "error": f"{path.parent}: {err.strerror} ({code})"})
 
 
 async def serve(config: WorkerConfig, worker_id: str) -> int:

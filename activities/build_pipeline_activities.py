@@ -17,6 +17,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+import policies
 from activities import legacy_args, platform_events
 from activities.dispatch import (
     REASON_PLACEHOLDER,
@@ -24,10 +25,12 @@ from activities.dispatch import (
     agent_stage,
     dispatch_agent_task,
 )
+from activities.failures import write_attempt
 from activities.notify import compose_block_notice, notify_all
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
+    DiskWriteError,
     FileIoStalledError,
     TaskFileError,
     TaskNotFoundError,
@@ -240,6 +243,12 @@ class PipelineActivities:
 
     @activity.defn(name=REQUEST_SECURITY_AUDIT)
     async def request_security_audit(self, *args: Any) -> BuildPhaseResult:
+        with write_attempt(policies.DISPATCH_ATTEMPTS):
+            await self._request_security_audit(args)
+
+    async def _request_security_audit(self, args: tuple[Any, ...]) -> None:
+        """request.md, then the audit task: a full or read-only audit folder fails the
+        attempt before any agent can see the task (write_agent_task's before_write)."""
         if legacy_args.is_legacy(args):
             request = legacy_args.audit_request(
                 args, await legacy_args.CallContext.with_pipeline_input(),
@@ -431,6 +440,10 @@ class PipelineActivities:
 
     @activity.defn(name=SUMMARIZE_WORKFLOW)
     async def summarize_workflow(self, *args: Any) -> str:
+        with write_attempt(policies.SUMMARY_ATTEMPTS):
+            return await self._summarize_workflow(args)
+
+    async def _summarize_workflow(self, args: tuple[Any, ...]) -> str:
         if legacy_args.is_legacy(args):
             summary = legacy_args.summary_input(
                 args, await legacy_args.CallContext.with_pipeline_input())
@@ -478,23 +491,21 @@ class PipelineActivities:
             "build_report_path": summary.closeout_path,
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
-        try:
-            for open_task in summary.open_tasks:
-                status = (CANCELLED if self.config.platform_dialect else open_task.status)
-                closed = await run_file_io(self._close_open_task, open_task.task_id,
-                                           status, open_task.reason)
-                if closed:
-                    document["tasks_closed"].append({"task_id": open_task.task_id,
-                                                     "stage": open_task.stage,
-                                                     "status": status,
-                                                     "reason": open_task.reason})
-            if self.config.platform_dialect and not summary.adopted:
-                document["originating_task_closed"] = await run_file_io(
-                    self._close_originating_task, summary.task_id, summary.outcome, str(path))
-            await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
-                                      base=self.config.summary_dir))
-        except FileIoStalledError as err:
-            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
+        # A stall, a full or read-only folder: write_attempt fails this attempt retryably.
+        for open_task in summary.open_tasks:
+            status = CANCELLED if self.config.platform_dialect else open_task.status
+            closed = await run_file_io(self._close_open_task, open_task.task_id,
+                                       status, open_task.reason)
+            if closed:
+                document["tasks_closed"].append({"task_id": open_task.task_id,
+                                                 "stage": open_task.stage,
+                                                 "status": status,
+                                                 "reason": open_task.reason})
+        if self.config.platform_dialect and not summary.adopted:
+            document["originating_task_closed"] = await run_file_io(
+                self._close_originating_task, summary.task_id, summary.outcome, str(path))
+        await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
+                                  base=self.config.summary_dir))
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
         await platform_events.build_completed(self.config, summary, path)
         log.info("summary_written", extra={"summary_path": str(path),
@@ -537,10 +548,13 @@ class PipelineActivities:
             update_task(path, change, base=queue_dir)
         except TaskNotFoundError:
             return False
+        except DiskWriteError:
+            raise  # the summary waits for the space: the task is closed when it returns
         except TaskFileError as err:
             log.warning(event, extra={"task_id": task_id, "error": str(err)})
             return False
         return True
+
 
     def _close_open_task(self, task_id: str, status: str, reason: str) -> bool:
         """Mark an agent task its pipeline no longer waits for, if an agent has not
@@ -563,6 +577,8 @@ class PipelineActivities:
 
         try:
             update_task(path, close, base=queue_dir)
+        except DiskWriteError:
+            raise  # the summary waits for the space: the task is closed when it returns
         except TaskFileError as err:
             log.warning("open_task_not_closed", extra={"task_id": task_id, "error": str(err)})
             return False

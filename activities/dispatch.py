@@ -25,7 +25,9 @@ from typing import Any, NoReturn
 
 from temporalio import activity
 
+import policies
 from activities import legacy_args, platform_events
+from activities.failures import write_attempt
 from config import WorkerConfig, connection_facts
 from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
@@ -205,13 +207,14 @@ def agent_stage(config: WorkerConfig, name: str, payload_fields: PayloadFields |
     v0.5.0's positional arguments for `name` (activities/legacy_args.py)."""
 
     async def hand_to_agent(*args: Any) -> BuildPhaseResult:
-        if legacy_args.is_legacy(args):
-            request = legacy_args.agent_request(
-                name, args, await legacy_args.CallContext.with_pipeline_input())
-        else:
-            request = legacy_args.own_input(AgentTaskRequest, args, name)
-        extra = payload_fields(request) if payload_fields is not None else None
-        await dispatch_agent_task(config, request, extra_payload=extra)
+        with write_attempt(policies.DISPATCH_ATTEMPTS):
+            if legacy_args.is_legacy(args):
+                request = legacy_args.agent_request(
+                    name, args, await legacy_args.CallContext.with_pipeline_input())
+            else:
+                request = legacy_args.own_input(AgentTaskRequest, args, name)
+            extra = payload_fields(request) if payload_fields is not None else None
+            await dispatch_agent_task(config, request, extra_payload=extra)
 
     hand_to_agent.__name__ = hand_to_agent.__qualname__ = name
     return activity.defn(name=name)(hand_to_agent)

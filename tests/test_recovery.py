@@ -12,11 +12,15 @@ from pathlib import Path
 from temporalio import activity
 
 from config import load_config
-from recovery import dispatched, process_gone, task_id_of
+from policies import DISPATCH_ATTEMPTS, SUMMARY_ATTEMPTS
+from recovery import crash_limit_reached, dispatched, process_gone, task_id_of
 from task_files import new_task, write_task
 from vocabulary import (
     AGENT_ACTIVITIES,
+    IMPLEMENT_BUILD,
     INLINE_ACTIVITIES,
+    PROCESS_TRIAGE_OUTPUT,
+    SUMMARIZE_WORKFLOW,
     TASK_BUILD_PLAN,
     UNRECOVERED_ACTIVITIES,
 )
@@ -65,3 +69,12 @@ def test_every_registered_activity_is_recovered_or_exempt(tmp_path: Path) -> Non
     placed = [name for group in groups for name in group]
     assert len(placed) == len(set(placed)), "an activity is in two recovery groups"
     assert set(registered) == set(placed)
+
+
+def test_a_lost_worker_ends_an_unlimited_dispatch_or_summary_at_their_attempt_limit() -> None:
+    assert not crash_limit_reached(IMPLEMENT_BUILD, DISPATCH_ATTEMPTS - 1, 0)
+    assert crash_limit_reached(IMPLEMENT_BUILD, DISPATCH_ATTEMPTS, 0)
+    assert crash_limit_reached(SUMMARIZE_WORKFLOW, SUMMARY_ATTEMPTS, 0)
+    # A policy with a limit of its own (a run started before the unlimited one) keeps it.
+    assert not crash_limit_reached(IMPLEMENT_BUILD, DISPATCH_ATTEMPTS, 3)
+    assert not crash_limit_reached(PROCESS_TRIAGE_OUTPUT, 9, 0)

@@ -103,6 +103,9 @@ PREPARE_PATCH = "prepare-pipeline"  # a local activity resolves agents before st
 EVENT_DRIVEN_WAIT_PATCH = "event-driven-block-wait"  # stage 7 without a polling activity
 LOCAL_INLINE_PATCH = "local-inline-stages"  # stages 4 and 9 as local activities
 ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run enters here
+# A summary that fails for good (not a full disk: that is retried until space returns)
+# no longer fails the run: it ends with its outcome, and no summary path.
+SUMMARY_FAILURE_PATCH = "summary-failure-keeps-outcome"
 
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
 AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
@@ -560,14 +563,31 @@ class BuildPipelineWorkflow:
                                   reason=expired or reason))
         return tasks
 
-    async def _summarize(self, pipeline: BuildPipelineInput) -> str:
+    async def _summarize(self, pipeline: BuildPipelineInput) -> str | None:
         self._stage = SUMMARIZE_WORKFLOW
         self._event(SUMMARIZE_WORKFLOW, "started", f"outcome {self._outcome}")
         self._details()
-        info = workflow.info()
         execute = (workflow.execute_local_activity if self._local_inline
                    else workflow.execute_activity)
-        path = await execute(
+        try:
+            path = await self._write_summary(execute, pipeline)
+        except (ActivityError, *LOCAL_ACTIVITY_FAILURES) as err:
+            if not workflow.patched(SUMMARY_FAILURE_PATCH):
+                raise
+            message, _ = describe_activity_failure(err)
+            self._warnings.append(f"summary not written: {message}")
+            self._event(SUMMARIZE_WORKFLOW, "failed", message)
+            self._details()
+            return None
+        self._open_tasks.clear()
+        self._finish(SUMMARIZE_WORKFLOW)
+        self._details()
+        return path
+
+    async def _write_summary(self, execute: Callable[..., Any],
+                             pipeline: BuildPipelineInput) -> str:
+        info = workflow.info()
+        return await execute(
             SUMMARIZE_WORKFLOW,
             SummaryInput(
                 workflow_id=info.workflow_id, run_id=info.run_id,
@@ -586,12 +606,9 @@ class BuildPipelineWorkflow:
             start_to_close_timeout=policies.SUMMARY.start_to_close,
             retry_policy=policies.SUMMARY.retry,
             summary=self._summary_line(SUMMARIZE_WORKFLOW, None))
-        self._open_tasks.clear()
-        self._finish(SUMMARIZE_WORKFLOW)
-        self._details()
-        return path
 
-    def _result(self, pipeline: BuildPipelineInput, summary_path: str) -> BuildPipelineResult:
+    def _result(self, pipeline: BuildPipelineInput, summary_path: str | None
+                ) -> BuildPipelineResult:
         return BuildPipelineResult(
             status="complete" if CLOSE_BUILD in self._stages_done else "failed",
             workflow_id=workflow.info().workflow_id,
