@@ -32,7 +32,8 @@ class PlatformAgents:
     closed: list[str] = field(default_factory=list)
     # stage -> the task record as the agent listed it
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
-    hold: Callable[[dict[str, Any]], bool] = lambda task: False
+    # tasks the agents leave alone for now (e.g. to close them another way)
+    hold: Callable[[dict[str, Any]], bool] = lambda _task: False
 
     def ours(self, task: dict[str, Any]) -> bool:
         payload = task.get("payload") or {}

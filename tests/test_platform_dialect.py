@@ -20,6 +20,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from task_files import read_task
+from tests.agents import assert_schema_valid
 from tests.conftest import make_env
 from tests.platform_play import CLOSEOUT_DOCUMENT, PlatformAgents
 from tests.platform_tools import Dispatcher, TaskTools, validate_task
@@ -114,7 +115,8 @@ async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
     assert agents.closed == [PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
                              APPLY_FLAG_FIXES]
     parked = await status_of(handle)
-    assert parked.waiting_on is not None and parked.waiting_on.kind == "block_decision"
+    assert parked.waiting_on is not None
+    assert parked.waiting_on.kind == "block_decision"
     # The operators' standard Approve (pending-approval -> approved) resumes it.
     approved = board.tools.approve(origin, note="accepted for now")
     assert approved["ok"], approved
@@ -136,6 +138,8 @@ async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
     for path, text, record in files:
         assert validate_task(record, path.name) == [], path.name
         assert "task_token" not in text, path.name
+        if record["source_agent"] == "temporal-worker":
+            assert_schema_valid(record)
     modes = {stat.S_IMODE(path.stat().st_mode) for path, _, _ in files}
     assert modes <= {0o600, 0o644}  # ours 0600; the tools' rewrites take their umask
 
@@ -176,7 +180,8 @@ async def test_a_dead_lettered_task_fails_its_stage_at_once(board: Board,
     assert time.monotonic() - warned_at < 5.0
     assert reason in str(failed.value.cause)
     status = await status_of(handle)
-    assert status.failed_stage == PREFAB_SCAFFOLDING and reason in (status.error or "")
+    assert status.failed_stage == PREFAB_SCAFFOLDING
+    assert reason in (status.error or "")
     assert board.task(origin)["status"] == "failed"  # closed: the pipeline ended failed
 
 
@@ -192,7 +197,8 @@ async def test_a_routing_failure_is_a_warning_while_the_dispatcher_retries(
         return [w for w in (await status_of(handle)).warnings if "no run slot" in w]
 
     warnings = await poll_async(warned, timeout=5, what="the routing warning")
-    assert prefab["id"] in warnings[0] and "retries" in warnings[0]
+    assert prefab["id"] in warnings[0]
+    assert "retries" in warnings[0]
     await handle.cancel()
 
 
