@@ -27,6 +27,7 @@ from activities.dispatch import (
 )
 from activities.failures import write_attempt
 from activities.notify import compose_block_notice, notify_all
+from activities.run_link import ensure_run_link
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
@@ -238,6 +239,7 @@ class PipelineActivities:
             setup.warning = f"originating task {request.task_id!r} unusable: {err}"
         else:
             setup.originating_task_path = str(path)
+            await ensure_run_link(self.config, request.task_id)
         await platform_events.build_started(self.config, request, setup)
         return setup
 
