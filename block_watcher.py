@@ -31,6 +31,7 @@ from typing import Any
 import watchfiles
 from pydantic import ValidationError
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_close
 from config import WorkerConfig
@@ -44,7 +45,7 @@ from exceptions import (
 )
 from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision, TaskNotice
-from policies import TASK_CLOSE_RPC_TIMEOUT
+from policies import TASK_CLOSE_RETRY_FIRST, TASK_CLOSE_RETRY_MAX, TASK_CLOSE_RPC_TIMEOUT
 from task_files import (
     AWAITING_DECISION,
     MAX_TASK_FILE_BYTES,
@@ -70,6 +71,8 @@ MAX_DELIVERIES_IN_FLIGHT = 64
 MAX_DEFERRED = 1000
 MAX_NOTICE_CHARS = 300
 MAX_SETTLED = 10_000
+UNREACHABLE = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
+                         RPCStatusCode.CANCELLED})
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -214,7 +217,7 @@ class BlockDecisionWatcher:
     async def _close(self, key: tuple[str, str, str], closed: ClosedTask,
                      seen: tuple[str, int]) -> None:
         try:
-            outcome = await self.closes.apply(closed)
+            outcome = await self._apply_when_reachable(closed)
         except Exception as err:  # one close must never end the watcher; the rescan retries
             log.warning("task_close_not_applied", extra={
                 "workflow_id": closed.workflow_id, "task_id": closed.task_id,
@@ -226,6 +229,23 @@ class BlockDecisionWatcher:
                     self._settled.popitem(last=False)
         finally:
             del self._closing[key]
+
+    async def _apply_when_reachable(self, closed: ClosedTask) -> str:
+        """Apply a close; while the server cannot be reached (a restart, an upgrade) try
+        again with capped backoff, so a task closed during an outage finishes its stage
+        as soon as the server is back."""
+        delay = TASK_CLOSE_RETRY_FIRST.total_seconds()
+        while True:
+            try:
+                return await self.closes.apply(closed)
+            except (RPCError, RuntimeError) as err:
+                if isinstance(err, RPCError) and err.status not in UNREACHABLE:
+                    raise
+                log.info("task_close_waits_for_server", extra={
+                    "workflow_id": closed.workflow_id, "task_id": closed.task_id,
+                    "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TASK_CLOSE_RETRY_MAX.total_seconds())
 
     def _in_flight(self, target: tuple[str, str | None], path: Path) -> bool:
         """Whether a decision for this run is on its way; if so, `path` is looked at

@@ -95,6 +95,10 @@ DECISION_DESCRIBE_TIMEOUT = timedelta(seconds=10)
 # Each call that applies a task closed with the platform's tools (describe, query,
 # complete by id): one slow server must not hold the folder watch's other work.
 TASK_CLOSE_RPC_TIMEOUT = timedelta(seconds=10)
+# A task closed while the server is away (a restart, an upgrade) is applied again after
+# 1 s, doubling up to 30 s: soon after the server is back, without a flood meanwhile.
+TASK_CLOSE_RETRY_FIRST = timedelta(seconds=1)
+TASK_CLOSE_RETRY_MAX = timedelta(seconds=30)
 
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.
