@@ -105,5 +105,16 @@ V050_BLOCK_CHECK_HEARTBEAT = timedelta(minutes=10)
 CLI_CONNECT_TIMEOUT = timedelta(seconds=8)
 CLI_RPC_TIMEOUT = timedelta(seconds=5)
 
+# The worker waiting for Temporal or Vault at start: the first retry after this, each
+# next one twice as late, never later than the cap (WORKER_STARTUP_WAIT_SECONDS bounds
+# the whole wait).
+STARTUP_RETRY_FIRST = timedelta(seconds=1)
+STARTUP_RETRY_CAP = timedelta(seconds=30)
+# While serving: how often the worker asks the server whether it is there, how long one
+# answer may take, and how often an outage is reported again while it lasts.
+SERVER_CHECK_INTERVAL = timedelta(seconds=5)
+SERVER_CHECK_TIMEOUT = timedelta(seconds=5)
+OUTAGE_REPORT_INTERVAL = timedelta(seconds=60)
+
 # Failure types that end a pipeline as "agent failure".
 AGENT_FAILURE_TYPES = (PHASE_FAILED,)

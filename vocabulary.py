@@ -111,3 +111,9 @@ TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
 
 # --- queue ---
 DEFAULT_TASK_QUEUE: Final = "helm-build"
+
+# --- worker states: `state` in WORKER_STATUS_FILE ---
+WORKER_WAITING: Final = "waiting"  # Temporal or Vault unreachable; `reason` says why
+WORKER_READY: Final = "ready"
+WORKER_STOPPING: Final = "stopping"
+WORKER_STOPPED: Final = "stopped"

@@ -99,7 +99,7 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
     assert app["max_restarts"] == 10
     assert app["exp_backoff_restart_delay"] > 0
     assert app["kill_timeout"] == 45000  # > the worker's default 30 s graceful shutdown
-    assert app["stop_exit_codes"] == [2]
+    assert app["stop_exit_codes"] == [2, 3]
 
     env_file = tmp_path / "worker.env"
     env_file.write_text("# comment\nexport TASK_QUEUE='from-file'\n"

@@ -197,6 +197,7 @@ def test_check_config_logs_settings_without_secrets(tmp_path: Path) -> None:
 def test_unreachable_server_exits_4(tmp_path: Path) -> None:
     from tools.devserver import free_port
 
-    result = run_worker(make_env(tmp_path, f"127.0.0.1:{free_port()}"))
+    result = run_worker(make_env(tmp_path, f"127.0.0.1:{free_port()}",
+                                 WORKER_STARTUP_WAIT_SECONDS="0"))
     assert result.returncode == 4, result.stderr
     assert "cannot connect to Temporal" in result.stderr
