@@ -106,10 +106,11 @@ CLI_CONNECT_TIMEOUT = timedelta(seconds=8)
 CLI_RPC_TIMEOUT = timedelta(seconds=5)
 
 # The worker waiting for Temporal or Vault at start: the first retry after this, each
-# next one twice as late, never later than the cap (WORKER_STARTUP_WAIT_SECONDS bounds
-# the whole wait).
+# next one twice as late, never later than the cap, so the worker polls within about
+# 15 s of the server coming up (WORKER_STARTUP_WAIT_SECONDS bounds the whole wait; a
+# WARNING per attempt is then 4 lines a minute).
 STARTUP_RETRY_FIRST = timedelta(seconds=1)
-STARTUP_RETRY_CAP = timedelta(seconds=30)
+STARTUP_RETRY_CAP = timedelta(seconds=15)
 # While serving: how often the worker asks the server whether it is there, how long one
 # answer may take, and how often an outage is reported again while it lasts.
 SERVER_CHECK_INTERVAL = timedelta(seconds=5)
