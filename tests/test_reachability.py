@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -250,6 +251,24 @@ async def test_worker_waits_then_exits_4(tmp_path: Path) -> None:
     assert "WORKER_STARTUP_WAIT_SECONDS=4" in worker.tail()
 
 
+async def test_sigterm_while_waiting_stops_at_once(tmp_path: Path) -> None:
+    """pm2 stop (or a reboot) during the wait: a clean exit 0, status `stopped`."""
+    status_file = tmp_path / "status.json"
+    worker = WorkerProcess(make_env(tmp_path, f"127.0.0.1:{free_port()}",
+                                    WORKER_STATUS_FILE=str(status_file)),
+                           tmp_path / "worker.log").start()
+    try:
+        await poll(lambda: len(events(worker, "waiting_for_dependency")) >= 2, timeout=30,
+                   what="two attempts")
+        worker.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.wait, 10)
+    finally:
+        worker.stop()
+    assert code == 0, worker.tail()
+    assert status(status_file)["state"] == WORKER_STOPPED
+    assert events(worker, "shutdown_requested")
+
+
 async def test_unknown_namespace_exits_2_at_once(temporal_address: str, tmp_path: Path) -> None:
     """A namespace the server lacks is a setting to fix, not something to wait for (it
     was an uncaught traceback and exit 1)."""
@@ -425,4 +444,5 @@ async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
     assert len(back) == 1
     assert back[0]["down_seconds"] >= OUTAGE_SECONDS - 10
     warnings = [r for r in worker.log_records() if r.get("level") == "WARNING"]
+    print("warnings:", [w["event"] for w in warnings])
     assert len(warnings) <= 3 * (1 + int(OUTAGE_SECONDS // 60)), [w["event"] for w in warnings]
