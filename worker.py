@@ -1,7 +1,8 @@
 """Entry point: connect to Temporal and run both build workflows and their activities.
 
-Exit codes: 0 clean shutdown · 2 bad configuration · 3 credentials (Vault/TLS)
-· 4 cannot connect to Temporal · 1 anything else. Errors are one line on stderr.
+Exit codes: 0 clean shutdown · 2 bad configuration (an unknown namespace too) · 3
+credentials (Vault/TLS), both at once · 4 Temporal or Vault still unreachable after
+WORKER_STARTUP_WAIT_SECONDS · 1 anything else. Errors are one line on stderr.
 """
 
 from __future__ import annotations
