@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
-import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -68,7 +65,7 @@ from tests.standin import (
     write_origin_task,
 )
 from tests.test_faults import DurableServer
-from tests.test_pm2 import ECOSYSTEM, Pm2
+from tests.test_pm2 import ECOSYSTEM, Pm2, private_pm2, status
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (
@@ -92,13 +89,6 @@ NO_ISSUES = "info: []\n"
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def status(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
@@ -293,23 +283,8 @@ async def test_unknown_namespace_exits_2_at_once(temporal_address: str, tmp_path
 @pytest.fixture
 def late_pm2(tmp_path: Path) -> Iterator[tuple[Pm2, dict[str, str], str]]:
     """pm2 with a private home, its worker pointed at a port where no server runs yet."""
-    settings = make_env(tmp_path, f"127.0.0.1:{free_port()}",
-                        WORKER_STATUS_FILE=str(tmp_path / "status.json"))
-    env_file = tmp_path / "worker.env"
-    keys = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL_AUDIT_DIR",
-            "SUMMARY_DIR", "WORKER_STATUS_FILE")
-    env_file.write_text("".join(f"{key}={settings[key]}\n" for key in keys))
-    name = f"tbw-late-{uuid.uuid4().hex[:8]}"
-    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "VAULT_"))}
-    cli_env.update({"WORKER_ENV_FILE": str(env_file), "PM2_APP_NAME": name})
-    # A short PM2_HOME: its unix sockets must fit in 107 bytes.
-    home = Path(os.environ.get("TMPDIR", "/tmp")) / f"pm2-{uuid.uuid4().hex[:8]}"
-    manager = Pm2(home, cli_env)
-    try:
-        yield manager, settings, name
-    finally:
-        subprocess.run([manager.bin, "kill"], env=manager.env, capture_output=True, timeout=90)
-        shutil.rmtree(home, ignore_errors=True)
+    with private_pm2(tmp_path, f"127.0.0.1:{free_port()}") as managed:
+        yield managed
 
 
 @pytest.mark.slow
