@@ -105,7 +105,7 @@ def write_status(path: Path | None, state: str, config: WorkerConfig,
 async def reach_temporal(config: WorkerConfig, worker_id: str, telemetry: Telemetry) -> Client:
     """A client on a server that knows our namespace, waiting as long as
     WORKER_STARTUP_WAIT_SECONDS allows for a server or Vault that is not up yet."""
-    last_reason: list[str] = []
+    last_reason: str | None = None
 
     async def attempt() -> Client:
         client = await connect(config, identity=worker_id,
@@ -114,11 +114,12 @@ async def reach_temporal(config: WorkerConfig, worker_id: str, telemetry: Teleme
         return client
 
     def on_wait(cause: str, attempts: int, pause: float) -> None:
+        nonlocal last_reason
         log.warning("waiting_for_dependency", extra={
             "cause": cause, "attempt": attempts, "retry_in_seconds": round(pause, 1),
             "wait_limit_seconds": config.startup_wait_seconds})
-        if last_reason != [cause]:  # `since` stays when the wait began, for this reason
-            last_reason[:] = [cause]
+        if cause != last_reason:  # `since` stays when the wait began, for this reason
+            last_reason = cause
             write_status(config.status_file, WORKER_WAITING, config, reason=cause)
 
     return await connect_when_reachable(attempt, config, on_wait)
@@ -159,6 +160,13 @@ def install_signal_handlers(config: WorkerConfig, stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
+def gave_up(config: WorkerConfig, code: int, problem: str) -> int:
+    """The status file says `stopped` (no longer `waiting`) and why; one line on stderr."""
+    write_status(config.status_file, WORKER_STOPPED, config, reason=problem)
+    print(f"worker: {problem}", file=sys.stderr)
+    return code
+
+
 async def serve(config: WorkerConfig, worker_id: str) -> int:
     try:
         # Spans still buffered at exit are flushed by the tracer provider's atexit hook.
@@ -171,14 +179,13 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
     try:
         client = await until_stopped(reach_temporal(config, worker_id, telemetry), stop)
     except ConfigError as err:
-        print(f"worker: configuration error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return gave_up(config, EXIT_CONFIG, f"configuration error: {err}")
+    except CredentialError as err:
+        return gave_up(config, EXIT_CREDENTIALS, f"credential error: {err}")
     except DependencyUnavailableError as err:
-        write_status(config.status_file, WORKER_STOPPED, config, reason=err.cause)
-        print(f"worker: {err.cause} (still so after {err.attempts} attempts in "
-              f"{err.waited_seconds:.0f}s; WORKER_STARTUP_WAIT_SECONDS="
-              f"{config.startup_wait_seconds:g})", file=sys.stderr)
-        return EXIT_CONNECT
+        return gave_up(config, EXIT_CONNECT, f"{err.cause} (still so after {err.attempts} "
+                       f"attempts in {err.waited_seconds:.0f}s; WORKER_STARTUP_WAIT_SECONDS="
+                       f"{config.startup_wait_seconds:g})")
     if client is None:  # stopped while waiting
         write_status(config.status_file, WORKER_STOPPED, config)
         return EXIT_OK

@@ -401,6 +401,7 @@ async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
 
         await poll(lambda: status(status_file).get("state") == WORKER_READY,
                    timeout=POLLING_WITHIN_SECONDS, what="status ready again")
+        down_for = time.monotonic() - down_at
         after = await asyncio.to_thread(
             run_cli, ["--task-file", str(implement), "success", "built"], env)
         assert after.returncode == 0, after.stderr
@@ -412,12 +413,14 @@ async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
         server.stop()
     assert [result.outcome for result in results] == ["success", "success"]
     assert worker.starts == 1
-    # Said once when it began (the next report was a minute away), not a line per retry.
+    # Said when it began and then once a minute, not a line per retry (the SDK core's
+    # own retry warnings, about one a second, are thinned to one a minute as well).
+    minutes = int(down_for // 60)
     outage_reports = events(worker, "temporal_unreachable")
-    assert len(outage_reports) == 1 + int(OUTAGE_SECONDS // 60), outage_reports
+    assert 1 <= len(outage_reports) <= 1 + minutes, outage_reports
     back = events(worker, "temporal_reachable_again")
     assert len(back) == 1
     assert back[0]["down_seconds"] >= OUTAGE_SECONDS - 10
-    warnings = [r for r in worker.log_records() if r.get("level") == "WARNING"]
-    print("warnings:", [w["event"] for w in warnings])
-    assert len(warnings) <= 3 * (1 + int(OUTAGE_SECONDS // 60)), [w["event"] for w in warnings]
+    warnings = [r["event"] for r in worker.log_records() if r.get("level") == "WARNING"]
+    print(f"down {down_for:.0f}s; warnings: {warnings}")
+    assert len(warnings) <= 3 * (1 + minutes), warnings
