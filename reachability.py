@@ -38,10 +38,6 @@ log = logging.getLogger("reachability")
 
 T = TypeVar("T")
 MAX_CAUSE_CHARS = 300
-# Server answers that mean "not now" rather than "never".
-_PASSING_STATUSES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
-                               RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.ABORTED,
-                               RPCStatusCode.CANCELLED})
 
 
 def retry_delays(first: float, cap: float) -> Iterator[float]:
@@ -66,8 +62,9 @@ def transient_cause(err: BaseException, config: WorkerConfig) -> str | None:
     if isinstance(err, CredentialError | TlsHandshakeError | ConfigError):
         return None
     if isinstance(err, RPCError):
-        if err.status not in _PASSING_STATUSES:
-            return None
+        # The answers that mean "never" (no such namespace, not allowed) are raised as
+        # ConfigError / CredentialError by check_namespace; the rest (unavailable, an
+        # internal error mid-upgrade) are waited for, each attempt logging the answer.
         return (f"Temporal at {config.temporal_address} answered "
                 f"{err.status.name}: {_first_line(err)}")
     if isinstance(err, RuntimeError | OSError | TimeoutError):

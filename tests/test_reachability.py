@@ -29,6 +29,7 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
 
 from config import load_config
 from exceptions import (
@@ -169,14 +170,17 @@ async def test_transient_failures_are_retried_with_backoff_until_reachable() -> 
     config = load_config({"TEMPORAL_ADDRESS": "127.0.0.1:7999"})
     clock, reports = FakeClock(), []
     down = RuntimeError("Failed client connect: tcp connect error (ConnectionRefused)")
+    starting = RPCError("namespace registry not ready", RPCStatusCode.UNAVAILABLE, b"")
     sealed = VaultUnavailableError("Vault at http://127.0.0.1:1 is sealed or not ready")
     result = await connect_when_reachable(
-        failing([down, down, sealed]), config, lambda *report: reports.append(report),
+        failing([down, starting, sealed]), config, lambda *report: reports.append(report),
         sleep=clock.sleep, clock=clock)
     assert result == "client"
     assert clock.pauses == [1, 2, 4]
     assert [attempt for _, attempt, _ in reports] == [1, 2, 3]
     assert reports[0][0].startswith("cannot connect to Temporal at 127.0.0.1:7999: ")
+    assert reports[1][0] == ("Temporal at 127.0.0.1:7999 answered UNAVAILABLE: "
+                             "namespace registry not ready")
     assert reports[2][0] == str(sealed)
 
 

@@ -172,6 +172,7 @@ def test_configuration_errors_exit_2_naming_the_variable(tmp_path: Path) -> None
     base = make_env(tmp_path, "127.0.0.1:1", MATRIX_ACCESS_TOKEN=SECRET)
     for name, value in [("TEMPORAL_ADDRESS", "no-port"),
                         ("WORKER_SHUTDOWN_GRACE_SECONDS", "-1"),
+                        ("WORKER_STARTUP_WAIT_SECONDS", "forever"),
                         ("TEMPORAL_MAX_CONCURRENT_ACTIVITIES", "zero")]:
         result = run_worker({**base, name: value})
         assert result.returncode == 2, (name, result.stderr)
