@@ -443,15 +443,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"task file was not updated: {err}", file=sys.stderr)
                 return 1
     except CompletionError as err:
-        print(f"complete_activity: {err}", file=sys.stderr)
+        # Exit 4 is for the agent to act on: the same command works once the server is
+        # back, and the task file is untouched until then.
+        advice = "; retry later" if err.exit_code == ConnectError.exit_code else ""
+        print(f"complete_activity: {err}{advice}", file=sys.stderr)
         return err.exit_code
     except ConfigError as err:
         print(f"complete_activity: configuration error: {err}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"complete_activity: no answer from Temporal within {OVERALL_TIMEOUT_SECONDS:.0f}s",
-              file=sys.stderr)
-        return 4
+        print(f"complete_activity: no answer from Temporal within "
+              f"{OVERALL_TIMEOUT_SECONDS:.0f}s; retry later", file=sys.stderr)
+        return ConnectError.exit_code
     print(f"complete_activity: activity {'completed' if status == 'success' else 'failed'}")
     return 0
 

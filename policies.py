@@ -138,5 +138,17 @@ CLI_RPC_TIMEOUT = timedelta(seconds=5)
 # must end within this, leaving the interpreter's start-up and exit a margin.
 DISPATCHER_START_DEADLINE = timedelta(seconds=20)
 
+# The worker waiting for Temporal or Vault at start: the first retry after this, each
+# next one twice as late, never later than the cap, so the worker polls within about
+# 15 s of the server coming up (WORKER_STARTUP_WAIT_SECONDS bounds the whole wait; a
+# WARNING per attempt is then 4 lines a minute).
+STARTUP_RETRY_FIRST = timedelta(seconds=1)
+STARTUP_RETRY_CAP = timedelta(seconds=15)
+# While serving: how often the worker asks the server whether it is there, how long one
+# answer may take, and how often an outage is reported again while it lasts.
+SERVER_CHECK_INTERVAL = timedelta(seconds=5)
+SERVER_CHECK_TIMEOUT = timedelta(seconds=5)
+OUTAGE_REPORT_INTERVAL = timedelta(seconds=60)
+
 # Failure types that end a pipeline as "agent failure".
 AGENT_FAILURE_TYPES = (PHASE_FAILED,)

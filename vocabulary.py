@@ -171,3 +171,9 @@ EVENT_BUILD_COMPLETED: Final = "build.completed"  # the summary written, with th
 BUS_EVENT_TYPES: Final = (EVENT_BUILD_STARTED, EVENT_HANDOFF_CREATED, EVENT_AUDIT_REQUESTED,
                           EVENT_AUDIT_COMPLETED, EVENT_SECURITY_FINDING,
                           EVENT_HANDOFF_COMPLETED, EVENT_BUILD_COMPLETED)
+
+# --- worker states: `state` in WORKER_STATUS_FILE ---
+WORKER_WAITING: Final = "waiting"  # Temporal or Vault unreachable; `reason` says why
+WORKER_READY: Final = "ready"
+WORKER_STOPPING: Final = "stopping"
+WORKER_STOPPED: Final = "stopped"
