@@ -55,6 +55,7 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
+from tests.platform_tools import TaskTools
 from tests.standin import (
     StandIn,
     load_yaml,
@@ -71,6 +72,7 @@ from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
+    DIALECT_PLATFORM,
     SUBMITTED,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
@@ -373,9 +375,22 @@ async def test_worker_waits_for_a_late_vault(temporal_address: str, tmp_path: Pa
 
 
 @pytest.mark.slow
+def close_with_tools(queue: Path, task: dict[str, Any]) -> None:
+    """What the platform's operator and agent do with the task tools: hand it over,
+    claim it, close it with its result."""
+    tools = TaskTools(queue)
+    agent = task["target_agent"]
+    for result in (tools.approve(task["id"]),
+                   tools.update_task(task["id"], "in-progress", agent),
+                   tools.update_task(task["id"], "completed", agent, output="built")):
+        assert result["ok"], result
+
+
 async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
     server = DurableServer(tmp_path)
-    env = make_env(tmp_path, server.address, WORKER_STATUS_FILE=str(tmp_path / "status.json"))
+    # The platform dialect: the second agent closes its task with the task tools.
+    env = make_env(tmp_path, server.address, WORKER_STATUS_FILE=str(tmp_path / "status.json"),
+                   TASK_FILE_DIALECT=DIALECT_PLATFORM)
     status_file = Path(env["WORKER_STATUS_FILE"])
     queue = Path(env["TASK_QUEUE_DIR"])
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -387,7 +402,7 @@ async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
         for handle in (first, second):
             await play_stage(queue, handle.id, TASK_BUILD_PREFAB, env, timeout=60)
         implement = await wait_for_task(queue, first.id, TASK_BUILD_PLAN, timeout=60)
-        await wait_for_task(queue, second.id, TASK_BUILD_PLAN, timeout=60)
+        closed_by_tools = await wait_for_task(queue, second.id, TASK_BUILD_PLAN, timeout=60)
 
         server.stop()
         down_at = time.monotonic()
@@ -399,6 +414,7 @@ async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
         assert during.returncode == 4, during.stderr
         assert "retry later" in during.stderr
         assert load_yaml(implement)["status"] == SUBMITTED  # untouched: the retry can work
+        close_with_tools(queue, load_yaml(closed_by_tools))  # applied once the server is back
         await stays_up_for(worker, OUTAGE_SECONDS - (time.monotonic() - down_at))
         assert status(status_file)["state"] == WORKER_WAITING
         server.start()
