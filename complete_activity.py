@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import glob
+import json
 import os
 import re
 import sys
@@ -38,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
-    from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+    from temporalio.client import WorkflowExecutionStatus
     from temporalio.exceptions import ApplicationError
     from temporalio.service import RPCError, RPCStatusCode
 except ImportError:
@@ -48,6 +49,7 @@ except ImportError:
     sys.exit(2)
 
 import policies
+from activities import legacy_args
 from config import (
     TASK_CONNECTION_FACTS,
     VAULT_VARS,
@@ -67,7 +69,7 @@ from exceptions import (
 )
 from models import BuildPhaseResult
 from task_files import add_history, read_agent_file, read_task, task_time, update_task
-from vocabulary import COMPLETED, FAILED, PHASE_FAILED, STATUS_QUERY, TASK_SEARCH_SUBDIRS
+from vocabulary import COMPLETED, FAILED, PHASE_FAILED, TASK_SEARCH_SUBDIRS
 
 STATUSES = ("success", "failed")
 
@@ -321,36 +323,55 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
     if err.status == RPCStatusCode.INVALID_ARGUMENT:
         return UsageError(f"the server rejected the task token as malformed ({first})")
     if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
+                      RPCStatusCode.CANCELLED,  # the client's own time limit ran out
                       RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
         return ConnectError(f"Temporal server refused or did not answer: {err.status.name} "
                             f"({first})")
     return CompletionError(f"Temporal error {err.status.name}: {first}")
 
 
+def scheduled_task_id(payloads: list[Any], ids: ActivityIds) -> str:
+    """The task id an agent stage's activity was scheduled with: our input names it
+    (`task_id`, or `task.task_id` for the audit); a v0.5.0 call's is derived from the
+    activity's own ids, as the worker derives it."""
+    arguments = [json.loads(payload.data) for payload in payloads]
+    if len(arguments) == 1 and isinstance(arguments[0], dict):
+        request = arguments[0]
+        task = request.get("task")
+        found = task.get("task_id") if isinstance(task, dict) else request.get("task_id")
+        return str(found)
+    return legacy_args.task_id_for(legacy_args.CallContext(
+        ids.workflow_id, ids.run_id, ids.activity_id))
+
+
 async def check_waiting_on(client: Any, ids: ActivityIds, config: WorkerConfig,
                            origin: Mapping[str, str]) -> None:
     """A task file without a token completes only the stage its run waits on now: the
-    run must be running and say (get_status) that it waits on this very task."""
+    run must be running with the file's activity pending, scheduled (as its history
+    records) for this very task. Read from the server alone: no worker need be up."""
     handle = client.get_workflow_handle(ids.workflow_id, run_id=ids.run_id)
+    gone = ActivityGoneError(f"workflow {ids.workflow_id} is not waiting on task "
+                             f"{ids.task_id}: a task of an earlier attempt, another stage "
+                             f"or an ended run completes nothing")
     try:
         described = await handle.describe(rpc_timeout=policies.CLI_RPC_TIMEOUT)
         if described.status != WorkflowExecutionStatus.RUNNING:
             raise ActivityGoneError(f"workflow {ids.workflow_id} has ended "
                                     f"({described.status.name.lower()}); task {ids.task_id} "
                                     f"completes nothing")
-        status = await handle.query(STATUS_QUERY, rpc_timeout=policies.CLI_RPC_TIMEOUT)
+        if ids.activity_id not in {activity.activity_id for activity in
+                                   described.raw_description.pending_activities}:
+            raise gone
+        scheduled: list[Any] | None = None
+        async for event in handle.fetch_history_events(rpc_timeout=policies.CLI_RPC_TIMEOUT):
+            if event.HasField("activity_task_scheduled_event_attributes"):
+                attributes = event.activity_task_scheduled_event_attributes
+                if attributes.activity_id == ids.activity_id:
+                    scheduled = list(attributes.input.payloads)
     except RPCError as err:
         raise rpc_error(err, config, origin) from None
-    except WorkflowQueryFailedError as err:
-        raise CompletionError(f"workflow {ids.workflow_id} did not say what it waits on: "
-                              f"{str(err)[:200]}") from None
-    waiting = status.get("waiting_on") if isinstance(status, dict) else None
-    waited = waiting.get("task_id") if isinstance(waiting, dict) else None
-    if waited != ids.task_id:
-        raise ActivityGoneError(f"workflow {ids.workflow_id} is not waiting on task "
-                                f"{ids.task_id} (it waits on "
-                                f"{'task ' + str(waited)[:80] if waited else 'no agent task'}): "
-                                f"a task of an earlier attempt or stage completes nothing")
+    if scheduled is None or scheduled_task_id(scheduled, ids) != ids.task_id:
+        raise gone
 
 
 async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes | ActivityIds,

@@ -346,3 +346,21 @@ def read_origin_path(board: Board, task_id: str) -> str:
         if record.get("id") == task_id:
             return str(path)
     raise AssertionError(f"no originating task {task_id}")
+
+
+async def test_the_cli_completes_without_a_token_while_no_worker_runs(
+        board: Board, client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    board.worker.stop()  # what the run waits on is read from the server alone
+    cli_env = {"PATH": "/usr/bin:/bin", "HOME": board.env["HOME"]}
+    command = prefab["payload"]["complete_command"]
+    done = await asyncio.to_thread(run_cli, [*command[2:], "success", "scaffolded"], cli_env)
+    assert done.returncode == 0, done.stderr
+    assert read_task(Path(command[3]))["status"] == "completed"
+    board.worker.start()
+    board.worker.wait_ready()
+    await poll_async(lambda: _stage_done(handle, PREFAB_SCAFFOLDING), 20, what="prefab done")
+    await handle.cancel()
