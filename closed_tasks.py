@@ -9,23 +9,27 @@ run id and activity id (no task token needed), or tells the run about the routin
 failure.
 
 A close acts only on the stage it was written for: the run must be running on this
-worker's queue, the activity the file names must be pending, and the run must say
-(get_status) that it waits on this very task id. A file of an earlier attempt, of
+worker's queue, the activity the file names must be pending, and the run's history must
+show that activity scheduled for this very task id. A file of an earlier attempt, of
 another run or of an ended run completes nothing. When `complete_activity.py` was first,
 the activity is no longer pending and the file is a harmless no-op.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.api.common.v1 import Payload
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities import legacy_args
 from models import BuildPhaseResult, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT
 from task_files import SOURCE_AGENT
@@ -37,7 +41,6 @@ from vocabulary import (
     FAILED,
     PHASE_FAILED,
     ROUTING_FAILED,
-    STATUS_QUERY,
     TASK_NOTICE_SIGNAL,
 )
 
@@ -106,6 +109,38 @@ def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | No
                       reason=_reason(task), dead_lettered=dead_lettered)
 
 
+def scheduled_task_id(payloads: list[Payload], workflow_id: str, run_id: str,
+                      activity_id: str) -> str | None:
+    """The task id an agent stage's activity was scheduled with: our input names it
+    (`task_id`, or `task.task_id` for the audit); a v0.5.0 call's is derived from the
+    activity's own ids, as the worker derives it."""
+    try:
+        arguments = [json.loads(payload.data) for payload in payloads]
+    except ValueError:
+        return None
+    if len(arguments) == 1 and isinstance(arguments[0], dict):
+        request = arguments[0]
+        task = request.get("task")
+        found = task.get("task_id") if isinstance(task, dict) else request.get("task_id")
+        return found if isinstance(found, str) else None
+    return legacy_args.task_id_for(legacy_args.CallContext(workflow_id, run_id, activity_id))
+
+
+async def waited_task_id(handle: WorkflowHandle[Any, Any], workflow_id: str, run_id: str,
+                         activity_id: str, rpc_timeout: timedelta) -> str | None:
+    """The task a pending activity waits on, as the run's history records it (read from
+    the server alone: no worker need be up). The newest scheduling of that activity id."""
+    scheduled: list[Payload] | None = None
+    async for event in handle.fetch_history_events(rpc_timeout=rpc_timeout):
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            if attributes.activity_id == activity_id:
+                scheduled = list(attributes.input.payloads)
+    if scheduled is None:
+        return None
+    return scheduled_task_id(scheduled, workflow_id, run_id, activity_id)
+
+
 class ClosedTaskApplier:
     """Applies closes for one worker; stateless but for what is on its way."""
 
@@ -134,9 +169,8 @@ class ClosedTaskApplier:
                    described.raw_description.pending_activities}
         if closed.activity_id not in pending:
             return "stale"  # completed already (the CLI, or another worker), or another run's
-        status = await handle.query(STATUS_QUERY, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
-        waiting = status.get("waiting_on") if isinstance(status, dict) else None
-        waited = waiting.get("task_id") if isinstance(waiting, dict) else None
+        waited = await waited_task_id(handle, closed.workflow_id, closed.run_id,
+                                      closed.activity_id, TASK_CLOSE_RPC_TIMEOUT)
         if waited != closed.task_id:
             log.warning("task_close_refused", extra={
                 "workflow_id": closed.workflow_id, "task_id": closed.task_id,

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import glob
-import json
 import os
 import re
 import sys
@@ -49,7 +48,7 @@ except ImportError:
     sys.exit(2)
 
 import policies
-from activities import legacy_args
+from closed_tasks import waited_task_id
 from config import (
     TASK_CONNECTION_FACTS,
     VAULT_VARS,
@@ -330,20 +329,6 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
     return CompletionError(f"Temporal error {err.status.name}: {first}")
 
 
-def scheduled_task_id(payloads: list[Any], ids: ActivityIds) -> str:
-    """The task id an agent stage's activity was scheduled with: our input names it
-    (`task_id`, or `task.task_id` for the audit); a v0.5.0 call's is derived from the
-    activity's own ids, as the worker derives it."""
-    arguments = [json.loads(payload.data) for payload in payloads]
-    if len(arguments) == 1 and isinstance(arguments[0], dict):
-        request = arguments[0]
-        task = request.get("task")
-        found = task.get("task_id") if isinstance(task, dict) else request.get("task_id")
-        return str(found)
-    return legacy_args.task_id_for(legacy_args.CallContext(
-        ids.workflow_id, ids.run_id, ids.activity_id))
-
-
 async def check_waiting_on(client: Any, ids: ActivityIds, config: WorkerConfig,
                            origin: Mapping[str, str]) -> None:
     """A task file without a token completes only the stage its run waits on now: the
@@ -362,15 +347,11 @@ async def check_waiting_on(client: Any, ids: ActivityIds, config: WorkerConfig,
         if ids.activity_id not in {activity.activity_id for activity in
                                    described.raw_description.pending_activities}:
             raise gone
-        scheduled: list[Any] | None = None
-        async for event in handle.fetch_history_events(rpc_timeout=policies.CLI_RPC_TIMEOUT):
-            if event.HasField("activity_task_scheduled_event_attributes"):
-                attributes = event.activity_task_scheduled_event_attributes
-                if attributes.activity_id == ids.activity_id:
-                    scheduled = list(attributes.input.payloads)
+        waited = await waited_task_id(handle, ids.workflow_id, ids.run_id, ids.activity_id,
+                                      policies.CLI_RPC_TIMEOUT)
     except RPCError as err:
         raise rpc_error(err, config, origin) from None
-    if scheduled is None or scheduled_task_id(scheduled, ids) != ids.task_id:
+    if waited != ids.task_id:
         raise gone
 
 
