@@ -99,6 +99,16 @@ TASK_CLOSE_RPC_TIMEOUT = timedelta(seconds=10)
 # 1 s, doubling up to 30 s: soon after the server is back, without a flood meanwhile.
 TASK_CLOSE_RETRY_FIRST = timedelta(seconds=1)
 TASK_CLOSE_RETRY_MAX = timedelta(seconds=30)
+# At most one notice (task_notice signal) per run and task in this time, whatever a file
+# in the folder is rewritten to say: each is a history event of that run.
+TASK_NOTICE_INTERVAL = timedelta(seconds=60)
+# How long a rewrite of a task file waits for task-queue-mcp's lock on that task (it holds
+# it for one read-modify-write, milliseconds); past that it goes on without.
+TASK_LOCK_WAIT = timedelta(seconds=5)
+# The folder watch, if it fails (a watch limit reached, a folder gone), starts again after
+# 1 s, doubling up to a minute, while the worker serves.
+WATCH_RESTART_FIRST = timedelta(seconds=1)
+WATCH_RESTART_MAX = timedelta(seconds=60)
 
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.

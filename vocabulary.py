@@ -147,6 +147,7 @@ AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one fo
 ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still searched
 DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
 TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
+LOCKS_DIR: Final = ".locks"  # under TASK_QUEUE_DIR: task-queue-mcp's lock per task id
 
 # --- queries and signals the worker's own processes use ---
 STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands

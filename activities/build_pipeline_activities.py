@@ -215,7 +215,10 @@ class PipelineActivities:
         decides nothing."""
         paths = ["`tools/approve-build` / `tools/reject-build` (approve_blocks / "
                  "reject_blocks update)"]
-        if self.config.file_decisions and task_path:
+        if self.config.file_decisions and task_path and self.config.platform_dialect:
+            paths.append(f"Approve or Cancel the originating task `{task_path}` with the "
+                         f"task tools (status `approved` or `cancelled`)")
+        elif self.config.file_decisions and task_path:
             paths.append(f"set status `approved` or `rejected` in the originating task "
                          f"`{task_path}`")
         if self.config.matrix_approvers and self.config.matrix_homeserver:
@@ -316,7 +319,8 @@ class PipelineActivities:
                             f"approve_blocks update")
         title, message = compose_block_notice(
             request.build_name, request.task_id, request.workflow_id, request.blocks,
-            problems, file_decisions=self.config.file_decisions)
+            problems, file_decisions=self.config.file_decisions,
+            platform=self.config.platform_dialect)
         pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
                                    run_id=activity.info().workflow_run_id,
                                    task_id=request.task_id)
@@ -342,6 +346,10 @@ class PipelineActivities:
                     return
                 # The folder watcher routes a decision in this file to this run.
                 task[AWAITING_DECISION] = waiter
+                if self.config.platform_dialect and task.get("status") in TERMINAL_STATUSES:
+                    # Ended already (an operator's Cancel, a dead letter): the tools keep
+                    # it so, and the watcher hands that ending to the run as its decision.
+                    return
                 add_history(task, status=parked_status, actor=SOURCE_AGENT, note=note)
 
             try:

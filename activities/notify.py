@@ -65,7 +65,8 @@ def _more(omitted: int) -> str:
 
 def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
                          blocks: Sequence[Finding], problems: Sequence[str] = (), *,
-                         file_decisions: bool = True) -> tuple[str, str]:
+                         file_decisions: bool = True, platform: bool = False
+                         ) -> tuple[str, str]:
     """(title, message) of the notice that a pipeline parked on `blocks`.
 
     Lists the first NOTICE_MAX_BLOCKS blocks, each cut to NOTICE_BLOCK_CHARS, then
@@ -81,7 +82,10 @@ def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
     if len(problems) > NOTICE_MAX_PROBLEMS:
         shown_problems.append(f"and {len(problems) - NOTICE_MAX_PROBLEMS} more problem(s)")
     footer += [f"Problem: {problem}" for problem in shown_problems]
-    if file_decisions and not problems:
+    if file_decisions and not problems and platform:
+        footer.append(f"Approve task {task} (`!task approve`, the widget or the plugin) or "
+                      f"use the approve_blocks update; Cancel it to reject.")
+    elif file_decisions and not problems:
         footer.append(f"Approve: set task {task} to status 'approved' (or use the "
                       f"approve_blocks update); reject with status 'rejected'.")
     else:

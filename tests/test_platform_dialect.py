@@ -67,10 +67,17 @@ class Board:
 
 
 @pytest.fixture
-def board(tmp_path: Path, temporal_address: str) -> Iterator[Board]:
-    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM)
+def board(tmp_path: Path, temporal_address: str, request: pytest.FixtureRequest
+          ) -> Iterator[Board]:
+    """Settings of the `worker_env` marker, if any, go to the worker; `plant_root_link`
+    puts a link to / in the folder before the worker starts."""
+    marker = request.node.get_closest_marker("worker_env")
+    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM,
+                   **(marker.kwargs if marker else {}))
     queue_dir = Path(env["TASK_QUEUE_DIR"])
     queue_dir.mkdir(mode=0o700)
+    if request.node.get_closest_marker("plant_root_link"):
+        (queue_dir / "everything").symlink_to("/")
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         worker.wait_ready()
@@ -364,3 +371,33 @@ async def test_the_cli_completes_without_a_token_while_no_worker_runs(
     board.worker.wait_ready()
     await poll_async(lambda: _stage_done(handle, PREFAB_SCAFFOLDING), 20, what="prefab done")
     await handle.cancel()
+
+
+@pytest.mark.plant_root_link
+@pytest.mark.worker_env(BLOCK_FILE_DECISIONS="false")
+async def test_closes_are_applied_with_file_decisions_off_and_a_link_to_root_planted(
+        board: Board, client: Client) -> None:
+    """The watch is not recursive (a link to / is not walked) and runs for closed tasks
+    even when the folder decides no blocks."""
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id)
+    await agents.run(lambda: IMPLEMENT_BUILD in agents.closed)
+    await poll_async(lambda: _stage_done(handle, IMPLEMENT_BUILD), 10, what="implement done")
+    assert not any(r.get("event") == "decision_watch_failed"
+                   for r in board.worker.log_records())
+    await handle.cancel()
+
+
+async def test_an_operator_cancel_of_an_agent_task_fails_its_stage(board: Board,
+                                                                   client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    assert board.tools.cancel(prefab["id"], note="wrong plan")["ok"]
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 15)
+    message = str(failed.value.cause)
+    assert f"task {prefab['id']} was cancelled by operator" in message
+    assert "wrong plan" in message
