@@ -864,6 +864,10 @@ class BuildPipelineWorkflow:
             lines.append("Blocks to decide (by number):")
             lines.extend(f"{n}. {instructions.sanitize_finding(b.description)[:200]}"
                          for n, b in enumerate(self._parked_blocks, start=1))
+            lines.append("Per block: verdicts accept / reject / change by number or id "
+                         "(`--verdict N=…`, `block_verdicts` in the originating task)"
+                         + ("; request changes: `tools/request-changes`" if
+                            self._reaudits_left() > 0 else "; no re-audit left for changes"))
         lines.extend(f"- verdict round {v.round} block {v.index}: **{v.verdict}** by "
                      f"{v.decided_by} ({v.source})" for v in self._verdicts)
         return lines
