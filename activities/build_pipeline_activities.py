@@ -245,6 +245,13 @@ def _finding_dicts(findings: list[Finding]) -> list[dict[str, Any]]:
     return [item.model_dump(mode="json") for item in findings]
 
 
+def _flags_applied(summary: SummaryInput) -> int:
+    """v0.5.0's count of flags sent to the fix agent; with audit rounds, every round's."""
+    if summary.rounds:
+        return sum(len(r.sent_to_fix) for r in summary.rounds if r.changes_note is None)
+    return len(summary.flags) if APPLY_FLAG_FIXES in summary.stages_completed else 0
+
+
 class PipelineActivities:
     """Activities bound to one WorkerConfig (built by the worker, never at import)."""
 
@@ -555,8 +562,7 @@ class PipelineActivities:
             "phases_completed": [V050_PHASES[stage] for stage in summary.stages_completed
                                  if stage in V050_PHASES],
             "blocks_hit": len(summary.blocks),
-            "flags_applied": (len(summary.flags)
-                              if APPLY_FLAG_FIXES in summary.stages_completed else 0),
+            "flags_applied": _flags_applied(summary),
             "build_report_path": summary.closeout_path,
             # Audit rounds, block verdicts and what they add up to (the outcome's words).
             "audit_rounds": [item.model_dump(mode="json") for item in summary.rounds],

@@ -132,6 +132,7 @@ async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
             verdict["decided_by"], verdict["note"]) == (2, "hdr", "accept", "update",
                                                          "operator", "tracked")
     assert summary["reaudits_run"] == 1
+    assert summary["flags_applied"] == 2
     assert summary["all_flags_verified_fixed"] is False
     events = await handle.query("get_events", result_type=list[StageEvent])
     assert any(e.event == "flags_escalated" for e in events)
