@@ -64,8 +64,15 @@ from task_files import (
     shown_path,
 )
 from visible_text import visible_line
-from vocabulary import APPROVED, DEAD_LETTERS_DIR, DECIDING_STATUSES
+from vocabulary import (
+    APPROVED,
+    BLOCK_VERDICTS_FIELD,
+    CHANGES_REQUESTED,
+    DEAD_LETTERS_DIR,
+    DECIDING_STATUSES,
+)
 from workflows.build_pipeline_workflow import validation_message
+from workflows.rounds import file_decision
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +104,18 @@ def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
     decision: Decision = "approved" if status == APPROVED else "rejected"
     if status != decision:
         note = f"task status {status}" + (f": {note}" if note else "")
+    changes = task.get(CHANGES_REQUESTED)
+    if isinstance(changes, str) and changes.strip():
+        note = changes  # the note the build agent gets with the blocks to change
     note = visible_line(note, MAX_DECISION_NOTE_CHARS)
+    verdicts = task.get(BLOCK_VERDICTS_FIELD)
+    round_no = waiter.get("round")
     choice = BlockDecision(decided_by="task file", source="task_file", note=note,
-                           claimed_by=actor or None, task_id=task_id)
+                           claimed_by=actor or None, task_id=task_id,
+                           verdicts=verdicts if verdicts is not None else {},
+                           round=round_no if isinstance(round_no, int) else None)
+    decision = file_decision(decision, choice.verdicts,
+                             changes if isinstance(changes, str) and changes.strip() else None)
     return workflow_id, run_id if isinstance(run_id, str) and run_id else None, decision, choice
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from exceptions import ConfigError
+from models import MAX_REAUDIT_ROUNDS
 from models import NAME_RE as NAME_PATTERN
 from vocabulary import DEFAULT_TASK_QUEUE, DIALECT_PLATFORM, DIALECTS, WORKFLOW_MODES
 
@@ -65,6 +66,7 @@ ENV_FIELDS: dict[str, str] = {
     "DEFAULT_TARGET_AGENT": "default_target_agent",
     "AGENT_ROSTER_FILE": "agent_roster_file",
     "AGENT_BUS_COMMS_DIR": "agent_bus_comms_dir",
+    "REAUDIT_ROUNDS": "reaudit_rounds",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -113,6 +115,8 @@ class WorkerConfig(BaseModel):
     summary_dir: Path = Field(default_factory=lambda: _home().joinpath(*HOME_DIRS["summary_dir"]))
     prefab_agent: str = "claudebox"
     security_agent: str = "security-agent"
+    # Re-audits after fixes, for pipelines whose input does not say (0: audit once).
+    reaudit_rounds: int = Field(default=0, ge=0, le=MAX_REAUDIT_ROUNDS)
     matrix_room: str = "sysadmin"
     matrix_homeserver: str | None = None
     matrix_access_token_file: Path | None = None

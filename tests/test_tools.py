@@ -68,7 +68,8 @@ REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "list-workers",
          "monitor-worker-health", "list-recent-workflows", "find-stalled-workflows",
          "wait-for-workflow-status", "get-workflow-result", "analyze-workflow-error",
-         "bulk-cancel-workflows", "start-build", "approve-build", "reject-build", "ops"]
+         "bulk-cancel-workflows", "start-build", "approve-build", "reject-build",
+         "request-changes", "ops"]
 ALIASES = [name for name in TOOLS if name != "ops"] + ["temporal"]
 
 
