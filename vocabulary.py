@@ -38,6 +38,8 @@ INLINE_STAGES: Final = (PROCESS_TRIAGE_OUTPUT, NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RES
 PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originating task
 RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
+# A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
+CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
 
 # What recovery.py does with a pending activity whose worker died (every activity the
 # worker registers is in exactly one of these; tests/test_recovery.py checks it).
@@ -49,7 +51,7 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
-UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, CLOSE_ORIGINATING_TASK)
 
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
