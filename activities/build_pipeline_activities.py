@@ -641,10 +641,12 @@ class PipelineActivities:
     def _rewrite_task(self, task_id: str, change: Callable[[dict[str, Any]], None],
                       event: str) -> bool:
         """Apply `change` to the task with `task_id`; False (a WARNING unless the task is
-        simply not there) when it cannot be found or written."""
+        simply not there) when it cannot be found or written. Looked for by the files named
+        for its id only: stage 1 already searched every file for it, and a pipeline with
+        no originating task must not read the whole folder again at its end."""
         queue_dir = self.config.task_queue_dir
         try:
-            path = find_task(queue_dir, task_id)
+            path = find_task(queue_dir, task_id, full_scan=False)
             update_task(path, change, base=queue_dir)
         except TaskNotFoundError:
             return False

@@ -11,12 +11,13 @@ ended (or cannot be read) is left alone; the link never fails a stage.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from temporalio import activity
 
 from config import WorkerConfig
-from exceptions import FileIoStalledError, TaskFileError
+from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
 from task_files import find_task, read_task, update_task
 from vocabulary import TERMINAL_STATUSES
@@ -35,12 +36,33 @@ def run_link(config: WorkerConfig, workflow_id: str, run_id: str) -> dict[str, s
             "web_ui_path": f"/namespaces/{namespace}/workflows/{workflow_id}/{run_id}/history"}
 
 
+# Runs whose link was found in place (or whose task is not there): not looked at again
+# by this worker. A link the worker has just written is looked at again at the next stage,
+# since the dispatcher may write its own copy over it. Another worker simply looks again.
+_SETTLED: OrderedDict[tuple[str, str], None] = OrderedDict()
+MAX_SETTLED_RUNS = 4096
+
+
+def _settle(key: tuple[str, str]) -> None:
+    _SETTLED[key] = None
+    if len(_SETTLED) > MAX_SETTLED_RUNS:
+        _SETTLED.popitem(last=False)
+
+
 def _ensure(config: WorkerConfig, task_id: str, link: dict[str, str]) -> bool:
+    key = (task_id, link["run_id"])
+    if key in _SETTLED:
+        return False
     queue_dir = config.task_queue_dir
     # By its name only: a missing task is not looked for again in every file per stage.
-    path = find_task(queue_dir, task_id, search_archives=False, full_scan=False)
+    try:
+        path = find_task(queue_dir, task_id, search_archives=False, full_scan=False)
+    except TaskNotFoundError:
+        _settle(key)
+        raise
     task = read_task(path, base=queue_dir)
     if task.get(RUN_LINK) == link or task.get("status") in TERMINAL_STATUSES:
+        _settle(key)
         return False
 
     def add(document: dict[str, Any]) -> None:
