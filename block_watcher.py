@@ -264,7 +264,7 @@ class BlockDecisionWatcher:
         try:
             outcome = await deliver_decision(self.client, workflow_id=workflow_id,
                                              run_id=run_id, decision=decision, choice=choice,
-                                             task_queue=self.config.task_queue)
+                                             task_queue=self.config.pipeline_queue)
         except Exception as err:  # one delivery must never end the watcher
             log.warning("decision_not_delivered", extra={
                 "workflow_id": workflow_id, "task_file": str(path),

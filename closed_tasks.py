@@ -8,11 +8,12 @@ file here, and this module completes or fails the stage's activity by its workfl
 run id and activity id (no task token needed), or tells the run about the routing
 failure.
 
-A close acts only on the stage it was written for: the run must be running on this
-worker's queue, the activity the file names must be pending, and the run must say
-(get_status) that it waits on this very task id. A file of an earlier attempt, of
-another run or of an ended run completes nothing. When `complete_activity.py` was first,
-the activity is no longer pending and the file is a harmless no-op.
+A close acts only on the stage it was written for: the activity the file names must be
+pending on this worker's queue (the workflow's own, or this agent host's when the stage
+was routed here), and the run must say (get_status) that it waits on this very task id.
+A file of an earlier attempt, of another run or of an ended run completes nothing. When
+`complete_activity.py` was first, the activity is no longer pending and the file is a
+harmless no-op.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -51,6 +53,14 @@ OWN_TASK_LINE = f"\nsource_agent: {SOURCE_AGENT}".encode()
 MAX_OUTPUT_CHARS = 100_000  # as complete_activity.py takes
 MAX_REASON_CHARS = 400
 MAX_REMEMBERED = 2000  # routing notices already sent, so a rewrite does not send again
+
+
+def activity_queue(pending: PendingActivityInfo, workflow_queue: str) -> str:
+    """The task queue a pending activity was scheduled on (an agent host's, for a routed
+    stage); servers that do not say are taken to mean the workflow's own."""
+    if pending.HasField("activity_options") and pending.activity_options.task_queue.name:
+        return pending.activity_options.task_queue.name
+    return workflow_queue
 
 
 def may_close(raw: bytes) -> bool:
@@ -125,15 +135,16 @@ class ClosedTaskApplier:
                 return "gone"
             raise
         if (described.status != WorkflowExecutionStatus.RUNNING
-                or described.task_queue != self.task_queue
                 or described.workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW)):
             return "gone"
-        if closed.status == ROUTING_FAILED:
-            return await self._notice(closed, described.workflow_type)
-        pending = {activity.activity_id for activity in
-                   described.raw_description.pending_activities}
+        pending = {activity.activity_id: activity_queue(activity, described.task_queue)
+                   for activity in described.raw_description.pending_activities}
         if closed.activity_id not in pending:
             return "stale"  # completed already (the CLI, or another worker), or another run's
+        if pending[closed.activity_id] != self.task_queue:
+            return "gone"  # another host's stage: its own worker answers for it
+        if closed.status == ROUTING_FAILED:
+            return await self._notice(closed, described.workflow_type)
         status = await handle.query(STATUS_QUERY, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
         waiting = status.get("waiting_on") if isinstance(status, dict) else None
         waited = waiting.get("task_id") if isinstance(waiting, dict) else None

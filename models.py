@@ -165,6 +165,8 @@ class WaitingOn(BaseModel):
     task_type: str | None = None
     task_id: str | None = None
     since: datetime
+    # The task queue of the host whose worker runs this stage (unset: the main queue).
+    task_queue: str | None = None
 
 
 class TaskNotice(BaseModel):
@@ -295,6 +297,15 @@ class OpenTask(BaseModel):
     stage: str
     status: Literal["cancelled", "expired"]
     reason: str
+    # The agent host's queue whose folder holds the file (unset: the main queue's).
+    task_queue: str | None = None
+
+
+class StageRoute(BaseModel):
+    """Where an agent's stage runs: the task queue of its host, None for the main queue."""
+
+    agent: str
+    task_queue: str | None = None
 
 
 class BlockCheckInput(BaseModel):
@@ -380,6 +391,8 @@ class PipelineStatus(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     # Started by an earlier worker (v0.5.0 or before) and carried on by this one.
     adopted: bool = False
+    # Stage -> the agent host's task queue it ran (or runs) on; main-queue stages absent.
+    task_queues: dict[str, str] = Field(default_factory=dict)
 
 
 class SummaryInput(BaseModel):
@@ -407,6 +420,9 @@ class SummaryInput(BaseModel):
     events: list[StageEvent] = Field(default_factory=list)
     open_tasks: list[OpenTask] = Field(default_factory=list)
     adopted: bool = False
+    # Open tasks on agent hosts, closed there before the summary (close_open_tasks).
+    closed_elsewhere: list[OpenTask] = Field(default_factory=list)
+    task_queues: dict[str, str] = Field(default_factory=dict)
 
 
 class BuildPipelineResult(BaseModel):
