@@ -81,8 +81,9 @@ class Pm2:
         raise AssertionError(f"{name} not in pm2 jlist")
 
 
-def ecosystem_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
-    script = f"console.log(JSON.stringify(require({json.dumps(str(ECOSYSTEM))}).apps[0]))"
+def ecosystem_settings(env: dict[str, str] | None = None, app: int = 0) -> dict[str, Any]:
+    script = (f"console.log(JSON.stringify(require({json.dumps(str(ECOSYSTEM))})"
+              f".apps[{app}]))")
     result = subprocess.run(["node", "-e", script], env=env or dict(os.environ),
                             capture_output=True, text=True, timeout=30, check=True)
     return json.loads(result.stdout)
@@ -113,6 +114,32 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
     for forbidden in ("/home/", "/root", "/Users/", "/work/", "~/", "VAULT_ROLE_ID:",
                       "VAULT_ROLE_ID="):
         assert forbidden not in text, forbidden
+
+
+def test_agent_host_app_is_off_until_its_env_file_exists(tmp_path: Path) -> None:
+    """The second app runs worker.py as an agent host, from its own env file only; without
+    that file pm2 registers it stopped (autostart false)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "TEMPORAL_"))}
+    base.update(WORKER_ENV_FILE=str(tmp_path / "worker.env"),
+                AGENT_HOST_ENV_FILE=str(tmp_path / "agent-host.env"))
+    (tmp_path / "worker.env").write_text("TASK_QUEUE=helm-build\n")
+    main, agent = ecosystem_settings(base), ecosystem_settings(base, app=1)
+    assert agent["name"] == "temporal-build-agent-host"
+    assert agent["autostart"] is False
+    assert "autostart" not in main
+    assert agent["script"] == main["script"]
+    assert agent["interpreter"] == main["interpreter"]
+    assert agent["env"]["WORKER_ROLE"] == "agent-host"
+
+    (tmp_path / "agent-host.env").write_text(
+        "TASK_QUEUE=helm-build.sec-host\nWORKFLOW_TASK_QUEUE=helm-build\n"
+        "WORKER_SHUTDOWN_GRACE_SECONDS=10\n")
+    agent = ecosystem_settings(base, app=1)
+    assert agent["autostart"] is True
+    assert agent["env"]["TASK_QUEUE"] == "helm-build.sec-host"
+    assert agent["env"]["WORKER_ENV_FILE"] == str(tmp_path / "agent-host.env")
+    assert agent["kill_timeout"] == 25000
+    assert ecosystem_settings(base)["env"]["TASK_QUEUE"] == "helm-build"  # main: its own
 
 
 @pytest.fixture
