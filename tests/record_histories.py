@@ -1,11 +1,14 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tests.record_histories [--out tests/histories/local-inline]
+    python -m tests.record_histories [--out tests/histories/local-inline] [--routed]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
-as `temporal workflow show --output json`). Re-record after an intended workflow change
-that running pipelines need not survive; keep old files that still must replay.
+as `temporal workflow show --output json`). `--routed`: every agent stage routed to an
+agent host (AGENT_TASK_QUEUES), with two in-process agent-host workers beside the main
+one (on the same folders: a history records queues, not folders). Re-record after an
+intended workflow change that running pipelines need not survive; keep old files that
+still must replay.
 
 Exit codes: 0 all recorded · 1 a path did not end as expected (message on stderr).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -28,6 +32,7 @@ from vocabulary import (
     APPROVED,
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
+    DIALECT_V050,
     REJECTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
@@ -200,7 +205,18 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
     return handles
 
 
-async def record(out: Path) -> None:
+ROUTED_QUEUE = "record-histories"
+HOST_QUEUES = {"claudebox": f"{ROUTED_QUEUE}.build-host", "builder": f"{ROUTED_QUEUE}.build-host",
+               "security-agent": f"{ROUTED_QUEUE}.sec-host"}
+
+
+def host_envs(env: dict[str, str]) -> list[dict[str, str]]:
+    """The agent-host workers' settings: one per distinct host queue."""
+    return [{**env, "WORKER_ROLE": "agent-host", "TASK_QUEUE": queue,
+             "WORKFLOW_TASK_QUEUE": ROUTED_QUEUE} for queue in sorted(set(HOST_QUEUES.values()))]
+
+
+async def record(out: Path, routed: bool = False) -> None:
     from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
@@ -212,15 +228,24 @@ async def record(out: Path) -> None:
         with temporal_server.running(log_path=root / "server.log") as address:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
-            env.update({"TEMPORAL_ADDRESS": address, "TASK_QUEUE": "record-histories",
+            # v0.5.0's files carry the task token the stand-in completes with; the
+            # dialect changes no command of the workflow.
+            env.update({"TEMPORAL_ADDRESS": address, "TASK_QUEUE": ROUTED_QUEUE,
+                        "TASK_FILE_DIALECT": DIALECT_V050,
                         "TASK_QUEUE_DIR": str(root / "task-queue"),
                         "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
                         "SUMMARY_DIR": str(root / "summaries")})
+            if routed:
+                env["AGENT_TASK_QUEUES"] = ",".join(f"{agent}={queue}"
+                                                    for agent, queue in HOST_QUEUES.items())
             config = load_config(env)
             # A fixed identity keeps host names and pids out of the committed files.
             client = await connect(config, identity="record-histories")
             stop = asyncio.Event()
-            async with build_worker(client, config):
+            async with contextlib.AsyncExitStack() as workers:
+                for settings in [config, *(load_config(host) for host in
+                                           (host_envs(env) if routed else []))]:
+                    await workers.enter_async_context(build_worker(client, settings))
                 watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
                 handles = await record_all(client, Recorder(client, env, root))
                 stop.set()
@@ -240,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON histories (default: "
                              "tests/histories/local-inline)")
+    parser.add_argument("--routed", action="store_true",
+                        help="route every agent stage to an agent host's queue")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(record(args.out))
+        asyncio.run(record(args.out, args.routed))
     except (RuntimeError, TimeoutError) as err:
         print(f"record_histories: {err}", file=sys.stderr)
         return 1

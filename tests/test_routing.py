@@ -162,9 +162,9 @@ async def test_each_stage_runs_on_its_agents_host(client: Client, hosts_factory:
     result_task = asyncio.ensure_future(handle.result())
     origin: str | None = None
     deadline = time.monotonic() + WAIT
-    approved = False
+    approved, status = False, None
     while not result_task.done():
-        assert time.monotonic() < deadline, "pipeline unfinished"
+        assert time.monotonic() < deadline, f"pipeline unfinished: {status}"
         for host in (host_a, host_b):
             await asyncio.to_thread(close_like_an_agent, host, handle.id, FLAG_AND_BLOCK)
         status = await handle.query("get_status", result_type=PipelineStatus)
