@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from tests.conftest import make_env
@@ -31,6 +31,7 @@ from tests.standin import (
     complete_task,
     load_yaml,
     play_stage,
+    poll,
     readable_tasks,
     wait_for_status,
     wait_for_task,
@@ -206,6 +207,19 @@ async def test_each_stage_runs_on_its_agents_host(client: Client, hosts_factory:
     assert summary["task_queues"] == final.task_queues
     assert Path(str(result.summary_path)).is_relative_to(Path(main.env["SUMMARY_DIR"]))
     assert origin is not None
+
+    # A pipeline cancelled while host A's agent holds its task: closed on host A.
+    cancelled = await start_pipeline(client, main, "routed-cancel")
+    await poll(lambda: host_a.stages(cancelled.id)[PREFAB_SCAFFOLDING], WAIT, what="prefab")
+    await cancelled.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(cancelled.result(), WAIT)
+    [(_, prefab, _)] = [t for t in readable_tasks(host_a.queue_dir)
+                        if t[2].get("workflow_id") == cancelled.id]
+    assert prefab["status"] == "cancelled"
+    [summary_path] = Path(main.env["SUMMARY_DIR"]).rglob(f"{cancelled.id}.yml")
+    [closed] = load_yaml(summary_path)["tasks_closed"]
+    assert (closed["task_id"], closed["task_queue"]) == (prefab["id"], host_a.task_queue)
 
 
 async def handed_to(handle: WorkflowHandle, stage: str, pid: int) -> bool:
