@@ -288,6 +288,8 @@ class PipelineSetup(BaseModel):
     security_agent: str
     originating_task_path: str | None = None
     warning: str | None = None
+    # The worker routes agent stages to their hosts' queues (AGENT_TASK_QUEUES is set).
+    routed: bool = False
 
 
 class OpenTask(BaseModel):

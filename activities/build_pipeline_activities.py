@@ -255,7 +255,8 @@ class PipelineActivities:
         """Before stage 1: the agents this worker's settings name, and the originating
         task (a missing one is a warning now, not a surprise at stage 6)."""
         setup = PipelineSetup(prefab_agent=self.config.prefab_agent,
-                              security_agent=self.config.security_agent)
+                              security_agent=self.config.security_agent,
+                              routed=bool(self.config.agent_task_queues))
         try:
             path = await run_file_io(find_task, self.config.task_queue_dir, request.task_id)
         except TaskNotFoundError:

@@ -109,9 +109,10 @@ ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run 
 # A summary that fails for good (not a full disk: that is retried until space returns)
 # no longer fails the run: it ends with its outcome, and no summary path.
 SUMMARY_FAILURE_PATCH = "summary-failure-keeps-outcome"
-# Each agent stage asks (a local activity, at its start) on which agent host's task
-# queue it runs (AGENT_TASK_QUEUES); stage 4 follows stage 3's host, and tasks left open
-# are closed on their host. Decided once at the start, so a run keeps one shape.
+# When the worker routes (AGENT_TASK_QUEUES set, learned before stage 1), each agent
+# stage asks (a local activity, at its start) on which agent host's task queue it runs;
+# stage 4 follows stage 3's host, and tasks left open are closed on their host. Decided
+# once at the start, so a run keeps one shape.
 STAGE_ROUTING_PATCH = "stage-routing"
 
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
@@ -262,6 +263,7 @@ class BuildPipelineWorkflow:
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
         self._origin_task_path = self._setup.originating_task_path
+        self._routing = self._routing and self._setup.routed
         if self._setup.warning:
             self._warnings.append(self._setup.warning)
             self._event("pipeline", "warning", self._setup.warning)
