@@ -38,6 +38,7 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from tests.test_operator_controls import current_details
 from tests.worker_process import REPO, WorkerProcess
 from vocabulary import (
     APPLY_FLAG_FIXES,
@@ -273,6 +274,9 @@ async def test_a_host_away_or_killed_loses_nothing(client: Client, hosts_factory
     assert status.waiting_on is not None
     assert (status.waiting_on.kind, status.waiting_on.task_queue) == ("activity",
                                                                        host_b.task_queue)
+    details = await current_details(handle)
+    assert (f"for a worker on task queue `{host_b.task_queue}` to run "
+            f"`{PROCESS_TRIAGE_OUTPUT}`") in details, details
     report = await asyncio.to_thread(stalled_report, {**main.env, **ops_dirs(main)}, handle.id)
     assert report.returncode == 1, report.stdout + report.stderr
     assert (f"{PROCESS_TRIAGE_OUTPUT} waits for a worker on task queue {host_b.task_queue}"
