@@ -9,6 +9,7 @@ marks it there, and the block is decided there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,8 +25,9 @@ import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
+from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from tests.conftest import make_env
+from tests.conftest import make_env, serving
 from tests.platform_tools import TaskTools
 from tests.standin import (
     complete_task,
@@ -299,3 +301,47 @@ def ops_dirs(host: Host) -> dict[str, str]:
     return {"CLAUDE_TEMPORAL_PID_DIR": str(root / "pids"),
             "CLAUDE_TEMPORAL_LOG_DIR": str(root / "logs"),
             "CLAUDE_TEMPORAL_PROJECT_NAME": "routing", "PATH": os.environ["PATH"]}
+
+
+async def test_a_changed_map_moves_only_stages_not_yet_started(
+        client: Client, tmp_path: Path, temporal_address: str) -> None:
+    """The map is read at each agent stage's start: the security agent moved to another
+    host (the workflow worker restarted with the new map) while stage 2 runs, stage 3
+    and the triage read go to the new host; stages already under way stay put. In-process
+    workers (workflows in the SDK's sandbox)."""
+    hosts = routed_hosts(tmp_path, temporal_address)
+    main, host_a, host_b = hosts["main"], hosts["a"], hosts["b"]
+    moved = make_env(tmp_path / "host-c", temporal_address, WORKER_ROLE=ROLE_AGENT_HOST,
+                     TASK_QUEUE=f"{main.task_queue}.host-c",
+                     WORKFLOW_TASK_QUEUE=main.task_queue)
+    new_map = main.env["AGENT_TASK_QUEUES"].replace(host_b.task_queue, moved["TASK_QUEUE"])
+    agent_hosts = [load_config(env) for env in (host_a.env, host_b.env, moved)]
+    async with contextlib.AsyncExitStack() as stack:
+        for config in agent_hosts:
+            await stack.enter_async_context(serving(client, config))
+        async with serving(client, load_config(main.env)):
+            handle = await start_pipeline(client, main, "moved")
+            await play_stage(host_a.queue_dir, handle.id, TASK_BUILD_PREFAB, host_a.env,
+                             timeout=WAIT)
+            implement = await wait_for_task(host_a.queue_dir, handle.id, TASK_BUILD_PLAN,
+                                            WAIT)
+        async with serving(client, load_config({**main.env, "AGENT_TASK_QUEUES": new_map})):
+            await complete_task(implement, host_a.env)
+            write_triage(Path(moved["TEMPORAL_AUDIT_DIR"]), "moved", "info: []\n")
+            await play_stage(Path(moved["TASK_QUEUE_DIR"]), handle.id, TASK_SECURITY_AUDIT,
+                             moved, timeout=WAIT)
+            await play_stage(host_a.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, host_a.env,
+                             timeout=WAIT)
+            result: BuildPipelineResult = await asyncio.wait_for(handle.result(), WAIT)
+            status = await handle.query("get_status", result_type=PipelineStatus)
+    assert result.outcome == "success"
+    assert status.task_queues[IMPLEMENT_BUILD] == host_a.task_queue
+    assert status.task_queues[REQUEST_SECURITY_AUDIT] == moved["TASK_QUEUE"]
+    assert host_b.stages(handle.id) == Counter()
+    history = await handle.fetch_history()
+    [triage_queue] = [e.activity_task_scheduled_event_attributes.task_queue.name
+                      for e in history.events
+                      if e.HasField("activity_task_scheduled_event_attributes")
+                      and e.activity_task_scheduled_event_attributes.activity_type.name
+                      == PROCESS_TRIAGE_OUTPUT]
+    assert triage_queue == moved["TASK_QUEUE"]

@@ -507,14 +507,14 @@ class BuildPipelineWorkflow:
         """`task_queue`: an agent host's queue to run on (None: the workflow's own)."""
         if count_as_stage:
             await self._enter(stage)
-        if waiting is not None and self._routing:
-            task_queue = await self._route(stage, waiting)
-        self._begin_wait(stage, waiting, task_queue)
-        target = self._agent_label(waiting) if waiting is not None else None
-        routed = {"task_queue": task_queue} if task_queue else {}
-        execute = (workflow.execute_local_activity if local and not routed
-                   else workflow.execute_activity)
         try:
+            if waiting is not None and self._routing:
+                task_queue = await self._route(stage, waiting)
+            self._begin_wait(stage, waiting, task_queue)
+            target = self._agent_label(waiting) if waiting is not None else None
+            routed = {"task_queue": task_queue} if task_queue else {}
+            execute = (workflow.execute_local_activity if local and not routed
+                       else workflow.execute_activity)
             result = await execute(
                 stage, arg, result_type=result_type,
                 start_to_close_timeout=policy.start_to_close,
