@@ -279,6 +279,7 @@ async def test_a_host_away_or_killed_loses_nothing(client: Client, hosts_factory
     details = await current_details(handle)
     assert (f"for a worker on task queue `{host_b.task_queue}` to run "
             f"`{PROCESS_TRIAGE_OUTPUT}`") in details, details
+    assert f"`{REQUEST_SECURITY_AUDIT}` on `{host_b.task_queue}`" in details, details
     report = await asyncio.to_thread(stalled_report, {**main.env, **ops_dirs(main)}, handle.id)
     assert report.returncode == 1, report.stdout + report.stderr
     assert (f"{PROCESS_TRIAGE_OUTPUT} waits for a worker on task queue {host_b.task_queue}"

@@ -757,6 +757,9 @@ class BuildPipelineWorkflow:
             lines.append(f"Outcome: **{self._outcome}**"
                          + (f" at `{self._failed_stage}`" if self._failed_stage else ""))
         lines.append("Done: " + (", ".join(self._stages_done) or "nothing yet"))
+        if self._task_queues:
+            lines.append("Agent hosts: " + ", ".join(
+                f"`{stage}` on `{queue}`" for stage, queue in self._task_queues.items()))
         workflow.set_current_details("\n\n".join(lines))
 
     @staticmethod
