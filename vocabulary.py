@@ -132,6 +132,16 @@ TRIAGE_MISSING: Final = "TriageMissingError"
 TRIAGE_INVALID: Final = "TriageInvalidError"
 INVALID_INPUT: Final = "InvalidInputError"
 BLOCKS_PENDING: Final = "BlocksPendingError"
+# The block decision beside approved and rejected (models.Decision): the blocks go back
+# to the target agent with a note, then through audit and triage again.
+CHANGES_REQUESTED: Final = "changes_requested"
+# The decision Updates, one per kind of decision (decisions.py sends them).
+APPROVE_BLOCKS_UPDATE: Final = "approve_blocks"
+REJECT_BLOCKS_UPDATE: Final = "reject_blocks"
+REQUEST_CHANGES_UPDATE: Final = "request_changes"
+# Originating task fields an operator writes beside `status` to decide block by block
+# (and CHANGES_REQUESTED, the note of a changes request, under its own name).
+BLOCK_VERDICTS_FIELD: Final = "block_verdicts"
 # approve_blocks / reject_blocks refused: the pipeline is not waiting on blocks.
 DECISION_REFUSED: Final = "DecisionRefusedError"
 TASK_FILE_ERROR: Final = "TaskFileError"
@@ -147,9 +157,13 @@ FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_IN
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build
+# In a build's audit folder: round-2/, round-3/, … hold each re-audit's request.md,
+# audit.md and triage-output.yml (the first audit's stay in the build's folder).
+AUDIT_ROUND_DIR_PREFIX: Final = "round-"
 ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still searched
 DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
 TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
+LOCKS_DIR: Final = ".locks"  # under TASK_QUEUE_DIR: task-queue-mcp's lock per task id
 
 # --- queries and signals the worker's own processes use ---
 STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands
@@ -179,3 +193,9 @@ EVENT_BUILD_COMPLETED: Final = "build.completed"  # the summary written, with th
 BUS_EVENT_TYPES: Final = (EVENT_BUILD_STARTED, EVENT_HANDOFF_CREATED, EVENT_AUDIT_REQUESTED,
                           EVENT_AUDIT_COMPLETED, EVENT_SECURITY_FINDING,
                           EVENT_HANDOFF_COMPLETED, EVENT_BUILD_COMPLETED)
+
+# --- worker states: `state` in WORKER_STATUS_FILE ---
+WORKER_WAITING: Final = "waiting"  # Temporal or Vault unreachable; `reason` says why
+WORKER_READY: Final = "ready"
+WORKER_STOPPING: Final = "stopping"
+WORKER_STOPPED: Final = "stopped"

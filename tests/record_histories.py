@@ -1,6 +1,7 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tests.record_histories [--out tests/histories/local-inline] [--routed]
+    python -m tests.record_histories [--out tests/histories/local-inline] [--only NAME ...]
+                                     [--routed]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
@@ -104,6 +105,15 @@ class Recorder:
                                                 note="recorded"))
 
 
+    async def reaudit(self, handle: WorkflowHandle, triage: str) -> None:
+        """Play a security re-audit: its triage goes where its own payload says."""
+        from tests.standin import complete_task, load_yaml, wait_for_task
+
+        path = await wait_for_task(self.queue, handle.id, TASK_SECURITY_AUDIT, WAIT_SECONDS)
+        Path(load_yaml(path)["payload"]["triage_path"]).write_text(triage)
+        await complete_task(path, self.env)
+
+
 BLOCKS = "blocks:\n- description: secret in log\n"
 
 
@@ -148,6 +158,31 @@ async def _timed_out(recorder: Recorder) -> WorkflowHandle:
     return handle
 
 
+async def _reaudit(recorder: Recorder) -> WorkflowHandle:
+    """One re-audit finds one of two fixed flags again: it becomes a block, approved."""
+    handle = await recorder.pipeline("reaudit", "flags:\n- pin versions\n- add headers\n",
+                                     reaudit_rounds=1)
+    await recorder.play(handle, TASK_SECURITY_FIX)
+    await recorder.reaudit(handle, "flags:\n- add headers\n")
+    await recorder.parked(handle)
+    await handle.execute_update("approve_blocks", {"verdicts": {"1": "accept"}})
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _changes_requested(recorder: Recorder) -> WorkflowHandle:
+    """Two blocks: one accepted, one sent back with a note; the re-audit is clean."""
+    handle = await recorder.pipeline("changes", "blocks:\n- secret in log\n- open port\n",
+                                     reaudit_rounds=1)
+    await recorder.parked(handle)
+    await handle.execute_update("request_changes", {"note": "close the port",
+                                                    "verdicts": {"1": "accept"}})
+    await recorder.play(handle, TASK_SECURITY_FIX)
+    await recorder.reaudit(handle, "info: []\n")
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
 async def _agent_failure(recorder: Recorder) -> WorkflowHandle:
     handle = await recorder.pipeline("agent-failure", None)
     await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
@@ -172,7 +207,8 @@ async def _plan(client: Client, recorder: Recorder, name: str, fail: bool) -> Wo
     return handle
 
 
-async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHandle]:
+async def record_all(client: Client, recorder: Recorder,
+                     only: frozenset[str] = frozenset()) -> dict[str, WorkflowHandle]:
     paths: dict[str, Callable[[], Awaitable[WorkflowHandle]]] = {
         "pipeline_clean": lambda: _clean(recorder),
         "pipeline_flags": lambda: _flags(recorder),
@@ -184,7 +220,13 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
         "pipeline_bad_triage": lambda: _bad_triage(recorder),
         "plan_success": lambda: _plan(client, recorder, "plan-success", False),
         "plan_failure": lambda: _plan(client, recorder, "plan-failure", True),
+        "pipeline_reaudit": lambda: _reaudit(recorder),
+        "pipeline_changes_requested": lambda: _changes_requested(recorder),
     }
+    unknown = only - set(paths)
+    if unknown:
+        raise RuntimeError(f"no such path: {', '.join(sorted(unknown))}")
+    paths = {name: run for name, run in paths.items() if not only or name in only}
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def limited(run: Callable[[], Awaitable[WorkflowHandle]]) -> WorkflowHandle:
@@ -216,7 +258,8 @@ def host_envs(env: dict[str, str]) -> list[dict[str, str]]:
              "WORKFLOW_TASK_QUEUE": ROUTED_QUEUE} for queue in sorted(set(HOST_QUEUES.values()))]
 
 
-async def record(out: Path, routed: bool = False) -> None:
+async def record(out: Path, only: frozenset[str] = frozenset(),
+                 routed: bool = False) -> None:
     from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
@@ -228,10 +271,9 @@ async def record(out: Path, routed: bool = False) -> None:
         with temporal_server.running(log_path=root / "server.log") as address:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
-            # v0.5.0's files carry the task token the stand-in completes with; the
-            # dialect changes no command of the workflow.
-            env.update({"TEMPORAL_ADDRESS": address, "TASK_QUEUE": ROUTED_QUEUE,
-                        "TASK_FILE_DIALECT": DIALECT_V050,
+            # v0.5.0's task file words: the stand-in plays agents by those task types.
+            env.update({"TASK_FILE_DIALECT": DIALECT_V050,
+                        "TEMPORAL_ADDRESS": address, "TASK_QUEUE": ROUTED_QUEUE,
                         "TASK_QUEUE_DIR": str(root / "task-queue"),
                         "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
                         "SUMMARY_DIR": str(root / "summaries")})
@@ -247,7 +289,7 @@ async def record(out: Path, routed: bool = False) -> None:
                                            (host_envs(env) if routed else []))]:
                     await workers.enter_async_context(build_worker(client, settings))
                 watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
-                handles = await record_all(client, Recorder(client, env, root))
+                handles = await record_all(client, Recorder(client, env, root), only)
                 stop.set()
                 await watcher
             out.mkdir(parents=True, exist_ok=True)
@@ -265,11 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON histories (default: "
                              "tests/histories/local-inline)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                        help="record only these paths (e.g. pipeline_reaudit)")
     parser.add_argument("--routed", action="store_true",
                         help="route every agent stage to an agent host's queue")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(record(args.out, args.routed))
+        asyncio.run(record(args.out, frozenset(args.only), args.routed))
     except (RuntimeError, TimeoutError) as err:
         print(f"record_histories: {err}", file=sys.stderr)
         return 1

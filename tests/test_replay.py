@@ -8,7 +8,11 @@ tests/histories/ holds one folder per shape of history:
   polled the originating task with a retried activity);
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
 - `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
-  python -m tests.record_histories).
+  python -m tests.record_histories);
+- `rounds/`: the paths with audit rounds (a re-audit whose flag found again becomes a
+  block; changes requested for one of two blocks, then a clean re-audit), recorded with
+  `python -m tests.record_histories --out tests/histories/rounds --only pipeline_reaudit
+  pipeline_changes_requested`.
 
 Replays run in the SDK's workflow sandbox (the Replayer's default), which worker.py skips
 for speed: a non-deterministic call on any recorded path fails here.
@@ -41,6 +45,7 @@ REQUIRED = {
     "event-driven": OURS,
     "local-inline": OURS,
     "stage-routing": OURS,
+    "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
 }
 FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
 STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
@@ -134,3 +139,24 @@ def test_routed_histories_run_each_agent_stage_on_its_host() -> None:
                if e.get("markerRecordedEventAttributes", {}).get("markerName")
                == "core_local_activity"]
     assert markers == ["prepare_pipeline", *["route_stage"] * 5, "summarize_workflow"]
+def test_round_histories_take_their_paths_behind_their_patches() -> None:
+    """Each new path leaves its patch marker, and audits as often as it is named for."""
+    def shape(stem: str) -> tuple[list[str], list[str]]:
+        events = json.loads((HISTORIES / "rounds" / f"{stem}.json").read_text())["events"]
+        scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                     for e in events if "activityTaskScheduledEventAttributes" in e]
+        patches = [json.loads(base64.b64decode(
+                       e["markerRecordedEventAttributes"]["details"]["patch-data"]["payloads"][0]
+                       ["data"]))["id"] for e in events
+                   if e.get("markerRecordedEventAttributes", {}).get("markerName") == "core_patch"]
+        return scheduled, patches
+
+    scheduled, patches = shape("pipeline_reaudit")
+    assert "reaudit-rounds" in patches
+    assert "changes-requested" not in patches
+    assert (scheduled.count("request_security_audit"), scheduled.count("apply_flag_fixes")) \
+        == (2, 1)
+    scheduled, patches = shape("pipeline_changes_requested")
+    assert {"reaudit-rounds", "changes-requested"} <= set(patches)
+    assert (scheduled.count("request_security_audit"), scheduled.count("apply_flag_fixes")) \
+        == (2, 1)
