@@ -134,7 +134,7 @@ class BlockDecisionWatcher:
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str | None], Path] = {}
         self._deferred: OrderedDict[Path, None] = OrderedDict()
-        self.closes = ClosedTaskApplier(client, config.task_queue)
+        self.closes = ClosedTaskApplier(client, config.task_queue, config.pipeline_queue)
         self._closing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         # Closed files already dealt with, by path and content: a rescan skips them.
         self._settled: OrderedDict[tuple[str, int], None] = OrderedDict()

@@ -162,9 +162,14 @@ async def waited_task_id(handle: WorkflowHandle[Any, Any], workflow_id: str, run
 class ClosedTaskApplier:
     """Applies closes for one worker; stateless but for what is on its way."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
+    def __init__(self, client: Client, task_queue: str, workflow_queue: str | None = None
+                 ) -> None:
+        """`task_queue`: this worker's (a close completes only activities scheduled there);
+        `workflow_queue`: where the runs it sends notices to run (an agent host's
+        WORKFLOW_TASK_QUEUE; by default the same queue)."""
         self.client = client
         self.task_queue = task_queue
+        self.workflow_queue = workflow_queue or task_queue
         self.applied = 0
         # (workflow id, task id) -> when a notice about it was last sent
         self._notified: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -258,7 +263,7 @@ class ClosedTaskApplier:
         if not described:
             info = await handle.describe(rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
             if (info.status != WorkflowExecutionStatus.RUNNING
-                    or info.task_queue != self.task_queue
+                    or info.task_queue != self.workflow_queue
                     or info.workflow_type != BUILD_PIPELINE_WORKFLOW):
                 return False
         self._notified[key] = now
