@@ -44,7 +44,7 @@ REQUIRED = {
     "polled-stage7": OURS,
     "event-driven": OURS,
     "local-inline": OURS,
-    "stage-routing": OURS,
+    "stage-routing": (*OURS, "pipeline_reaudit", "pipeline_changes_requested"),
     "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
 }
 FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
@@ -139,6 +139,14 @@ def test_routed_histories_run_each_agent_stage_on_its_host() -> None:
                if e.get("markerRecordedEventAttributes", {}).get("markerName")
                == "core_local_activity"]
     assert markers == ["prepare_pipeline", *["route_stage"] * 5, "summarize_workflow"]
+    # A re-audit's triage is read on the host its audit ran on, each round.
+    for stem in ("pipeline_reaudit", "pipeline_changes_requested"):
+        events = json.loads((HISTORIES / "stage-routing" / f"{stem}.json").read_text())
+        queues = {(e["activityTaskScheduledEventAttributes"]["activityType"]["name"],
+                   e["activityTaskScheduledEventAttributes"]["taskQueue"]["name"])
+                  for e in events["events"] if "activityTaskScheduledEventAttributes" in e}
+        assert {queue for name, queue in queues if name in (
+            "request_security_audit", "process_triage_output")} == {"record-histories.sec-host"}
 def test_round_histories_take_their_paths_behind_their_patches() -> None:
     """Each new path leaves its patch marker, and audits as often as it is named for."""
     def shape(stem: str) -> tuple[list[str], list[str]]:
