@@ -239,3 +239,31 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     assert "shutdown_requested" in events
     assert "worker_stopped" in events
     assert manager.app(name)["pm2_env"]["status"] == "stopped"
+
+
+@pytest.mark.slow
+async def test_pm2_runs_the_agent_host_app_alone(pm2: tuple[Pm2, dict[str, str], str],
+                                                 tmp_path: Path) -> None:
+    """On an agent-only host: `--only` the agent-host app, from its own env file; it
+    serves its host's queue as an agent host, and the main app is not started."""
+    manager, settings, main_name = pm2
+    agent_env = tmp_path / "agent-host.env"
+    status_file = tmp_path / "agent-status.json"
+    agent_env.write_text(
+        f"TEMPORAL_ADDRESS={settings['TEMPORAL_ADDRESS']}\n"
+        f"TASK_QUEUE={settings['TASK_QUEUE']}.host\n"
+        f"WORKFLOW_TASK_QUEUE={settings['TASK_QUEUE']}\n"
+        f"TASK_QUEUE_DIR={tmp_path / 'host-queue'}\nTEMPORAL_AUDIT_DIR={tmp_path / 'host-audit'}\n"
+        f"WORKER_STATUS_FILE={status_file}\n")
+    name = f"{main_name}-host"
+    manager.env.update(AGENT_HOST_ENV_FILE=str(agent_env), PM2_AGENT_HOST_APP_NAME=name)
+    manager.run("start", str(ECOSYSTEM), "--only", name)
+    ready = await poll(lambda: status(status_file).get("state") == "ready"
+                       and status(status_file), timeout=90, what="agent host ready under pm2")
+    assert ready["task_queue"] == f"{settings['TASK_QUEUE']}.host"
+    assert manager.app(name)["pm2_env"]["status"] == "online"
+    started = [r for r in out_log(manager, name)
+               if str(r.get("event", "")).startswith(READY_LINE)]
+    assert started[-1]["role"] == "agent-host"
+    names = [proc["name"] for proc in json.loads(manager.run("jlist").stdout)]
+    assert main_name not in names
