@@ -413,6 +413,9 @@ def stall_of(workflow_id: str, run_id: str) -> str | None:
     return missing_worker(described)
 
 
+NO_POLLER = "which none polls"
+
+
 def missing_worker(described: dict[str, Any], polled: dict[str, bool] | None = None
                    ) -> str | None:
     """A pending activity on a task queue no worker polls for activities: the stage waits
@@ -428,7 +431,7 @@ def missing_worker(described: dict[str, Any], polled: dict[str, bool] | None = N
                 for kinds in pollers(queue).values())
         if not polled[queue]:
             return (f"{pending['activityType']['name']} waits for a worker on task queue "
-                    f"{queue}, which none polls: is that host's worker running?")
+                    f"{queue}, {NO_POLLER}: is that host's worker running?")
     return None
 
 
@@ -442,7 +445,9 @@ def find_stalled_workflows(_settings: OpsSettings, args: argparse.Namespace) -> 
         if reason is not None:
             stalls.append(wid)
             print(f"STALLED {wid} ({wf['type']['name']}): {reason}")
-            print(f"  next: tools/analyze-workflow-error --workflow-id {wid}")
+            print("  next: start that host's worker (README, \"Beyond one machine\"); the "
+                  "stage goes on by itself" if NO_POLLER in reason else
+                  f"  next: tools/analyze-workflow-error --workflow-id {wid}")
     print(f"({len(stalls)} stalled of {len(running)} running workflow(s) checked)")
     return EXIT_ATTENTION if stalls else EXIT_OK
 
