@@ -148,6 +148,9 @@ class BuildPlanInput(BaseModel):
 
     plan_name: str
     phases: list[PhaseSpec] = Field(min_length=1, max_length=200)
+    # The task the plan was filed as (the dispatcher's `workflow` task): linked to the run
+    # and closed when it ends, in the platform dialect. None: no such task.
+    task_id: str | None = Field(default=None, pattern=TASK_ID_RE.pattern)
 
     @field_validator("phases")
     @classmethod
@@ -311,6 +314,14 @@ class NotifyBlocksResult(BaseModel):
     originating_task_path: str | None = None
     # How an operator can decide, as this worker is configured (shown in status and UI).
     decision_paths: list[str] = Field(default_factory=list)
+
+
+class CloseOriginInput(BaseModel):
+    """The end of a plan: its filing task, how the plan ended, what to say in it."""
+
+    task_id: str
+    outcome: str
+    output: str
 
 
 class PrepareInput(BaseModel):

@@ -151,7 +151,7 @@ def pipeline_input(fields: dict[str, Any], task_id: str,
         raise _invalid("BuildPipelineWorkflow", err, {"build_name": "plan_name"}) from None
 
 
-def plan_input(fields: dict[str, Any]) -> BuildPlanInput:
+def plan_input(fields: dict[str, Any], task_id: str | None = None) -> BuildPlanInput:
     phases = fields.get("phases")
     if phases is None:
         raise refuse("input has no phases (a BuildPlanWorkflow needs a list of "
@@ -162,7 +162,7 @@ def plan_input(fields: dict[str, Any]) -> BuildPlanInput:
                   for phase in phases]
     try:
         return BuildPlanInput.model_validate({"plan_name": fields["plan_name"],
-                                              "phases": phases})
+                                              "phases": phases, "task_id": task_id})
     except ValidationError as err:
         raise _invalid(BUILD_PLAN_WORKFLOW, err, {}) from None
 

@@ -24,6 +24,9 @@ SUMMARIZE_WORKFLOW: Final = "summarize_workflow"
 STAGES: Final = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
                  PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
                  WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW)
+# Attributes of the trace spans of a build (tracing.py), for queries in a trace backend.
+SPAN_BUILD_NAME: Final = "build.name"
+SPAN_BUILD_STAGE: Final = "build.stage"
 STAGE_NUMBERS: Final = {stage: number for number, stage in enumerate(STAGES, start=1)}
 TOTAL_STAGES: Final = len(STAGES)
 
@@ -41,6 +44,8 @@ ROUTE_STAGE: Final = "route_stage"  # at an agent stage's start: its agent's hos
 # At the summary: agent tasks left open on an agent host, closed there.
 CLOSE_OPEN_TASKS: Final = "close_open_tasks"
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
+# A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
+CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
 
 # What recovery.py does with a pending activity whose worker died (every activity the
 # worker registers is in exactly one of these; tests/test_recovery.py checks it).
@@ -52,7 +57,7 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, CLOSE_OPEN_TASKS)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
-UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, ROUTE_STAGE)
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, ROUTE_STAGE, CLOSE_ORIGINATING_TASK)
 
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"

@@ -45,6 +45,7 @@ from models import (
     BlockCheckInput,
     BlockResolution,
     BuildPhaseResult,
+    CloseOriginInput,
     Finding,
     MatrixNoticeRef,
     NotifyBlocksInput,
@@ -84,6 +85,7 @@ from vocabulary import (
     CHANGES_REQUESTED,
     CLOSE_BUILD,
     CLOSE_OPEN_TASKS,
+    CLOSE_ORIGINATING_TASK,
     COMPLETED,
     DECIDING_STATUSES,
     FAILED,
@@ -266,7 +268,7 @@ class PipelineActivities:
     def all(self) -> list[Callable[..., Any]]:
         return [*self.host_bound(), self.notify_blocks, self.wait_for_block_resolution,
                 self.record_block_decision, self.summarize_workflow, self.prepare_pipeline,
-                self.route_stage]
+                self.route_stage, self.close_originating_task]
 
     def host_bound(self) -> list[Callable[..., Any]]:
         """What an agent host's worker runs (WORKER_ROLE=agent-host): the activities that
@@ -624,7 +626,8 @@ class PipelineActivities:
             document["task_queues"] = summary.task_queues
         if self.config.platform_dialect and not summary.adopted:
             document["originating_task_closed"] = await run_file_io(
-                self._close_originating_task, summary.task_id, summary.outcome, str(path))
+                self._close_originating_task, summary.task_id, summary.outcome,
+                f"pipeline {summary.outcome}; summary {path}")
         await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
                                   base=self.config.summary_dir))
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
@@ -634,14 +637,22 @@ class PipelineActivities:
                                            "outcome": summary.outcome})
         return str(path)
 
+    @activity.defn(name=CLOSE_ORIGINATING_TASK)
+    async def close_originating_task(self, request: CloseOriginInput) -> str | None:
+        """A plan's end closes its filing task (platform dialect), as a pipeline's summary
+        closes its originating task."""
+        if not self.config.platform_dialect:
+            return None
+        return await run_file_io(self._close_originating_task, request.task_id,
+                                 request.outcome, request.output)
+
     def _close_originating_task(self, task_id: str, outcome: str,
-                                summary_path: str) -> str | None:
+                                output: str) -> str | None:
         """Close the originating task the way the platform's tools close one: `completed`
         for success or partial, `failed` for any other ending; a task already ended (an
         operator's Cancel) is left as it is. The status it was left at, None when the task
         could not be found or written."""
         final = COMPLETED if outcome in ("success", "partial") else FAILED
-        output = f"pipeline {outcome}; summary {summary_path}"
         left: str | None = None
 
         def close(task: dict[str, Any]) -> None:
@@ -652,7 +663,8 @@ class PipelineActivities:
                 return
             task["result"] = {"output": output, "completed_by": SOURCE_AGENT,
                               "completed_at": task_time(task)}
-            add_history(task, status=final, actor=SOURCE_AGENT, note=f"build {output}")
+            add_history(task, status=final, actor=SOURCE_AGENT, note=f"build {output}"
+                        if output.startswith("pipeline") else output)
             left = final
 
         if not self._rewrite_task(task_id, close, "originating_task_not_closed"):

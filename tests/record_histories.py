@@ -193,13 +193,16 @@ async def _bad_triage(recorder: Recorder) -> WorkflowHandle:
     return await recorder.pipeline("bad-triage", "- not a mapping\n")
 
 
-async def _plan(client: Client, recorder: Recorder, name: str, fail: bool) -> WorkflowHandle:
+async def _plan(client: Client, recorder: Recorder, name: str, fail: bool,
+                filed: bool = False) -> WorkflowHandle:
+    """A two-phase plan; `filed`: filed as a task (its end closes it)."""
     from models import BuildPlanInput, PhaseSpec
 
     phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
                         context_refs=["/plans/recorded.md"]) for n in (1, 2)]
+    task_id = write_origin_task(recorder.queue, name) if filed else None
     handle = await client.start_workflow(
-        BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
+        BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases, task_id=task_id),
         id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
     await recorder.play(handle, TASK_BUILD_PHASE)
     await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
@@ -222,6 +225,7 @@ async def record_all(client: Client, recorder: Recorder,
         "plan_failure": lambda: _plan(client, recorder, "plan-failure", True),
         "pipeline_reaudit": lambda: _reaudit(recorder),
         "pipeline_changes_requested": lambda: _changes_requested(recorder),
+        "plan_filed": lambda: _plan(client, recorder, "plan-filed", False, filed=True),
     }
     unknown = only - set(paths)
     if unknown:

@@ -156,10 +156,12 @@ async def poll_async(condition: Callable[[], Awaitable[Any]], timeout: float = 2
 
 async def wait_for_task(queue_dir: Path, workflow_id: str, task_type: str,
                         timeout: float = 20.0) -> Path:
-    """The submitted `task_type` task file of one workflow."""
+    """The submitted `task_type` task file of one workflow (`task_type` in either
+    dialect's words: `build_prefab`, or the platform's `build`)."""
     def find() -> Path | None:
         for path, task in tasks_for(queue_dir, workflow_id):
-            if task_kind(task) == task_type and task.get("status") == SUBMITTED:
+            if (task_type in (task_kind(task), task.get("task_type"))
+                    and task.get("status") == SUBMITTED):
                 return path
         return None
 

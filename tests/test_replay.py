@@ -9,6 +9,9 @@ tests/histories/ holds one folder per shape of history:
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
 - `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
   python -m tests.record_histories);
+- `filed-plan/`: a plan filed as a task, whose end closes that task (the
+  `plan-closes-filing-task` local activity), recorded with
+  `python -m tests.record_histories --out tests/histories/filed-plan --only plan_filed`;
 - `rounds/`: the paths with audit rounds (a re-audit whose flag found again becomes a
   block; changes requested for one of two blocks, then a clean re-audit), recorded with
   `python -m tests.record_histories --out tests/histories/rounds --only pipeline_reaudit
@@ -46,6 +49,7 @@ REQUIRED = {
     "local-inline": OURS,
     "stage-routing": (*OURS, "pipeline_reaudit", "pipeline_changes_requested"),
     "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
+    "filed-plan": ("plan_filed",),
 }
 FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
 STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
@@ -80,6 +84,18 @@ async def test_history_replays_against_current_code(name: str) -> None:
                        for e in history.events), name
     else:
         assert last.HasField("workflow_execution_completed_event_attributes"), name
+
+
+def test_the_filed_plan_history_closes_its_task_behind_its_patch() -> None:
+    events = json.loads((HISTORIES / "filed-plan" / "plan_filed.json").read_text())["events"]
+    markers = [e["markerRecordedEventAttributes"] for e in events
+               if "markerRecordedEventAttributes" in e]
+    data = [json.loads(base64.b64decode(payload["data"])) for marker in markers
+            for detail in marker["details"].values() for payload in detail["payloads"]
+            if payload.get("data")]
+    assert {"id": "plan-closes-filing-task", "deprecated": False} in data
+    assert [item["activity_type"] for item in data if "activity_type" in item] == [
+        "close_originating_task"]
 
 
 def test_event_driven_histories_park_without_an_activity() -> None:

@@ -328,6 +328,29 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
     assert (result.status, result.phases_run) == ("success", 2)
 
 
+@pytest.mark.dialect(DIALECT_PLATFORM)
+@pytest.mark.usefixtures("worker")
+async def test_a_plan_filed_as_a_task_is_linked_and_closed(platform: Platform,
+                                                          client: Client) -> None:
+    phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
+              {"number": 2, "agent_type": "writer", "description": "Document it"}]
+    path, task_id = file_workflow_task(
+        platform.queue_dir, workflow_type=BUILD_PLAN_WORKFLOW, plan_name="closed-plan",
+        description="Chart and docs", phases=phases)
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode == 0, launch.output
+    handle = client.get_workflow_handle(launch.workflow_id, result_type=BuildPlanResult)
+    assert (await first_input(client, launch.workflow_id))["task_id"] == task_id
+    for _phase in phases:
+        await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
+                         platform.worker_env)
+    assert (await handle.result()).phases_run == 2
+    closed = TaskTools(platform.queue_dir).get_task(task_id)["task"]
+    assert closed["status"] == "completed"
+    assert closed["result"]["output"] == "plan success; 2 of 2 phases done"
+    assert closed[RUN_LINK]["workflow_id"] == launch.workflow_id
+
+
 # ---- refusals: non-zero within the limit, one line, nothing started ---------------------
 
 async def test_unknown_workflow_type_is_refused(platform: Platform, client: Client) -> None:
