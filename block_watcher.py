@@ -134,7 +134,7 @@ class BlockDecisionWatcher:
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str | None], Path] = {}
         self._deferred: OrderedDict[Path, None] = OrderedDict()
-        self.closes = ClosedTaskApplier(client, config.task_queue)
+        self.closes = ClosedTaskApplier(client, config.task_queue, config.pipeline_queue)
         self._closing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         # Closed files already dealt with, by path and content: a rescan skips them.
         self._settled: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -314,7 +314,7 @@ class BlockDecisionWatcher:
         try:
             outcome = await deliver_decision(self.client, workflow_id=workflow_id,
                                              run_id=run_id, decision=decision, choice=choice,
-                                             task_queue=self.config.task_queue)
+                                             task_queue=self.config.pipeline_queue)
         except Exception as err:  # one delivery must never end the watcher
             log.warning("decision_not_delivered", extra={
                 "workflow_id": workflow_id, "task_file": str(path),

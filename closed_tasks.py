@@ -8,11 +8,12 @@ file here, and this module completes or fails the stage's activity by its workfl
 run id and activity id (no task token needed), or tells the run about the routing
 failure.
 
-A close acts only on the stage it was written for: the run must be running on this
-worker's queue, the activity the file names must be pending, and the run's history must
-show that activity scheduled for this very task id. A file of an earlier attempt, of
-another run or of an ended run completes nothing. When `complete_activity.py` was first,
-the activity is no longer pending and the file is a harmless no-op.
+A close acts only on the stage it was written for: the activity the file names must be
+pending on this worker's queue (the workflow's own, or this agent host's when the stage
+was routed here), and the run's history must show that activity scheduled for this very
+task id. A file of an earlier attempt, of another run or of an ended run completes
+nothing. When `complete_activity.py` was first, the activity is no longer pending and the
+file is a harmless no-op.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
+from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -56,6 +58,14 @@ OWN_TASK_LINE = f"\nsource_agent: {SOURCE_AGENT}".encode()
 MAX_OUTPUT_CHARS = 100_000  # as complete_activity.py takes
 MAX_REASON_CHARS = 400
 MAX_REMEMBERED = 2000  # runs and tasks a notice was sent about lately
+
+
+def activity_queue(pending: PendingActivityInfo, workflow_queue: str) -> str:
+    """The task queue a pending activity was scheduled on (an agent host's, for a routed
+    stage); servers that do not say are taken to mean the workflow's own."""
+    if pending.HasField("activity_options") and pending.activity_options.task_queue.name:
+        return pending.activity_options.task_queue.name
+    return workflow_queue
 
 
 def may_close(raw: bytes) -> bool:
@@ -152,9 +162,14 @@ async def waited_task_id(handle: WorkflowHandle[Any, Any], workflow_id: str, run
 class ClosedTaskApplier:
     """Applies closes for one worker; stateless but for what is on its way."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
+    def __init__(self, client: Client, task_queue: str, workflow_queue: str | None = None
+                 ) -> None:
+        """`task_queue`: this worker's (a close completes only activities scheduled there);
+        `workflow_queue`: where the runs it sends notices to run (an agent host's
+        WORKFLOW_TASK_QUEUE; by default the same queue)."""
         self.client = client
         self.task_queue = task_queue
+        self.workflow_queue = workflow_queue or task_queue
         self.applied = 0
         # (workflow id, task id) -> when a notice about it was last sent
         self._notified: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -169,15 +184,16 @@ class ClosedTaskApplier:
                 return "gone"
             raise
         if (described.status != WorkflowExecutionStatus.RUNNING
-                or described.task_queue != self.task_queue
                 or described.workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW)):
             return "gone"
-        if closed.status == ROUTING_FAILED:
-            return await self._notice(closed, described.workflow_type)
-        pending = {activity.activity_id for activity in
-                   described.raw_description.pending_activities}
+        pending = {activity.activity_id: activity_queue(activity, described.task_queue)
+                   for activity in described.raw_description.pending_activities}
         if closed.activity_id not in pending:
             return "stale"  # completed already (the CLI, or another worker), or another run's
+        if pending[closed.activity_id] != self.task_queue:
+            return "gone"  # another host's stage: its own worker answers for it
+        if closed.status == ROUTING_FAILED:
+            return await self._notice(closed, described.workflow_type)
         waited = await waited_task_id(handle, closed.workflow_id, closed.run_id,
                                       closed.activity_id, TASK_CLOSE_RPC_TIMEOUT)
         if waited != closed.task_id:
@@ -247,7 +263,7 @@ class ClosedTaskApplier:
         if not described:
             info = await handle.describe(rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
             if (info.status != WorkflowExecutionStatus.RUNNING
-                    or info.task_queue != self.task_queue
+                    or info.task_queue != self.workflow_queue
                     or info.workflow_type != BUILD_PIPELINE_WORKFLOW):
                 return False
         self._notified[key] = now

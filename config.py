@@ -18,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from exceptions import ConfigError
 from models import MAX_REAUDIT_ROUNDS
 from models import NAME_RE as NAME_PATTERN
-from vocabulary import DEFAULT_TASK_QUEUE, DIALECT_PLATFORM, DIALECTS, WORKFLOW_MODES
+from vocabulary import (
+    DEFAULT_TASK_QUEUE,
+    DIALECT_PLATFORM,
+    DIALECTS,
+    ROLE_AGENT_HOST,
+    ROLE_ALL,
+    WORKER_ROLES,
+    WORKFLOW_MODES,
+)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MATRIX_USER_RE = re.compile(r"^@[a-z0-9._=/+-]+:[A-Za-z0-9.-]+(:[0-9]+)?$")
@@ -66,6 +74,9 @@ ENV_FIELDS: dict[str, str] = {
     "DEFAULT_TARGET_AGENT": "default_target_agent",
     "AGENT_ROSTER_FILE": "agent_roster_file",
     "AGENT_BUS_COMMS_DIR": "agent_bus_comms_dir",
+    "WORKER_ROLE": "worker_role",
+    "AGENT_TASK_QUEUES": "agent_task_queues",
+    "WORKFLOW_TASK_QUEUE": "workflow_task_queue",
     "REAUDIT_ROUNDS": "reaudit_rounds",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
@@ -169,6 +180,15 @@ class WorkerConfig(BaseModel):
     agent_roster_file: Path | None = None
     # The platform's comms folder: events go to its logs/ (agent-bus). Unset = no events.
     agent_bus_comms_dir: Path | None = None
+    # `all`: workflows and every activity. `agent-host`: only the activities bound to this
+    # host's folders (its agents' task files, audits, triage) and the folder watch.
+    worker_role: str = ROLE_ALL
+    # Agent -> the task queue of the host it runs on: that agent's stages run there.
+    agent_task_queues: dict[str, str] = Field(default_factory=dict)
+    # The queue the pipelines' workflows run on (an agent-host worker serves their
+    # activities from its own TASK_QUEUE); unset = TASK_QUEUE, or for an agent host the
+    # default queue.
+    workflow_task_queue: str | None = None
 
     @field_validator("temporal_address", "prometheus_bind_address")
     @classmethod
@@ -191,12 +211,40 @@ class WorkerConfig(BaseModel):
                 raise ValueError(f"{user_id!r} is not a Matrix user id (@name:server)")
         return ids
 
-    @field_validator("temporal_namespace", "task_queue")
+    @field_validator("temporal_namespace", "task_queue", "workflow_task_queue")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip() or any(ch.isspace() for ch in value):
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(ch.isspace() for ch in value)):
             raise ValueError("must be non-empty and contain no whitespace")
         return value
+
+    @field_validator("worker_role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in WORKER_ROLES:
+            raise ValueError(f"must be one of {', '.join(WORKER_ROLES)}")
+        return value
+
+    @field_validator("agent_task_queues", mode="before")
+    @classmethod
+    def _agent_queues(cls, value: object) -> object:
+        """`agent=queue,agent=queue`: each agent once, a name as agents' names go, a queue
+        without whitespace."""
+        if not isinstance(value, str):
+            return value
+        queues: dict[str, str] = {}
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            agent, sep, queue = (piece.strip() for piece in item.partition("="))
+            if not sep or not queue or any(ch.isspace() for ch in queue):
+                raise ValueError(f"{item!r} is not agent=task-queue")
+            if not NAME_PATTERN.match(agent) or len(agent) > 63:
+                raise ValueError(f"agent {agent!r} must match ^[a-z0-9][a-z0-9-]*$ (max 63)")
+            if agent in queues:
+                raise ValueError(f"agent {agent!r} named twice")
+            queues[agent] = queue
+        return queues
 
     @field_validator("prefab_agent", "security_agent", "default_target_agent")
     @classmethod
@@ -261,6 +309,17 @@ class WorkerConfig(BaseModel):
         return value
 
     @property
+    def agent_host(self) -> bool:
+        return self.worker_role == ROLE_AGENT_HOST
+
+    @property
+    def pipeline_queue(self) -> str:
+        """The task queue the pipelines' workflows run on."""
+        if self.workflow_task_queue:
+            return self.workflow_task_queue
+        return DEFAULT_TASK_QUEUE if self.agent_host else self.task_queue
+
+    @property
     def vault_enabled(self) -> bool:
         return bool(self.vault_addr and self.vault_role_id and self.vault_secret_id_file)
 
@@ -305,6 +364,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
         name = FIELD_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}") from None
+    _check_together(config, partial_vault)
+    return config
+
+
+def _check_together(config: WorkerConfig, partial_vault: list[str]) -> None:
+    """Settings that are each valid but not together."""
     if 0 < len(partial_vault) < len(VAULT_VARS):
         missing = sorted(set(VAULT_VARS) - set(partial_vault))
         raise ConfigError(
@@ -316,10 +381,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> WorkerConfig:
             "TEMPORAL_REQUIRE_TLS: plaintext refused; set VAULT_ADDR, VAULT_ROLE_ID and "
             "VAULT_SECRET_ID_FILE so TLS credentials can be fetched"
         )
+    if config.agent_host and config.pipeline_queue == config.task_queue:
+        raise ConfigError(f"TASK_QUEUE: an agent-host worker polls its host's own queue, not "
+                          f"the workflows' ({config.pipeline_queue}; WORKFLOW_TASK_QUEUE)")
     if config.matrix_access_token_file is not None and config.matrix_access_token is not None:
         raise ConfigError("MATRIX_ACCESS_TOKEN: set either MATRIX_ACCESS_TOKEN or "
                           "MATRIX_ACCESS_TOKEN_FILE, not both")
-    return config
 
 
 def connection_facts(config: WorkerConfig) -> dict[str, Any]:

@@ -56,7 +56,8 @@ async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | No
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     limit = DECISION_DELIVERY_TIMEOUT.total_seconds()
     # Whoever writes the folder (or posts in the room) names the run: only a running
-    # pipeline on this worker's queue gets the Update. Anything else (a workflow no
+    # pipeline on the queue this worker serves pipelines for (its own, or for an agent
+    # host WORKFLOW_TASK_QUEUE: config.pipeline_queue) gets the Update. Anything else (a workflow no
     # worker serves, say) would hold a delivery until the limit.
     try:
         described = await handle.describe(rpc_timeout=DECISION_DESCRIBE_TIMEOUT)

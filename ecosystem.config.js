@@ -4,6 +4,11 @@
 // the `pm2 start` call, or from an untracked env file: WORKER_ENV_FILE if set, else
 // `worker.env` beside this file (`*.env` is git-ignored). See docs/operations.md.
 //
+// A second app, the agent-host worker (WORKER_ROLE=agent-host: only the activities of
+// the agents on this host, see README "Beyond one machine"), is off unless its own env
+// file exists: AGENT_HOST_ENV_FILE if set, else `agent-host.env` beside this file. On an
+// agent-only host: pm2 start ecosystem.config.js --only temporal-build-agent-host
+//
 // Shutdown: pm2 sends SIGINT, waits kill_timeout, then SIGKILLs. The worker stops
 // polling at once and gives running activities WORKER_SHUTDOWN_GRACE_SECONDS (default
 // 30) to finish, so kill_timeout is that grace plus 15 s of headroom.
@@ -47,36 +52,57 @@ const envFileSetting = fs.existsSync(envFile) ? { WORKER_ENV_FILE: envFile } : {
 // The calling environment wins over the file, so one-off overrides need no edit.
 const setting = (name) => process.env[name] ?? fileEnv[name];
 
-const graceSeconds = Number(setting("WORKER_SHUTDOWN_GRACE_SECONDS") || 30);
-if (!Number.isFinite(graceSeconds) || graceSeconds < 0) {
-  throw new Error("WORKER_SHUTDOWN_GRACE_SECONDS must be a non-negative number");
+function killTimeout(value) {
+  const graceSeconds = Number(value || 30);
+  if (!Number.isFinite(graceSeconds) || graceSeconds < 0) {
+    throw new Error("WORKER_SHUTDOWN_GRACE_SECONDS must be a non-negative number");
+  }
+  return Math.ceil(graceSeconds * 1000) + 15000;
 }
+
+const agentEnvFile = path.resolve(
+  process.env.AGENT_HOST_ENV_FILE || path.join(__dirname, "agent-host.env"));
+const agentFileEnv = readEnvFile(agentEnvFile);
+
+// What both apps share: the worker, its interpreter, restarts and shutdown.
+const common = {
+  script: path.join(__dirname, "worker.py"),
+  interpreter: path.join(__dirname, ".venv", "bin", "python"),
+  cwd: __dirname,
+  exec_mode: "fork",
+  instances: 1,
+  autorestart: true,
+  // 100 ms, ×1.5 per restart up to pm2's 15 s cap; reset once the worker stays up 30 s.
+  exp_backoff_restart_delay: 100,
+  // pm2 gives up (errored) after 10 restarts that each lived < 30 s. A Temporal
+  // server or Vault that is not up yet costs none of them: the worker waits for it
+  // (WORKER_STARTUP_WAIT_SECONDS, 15 min by default) and exits 4 only after that,
+  // which pm2 counts as a stable run and restarts, so the worker waits again.
+  max_restarts: 10,
+  min_uptime: "30s",
+  // Exit 2 (a bad setting, an unknown namespace) and 3 (credentials refused or not
+  // usable) need an operator: restarting cannot fix them.
+  stop_exit_codes: [2, 3],
+  treekill: true,
+  merge_logs: true,
+};
 
 module.exports = {
   apps: [
     {
+      ...common,
       name: process.env.PM2_APP_NAME || "temporal-build-worker",
-      script: path.join(__dirname, "worker.py"),
-      interpreter: path.join(__dirname, ".venv", "bin", "python"),
-      cwd: __dirname,
-      exec_mode: "fork",
-      instances: 1,
       env: { ...fileEnv, ...envFileSetting, PYTHONUNBUFFERED: "1" },
-      autorestart: true,
-      // 100 ms, ×1.5 per restart up to pm2's 15 s cap; reset once the worker stays up 30 s.
-      exp_backoff_restart_delay: 100,
-      // pm2 gives up (errored) after 10 restarts that each lived < 30 s. A Temporal
-      // server or Vault that is not up yet costs none of them: the worker waits for it
-      // (WORKER_STARTUP_WAIT_SECONDS, 15 min by default) and exits 4 only after that,
-      // which pm2 counts as a stable run and restarts, so the worker waits again.
-      max_restarts: 10,
-      min_uptime: "30s",
-      // Exit 2 (a bad setting, an unknown namespace) and 3 (credentials refused or not
-      // usable) need an operator: restarting cannot fix them.
-      stop_exit_codes: [2, 3],
-      kill_timeout: Math.ceil(graceSeconds * 1000) + 15000,
-      treekill: true,
-      merge_logs: true,
+      kill_timeout: killTimeout(setting("WORKER_SHUTDOWN_GRACE_SECONDS")),
+    },
+    {
+      ...common,
+      name: process.env.PM2_AGENT_HOST_APP_NAME || "temporal-build-agent-host",
+      // Its own file only: an agent host's folders and queue are not the main worker's.
+      env: { ...agentFileEnv, WORKER_ENV_FILE: agentEnvFile, WORKER_ROLE: "agent-host",
+             PYTHONUNBUFFERED: "1" },
+      autostart: fs.existsSync(agentEnvFile),
+      kill_timeout: killTimeout(agentFileEnv.WORKER_SHUTDOWN_GRACE_SECONDS),
     },
   ],
 };

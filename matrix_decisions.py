@@ -185,7 +185,7 @@ class RoomListener:
     def __init__(self, client: Client, config: WorkerConfig, http: httpx.AsyncClient,
                  bot: str, room_id: str) -> None:
         self.client = client
-        self.task_queue = config.task_queue
+        self.task_queue = config.pipeline_queue
         self.approvers = frozenset(config.matrix_approvers)
         self.http = http
         self.bot = bot

@@ -180,6 +180,8 @@ class WaitingOn(BaseModel):
     task_type: str | None = None
     task_id: str | None = None
     since: datetime
+    # The task queue of the host whose worker runs this stage (unset: the main queue).
+    task_queue: str | None = None
 
 
 class TaskNotice(BaseModel):
@@ -337,6 +339,8 @@ class PipelineSetup(BaseModel):
     security_agent: str
     originating_task_path: str | None = None
     warning: str | None = None
+    # The worker routes agent stages to their hosts' queues (AGENT_TASK_QUEUES is set).
+    routed: bool = False
     # REAUDIT_ROUNDS; 0 in setups recorded before the setting existed.
     reaudit_rounds: int = 0
 
@@ -348,6 +352,15 @@ class OpenTask(BaseModel):
     stage: str
     status: Literal["cancelled", "expired"]
     reason: str
+    # The agent host's queue whose folder holds the file (unset: the main queue's).
+    task_queue: str | None = None
+
+
+class StageRoute(BaseModel):
+    """Where an agent's stage runs: the task queue of its host, None for the main queue."""
+
+    agent: str
+    task_queue: str | None = None
 
 
 class BlockCheckInput(BaseModel):
@@ -469,6 +482,8 @@ class PipelineStatus(BaseModel):
     reaudit_rounds: int = 0
     rounds: list[AuditRound] = Field(default_factory=list)
     block_verdicts: list[BlockVerdict] = Field(default_factory=list)
+    # Stage -> the agent host's task queue it ran (or runs) on; main-queue stages absent.
+    task_queues: dict[str, str] = Field(default_factory=dict)
 
 
 class Tally(BaseModel):
@@ -513,6 +528,9 @@ class SummaryInput(BaseModel):
     rounds: list[AuditRound] = Field(default_factory=list)
     block_verdicts: list[BlockVerdict] = Field(default_factory=list)
     tally: Tally | None = None  # None from runs begun before it was counted
+    # Open tasks on agent hosts, closed there before the summary (close_open_tasks).
+    closed_elsewhere: list[OpenTask] = Field(default_factory=list)
+    task_queues: dict[str, str] = Field(default_factory=dict)
 
 
 class BuildPipelineResult(BaseModel):

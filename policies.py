@@ -116,6 +116,15 @@ PREPARE = StagePolicy(timedelta(seconds=30), RetryPolicy(maximum_attempts=3))
 
 RECORD_DECISION = StagePolicy(timedelta(minutes=1), RetryPolicy(maximum_attempts=5))
 
+# At an agent stage's start (a local activity): the agent's host queue from the settings.
+ROUTE = StagePolicy(timedelta(seconds=10), RetryPolicy(maximum_attempts=3))
+# At the summary: agent tasks left open on an agent host, closed by that host's worker.
+# Retried like the summary (a full folder waits for space); a host away for longer than
+# schedule-to-close leaves its tasks open, said in the summary's events.
+CLOSE_ON_HOST = StagePolicy(timedelta(minutes=1), RetryPolicy(
+    initial_interval=DISK_RETRY_INITIAL_INTERVAL, maximum_interval=DISK_RETRY_MAX_INTERVAL,
+    maximum_attempts=0), schedule_to_close=timedelta(hours=1))
+
 # Stage 7 as recorded before decisions became event-driven (replay and runs already
 # parked that way only): one attempt per poll; the retry policy is the poll loop.
 BLOCK_CHECK_ATTEMPT = timedelta(seconds=30)

@@ -7,9 +7,12 @@ the task file was written, no agent ever sees the task and the pipeline would si
 the start-to-close timeout. Inline activities (triage, notify, summary) would wait out
 theirs too (1 to 30 minutes) before their retry.
 
-At start the worker looks at the open workflows on its task queue. A pending activity
-whose last worker was a process on this host that no longer exists is failed by id with
-a retryable WorkerLostError, so Temporal runs it again at once:
+At start the worker looks at the open workflows it serves (those on its task queue; for
+an agent host's worker, those on WORKFLOW_TASK_QUEUE). A pending activity scheduled on
+this worker's own task queue (so an agent host judges only the stages routed to it, and
+the main queue's workers never judge an agent host's) whose last worker was a process on
+this host that no longer exists is failed by id with a retryable WorkerLostError, so
+Temporal runs it again at once:
 
 - agent stages only when the task file of that attempt does not exist: the agent never
   got the work, so dispatching again does not repeat any agent work (the retry writes
@@ -39,6 +42,7 @@ from temporalio.service import RPCError
 
 import policies
 from adoption import adopt
+from closed_tasks import activity_queue
 from config import WorkerConfig
 from exceptions import TaskFileError, TaskNotFoundError
 from task_files import find_task, read_task
@@ -120,6 +124,8 @@ async def recover_workflow(client: Client, config: WorkerConfig, workflow_id: st
             continue
         if name not in AGENT_ACTIVITIES and name not in INLINE_ACTIVITIES:
             continue
+        if activity_queue(pending, description.task_queue) != config.task_queue:
+            continue  # another host's stage: its task file is in that host's folder
         if not process_gone(pending.last_worker_identity, host, own_pid):
             continue
         if name in AGENT_ACTIVITIES:
@@ -146,7 +152,7 @@ async def recover_lost_activities(client: Client, config: WorkerConfig) -> int:
     activities were handed back. Errors are logged, never raised: this is a repair,
     the worker serves either way."""
     host, own_pid = socket.gethostname(), os.getpid()
-    query = f'TaskQueue="{config.task_queue}" AND ExecutionStatus="Running"'
+    query = f'TaskQueue="{config.pipeline_queue}" AND ExecutionStatus="Running"'
     gate = asyncio.Semaphore(DESCRIBE_CONCURRENCY)
 
     async def one(workflow_id: str, run_id: str, workflow_type: str) -> int:
@@ -154,8 +160,9 @@ async def recover_lost_activities(client: Client, config: WorkerConfig) -> int:
             try:
                 released = await recover_workflow(client, config, workflow_id, run_id, host,
                                                   own_pid)
-                await adopt(client, config, workflow_id, run_id, workflow_type,
-                            f"{host}:{own_pid}")
+                if not config.agent_host:  # adoption acts on the originating task
+                    await adopt(client, config, workflow_id, run_id, workflow_type,
+                                f"{host}:{own_pid}")
                 return len(released)
             except RPCError as err:
                 log.warning("recovery_skipped", extra={"workflow_id": workflow_id,

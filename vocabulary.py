@@ -40,6 +40,9 @@ INLINE_STAGES: Final = (PROCESS_TRIAGE_OUTPUT, NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RES
 # --- activities that are not stages ---
 PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originating task
 RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
+ROUTE_STAGE: Final = "route_stage"  # at an agent stage's start: its agent's host queue
+# At the summary: agent tasks left open on an agent host, closed there.
+CLOSE_OPEN_TASKS: Final = "close_open_tasks"
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
 # A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
 CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
@@ -51,10 +54,10 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 # Inline activities: idempotent, so always run again. Triage and summary run as local
 # activities in runs started since the `local-inline-stages` patch; only runs begun
 # before it show them pending on the server.
-INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION)
+INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, CLOSE_OPEN_TASKS)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
-UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, CLOSE_ORIGINATING_TASK)
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, ROUTE_STAGE, CLOSE_ORIGINATING_TASK)
 
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
@@ -175,6 +178,11 @@ TASK_NOTICE_SIGNAL: Final = "task_notice"
 
 # --- queue ---
 DEFAULT_TASK_QUEUE: Final = "helm-build"
+
+# --- worker roles (WORKER_ROLE) ---
+ROLE_ALL: Final = "all"  # workflows and every activity
+ROLE_AGENT_HOST: Final = "agent-host"  # only the activities bound to this host's folders
+WORKER_ROLES: Final = (ROLE_ALL, ROLE_AGENT_HOST)
 
 # --- the platform's event log (agent-bus; task-queue/PROTOCOL.md §7) ---
 BUS_LOGS_DIR: Final = "logs"  # under AGENT_BUS_COMMS_DIR: <UTC date>-cross-agent.jsonl

@@ -1,4 +1,5 @@
-"""Entry point: connect to Temporal and run both build workflows and their activities.
+"""Entry point: connect to Temporal and run both build workflows and their activities
+(WORKER_ROLE=agent-host: only the activities bound to this host's folders).
 
 Exit codes: 0 clean shutdown · 2 bad configuration (an unknown namespace too) · 3
 credentials (Vault/TLS), both at once · 4 Temporal or Vault still unreachable after
@@ -50,6 +51,8 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CREDENTIALS, EXIT_CONNECT = 0, 1, 2, 3, 4
 
 def worker_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
     """Every activity the worker registers (recovery.py must know what to do with each)."""
+    if config.agent_host:
+        return PipelineActivities(config).host_bound()
     return [*PipelineActivities(config).all(), build_phase_activity(config)]
 
 
@@ -72,10 +75,12 @@ def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Work
     if config.max_cached_workflows is not None:
         tuning["max_cached_workflows"] = config.max_cached_workflows
     tuning.update(overrides)
+    # An agent host runs no workflow code: its queue only ever gets activity tasks.
+    workflows = [] if config.agent_host else [BuildPipelineWorkflow, BuildPlanWorkflow]
     return Worker(
         client,
         task_queue=config.task_queue,
-        workflows=[BuildPipelineWorkflow, BuildPlanWorkflow],
+        workflows=workflows,
         activities=worker_activities(config),
         graceful_shutdown_timeout=timedelta(seconds=config.shutdown_grace_seconds),
         **tuning,
@@ -212,7 +217,8 @@ async def run_worker(client: Client, config: WorkerConfig, stop: asyncio.Event) 
         async with worker:
             log.info("Worker started, listening on task queue: %s", config.task_queue,
                      extra={"ready": True, "task_queue": config.task_queue,
-                            "namespace": config.temporal_namespace})
+                            "namespace": config.temporal_namespace,
+                            "role": config.worker_role})
             write_status(config.status_file, WORKER_READY, config)
             # In the background: hand back what a killed worker on this host left half
             # done (recovery.py), deliver block decisions written into task files
@@ -222,9 +228,11 @@ async def run_worker(client: Client, config: WorkerConfig, stop: asyncio.Event) 
             # poll never delays a SIGTERM.
             background = [asyncio.create_task(recover_lost_activities(client, config)),
                           asyncio.create_task(watch_block_decisions(client, config, stop)),
-                          asyncio.create_task(listen_for_decisions(client, config, stop)),
                           asyncio.create_task(watch_server(client, config, stop,
                                                            on_server_change))]
+            if not config.agent_host:  # decisions in the room are the main queue's
+                background.append(
+                    asyncio.create_task(listen_for_decisions(client, config, stop)))
             await stop.wait()
             stopping_since = time.monotonic()
             for task in background:

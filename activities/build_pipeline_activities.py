@@ -50,9 +50,11 @@ from models import (
     MatrixNoticeRef,
     NotifyBlocksInput,
     NotifyBlocksResult,
+    OpenTask,
     PipelineSetup,
     PrepareInput,
     RecordDecisionInput,
+    StageRoute,
     SummaryInput,
     TriageResult,
     check_name,
@@ -82,6 +84,7 @@ from vocabulary import (
     CANCELLED,
     CHANGES_REQUESTED,
     CLOSE_BUILD,
+    CLOSE_OPEN_TASKS,
     CLOSE_ORIGINATING_TASK,
     COMPLETED,
     DECIDING_STATUSES,
@@ -101,6 +104,7 @@ from vocabulary import (
     RECORD_DECISION,
     REJECTING_STATUSES,
     REQUEST_SECURITY_AUDIT,
+    ROUTE_STAGE,
     SUMMARIZE_WORKFLOW,
     TERMINAL_STATUSES,
     TRIAGE_INVALID,
@@ -262,10 +266,34 @@ class PipelineActivities:
         self.config = config
 
     def all(self) -> list[Callable[..., Any]]:
+        return [*self.host_bound(), self.notify_blocks, self.wait_for_block_resolution,
+                self.record_block_decision, self.summarize_workflow, self.prepare_pipeline,
+                self.route_stage, self.close_originating_task]
+
+    def host_bound(self) -> list[Callable[..., Any]]:
+        """What an agent host's worker runs (WORKER_ROLE=agent-host): the activities that
+        touch the folders its agents work in. The originating task's (stages 6 and 7, the
+        summary) stay with the workflow's own queue, where the build was filed."""
         return [*(agent_stage(self.config, name) for name in AGENT_STAGES),
-                self.request_security_audit, self.process_triage_output, self.notify_blocks,
-                self.wait_for_block_resolution, self.record_block_decision,
-                self.summarize_workflow, self.prepare_pipeline, self.close_originating_task]
+                self.request_security_audit, self.process_triage_output,
+                self.close_open_tasks]
+
+    @activity.defn(name=ROUTE_STAGE)
+    async def route_stage(self, agent: str) -> StageRoute:
+        """At an agent stage's start (a local activity): the task queue of the host that
+        agent runs on (AGENT_TASK_QUEUES), None for the main queue."""
+        return StageRoute(agent=agent, task_queue=self.config.agent_task_queues.get(agent))
+
+    @activity.defn(name=CLOSE_OPEN_TASKS)
+    async def close_open_tasks(self, tasks: list[OpenTask]) -> list[OpenTask]:
+        """The summary's closing of open agent tasks, for those in this host's folder."""
+        with write_attempt(policies.SUMMARY_ATTEMPTS):
+            closed = []
+            for task in tasks:
+                status = CANCELLED if self.config.platform_dialect else task.status
+                if await run_file_io(self._close_open_task, task.task_id, status, task.reason):
+                    closed.append(task.model_copy(update={"status": status}))
+            return closed
 
     def decision_paths(self, task_path: str | None) -> list[str]:
         """How a parked pipeline can be decided with this worker's settings. The task file
@@ -290,6 +318,7 @@ class PipelineActivities:
         task (a missing one is a warning now, not a surprise at stage 6)."""
         setup = PipelineSetup(prefab_agent=self.config.prefab_agent,
                               security_agent=self.config.security_agent,
+                              routed=bool(self.config.agent_task_queues),
                               reaudit_rounds=self.config.reaudit_rounds)
         try:
             path = await run_file_io(find_task, self.config.task_queue_dir, request.task_id)
@@ -591,6 +620,10 @@ class PipelineActivities:
                                                  "stage": open_task.stage,
                                                  "status": status,
                                                  "reason": open_task.reason})
+        document["tasks_closed"] += [task.model_dump(mode="json")
+                                     for task in summary.closed_elsewhere]
+        if summary.task_queues:
+            document["task_queues"] = summary.task_queues
         if self.config.platform_dialect and not summary.adopted:
             document["originating_task_closed"] = await run_file_io(
                 self._close_originating_task, summary.task_id, summary.outcome,

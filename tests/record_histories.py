@@ -1,11 +1,15 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
     python -m tests.record_histories [--out tests/histories/local-inline] [--only NAME ...]
+                                     [--routed]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
-as `temporal workflow show --output json`). Re-record after an intended workflow change
-that running pipelines need not survive; keep old files that still must replay.
+as `temporal workflow show --output json`). `--routed`: every agent stage routed to an
+agent host (AGENT_TASK_QUEUES), with two in-process agent-host workers beside the main
+one (on the same folders: a history records queues, not folders). Re-record after an
+intended workflow change that running pipelines need not survive; keep old files that
+still must replay.
 
 Exit codes: 0 all recorded · 1 a path did not end as expected (message on stderr).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -246,7 +251,19 @@ async def record_all(client: Client, recorder: Recorder,
     return handles
 
 
-async def record(out: Path, only: frozenset[str] = frozenset()) -> None:
+ROUTED_QUEUE = "record-histories"
+HOST_QUEUES = {"claudebox": f"{ROUTED_QUEUE}.build-host", "builder": f"{ROUTED_QUEUE}.build-host",
+               "security-agent": f"{ROUTED_QUEUE}.sec-host"}
+
+
+def host_envs(env: dict[str, str]) -> list[dict[str, str]]:
+    """The agent-host workers' settings: one per distinct host queue."""
+    return [{**env, "WORKER_ROLE": "agent-host", "TASK_QUEUE": queue,
+             "WORKFLOW_TASK_QUEUE": ROUTED_QUEUE} for queue in sorted(set(HOST_QUEUES.values()))]
+
+
+async def record(out: Path, only: frozenset[str] = frozenset(),
+                 routed: bool = False) -> None:
     from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
@@ -260,15 +277,21 @@ async def record(out: Path, only: frozenset[str] = frozenset()) -> None:
                    if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
             # v0.5.0's task file words: the stand-in plays agents by those task types.
             env.update({"TASK_FILE_DIALECT": DIALECT_V050,
-                        "TEMPORAL_ADDRESS": address, "TASK_QUEUE": "record-histories",
+                        "TEMPORAL_ADDRESS": address, "TASK_QUEUE": ROUTED_QUEUE,
                         "TASK_QUEUE_DIR": str(root / "task-queue"),
                         "TEMPORAL_AUDIT_DIR": str(root / "artifacts"),
                         "SUMMARY_DIR": str(root / "summaries")})
+            if routed:
+                env["AGENT_TASK_QUEUES"] = ",".join(f"{agent}={queue}"
+                                                    for agent, queue in HOST_QUEUES.items())
             config = load_config(env)
             # A fixed identity keeps host names and pids out of the committed files.
             client = await connect(config, identity="record-histories")
             stop = asyncio.Event()
-            async with build_worker(client, config):
+            async with contextlib.AsyncExitStack() as workers:
+                for settings in [config, *(load_config(host) for host in
+                                           (host_envs(env) if routed else []))]:
+                    await workers.enter_async_context(build_worker(client, settings))
                 watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
                 handles = await record_all(client, Recorder(client, env, root), only)
                 stop.set()
@@ -290,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                              "tests/histories/local-inline)")
     parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
                         help="record only these paths (e.g. pipeline_reaudit)")
+    parser.add_argument("--routed", action="store_true",
+                        help="route every agent stage to an agent host's queue")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(record(args.out, frozenset(args.only)))
+        asyncio.run(record(args.out, frozenset(args.only), args.routed))
     except (RuntimeError, TimeoutError) as err:
         print(f"record_histories: {err}", file=sys.stderr)
         return 1

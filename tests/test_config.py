@@ -164,3 +164,29 @@ def test_worker_bad_variable_exits_2(tmp_path: Path, variable: str, value: str) 
     assert variable in lines[0] or "VAULT_ADDR" in lines[0]
     assert ROLE_SECRET not in result.stdout + result.stderr
     assert result.stdout == ""
+
+
+def test_agent_routes_and_roles() -> None:
+    config = load_config({"AGENT_TASK_QUEUES": " builder=helm-build.build-host , "
+                                               "security-agent=helm-build.sec-host,"})
+    assert config.agent_task_queues == {"builder": "helm-build.build-host",
+                                        "security-agent": "helm-build.sec-host"}
+    assert (config.worker_role, config.pipeline_queue) == ("all", DEFAULT_TASK_QUEUE)
+    host = load_config({"WORKER_ROLE": "agent-host", "TASK_QUEUE": "helm-build.sec-host"})
+    assert host.agent_host
+    assert host.pipeline_queue == DEFAULT_TASK_QUEUE  # the workflows' queue by default
+    assert load_config({"WORKER_ROLE": "agent-host", "TASK_QUEUE": "h",
+                        "WORKFLOW_TASK_QUEUE": "builds"}).pipeline_queue == "builds"
+
+
+@pytest.mark.parametrize(("env", "error"), [
+    ({"AGENT_TASK_QUEUES": "builder"}, "AGENT_TASK_QUEUES: 'builder' is not agent=task-queue"),
+    ({"AGENT_TASK_QUEUES": "Builder=q"}, "AGENT_TASK_QUEUES: agent 'Builder' must match"),
+    ({"AGENT_TASK_QUEUES": "b=q1,b=q2"}, "AGENT_TASK_QUEUES: agent 'b' named twice"),
+    ({"WORKER_ROLE": "agents"}, "WORKER_ROLE: must be one of all, agent-host"),
+    ({"WORKER_ROLE": "agent-host"}, "TASK_QUEUE: an agent-host worker polls its host's own"),
+])
+def test_routing_settings_refused(env: dict[str, str], error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(env)
+    assert str(caught.value).startswith(error), caught.value

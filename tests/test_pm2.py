@@ -82,8 +82,9 @@ class Pm2:
         raise AssertionError(f"{name} not in pm2 jlist")
 
 
-def ecosystem_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
-    script = f"console.log(JSON.stringify(require({json.dumps(str(ECOSYSTEM))}).apps[0]))"
+def ecosystem_settings(env: dict[str, str] | None = None, app: int = 0) -> dict[str, Any]:
+    script = (f"console.log(JSON.stringify(require({json.dumps(str(ECOSYSTEM))})"
+              f".apps[{app}]))")
     result = subprocess.run(["node", "-e", script], env=env or dict(os.environ),
                             capture_output=True, text=True, timeout=30, check=True)
     return json.loads(result.stdout)
@@ -114,6 +115,32 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
     for forbidden in ("/home/", "/root", "/Users/", "/work/", "~/", "VAULT_ROLE_ID:",
                       "VAULT_ROLE_ID="):
         assert forbidden not in text, forbidden
+
+
+def test_agent_host_app_is_off_until_its_env_file_exists(tmp_path: Path) -> None:
+    """The second app runs worker.py as an agent host, from its own env file only; without
+    that file pm2 registers it stopped (autostart false)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "TEMPORAL_"))}
+    base.update(WORKER_ENV_FILE=str(tmp_path / "worker.env"),
+                AGENT_HOST_ENV_FILE=str(tmp_path / "agent-host.env"))
+    (tmp_path / "worker.env").write_text("TASK_QUEUE=helm-build\n")
+    main, agent = ecosystem_settings(base), ecosystem_settings(base, app=1)
+    assert agent["name"] == "temporal-build-agent-host"
+    assert agent["autostart"] is False
+    assert "autostart" not in main
+    assert agent["script"] == main["script"]
+    assert agent["interpreter"] == main["interpreter"]
+    assert agent["env"]["WORKER_ROLE"] == "agent-host"
+
+    (tmp_path / "agent-host.env").write_text(
+        "TASK_QUEUE=helm-build.sec-host\nWORKFLOW_TASK_QUEUE=helm-build\n"
+        "WORKER_SHUTDOWN_GRACE_SECONDS=10\n")
+    agent = ecosystem_settings(base, app=1)
+    assert agent["autostart"] is True
+    assert agent["env"]["TASK_QUEUE"] == "helm-build.sec-host"
+    assert agent["env"]["WORKER_ENV_FILE"] == str(tmp_path / "agent-host.env")
+    assert agent["kill_timeout"] == 25000
+    assert ecosystem_settings(base)["env"]["TASK_QUEUE"] == "helm-build"  # main: its own
 
 
 @pytest.fixture
@@ -212,3 +239,31 @@ async def test_pm2_restarts_killed_worker_and_stops_gracefully(
     assert "shutdown_requested" in events
     assert "worker_stopped" in events
     assert manager.app(name)["pm2_env"]["status"] == "stopped"
+
+
+@pytest.mark.slow
+async def test_pm2_runs_the_agent_host_app_alone(pm2: tuple[Pm2, dict[str, str], str],
+                                                 tmp_path: Path) -> None:
+    """On an agent-only host: `--only` the agent-host app, from its own env file; it
+    serves its host's queue as an agent host, and the main app is not started."""
+    manager, settings, main_name = pm2
+    agent_env = tmp_path / "agent-host.env"
+    status_file = tmp_path / "agent-status.json"
+    agent_env.write_text(
+        f"TEMPORAL_ADDRESS={settings['TEMPORAL_ADDRESS']}\n"
+        f"TASK_QUEUE={settings['TASK_QUEUE']}.host\n"
+        f"WORKFLOW_TASK_QUEUE={settings['TASK_QUEUE']}\n"
+        f"TASK_QUEUE_DIR={tmp_path / 'host-queue'}\nTEMPORAL_AUDIT_DIR={tmp_path / 'host-audit'}\n"
+        f"WORKER_STATUS_FILE={status_file}\n")
+    name = f"{main_name}-host"
+    manager.env.update(AGENT_HOST_ENV_FILE=str(agent_env), PM2_AGENT_HOST_APP_NAME=name)
+    manager.run("start", str(ECOSYSTEM), "--only", name)
+    ready = await poll(lambda: status(status_file).get("state") == "ready"
+                       and status(status_file), timeout=90, what="agent host ready under pm2")
+    assert ready["task_queue"] == f"{settings['TASK_QUEUE']}.host"
+    assert manager.app(name)["pm2_env"]["status"] == "online"
+    started = [r for r in out_log(manager, name)
+               if str(r.get("event", "")).startswith(READY_LINE)]
+    assert started[-1]["role"] == "agent-host"
+    names = [proc["name"] for proc in json.loads(manager.run("jlist").stdout)]
+    assert main_name not in names

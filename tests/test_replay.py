@@ -47,6 +47,7 @@ REQUIRED = {
     "polled-stage7": OURS,
     "event-driven": OURS,
     "local-inline": OURS,
+    "stage-routing": (*OURS, "pipeline_reaudit", "pipeline_changes_requested"),
     "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
     "filed-plan": ("plan_filed",),
 }
@@ -134,6 +135,34 @@ def test_current_histories_run_stages_4_and_9_locally() -> None:
         assert {"process_triage_output", "summarize_workflow"} <= set(old), stem
 
 
+def test_routed_histories_run_each_agent_stage_on_its_host() -> None:
+    """Recorded with AGENT_TASK_QUEUES (tests/record_histories.py --routed): each agent
+    stage asks for its route first (a local activity) and runs on its host's queue; stage
+    4 reads the triage on the security agent's host; the rest stays on the main queue."""
+    events = json.loads((HISTORIES / "stage-routing" / "pipeline_flags.json").read_text())
+    scheduled = [(e["activityTaskScheduledEventAttributes"]["activityType"]["name"],
+                  e["activityTaskScheduledEventAttributes"]["taskQueue"]["name"])
+                 for e in events["events"] if "activityTaskScheduledEventAttributes" in e]
+    assert scheduled == [("prefab_scaffolding", "record-histories.build-host"),
+                         ("implement_build", "record-histories.build-host"),
+                         ("request_security_audit", "record-histories.sec-host"),
+                         ("process_triage_output", "record-histories.sec-host"),
+                         ("apply_flag_fixes", "record-histories.build-host"),
+                         ("close_build", "record-histories.build-host")]
+    markers = [json.loads(base64.b64decode(
+                   e["markerRecordedEventAttributes"]["details"]["data"]["payloads"][0]["data"]
+               ))["activity_type"] for e in events["events"]
+               if e.get("markerRecordedEventAttributes", {}).get("markerName")
+               == "core_local_activity"]
+    assert markers == ["prepare_pipeline", *["route_stage"] * 5, "summarize_workflow"]
+    # A re-audit's triage is read on the host its audit ran on, each round.
+    for stem in ("pipeline_reaudit", "pipeline_changes_requested"):
+        events = json.loads((HISTORIES / "stage-routing" / f"{stem}.json").read_text())
+        queues = {(e["activityTaskScheduledEventAttributes"]["activityType"]["name"],
+                   e["activityTaskScheduledEventAttributes"]["taskQueue"]["name"])
+                  for e in events["events"] if "activityTaskScheduledEventAttributes" in e}
+        assert {queue for name, queue in queues if name in (
+            "request_security_audit", "process_triage_output")} == {"record-histories.sec-host"}
 def test_round_histories_take_their_paths_behind_their_patches() -> None:
     """Each new path leaves its patch marker, and audits as often as it is named for."""
     def shape(stem: str) -> tuple[list[str], list[str]]:

@@ -410,6 +410,28 @@ def stall_of(workflow_id: str, run_id: str) -> str | None:
         if pending["attempt"] > 2:
             return (f"ActivityTaskFailed x{pending['attempt'] - 1} "
                     f"({pending['activityType']['name']}): {first_line(pending['lastFailure'])}")
+    return missing_worker(described)
+
+
+NO_POLLER = "which none polls"
+
+
+def missing_worker(described: dict[str, Any], polled: dict[str, bool] | None = None
+                   ) -> str | None:
+    """A pending activity on a task queue no worker polls for activities: the stage waits
+    for the host whose worker serves that queue (an agent host, AGENT_TASK_QUEUES), and
+    goes on by itself when it returns. `polled` caches the answer per queue."""
+    polled = {} if polled is None else polled
+    own = described["executionConfig"]["taskQueue"]["name"]
+    for pending in described.get("pendingActivities") or []:
+        queue = ((pending.get("activityOptions") or {}).get("taskQueue") or {}).get("name") or own
+        if queue not in polled:
+            polled[queue] = any(
+                "activity" in kinds or "TASK_QUEUE_TYPE_ACTIVITY" in kinds
+                for kinds in pollers(queue).values())
+        if not polled[queue]:
+            return (f"{pending['activityType']['name']} waits for a worker on task queue "
+                    f"{queue}, {NO_POLLER}: is that host's worker running?")
     return None
 
 
@@ -423,7 +445,9 @@ def find_stalled_workflows(_settings: OpsSettings, args: argparse.Namespace) -> 
         if reason is not None:
             stalls.append(wid)
             print(f"STALLED {wid} ({wf['type']['name']}): {reason}")
-            print(f"  next: tools/analyze-workflow-error --workflow-id {wid}")
+            print("  next: start that host's worker (README, \"Beyond one machine\"); the "
+                  "stage goes on by itself" if NO_POLLER in reason else
+                  f"  next: tools/analyze-workflow-error --workflow-id {wid}")
     print(f"({len(stalls)} stalled of {len(running)} running workflow(s) checked)")
     return EXIT_ATTENTION if stalls else EXIT_OK
 

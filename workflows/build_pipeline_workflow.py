@@ -63,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         PrepareInput,
         RecordDecisionInput,
         StageEvent,
+        StageRoute,
         SummaryInput,
         TaskNotice,
         TriageResult,
@@ -77,6 +78,7 @@ with workflow.unsafe.imports_passed_through():
         BUILD_PIPELINE_WORKFLOW,
         CANCELLED,
         CLOSE_BUILD,
+        CLOSE_OPEN_TASKS,
         DECISION_REFUSED,
         EXPIRED,
         IMPLEMENT_BUILD,
@@ -90,6 +92,7 @@ with workflow.unsafe.imports_passed_through():
         REJECT_BLOCKS_UPDATE,
         REQUEST_CHANGES_UPDATE,
         REQUEST_SECURITY_AUDIT,
+        ROUTE_STAGE,
         STAGE_NUMBERS,
         STATUS_QUERY,
         SUMMARIZE_WORKFLOW,
@@ -117,6 +120,11 @@ SUMMARY_FAILURE_PATCH = "summary-failure-keeps-outcome"
 REAUDIT_PATCH = "reaudit-rounds"
 # An operator's "changes requested": the blocks go back to the target agent, then a re-audit.
 CHANGES_REQUESTED_PATCH = "changes-requested"
+# When the worker routes (AGENT_TASK_QUEUES set, learned before stage 1), each agent
+# stage asks (a local activity, at its start) on which agent host's task queue it runs;
+# stage 4 follows stage 3's host, and tasks left open are closed on their host. Decided
+# once at the start, so a run keeps one shape.
+STAGE_ROUTING_PATCH = "stage-routing"
 
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
 AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
@@ -208,6 +216,11 @@ class BuildPipelineWorkflow:
         self._failed_stage: str | None = None
         self._error: str | None = None
         self._closeout_path: str | None = None
+        self._routing = False
+        # stage -> the agent host's task queue it runs on; task id -> the host's queue
+        self._task_queues: dict[str, str] = {}
+        self._task_routes: dict[str, str] = {}
+        self._closed_elsewhere: list[OpenTask] = []
         # Audit rounds (round 1 the first audit) and the re-audits this run may make.
         self._reaudit_limit = 0
         self._rounds: list[AuditRound] = []
@@ -228,6 +241,7 @@ class BuildPipelineWorkflow:
         # through the server and no extra workflow task. Decided once, at the start, so a
         # run keeps one shape: runs begun before this keep theirs.
         self._local_inline = workflow.patched(LOCAL_INLINE_PATCH)
+        self._routing = workflow.patched(STAGE_ROUTING_PATCH)
         try:
             pipeline = BuildPipelineInput.model_validate(
                 raw_input, context={STARTED_BY_EARLIER_WORKER: self._adopted})
@@ -267,6 +281,7 @@ class BuildPipelineWorkflow:
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
         self._origin_task_path = self._setup.originating_task_path
+        self._routing = self._routing and self._setup.routed
         if self._setup.warning:
             self._warnings.append(self._setup.warning)
             self._event("pipeline", "warning", self._setup.warning)
@@ -285,9 +300,11 @@ class BuildPipelineWorkflow:
                 instruction=instructions.implement(pipeline.build_name, pipeline.plan_path),
                 extra={"originating_task_id": pipeline.task_id}))
         await self._security_audit(pipeline)
+        # The triage is read where the audit was written: on stage 3's host.
         self._triage = await self._run_activity(
             PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, pipeline.build_name,
-            result_type=TriageResult, waiting=None, local=self._local_inline)
+            result_type=TriageResult, waiting=None, local=self._local_inline,
+            task_queue=self._task_queues.get(REQUEST_SECURITY_AUDIT))
         triage = self._triage
         self._event(PROCESS_TRIAGE_OUTPUT, "triaged", f"{len(triage.blocks)} blocks, "
                     f"{len(triage.flags)} flags, {len(triage.info)} info")
@@ -436,7 +453,8 @@ class BuildPipelineWorkflow:
             result_type=BuildPhaseResult, waiting=request)
         self._triage = triage = await self._run_activity(
             PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, (pipeline.build_name, number),
-            result_type=TriageResult, waiting=None, local=self._local_inline)
+            result_type=TriageResult, waiting=None, local=self._local_inline,
+            task_queue=self._task_queues.get(REQUEST_SECURITY_AUDIT))
         rounds.match_round(previous, [*triage.blocks, *triage.flags])
         self._rounds.append(AuditRound(round=number, blocks=triage.blocks, flags=triage.flags,
                                        info=triage.info))
@@ -642,25 +660,26 @@ class BuildPipelineWorkflow:
 
     async def _run_activity(self, stage: str, policy: policies.StagePolicy, arg: Any, *,
                             result_type: Any, waiting: AgentTaskRequest | None,
-                            count_as_stage: bool = True, local: bool = False) -> Any:
+                            count_as_stage: bool = True, local: bool = False,
+                            task_queue: str | None = None) -> Any:
+        """`task_queue`: an agent host's queue to run on (None: the workflow's own)."""
         if count_as_stage:
             await self._enter(stage)
-        if waiting is not None:
-            self._waiting = WaitingOn(kind="agent", stage=stage, agent=self._agent_label(waiting),
-                                      task_type=waiting.task_type, task_id=waiting.task_id,
-                                      since=workflow.now())
-            self._open_tasks[waiting.task_id] = stage
-            self._details()
-        target = self._agent_label(waiting) if waiting is not None else None
-        execute = workflow.execute_local_activity if local else workflow.execute_activity
         try:
+            if waiting is not None and self._routing:
+                task_queue = await self._route(stage, waiting)
+            self._begin_wait(stage, waiting, task_queue)
+            target = self._agent_label(waiting) if waiting is not None else None
+            routed = {"task_queue": task_queue} if task_queue else {}
+            execute = (workflow.execute_local_activity if local and not routed
+                       else workflow.execute_activity)
             result = await execute(
                 stage, args=list(arg) if isinstance(arg, tuple) else [arg],
                 result_type=result_type,
                 start_to_close_timeout=policy.start_to_close,
                 schedule_to_close_timeout=policy.schedule_to_close,
                 retry_policy=policy.retry,
-                summary=self._summary_line(stage, target))
+                summary=self._summary_line(stage, target), **routed)
         except (ActivityError, *LOCAL_ACTIVITY_FAILURES) as err:
             cause = err.cause if isinstance(err, ActivityError) else err
             if isinstance(cause, CancelledError):
@@ -685,6 +704,38 @@ class BuildPipelineWorkflow:
         if count_as_stage:
             self._finish(stage)
         return result
+
+    def _begin_wait(self, stage: str, waiting: AgentTaskRequest | None,
+                    task_queue: str | None) -> None:
+        if waiting is not None:
+            self._waiting = WaitingOn(kind="agent", stage=stage, agent=self._agent_label(waiting),
+                                      task_type=waiting.task_type, task_id=waiting.task_id,
+                                      since=workflow.now(), task_queue=task_queue)
+            self._open_tasks[waiting.task_id] = stage
+            if task_queue:
+                self._task_routes[waiting.task_id] = task_queue
+        elif task_queue:
+            # Shown so an operator sees which host's worker the stage waits for.
+            self._waiting = WaitingOn(kind="activity", stage=stage, since=workflow.now(),
+                                      task_queue=task_queue)
+        else:
+            return
+        self._details()
+
+    async def _route(self, stage: str, request: AgentTaskRequest) -> str | None:
+        """The task queue of the host `request`'s agent runs on, read from the worker's
+        AGENT_TASK_QUEUES when the stage starts: a changed map applies to every stage
+        that starts after the change, never to one already under way."""
+        route: StageRoute = await workflow.execute_local_activity(
+            ROUTE_STAGE, request.target_agent, result_type=StageRoute,
+            start_to_close_timeout=policies.ROUTE.start_to_close,
+            retry_policy=policies.ROUTE.retry, summary=f"route {stage}")
+        if route.task_queue:
+            self._task_queues[stage] = route.task_queue
+            self._event(stage, "routed", f"{route.agent} on task queue {route.task_queue}")
+        else:  # a re-run of the stage (a re-audit) after the map lost its agent
+            self._task_queues.pop(stage, None)
+        return route.task_queue
 
     async def _enter(self, stage: str) -> None:
         if self._paused:
@@ -718,8 +769,33 @@ class BuildPipelineWorkflow:
             expired = self._expired_tasks.get(task_id)
             tasks.append(OpenTask(task_id=task_id, stage=stage,
                                   status=EXPIRED if expired else CANCELLED,
-                                  reason=expired or reason))
+                                  reason=expired or reason,
+                                  task_queue=self._task_routes.get(task_id)))
         return tasks
+
+    async def _close_on_hosts(self) -> None:
+        """Agent tasks left open on agent hosts: closed by each host's worker, since only
+        it sees its folder. A host away past the limit leaves them open, said in events."""
+        by_queue: dict[str, list[OpenTask]] = {}
+        for task in self._open_task_list():
+            if task.task_queue:
+                by_queue.setdefault(task.task_queue, []).append(task)
+        for queue, tasks in by_queue.items():
+            try:
+                closed = await workflow.execute_activity(
+                    CLOSE_OPEN_TASKS, tasks, task_queue=queue, result_type=list[OpenTask],
+                    start_to_close_timeout=policies.CLOSE_ON_HOST.start_to_close,
+                    schedule_to_close_timeout=policies.CLOSE_ON_HOST.schedule_to_close,
+                    retry_policy=policies.CLOSE_ON_HOST.retry,
+                    summary=self._summary_line(SUMMARIZE_WORKFLOW, queue))
+            except ActivityError as err:
+                message, _ = describe_activity_failure(err)
+                self._event(SUMMARIZE_WORKFLOW, "warning",
+                            f"open tasks on task queue {queue} not closed: {message}")
+                continue
+            self._closed_elsewhere += closed
+            for task in tasks:
+                self._open_tasks.pop(task.task_id, None)
 
     async def _summarize(self, pipeline: BuildPipelineInput) -> str | None:
         self._stage = SUMMARIZE_WORKFLOW
@@ -727,6 +803,8 @@ class BuildPipelineWorkflow:
         self._details()
         execute = (workflow.execute_local_activity if self._local_inline
                    else workflow.execute_activity)
+        if self._task_routes:
+            await self._close_on_hosts()
         try:
             path = await self._write_summary(execute, pipeline)
         except (ActivityError, *LOCAL_ACTIVITY_FAILURES) as err:
@@ -759,7 +837,9 @@ class BuildPipelineWorkflow:
                 decision_source=self._decision_source, claimed_by=self._claimed_by,
                 closeout_path=self._closeout_path,
                 notification_failures=self._notification_failures, events=self._events,
-                open_tasks=self._open_task_list(), adopted=self._adopted,
+                open_tasks=[task for task in self._open_task_list() if not task.task_queue],
+                adopted=self._adopted, closed_elsewhere=self._closed_elsewhere,
+                task_queues=dict(self._task_queues),
                 rounds=self._rounds, block_verdicts=self._verdicts,
                 tally=rounds.tally(self._rounds, self._verdicts)),
             result_type=str,
@@ -828,9 +908,7 @@ class BuildPipelineWorkflow:
             lines.extend(f"- {path}" for path in self._decision_paths
                          or ["the approve_blocks / reject_blocks update"])
         elif self._waiting is not None:
-            lines.append(f"Waiting on {self._waiting.agent} since "
-                         f"{self._waiting.since:%Y-%m-%d %H:%M:%S}Z"
-                         + (f" (task `{self._waiting.task_id}`)" if self._waiting.task_id else ""))
+            lines.append(self._waiting_line(self._waiting))
         if self._triage.blocks or self._triage.flags or self._triage.info:
             lines.append(f"Triage: {len(self._triage.blocks)} blocks, "
                          f"{len(self._triage.flags)} flags, {len(self._triage.info)} info")
@@ -844,7 +922,19 @@ class BuildPipelineWorkflow:
             lines.append(f"Outcome: **{self._outcome}**"
                          + (f" at `{self._failed_stage}`" if self._failed_stage else ""))
         lines.append("Done: " + (", ".join(self._stages_done) or "nothing yet"))
+        if self._task_queues:
+            lines.append("Agent hosts: " + ", ".join(
+                f"`{stage}` on `{queue}`" for stage, queue in self._task_queues.items()))
         workflow.set_current_details("\n\n".join(lines))
+
+    @staticmethod
+    def _waiting_line(waiting: WaitingOn) -> str:
+        since = f"{waiting.since:%Y-%m-%d %H:%M:%S}Z"
+        host = f" on task queue `{waiting.task_queue}`" if waiting.task_queue else ""
+        if waiting.kind == "activity":
+            return f"Waiting since {since} for a worker{host} to run `{waiting.stage}`"
+        return (f"Waiting on {waiting.agent}{host} since {since}"
+                + (f" (task `{waiting.task_id}`)" if waiting.task_id else ""))
 
     def _round_lines(self) -> list[str]:
         """The audit rounds and block verdicts, for the Web UI (runs with rounds only)."""
@@ -889,6 +979,7 @@ class BuildPipelineWorkflow:
             decision_paths=list(self._decision_paths),
             notification_failures=list(self._notification_failures),
             agents=self._agents(), warnings=self._all_warnings(), adopted=self._adopted,
+            task_queues=dict(self._task_queues),
             audit_round=len(self._rounds), reaudit_rounds=self._reaudit_limit,
             rounds=list(self._rounds), block_verdicts=list(self._verdicts))
 
