@@ -116,7 +116,8 @@ class BlockDecisionWatcher:
 
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision; if it is one
-        of our agent tasks closed with the platform's tools, finish its stage."""
+        of our agent tasks closed with the platform's tools, finish its stage; if an agent
+        claimed one (`in-progress`), tell its run."""
         try:
             raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
         except FileNotFoundError:

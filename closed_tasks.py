@@ -6,7 +6,8 @@ the dispatcher may give up routing a task (`failed`, moved to `dead-letters/`) o
 that it could not route it yet (`routing-failed`). The folder watcher hands every such
 file here, and this module completes or fails the stage's activity by its workflow id,
 run id and activity id (no task token needed), or tells the run about the routing
-failure.
+failure. A task of ours an agent claimed (`in-progress`, in either dialect) is told to its
+run the same way: the run's pickup and work limits count from it.
 
 A close acts only on the stage it was written for: the run must be running on this
 worker's queue, the activity the file names must be pending, and the run must say
@@ -28,13 +29,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from models import BuildPhaseResult, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT
-from task_files import SOURCE_AGENT
+from task_files import SOURCE_AGENT, claimed_actor
 from visible_text import visible_line
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     COMPLETED,
     FAILED,
+    IN_PROGRESS,
     PHASE_FAILED,
     ROUTING_FAILED,
     STATUS_QUERY,
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 # Top-level lines a file must hold before it is parsed at all: nearly every write in the
 # folder is a fresh task (`status: submitted`) or someone else's.
 CLOSING_LINES = tuple(f"\nstatus: {status}".encode() for status in (COMPLETED, FAILED,
-                                                                     ROUTING_FAILED))
+                                                                     ROUTING_FAILED,
+                                                                     IN_PROGRESS))
 OWN_TASK_LINE = f"\nsource_agent: {SOURCE_AGENT}".encode()
 MAX_OUTPUT_CHARS = 100_000  # as complete_activity.py takes
 MAX_REASON_CHARS = 400
@@ -54,7 +57,7 @@ MAX_REMEMBERED = 2000  # routing notices already sent, so a rewrite does not sen
 
 
 def may_close(raw: bytes) -> bool:
-    """Whether a file's bytes can be a closed (or unroutable) task of ours."""
+    """Whether a file's bytes can be a closed, claimed or unroutable task of ours."""
     return OWN_TASK_LINE in raw and any(line in raw for line in CLOSING_LINES)
 
 
@@ -93,17 +96,20 @@ def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | No
     payload, result = task.get("payload"), task.get("result")
     status, task_id = task.get("status"), task.get("id")
     if (task.get("source_agent") != SOURCE_AGENT or not isinstance(payload, dict)
-            or status not in (COMPLETED, FAILED, ROUTING_FAILED)
+            or status not in (COMPLETED, FAILED, ROUTING_FAILED, IN_PROGRESS)
             or not isinstance(task_id, str) or not task_id):
         return None
     ids = [payload.get(key) for key in ("workflow_id", "run_id", "activity_id")]
     if not all(isinstance(value, str) and value for value in ids):
         return None
     output = result.get("output") if isinstance(result, dict) else None
+    # A claim's reason is who claimed it, as the file's history says (anyone can write it).
+    reason = (_text(claimed_actor(task, IN_PROGRESS)[0], MAX_REASON_CHARS)
+              if status == IN_PROGRESS else _reason(task))
     return ClosedTask(task_id=task_id, status=str(status), workflow_id=ids[0],
                       run_id=ids[1], activity_id=ids[2],
                       output=output[:MAX_OUTPUT_CHARS] if isinstance(output, str) else "",
-                      reason=_reason(task), dead_lettered=dead_lettered)
+                      reason=reason, dead_lettered=dead_lettered)
 
 
 class ClosedTaskApplier:
@@ -128,7 +134,7 @@ class ClosedTaskApplier:
                 or described.task_queue != self.task_queue
                 or described.workflow_type not in (BUILD_PIPELINE_WORKFLOW, BUILD_PLAN_WORKFLOW)):
             return "gone"
-        if closed.status == ROUTING_FAILED:
+        if closed.status in (ROUTING_FAILED, IN_PROGRESS):
             return await self._notice(closed, described.workflow_type)
         pending = {activity.activity_id for activity in
                    described.raw_description.pending_activities}
@@ -176,17 +182,24 @@ class ClosedTaskApplier:
         return f"task {closed.task_id} closed as failed: {detail or 'no reason given'}"
 
     async def _notice(self, closed: ClosedTask, workflow_type: str) -> str:
-        key = (closed.task_id, closed.reason)
+        key = (closed.task_id, f"{closed.status}: {closed.reason}")
         if workflow_type != BUILD_PIPELINE_WORKFLOW or key in self._notified:
             return "stale"
-        notice = TaskNotice(task_id=closed.task_id, kind="routing_failed",
-                            detail=closed.reason or "no reason given")
+        claimed = closed.status == IN_PROGRESS
+        notice = TaskNotice(task_id=closed.task_id,
+                            kind="claimed" if claimed else "routing_failed",
+                            detail=closed.reason if claimed
+                            else closed.reason or "no reason given")
         handle = self.client.get_workflow_handle(closed.workflow_id, run_id=closed.run_id)
         await handle.signal(TASK_NOTICE_SIGNAL, notice, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
         self._notified[key] = None
         if len(self._notified) > MAX_REMEMBERED:
             self._notified.popitem(last=False)
-        log.warning("task_routing_failed", extra={"workflow_id": closed.workflow_id,
-                                                  "task_id": closed.task_id,
-                                                  "error": closed.reason})
+        if claimed:
+            log.info("task_claimed", extra={"workflow_id": closed.workflow_id,
+                                            "task_id": closed.task_id})
+        else:
+            log.warning("task_routing_failed", extra={"workflow_id": closed.workflow_id,
+                                                      "task_id": closed.task_id,
+                                                      "error": closed.reason})
         return "noticed"

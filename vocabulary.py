@@ -38,6 +38,8 @@ INLINE_STAGES: Final = (PROCESS_TRIAGE_OUTPUT, NOTIFY_BLOCKS, WAIT_FOR_BLOCK_RES
 PREPARE_PIPELINE: Final = "prepare_pipeline"  # before stage 1: agents, originating task
 RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the task file
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
+# An agent stage's task still unclaimed past its pickup limit: its channels are told again.
+REMIND_PICKUP: Final = "remind_pickup"
 
 # What recovery.py does with a pending activity whose worker died (every activity the
 # worker registers is in exactly one of these; tests/test_recovery.py checks it).
@@ -46,7 +48,7 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 # Inline activities: idempotent, so always run again. Triage and summary run as local
 # activities in runs started since the `local-inline-stages` patch; only runs begun
 # before it show them pending on the server.
-INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION)
+INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, REMIND_PICKUP)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
 UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
