@@ -1092,6 +1092,16 @@ class Dispatcher:
         return None
 
     # -- §5.5
+    def fail_routing(self, task_id: str, reason: str, now: datetime | None = None) -> None:
+        """One routing failure of the root task `task_id` with `reason`, through the same
+        path a failed launch takes (§5.5): `routing-failed` while retries are left, else
+        the dead letter. For tests of a failure no real launch here produces."""
+        for path, record in self._root_records():
+            if record.get("id") == task_id:
+                self._fail(path, record, reason, now or datetime.now(UTC))
+                return
+        raise LookupError(f"no task {task_id} in {self.queue_dir}")
+
     def _fail(self, path: Path, record: dict[str, Any], reason: str, now: datetime) -> None:
         policy = record.setdefault("retry_policy", {})
         count = policy.get("retry_count", 0)

@@ -1,0 +1,254 @@
+"""Task files in the platform dialect, used the platform's way: the dispatcher stand-in
+routes our tasks, agents claim and close them through the task tools stand-in only (no
+CLI, no token), operators approve or cancel with the tools' own moves. A real dev server
+and a real worker.py process."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+
+from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
+from task_files import read_task
+from tests.agents import assert_schema_valid
+from tests.conftest import make_env
+from tests.platform_play import CLOSEOUT_DOCUMENT, PlatformAgents
+from tests.platform_tools import Dispatcher, TaskTools, validate_task
+from tests.standin import poll, poll_async, run_cli
+from tests.worker_process import WorkerProcess
+from vocabulary import (
+    APPLY_FLAG_FIXES,
+    BUILD_PIPELINE_WORKFLOW,
+    CLOSE_BUILD,
+    DIALECT_PLATFORM,
+    IMPLEMENT_BUILD,
+    PENDING_APPROVAL,
+    PREFAB_SCAFFOLDING,
+    REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
+)
+
+FLAG_AND_BLOCK = ("blocks:\n- description: admin port open to the world\n"
+                  "flags:\n- description: pin the base image\ninfo: []\n")
+
+
+@dataclass
+class Board:
+    """The shared task folder, the platform's tools on it, and our worker beside them."""
+
+    env: dict[str, str]
+    queue_dir: Path
+    tools: TaskTools
+    dispatcher: Dispatcher
+    worker: WorkerProcess
+
+    def origin(self, summary: str = "build web") -> str:
+        """An originating task as a planning agent files it (submit_task), routed once."""
+        submitted = self.tools.submit_task("planner", "temporal-worker", "build", summary,
+                                           "Build the web portal", context_refs=["/srv/p.md"])
+        assert submitted["ok"], submitted
+        self.dispatcher.tick()
+        return str(submitted["task_id"])
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        found = self.tools.get_task(task_id)
+        assert found["ok"], found
+        return found["task"]
+
+
+@pytest.fixture
+def board(tmp_path: Path, temporal_address: str) -> Iterator[Board]:
+    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM)
+    queue_dir = Path(env["TASK_QUEUE_DIR"])
+    queue_dir.mkdir(mode=0o700)
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_ready()
+        yield Board(env=env, queue_dir=queue_dir, tools=TaskTools(queue_dir, umask=0o022),
+                    dispatcher=Dispatcher(queue_dir, start_script=tmp_path / "no-script",
+                                          log_dir=tmp_path / "logs"),
+                    worker=worker)
+    finally:
+        worker.stop()
+
+
+async def start(client: Client, board: Board, origin: str, build: str = "web"
+                ) -> WorkflowHandle[Any, BuildPipelineResult]:
+    return await client.start_workflow(
+        BUILD_PIPELINE_WORKFLOW,
+        BuildPipelineInput(build_name=build, plan_path="/srv/plans/web.md", task_id=origin,
+                           target_agent="builder"),
+        id=f"platform-{uuid.uuid4()}", task_queue=board.env["TASK_QUEUE"],
+        result_type=BuildPipelineResult)
+
+
+async def status_of(handle: WorkflowHandle[Any, Any]) -> PipelineStatus:
+    return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
+
+
+def our_files(queue_dir: Path) -> list[tuple[Path, str, dict[str, Any]]]:
+    found = []
+    for path in sorted(queue_dir.rglob("*.yml")):
+        text = path.read_text()
+        found.append((path, text, yaml.safe_load(text)))
+    return found
+
+
+async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
+                                                             client: Client) -> None:
+    origin = board.origin()
+    assert board.task(origin)["status"] == "approved"  # routed: operator pickup
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id, triage=FLAG_AND_BLOCK)
+    # Until the pipeline parks: every agent stage routed, claimed and closed by the tools.
+    await agents.run(lambda: board.task(origin)["status"] == PENDING_APPROVAL)
+    assert agents.closed == [PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
+                             APPLY_FLAG_FIXES]
+    parked = await status_of(handle)
+    assert parked.waiting_on is not None
+    assert parked.waiting_on.kind == "block_decision"
+    # The operators' standard Approve (pending-approval -> approved) resumes it.
+    approved = board.tools.approve(origin, note="accepted for now")
+    assert approved["ok"], approved
+    decided_at = time.monotonic()
+    await poll_async(lambda: _decided(handle), timeout=10, what="the decision taken")
+    assert time.monotonic() - decided_at < 2.0
+    await agents.run(lambda: CLOSE_BUILD in agents.closed)
+    result = await handle.result()
+    assert (result.status, result.outcome) == ("complete", "partial")
+    assert result.closeout_path == CLOSEOUT_DOCUMENT  # the close's output, as given
+
+    closed = board.task(origin)
+    assert closed["status"] == "completed"
+    assert closed["result"]["output"] == f"pipeline partial; summary {result.summary_path}"
+    assert closed["history"][-1]["note"].startswith("build pipeline partial")
+    # Every file in the folder passes the tools' checks, and none carries a token.
+    files = our_files(board.queue_dir)
+    assert len(files) == 6  # five agent tasks and the originating task
+    for path, text, record in files:
+        assert validate_task(record, path.name) == [], path.name
+        assert "task_token" not in text, path.name
+        if record["source_agent"] == "temporal-worker":
+            assert_schema_valid(record)
+    modes = {stat.S_IMODE(path.stat().st_mode) for path, _, _ in files}
+    assert modes <= {0o600, 0o644}  # ours 0600; the tools' rewrites take their umask
+
+
+async def _decided(handle: WorkflowHandle[Any, Any]) -> bool:
+    return (await status_of(handle)).decision == "approved"
+
+
+async def test_cancel_rejects_and_the_originating_task_stays_cancelled(
+        board: Board, client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id, triage=FLAG_AND_BLOCK)
+    await agents.run(lambda: board.task(origin)["status"] == PENDING_APPROVAL)
+    cancelled = board.tools.cancel(origin, note="not shipping this")
+    assert cancelled["ok"], cancelled
+    result = await handle.result()
+    assert (result.outcome, result.decision) == ("rejected", "rejected")
+    left = board.task(origin)
+    assert left["status"] == "cancelled"
+    assert left["result"]["completed_by"] == "operator"  # the tools' close, not ours
+
+
+async def test_a_dead_lettered_task_fails_its_stage_at_once(board: Board,
+                                                          client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    # The prefab task, written: the dispatcher cannot route it and gives up at once.
+    giving_up = Dispatcher(board.queue_dir, start_script=board.queue_dir / "none",
+                           log_dir=board.queue_dir.parent / "logs", max_retries=0)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    reason = "No agent found for task_type=build"
+    warned_at = time.monotonic()
+    giving_up.fail_routing(prefab["id"], reason)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 15)
+    assert time.monotonic() - warned_at < 5.0
+    assert reason in str(failed.value.cause)
+    status = await status_of(handle)
+    assert status.failed_stage == PREFAB_SCAFFOLDING
+    assert reason in (status.error or "")
+    assert board.task(origin)["status"] == "failed"  # closed: the pipeline ended failed
+
+
+async def test_a_routing_failure_is_a_warning_while_the_dispatcher_retries(
+        board: Board, client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    board.dispatcher.fail_routing(prefab["id"], "no run slot for claudebox")
+
+    async def warned() -> list[str]:
+        return [w for w in (await status_of(handle)).warnings if "no run slot" in w]
+
+    warnings = await poll_async(warned, timeout=5, what="the routing warning")
+    assert prefab["id"] in warnings[0]
+    assert "retries" in warnings[0]
+    await handle.cancel()
+
+
+async def test_cli_and_tools_close_once_whichever_is_first(board: Board,
+                                                           client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id)
+    # prefab: closed with the tools, then the agent also runs the task's own command.
+    await agents.run(lambda: PREFAB_SCAFFOLDING in agents.closed)
+    path = Path(read_path(board, handle.id, PREFAB_SCAFFOLDING))
+    command = read_task(path)["payload"]["complete_command"]
+    cli_env = {"PATH": "/usr/bin:/bin", "HOME": board.env["HOME"]}
+    repeat = await asyncio.to_thread(run_cli, [*command[2:], "success", "again"], cli_env)
+    assert repeat.returncode == 0, repeat.stderr
+    assert "nothing to do" in repeat.stdout
+    # implement: completed with the CLI alone (no token in the file), after the file was
+    # moved to archive/ by the tools: its command still finds it.
+    implement = await poll(lambda: _task_of(board, handle.id, IMPLEMENT_BUILD), 20,
+                           what="the implement task")
+    moved = Path(read_path(board, handle.id, IMPLEMENT_BUILD))
+    (board.queue_dir / "archive").mkdir(exist_ok=True)
+    moved.rename(board.queue_dir / "archive" / moved.name)
+    command = implement["payload"]["complete_command"]
+    done = await asyncio.to_thread(run_cli, [*command[2:], "success", "built"], cli_env)
+    assert done.returncode == 0, done.stderr
+    await poll_async(lambda: _stage_done(handle, IMPLEMENT_BUILD), 10, what="implement done")
+    # The prefab file again: its stage is over, so it completes nothing (exit 3).
+    stale = await asyncio.to_thread(run_cli, [*command[2:3], str(path), "failed", "x"],
+                                    cli_env)
+    assert stale.returncode == 3, stale.stderr
+    assert "not waiting on task" in stale.stderr
+    await handle.cancel()
+
+
+def _task_of(board: Board, workflow_id: str, stage: str) -> dict[str, Any] | None:
+    for task in board.tools.list_tasks(limit=200):
+        payload = task.get("payload") or {}
+        if payload.get("workflow_id") == workflow_id and payload.get("stage") == stage:
+            return task
+    return None
+
+
+def read_path(board: Board, workflow_id: str, stage: str) -> str:
+    for path, _, record in our_files(board.queue_dir):
+        payload = record.get("payload") or {}
+        if payload.get("workflow_id") == workflow_id and payload.get("stage") == stage:
+            return str(path)
+    raise AssertionError(f"no {stage} task file of {workflow_id}")
+
+
+async def _stage_done(handle: WorkflowHandle[Any, Any], stage: str) -> bool:
+    return stage in (await status_of(handle)).stages_done
