@@ -7,7 +7,9 @@ tests/histories/ holds one folder per shape of history:
 - `polled-stage7/`: this service before block decisions became event-driven (stage 7
   polled the originating task with a retried activity);
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
-- `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
+- `local-inline/`: stages 4 and 9 as local activities;
+- `pickup-limits/`: the current shape, agent stages watched by the workflow (pickup
+  timers and reminders, the work limit from the claim), plus those two paths (record anew:
   python -m tests.record_histories).
 
 Replays run in the SDK's workflow sandbox (the Replayer's default), which worker.py skips
@@ -25,7 +27,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from vocabulary import WAIT_FOR_BLOCK_RESOLUTION
+from vocabulary import PREFAB_SCAFFOLDING, REMIND_PICKUP, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
 
@@ -40,8 +42,10 @@ REQUIRED = {
     "polled-stage7": OURS,
     "event-driven": OURS,
     "local-inline": OURS,
+    "pickup-limits": (*OURS, "pipeline_pickup_reminded", "pipeline_work_limit"),
 }
-FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
+FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure",
+           "pipeline_work_limit")
 STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
 
 
@@ -78,7 +82,8 @@ async def test_history_replays_against_current_code(name: str) -> None:
 
 def test_event_driven_histories_park_without_an_activity() -> None:
     """The current shape of stage 7: no check activity at all, the deadline timer only."""
-    for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline")
+    for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline",
+                                                       "pickup-limits")
                          for stem in ("pipeline_approved_task_file", "pipeline_rejected",
                                       "pipeline_timed_out")]:
         events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
@@ -111,3 +116,26 @@ def test_current_histories_run_stages_4_and_9_locally() -> None:
             stem
         old, _ = shape("event-driven", stem)
         assert {"process_triage_output", "summarize_workflow"} <= set(old), stem
+
+
+def scheduled_and_timers(folder: str, stem: str) -> tuple[list[str], list[str], list[dict]]:
+    events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
+    scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                 for e in events if "activityTaskScheduledEventAttributes" in e]
+    timers = [json.loads(base64.b64decode(e["userMetadata"]["summary"]["data"]))
+              for e in events if "timerStartedEventAttributes" in e]
+    return scheduled, timers, events
+
+
+def test_pickup_limit_histories_watch_their_agents() -> None:
+    """The current shape: each agent stage beside a pickup-limit timer; a reminder once
+    it passes; a claimed task's work limit, which cancels the stage when it passes."""
+    scheduled, timers, _ = scheduled_and_timers("pickup-limits", "pipeline_pickup_reminded")
+    assert REMIND_PICKUP in scheduled
+    assert f"pickup limit of {PREFAB_SCAFFOLDING}" in timers
+    assert f"work limit of {PREFAB_SCAFFOLDING}" in timers
+    scheduled, timers, events = scheduled_and_timers("pickup-limits", "pipeline_work_limit")
+    assert timers[-1] == f"work limit of {PREFAB_SCAFFOLDING}"
+    assert any("activityTaskCancelRequestedEventAttributes" in e for e in events)
+    _, old_timers, _ = scheduled_and_timers("local-inline", "pipeline_clean")
+    assert not [t for t in old_timers if "limit of" in t]
