@@ -191,6 +191,10 @@ async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:
     assert (summary["outcome"], summary["blocks_hit"], summary["flags_applied"]) == \
         ("partial", 1, 0)
     assert summary["phases_completed"] == ["prefab", "implement", "audit", "triage", "close"]
+    [wait] = summary["time"]["decision_waits"]  # where the time went: the block's wait
+    assert (wait["ended_by"], wait["decided_by"], wait["decision_source"]) == \
+        ("approved_by_task_file", "task file", "task_file")
+    assert 0 < wait["seconds"] <= summary["time"]["totals"]["build_seconds"]
     task = load_yaml(origin)
     assert "awaiting_decision" not in task  # recorded, so no watcher acts on it again
     assert task["history"][-1]["note"].startswith("approved via task file (claims to be ted)")
@@ -223,6 +227,9 @@ async def test_blocks_deadline_times_out(pipeline: PipelineEnv) -> None:
     summary = summary_of(result)
     assert summary["outcome"] == "timed_out"
     assert summary["counts"]["blocks"] == 1
+    [wait] = summary["time"]["decision_waits"]
+    assert (wait["ended_by"], wait["decided_by"]) == ("timed_out", None)
+    assert wait["seconds"] >= 2
 
 
 async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: PipelineEnv) -> None:
