@@ -423,8 +423,11 @@ async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -
     await cancelled.cancel()
     with pytest.raises(WorkflowFailureError):
         await cancelled.result()
-    with pytest.raises(WorkflowFailureError):
+    with pytest.raises(WorkflowFailureError) as slow:
         await timed_out.result()
+    # Nobody claimed it: only the overall limit (agent_timeout_seconds) ends the stage.
+    assert "nobody claimed task" in str(slow.value.cause)
+    assert "within the stage's overall limit of 1.5s" in str(slow.value.cause)
 
     task = load_yaml(implement)
     assert task["status"] == "cancelled"
