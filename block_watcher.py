@@ -20,6 +20,7 @@ claimed. BLOCK_FILE_DECISIONS=false turns this path off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -31,8 +32,9 @@ from typing import Any
 import watchfiles
 from pydantic import ValidationError
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
-from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_close
+from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_claim, may_close
 from config import WorkerConfig
 from decisions import deliver_decision
 from exceptions import (
@@ -44,7 +46,12 @@ from exceptions import (
 )
 from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision, TaskNotice
-from policies import TASK_CLOSE_RPC_TIMEOUT
+from policies import (
+    TASK_CLOSE_RETRY_FIRST,
+    TASK_CLOSE_RETRY_MAX,
+    WATCH_RESTART_FIRST,
+    WATCH_RESTART_MAX,
+)
 from task_files import (
     AWAITING_DECISION,
     MAX_TASK_FILE_BYTES,
@@ -57,8 +64,15 @@ from task_files import (
     shown_path,
 )
 from visible_text import visible_line
-from vocabulary import APPROVED, DEAD_LETTERS_DIR, DECIDING_STATUSES, TASK_NOTICE_SIGNAL
+from vocabulary import (
+    APPROVED,
+    BLOCK_VERDICTS_FIELD,
+    CHANGES_REQUESTED,
+    DEAD_LETTERS_DIR,
+    DECIDING_STATUSES,
+)
 from workflows.build_pipeline_workflow import validation_message
+from workflows.rounds import file_decision
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +84,8 @@ MAX_DELIVERIES_IN_FLIGHT = 64
 MAX_DEFERRED = 1000
 MAX_NOTICE_CHARS = 300
 MAX_SETTLED = 10_000
+UNREACHABLE = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
+                         RPCStatusCode.CANCELLED})
 
 
 def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
@@ -88,9 +104,18 @@ def pending_decision(task: dict[str, Any]) -> tuple[str, str | None, Decision,
     decision: Decision = "approved" if status == APPROVED else "rejected"
     if status != decision:
         note = f"task status {status}" + (f": {note}" if note else "")
+    changes = task.get(CHANGES_REQUESTED)
+    if isinstance(changes, str) and changes.strip():
+        note = changes  # the note the build agent gets with the blocks to change
     note = visible_line(note, MAX_DECISION_NOTE_CHARS)
+    verdicts = task.get(BLOCK_VERDICTS_FIELD)
+    round_no = waiter.get("round")
     choice = BlockDecision(decided_by="task file", source="task_file", note=note,
-                           claimed_by=actor or None, task_id=task_id)
+                           claimed_by=actor or None, task_id=task_id,
+                           verdicts=verdicts if verdicts is not None else {},
+                           round=round_no if isinstance(round_no, int) else None)
+    decision = file_decision(decision, choice.verdicts,
+                             changes if isinstance(changes, str) and changes.strip() else None)
     return workflow_id, run_id if isinstance(run_id, str) and run_id else None, decision, choice
 
 
@@ -125,7 +150,10 @@ class BlockDecisionWatcher:
         except (TaskFileError, FileIoStalledError) as err:
             log.debug("task_file_skipped", extra={"task_file": str(path), "error": str(err)})
             return
-        closing, deciding = may_close(raw), AWAITING_DECISION.encode() in raw
+        closing = self.config.platform_dialect and may_close(raw)
+        deciding = self.config.file_decisions and AWAITING_DECISION.encode() in raw
+        # Claims in both dialects: v0.5.0's agents set the status themselves.
+        closing = closing or may_claim(raw)
         if not (closing or deciding):
             return  # agent task files (nearly every write) are not parsed at all
         seen = (str(path), hash(raw))
@@ -185,14 +213,15 @@ class BlockDecisionWatcher:
         log.warning("decision_file_unreadable", extra={"task_file": str(path),
                                                        "error": error[:300]})
         named = waiting_run(raw)
-        if named is None:
+        seen = (str(path), hash(raw))
+        if named is None or seen in self._settled:
             return
+        self._settle(seen)
         workflow_id, task_id = named
         notice = TaskNotice(task_id=task_id, kind="decision_file_unreadable",
                             detail=error[:MAX_NOTICE_CHARS])
         try:
-            await self.client.get_workflow_handle(workflow_id).signal(
-                TASK_NOTICE_SIGNAL, notice, rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
+            await self.closes.notify(workflow_id, None, notice)
         except Exception as err:  # a notice is best effort; the WARNING above stands
             log.debug("task_notice_not_sent", extra={"workflow_id": workflow_id,
                                                      "error": f"{type(err).__name__}"})
@@ -202,7 +231,10 @@ class BlockDecisionWatcher:
         key = (closed.workflow_id, closed.activity_id, closed.status)
         if key in self._closing:
             return
-        problem = await self._not_the_task(path, closed.task_id)
+        # The dispatcher writes a refused launch's record to `<full id>.yml` (beside the
+        # task's own file, which stays `approved`), and dead-letters that record too.
+        own_record = path.name == f"{closed.task_id}{TASK_SUFFIX}"
+        problem = "" if own_record else await self._not_the_task(path, closed.task_id)
         if problem:
             log.warning("task_close_refused", extra={"task_file": str(path), "error": problem})
             return
@@ -215,18 +247,38 @@ class BlockDecisionWatcher:
     async def _close(self, key: tuple[str, str, str], closed: ClosedTask,
                      seen: tuple[str, int]) -> None:
         try:
-            outcome = await self.closes.apply(closed)
+            outcome = await self._apply_when_reachable(closed)
         except Exception as err:  # one close must never end the watcher; the rescan retries
             log.warning("task_close_not_applied", extra={
                 "workflow_id": closed.workflow_id, "task_id": closed.task_id,
                 "error": f"{type(err).__name__}: {str(err)[:200]}"})
         else:
             if outcome != "noticed":
-                self._settled[seen] = None
-                if len(self._settled) > MAX_SETTLED:
-                    self._settled.popitem(last=False)
+                self._settle(seen)
         finally:
             del self._closing[key]
+
+    def _settle(self, seen: tuple[str, int]) -> None:
+        self._settled[seen] = None
+        if len(self._settled) > MAX_SETTLED:
+            self._settled.popitem(last=False)
+
+    async def _apply_when_reachable(self, closed: ClosedTask) -> str:
+        """Apply a close; while the server cannot be reached (a restart, an upgrade) try
+        again with capped backoff, so a task closed during an outage finishes its stage
+        as soon as the server is back."""
+        delay = TASK_CLOSE_RETRY_FIRST.total_seconds()
+        while True:
+            try:
+                return await self.closes.apply(closed)
+            except (RPCError, RuntimeError) as err:
+                if isinstance(err, RPCError) and err.status not in UNREACHABLE:
+                    raise
+                log.info("task_close_waits_for_server", extra={
+                    "workflow_id": closed.workflow_id, "task_id": closed.task_id,
+                    "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TASK_CLOSE_RETRY_MAX.total_seconds())
 
     def _in_flight(self, target: tuple[str, str | None], path: Path) -> bool:
         """Whether a decision for this run is on its way; if so, `path` is looked at
@@ -299,21 +351,25 @@ class BlockDecisionWatcher:
     async def run(self, stop: asyncio.Event) -> None:
         if not self.config.file_decisions:
             log.info("file_decisions_off", extra={"task_queue_dir": str(self.folder)})
-            return
+            if not self.config.platform_dialect:
+                return  # nothing else to watch for: v050 agents report with the CLI
         try:
             await asyncio.to_thread(ensure_private_dir, self.folder)
         except DiskWriteError as err:
             # Watching only reads: a full or read-only folder is watched as it is.
             log.warning("decision_watch_folder_unwritable", extra={"error": str(err)})
+        folders = [self.folder]
+        if self.config.platform_dialect:
+            folders += await asyncio.to_thread(self._dead_letters_folder)
         rescans = asyncio.create_task(self._rescan_forever(stop))
         log.info("decision_watch_started", extra={"task_queue_dir": str(self.folder),
                                                   "polling": self.config.watch_polling})
         try:
             await self.scan()
-            # Recursive for dead-letters/, where the dispatcher moves tasks it gives up
-            # on; the filter keeps the other folders' events out.
+            # Not recursive: a link planted in the folder must not walk the watch over
+            # the whole filesystem; dead-letters/ (the dispatcher's) is watched itself.
             async for changes in watchfiles.awatch(
-                    self.folder, stop_event=stop, recursive=True, debounce=DEBOUNCE_MS,
+                    *folders, stop_event=stop, recursive=False, debounce=DEBOUNCE_MS,
                     step=DEBOUNCE_MS, force_polling=self.config.watch_polling,
                     poll_delay_ms=POLL_DELAY_MS, ignore_permission_denied=True,
                     watch_filter=partial(_task_file_written, self._watched)):
@@ -323,6 +379,17 @@ class BlockDecisionWatcher:
             rescans.cancel()
             for delivery in [*self._deliveries.values(), *self._closing.values()]:
                 delivery.cancel()
+
+    def _dead_letters_folder(self) -> list[Path]:
+        """dead-letters/, made (0700) if the dispatcher has not made it yet, so it can be
+        watched from the start; a link or a file in its place is not watched."""
+        folder = self.folder / DEAD_LETTERS_DIR
+        try:
+            ensure_private_dir(folder, base=self.folder)
+        except TaskFileError as err:
+            log.warning("dead_letters_not_watched", extra={"error": str(err)[:300]})
+            return []
+        return [folder]
 
     async def _rescan_forever(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -357,9 +424,16 @@ async def watch_block_decisions(client: Client, config: WorkerConfig,
                                 stop: asyncio.Event) -> None:
     """Run the watcher until `stop`; a failure is logged, never raised (the worker goes
     on serving; Updates still decide)."""
-    try:
-        await BlockDecisionWatcher(client, config).run(stop)
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:  # a broken watch must not stop the worker
-        log.error("decision_watch_failed", extra={"error": f"{type(err).__name__}: {err}"})
+    pause = WATCH_RESTART_FIRST.total_seconds()
+    while not stop.is_set():
+        try:
+            await BlockDecisionWatcher(client, config).run(stop)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a broken watch must not stop the worker: started again
+            log.error("decision_watch_failed", extra={
+                "error": f"{type(err).__name__}: {str(err)[:300]}", "restart_in_seconds": pause})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+        pause = min(pause * 2, WATCH_RESTART_MAX.total_seconds())

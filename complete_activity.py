@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
-    from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+    from temporalio.client import WorkflowExecutionStatus
     from temporalio.exceptions import ApplicationError
     from temporalio.service import RPCError, RPCStatusCode
 except ImportError:
@@ -48,6 +48,7 @@ except ImportError:
     sys.exit(2)
 
 import policies
+from closed_tasks import waited_task_id
 from config import (
     TASK_CONNECTION_FACTS,
     VAULT_VARS,
@@ -67,7 +68,7 @@ from exceptions import (
 )
 from models import BuildPhaseResult
 from task_files import add_history, read_agent_file, read_task, task_time, update_task
-from vocabulary import COMPLETED, FAILED, PHASE_FAILED, STATUS_QUERY, TASK_SEARCH_SUBDIRS
+from vocabulary import COMPLETED, FAILED, PHASE_FAILED, TASK_SEARCH_SUBDIRS
 
 STATUSES = ("success", "failed")
 
@@ -321,6 +322,7 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
     if err.status == RPCStatusCode.INVALID_ARGUMENT:
         return UsageError(f"the server rejected the task token as malformed ({first})")
     if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
+                      RPCStatusCode.CANCELLED,  # the client's own time limit ran out
                       RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
         return ConnectError(f"Temporal server refused or did not answer: {err.status.name} "
                             f"({first})")
@@ -330,27 +332,27 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
 async def check_waiting_on(client: Any, ids: ActivityIds, config: WorkerConfig,
                            origin: Mapping[str, str]) -> None:
     """A task file without a token completes only the stage its run waits on now: the
-    run must be running and say (get_status) that it waits on this very task."""
+    run must be running with the file's activity pending, scheduled (as its history
+    records) for this very task. Read from the server alone: no worker need be up."""
     handle = client.get_workflow_handle(ids.workflow_id, run_id=ids.run_id)
+    gone = ActivityGoneError(f"workflow {ids.workflow_id} is not waiting on task "
+                             f"{ids.task_id}: a task of an earlier attempt, another stage "
+                             f"or an ended run completes nothing")
     try:
         described = await handle.describe(rpc_timeout=policies.CLI_RPC_TIMEOUT)
         if described.status != WorkflowExecutionStatus.RUNNING:
             raise ActivityGoneError(f"workflow {ids.workflow_id} has ended "
                                     f"({described.status.name.lower()}); task {ids.task_id} "
                                     f"completes nothing")
-        status = await handle.query(STATUS_QUERY, rpc_timeout=policies.CLI_RPC_TIMEOUT)
+        if ids.activity_id not in {activity.activity_id for activity in
+                                   described.raw_description.pending_activities}:
+            raise gone
+        waited = await waited_task_id(handle, ids.workflow_id, ids.run_id, ids.activity_id,
+                                      policies.CLI_RPC_TIMEOUT)
     except RPCError as err:
         raise rpc_error(err, config, origin) from None
-    except WorkflowQueryFailedError as err:
-        raise CompletionError(f"workflow {ids.workflow_id} did not say what it waits on: "
-                              f"{str(err)[:200]}") from None
-    waiting = status.get("waiting_on") if isinstance(status, dict) else None
-    waited = waiting.get("task_id") if isinstance(waiting, dict) else None
     if waited != ids.task_id:
-        raise ActivityGoneError(f"workflow {ids.workflow_id} is not waiting on task "
-                                f"{ids.task_id} (it waits on "
-                                f"{'task ' + str(waited)[:80] if waited else 'no agent task'}): "
-                                f"a task of an earlier attempt or stage completes nothing")
+        raise gone
 
 
 async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes | ActivityIds,
@@ -443,15 +445,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"task file was not updated: {err}", file=sys.stderr)
                 return 1
     except CompletionError as err:
-        print(f"complete_activity: {err}", file=sys.stderr)
+        # Exit 4 is for the agent to act on: the same command works once the server is
+        # back, and the task file is untouched until then.
+        advice = "; retry later" if err.exit_code == ConnectError.exit_code else ""
+        print(f"complete_activity: {err}{advice}", file=sys.stderr)
         return err.exit_code
     except ConfigError as err:
         print(f"complete_activity: configuration error: {err}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"complete_activity: no answer from Temporal within {OVERALL_TIMEOUT_SECONDS:.0f}s",
-              file=sys.stderr)
-        return 4
+        print(f"complete_activity: no answer from Temporal within "
+              f"{OVERALL_TIMEOUT_SECONDS:.0f}s; retry later", file=sys.stderr)
+        return ConnectError.exit_code
     print(f"complete_activity: activity {'completed' if status == 'success' else 'failed'}")
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from exceptions import ConfigError
+from models import MAX_REAUDIT_ROUNDS
 from models import NAME_RE as NAME_PATTERN
 from vocabulary import DEFAULT_TASK_QUEUE, DIALECT_PLATFORM, DIALECTS, WORKFLOW_MODES
 
@@ -52,6 +53,7 @@ ENV_FIELDS: dict[str, str] = {
     "TEMPORAL_MAX_CONCURRENT_WORKFLOW_TASKS": "max_concurrent_workflow_tasks",
     "TEMPORAL_MAX_CACHED_WORKFLOWS": "max_cached_workflows",
     "WORKER_SHUTDOWN_GRACE_SECONDS": "shutdown_grace_seconds",
+    "WORKER_STARTUP_WAIT_SECONDS": "startup_wait_seconds",
     "WORKER_STATUS_FILE": "status_file",
     "WORKER_ENV_FILE": "worker_env_file",
     "MATRIX_APPROVERS": "matrix_approvers",
@@ -64,6 +66,7 @@ ENV_FIELDS: dict[str, str] = {
     "DEFAULT_TARGET_AGENT": "default_target_agent",
     "AGENT_ROSTER_FILE": "agent_roster_file",
     "AGENT_BUS_COMMS_DIR": "agent_bus_comms_dir",
+    "REAUDIT_ROUNDS": "reaudit_rounds",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
@@ -112,6 +115,8 @@ class WorkerConfig(BaseModel):
     summary_dir: Path = Field(default_factory=lambda: _home().joinpath(*HOME_DIRS["summary_dir"]))
     prefab_agent: str = "claudebox"
     security_agent: str = "security-agent"
+    # Re-audits after fixes, for pipelines whose input does not say (0: audit once).
+    reaudit_rounds: int = Field(default=0, ge=0, le=MAX_REAUDIT_ROUNDS)
     matrix_room: str = "sysadmin"
     matrix_homeserver: str | None = None
     matrix_access_token_file: Path | None = None
@@ -132,7 +137,12 @@ class WorkerConfig(BaseModel):
     # (measured: 1000 parked, RSS 322 MB at the SDK default of 1000, 158 MB at 200).
     max_cached_workflows: int | None = Field(default=200, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
-    # Optional JSON file monitors read: {"state": "ready"|"stopping"|"stopped", ...}.
+    # How long the worker waits at start for an unreachable Temporal server or Vault
+    # (retrying with capped backoff) before it exits 4: long enough for a reboot or an
+    # upgrade to bring them up after the worker; 0 = one attempt.
+    startup_wait_seconds: float = Field(default=900.0, ge=0, le=86400)
+    # Optional JSON file monitors read: {"state": "waiting"|"ready"|"stopping"|"stopped",
+    # "reason" while waiting, ...}.
     status_file: Path | None = None
     # The env file pm2 loads (ecosystem.config.js); complete_activity.py reads credentials
     # (the Vault variables) from it when its own environment lacks them.

@@ -24,17 +24,26 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from models import BlockDecision, Decision
 from policies import DECISION_DELIVERY_TIMEOUT, DECISION_DESCRIBE_TIMEOUT
-from vocabulary import BUILD_PIPELINE_WORKFLOW
+from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
+    BUILD_PIPELINE_WORKFLOW,
+    REJECT_BLOCKS_UPDATE,
+    REQUEST_CHANGES_UPDATE,
+)
 
 log = logging.getLogger(__name__)
 
-UPDATE_NAMES: dict[Decision, str] = {"approved": "approve_blocks", "rejected": "reject_blocks"}
+UPDATE_NAMES: dict[Decision, str] = {"approved": APPROVE_BLOCKS_UPDATE,
+                                     "rejected": REJECT_BLOCKS_UPDATE,
+                                     "changes_requested": REQUEST_CHANGES_UPDATE}
 Delivery = Literal["applied", "refused", "gone", "unanswered"]
 
 
-def update_id(workflow_id: str, run_id: str | None) -> str:
-    """One id per waiting run: duplicates of a decision collapse into the first."""
-    return f"block-decision/{run_id or workflow_id}"
+def update_id(workflow_id: str, run_id: str | None, round_no: int | None = None) -> str:
+    """One id per waiting run and audit round: duplicates of a decision collapse into the
+    first, and a later round's blocks (after a re-audit) wait on a decision of their own."""
+    base = f"block-decision/{run_id or workflow_id}"
+    return f"{base}/round-{round_no}" if round_no and round_no > 1 else base
 
 
 async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | None,
@@ -69,7 +78,8 @@ async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | No
         return "refused"
     try:
         applied = await asyncio.wait_for(handle.execute_update(
-            UPDATE_NAMES[decision], choice, id=update_id(workflow_id, run_id), result_type=str),
+            UPDATE_NAMES[decision], choice, id=update_id(workflow_id, run_id, choice.round),
+            result_type=str),
             limit)
     except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
         # The SDK turns wait_for's cancel into its own error; a cancel of this task (the
@@ -92,7 +102,9 @@ async def deliver_decision(client: Client, *, workflow_id: str, run_id: str | No
                                                     "source": choice.source})
             return "gone"
         raise
-    if applied != decision:
+    # With verdicts the answer is the decision they add up to (a block to change turns
+    # an approval into changes requested); otherwise another answer is an earlier one.
+    if applied != decision and not choice.verdicts:
         # One Update id per run: Temporal answered with the decision taken before.
         log.info("decision_refused", extra={"workflow_id": workflow_id, "decision": decision,
                                             "source": choice.source,

@@ -63,12 +63,17 @@ module.exports = {
       instances: 1,
       env: { ...fileEnv, ...envFileSetting, PYTHONUNBUFFERED: "1" },
       autorestart: true,
-      // 100 ms, doubling up to pm2's 15 s cap; reset once the worker stays up.
+      // 100 ms, ×1.5 per restart up to pm2's 15 s cap; reset once the worker stays up 30 s.
       exp_backoff_restart_delay: 100,
+      // pm2 gives up (errored) after 10 restarts that each lived < 30 s. A Temporal
+      // server or Vault that is not up yet costs none of them: the worker waits for it
+      // (WORKER_STARTUP_WAIT_SECONDS, 15 min by default) and exits 4 only after that,
+      // which pm2 counts as a stable run and restarts, so the worker waits again.
       max_restarts: 10,
       min_uptime: "30s",
-      // Exit 2 is a configuration error: restarting cannot fix it.
-      stop_exit_codes: [2],
+      // Exit 2 (a bad setting, an unknown namespace) and 3 (credentials refused or not
+      // usable) need an operator: restarting cannot fix them.
+      stop_exit_codes: [2, 3],
       kill_timeout: Math.ceil(graceSeconds * 1000) + 15000,
       treekill: true,
       merge_logs: true,

@@ -46,6 +46,25 @@ class CredentialSettingError(CredentialError):
     refused. Fixing VAULT_ROLE_ID / VAULT_SECRET_ID_FILE helps; waiting does not."""
 
 
+class VaultUnavailableError(CredentialError):
+    """Vault did not answer, or answered that it is sealed or cannot serve: waiting (a
+    reboot, an unseal) may cure it, so the worker retries it at start."""
+
+
+class TlsHandshakeError(CredentialError, RuntimeError):
+    """The TLS handshake with Temporal failed for a reason no wait cures (an untrusted
+    certificate, a name not on it, plaintext at the address). Still a RuntimeError, as
+    every other failed connect is."""
+
+
+class DependencyUnavailableError(BuildWorkerError):
+    """Temporal or Vault was still unreachable when WORKER_STARTUP_WAIT_SECONDS ran out."""
+
+    def __init__(self, cause: str, attempts: int, waited_seconds: float) -> None:
+        super().__init__(cause)
+        self.cause, self.attempts, self.waited_seconds = cause, attempts, waited_seconds
+
+
 class TaskFileError(BuildWorkerError):
     """A task file could not be read, parsed, written or found."""
 

@@ -1,7 +1,8 @@
 """Decide parked blocks from the Matrix room the block notices go to.
 
-An operator listed in MATRIX_APPROVERS replies to a block notice with `approve …` or
-`reject …` (the rest is the note), or reacts to it with ✅ / ❌. The listener long-polls
+An operator listed in MATRIX_APPROVERS replies to a block notice with `approve …`,
+`reject …` or `changes …` (the rest is the note; changes go back to the build agent
+when the pipeline has a re-audit round left), or reacts to it with ✅ / ❌. The listener long-polls
 the room through /sync, fetches the notice a reply or reaction points at, reads the
 pipeline it names from the notice's own content (PIPELINE_CONTENT_KEY, written by stage 6),
 and hands the decision to decisions.deliver_decision, the one path every decision takes.
@@ -68,13 +69,14 @@ MAX_REACTION_KEY_CHARS = 16
 NOTICE_CACHE_SIZE = 512
 REFUSAL_INTERVAL_SECONDS = 60.0
 DECISION_WORDS: dict[str, Decision] = {"approve": "approved", "approved": "approved",
-                                       "reject": "rejected", "rejected": "rejected"}
+                                       "reject": "rejected", "rejected": "rejected",
+                                       "changes": "changes_requested"}
 REACTIONS: dict[str, Decision] = {"✅": "approved", "❌": "rejected"}
 REFUSAL_TEXT = ("Only the operators listed in MATRIX_APPROVERS may approve or reject blocks "
                 "from this room; nothing was changed.")
 # The word, then only separators: "approve: fine" decides, "approve?" and "approves" don't.
-_DECISION_RE = re.compile(r"(approved|approve|rejected|reject)(?:$|[\s:,.;!—–-]+)(.*)",
-                          re.I | re.S)
+_DECISION_RE = re.compile(
+    r"(approved|approve|rejected|reject|changes)(?:$|[\s:,.;!—–-]+)(.*)", re.I | re.S)
 _ID_RE = re.compile(r"[!-~]+")  # printable ASCII, no spaces: Matrix ids and event ids
 TRANSIENT_RPC = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
                            RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.ABORTED,
@@ -242,7 +244,8 @@ class RoomListener:
                 await self._refuse(wanted)
             return
         log.info("chat_decision", extra={**fields, "catching_up": catching_up})
-        choice = BlockDecision(note=wanted.note, decided_by=wanted.sender, source="matrix")
+        choice = BlockDecision(note=wanted.note, decided_by=wanted.sender, source="matrix",
+                               round=notice.round)
         try:
             await deliver_decision(self.client, workflow_id=notice.workflow_id,
                                    run_id=notice.run_id, decision=wanted.decision, choice=choice,

@@ -29,10 +29,19 @@ NAME_MAX = 63
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SEVEN_DAYS_SECONDS = 7 * 24 * 3600
 DEFAULT_BLOCK_POLL_SECONDS = 30.0
+# Re-audits after fixes a pipeline may run (BuildPipelineInput.reaudit_rounds,
+# REAUDIT_ROUNDS): each one is an agent's audit and an agent's fix, hours each.
+MAX_REAUDIT_ROUNDS = 5
+# Blocks a decision can name one by one (triage holds at most 200 findings).
+MAX_VERDICTS = 200
 
 # "partial": the build closed out after blocks were approved (v0.5.0's word for it).
 Outcome = Literal["success", "partial", "rejected", "timed_out", "failed", "cancelled"]
-Decision = Literal["approved", "rejected"]
+# changes_requested: the blocks go back to the target agent with a note, then through
+# audit and triage again (only while a re-audit round is left).
+Decision = Literal["approved", "rejected", "changes_requested"]
+# One block's verdict: accept the risk, reject the build over it, or have it changed.
+Verdict = Literal["accept", "reject", "change"]
 # Where a block decision came from: an operator's Update (tools, CLI), the originating
 # task file (anyone who can write the task folder), or an allowed approver in Matrix.
 DecisionSource = Literal["update", "task_file", "matrix"]
@@ -86,6 +95,9 @@ class BuildPipelineInput(BaseModel):
     # SECURITY_AGENT setting.
     prefab_agent: str | None = None
     security_agent: str | None = None
+    # Re-audits after fixes (flags, or changes an operator requested); unset means the
+    # worker's REAUDIT_ROUNDS setting (0: audit once, as v0.5.0 did).
+    reaudit_rounds: int | None = Field(default=None, ge=0, le=MAX_REAUDIT_ROUNDS)
 
     @field_validator("build_name")
     @classmethod
@@ -149,6 +161,9 @@ class BuildPlanInput(BaseModel):
 
     plan_name: str
     phases: list[PhaseSpec] = Field(min_length=1, max_length=200)
+    # The task the plan was filed as (the dispatcher's `workflow` task): linked to the run
+    # and closed when it ends, in the platform dialect. None: no such task.
+    task_id: str | None = Field(default=None, pattern=TASK_ID_RE.pattern)
 
     @field_validator("phases")
     @classmethod
@@ -334,11 +349,34 @@ class TriageResult(BaseModel):
         return not self.triage_path
 
 
+class AuditRound(BaseModel):
+    """One audit of a pipeline and what became of its findings."""
+
+    round: int = Field(ge=1)
+    blocks: list[Finding] = Field(default_factory=list)
+    flags: list[Finding] = Field(default_factory=list)
+    info: list[Finding] = Field(default_factory=list)
+    # Sent to the target agent after this audit: its flags, or the blocks an operator
+    # asked to have changed (with the operator's note).
+    sent_to_fix: list[Finding] = Field(default_factory=list)
+    changes_note: str | None = None
+    fix_output: str | None = None
+    # Filled in by the next audit: what it no longer found, and what it found again.
+    verified_fixed: list[Finding] = Field(default_factory=list)
+    still_present: list[Finding] = Field(default_factory=list)
+    # Flags of the last allowed audit: not sent for another unverified fix, decided as blocks.
+    escalated_to_blocks: list[Finding] = Field(default_factory=list)
+
+
 class AuditRequest(BaseModel):
     build_name: str
     plan_path: str
     target_agent: str
     task: AgentTaskRequest
+    # Round 1 is the first audit (request.md in the build's audit folder); later rounds
+    # are re-audits, each in a folder of its own, listing the previous round.
+    round: int = Field(default=1, ge=1)
+    previous: AuditRound | None = None
 
 
 class NotifyBlocksInput(BaseModel):
@@ -346,6 +384,11 @@ class NotifyBlocksInput(BaseModel):
     task_id: str
     workflow_id: str
     blocks: list[Finding]
+    # The audit round whose blocks wait (None: a run without audit rounds); decisions
+    # name it, so one for an earlier round never decides a later one.
+    round: int | None = None
+    # Whether the operators may request changes (a re-audit round is left).
+    changes_allowed: bool = False
 
 
 class NotifyBlocksResult(BaseModel):
@@ -354,6 +397,14 @@ class NotifyBlocksResult(BaseModel):
     originating_task_path: str | None = None
     # How an operator can decide, as this worker is configured (shown in status and UI).
     decision_paths: list[str] = Field(default_factory=list)
+
+
+class CloseOriginInput(BaseModel):
+    """The end of a plan: its filing task, how the plan ended, what to say in it."""
+
+    task_id: str
+    outcome: str
+    output: str
 
 
 class PrepareInput(BaseModel):
@@ -371,6 +422,8 @@ class PipelineSetup(BaseModel):
     security_agent: str
     originating_task_path: str | None = None
     warning: str | None = None
+    # REAUDIT_ROUNDS; 0 in setups recorded before the setting existed.
+    reaudit_rounds: int = 0
 
 
 class OpenTask(BaseModel):
@@ -411,6 +464,34 @@ class BlockDecision(BaseModel):
     # For file decisions: the id the deciding file carries. The pipeline refuses a file
     # decision whose file is not its originating task (None: sent by an earlier worker).
     task_id: str | None = Field(default=None, max_length=200)
+    # Per block, by its number in the decision (1-based) or its `id`: accept, reject or
+    # change. Blocks not named take the Update's own verdict (approve_blocks: accept,
+    # reject_blocks: reject, request_changes: change).
+    verdicts: dict[str, Verdict] = Field(default_factory=dict, max_length=MAX_VERDICTS)
+    # The audit round the decision is for (None: whichever waits now).
+    round: int | None = Field(default=None, ge=1)
+
+    @field_validator("verdicts", mode="before")
+    @classmethod
+    def _verdict_keys(cls, raw: Any) -> Any:
+        # YAML and Python callers write block numbers as integers.
+        if isinstance(raw, dict):
+            return {str(key).strip()[:200]: value for key, value in raw.items()}
+        return raw
+
+
+class BlockVerdict(BaseModel):
+    """One block's verdict as recorded: by whom, through which path, with which note."""
+
+    round: int
+    index: int
+    block_id: str | None = None
+    description: str
+    verdict: Verdict
+    decided_by: str
+    source: DecisionSource
+    claimed_by: str | None = None
+    note: str = ""
 
 
 class MatrixNoticeRef(BaseModel):
@@ -422,6 +503,8 @@ class MatrixNoticeRef(BaseModel):
     workflow_id: str = Field(min_length=1, max_length=1000)
     run_id: str = Field(min_length=1, max_length=100)
     task_id: str = Field(min_length=1, max_length=200)
+    # The audit round whose blocks the notice is about (1 in notices sent before rounds).
+    round: int = Field(default=1, ge=1, le=100)
 
     @field_validator("workflow_id", "run_id", "task_id")
     @classmethod
@@ -439,6 +522,7 @@ class RecordDecisionInput(BaseModel):
     source: DecisionSource = "update"
     claimed_by: str | None = None
     build_name: str | None = None  # for the platform's event; None from earlier runs
+    verdicts: list[BlockVerdict] = Field(default_factory=list)
 
 
 class PipelineStatus(BaseModel):
@@ -467,6 +551,25 @@ class PipelineStatus(BaseModel):
     adopted: bool = False
     # Where the time went so far (None from runs begun before pickup and work limits).
     time: TimeReport | None = None
+    # Audits so far (round 1 the first), the re-audits allowed, and every block verdict.
+    audit_round: int = 0
+    reaudit_rounds: int = 0
+    rounds: list[AuditRound] = Field(default_factory=list)
+    block_verdicts: list[BlockVerdict] = Field(default_factory=list)
+
+
+class Tally(BaseModel):
+    """What happened to the findings: the outcome's words beside `partial`."""
+
+    blocks_accepted: int = 0
+    blocks_rejected: int = 0
+    blocks_changed: int = 0
+    reaudits_run: int = 0
+    flags_verified_fixed: int = 0
+    # Flags whose fix no later audit checked (no re-audit allowed), or that a re-audit
+    # found again; every flag is verified fixed when this is 0.
+    flags_unverified: int = 0
+    all_flags_verified_fixed: bool = True
 
 
 class SummaryInput(BaseModel):
@@ -496,6 +599,9 @@ class SummaryInput(BaseModel):
     adopted: bool = False
     # Each agent task's written -> picked up -> done (empty from earlier runs).
     stage_times: list[StageTiming] = Field(default_factory=list)
+    rounds: list[AuditRound] = Field(default_factory=list)
+    block_verdicts: list[BlockVerdict] = Field(default_factory=list)
+    tally: Tally | None = None  # None from runs begun before it was counted
 
 
 class BuildPipelineResult(BaseModel):
@@ -513,3 +619,4 @@ class BuildPipelineResult(BaseModel):
     decision: Decision | None = None
     closeout_path: str | None = None
     summary_path: str | None = None
+    tally: Tally = Field(default_factory=Tally)

@@ -42,6 +42,8 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 
+from policies import OUTAGE_REPORT_INTERVAL
+
 if TYPE_CHECKING:
     from temporalio.client import Interceptor
 
@@ -96,6 +98,8 @@ OTLP_METRIC_PERIOD = timedelta(seconds=10)
 # core is per-poll chatter).
 CORE_LOGGER = "temporalio.core"
 CORE_LOG_FILTER = TelemetryFilter(core_level="WARN", other_level="ERROR")
+# Core modules whose warnings repeat for every retried call while the server is away.
+CORE_RETRY_TARGETS = ("temporalio_client::retry", "temporalio_sdk_core::worker::heartbeat")
 
 # Task tokens are capabilities: whoever reads one can complete that stage. The SDK logs
 # them at DEBUG ("Running activity X (token b'...')", "Completing activity with
@@ -194,6 +198,37 @@ class CoreLogFields(logging.Filter):
         record.core_fields = {
             str(key): REDACTED if "token" in str(key).lower() else _redact_arg(value)
             for key, value in fields.items()}
+        return True
+
+
+class CoreRetryChatter(logging.Filter):
+    """While the server is away the SDK core warns about every retried call ("gRPC call
+    poll_activity_task_queue retried 12 times", "Network error while sending worker
+    heartbeat"): about two lines a second from the pollers alone. reachability.py reports
+    the outage itself; of these, one per `interval` passes, carrying how many were
+    dropped before it (`similar_dropped`)."""
+
+    def __init__(self, interval: timedelta) -> None:
+        super().__init__()
+        self.interval = interval.total_seconds()
+        self.passed_at: float | None = None
+        self.dropped = 0
+
+    @staticmethod
+    def is_chatter(record: logging.LogRecord) -> bool:
+        entry = getattr(record, "temporal_log", None)
+        target = getattr(entry, "target", "") or ""
+        return target.startswith(CORE_RETRY_TARGETS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.is_chatter(record):
+            return True
+        now = time.monotonic()
+        if self.passed_at is not None and now - self.passed_at < self.interval:
+            self.dropped += 1
+            return False
+        record.similar_dropped = self.dropped
+        self.passed_at, self.dropped = now, 0
         return True
 
 
@@ -357,6 +392,10 @@ def configure_logging(level: str, log_file: Path | None, worker_id: str) -> None
         handler.addFilter(redaction)
         root.addHandler(handler)
     root.setLevel(level)
+    core_logger = logging.getLogger(CORE_LOGGER)
+    for old in [f for f in core_logger.filters if isinstance(f, CoreRetryChatter)]:
+        core_logger.removeFilter(old)
+    core_logger.addFilter(CoreRetryChatter(OUTAGE_REPORT_INTERVAL))
     # watchfiles reports every batch of changes at INFO ("2 changes detected"): noise.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # The SDK warns "Cannot find activity to cancel for token b'...'" through the

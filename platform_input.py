@@ -15,8 +15,8 @@ BuildPipelineWorkflow, key by key (every other key, such as `context_refs`, `pri
   plan_path        -> plan_path; absent: <PLAN_DIR>/<plan_name>.md; neither: refused
   target_agent     -> target_agent; absent: DEFAULT_TARGET_AGENT; neither: refused
   prefab_agent, security_agent, agent_timeout_seconds, pickup_timeout_seconds,
-  work_timeout_seconds, block_wait_timeout_seconds
-                   -> the same optional fields
+  work_timeout_seconds, block_wait_timeout_seconds,
+  reaudit_rounds   -> the same optional fields
   description      -> the run's summary in the Web UI (its first line)
   (workflow id)    -> task_id: the full id of the filing task, found in TASK_QUEUE_DIR by
                       the 8 characters the workflow id ends with (a `workflow` task of
@@ -50,7 +50,7 @@ ID8_RE = re.compile(r"[0-9a-f]{8}")
 # Optional BuildPipelineInput fields a filing task may set under the same name.
 PIPELINE_OPTIONAL_KEYS = ("prefab_agent", "security_agent", "agent_timeout_seconds",
                           "pickup_timeout_seconds", "work_timeout_seconds",
-                          "block_wait_timeout_seconds")
+                          "block_wait_timeout_seconds", "reaudit_rounds")
 PLAN_SUFFIX = ".md"
 SUMMARY_CHARS = 200
 MAX_INPUT_BYTES = 1024 * 1024
@@ -153,7 +153,7 @@ def pipeline_input(fields: dict[str, Any], task_id: str,
         raise _invalid("BuildPipelineWorkflow", err, {"build_name": "plan_name"}) from None
 
 
-def plan_input(fields: dict[str, Any]) -> BuildPlanInput:
+def plan_input(fields: dict[str, Any], task_id: str | None = None) -> BuildPlanInput:
     phases = fields.get("phases")
     if phases is None:
         raise refuse("input has no phases (a BuildPlanWorkflow needs a list of "
@@ -164,7 +164,7 @@ def plan_input(fields: dict[str, Any]) -> BuildPlanInput:
                   for phase in phases]
     try:
         return BuildPlanInput.model_validate({"plan_name": fields["plan_name"],
-                                              "phases": phases})
+                                              "phases": phases, "task_id": task_id})
     except ValidationError as err:
         raise _invalid(BUILD_PLAN_WORKFLOW, err, {}) from None
 

@@ -147,6 +147,20 @@ DECISION_DESCRIBE_TIMEOUT = timedelta(seconds=10)
 # Each call that applies a task closed with the platform's tools (describe, query,
 # complete by id): one slow server must not hold the folder watch's other work.
 TASK_CLOSE_RPC_TIMEOUT = timedelta(seconds=10)
+# A task closed while the server is away (a restart, an upgrade) is applied again after
+# 1 s, doubling up to 30 s: soon after the server is back, without a flood meanwhile.
+TASK_CLOSE_RETRY_FIRST = timedelta(seconds=1)
+TASK_CLOSE_RETRY_MAX = timedelta(seconds=30)
+# At most one notice (task_notice signal) per run and task in this time, whatever a file
+# in the folder is rewritten to say: each is a history event of that run.
+TASK_NOTICE_INTERVAL = timedelta(seconds=60)
+# How long a rewrite of a task file waits for task-queue-mcp's lock on that task (it holds
+# it for one read-modify-write, milliseconds); past that it goes on without.
+TASK_LOCK_WAIT = timedelta(seconds=5)
+# The folder watch, if it fails (a watch limit reached, a folder gone), starts again after
+# 1 s, doubling up to a minute, while the worker serves.
+WATCH_RESTART_FIRST = timedelta(seconds=1)
+WATCH_RESTART_MAX = timedelta(seconds=60)
 
 # Before stage 1 (a local activity): the worker's agent settings and a look for the
 # originating task. Short: it reads one folder.
@@ -185,6 +199,18 @@ CLI_RPC_TIMEOUT = timedelta(seconds=5)
 # counts that as a routing failure. Everything after start-up (Vault, connect, start)
 # must end within this, leaving the interpreter's start-up and exit a margin.
 DISPATCHER_START_DEADLINE = timedelta(seconds=20)
+
+# The worker waiting for Temporal or Vault at start: the first retry after this, each
+# next one twice as late, never later than the cap, so the worker polls within about
+# 15 s of the server coming up (WORKER_STARTUP_WAIT_SECONDS bounds the whole wait; a
+# WARNING per attempt is then 4 lines a minute).
+STARTUP_RETRY_FIRST = timedelta(seconds=1)
+STARTUP_RETRY_CAP = timedelta(seconds=15)
+# While serving: how often the worker asks the server whether it is there, how long one
+# answer may take, and how often an outage is reported again while it lasts.
+SERVER_CHECK_INTERVAL = timedelta(seconds=5)
+SERVER_CHECK_TIMEOUT = timedelta(seconds=5)
+OUTAGE_REPORT_INTERVAL = timedelta(seconds=60)
 
 # Failure types that end a pipeline as "agent failure".
 AGENT_FAILURE_TYPES = (PHASE_FAILED,)

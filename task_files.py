@@ -22,12 +22,15 @@ Every file here can be written by an agent, so every read and write assumes the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import glob
 import logging
 import os
+import re
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -51,8 +54,9 @@ from exceptions import (
     TaskNotFoundError,
     UnsafeTaskPathError,
 )
+from policies import TASK_LOCK_WAIT
 from visible_text import visible_line
-from vocabulary import SUBMITTED, TASK_SEARCH_SUBDIRS
+from vocabulary import LOCKS_DIR, SUBMITTED, TASK_SEARCH_SUBDIRS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ MAX_TASK_DEPTH = 32  # the schema needs 4 levels; hand edits get plenty of room
 # triage of the most findings allowed a few thousand; checking each costs the parser's
 # Python loop microseconds, so a megabyte of tiny nodes would cost seconds per read.
 MAX_YAML_NODES = 20_000
+# Characters of text one agent YAML document may expand to through its aliases (each
+# string counted once per place it appears): twice what a file may hold without any.
+MAX_EXPANDED_CHARS = 2 * 1024 * 1024
 TASK_SUFFIX = ".yml"
 # Top-level key of an originating task while a pipeline waits on its decision:
 # {workflow_id, run_id, since}, written at stage 6, removed once the decision is recorded.
@@ -357,10 +364,10 @@ class _EventBudget:
     def __init__(self, max_depth: int, allow_aliases: bool) -> None:
         self.max_depth = max_depth
         self.allow_aliases = allow_aliases
-        self.depth = self.documents = self.nodes = 0
-        # anchor -> (values it expands to, levels it spans)
-        self.anchors: dict[str, tuple[int, int]] = {}
-        # per open collection: [anchor, values before it, levels below it]
+        self.depth = self.documents = self.nodes = self.chars = 0
+        # anchor -> (values it expands to, levels it spans, characters of text in it)
+        self.anchors: dict[str, tuple[int, int, int]] = {}
+        # per open collection: [anchor, values before it, levels below it, chars before it]
         self.open: list[list[Any]] = []
 
     def take(self, event: yaml.Event) -> None:
@@ -378,17 +385,18 @@ class _EventBudget:
 
     def _node(self, event: NodeEvent) -> None:
         line = event.start_mark.line + 1
-        self._grow(1, 1, line)
+        text = len(event.value) if isinstance(event, ScalarEvent) else 0
+        self._grow(1, 1, line, text)
         if event.anchor is not None and not self.allow_aliases:
             raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
         tag = event.tag if isinstance(event, ScalarEvent | CollectionStartEvent) else None
         if tag is not None and tag not in PLAIN_TAGS:
             raise yaml.YAMLError(f"tag {tag[:60]!r} is not allowed (line {line})")
         if isinstance(event, CollectionStartEvent):
-            self.open.append([event.anchor, self.nodes - 1, 0])
+            self.open.append([event.anchor, self.nodes - 1, 0, self.chars])
             self.depth += 1
         elif event.anchor is not None:
-            self.anchors[event.anchor] = (1, 1)
+            self.anchors[event.anchor] = (1, 1, text)
 
     def _alias(self, event: AliasEvent) -> None:
         line = event.start_mark.line + 1
@@ -398,25 +406,31 @@ class _EventBudget:
         if found is None:  # undefined, or its own enclosing collection: a cycle
             raise yaml.YAMLError(f"alias {str(event.anchor)[:60]!r} refers to no complete "
                                  f"anchored value (line {line})")
-        self._grow(*found, line)
+        values, levels, chars = found
+        self._grow(values, levels, line, chars)
 
-    def _grow(self, values: int, levels: int, line: int) -> None:
+    def _grow(self, values: int, levels: int, line: int, chars: int = 0) -> None:
         self.nodes += values
+        self.chars += chars
         if self.nodes > MAX_YAML_NODES:
             raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values, aliases expanded "
                                  f"(line {line})")
+        if self.chars > MAX_EXPANDED_CHARS:
+            # A long string aliased many times: small to read, huge once written again.
+            raise yaml.YAMLError(f"more than {MAX_EXPANDED_CHARS} characters of text, "
+                                 f"aliases expanded (line {line})")
         if self.depth + levels > self.max_depth:
             raise yaml.YAMLError(f"nesting deeper than {self.max_depth} levels")
         if self.open:
             self.open[-1][2] = max(self.open[-1][2], levels)
 
     def _close(self) -> None:
-        anchor, before, below = self.open.pop()
+        anchor, before, below, chars_before = self.open.pop()
         self.depth -= 1
         if self.open:
             self.open[-1][2] = max(self.open[-1][2], below + 1)
         if anchor is not None:
-            self.anchors[anchor] = (self.nodes - before, below + 1)
+            self.anchors[anchor] = (self.nodes - before, below + 1, self.chars - chars_before)
 
 
 def _check_events(text: str, max_depth: int, allow_aliases: bool = False) -> None:
@@ -839,11 +853,59 @@ def find_by_prefix(queue_dir: Path, prefix: str, accept: Callable[[dict[str, Any
 def update_task(path: Path, mutate: Callable[[dict[str, Any]], None], *,
                 base: Path | None = None) -> dict[str, Any]:
     """Read, change and atomically rewrite a task file (mode stays 0600). With `base`
-    (the task folder it was found in), no link below `base` is followed."""
-    task = read_task(path, base=base)
-    mutate(task)
-    write_private_atomic(path, dump_task(task), base=base)
+    (the task folder it was found in), no link below `base` is followed. Done under the
+    lock task-queue-mcp takes for the same task (`.locks/<id>.lock`), when its folder is
+    there: an operator's Approve or Cancel is never overwritten by a rewrite of ours."""
+    task_id = read_task(path, base=base).get("id")
+    with _queue_lock(path, base, task_id if isinstance(task_id, str) else ""):
+        task = read_task(path, base=base)
+        mutate(task)
+        write_private_atomic(path, dump_task(task), base=base)
     return task
+
+
+_LOCK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+@contextmanager
+def _queue_lock(path: Path, base: Path | None, task_id: str) -> Iterator[None]:
+    """flock on `<queue>/.locks/<task_id>.lock` (created as the tools create it), waited
+    for at most TASK_LOCK_WAIT; without the folder, or past the wait, no lock (logged)."""
+    root = Path(base) if base is not None else path.parent
+    if root.name in TASK_SEARCH_SUBDIRS:
+        root = root.parent
+    if not _LOCK_NAME_RE.fullmatch(task_id):
+        yield
+        return
+    try:
+        with _folder(root / LOCKS_DIR, root, create=False) as dir_fd:
+            fd = os.open(f"{task_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    except (FileNotFoundError, TaskFileError, OSError):
+        yield  # no lock folder (no task-queue-mcp here), or not one we can use
+        return
+    try:
+        locked = _flock_within(fd, TASK_LOCK_WAIT.total_seconds())
+        if not locked:
+            log.warning("task_lock_not_taken", extra={"task_id": task_id,
+                                                      "waited_seconds": TASK_LOCK_WAIT.seconds})
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _flock_within(fd: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        except OSError:
+            return False
 
 
 def claimed_actor(task: dict[str, Any], status: str) -> tuple[str, str]:

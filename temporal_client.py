@@ -12,7 +12,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from config import WorkerConfig
-from exceptions import CredentialError
+from exceptions import CredentialError, TlsHandshakeError
 from vault import fetch_tls_material
 
 # Markers in the SDK core's connect error -> what to fix. The raw message (a Rust debug
@@ -21,6 +21,7 @@ _MATERIAL_PROBLEMS = (
     ("KeyMismatch", "client_key_pem in Vault does not belong to client_cert_pem"),
     ("failed to parse", "the certificate or key in Vault cannot be parsed"),
 )
+# A refusal no wait cures: the certificates, the name or the address are wrong.
 _HANDSHAKE_PROBLEMS = (
     ("NotValidForName", "the server certificate does not carry the name we asked for: set "
                         "TEMPORAL_TLS_SERVER_NAME to a name on the certificate"),
@@ -31,6 +32,11 @@ _HANDSHAKE_PROBLEMS = (
     ("CertificateRequired", "the server requires a client certificate"),
     ("BadCertificate", "the server rejected our client certificate"),
     ("InvalidContentType", "the server does not speak TLS at TEMPORAL_ADDRESS"),
+)
+# A connection cut during or right after the handshake: a refused client certificate
+# (TLS 1.3 reports it after the client's side is done) or a proxy whose server is not up
+# yet. Explained, but left a plain RuntimeError, so the worker waits on it at start.
+_HANDSHAKE_CUTS = (
     ("tls handshake eof", "the server closed the TLS handshake"),
     ("BrokenPipe", "the server closed the connection right after the TLS handshake (does "
                    "it accept our client certificate?)"),
@@ -43,13 +49,17 @@ _HANDSHAKE_PROBLEMS = (
 
 
 def explain_tls_failure(err: RuntimeError) -> Exception:
-    """A CredentialError for unusable material from Vault, else a RuntimeError whose
-    first words say what is wrong with the TLS handshake."""
+    """A CredentialError for unusable material from Vault, a TlsHandshakeError for a
+    handshake refused for good, a RuntimeError for a cut connection; the first words of
+    each say what is wrong. Anything else (the server down) is returned as it came."""
     detail = str(err).splitlines()[0] if str(err) else type(err).__name__
     for marker, hint in _MATERIAL_PROBLEMS:
         if marker in detail:
             return CredentialError(f"{hint} ({detail})")
     for marker, hint in _HANDSHAKE_PROBLEMS:
+        if marker in detail:
+            return TlsHandshakeError(f"TLS handshake failed: {hint} ({detail})")
+    for marker, hint in _HANDSHAKE_CUTS:
         if marker in detail:
             return RuntimeError(f"TLS handshake failed: {hint} ({detail})")
     return err

@@ -11,9 +11,10 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from config import WorkerConfig
-from exceptions import CredentialError, CredentialSettingError
+from exceptions import CredentialError, CredentialSettingError, VaultUnavailableError
 
 KV_MOUNT = "secret"
 KV_PATH = "temporal/worker"
@@ -74,15 +75,26 @@ def _check_pem(name: str, value: str) -> None:
                                   f"expected a {wanted}")
 
 
-def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
-    """AppRole login + KV v2 read of secret/data/temporal/worker."""
-    import hvac  # only when Vault is configured
+def _unavailable(config: WorkerConfig, err: Exception) -> VaultUnavailableError:
+    state = "sealed or not ready" if type(err).__name__ == "VaultDown" else "not serving"
+    return VaultUnavailableError(f"Vault at {config.vault_addr} is {state} "
+                                 f"({type(err).__name__})")
+
+
+def _unavailable_errors() -> tuple[type[Exception], ...]:
+    """Vault's answers waiting may cure: 503 (sealed, standby), 502 and 500 (a proxy in
+    front of it, a restart)."""
+    import hvac
+
+    return (hvac.exceptions.VaultDown, hvac.exceptions.BadGateway,
+            hvac.exceptions.InternalServerError)
+
+
+def _login(client: Any, config: WorkerConfig) -> None:
+    import hvac
     import requests
 
-    if not config.vault_enabled or config.vault_role_id is None:
-        raise CredentialError("Vault is not configured (VAULT_ADDR, VAULT_ROLE_ID, "
-                              "VAULT_SECRET_ID_FILE)")
-    client = hvac.Client(url=config.vault_addr, timeout=VAULT_TIMEOUT_SECONDS)
+    assert config.vault_role_id is not None
     secret_id: str | None = _read_secret_id(config)
     try:
         client.auth.approle.login(role_id=config.vault_role_id.get_secret_value(),
@@ -93,12 +105,20 @@ def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
                                      f"check VAULT_ROLE_ID and the secret-id in "
                                      f"VAULT_SECRET_ID_FILE") from None
     except requests.exceptions.RequestException as err:
-        raise CredentialError(f"Vault at {config.vault_addr} unreachable "
-                              f"({type(err).__name__}): check VAULT_ADDR") from None
+        raise VaultUnavailableError(f"Vault at {config.vault_addr} unreachable "
+                                    f"({type(err).__name__}): check VAULT_ADDR") from None
+    except _unavailable_errors() as err:
+        raise _unavailable(config, err) from None
     except hvac.exceptions.VaultError as err:
         raise CredentialError(f"Vault AppRole login failed: {type(err).__name__}") from None
     finally:
         secret_id = None
+
+
+def _read_secret(client: Any, config: WorkerConfig) -> dict[str, Any]:
+    import hvac
+    import requests
+
     try:
         response = client.secrets.kv.v2.read_secret_version(
             path=KV_PATH, mount_point=KV_MOUNT, raise_on_deleted_version=True)
@@ -108,12 +128,26 @@ def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
         raise CredentialError(f"Vault policy of this AppRole may not read "
                               f"{KV_MOUNT}/data/{KV_PATH}") from None
     except requests.exceptions.RequestException as err:
-        raise CredentialError(f"Vault at {config.vault_addr} unreachable "
-                              f"({type(err).__name__})") from None
+        raise VaultUnavailableError(f"Vault at {config.vault_addr} unreachable "
+                                    f"({type(err).__name__})") from None
+    except _unavailable_errors() as err:
+        raise _unavailable(config, err) from None
     except hvac.exceptions.VaultError as err:
         raise CredentialError(f"Vault read of {KV_MOUNT}/data/{KV_PATH} failed: "
                               f"{type(err).__name__}") from None
-    data = (response or {}).get("data", {}).get("data") or {}
+    return (response or {}).get("data", {}).get("data") or {}
+
+
+def fetch_tls_material(config: WorkerConfig) -> TlsMaterial:
+    """AppRole login + KV v2 read of secret/data/temporal/worker."""
+    import hvac  # only when Vault is configured
+
+    if not config.vault_enabled or config.vault_role_id is None:
+        raise CredentialError("Vault is not configured (VAULT_ADDR, VAULT_ROLE_ID, "
+                              "VAULT_SECRET_ID_FILE)")
+    client = hvac.Client(url=config.vault_addr, timeout=VAULT_TIMEOUT_SECONDS)
+    _login(client, config)
+    data = _read_secret(client, config)
     values: dict[str, bytes] = {}
     for name in PEM_FIELDS:
         value = data.get(name)

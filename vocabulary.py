@@ -40,6 +40,8 @@ RECORD_DECISION: Final = "record_block_decision"  # stage 7's decision into the 
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
 # An agent stage's task still unclaimed past its pickup limit: its channels are told again.
 REMIND_PICKUP: Final = "remind_pickup"
+# A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
+CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
 
 # What recovery.py does with a pending activity whose worker died (every activity the
 # worker registers is in exactly one of these; tests/test_recovery.py checks it).
@@ -51,7 +53,7 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, REMIND_PICKUP)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
-UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE,)
+UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, CLOSE_ORIGINATING_TASK)
 
 # --- workflow types ---
 BUILD_PIPELINE_WORKFLOW: Final = "BuildPipelineWorkflow"
@@ -131,6 +133,16 @@ TRIAGE_MISSING: Final = "TriageMissingError"
 TRIAGE_INVALID: Final = "TriageInvalidError"
 INVALID_INPUT: Final = "InvalidInputError"
 BLOCKS_PENDING: Final = "BlocksPendingError"
+# The block decision beside approved and rejected (models.Decision): the blocks go back
+# to the target agent with a note, then through audit and triage again.
+CHANGES_REQUESTED: Final = "changes_requested"
+# The decision Updates, one per kind of decision (decisions.py sends them).
+APPROVE_BLOCKS_UPDATE: Final = "approve_blocks"
+REJECT_BLOCKS_UPDATE: Final = "reject_blocks"
+REQUEST_CHANGES_UPDATE: Final = "request_changes"
+# Originating task fields an operator writes beside `status` to decide block by block
+# (and CHANGES_REQUESTED, the note of a changes request, under its own name).
+BLOCK_VERDICTS_FIELD: Final = "block_verdicts"
 # approve_blocks / reject_blocks refused: the pipeline is not waiting on blocks.
 DECISION_REFUSED: Final = "DecisionRefusedError"
 TASK_FILE_ERROR: Final = "TaskFileError"
@@ -146,9 +158,13 @@ FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_IN
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build
+# In a build's audit folder: round-2/, round-3/, … hold each re-audit's request.md,
+# audit.md and triage-output.yml (the first audit's stay in the build's folder).
+AUDIT_ROUND_DIR_PREFIX: Final = "round-"
 ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still searched
 DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
 TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
+LOCKS_DIR: Final = ".locks"  # under TASK_QUEUE_DIR: task-queue-mcp's lock per task id
 
 # --- queries and signals the worker's own processes use ---
 STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands
@@ -173,3 +189,9 @@ EVENT_BUILD_COMPLETED: Final = "build.completed"  # the summary written, with th
 BUS_EVENT_TYPES: Final = (EVENT_BUILD_STARTED, EVENT_HANDOFF_CREATED, EVENT_AUDIT_REQUESTED,
                           EVENT_AUDIT_COMPLETED, EVENT_SECURITY_FINDING,
                           EVENT_HANDOFF_COMPLETED, EVENT_BUILD_COMPLETED)
+
+# --- worker states: `state` in WORKER_STATUS_FILE ---
+WORKER_WAITING: Final = "waiting"  # Temporal or Vault unreachable; `reason` says why
+WORKER_READY: Final = "ready"
+WORKER_STOPPING: Final = "stopping"
+WORKER_STOPPED: Final = "stopped"

@@ -1,7 +1,8 @@
 """Entry point: connect to Temporal and run both build workflows and their activities.
 
-Exit codes: 0 clean shutdown · 2 bad configuration · 3 credentials (Vault/TLS)
-· 4 cannot connect to Temporal · 1 anything else. Errors are one line on stderr.
+Exit codes: 0 clean shutdown · 2 bad configuration (an unknown namespace too) · 3
+credentials (Vault/TLS), both at once · 4 Temporal or Vault still unreachable after
+WORKER_STARTUP_WAIT_SECONDS · 1 anything else. Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,14 @@ from activities.build_phase import build_phase_activity
 from activities.build_pipeline_activities import PipelineActivities
 from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
-from exceptions import ConfigError, CredentialError
+from exceptions import ConfigError, CredentialError, DependencyUnavailableError
 from matrix_decisions import listen_for_decisions
-from observability import configure_logging, setup_telemetry
+from observability import Telemetry, configure_logging, setup_telemetry
+from reachability import check_namespace, connect_when_reachable, watch_server
 from recovery import recover_lost_activities
 from roster import warn_missing
 from temporal_client import connect
+from vocabulary import WORKER_READY, WORKER_STOPPED, WORKER_STOPPING, WORKER_WAITING
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
 
@@ -79,15 +82,18 @@ def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Work
     )
 
 
-def write_status(path: Path | None, state: str, config: WorkerConfig) -> None:
-    """Readiness for monitors: WORKER_STATUS_FILE gets {state, pid, task_queue, since},
-    replaced atomically so a reader never sees half a document. Failures only log: a
-    monitor file must never stop the worker."""
+def write_status(path: Path | None, state: str, config: WorkerConfig,
+                 reason: str | None = None) -> None:
+    """Readiness for monitors: WORKER_STATUS_FILE gets {state, pid, task_queue, since}
+    (and `reason` while waiting), replaced atomically so a reader never sees half a
+    document. Failures only log: a monitor file must never stop the worker."""
     if path is None:
         return
     document = {"state": state, "pid": os.getpid(), "task_queue": config.task_queue,
                 "namespace": config.temporal_namespace,
                 "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    if reason is not None:
+        document["reason"] = reason
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,24 +109,46 @@ def write_status(path: Path | None, state: str, config: WorkerConfig) -> None:
             "error": f"{path.parent}: {err.strerror} ({code})"})
 
 
-async def serve(config: WorkerConfig, worker_id: str) -> int:
-    try:
-        # Spans still buffered at exit are flushed by the tracer provider's atexit hook.
-        telemetry = setup_telemetry(config)
-    except RuntimeError as err:  # e.g. PROMETHEUS_BIND_ADDRESS already in use
-        print(f"worker: cannot start telemetry: {str(err).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        client = await connect(config, identity=worker_id, interceptors=telemetry.interceptors,
-                               runtime=telemetry.runtime)
-    except CredentialError:
-        raise
-    except RuntimeError as err:
-        print(f"worker: cannot connect to Temporal at {config.temporal_address}: "
-              f"{str(err).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CONNECT
-    worker = build_worker(client, config)
-    stop = asyncio.Event()
+async def reach_temporal(config: WorkerConfig, worker_id: str, telemetry: Telemetry) -> Client:
+    """A client on a server that knows our namespace, waiting as long as
+    WORKER_STARTUP_WAIT_SECONDS allows for a server or Vault that is not up yet."""
+    last_reason: str | None = None
+
+    async def attempt() -> Client:
+        client = await connect(config, identity=worker_id,
+                               interceptors=telemetry.interceptors, runtime=telemetry.runtime)
+        await check_namespace(client, config)
+        return client
+
+    def on_wait(cause: str, attempts: int, pause: float) -> None:
+        nonlocal last_reason
+        log.warning("waiting_for_dependency", extra={
+            "cause": cause, "attempt": attempts, "retry_in_seconds": round(pause, 1),
+            "wait_limit_seconds": config.startup_wait_seconds})
+        if cause != last_reason:  # `since` stays when the wait began, for this reason
+            last_reason = cause
+            write_status(config.status_file, WORKER_WAITING, config, reason=cause)
+
+    return await connect_when_reachable(attempt, config, on_wait)
+
+
+async def until_stopped(work: Awaitable[Client], stop: asyncio.Event) -> Client | None:
+    """`work`'s result, or None if `stop` is set first (`work` is then cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+def install_signal_handlers(config: WorkerConfig, stop: asyncio.Event) -> None:
+    """First SIGINT/SIGTERM: stop polling and let running activities finish. Second:
+    exit at once."""
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -132,31 +160,77 @@ async def serve(config: WorkerConfig, worker_id: str) -> int:
             os._exit(EXIT_ERROR)
         log.info("shutdown_requested", extra={"signal": signal.Signals(signum).name,
                                               "grace_seconds": config.shutdown_grace_seconds})
-        write_status(config.status_file, "stopping", config)
+        write_status(config.status_file, WORKER_STOPPING, config)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+
+
+def gave_up(config: WorkerConfig, code: int, problem: str) -> int:
+    """The status file says `stopped` (no longer `waiting`) and why; one line on stderr."""
+    write_status(config.status_file, WORKER_STOPPED, config, reason=problem)
+    print(f"worker: {problem}", file=sys.stderr)
+    return code
+
+
+async def serve(config: WorkerConfig, worker_id: str) -> int:
+    try:
+        # Spans still buffered at exit are flushed by the tracer provider's atexit hook.
+        telemetry = setup_telemetry(config)
+    except RuntimeError as err:  # e.g. PROMETHEUS_BIND_ADDRESS already in use
+        print(f"worker: cannot start telemetry: {str(err).splitlines()[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    install_signal_handlers(config, stop)
+    try:
+        client = await until_stopped(reach_temporal(config, worker_id, telemetry), stop)
+    except ConfigError as err:
+        return gave_up(config, EXIT_CONFIG, f"configuration error: {err}")
+    except CredentialError as err:
+        return gave_up(config, EXIT_CREDENTIALS, f"credential error: {err}")
+    except DependencyUnavailableError as err:
+        return gave_up(config, EXIT_CONNECT, f"{err.cause} (still so after {err.attempts} "
+                       f"attempts in {err.waited_seconds:.0f}s; WORKER_STARTUP_WAIT_SECONDS="
+                       f"{config.startup_wait_seconds:g})")
+    if client is None:  # stopped while waiting
+        write_status(config.status_file, WORKER_STOPPED, config)
+        return EXIT_OK
+    return await run_worker(client, config, stop)
+
+
+async def run_worker(client: Client, config: WorkerConfig, stop: asyncio.Event) -> int:
+    """Poll until `stop`, then shut down gracefully."""
+    worker = build_worker(client, config)
+
+    def on_server_change(cause: str | None) -> None:
+        if not stop.is_set():
+            write_status(config.status_file, WORKER_WAITING if cause else WORKER_READY,
+                         config, reason=cause)
+
     try:
         async with worker:
             log.info("Worker started, listening on task queue: %s", config.task_queue,
                      extra={"ready": True, "task_queue": config.task_queue,
                             "namespace": config.temporal_namespace})
-            write_status(config.status_file, "ready", config)
+            write_status(config.status_file, WORKER_READY, config)
             # In the background: hand back what a killed worker on this host left half
             # done (recovery.py), deliver block decisions written into task files
-            # (block_watcher.py) and take them from the Matrix room (matrix_decisions.py).
-            # Serving waits for none of them; all are cancelled at once on shutdown, so a
-            # long poll never delays a SIGTERM.
+            # (block_watcher.py), take them from the Matrix room (matrix_decisions.py) and
+            # say when the server goes away and comes back (reachability.py). Serving
+            # waits for none of them; all are cancelled at once on shutdown, so a long
+            # poll never delays a SIGTERM.
             background = [asyncio.create_task(recover_lost_activities(client, config)),
                           asyncio.create_task(watch_block_decisions(client, config, stop)),
-                          asyncio.create_task(listen_for_decisions(client, config, stop))]
+                          asyncio.create_task(listen_for_decisions(client, config, stop)),
+                          asyncio.create_task(watch_server(client, config, stop,
+                                                           on_server_change))]
             await stop.wait()
             stopping_since = time.monotonic()
             for task in background:
                 task.cancel()
     finally:
-        write_status(config.status_file, "stopped", config)
+        write_status(config.status_file, WORKER_STOPPED, config)
     log.info("worker_stopped", extra={
         "clean": True, "shutdown_seconds": round(time.monotonic() - stopping_since, 3)})
     return EXIT_OK

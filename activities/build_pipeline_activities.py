@@ -27,6 +27,7 @@ from activities.dispatch import (
 )
 from activities.failures import write_attempt
 from activities.notify import compose_block_notice, compose_pickup_reminder, notify_all
+from activities.run_link import ensure_run_link
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
@@ -40,9 +41,11 @@ from exceptions import (
 from file_io import run_file_io
 from models import (
     AuditRequest,
+    AuditRound,
     BlockCheckInput,
     BlockResolution,
     BuildPhaseResult,
+    CloseOriginInput,
     Finding,
     MatrixNoticeRef,
     NotifyBlocksInput,
@@ -84,15 +87,20 @@ from vocabulary import (
     APPLY_FLAG_FIXES,
     APPROVED,
     AUDIT_REQUESTS_DIR,
+    AUDIT_ROUND_DIR_PREFIX,
+    BLOCK_VERDICTS_FIELD,
     BLOCKS_PENDING,
     BUILD_PIPELINE_WORKFLOW,
     CANCELLED,
+    CHANGES_REQUESTED,
     CLOSE_BUILD,
+    CLOSE_ORIGINATING_TASK,
     COMPLETED,
     DECIDING_STATUSES,
     FAILED,
     FILE_IO_STALLED,
     IMPLEMENT_BUILD,
+    IN_PROGRESS,
     INPUT_REQUIRED,
     LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
@@ -112,7 +120,7 @@ from vocabulary import (
     TRIAGE_MISSING,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
-from workflows.instructions import AUDIT_DIR_PLACEHOLDER
+from workflows.instructions import AUDIT_DIR_PLACEHOLDER, DATA_NOTICE, sanitize_finding
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +134,8 @@ def platform_decision_status(current: Any, decision: str) -> str:
     stays; a rejection by Update closes the task `failed` when the pipeline ends)."""
     if decision == APPROVED and current not in TERMINAL_STATUSES:
         return APPROVED
+    if decision == CHANGES_REQUESTED and current not in TERMINAL_STATUSES:
+        return IN_PROGRESS  # the build goes on: a fix, then another audit
     return str(current) if isinstance(current, str) and current else PENDING_APPROVAL
 
 
@@ -154,6 +164,43 @@ def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     return audit_root(config) / AUDIT_REQUESTS_DIR / build_name
 
 
+def round_folder(config: WorkerConfig, build_name: str, round_no: int) -> Path:
+    """Where audit round `round_no` is requested and answered: the build's folder for the
+    first audit, `round-N/` inside it for each re-audit (earlier rounds' triage is never
+    read as a later one's)."""
+    folder = audit_folder(config, build_name)
+    if round_no <= 1:
+        return folder
+    return folder / f"{AUDIT_ROUND_DIR_PREFIX}{int(round_no)}"
+
+
+def previous_round_markdown(previous: AuditRound) -> str:
+    """request.md's account of the previous round, every finding as data."""
+    def listed(title: str, findings: list[Finding]) -> list[str]:
+        if not findings:
+            return []
+        lines = [f"{title}:"]
+        for item in findings:
+            ident = (item.model_extra or {}).get("id")
+            shown = f" (id `{sanitize_finding(str(ident))}`)" if ident is not None else ""
+            lines.append(f"- {sanitize_finding(item.description)}{shown}")
+        return [*lines, ""]
+
+    fixed = ("sent to the build agent with the operator's note: "
+             f"{sanitize_finding(previous.changes_note)}" if previous.changes_note is not None
+             else "its flags sent to the build agent to fix")
+    if previous.fix_output is not None:
+        fixed += f"; the agent reported: {sanitize_finding(previous.fix_output)}"
+    return "\n".join([
+        f"## Previous round ({previous.round})",
+        f"{DATA_NOTICE.replace('between the security-findings tags', 'in this section')}",
+        "", *listed("Blocks", previous.blocks), *listed("Flags", previous.flags),
+        *listed("Sent to fix", previous.sent_to_fix), f"What was done: {fixed}.", "",
+        "Check each finding sent to fix: report it again (same `id`, or the same "
+        "description) if it is still there; leave it out if it is fixed. Report blocks "
+        "still present again, and anything new.", ""])
+
+
 def audit_paths(folder: Path) -> dict[str, str]:
     """The audit payload fields: v0.5.0's `audit_request_path` and `output_dir`, and the
     two files the security agent writes there."""
@@ -166,7 +213,11 @@ def audit_request_markdown(request: AuditRequest, folder: Path, command: list[st
     """request.md; `command` completes the audit task (its last item is the task file)."""
     success = shlex.join([*command, "success", "audit written"])
     failed = shlex.join([*command, "failed", REASON_PLACEHOLDER])
-    return f"""# Security audit request: {request.build_name}
+    title = ("Security audit request" if request.round <= 1
+             else f"Security re-audit request, round {request.round}")
+    previous = ("\n" + previous_round_markdown(request.previous)
+                if request.previous is not None else "")
+    return f"""# {title}: {request.build_name}
 
 ## Scope
 - Build: `{request.build_name}`
@@ -174,6 +225,7 @@ def audit_request_markdown(request: AuditRequest, folder: Path, command: list[st
 - Implemented by: `{request.target_agent}`
 - Task id: `{request.task.task_id}` (task file `{command[-1]}`)
 
+{previous}
 ## Expected outputs (in this folder: `{folder}`)
 1. `{AUDIT_FILE}`: the audit report.
 2. `{TRIAGE_FILE}`: the triage, machine-read by the pipeline.
@@ -222,6 +274,13 @@ def record_time(report: TimeReport) -> None:
             observe(DECISION_WAIT, wait.seconds, decided_by=wait.decision_source or "nobody")
 
 
+def _flags_applied(summary: SummaryInput) -> int:
+    """v0.5.0's count of flags sent to the fix agent; with audit rounds, every round's."""
+    if summary.rounds:
+        return sum(len(r.sent_to_fix) for r in summary.rounds if r.changes_note is None)
+    return len(summary.flags) if APPLY_FLAG_FIXES in summary.stages_completed else 0
+
+
 class PipelineActivities:
     """Activities bound to one WorkerConfig (built by the worker, never at import)."""
 
@@ -232,7 +291,8 @@ class PipelineActivities:
         return [*(agent_stage(self.config, name) for name in AGENT_STAGES),
                 self.request_security_audit, self.process_triage_output, self.notify_blocks,
                 self.wait_for_block_resolution, self.record_block_decision,
-                self.summarize_workflow, self.prepare_pipeline, self.remind_pickup]
+                self.summarize_workflow, self.prepare_pipeline, self.close_originating_task,
+                self.remind_pickup]
 
     def decision_paths(self, task_path: str | None) -> list[str]:
         """How a parked pipeline can be decided with this worker's settings. The task file
@@ -240,7 +300,10 @@ class PipelineActivities:
         decides nothing."""
         paths = ["`tools/approve-build` / `tools/reject-build` (approve_blocks / "
                  "reject_blocks update)"]
-        if self.config.file_decisions and task_path:
+        if self.config.file_decisions and task_path and self.config.platform_dialect:
+            paths.append(f"Approve or Cancel the originating task `{task_path}` with the "
+                         f"task tools (status `approved` or `cancelled`)")
+        elif self.config.file_decisions and task_path:
             paths.append(f"set status `approved` or `rejected` in the originating task "
                          f"`{task_path}`")
         if self.config.matrix_approvers and self.config.matrix_homeserver:
@@ -253,7 +316,8 @@ class PipelineActivities:
         """Before stage 1: the agents this worker's settings name, and the originating
         task (a missing one is a warning now, not a surprise at stage 6)."""
         setup = PipelineSetup(prefab_agent=self.config.prefab_agent,
-                              security_agent=self.config.security_agent)
+                              security_agent=self.config.security_agent,
+                              reaudit_rounds=self.config.reaudit_rounds)
         try:
             path = await run_file_io(find_task, self.config.task_queue_dir, request.task_id)
         except TaskNotFoundError:
@@ -264,6 +328,7 @@ class PipelineActivities:
             setup.warning = f"originating task {request.task_id!r} unusable: {err}"
         else:
             setup.originating_task_path = str(path)
+            await ensure_run_link(self.config, request.task_id)
         await platform_events.build_started(self.config, request, setup)
         return setup
 
@@ -281,7 +346,7 @@ class PipelineActivities:
                 lambda build: audit_folder(self.config, build), REQUEST_FILE, TRIAGE_FILE)
         else:
             request = legacy_args.own_input(AuditRequest, args, REQUEST_SECURITY_AUDIT)
-        folder = audit_folder(self.config, request.build_name)
+        folder = round_folder(self.config, request.build_name, request.round)
         # The workflow cannot know TEMPORAL_AUDIT_DIR; the agent gets absolute paths.
         task = request.task.model_copy(update={"instruction": request.task.instruction.replace(
             AUDIT_DIR_PLACEHOLDER, str(audit_root(self.config)))})
@@ -294,9 +359,10 @@ class PipelineActivities:
                                   before_write=write_request)
 
     @activity.defn(name=PROCESS_TRIAGE_OUTPUT)
-    async def process_triage_output(self, build_name: str) -> TriageResult:
+    async def process_triage_output(self, build_name: str, round_no: int = 1) -> TriageResult:
+        """The triage of audit round `round_no` (runs begun before rounds pass none)."""
         bind_build_name(build_name)
-        path = audit_folder(self.config, build_name) / TRIAGE_FILE
+        path = round_folder(self.config, build_name, round_no) / TRIAGE_FILE
         try:
             triage = await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
@@ -338,15 +404,20 @@ class PipelineActivities:
         except (TaskFileError, FileIoStalledError) as err:
             problems.append(f"originating task unusable: {err}; approve with the "
                             f"approve_blocks update")
+        round_no = request.round or 1
         title, message = compose_block_notice(
             request.build_name, request.task_id, request.workflow_id, request.blocks,
-            problems, file_decisions=self.config.file_decisions)
+            problems, file_decisions=self.config.file_decisions,
+            platform=self.config.platform_dialect, round_no=request.round,
+            changes_allowed=request.changes_allowed)
         pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
                                    run_id=activity.info().workflow_run_id,
-                                   task_id=request.task_id)
-        delivered, failures = await notify_all(self.config, title, message,
-                                               f"{request.workflow_id}/{pipeline.run_id}/blocks",
-                                               pipeline)
+                                   task_id=request.task_id, round=round_no)
+        # One notice per round: a later round's is not taken for a resend of the first.
+        txn = f"{request.workflow_id}/{pipeline.run_id}/blocks"
+        if round_no > 1:
+            txn += f"/round-{round_no}"
+        delivered, failures = await notify_all(self.config, title, message, txn, pipeline)
         note = f"{blocks} security block(s) await approval (workflow {request.workflow_id})"
         if failures:
             note += "; notification failed: " + "; ".join(failures)
@@ -354,8 +425,11 @@ class PipelineActivities:
         # leaves alone (PROTOCOL.md §9 row 3); v0.5.0 wrote input-required.
         parked_status = PENDING_APPROVAL if self.config.platform_dialect else INPUT_REQUIRED
         if path is not None:
-            waiter = {"workflow_id": request.workflow_id,
-                      "run_id": activity.info().workflow_run_id, "since": timestamp()}
+            waiter: dict[str, Any] = {"workflow_id": request.workflow_id,
+                                      "run_id": activity.info().workflow_run_id,
+                                      "since": timestamp()}
+            if request.round is not None:
+                waiter["round"] = request.round
 
             def mark_waiting(task: dict[str, Any]) -> None:
                 earlier = task.get(AWAITING_DECISION)
@@ -364,8 +438,15 @@ class PipelineActivities:
                     # A retry of this stage (its worker died after marking the file) must
                     # not bury a decision made since; the watcher delivers it.
                     return
-                # The folder watcher routes a decision in this file to this run.
+                # The folder watcher routes a decision in this file to this run; an
+                # earlier round's verdicts must not decide this one.
                 task[AWAITING_DECISION] = waiter
+                task.pop(BLOCK_VERDICTS_FIELD, None)
+                task.pop(CHANGES_REQUESTED, None)
+                if self.config.platform_dialect and task.get("status") in TERMINAL_STATUSES:
+                    # Ended already (an operator's Cancel, a dead letter): the tools keep
+                    # it so, and the watcher hands that ending to the run as its decision.
+                    return
                 add_history(task, status=parked_status, actor=SOURCE_AGENT, note=note)
 
             try:
@@ -461,14 +542,21 @@ class PipelineActivities:
             note += f" (claims to be {request.claimed_by})"
         if request.note:
             note += f": {request.note}"
+        if any(v.verdict != "accept" for v in request.verdicts):
+            note += " [" + ", ".join(f"block {v.index}: {v.verdict}"
+                                     for v in request.verdicts) + "]"
         queue_dir = self.config.task_queue_dir
         try:
             path = await run_file_io(partial(find_task, queue_dir, request.task_id, hint=hint))
 
             def record(task: dict[str, Any]) -> None:
                 task.pop(AWAITING_DECISION, None)
+                # Taken: into the history note, so a later round is not decided by them.
+                task.pop(BLOCK_VERDICTS_FIELD, None)
+                task.pop(CHANGES_REQUESTED, None)
                 status = (platform_decision_status(task.get("status"), request.decision)
-                          if self.config.platform_dialect else request.decision)
+                          if self.config.platform_dialect or request.decision == CHANGES_REQUESTED
+                          else request.decision)
                 add_history(task, status=status, actor=request.actor, note=note)
 
             await run_file_io(partial(update_task, path, record, base=queue_dir))
@@ -528,9 +616,12 @@ class PipelineActivities:
             "phases_completed": [V050_PHASES[stage] for stage in summary.stages_completed
                                  if stage in V050_PHASES],
             "blocks_hit": len(summary.blocks),
-            "flags_applied": (len(summary.flags)
-                              if APPLY_FLAG_FIXES in summary.stages_completed else 0),
+            "flags_applied": _flags_applied(summary),
             "build_report_path": summary.closeout_path,
+            # Audit rounds, block verdicts and what they add up to (the outcome's words).
+            "audit_rounds": [item.model_dump(mode="json") for item in summary.rounds],
+            "block_verdicts": [item.model_dump(mode="json") for item in summary.block_verdicts],
+            **(summary.tally.model_dump() if summary.tally is not None else {}),
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
         report = time_report(summary.stage_times, summary.events, started=summary.started_at,
@@ -549,7 +640,8 @@ class PipelineActivities:
                                                  "reason": open_task.reason})
         if self.config.platform_dialect and not summary.adopted:
             document["originating_task_closed"] = await run_file_io(
-                self._close_originating_task, summary.task_id, summary.outcome, str(path))
+                self._close_originating_task, summary.task_id, summary.outcome,
+                f"pipeline {summary.outcome}; summary {path}")
         await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
                                   base=self.config.summary_dir))
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
@@ -560,14 +652,22 @@ class PipelineActivities:
                                            "outcome": summary.outcome})
         return str(path)
 
+    @activity.defn(name=CLOSE_ORIGINATING_TASK)
+    async def close_originating_task(self, request: CloseOriginInput) -> str | None:
+        """A plan's end closes its filing task (platform dialect), as a pipeline's summary
+        closes its originating task."""
+        if not self.config.platform_dialect:
+            return None
+        return await run_file_io(self._close_originating_task, request.task_id,
+                                 request.outcome, request.output)
+
     def _close_originating_task(self, task_id: str, outcome: str,
-                                summary_path: str) -> str | None:
+                                output: str) -> str | None:
         """Close the originating task the way the platform's tools close one: `completed`
         for success or partial, `failed` for any other ending; a task already ended (an
         operator's Cancel) is left as it is. The status it was left at, None when the task
         could not be found or written."""
         final = COMPLETED if outcome in ("success", "partial") else FAILED
-        output = f"pipeline {outcome}; summary {summary_path}"
         left: str | None = None
 
         def close(task: dict[str, Any]) -> None:
@@ -578,7 +678,8 @@ class PipelineActivities:
                 return
             task["result"] = {"output": output, "completed_by": SOURCE_AGENT,
                               "completed_at": task_time(task)}
-            add_history(task, status=final, actor=SOURCE_AGENT, note=f"build {output}")
+            add_history(task, status=final, actor=SOURCE_AGENT, note=f"build {output}"
+                        if output.startswith("pipeline") else output)
             left = final
 
         if not self._rewrite_task(task_id, close, "originating_task_not_closed"):

@@ -28,6 +28,7 @@ from temporalio import activity
 import policies
 from activities import legacy_args, platform_events
 from activities.failures import write_attempt
+from activities.run_link import ensure_run_link
 from config import WorkerConfig, connection_facts
 from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
@@ -197,6 +198,7 @@ async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest, *
                                        or getattr(config, request.agent_setting or "", None),
                                        "build_name": request.build_name})
     await platform_events.handed_off(config, request, path)
+    await ensure_run_link(config, request.originating_task_id)
     activity.raise_complete_async()
 
 

@@ -65,32 +65,46 @@ def _more(omitted: int) -> str:
 
 def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
                          blocks: Sequence[Finding], problems: Sequence[str] = (), *,
-                         file_decisions: bool = True) -> tuple[str, str]:
+                         file_decisions: bool = True, platform: bool = False,
+                         round_no: int | None = None,
+                         changes_allowed: bool = False) -> tuple[str, str]:
     """(title, message) of the notice that a pipeline parked on `blocks`.
 
     Lists the first NOTICE_MAX_BLOCKS blocks, each cut to NOTICE_BLOCK_CHARS, then
     "… and K more"; `problems` (e.g. the originating task cannot be used) are stated,
     and then the task file is not offered as a way to decide. The message never
-    exceeds NOTICE_MAX_BYTES of UTF-8."""
+    exceeds NOTICE_MAX_BYTES of UTF-8. With `round_no` (pipelines with audit rounds) the
+    blocks are numbered, as per-block verdicts name them."""
     build = notice_text(build_name, NOTICE_FIELD_CHARS)
     task = notice_text(task_id, NOTICE_FIELD_CHARS)
     title = f"Build {build}: {len(blocks)} security block(s) need a decision"
+    if round_no is not None:
+        title += f" (audit round {round_no})"
     footer = [f"Workflow: {notice_text(workflow_id, NOTICE_FIELD_CHARS)}"]
     shown_problems = [notice_text(problem, NOTICE_BLOCK_CHARS)
                       for problem in problems[:NOTICE_MAX_PROBLEMS]]
     if len(problems) > NOTICE_MAX_PROBLEMS:
         shown_problems.append(f"and {len(problems) - NOTICE_MAX_PROBLEMS} more problem(s)")
     footer += [f"Problem: {problem}" for problem in shown_problems]
-    if file_decisions and not problems:
+    if file_decisions and not problems and platform:
+        footer.append(f"Approve task {task} (`!task approve`, the widget or the plugin) or "
+                      f"use the approve_blocks update; Cancel it to reject.")
+    elif file_decisions and not problems:
         footer.append(f"Approve: set task {task} to status 'approved' (or use the "
                       f"approve_blocks update); reject with status 'rejected'.")
     else:
         footer.append("Approve with the approve_blocks update, reject with reject_blocks "
                       f"(originating task {task}).")
+    if round_no is not None:
+        footer.append("Per block: verdicts accept/reject/change by number (block_verdicts in "
+                      "the task, or the update's verdicts)."
+                      + (" Request changes: request_changes update, or changes_requested "
+                         "in the task." if changes_allowed else ""))
     budget = NOTICE_MAX_BYTES - _utf8_len(title) - sum(_utf8_len(line) + 1 for line in footer)
     listed: list[str] = []
-    for block in blocks[:NOTICE_MAX_BLOCKS]:
-        line = f"- {notice_text(block.description, NOTICE_BLOCK_CHARS)}"
+    for number, block in enumerate(blocks[:NOTICE_MAX_BLOCKS], start=1):
+        bullet = f"{number}." if round_no is not None else "-"
+        line = f"{bullet} {notice_text(block.description, NOTICE_BLOCK_CHARS)}"
         after = len(blocks) - len(listed) - 1
         # Keep room for the "and K more" line whenever something would follow.
         need = _utf8_len(line) + 1 + (_utf8_len(_more(after)) + 1 if after else 0)

@@ -64,13 +64,17 @@ from tests import synapse  # noqa: E402
 from tests.standin import (  # noqa: E402
     approve_origin,
     complete_with_token,
+    task_kind,
     write_origin_task,
     write_triage,
 )
 from tools import devserver  # noqa: E402
 from vocabulary import (  # noqa: E402
     BUILD_PIPELINE_WORKFLOW,
+    DIALECT_PLATFORM,
+    DIALECTS,
     INPUT_REQUIRED,
+    PENDING_APPROVAL,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -281,7 +285,7 @@ async def next_file(queue: asyncio.Queue[SeenFile], match: Callable[[dict[str, A
 def agent_task(task_type: str) -> Callable[[dict[str, Any]], bool]:
     def match(task: dict[str, Any]) -> bool:
         payload = task.get("payload") or {}
-        return (task.get("task_type") == task_type and task.get("status") == SUBMITTED
+        return (task_kind(task) == task_type and task.get("status") == SUBMITTED
                 and "task_token" in payload)
     return match
 
@@ -456,7 +460,7 @@ async def play_pipeline(bench: Bench, kind: str, index: int, *, park: bool = Fal
             previous = task_type
         if park:
             await next_file(queue, lambda task: task.get("id") == task_id
-                            and task.get("status") == INPUT_REQUIRED,
+                            and task.get("status") in (INPUT_REQUIRED, PENDING_APPROVAL),
                             f"originating task of {workflow_id} marked input-required")
             return PipelineRun(workflow_id, time.monotonic() - started, handle, task_id)
         try:
@@ -914,6 +918,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="parked pipelines (besides the --decisions ones) approved by a "
                              "reply to their block notice in a Matrix room on a Synapse the "
                              "bench starts, one at a time (default 0: skipped)")
+    parser.add_argument("--dialect", choices=DIALECTS, default=DIALECT_PLATFORM,
+                        help="the worker's TASK_FILE_DIALECT (default: platform, with "
+                             "TASK_TOKEN_IN_FILE=true so the stand-in agents complete by "
+                             "token, in process)")
     parser.add_argument("--origin-tasks", action="store_true",
                         help="give every pipeline its originating task file, as "
                              "`tools/start-build --create-task` does (default: only parked "
@@ -926,7 +934,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.matrix_decisions > 0 and args.parked < args.decisions + args.matrix_decisions:
         parser.error("--matrix-decisions K needs --parked >= --decisions + K (the pipelines "
                      "decided from chat are parked ones not decided through their file)")
-    overrides: dict[str, str] = {}
+    overrides: dict[str, str] = {"TASK_FILE_DIALECT": args.dialect}
+    if args.dialect == DIALECT_PLATFORM:
+        overrides["TASK_TOKEN_IN_FILE"] = "true"
     for item in args.worker_env:
         key, sep, value = item.partition("=")
         if not sep or not key:

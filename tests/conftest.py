@@ -87,10 +87,11 @@ class PipelineEnv:
 def make_env(root: Path, address: str, **extra: str) -> dict[str, str]:
     """A worker's environment with private folders. Task files speak v0.5.0's words unless
     `TASK_FILE_DIALECT` is given: the suite written against v0.5.0's contract keeps
-    testing it unchanged; the platform dialect's tests ask for it."""
+    testing it unchanged; the platform dialect's tests ask for it. TEST_TASK_FILE_DIALECT
+    runs the whole suite in another dialect (to see what of it holds there)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "VAULT_"))}
     env.update({
-        "TASK_FILE_DIALECT": DIALECT_V050,
+        "TASK_FILE_DIALECT": os.environ.get("TEST_TASK_FILE_DIALECT") or DIALECT_V050,
         "TEMPORAL_ADDRESS": address,
         "TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
         "TASK_QUEUE_DIR": str(root / "task-queue"),

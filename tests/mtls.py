@@ -358,9 +358,10 @@ class OpenBao:
 
 
 @contextlib.contextmanager
-def openbao(log_path: Path) -> Iterator[OpenBao]:
-    """An OpenBao dev server (in-memory storage, unsealed) on a free loopback port."""
-    port = free_port()
+def openbao(log_path: Path, port: int | None = None) -> Iterator[OpenBao]:
+    """An OpenBao dev server (in-memory storage, unsealed) on `port`, by default a free
+    loopback port."""
+    port = port or free_port()
     root_token = f"root-{os.urandom(12).hex()}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -412,8 +413,10 @@ class AppRole:
 
 
 def make_approle(bao: OpenBao, role: str = "temporal-worker",
-                 readable: str = "secret/data/temporal/worker") -> AppRole:
-    """Enable AppRole (once), a policy that may read only `readable`, and a role with it."""
+                 readable: str = "secret/data/temporal/worker",
+                 fixed: AppRole | None = None) -> AppRole:
+    """Enable AppRole (once), a policy that may read only `readable`, and a role with it;
+    with `fixed`, the role gets those ids (known before this Vault ran), else new ones."""
     admin = bao.admin()
     if "approle/" not in admin.sys.list_auth_methods():
         admin.sys.enable_auth_method("approle")
@@ -422,6 +425,10 @@ def make_approle(bao: OpenBao, role: str = "temporal-worker",
     admin.auth.approle.create_or_update_approle(role_name=role,
                                                 token_policies=[f"{role}-policy"],
                                                 token_ttl="10m")
+    if fixed is not None:
+        admin.auth.approle.update_role_id(role_name=role, role_id=fixed.role_id)
+        admin.auth.approle.create_custom_secret_id(role_name=role, secret_id=fixed.secret_id)
+        return fixed
     role_id = admin.auth.approle.read_role_id(role_name=role)["data"]["role_id"]
     secret_id = admin.auth.approle.generate_secret_id(role_name=role)["data"]["secret_id"]
     return AppRole(role_id=role_id, secret_id=secret_id)
@@ -434,10 +441,11 @@ def write_secret_id_file(folder: Path, secret_id: str, name: str = "secret-id") 
     return path
 
 
-def vault_env(bao: OpenBao, role: AppRole, secret_id_file: Path, address: str,
+def vault_env(bao: OpenBao | str, role: AppRole, secret_id_file: Path, address: str,
               **extra: str) -> dict[str, str]:
-    """The variables that switch the worker / CLI to mTLS through the proxy."""
-    return {"VAULT_ADDR": bao.addr, "VAULT_ROLE_ID": role.role_id,
+    """The variables that switch the worker / CLI to mTLS through the proxy (`bao`: a
+    running OpenBao, or the address where one will run)."""
+    return {"VAULT_ADDR": bao if isinstance(bao, str) else bao.addr, "VAULT_ROLE_ID": role.role_id,
             "VAULT_SECRET_ID_FILE": str(secret_id_file), "TEMPORAL_ADDRESS": address,
             "TEMPORAL_TLS_SERVER_NAME": SERVER_NAME, "TEMPORAL_REQUIRE_TLS": "true", **extra}
 

@@ -1,6 +1,6 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tests.record_histories [--out tests/histories/pickup-limits]
+    python -m tests.record_histories [--out tests/histories/pickup-limits] [--only NAME ...]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
 through the real complete_activity.py CLI, and writes `<out>/<name>.json` (the same JSON
@@ -23,13 +23,7 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from tests.standin import (
-    complete_task,
-    play_stage,
-    wait_until_parked,
-    write_origin_task,
-    write_triage,
-)
+from tests.standin import play_stage, wait_until_parked, write_origin_task, write_triage
 from vocabulary import (
     APPROVED,
     BUILD_PIPELINE_WORKFLOW,
@@ -128,6 +122,15 @@ class Recorder:
                                                 note="recorded"))
 
 
+    async def reaudit(self, handle: WorkflowHandle, triage: str) -> None:
+        """Play a security re-audit: its triage goes where its own payload says."""
+        from tests.standin import complete_task, load_yaml, wait_for_task
+
+        path = await wait_for_task(self.queue, handle.id, TASK_SECURITY_AUDIT, WAIT_SECONDS)
+        Path(load_yaml(path)["payload"]["triage_path"]).write_text(triage)
+        await complete_task(path, self.env)
+
+
 BLOCKS = "blocks:\n- description: secret in log\n"
 
 
@@ -172,6 +175,31 @@ async def _timed_out(recorder: Recorder) -> WorkflowHandle:
     return handle
 
 
+async def _reaudit(recorder: Recorder) -> WorkflowHandle:
+    """One re-audit finds one of two fixed flags again: it becomes a block, approved."""
+    handle = await recorder.pipeline("reaudit", "flags:\n- pin versions\n- add headers\n",
+                                     reaudit_rounds=1)
+    await recorder.play(handle, TASK_SECURITY_FIX)
+    await recorder.reaudit(handle, "flags:\n- add headers\n")
+    await recorder.parked(handle)
+    await handle.execute_update("approve_blocks", {"verdicts": {"1": "accept"}})
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _changes_requested(recorder: Recorder) -> WorkflowHandle:
+    """Two blocks: one accepted, one sent back with a note; the re-audit is clean."""
+    handle = await recorder.pipeline("changes", "blocks:\n- secret in log\n- open port\n",
+                                     reaudit_rounds=1)
+    await recorder.parked(handle)
+    await handle.execute_update("request_changes", {"note": "close the port",
+                                                    "verdicts": {"1": "accept"}})
+    await recorder.play(handle, TASK_SECURITY_FIX)
+    await recorder.reaudit(handle, "info: []\n")
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
 async def _agent_failure(recorder: Recorder) -> WorkflowHandle:
     handle = await recorder.pipeline("agent-failure", None)
     await recorder.play(handle, TASK_BUILD_PLAN, status="failed", message="compiler broke")
@@ -186,7 +214,7 @@ async def _pickup_reminded(recorder: Recorder) -> WorkflowHandle:
     """Nobody claims stage 1 within its pickup limit: one reminder (no channel here: its
     failure is recorded), then the claim, then the rest as usual."""
     from models import StageEvent
-    from tests.standin import poll_async
+    from tests.standin import complete_task, poll_async
 
     # Pickup limit 2 s: the later stages are played well within it.
     handle = await recorder.start("reminded", pickup_timeout_seconds=2)
@@ -211,13 +239,16 @@ async def _work_limit(recorder: Recorder) -> WorkflowHandle:
     return handle
 
 
-async def _plan(client: Client, recorder: Recorder, name: str, fail: bool) -> WorkflowHandle:
+async def _plan(client: Client, recorder: Recorder, name: str, fail: bool,
+                filed: bool = False) -> WorkflowHandle:
+    """A two-phase plan; `filed`: filed as a task (its end closes it)."""
     from models import BuildPlanInput, PhaseSpec
 
     phases = [PhaseSpec(number=n, agent_type="builder", description=f"phase {n}",
                         context_refs=["/plans/recorded.md"]) for n in (1, 2)]
+    task_id = write_origin_task(recorder.queue, name) if filed else None
     handle = await client.start_workflow(
-        BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases),
+        BUILD_PLAN_WORKFLOW, BuildPlanInput(plan_name=name, phases=phases, task_id=task_id),
         id=f"record-{name}", task_queue=recorder.env["TASK_QUEUE"])
     await recorder.play(handle, TASK_BUILD_PHASE)
     await recorder.play(handle, TASK_BUILD_PHASE, status="failed" if fail else "success",
@@ -225,7 +256,8 @@ async def _plan(client: Client, recorder: Recorder, name: str, fail: bool) -> Wo
     return handle
 
 
-async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHandle]:
+async def record_all(client: Client, recorder: Recorder,
+                     only: frozenset[str] = frozenset()) -> dict[str, WorkflowHandle]:
     paths: dict[str, Callable[[], Awaitable[WorkflowHandle]]] = {
         "pipeline_clean": lambda: _clean(recorder),
         "pipeline_flags": lambda: _flags(recorder),
@@ -235,11 +267,18 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
         "pipeline_timed_out": lambda: _timed_out(recorder),
         "pipeline_agent_failure": lambda: _agent_failure(recorder),
         "pipeline_bad_triage": lambda: _bad_triage(recorder),
-        "pipeline_pickup_reminded": lambda: _pickup_reminded(recorder),
-        "pipeline_work_limit": lambda: _work_limit(recorder),
         "plan_success": lambda: _plan(client, recorder, "plan-success", False),
         "plan_failure": lambda: _plan(client, recorder, "plan-failure", True),
+        "pipeline_reaudit": lambda: _reaudit(recorder),
+        "pipeline_changes_requested": lambda: _changes_requested(recorder),
+        "plan_filed": lambda: _plan(client, recorder, "plan-filed", False, filed=True),
+        "pipeline_pickup_reminded": lambda: _pickup_reminded(recorder),
+        "pipeline_work_limit": lambda: _work_limit(recorder),
     }
+    unknown = only - set(paths)
+    if unknown:
+        raise RuntimeError(f"no such path: {', '.join(sorted(unknown))}")
+    paths = {name: run for name, run in paths.items() if not only or name in only}
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def limited(run: Callable[[], Awaitable[WorkflowHandle]]) -> WorkflowHandle:
@@ -260,7 +299,7 @@ async def record_all(client: Client, recorder: Recorder) -> dict[str, WorkflowHa
     return handles
 
 
-async def record(out: Path) -> None:
+async def record(out: Path, only: frozenset[str] = frozenset()) -> None:
     from block_watcher import watch_block_decisions
     from config import load_config
     from temporal_client import connect
@@ -272,7 +311,7 @@ async def record(out: Path) -> None:
         with temporal_server.running(log_path=root / "server.log") as address:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("TEMPORAL_", "VAULT_", "MATRIX_", "NTFY_"))}
-            # The stand-in plays v0.5.0's task files (the workflow is the same either way).
+            # v0.5.0's task file words: the stand-in plays agents by those task types.
             env.update({"TASK_FILE_DIALECT": DIALECT_V050,
                         "TEMPORAL_ADDRESS": address, "TASK_QUEUE": "record-histories",
                         "TASK_QUEUE_DIR": str(root / "task-queue"),
@@ -284,7 +323,7 @@ async def record(out: Path) -> None:
             stop = asyncio.Event()
             async with build_worker(client, config):
                 watcher = asyncio.create_task(watch_block_decisions(client, config, stop))
-                handles = await record_all(client, Recorder(client, env, root))
+                handles = await record_all(client, Recorder(client, env, root), only)
                 stop.set()
                 await watcher
             out.mkdir(parents=True, exist_ok=True)
@@ -302,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON histories (default: "
                              "tests/histories/pickup-limits)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                        help="record only these paths (e.g. pipeline_reaudit)")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(record(args.out))
+        asyncio.run(record(args.out, frozenset(args.only)))
     except (RuntimeError, TimeoutError) as err:
         print(f"record_histories: {err}", file=sys.stderr)
         return 1

@@ -53,12 +53,17 @@ from task_files import (
     write_task,
 )
 from vocabulary import (
+    AGENT_TASK_TYPES,
     APPROVED,
     AUDIT_REQUESTS_DIR,
+    BUILD_PHASE,
     INPUT_REQUIRED,
+    PENDING_APPROVAL,
     PHASE_FAILED,
+    STAGE_TASK_TYPES,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
+    TASK_BUILD_PHASE,
     TASK_BUILD_REQUEST,
     TASK_SECURITY_AUDIT,
     WAIT_FOR_BLOCK_RESOLUTION,
@@ -85,6 +90,17 @@ class StandInError(Exception):
 
 
 # ---- reading the task folder ----------------------------------------------------------
+
+def task_kind(task: dict[str, Any]) -> str:
+    """A task's v0.5.0 task type, in either dialect: the platform dialect writes the
+    platform's word (`build`, `audit`, ...) and says the stage in payload.activity_type."""
+    kind = task.get("task_type")
+    if kind in AGENT_TASK_TYPES:
+        return str(kind)
+    payload = task.get("payload")
+    stage = payload.get("activity_type") if isinstance(payload, dict) else None
+    return {**STAGE_TASK_TYPES, BUILD_PHASE: TASK_BUILD_PHASE}.get(stage, str(kind))
+
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
@@ -140,10 +156,12 @@ async def poll_async(condition: Callable[[], Awaitable[Any]], timeout: float = 2
 
 async def wait_for_task(queue_dir: Path, workflow_id: str, task_type: str,
                         timeout: float = 20.0) -> Path:
-    """The submitted `task_type` task file of one workflow."""
+    """The submitted `task_type` task file of one workflow (`task_type` in either
+    dialect's words: `build_prefab`, or the platform's `build`)."""
     def find() -> Path | None:
         for path, task in tasks_for(queue_dir, workflow_id):
-            if task.get("task_type") == task_type and task.get("status") == SUBMITTED:
+            if (task_type in (task_kind(task), task.get("task_type"))
+                    and task.get("status") == SUBMITTED):
                 return path
         return None
 
@@ -156,7 +174,7 @@ async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
     workflow_id."""
     def find() -> Path | None:
         for path, task, payload in readable_tasks(queue_dir):
-            if (payload.get("build_name") == build_name and task.get("task_type") == task_type
+            if (payload.get("build_name") == build_name and task_kind(task) == task_type
                     and task.get("status") == SUBMITTED):
                 return path
         return None
@@ -314,7 +332,7 @@ class StandIn:
 
     def prepare(self, task: dict[str, Any]) -> str:
         """Leave behind what the stage asks for; return the completion message."""
-        kind = task["task_type"]
+        kind = task_kind(task)
         build = task["payload"].get("build_name", "build")
         if kind == TASK_SECURITY_AUDIT:
             write_triage(self.audit_dir, build, self.triage(build))
@@ -338,21 +356,25 @@ class StandIn:
                 else:
                     await self.complete(path, task, message)
             except Exception as err:  # reported by the caller: a stale token is expected
-                self.failures.append(f"{path.name} ({task['task_type']}): {err}")
+                self.failures.append(f"{path.name} ({task_kind(task)}): {err}")
                 return
-        self.done.append(task["task_type"])
+        self.done.append(task_kind(task))
 
     def _act(self, path: Path, task: dict[str, Any]) -> None:
         payload = task.get("payload")
         payload = payload if isinstance(payload, dict) else {}
-        token = payload.get("task_token")
+        # Which hand-off this is: the token, or (platform dialect, no token) the attempt.
+        token = payload.get("task_token") or (
+            f"{payload.get('activity_id')}/{payload.get('attempt')}"
+            if payload.get("activity_id") else None)
         mine = self.workflow_id is None or payload.get("workflow_id") == self.workflow_id
         if mine and task.get("status") == SUBMITTED and token:
             if (path.name, token) not in self._handed:
                 self._handed.add((path.name, token))
                 self._spawn(self._finish(path, task))
         elif (self.approve_origins and AWAITING_DECISION in task
-              and task.get("status") == INPUT_REQUIRED and task.get("id") not in self._approved):
+              and task.get("status") in (INPUT_REQUIRED, PENDING_APPROVAL)
+              and task.get("id") not in self._approved):
             self._approved.add(str(task["id"]))
             self._spawn(asyncio.to_thread(approve_origin, path, "ted"))
 

@@ -229,6 +229,7 @@ def test_unreachable_server_is_exit_4(offline_env: dict[str, str]) -> None:
 
     assert result.returncode == 4, result.stderr
     assert offline_env["TEMPORAL_ADDRESS"] in result.stderr
+    assert result.stderr.strip().endswith("; retry later")  # what AGENTS.md tells agents
     assert len(result.stderr.strip().splitlines()) == 1
     assert elapsed <= 12.0, f"unreachable server took {elapsed:.1f}s"
 

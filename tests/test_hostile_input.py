@@ -373,6 +373,9 @@ TASK_FILE_ROWS: list[tuple[str, str | bytes, str]] = [
     ("alias deepens", "id: x\na: &a " + "[" * 20 + "]" * 20 + "\nb: " + "[" * 20 + "*a"
      + "]" * 20 + "\n", "nesting deeper than"),
     ("alias of its own collection", "id: x\na: &a [1, *a]\n", "refers to no complete"),
+    # Half a megabyte of text aliased 19 times: 10 MB once the file is written again.
+    ("long string aliased", "id: x\na: &s '" + "x" * 500_000 + "'\nb: ["
+     + ", ".join(["*s"] * 19) + "]\n", "characters of text, aliases expanded"),
     ("binary tag", "id: x\npayload: !!binary aGVsbG8=\n", "is not allowed"),
     ("set tag", "id: x\npayload: !!set {a, b}\n", "is not allowed"),
     ("local tag", "id: x\nstatus: !approved yes\n", "is not allowed"),

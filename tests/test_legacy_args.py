@@ -33,6 +33,7 @@ from vocabulary import (
     BUILD_PHASE,
     BUILD_PIPELINE_WORKFLOW,
     CLOSE_BUILD,
+    DIALECT_V050,
     IMPLEMENT_BUILD,
     INPUT_REQUIRED,
     INVALID_INPUT,
@@ -271,9 +272,11 @@ def run_input(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> WorkerConfig:
+    """v0.5.0's calls, checked against v0.5.0's file contract (TASK_FILE_DIALECT=v050)."""
     return load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue"),
                         "TEMPORAL_AUDIT_DIR": str(tmp_path / "artifacts"),
-                        "SUMMARY_DIR": str(tmp_path / "summaries")})
+                        "SUMMARY_DIR": str(tmp_path / "summaries"),
+                        "TASK_FILE_DIALECT": DIALECT_V050})
 
 
 def environment(activity_type: str, call: legacy_args.CallContext = CALL) -> ActivityEnvironment:

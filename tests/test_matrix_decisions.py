@@ -232,6 +232,19 @@ def test_malformed_events_are_not_decisions() -> None:
         assert parse_decision(row) is None, row
 
 
+def test_a_reply_beginning_with_changes_requests_changes() -> None:
+    content = {"msgtype": "m.text", "body": "> <@bot:localhost> Build x: 2 blocks\n\n"
+                                            "changes: rotate the token",
+               "m.relates_to": {"m.in_reply_to": {"event_id": "$notice:localhost"}}}
+    wanted = parse_decision({"event_id": "$reply:localhost", "sender": "@alice:localhost",
+                             "type": "m.room.message", "content": content})
+    assert wanted is not None
+    assert (wanted.decision, wanted.note) == ("changes_requested", "rotate the token")
+    content["body"] = "changesets look fine"
+    assert parse_decision({"event_id": "$reply:localhost", "sender": "@alice:localhost",
+                           "type": "m.room.message", "content": content}) is None
+
+
 
 async def test_approver_replies_approve_and_reject(
         chat: Chat, client: Client, temporal_address: str, tmp_path: Path,

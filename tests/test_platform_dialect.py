@@ -67,10 +67,17 @@ class Board:
 
 
 @pytest.fixture
-def board(tmp_path: Path, temporal_address: str) -> Iterator[Board]:
-    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM)
+def board(tmp_path: Path, temporal_address: str, request: pytest.FixtureRequest
+          ) -> Iterator[Board]:
+    """Settings of the `worker_env` marker, if any, go to the worker; `plant_root_link`
+    puts a link to / in the folder before the worker starts."""
+    marker = request.node.get_closest_marker("worker_env")
+    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM,
+                   **(marker.kwargs if marker else {}))
     queue_dir = Path(env["TASK_QUEUE_DIR"])
     queue_dir.mkdir(mode=0o700)
+    if request.node.get_closest_marker("plant_root_link"):
+        (queue_dir / "everything").symlink_to("/")
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         worker.wait_ready()
@@ -252,3 +259,145 @@ def read_path(board: Board, workflow_id: str, stage: str) -> str:
 
 async def _stage_done(handle: WorkflowHandle[Any, Any], stage: str) -> bool:
     return stage in (await status_of(handle)).stages_done
+
+
+async def test_park_and_unpark_change_nothing_and_an_unreadable_decision_is_shown(
+        board: Board, client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id, triage=FLAG_AND_BLOCK)
+    await agents.run(lambda: board.task(origin)["status"] == PENDING_APPROVAL)
+    assert board.tools.park(origin, note="lunch")["ok"]
+    assert board.tools.unpark(origin)["ok"]
+    assert board.task(origin)["status"] == PENDING_APPROVAL
+    assert (await status_of(handle)).decision is None
+    # A decision the watcher cannot read: said at WARNING and in the run's status.
+    path = Path(read_origin_path(board, origin))
+    text = path.read_text().replace("status: pending-approval",
+                                    "status: !!python/name:os.system approved", 1)
+    path.write_text(text)
+
+    async def shown() -> list[str]:
+        return [w for w in (await status_of(handle)).warnings if "cannot be read" in w]
+
+    warning = (await poll_async(shown, timeout=5, what="the unreadable decision"))[0]
+    assert "is not allowed" in warning
+    assert any(r.get("event") == "decision_file_unreadable" and r.get("level") == "WARNING"
+               for r in board.worker.log_records())
+    await handle.cancel()
+
+
+async def test_a_planted_close_of_another_id_completes_nothing(board: Board,
+                                                               client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    real = Path(read_path(board, handle.id, PREFAB_SCAFFOLDING))
+    # The same run, stage and activity, another task id, closed: not the task it waits on.
+    forged = yaml.safe_load(real.read_text())
+    forged["id"] = str(uuid.uuid4())
+    forged["status"] = "completed"
+    forged["result"]["output"] = "forged"
+    planted = real.with_name(real.name[:16] + forged["id"][:8] + ".yml")
+    planted.write_text(yaml.safe_dump(forged, sort_keys=False))
+
+    def refused() -> bool:
+        return any(r.get("event") == "task_close_refused" for r in board.worker.log_records())
+
+    await poll(refused, 10, what="the forged close refused")
+    status = await status_of(handle)
+    assert PREFAB_SCAFFOLDING not in status.stages_done
+    assert status.waiting_on is not None
+    assert status.waiting_on.task_id == prefab["id"]
+    await handle.cancel()
+
+
+async def test_the_token_setting_puts_it_back_for_argv_agents(tmp_path: Path,
+                                                              temporal_address: str,
+                                                              client: Client) -> None:
+    env = make_env(tmp_path, temporal_address, TASK_FILE_DIALECT=DIALECT_PLATFORM,
+                   TASK_TOKEN_IN_FILE="true")
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_ready()
+        queue_dir = Path(env["TASK_QUEUE_DIR"])
+        handle = await client.start_workflow(
+            BUILD_PIPELINE_WORKFLOW,
+            BuildPipelineInput(build_name="argv", plan_path="/srv/p.md",
+                               task_id=str(uuid.uuid4()), target_agent="builder"),
+            id=f"platform-{uuid.uuid4()}", task_queue=env["TASK_QUEUE"])
+
+        def prefab_file() -> dict[str, Any] | None:
+            for path in queue_dir.glob("*.yml"):
+                task = yaml.safe_load(path.read_text())
+                if task["payload"].get("stage") == PREFAB_SCAFFOLDING:
+                    return task
+            return None
+
+        task = await poll(prefab_file, 20, what="the prefab task")
+        assert task["task_type"] == "build"
+        token = task["payload"]["task_token"]
+        done = await asyncio.to_thread(run_cli, [token, "success", "by argv"], env)
+        assert done.returncode == 0, done.stderr
+        assert token not in done.stdout + done.stderr
+        await poll_async(lambda: _stage_done(handle, PREFAB_SCAFFOLDING), 10,
+                         what="prefab done")
+        await handle.cancel()
+    finally:
+        worker.stop()
+
+
+def read_origin_path(board: Board, task_id: str) -> str:
+    for path, _, record in our_files(board.queue_dir):
+        if record.get("id") == task_id:
+            return str(path)
+    raise AssertionError(f"no originating task {task_id}")
+
+
+async def test_the_cli_completes_without_a_token_while_no_worker_runs(
+        board: Board, client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    board.worker.stop()  # what the run waits on is read from the server alone
+    cli_env = {"PATH": "/usr/bin:/bin", "HOME": board.env["HOME"]}
+    command = prefab["payload"]["complete_command"]
+    done = await asyncio.to_thread(run_cli, [*command[2:], "success", "scaffolded"], cli_env)
+    assert done.returncode == 0, done.stderr
+    assert read_task(Path(command[3]))["status"] == "completed"
+    board.worker.start()
+    board.worker.wait_ready()
+    await poll_async(lambda: _stage_done(handle, PREFAB_SCAFFOLDING), 20, what="prefab done")
+    await handle.cancel()
+
+
+@pytest.mark.plant_root_link
+@pytest.mark.worker_env(BLOCK_FILE_DECISIONS="false")
+async def test_closes_are_applied_with_file_decisions_off_and_a_link_to_root_planted(
+        board: Board, client: Client) -> None:
+    """The watch is not recursive (a link to / is not walked) and runs for closed tasks
+    even when the folder decides no blocks."""
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    agents = PlatformAgents(board.tools, board.dispatcher, handle.id)
+    await agents.run(lambda: IMPLEMENT_BUILD in agents.closed)
+    await poll_async(lambda: _stage_done(handle, IMPLEMENT_BUILD), 10, what="implement done")
+    assert not any(r.get("event") == "decision_watch_failed"
+                   for r in board.worker.log_records())
+    await handle.cancel()
+
+
+async def test_an_operator_cancel_of_an_agent_task_fails_its_stage(board: Board,
+                                                                   client: Client) -> None:
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    assert board.tools.cancel(prefab["id"], note="wrong plan")["ok"]
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(handle.result(), 15)
+    message = str(failed.value.cause)
+    assert f"task {prefab['id']} was cancelled by operator" in message
+    assert "wrong plan" in message

@@ -5,6 +5,7 @@ SIGKILL with the pipeline in flight completing, and a graceful `pm2 stop`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -99,7 +100,7 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
     assert app["max_restarts"] == 10
     assert app["exp_backoff_restart_delay"] > 0
     assert app["kill_timeout"] == 45000  # > the worker's default 30 s graceful shutdown
-    assert app["stop_exit_codes"] == [2]
+    assert app["stop_exit_codes"] == [2, 3]
 
     env_file = tmp_path / "worker.env"
     env_file.write_text("# comment\nexport TASK_QUEUE='from-file'\n"
@@ -117,9 +118,15 @@ def test_ecosystem_file_settings(tmp_path: Path) -> None:
 
 @pytest.fixture
 def pm2(tmp_path: Path, temporal_address: str) -> Iterator[tuple[Pm2, dict[str, str], str]]:
-    """pm2 with a private home; the worker's settings come from an env file."""
-    settings = make_env(tmp_path, temporal_address,
-                        WORKER_STATUS_FILE=str(tmp_path / "status.json"))
+    with private_pm2(tmp_path, temporal_address) as managed:
+        yield managed
+
+
+@contextlib.contextmanager
+def private_pm2(tmp_path: Path, address: str) -> Iterator[tuple[Pm2, dict[str, str], str]]:
+    """pm2 with a private home, for a worker on `address`; the worker's settings come
+    from an env file. Yields pm2, the settings and the app's name; kills pm2 after."""
+    settings = make_env(tmp_path, address, WORKER_STATUS_FILE=str(tmp_path / "status.json"))
     env_file = tmp_path / "worker.env"
     keys = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL_AUDIT_DIR",
             "SUMMARY_DIR", "WORKER_STATUS_FILE")

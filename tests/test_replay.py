@@ -9,8 +9,15 @@ tests/histories/ holds one folder per shape of history:
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
 - `local-inline/`: stages 4 and 9 as local activities;
 - `pickup-limits/`: the current shape, agent stages watched by the workflow (pickup
-  timers and reminders, the work limit from the claim), plus those two paths (record anew:
-  python -m tests.record_histories).
+  timers and reminders, the work limit from the claim), every path plus those two (record
+  anew: python -m tests.record_histories);
+- `filed-plan/`: a plan filed as a task, whose end closes that task (the
+  `plan-closes-filing-task` local activity), recorded with
+  `python -m tests.record_histories --out tests/histories/filed-plan --only plan_filed`;
+- `rounds/`: the paths with audit rounds (a re-audit whose flag found again becomes a
+  block; changes requested for one of two blocks, then a clean re-audit), recorded with
+  `python -m tests.record_histories --out tests/histories/rounds --only pipeline_reaudit
+  pipeline_changes_requested`.
 
 Replays run in the SDK's workflow sandbox (the Replayer's default), which worker.py skips
 for speed: a non-deterministic call on any recorded path fails here.
@@ -42,6 +49,8 @@ REQUIRED = {
     "polled-stage7": OURS,
     "event-driven": OURS,
     "local-inline": OURS,
+    "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
+    "filed-plan": ("plan_filed",),
     "pickup-limits": (*OURS, "pipeline_pickup_reminded", "pipeline_work_limit"),
 }
 FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure",
@@ -80,6 +89,18 @@ async def test_history_replays_against_current_code(name: str) -> None:
         assert last.HasField("workflow_execution_completed_event_attributes"), name
 
 
+def test_the_filed_plan_history_closes_its_task_behind_its_patch() -> None:
+    events = json.loads((HISTORIES / "filed-plan" / "plan_filed.json").read_text())["events"]
+    markers = [e["markerRecordedEventAttributes"] for e in events
+               if "markerRecordedEventAttributes" in e]
+    data = [json.loads(base64.b64decode(payload["data"])) for marker in markers
+            for detail in marker["details"].values() for payload in detail["payloads"]
+            if payload.get("data")]
+    assert {"id": "plan-closes-filing-task", "deprecated": False} in data
+    assert [item["activity_type"] for item in data if "activity_type" in item] == [
+        "close_originating_task"]
+
+
 def test_event_driven_histories_park_without_an_activity() -> None:
     """The current shape of stage 7: no check activity at all, the deadline timer only."""
     for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline",
@@ -116,6 +137,29 @@ def test_current_histories_run_stages_4_and_9_locally() -> None:
             stem
         old, _ = shape("event-driven", stem)
         assert {"process_triage_output", "summarize_workflow"} <= set(old), stem
+
+
+def test_round_histories_take_their_paths_behind_their_patches() -> None:
+    """Each new path leaves its patch marker, and audits as often as it is named for."""
+    def shape(stem: str) -> tuple[list[str], list[str]]:
+        events = json.loads((HISTORIES / "rounds" / f"{stem}.json").read_text())["events"]
+        scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                     for e in events if "activityTaskScheduledEventAttributes" in e]
+        patches = [json.loads(base64.b64decode(
+                       e["markerRecordedEventAttributes"]["details"]["patch-data"]["payloads"][0]
+                       ["data"]))["id"] for e in events
+                   if e.get("markerRecordedEventAttributes", {}).get("markerName") == "core_patch"]
+        return scheduled, patches
+
+    scheduled, patches = shape("pipeline_reaudit")
+    assert "reaudit-rounds" in patches
+    assert "changes-requested" not in patches
+    assert (scheduled.count("request_security_audit"), scheduled.count("apply_flag_fixes")) \
+        == (2, 1)
+    scheduled, patches = shape("pipeline_changes_requested")
+    assert {"reaudit-rounds", "changes-requested"} <= set(patches)
+    assert (scheduled.count("request_security_audit"), scheduled.count("apply_flag_fixes")) \
+        == (2, 1)
 
 
 def scheduled_and_timers(folder: str, stem: str) -> tuple[list[str], list[str], list[dict]]:

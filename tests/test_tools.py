@@ -73,7 +73,7 @@ TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "l
          "monitor-worker-health", "list-recent-workflows", "find-stalled-workflows",
          "wait-for-workflow-status", "get-workflow-result", "analyze-workflow-error",
          "bulk-cancel-workflows", "start-build", "approve-build", "reject-build",
-         "time-report", "ops"]
+         "request-changes", "time-report", "ops"]
 ALIASES = [name for name in TOOLS if name != "ops"] + ["temporal"]
 
 

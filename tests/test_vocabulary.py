@@ -118,8 +118,10 @@ def test_schema_enums_match_the_vocabulary() -> None:
 def test_model_literals_match_the_vocabulary() -> None:
     status = models.OpenTask.model_fields["status"].annotation
     assert set(typing.get_args(status)) == {v.CANCELLED, v.EXPIRED}
-    # A decision is named by the originating task status that makes it.
-    assert set(typing.get_args(models.Decision)) == {v.APPROVED, v.REJECTED}
+    # A decision is named by the originating task status that makes it, or by the
+    # originating task field that requests changes.
+    assert set(typing.get_args(models.Decision)) == {v.APPROVED, v.REJECTED,
+                                                    v.CHANGES_REQUESTED}
 
 
 def test_failure_types_that_name_an_error_class_are_its_name() -> None:

@@ -172,6 +172,7 @@ def test_configuration_errors_exit_2_naming_the_variable(tmp_path: Path) -> None
     base = make_env(tmp_path, "127.0.0.1:1", MATRIX_ACCESS_TOKEN=SECRET)
     for name, value in [("TEMPORAL_ADDRESS", "no-port"),
                         ("WORKER_SHUTDOWN_GRACE_SECONDS", "-1"),
+                        ("WORKER_STARTUP_WAIT_SECONDS", "forever"),
                         ("TEMPORAL_MAX_CONCURRENT_ACTIVITIES", "zero")]:
         result = run_worker({**base, name: value})
         assert result.returncode == 2, (name, result.stderr)
@@ -197,6 +198,7 @@ def test_check_config_logs_settings_without_secrets(tmp_path: Path) -> None:
 def test_unreachable_server_exits_4(tmp_path: Path) -> None:
     from tools.devserver import free_port
 
-    result = run_worker(make_env(tmp_path, f"127.0.0.1:{free_port()}"))
+    result = run_worker(make_env(tmp_path, f"127.0.0.1:{free_port()}",
+                                 WORKER_STARTUP_WAIT_SECONDS="0"))
     assert result.returncode == 4, result.stderr
     assert "cannot connect to Temporal" in result.stderr

@@ -29,6 +29,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import policies
+from activities.run_link import RUN_LINK
 from config import ENV_FIELDS, load_config
 from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
@@ -44,13 +45,16 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.platform_tools import Dispatcher
+from tests.platform_play import PlatformAgents
+from tests.platform_tools import Dispatcher, TaskTools
 from tests.standin import StandIn, play_stage
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
+    CLOSE_BUILD,
+    DIALECT_PLATFORM,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
     TASK_WORKFLOW,
@@ -157,7 +161,7 @@ class Platform:
 
 WORKER_SETTINGS = ("TEMPORAL_ADDRESS", "TASK_QUEUE", "TASK_QUEUE_DIR", "TEMPORAL_AUDIT_DIR",
                    "SUMMARY_DIR", "PREFAB_AGENT", "SECURITY_AGENT", "DEFAULT_TARGET_AGENT",
-                   "PLAN_DIR", "AGENT_ROSTER_FILE")
+                   "PLAN_DIR", "AGENT_ROSTER_FILE", "TASK_FILE_DIALECT")
 
 
 def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
@@ -167,8 +171,8 @@ def write_env_file(path: Path, values: Mapping[str, str]) -> Path:
 
 
 @pytest.fixture
-def platform(tmp_path: Path, temporal_address: str,
-             monkeypatch: pytest.MonkeyPatch) -> Platform:
+def platform(tmp_path: Path, temporal_address: str, monkeypatch: pytest.MonkeyPatch,
+             request: pytest.FixtureRequest) -> Platform:
     """The worker's settings in its env file, the script linked into ~/scripts as
     docs/operations.md says, and this process's environment made the dispatcher's: its
     HOME, WORKER_ENV_FILE, none of the worker's variables."""
@@ -178,9 +182,11 @@ def platform(tmp_path: Path, temporal_address: str,
     script.symlink_to(REPO / "tools" / "temporal-workflow-start.sh")
     roster = home / "scripts" / "agent-launch.yml"
     roster.write_text(ROSTER)
+    dialect = request.node.get_closest_marker("dialect")
     env = make_env(tmp_path, temporal_address, PREFAB_AGENT="developer",
                    SECURITY_AGENT="security", DEFAULT_TARGET_AGENT="developer",
-                   PLAN_DIR=str(tmp_path / "plans"), AGENT_ROSTER_FILE=str(roster))
+                   PLAN_DIR=str(tmp_path / "plans"), AGENT_ROSTER_FILE=str(roster),
+                   **({"TASK_FILE_DIALECT": dialect.args[0]} if dialect else {}))
     env_file = write_env_file(tmp_path / "worker.env",
                               {name: env[name] for name in WORKER_SETTINGS})
     for name in ENV_FIELDS:
@@ -260,6 +266,41 @@ async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
                              "security": "security"}
 
 
+@pytest.mark.dialect(DIALECT_PLATFORM)
+@pytest.mark.usefixtures("worker")
+async def test_the_filing_task_follows_its_run(platform: Platform, client: Client) -> None:
+    """The dispatcher rewrites the filing task from its own copy after the start; the
+    worker's link to the run lands after that, and the run's end closes the task."""
+    path, task_id = file_workflow_task(
+        platform.queue_dir, workflow_type=BUILD_PIPELINE_WORKFLOW, plan_name="linked",
+        description="Build linked")
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert (launch.returncode, launch.status) == (0, "in-progress"), launch.output
+    handle = client.get_workflow_handle(launch.workflow_id, result_type=BuildPipelineResult)
+    run_id = (await handle.describe()).run_id
+    tools = TaskTools(platform.queue_dir)
+    agents = PlatformAgents(tools, Dispatcher(platform.queue_dir, start_script=platform.script,
+                                              log_dir=platform.logs), launch.workflow_id)
+    links: list[dict[str, Any]] = []
+
+    def linked() -> bool:
+        filing = tools.get_task(task_id)["task"]
+        if filing["status"] == "in-progress" and filing.get(RUN_LINK):
+            links.append(filing[RUN_LINK])
+        return bool(links)
+
+    await agents.run(linked, timeout=90)
+    assert links[0]["workflow_id"] == launch.workflow_id
+    assert links[0]["run_id"] == run_id
+    await agents.run(lambda: CLOSE_BUILD in agents.closed, timeout=90)
+    result = await handle.result()
+    assert (result.status, result.outcome) == ("complete", "success")
+    closed = tools.get_task(task_id)["task"]
+    assert closed["status"] == "completed"
+    assert closed["result"]["output"] == f"pipeline success; summary {result.summary_path}"
+    assert closed[RUN_LINK]["run_id"] == run_id
+
+
 @pytest.mark.usefixtures("worker")
 async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client: Client) -> None:
     phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
@@ -285,6 +326,29 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
     result = await client.get_workflow_handle(launch.workflow_id,
                                               result_type=BuildPlanResult).result()
     assert (result.status, result.phases_run) == ("success", 2)
+
+
+@pytest.mark.dialect(DIALECT_PLATFORM)
+@pytest.mark.usefixtures("worker")
+async def test_a_plan_filed_as_a_task_is_linked_and_closed(platform: Platform,
+                                                          client: Client) -> None:
+    phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
+              {"number": 2, "agent_type": "writer", "description": "Document it"}]
+    path, task_id = file_workflow_task(
+        platform.queue_dir, workflow_type=BUILD_PLAN_WORKFLOW, plan_name="closed-plan",
+        description="Chart and docs", phases=phases)
+    launch = await asyncio.to_thread(tick, platform, path)
+    assert launch.returncode == 0, launch.output
+    handle = client.get_workflow_handle(launch.workflow_id, result_type=BuildPlanResult)
+    assert (await first_input(client, launch.workflow_id))["task_id"] == task_id
+    for _phase in phases:
+        await play_stage(platform.queue_dir, launch.workflow_id, TASK_BUILD_PHASE,
+                         platform.worker_env)
+    assert (await handle.result()).phases_run == 2
+    closed = TaskTools(platform.queue_dir).get_task(task_id)["task"]
+    assert closed["status"] == "completed"
+    assert closed["result"]["output"] == "plan success; 2 of 2 phases done"
+    assert closed[RUN_LINK]["workflow_id"] == launch.workflow_id
 
 
 # ---- refusals: non-zero within the limit, one line, nothing started ---------------------

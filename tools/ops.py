@@ -44,10 +44,19 @@ from tools.common import (
     worker_config,
 )
 from visible_text import escaped
-from vocabulary import BLOCKS_PENDING, INVALID_INPUT, PHASE_FAILED, TRIAGE_INVALID
+from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
+    BLOCKS_PENDING,
+    INVALID_INPUT,
+    PHASE_FAILED,
+    REJECT_BLOCKS_UPDATE,
+    REQUEST_CHANGES_UPDATE,
+    TRIAGE_INVALID,
+)
 
 MAX_STATUS_FILE_BYTES = 4096
-UPDATES = {"approve-build": "approve_blocks", "reject-build": "reject_blocks"}
+UPDATES = {"approve-build": APPROVE_BLOCKS_UPDATE, "reject-build": REJECT_BLOCKS_UPDATE,
+           "request-changes": REQUEST_CHANGES_UPDATE}
 
 
 def ensure_server(settings: OpsSettings, args: argparse.Namespace) -> int:
@@ -527,13 +536,27 @@ def wait_for_workflow_status(_settings: OpsSettings, args: argparse.Namespace) -
     return EXIT_OK
 
 
+def parse_verdicts(given: list[str]) -> dict[str, str]:
+    """`--verdict N=accept` (or ID=change, …) → {"N": "accept"}."""
+    verdicts = {}
+    for item in given:
+        block, _, verdict = item.partition("=")
+        if not block.strip() or not verdict.strip():
+            raise ToolError(f"--verdict {item!r}: expected BLOCK=accept|reject|change (BLOCK: "
+                            f"its number in the notice, or its id)", EXIT_USAGE)
+        verdicts[block.strip()] = verdict.strip()
+    return verdicts
+
+
 def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: str,
-           by: str) -> str:
-    """approve_blocks / reject_blocks (temporal workflow update execute); the answer."""
+           by: str, verdicts: list[str] | None = None) -> str:
+    """approve_blocks / reject_blocks / request_changes (temporal workflow update
+    execute); the answer: the decision taken."""
     from models import BlockDecision
 
     try:
-        decision = BlockDecision(note=note, decided_by=by)
+        decision = BlockDecision(note=note, decided_by=by,
+                                 verdicts=parse_verdicts(verdicts or []))
     except ValueError as err:
         raise ToolError(f"invalid decision: {str(err).splitlines()[0]}", EXIT_USAGE) from None
     try:
@@ -556,7 +579,8 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
 def decide_build(_settings: OpsSettings, args: argparse.Namespace) -> int:
     by = args.by or getpass.getuser()
     answer = decide(None, args.command, args.workflow_id,
-                    args.note if args.command == "approve-build" else args.reason, by)
+                    args.reason if args.command == "reject-build" else args.note, by,
+                    args.verdict)
     print(f"{args.command}: {args.workflow_id} {answer} by {by}")
     return EXIT_OK
 
@@ -583,6 +607,10 @@ Handler = Callable[[OpsSettings, argparse.Namespace], int]
 WORKFLOW_ID = (("--workflow-id",), {"required": True})
 RUN_ID = (("--run-id",), {"help": "a specific run (default: the latest)"})
 QUEUE = (("--task-queue",), {"help": "default: TASK_QUEUE or the worker's default"})
+VERDICT = (("--verdict",), {"action": "append", "default": [], "metavar": "BLOCK=VERDICT",
+                            "help": "one block's verdict: accept, reject or change; BLOCK is "
+                                    "its number in the notice or its id (repeatable; blocks "
+                                    "not named take the command's own verdict)"})
 
 
 def timeout(default: float, what: str = "seconds to wait") -> tuple[tuple[str], dict[str, Any]]:
@@ -650,11 +678,17 @@ COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, An
     ("approve-build", decide_build, "Approve the security blocks of a pipeline parked at "
      "stage 7 (approve_blocks Update); 1: refused, 3: not found or closed.", [
          WORKFLOW_ID, (("--note",), {"default": "", "help": "why (in the task history)"}),
-         (("--by",), {"help": "who decides (default: your user name)"})]),
+         (("--by",), {"help": "who decides (default: your user name)"}), VERDICT]),
     ("reject-build", decide_build, "Reject the security blocks of a pipeline parked at "
      "stage 7 (reject_blocks Update); 1: refused, 3: not found or closed.", [
          WORKFLOW_ID, (("--reason",), {"required": True, "help": "why (in the task history)"}),
-         (("--by",), {"help": "who decides (default: your user name)"})]),
+         (("--by",), {"help": "who decides (default: your user name)"}), VERDICT]),
+    ("request-changes", decide_build, "Send the security blocks of a parked pipeline back to "
+     "the build agent with a note, then re-audit (request_changes Update; only while a "
+     "re-audit round is left); 1: refused, 3: not found or closed.", [
+         WORKFLOW_ID, (("--note",), {"required": True, "help": "what to change (the build "
+                                     "agent's fix task carries it)"}),
+         (("--by",), {"help": "who decides (default: your user name)"}), VERDICT]),
 ]
 
 

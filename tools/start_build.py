@@ -39,13 +39,15 @@ START_OPTIONS = ("workflow_id", "task_queue", "workflow")
 ORIGIN_SOURCE = "start-build"
 PIPELINE_FLAGS = ("build_name", "plan_path", "task_id", "target_agent", "prefab_agent",
                   "security_agent", "block_wait_timeout_seconds", "block_poll_interval_seconds",
-                  "agent_timeout_seconds", "pickup_timeout_seconds", "work_timeout_seconds")
+                  "reaudit_rounds", "agent_timeout_seconds", "pickup_timeout_seconds",
+                  "work_timeout_seconds")
 # tools/ops adds these to its start-build command.
 OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--file",), {"type": Path, "help": "YAML file with the input fields at top level (a "
                    "`phases` list makes a plan), optional workflow_id and task_queue"}),
     *[((f"--{name.replace('_', '-')}",),
-       {"type": float} if name.endswith("_seconds") else {}) for name in PIPELINE_FLAGS],
+       {"type": float} if name.endswith("_seconds")
+       else {"type": int} if name == "reaudit_rounds" else {}) for name in PIPELINE_FLAGS],
     (("--create-task",), {"action": "store_true", "help": "write a minimal originating task "
                           "into TASK_QUEUE_DIR and use its id (instead of --task-id)"}),
     (("--plan-name",), {}),

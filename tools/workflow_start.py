@@ -76,11 +76,10 @@ def build_input(workflow_type: str, workflow_id: str, input_json: str,
                 config: WorkerConfig) -> tuple[BaseModel, dict[str, Any]]:
     """(validated input, the request's fields): refused unless every check passes."""
     fields = parse_request(workflow_type, workflow_id, input_json)
+    task_id, _path = find_filing_task(config.task_queue_dir, workflow_id, fields["plan_name"])
     if workflow_type == BUILD_PLAN_WORKFLOW:
-        inp: BaseModel = plan_input(fields)
+        inp: BaseModel = plan_input(fields, task_id)
     else:
-        task_id, _path = find_filing_task(config.task_queue_dir, workflow_id,
-                                          fields["plan_name"])
         inp = pipeline_input(fields, task_id, config)
     roster.check_start(inp, config)
     return inp, fields

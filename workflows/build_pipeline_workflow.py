@@ -44,9 +44,11 @@ with workflow.unsafe.imports_passed_through():
         STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
         AuditRequest,
+        AuditRound,
         BlockCheckInput,
         BlockDecision,
         BlockResolution,
+        BlockVerdict,
         BuildPhaseResult,
         BuildPipelineInput,
         BuildPipelineResult,
@@ -72,7 +74,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from vocabulary import (
         APPLY_FLAG_FIXES,
+        APPROVE_BLOCKS_UPDATE,
         APPROVED,
+        AUDIT_REQUESTS_DIR,
+        AUDIT_ROUND_DIR_PREFIX,
         BUILD_PIPELINE_WORKFLOW,
         CANCELLED,
         CLOSE_BUILD,
@@ -86,7 +91,9 @@ with workflow.unsafe.imports_passed_through():
         PREPARE_PIPELINE,
         PROCESS_TRIAGE_OUTPUT,
         RECORD_DECISION,
+        REJECT_BLOCKS_UPDATE,
         REMIND_PICKUP,
+        REQUEST_CHANGES_UPDATE,
         REQUEST_SECURITY_AUDIT,
         STAGE_NUMBERS,
         STATUS_QUERY,
@@ -101,7 +108,7 @@ with workflow.unsafe.imports_passed_through():
         TRIAGE_INVALID,
         WAIT_FOR_BLOCK_RESOLUTION,
     )
-    from workflows import instructions
+    from workflows import instructions, rounds
 
 # workflow.patched ids, one per change to the command sequence.
 PREPARE_PATCH = "prepare-pipeline"  # a local activity resolves agents before stage 1
@@ -111,6 +118,10 @@ ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run 
 # A summary that fails for good (not a full disk: that is retried until space returns)
 # no longer fails the run: it ends with its outcome, and no summary path.
 SUMMARY_FAILURE_PATCH = "summary-failure-keeps-outcome"
+# Re-audits after fixes (reaudit_rounds > 0): flags fixed, audited again, at most N times.
+REAUDIT_PATCH = "reaudit-rounds"
+# An operator's "changes requested": the blocks go back to the target agent, then a re-audit.
+CHANGES_REQUESTED_PATCH = "changes-requested"
 # Agent stages watched by the workflow: a pickup limit (reminders), a work limit from the
 # claim (the stage fails), the activity's own limit as the overall one.
 PICKUP_LIMITS_PATCH = "agent-pickup-limits"
@@ -218,6 +229,12 @@ class BuildPipelineWorkflow:
         self._failed_stage: str | None = None
         self._error: str | None = None
         self._closeout_path: str | None = None
+        # Audit rounds (round 1 the first audit) and the re-audits this run may make.
+        self._reaudit_limit = 0
+        self._rounds: list[AuditRound] = []
+        # The blocks the current decision is about, and every block's verdict so far.
+        self._parked_blocks: list[Finding] = []
+        self._verdicts: list[BlockVerdict] = []
         self._pickup_limits = False
         # task id -> where that agent task's time went (every run: state, not commands)
         self._stage_times: dict[str, StageTiming] = {}
@@ -248,6 +265,7 @@ class BuildPipelineWorkflow:
                                             f"{pipeline.target_agent}")
         if not self._adopted:
             await self._prepare(pipeline)
+        self._reaudit_limit = self._reaudit_setting(pipeline)
         failure: _StageFailed | None = None
         try:
             self._outcome = await self._run_stages(pipeline)
@@ -299,25 +317,162 @@ class BuildPipelineWorkflow:
         triage = self._triage
         self._event(PROCESS_TRIAGE_OUTPUT, "triaged", f"{len(triage.blocks)} blocks, "
                     f"{len(triage.flags)} flags, {len(triage.info)} info")
+        self._rounds.append(AuditRound(round=1, blocks=triage.blocks, flags=triage.flags,
+                                       info=triage.info))
+        if self._reaudit_limit > 0 and workflow.patched(REAUDIT_PATCH):
+            return await self._audit_rounds(pipeline)
         if triage.flags:
-            await self._agent_stage(
-                APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
-                    pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
-                    summary=f"Fix {len(triage.flags)} security flag(s) on {pipeline.build_name}",
-                    instruction=instructions.flag_fixes(pipeline.build_name, triage.flags),
-                    extra={"flag_count": len(triage.flags),
-                           "flags": instructions.finding_texts(triage.flags)}))
+            await self._fix_flags(pipeline, self._rounds[-1])
         if triage.blocks:
+            self._parked_blocks = list(triage.blocks)
             outcome = await self._handle_blocks(pipeline, triage.blocks)
             if outcome != "partial":
                 return outcome
+        return await self._close_out(pipeline)
+
+    async def _close_out(self, pipeline: BuildPipelineInput) -> Outcome:
         closeout = await self._agent_stage(
             CLOSE_BUILD, policies.CLOSE_BUILD, self._task(
                 pipeline, agent=pipeline.target_agent, task_type=TASK_BUILD_CLOSEOUT,
                 summary=f"Close out {pipeline.build_name}",
                 instruction=instructions.closeout(pipeline.build_name, pipeline.plan_path)))
         self._closeout_path = closeout.output or None
-        return "partial" if self._decision == "approved" else "success"
+        accepted = any(v.verdict == "accept" for v in self._verdicts)
+        return "partial" if self._decision == "approved" or accepted else "success"
+
+    async def _fix_flags(self, pipeline: BuildPipelineInput, current: AuditRound) -> None:
+        """Stage 5: the round's flags to the target agent."""
+        flags = current.flags
+        extra: dict[str, Any] = {"flag_count": len(flags),
+                                 "flags": instructions.finding_texts(flags)}
+        if current.round > 1 or self._reaudit_limit > 0:
+            extra["audit_round"] = current.round
+        done = await self._agent_stage(
+            APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
+                pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
+                summary=f"Fix {len(flags)} security flag(s) on {pipeline.build_name}",
+                instruction=instructions.flag_fixes(pipeline.build_name, flags),
+                extra=extra))
+        current.sent_to_fix, current.fix_output = list(flags), done.output
+
+    # ---- audit rounds (reaudit_rounds > 0) ----------------------------------------------
+
+    def _reaudit_setting(self, pipeline: BuildPipelineInput) -> int:
+        """The input's reaudit_rounds, else the worker's REAUDIT_ROUNDS as learned before
+        stage 1 (0 for runs begun before either existed)."""
+        if pipeline.reaudit_rounds is not None:
+            return pipeline.reaudit_rounds
+        return self._setup.reaudit_rounds if self._setup is not None else 0
+
+    def _reaudits_left(self) -> int:
+        return self._reaudit_limit - (len(self._rounds) - 1)
+
+    async def _audit_rounds(self, pipeline: BuildPipelineInput) -> Outcome:
+        """Fix what an audit found and audit again, at most `reaudit_rounds` times; flags
+        the last allowed audit still finds become blocks (a person decides, rather than
+        another fix nobody checks). An operator's "changes requested" takes the blocks
+        back to the target agent for another round, within the same limit."""
+        while True:
+            current = self._rounds[-1]
+            triage = self._triage
+            if triage.flags and self._reaudits_left() > 0:
+                await self._fix_flags(pipeline, current)
+                await self._reaudit(pipeline, current)
+                continue
+            blocks = list(triage.blocks)
+            if triage.flags:
+                current.escalated_to_blocks = rounds.escalate(triage.flags)
+                blocks += current.escalated_to_blocks
+                self._event(PROCESS_TRIAGE_OUTPUT, "flags_escalated",
+                            f"round {current.round}: {len(triage.flags)} flag(s) found by the "
+                            f"last allowed audit become blocks")
+            if not blocks:
+                return await self._close_out(pipeline)
+            outcome = await self._decide_round(pipeline, blocks)
+            if outcome is None:
+                await self._fix_changes(pipeline, current)
+                await self._reaudit(pipeline, current)
+                continue
+            if outcome != "partial":
+                return outcome
+            return await self._close_out(pipeline)
+
+    async def _decide_round(self, pipeline: BuildPipelineInput,
+                            blocks: list[Finding]) -> Outcome | None:
+        """Stages 6 and 7 for this round's blocks; None when changes were requested."""
+        self._reset_decision()
+        self._parked_blocks = blocks
+        outcome = await self._handle_blocks(pipeline, blocks)
+        if self._decision == "changes_requested" and workflow.patched(CHANGES_REQUESTED_PATCH):
+            return None
+        return outcome
+
+    def _notice_round(self) -> dict[str, Any]:
+        """What a block notice says about rounds (nothing for runs without them)."""
+        if len(self._rounds) <= 1 and self._reaudit_limit == 0:
+            return {}
+        return {"round": len(self._rounds), "changes_allowed": self._reaudits_left() > 0}
+
+    def _round_verdicts(self) -> list[BlockVerdict]:
+        current = len(self._rounds) or 1
+        return [v for v in self._verdicts if v.round == current]
+
+    def _reset_decision(self) -> None:
+        """A later round's blocks wait on a decision of their own."""
+        self._decision = self._decided_by = self._decision_source = self._claimed_by = None
+        self._decision_note, self._decided_via_update = "", False
+
+    async def _fix_changes(self, pipeline: BuildPipelineInput, current: AuditRound) -> None:
+        """The blocks an operator asked to have changed, with the note, to the target agent."""
+        changed = [self._parked_blocks[v.index - 1] for v in self._verdicts
+                   if v.round == current.round and v.verdict == "change"]
+        note = self._decision_note
+        current.sent_to_fix, current.changes_note = changed, note
+        done = await self._agent_stage(
+            APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
+                pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
+                summary=f"Make the changes asked for on {pipeline.build_name} "
+                        f"({len(changed)} block(s))",
+                instruction=instructions.requested_changes(pipeline.build_name, note, changed),
+                extra={"flag_count": len(changed), "flags": instructions.finding_texts(changed),
+                       "changes_requested": note, "audit_round": current.round}))
+        current.fix_output = done.output
+
+    async def _reaudit(self, pipeline: BuildPipelineInput, previous: AuditRound) -> None:
+        """Stages 3 and 4 again, in a folder of the round's own."""
+        number = previous.round + 1
+        folder = f"{AUDIT_REQUESTS_DIR}/{pipeline.build_name}/{AUDIT_ROUND_DIR_PREFIX}{number}"
+        where = f"{instructions.AUDIT_DIR_PLACEHOLDER}/{folder}"
+        request = self._task(
+            pipeline, agent=self._stage_agent(pipeline, "security_agent"),
+            agent_setting="security_agent", task_type=TASK_SECURITY_AUDIT,
+            summary=f"Security re-audit of {pipeline.build_name} (round {number})",
+            instruction=instructions.security_reaudit(
+                pipeline.build_name, number, f"{where}/request.md",
+                f"{where}/triage-output.yml"),
+            extra={"audit_folder": folder, "audit_round": number})
+        self._event(REQUEST_SECURITY_AUDIT, "reaudit", f"round {number} of "
+                                                       f"{self._reaudit_limit + 1}")
+        await self._run_activity(
+            REQUEST_SECURITY_AUDIT,
+            policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
+            AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
+                         target_agent=pipeline.target_agent, task=request, round=number,
+                         previous=previous),
+            result_type=BuildPhaseResult, waiting=request)
+        self._triage = triage = await self._run_activity(
+            PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, (pipeline.build_name, number),
+            result_type=TriageResult, waiting=None, local=self._local_inline)
+        rounds.match_round(previous, [*triage.blocks, *triage.flags])
+        self._rounds.append(AuditRound(round=number, blocks=triage.blocks, flags=triage.flags,
+                                       info=triage.info))
+        self._event(PROCESS_TRIAGE_OUTPUT, "triaged",
+                    f"round {number}: {len(triage.blocks)} blocks, {len(triage.flags)} flags, "
+                    f"{len(triage.info)} info; of round {previous.round}'s "
+                    f"{len(previous.sent_to_fix)} sent to fix, "
+                    f"{len(previous.verified_fixed)} verified fixed, "
+                    f"{len(previous.still_present)} still found")
+        self._details()
 
     # ---- stages ------------------------------------------------------------------------
 
@@ -373,7 +528,8 @@ class BuildPipelineWorkflow:
             notified = await self._run_activity(
                 NOTIFY_BLOCKS, policies.NOTIFY_BLOCKS,
                 NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
-                                  workflow_id=workflow.info().workflow_id, blocks=blocks),
+                                  workflow_id=workflow.info().workflow_id, blocks=blocks,
+                                  **self._notice_round()),
                 result_type=NotifyBlocksResult | None, waiting=None)
         except BaseException:
             self._awaiting_decision = False
@@ -399,7 +555,8 @@ class BuildPipelineWorkflow:
                                     workflow_id=workflow.info().workflow_id,
                                     source=self._decision_source or "update",
                                     claimed_by=self._claimed_by,
-                                    build_name=pipeline.build_name),
+                                    build_name=pipeline.build_name,
+                                    verdicts=self._round_verdicts()),
                 result_type=str, waiting=None, count_as_stage=False)
         self._event(WAIT_FOR_BLOCK_RESOLUTION, decision, f"by {self._decided_by}")
         return "partial" if decision == "approved" else "rejected"
@@ -523,7 +680,8 @@ class BuildPipelineWorkflow:
         a claimed task stays silent past its work limit (the activity is cancelled)."""
         limits = self._agent_limits(stage)
         handle = workflow.start_activity(
-            stage, arg, result_type=result_type, start_to_close_timeout=limits.overall,
+            stage, args=list(arg) if isinstance(arg, tuple) else [arg],
+            result_type=result_type, start_to_close_timeout=limits.overall,
             schedule_to_close_timeout=limits.overall, retry_policy=policy.retry,
             summary=self._summary_line(stage, self._agent_label(waiting)))
         try:
@@ -680,7 +838,8 @@ class BuildPipelineWorkflow:
                 result = await self._await_agent(stage, policy, arg, result_type, waiting)
             else:
                 result = await execute(
-                    stage, arg, result_type=result_type,
+                    stage, args=list(arg) if isinstance(arg, tuple) else [arg],
+                    result_type=result_type,
                     start_to_close_timeout=policy.start_to_close,
                     schedule_to_close_timeout=policy.schedule_to_close,
                     retry_policy=policy.retry,
@@ -788,6 +947,8 @@ class BuildPipelineWorkflow:
                 closeout_path=self._closeout_path,
                 notification_failures=self._notification_failures, events=self._events,
                 open_tasks=self._open_task_list(), adopted=self._adopted,
+                rounds=self._rounds, block_verdicts=self._verdicts,
+                tally=rounds.tally(self._rounds, self._verdicts),
                 stage_times=list(self._stage_times.values())),
             result_type=str,
             start_to_close_timeout=policies.SUMMARY.start_to_close,
@@ -803,7 +964,8 @@ class BuildPipelineWorkflow:
             stages_completed=list(self._stages_done), failed_stage=self._failed_stage,
             error=self._error, blocks=len(self._triage.blocks), flags=len(self._triage.flags),
             info=len(self._triage.info), decision=self._decision,
-            closeout_path=self._closeout_path, summary_path=summary_path)
+            closeout_path=self._closeout_path, summary_path=summary_path,
+            tally=rounds.tally(self._rounds, self._verdicts))
 
     # ---- Web UI story -------------------------------------------------------------------
 
@@ -861,6 +1023,7 @@ class BuildPipelineWorkflow:
         if self._triage.blocks or self._triage.flags or self._triage.info:
             lines.append(f"Triage: {len(self._triage.blocks)} blocks, "
                          f"{len(self._triage.flags)} flags, {len(self._triage.info)} info")
+        lines.extend(self._round_lines())
         if self._notification_failures:
             lines.append("Notification failures: " + "; ".join(self._notification_failures))
         if self._decision is not None:
@@ -871,6 +1034,32 @@ class BuildPipelineWorkflow:
                          + (f" at `{self._failed_stage}`" if self._failed_stage else ""))
         lines.append("Done: " + (", ".join(self._stages_done) or "nothing yet"))
         workflow.set_current_details("\n\n".join(lines))
+
+    def _round_lines(self) -> list[str]:
+        """The audit rounds and block verdicts, for the Web UI (runs with rounds only)."""
+        if self._reaudit_limit == 0 and len(self._rounds) <= 1 and not self._verdicts:
+            return []
+        lines = [f"Audit round {len(self._rounds)} of at most {self._reaudit_limit + 1}"]
+        for done in self._rounds:
+            line = (f"- round {done.round}: {len(done.blocks)} blocks, {len(done.flags)} flags"
+                    f"; {len(done.sent_to_fix)} sent to fix")
+            if done.verified_fixed or done.still_present:
+                line += (f", {len(done.verified_fixed)} verified fixed, "
+                         f"{len(done.still_present)} still found")
+            if done.escalated_to_blocks:
+                line += f"; {len(done.escalated_to_blocks)} flag(s) made blocks"
+            lines.append(line)
+        if self._awaiting_decision and self._parked_blocks:
+            lines.append("Blocks to decide (by number):")
+            lines.extend(f"{n}. {instructions.sanitize_finding(b.description)[:200]}"
+                         for n, b in enumerate(self._parked_blocks, start=1))
+            lines.append("Per block: verdicts accept / reject / change by number or id "
+                         "(`--verdict N=…`, `block_verdicts` in the originating task)"
+                         + ("; request changes: `tools/request-changes`" if
+                            self._reaudits_left() > 0 else "; no re-audit left for changes"))
+        lines.extend(f"- verdict round {v.round} block {v.index}: **{v.verdict}** by "
+                     f"{v.decided_by} ({v.source})" for v in self._verdicts)
+        return lines
 
     # ---- queries, updates, signals ------------------------------------------------------
 
@@ -889,6 +1078,8 @@ class BuildPipelineWorkflow:
             decision_paths=list(self._decision_paths),
             notification_failures=list(self._notification_failures),
             agents=self._agents(), warnings=self._all_warnings(), adopted=self._adopted,
+            audit_round=len(self._rounds), reaudit_rounds=self._reaudit_limit,
+            rounds=list(self._rounds), block_verdicts=list(self._verdicts),
             time=self._time_report())
 
     def _all_warnings(self) -> list[str]:
@@ -916,8 +1107,37 @@ class BuildPipelineWorkflow:
                                    f"this pipeline's originating task", type=DECISION_REFUSED,
                                    non_retryable=True)
 
-    def _decide(self, decision: Decision, raw: Any) -> str:
+    def _check_verdicts(self, asked: Decision, raw: Any) -> None:
+        """Per-block verdicts must name blocks that wait; a decision for another round's
+        blocks, or changes requested with no re-audit left, is refused."""
         choice = coerce_decision(raw)
+        current = len(self._rounds) or 1
+        if choice.round is not None and choice.round != current:
+            raise ApplicationError(f"the decision is for audit round {choice.round}; the blocks "
+                                   f"of round {current} wait", type=DECISION_REFUSED,
+                                   non_retryable=True)
+        unknown = rounds.unknown_keys(self._parked_blocks, choice.verdicts)
+        if unknown:
+            raise ApplicationError(
+                f"invalid decision: no block {', '.join(map(repr, unknown[:5]))} (blocks are "
+                f"numbered 1-{len(self._parked_blocks)}, or named by their id)",
+                type=INVALID_INPUT, non_retryable=True)
+        verdicts = [v.verdict for v in rounds.block_verdicts(
+            self._parked_blocks, asked, choice, round_no=current, decided_by="")]
+        if rounds.overall(verdicts, asked) == "changes_requested" and (
+                len(self._rounds) == 0 or self._reaudits_left() <= 0):
+            raise ApplicationError(
+                f"changes cannot be requested: no re-audit round left (reaudit_rounds "
+                f"{self._reaudit_limit}); accept or reject each block", type=DECISION_REFUSED,
+                non_retryable=True)
+
+    def _decide(self, asked: Decision, raw: Any) -> str:
+        choice = coerce_decision(raw)
+        current = len(self._rounds) or 1
+        given = rounds.block_verdicts(self._parked_blocks, asked, choice, round_no=current,
+                                      decided_by=decider_label(choice))
+        decision = rounds.overall((v.verdict for v in given), asked)
+        self._verdicts.extend(given)
         self._decision, self._decided_by = decision, decider_label(choice)
         self._decision_source, self._claimed_by = choice.source, choice.claimed_by
         self._decision_note, self._decided_via_update = choice.note, True
@@ -925,24 +1145,42 @@ class BuildPipelineWorkflow:
         claimed = f" (claims to be {choice.claimed_by})" if choice.claimed_by else ""
         self._event(WAIT_FOR_BLOCK_RESOLUTION, f"{decision}_{via[choice.source]}",
                     f"{self._decided_by}{claimed}: {choice.note}".rstrip(": "))
+        if choice.verdicts or decision != asked:
+            self._event(WAIT_FOR_BLOCK_RESOLUTION, "verdicts", ", ".join(
+                f"block {v.index}: {v.verdict}" for v in given))
         self._details()
         return decision
 
-    @workflow.update
+    @workflow.update(name=APPROVE_BLOCKS_UPDATE)
     def approve_blocks(self, decision: Any = None) -> str:
+        """Accept the blocks (those not named otherwise in `verdicts`); the answer is the
+        decision taken: a block marked reject or change makes it that."""
         return self._decide("approved", decision)
 
     @approve_blocks.validator
     def _check_approve(self, decision: Any = None) -> None:
         self._validate_decision(decision)
+        self._check_verdicts("approved", decision)
 
-    @workflow.update
+    @workflow.update(name=REJECT_BLOCKS_UPDATE)
     def reject_blocks(self, decision: Any = None) -> str:
         return self._decide("rejected", decision)
 
     @reject_blocks.validator
     def _check_reject(self, decision: Any = None) -> None:
         self._validate_decision(decision)
+        self._check_verdicts("rejected", decision)
+
+    @workflow.update(name=REQUEST_CHANGES_UPDATE)
+    def request_changes(self, decision: Any = None) -> str:
+        """Send the blocks (those not named otherwise in `verdicts`) back to the target
+        agent with the note, then audit again; only while a re-audit round is left."""
+        return self._decide("changes_requested", decision)
+
+    @request_changes.validator
+    def _check_changes(self, decision: Any = None) -> None:
+        self._validate_decision(decision)
+        self._check_verdicts("changes_requested", decision)
 
     @workflow.signal(name=TASK_NOTICE_SIGNAL)
     def task_notice(self, raw: Any) -> None:

@@ -11,6 +11,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
+    CLOSE_ORIGINATING_TASK,
     INVALID_INPUT,
     PHASE_FAILED,
     STATUS_QUERY,
@@ -26,11 +27,16 @@ with workflow.unsafe.imports_passed_through():
         BuildPhaseResult,
         BuildPlanInput,
         BuildPlanResult,
+        CloseOriginInput,
         PlanStatus,
         WaitingOn,
     )
     from workflows import instructions
     from workflows.build_pipeline_workflow import describe_activity_failure, validation_message
+
+
+# workflow.patched id: a plan filed as a task closes that task when it ends.
+CLOSE_FILING_TASK_PATCH = "plan-closes-filing-task"
 
 
 @workflow.defn(name=BUILD_PLAN_WORKFLOW)
@@ -52,6 +58,32 @@ class BuildPlanWorkflow:
             raise ApplicationError(f"invalid BuildPlanInput: {validation_message(err)}",
                                    type=INVALID_INPUT, non_retryable=True) from None
         self._plan = plan
+        try:
+            result = await self._run_phases(plan)
+        except BaseException:
+            # A failed phase or a cancel: the filing task is closed all the same.
+            await self._close_filing_task(plan)
+            raise
+        await self._close_filing_task(plan)
+        return result
+
+    async def _close_filing_task(self, plan: BuildPlanInput) -> None:
+        """Close the task the plan was filed as (platform dialect; the activity decides),
+        with how the plan ended. Only runs that have one, started since this step."""
+        if plan.task_id is None or not workflow.patched(CLOSE_FILING_TASK_PATCH):
+            return
+        outcome = self._outcome or "failed"
+        done = f"{len(self._done)} of {len(plan.phases)} phases done"
+        await workflow.execute_local_activity(
+            CLOSE_ORIGINATING_TASK,
+            CloseOriginInput(task_id=plan.task_id, outcome=outcome,
+                             output=f"plan {outcome}; {done}"
+                             + (f": {self._error}" if self._error else "")),
+            result_type=str | None,
+            start_to_close_timeout=policies.PREPARE.start_to_close,
+            retry_policy=policies.PREPARE.retry, summary="close the filing task")
+
+    async def _run_phases(self, plan: BuildPlanInput) -> BuildPlanResult:
         total = len(plan.phases)
         for phase in plan.phases:
             self._current, self._current_agent = phase.number, phase.agent_type
@@ -63,7 +95,8 @@ class BuildPlanWorkflow:
                 instruction=instructions.build_phase(plan.plan_name, phase.number,
                                                      phase.description, phase.context_refs),
                 extra_payload={"plan_name": plan.plan_name, "phase": phase.number,
-                               "context_refs": list(phase.context_refs)})
+                               "context_refs": list(phase.context_refs)},
+                originating_task_id=plan.task_id)
             self._waiting = WaitingOn(kind="agent", stage=BUILD_PHASE, agent=phase.agent_type,
                                       task_type=TASK_BUILD_PHASE, task_id=request.task_id,
                                       since=workflow.now())

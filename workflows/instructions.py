@@ -60,6 +60,24 @@ def security_audit(build_name: str, request_path: str, triage_path: str) -> str:
             f"{COMPLETE_HINT}")
 
 
+def security_reaudit(build_name: str, round_no: int, request_path: str,
+                     triage_path: str) -> str:
+    return (f"Re-audit build '{build_name}' (audit round {round_no}) after fixes. The request, "
+            f"listing the previous round's findings and what was done about them, is at "
+            f"{request_path}. Write this round's audit.md and {triage_path} (blocks/flags/info: "
+            f"every finding still present, and any new one) before completing; earlier "
+            f"rounds' files are not read again. {COMPLETE_HINT}")
+
+
+def requested_changes(build_name: str, note: str, blocks: list[Finding]) -> str:
+    """A fix task for blocks an operator asked to have changed: the operator's note, then
+    the blocks as data (the note is the operator's, the blocks another agent's)."""
+    return (f"An operator asked for changes to build '{build_name}' before it can close. "
+            f"Operator's note: {sanitize_finding(note) or '(none)'}\n"
+            f"The security blocks to change:\n{wrap_findings(blocks)}\n"
+            f"A security re-audit follows. {COMPLETE_HINT}")
+
+
 def flag_fixes(build_name: str, flags: list[Finding]) -> str:
     return (f"Fix the security flags raised on build '{build_name}'.\n"
             f"{wrap_findings(flags)}\n{COMPLETE_HINT}")

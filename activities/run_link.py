@@ -1,0 +1,65 @@
+"""The originating task names the run that works on it (platform dialect).
+
+A build the platform's dispatcher starts has its filing task as originating task. The
+dispatcher marks that task `approved` before it calls the start script and rewrites it
+`in-progress` from its own earlier copy once the script exits, so anything written into
+it meanwhile is lost. So the link is written when the pipeline starts and checked again
+each time a stage hands work to an agent: missing, it is written again. A task that has
+ended (or cannot be read) is left alone; the link never fails a stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from temporalio import activity
+
+from config import WorkerConfig
+from exceptions import FileIoStalledError, TaskFileError
+from file_io import run_file_io
+from task_files import find_task, read_task, update_task
+from vocabulary import TERMINAL_STATUSES
+
+log = logging.getLogger(__name__)
+
+# Top-level key of an originating task: the run that works on it.
+RUN_LINK = "temporal_run"
+
+
+def run_link(config: WorkerConfig, workflow_id: str, run_id: str) -> dict[str, str]:
+    """Where the run is: its ids, namespace, and its page in the Temporal Web UI (a path
+    under the operator's Web UI address)."""
+    namespace = config.temporal_namespace
+    return {"workflow_id": workflow_id, "run_id": run_id, "namespace": namespace,
+            "web_ui_path": f"/namespaces/{namespace}/workflows/{workflow_id}/{run_id}/history"}
+
+
+def _ensure(config: WorkerConfig, task_id: str, link: dict[str, str]) -> bool:
+    queue_dir = config.task_queue_dir
+    # By its name only: a missing task is not looked for again in every file per stage.
+    path = find_task(queue_dir, task_id, search_archives=False, full_scan=False)
+    task = read_task(path, base=queue_dir)
+    if task.get(RUN_LINK) == link or task.get("status") in TERMINAL_STATUSES:
+        return False
+
+    def add(document: dict[str, Any]) -> None:
+        if document.get("status") not in TERMINAL_STATUSES:
+            document[RUN_LINK] = link
+
+    update_task(path, add, base=queue_dir)
+    return True
+
+
+async def ensure_run_link(config: WorkerConfig, task_id: str | None) -> None:
+    """Write the current run into the originating task `task_id` when it is missing."""
+    if not config.platform_dialect or not task_id:
+        return
+    info = activity.info()
+    link = run_link(config, info.workflow_id, info.workflow_run_id)
+    try:
+        if await run_file_io(_ensure, config, task_id, link):
+            log.info("run_link_written", extra={"task_id": task_id,
+                                                "workflow_id": info.workflow_id})
+    except (TaskFileError, FileIoStalledError) as err:
+        log.debug("run_link_not_written", extra={"task_id": task_id, "error": str(err)[:300]})
