@@ -16,7 +16,7 @@ import httpx
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from closed_tasks import closed_task, may_close
+from closed_tasks import closed_task, may_claim
 from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from observability import setup_telemetry
@@ -64,9 +64,12 @@ def our_task(status: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_a_claim_of_ours_is_read_and_anyone_elses_is_not() -> None:
-    assert may_close(b"id: x\nsource_agent: temporal-worker\nstatus: in-progress\n")
-    assert not may_close(b"id: x\nsource_agent: planner\nstatus: in-progress\n")
-    assert not may_close(b"id: x\nsource_agent: temporal-worker\nstatus: submitted\n")
+    assert may_claim(b"id: x\nsource_agent: temporal-worker\nstatus: in-progress\n")
+    assert not may_claim(b"id: x\nsource_agent: planner\nstatus: in-progress\n")
+    assert not may_claim(b"id: x\nsource_agent: temporal-worker\nstatus: submitted\n")
+    # An in-progress entry in the history of a closed task is no claim (not top level).
+    assert not may_claim(b"id: x\nsource_agent: temporal-worker\nstatus: completed\n"
+                         b"history:\n- status: in-progress\n")
     claim = closed_task(our_task(IN_PROGRESS), dead_lettered=False)
     assert claim is not None
     assert (claim.status, claim.workflow_id, claim.activity_id) == (IN_PROGRESS, "w", "1")
