@@ -11,6 +11,9 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Touched after a successful install: requirements changes re-install, nothing else does.
+# --no-deps: the lock already names every package; pip's own resolver (23.x, as a new venv
+# has it) would otherwise pick the newest release for a dependency asked for with extras
+# (fastmcp-slim[client,server], pydantic[email]) instead of the pinned one, and refuse.
 STAMP := $(VENV)/.requirements-installed
 NODE_STAMP := node_modules/.installed
 # The lock is made for the platform the worker and CI run on; pins already in the .txt
@@ -28,7 +31,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required, $(PYTHON) is " + sys.version.split()[0] + " (try: make PYTHON=python3.12)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --require-hashes --only-binary :all: -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes --no-deps --only-binary :all: -r requirements-dev.txt
 	touch $(STAMP)
 
 node: $(NODE_STAMP)

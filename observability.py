@@ -121,6 +121,11 @@ def bind_build_name(build_name: str) -> None:
     _build_name.set(build_name)
 
 
+def bound_build_name() -> str | None:
+    """The build name the current activity bound (its trace span carries it too)."""
+    return _build_name.get()
+
+
 class ContextFilter(logging.Filter):
     """Fills workflow_id / activity / build_name from the running activity or workflow
     when the call site did not pass them, so module loggers carry them too."""
@@ -500,11 +505,13 @@ def _tracing(config: WorkerConfig, span_exporter: Any) -> tuple[Interceptor, Cal
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    from tracing import BuildTracingInterceptor, WorkflowRootIds
 
     # A provider of our own rather than the global one: setting the global provider is
     # once per process, and nothing else in the worker traces.
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: config.otel_service_name}))
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: config.otel_service_name}),
+                              id_generator=WorkflowRootIds())
     if span_exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     else:
@@ -515,6 +522,6 @@ def _tracing(config: WorkerConfig, span_exporter: Any) -> tuple[Interceptor, Cal
             endpoint=endpoint, insecure=endpoint.startswith("http://"))))
     # Pipelines are mostly started by operators' tools that do not trace; without this
     # their workflows would produce no spans at all.
-    interceptor = TracingInterceptor(provider.get_tracer("temporal-build-worker"),
-                                     always_create_workflow_spans=True)
+    interceptor = BuildTracingInterceptor(provider.get_tracer("temporal-build-worker"),
+                                          always_create_workflow_spans=True)
     return interceptor, provider.shutdown

@@ -24,6 +24,9 @@ SUMMARIZE_WORKFLOW: Final = "summarize_workflow"
 STAGES: Final = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
                  PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
                  WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW)
+# Attributes of the trace spans of a build (tracing.py), for queries in a trace backend.
+SPAN_BUILD_NAME: Final = "build.name"
+SPAN_BUILD_STAGE: Final = "build.stage"
 STAGE_NUMBERS: Final = {stage: number for number, stage in enumerate(STAGES, start=1)}
 TOTAL_STAGES: Final = len(STAGES)
 
