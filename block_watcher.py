@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_close
+from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_claim, may_close
 from config import WorkerConfig
 from decisions import deliver_decision
 from exceptions import (
@@ -141,7 +141,8 @@ class BlockDecisionWatcher:
 
     async def consider(self, path: Path) -> None:
         """Read one file; if it decides a waiting run, deliver the decision; if it is one
-        of our agent tasks closed with the platform's tools, finish its stage."""
+        of our agent tasks closed with the platform's tools, finish its stage; if an agent
+        claimed one (`in-progress`), tell its run."""
         try:
             raw = await run_file_io(read_agent_file, path, MAX_TASK_FILE_BYTES)
         except FileNotFoundError:
@@ -151,6 +152,8 @@ class BlockDecisionWatcher:
             return
         closing = self.config.platform_dialect and may_close(raw)
         deciding = self.config.file_decisions and AWAITING_DECISION.encode() in raw
+        # Claims in both dialects: v0.5.0's agents set the status themselves.
+        closing = closing or may_claim(raw)
         if not (closing or deciding):
             return  # agent task files (nearly every write) are not parsed at all
         seen = (str(path), hash(raw))

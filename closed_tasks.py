@@ -6,7 +6,8 @@ the dispatcher may give up routing a task (`failed`, moved to `dead-letters/`) o
 that it could not route it yet (`routing-failed`). The folder watcher hands every such
 file here, and this module completes or fails the stage's activity by its workflow id,
 run id and activity id (no task token needed), or tells the run about the routing
-failure.
+failure. A task of ours an agent claimed (`in-progress`, in either dialect) is told to its
+run the same way: the run's pickup and work limits count from it.
 
 A close acts only on the stage it was written for: the activity the file names must be
 pending on this worker's queue (the workflow's own, or this agent host's when the stage
@@ -35,7 +36,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities import legacy_args
 from models import BuildPhaseResult, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT, TASK_NOTICE_INTERVAL
-from task_files import SOURCE_AGENT
+from task_files import SOURCE_AGENT, claimed_actor
 from visible_text import visible_line
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
@@ -43,6 +44,7 @@ from vocabulary import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    IN_PROGRESS,
     PHASE_FAILED,
     ROUTING_FAILED,
     TASK_NOTICE_SIGNAL,
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 CLOSING_STATUSES = (COMPLETED, FAILED, CANCELLED, ROUTING_FAILED)
 CLOSING_LINES = tuple(f"\nstatus: {status}".encode() for status in CLOSING_STATUSES)
 OWN_TASK_LINE = f"\nsource_agent: {SOURCE_AGENT}".encode()
+CLAIMED_LINE = f"\nstatus: {IN_PROGRESS}".encode()
 MAX_OUTPUT_CHARS = 100_000  # as complete_activity.py takes
 MAX_REASON_CHARS = 400
 MAX_REMEMBERED = 2000  # runs and tasks a notice was sent about lately
@@ -71,6 +74,11 @@ def activity_queue(pending: PendingActivityInfo, workflow_queue: str) -> str:
 def may_close(raw: bytes) -> bool:
     """Whether a file's bytes can be a closed (or unroutable) task of ours."""
     return OWN_TASK_LINE in raw and any(line in raw for line in CLOSING_LINES)
+
+
+def may_claim(raw: bytes) -> bool:
+    """Whether a file's bytes can be a task of ours an agent claimed (top-level status)."""
+    return OWN_TASK_LINE in raw and CLAIMED_LINE in raw
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | No
     payload, result = task.get("payload"), task.get("result")
     status, task_id = task.get("status"), task.get("id")
     if (task.get("source_agent") != SOURCE_AGENT or not isinstance(payload, dict)
-            or status not in CLOSING_STATUSES
+            or status not in (*CLOSING_STATUSES, IN_PROGRESS)
             or not isinstance(task_id, str) or not task_id):
         return None
     ids = [payload.get(key) for key in ("workflow_id", "run_id", "activity_id")]
@@ -120,11 +128,13 @@ def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | No
         return None
     output = result.get("output") if isinstance(result, dict) else None
     by = result.get("completed_by") if isinstance(result, dict) else None
+    # A claim's reason is who claimed it, as the file's history says (anyone can write it).
+    reason = (_text(claimed_actor(task, IN_PROGRESS)[0], MAX_REASON_CHARS)
+              if status == IN_PROGRESS else _reason(task, dead_lettered=dead_lettered))
     return ClosedTask(task_id=task_id, status=str(status), workflow_id=ids[0],
                       run_id=ids[1], activity_id=ids[2],
                       output=output[:MAX_OUTPUT_CHARS] if isinstance(output, str) else "",
-                      reason=_reason(task, dead_lettered=dead_lettered),
-                      dead_lettered=dead_lettered, closed_by=_text(by, 100))
+                      reason=reason, dead_lettered=dead_lettered, closed_by=_text(by, 100))
 
 
 def scheduled_task_id(payloads: list[Payload], workflow_id: str, run_id: str,
@@ -192,7 +202,7 @@ class ClosedTaskApplier:
             return "stale"  # completed already (the CLI, or another worker), or another run's
         if pending[closed.activity_id] != self.task_queue:
             return "gone"  # another host's stage: its own worker answers for it
-        if closed.status == ROUTING_FAILED:
+        if closed.status in (ROUTING_FAILED, IN_PROGRESS):
             return await self._notice(closed, described.workflow_type)
         waited = await waited_task_id(handle, closed.workflow_id, closed.run_id,
                                       closed.activity_id, TASK_CLOSE_RPC_TIMEOUT)
@@ -240,6 +250,14 @@ class ClosedTaskApplier:
     async def _notice(self, closed: ClosedTask, workflow_type: str) -> str:
         if workflow_type != BUILD_PIPELINE_WORKFLOW:
             return "stale"
+        if closed.status == IN_PROGRESS:
+            notice = TaskNotice(task_id=closed.task_id, kind="claimed", detail=closed.reason)
+            if not await self.notify(closed.workflow_id, closed.run_id, notice,
+                                     described=True):
+                return "stale"
+            log.info("task_claimed", extra={"workflow_id": closed.workflow_id,
+                                            "task_id": closed.task_id})
+            return "noticed"
         notice = TaskNotice(task_id=closed.task_id, kind="routing_failed",
                             detail=closed.reason or "no reason given")
         if not await self.notify(closed.workflow_id, closed.run_id, notice, described=True):
@@ -254,7 +272,8 @@ class ClosedTaskApplier:
         """Send `notice` to a running pipeline on this worker's queue, at most once per
         TASK_NOTICE_INTERVAL for one run and task, whatever the file says meanwhile: a
         file rewritten in a loop must not flood a run's history. Whether it was sent."""
-        key = (workflow_id, notice.task_id)
+        # Per kind: a routing failure just told must not hold back the claim that follows.
+        key = (workflow_id, f"{notice.kind} {notice.task_id}")
         now = time.monotonic()
         last = self._notified.get(key)
         if last is not None and now - last < TASK_NOTICE_INTERVAL.total_seconds():

@@ -10,7 +10,14 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+)
 
 # Validation context key: the input belongs to a run an earlier worker started.
 STARTED_BY_EARLIER_WORKER = "started_by_earlier_worker"
@@ -76,8 +83,14 @@ class BuildPipelineInput(BaseModel):
                                               le=30 * 24 * 3600)
     block_poll_interval_seconds: float = Field(default=DEFAULT_BLOCK_POLL_SECONDS, ge=0.1,
                                                le=3600)
-    # How long each agent has for its stage; unset means the stage's policy (2-4 h).
+    # How long each agent has for its stage, from its task's write; unset means the
+    # stage's policy (policies.AGENT_LIMITS overall; 2-4 h in runs begun before pickup and
+    # work limits).
     agent_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # Each agent stage's pickup limit (written -> claimed: past it, reminders) and work
+    # limit (claimed -> done: past it, the stage fails); unset means policies.AGENT_LIMITS.
+    pickup_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    work_timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     # Per-build routing of stages 1 and 3; unset means the worker's PREFAB_AGENT /
     # SECURITY_AGENT setting.
     prefab_agent: str | None = None
@@ -182,15 +195,87 @@ class WaitingOn(BaseModel):
     since: datetime
     # The task queue of the host whose worker runs this stage (unset: the main queue).
     task_queue: str | None = None
+    # Agent stages of runs with pickup and work limits: when the folder watch saw the
+    # task claimed, and a line for humans once its pickup limit passed unclaimed.
+    claimed_at: datetime | None = None
+    note: str | None = None
 
 
 class TaskNotice(BaseModel):
     """What the folder watch saw about one of a pipeline's task files: the dispatcher
-    failed to route it (and retries), or a decision written into it cannot be read."""
+    failed to route it (and retries), a decision written into it cannot be read, or an
+    agent claimed it (`in-progress`; detail: the actor its history names)."""
 
     task_id: str = Field(max_length=200)
-    kind: Literal["routing_failed", "decision_file_unreadable"]
+    kind: Literal["routing_failed", "decision_file_unreadable", "claimed"]
     detail: str = Field(max_length=500)
+
+
+class StageTiming(BaseModel):
+    """One agent task of a pipeline and where its time went (the nth of its stage)."""
+
+    stage: str
+    agent: str
+    task_id: str
+    attempt: int = 1
+    written_at: datetime
+    picked_up_at: datetime | None = None  # None: no claim seen (or not yet)
+    done_at: datetime | None = None
+    # completed, failed, timed_out, work_limit_passed, cancelled; None while it runs
+    outcome: str | None = None
+    reminders: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def pickup_seconds(self) -> float | None:
+        return _seconds(self.written_at, self.picked_up_at)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def work_seconds(self) -> float | None:
+        return _seconds(self.picked_up_at, self.done_at)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round(max((end - start).total_seconds(), 0.0), 3)
+
+
+class DecisionWait(BaseModel):
+    """How long a pipeline waited at stage 7, and who ended the wait."""
+
+    since: datetime
+    until: datetime | None = None  # None: still waiting
+    ended_by: str | None = None  # the event that ended it (approved_by_update, timed_out...)
+    decided_by: str | None = None
+    decision_source: DecisionSource | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def seconds(self) -> float | None:
+        return _seconds(self.since, self.until)
+
+
+class TimeReport(BaseModel):
+    """Where a build's time went: per agent task, per block decision, and totals."""
+
+    stages: list[StageTiming] = Field(default_factory=list)
+    decision_waits: list[DecisionWait] = Field(default_factory=list)
+    totals: dict[str, float] = Field(default_factory=dict)
+
+
+class PickupReminder(BaseModel):
+    """Input of remind_pickup: an agent task nobody has claimed past its pickup limit."""
+
+    build_name: str
+    workflow_id: str
+    stage: str
+    agent: str
+    task_id: str
+    since: datetime
+    reminder: int
+    of: int
 
 
 class PlanStatus(BaseModel):
@@ -477,6 +562,8 @@ class PipelineStatus(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     # Started by an earlier worker (v0.5.0 or before) and carried on by this one.
     adopted: bool = False
+    # Where the time went so far (None from runs begun before pickup and work limits).
+    time: TimeReport | None = None
     # Audits so far (round 1 the first), the re-audits allowed, and every block verdict.
     audit_round: int = 0
     reaudit_rounds: int = 0
@@ -525,6 +612,8 @@ class SummaryInput(BaseModel):
     events: list[StageEvent] = Field(default_factory=list)
     open_tasks: list[OpenTask] = Field(default_factory=list)
     adopted: bool = False
+    # Each agent task's written -> picked up -> done (empty from earlier runs).
+    stage_times: list[StageTiming] = Field(default_factory=list)
     rounds: list[AuditRound] = Field(default_factory=list)
     block_verdicts: list[BlockVerdict] = Field(default_factory=list)
     tally: Tally | None = None  # None from runs begun before it was counted

@@ -77,6 +77,19 @@ _COUNTER_HELP = {
     PLATFORM_EVENT_FAILURES: "Events the platform's event log did not take, by event type",
 }
 
+# Histograms of where builds' time went (seconds), recorded once per build by its summary.
+PICKUP_WAIT = "build_stage_pickup_wait_seconds"
+WORK_TIME = "build_stage_work_seconds"
+DECISION_WAIT = "build_decision_wait_seconds"
+_HISTOGRAM_HELP = {
+    PICKUP_WAIT: "Agent tasks: seconds from written to claimed, by stage",
+    WORK_TIME: "Agent tasks: seconds from claimed to done, by stage",
+    DECISION_WAIT: "Block decisions: seconds a pipeline waited at stage 7, by who decided",
+}
+# From seconds to a week: agents are picked up in minutes to hours, decisions take days.
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                    28800.0, 86400.0, 259200.0, 604800.0)
+
 # How often the runtime pushes metrics over OTLP.
 OTLP_METRIC_PERIOD = timedelta(seconds=10)
 
@@ -415,6 +428,23 @@ def count(name: str, value: int = 1, **attributes: str) -> None:
     counter.add(value, dict(attributes) or None)
 
 
+def observe(name: str, seconds: float, **attributes: str) -> None:
+    """Record a duration in one of our histograms from inside an activity; elsewhere
+    nothing (a workflow records nothing: a replay would record it again)."""
+    if seconds < 0 or not activity.in_activity():
+        return
+    try:
+        meter = activity.metric_meter()
+    except RuntimeError:
+        return
+    histogram = meter.create_histogram_float(name, _HISTOGRAM_HELP.get(name))
+    histogram.record(seconds, dict(attributes) or None)
+
+
+def _buckets() -> dict[str, list[float]]:
+    return {name: list(DURATION_BUCKETS) for name in _HISTOGRAM_HELP}
+
+
 @dataclass
 class Telemetry:
     """What the worker hands to Client.connect: a runtime (core log forwarding, and
@@ -434,10 +464,12 @@ class Telemetry:
 def metrics_config(config: WorkerConfig) -> PrometheusConfig | OpenTelemetryConfig | None:
     if config.prometheus_bind_address:
         return PrometheusConfig(bind_address=config.prometheus_bind_address,
-                                counters_total_suffix=True, durations_as_seconds=True)
+                                counters_total_suffix=True, durations_as_seconds=True,
+                                histogram_bucket_overrides=_buckets())
     if config.otel_endpoint:
         return OpenTelemetryConfig(url=config.otel_endpoint, metric_periodicity=OTLP_METRIC_PERIOD,
-                                   durations_as_seconds=True)
+                                   durations_as_seconds=True,
+                                   histogram_bucket_overrides=_buckets())
     return None
 
 

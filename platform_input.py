@@ -14,7 +14,8 @@ BuildPipelineWorkflow, key by key (every other key, such as `context_refs`, `pri
   plan_name        -> build_name (required)
   plan_path        -> plan_path; absent: <PLAN_DIR>/<plan_name>.md; neither: refused
   target_agent     -> target_agent; absent: DEFAULT_TARGET_AGENT; neither: refused
-  prefab_agent, security_agent, agent_timeout_seconds, block_wait_timeout_seconds,
+  prefab_agent, security_agent, agent_timeout_seconds, pickup_timeout_seconds,
+  work_timeout_seconds, block_wait_timeout_seconds,
   reaudit_rounds   -> the same optional fields
   description      -> the run's summary in the Web UI (its first line)
   (workflow id)    -> task_id: the full id of the filing task, found in TASK_QUEUE_DIR by
@@ -48,6 +49,7 @@ PLAN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
 ID8_RE = re.compile(r"[0-9a-f]{8}")
 # Optional BuildPipelineInput fields a filing task may set under the same name.
 PIPELINE_OPTIONAL_KEYS = ("prefab_agent", "security_agent", "agent_timeout_seconds",
+                          "pickup_timeout_seconds", "work_timeout_seconds",
                           "block_wait_timeout_seconds", "reaudit_rounds")
 PLAN_SUFFIX = ".md"
 SUMMARY_CHARS = 200

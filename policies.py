@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
+import vocabulary as stages
 from vocabulary import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
 
 # A full or read-only folder (DiskWriteError) is retried until space returns: first after
@@ -62,6 +63,57 @@ SECURITY_AUDIT = agent_stage(timedelta(hours=4))
 FLAG_FIXES = agent_stage(timedelta(hours=2))
 CLOSE_BUILD = agent_stage(timedelta(hours=2))
 BUILD_PHASE = agent_stage(timedelta(hours=4))
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """An agent stage's limits in runs started since the `agent-pickup-limits` patch
+    (earlier runs keep the single limit above, counted from the task's write).
+
+    pickup: task written -> claimed (`in-progress` in its file, or closed). Past it the
+        build's notification channels are told again, at most PICKUP_REMINDERS times, one
+        pickup limit apart; the stage keeps waiting.
+    work: claimed -> done. Past it the agent has gone silent: the stage fails.
+    overall: written -> done, whatever happened (the activity's schedule-to-close).
+    """
+
+    pickup: timedelta
+    work: timedelta
+    overall: timedelta
+
+
+# Most platform tasks wait for a person to hand them to an agent (semi-auto, one run per
+# agent): a lunch break must not fail a build, an agent that died must not hold it long.
+PICKUP_LIMIT = timedelta(minutes=30)
+OVERALL_LIMIT = timedelta(hours=24)
+PICKUP_REMINDERS = 3
+AGENT_LIMITS = {
+    stage: AgentLimits(PICKUP_LIMIT, policy.start_to_close, OVERALL_LIMIT)
+    for stage, policy in ((stages.PREFAB_SCAFFOLDING, PREFAB),
+                          (stages.IMPLEMENT_BUILD, IMPLEMENT),
+                          (stages.REQUEST_SECURITY_AUDIT, SECURITY_AUDIT),
+                          (stages.APPLY_FLAG_FIXES, FLAG_FIXES),
+                          (stages.CLOSE_BUILD, CLOSE_BUILD))
+}
+
+
+def agent_limits(stage: str, *, pickup_seconds: float | None = None,
+                 work_seconds: float | None = None,
+                 overall_seconds: float | None = None) -> AgentLimits:
+    """A stage's limits, each replaced by the build's own where its input sets one."""
+    base = AGENT_LIMITS.get(stage, AgentLimits(PICKUP_LIMIT, IMPLEMENT.start_to_close,
+                                               OVERALL_LIMIT))
+
+    def pick(seconds: float | None, default: timedelta) -> timedelta:
+        return default if seconds is None else timedelta(seconds=seconds)
+
+    return AgentLimits(pick(pickup_seconds, base.pickup), pick(work_seconds, base.work),
+                       pick(overall_seconds, base.overall))
+
+
+# One reminder that a task waits for pickup: every channel tried a few times inside the
+# attempt (activities/notify.py); a failure is recorded, never retried by Temporal.
+REMIND_PICKUP = StagePolicy(timedelta(minutes=2), ONCE)
 
 # The triage file may land a little after the audit agent reports done.
 TRIAGE = StagePolicy(

@@ -44,6 +44,8 @@ ROUTE_STAGE: Final = "route_stage"  # at an agent stage's start: its agent's hos
 # At the summary: agent tasks left open on an agent host, closed there.
 CLOSE_OPEN_TASKS: Final = "close_open_tasks"
 BUILD_PHASE: Final = "build_phase"  # one phase of a BuildPlanWorkflow
+# An agent stage's task still unclaimed past its pickup limit: its channels are told again.
+REMIND_PICKUP: Final = "remind_pickup"
 # A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
 CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
 
@@ -54,7 +56,7 @@ AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
 # Inline activities: idempotent, so always run again. Triage and summary run as local
 # activities in runs started since the `local-inline-stages` patch; only runs begun
 # before it show them pending on the server.
-INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, CLOSE_OPEN_TASKS)
+INLINE_ACTIVITIES: Final = (*INLINE_STAGES, RECORD_DECISION, CLOSE_OPEN_TASKS, REMIND_PICKUP)
 # Never recovered: a local activity runs inside the workflow task and is never pending on
 # the server; Temporal retries the workflow task itself.
 UNRECOVERED_ACTIVITIES: Final = (PREPARE_PIPELINE, ROUTE_STAGE, CLOSE_ORIGINATING_TASK)

@@ -26,7 +26,7 @@ from activities.dispatch import (
     dispatch_agent_task,
 )
 from activities.failures import write_attempt
-from activities.notify import compose_block_notice, notify_all
+from activities.notify import compose_block_notice, compose_pickup_reminder, notify_all
 from activities.run_link import ensure_run_link
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
@@ -51,15 +51,26 @@ from models import (
     NotifyBlocksInput,
     NotifyBlocksResult,
     OpenTask,
+    PickupReminder,
     PipelineSetup,
     PrepareInput,
     RecordDecisionInput,
     StageRoute,
     SummaryInput,
+    TimeReport,
     TriageResult,
     check_name,
 )
-from observability import BLOCKS_NOTIFIED, PIPELINES_COMPLETED, bind_build_name, count
+from observability import (
+    BLOCKS_NOTIFIED,
+    DECISION_WAIT,
+    PICKUP_WAIT,
+    PIPELINES_COMPLETED,
+    WORK_TIME,
+    bind_build_name,
+    count,
+    observe,
+)
 from task_files import (
     AWAITING_DECISION,
     SOURCE_AGENT,
@@ -73,6 +84,7 @@ from task_files import (
     update_task,
     write_private_atomic,
 )
+from timings import time_report
 from vocabulary import (
     APPLY_FLAG_FIXES,
     APPROVED,
@@ -103,6 +115,7 @@ from vocabulary import (
     PROCESS_TRIAGE_OUTPUT,
     RECORD_DECISION,
     REJECTING_STATUSES,
+    REMIND_PICKUP,
     REQUEST_SECURITY_AUDIT,
     ROUTE_STAGE,
     SUMMARIZE_WORKFLOW,
@@ -252,6 +265,19 @@ def _finding_dicts(findings: list[Finding]) -> list[dict[str, Any]]:
     return [item.model_dump(mode="json") for item in findings]
 
 
+def record_time(report: TimeReport) -> None:
+    """The build's figures into the histograms, once: after its summary is written (an
+    attempt that failed before that recorded nothing)."""
+    for timing in report.stages:
+        if timing.pickup_seconds is not None:
+            observe(PICKUP_WAIT, timing.pickup_seconds, stage=timing.stage)
+        if timing.work_seconds is not None:
+            observe(WORK_TIME, timing.work_seconds, stage=timing.stage)
+    for wait in report.decision_waits:
+        if wait.seconds is not None:
+            observe(DECISION_WAIT, wait.seconds, decided_by=wait.decision_source or "nobody")
+
+
 def _flags_applied(summary: SummaryInput) -> int:
     """v0.5.0's count of flags sent to the fix agent; with audit rounds, every round's."""
     if summary.rounds:
@@ -268,7 +294,7 @@ class PipelineActivities:
     def all(self) -> list[Callable[..., Any]]:
         return [*self.host_bound(), self.notify_blocks, self.wait_for_block_resolution,
                 self.record_block_decision, self.summarize_workflow, self.prepare_pipeline,
-                self.route_stage, self.close_originating_task]
+                self.route_stage, self.close_originating_task, self.remind_pickup]
 
     def host_bound(self) -> list[Callable[..., Any]]:
         """What an agent host's worker runs (WORKER_ROLE=agent-host): the activities that
@@ -464,6 +490,22 @@ class PipelineActivities:
             originating_task_path=str(path) if path else None,
             decision_paths=self.decision_paths(str(path) if path else None))
 
+    @activity.defn(name=REMIND_PICKUP)
+    async def remind_pickup(self, reminder: PickupReminder) -> list[str]:
+        """Tell the channels again that an agent task waits for pickup; the failures, as
+        lines (a reminder that cannot be sent never fails the stage)."""
+        bind_build_name(reminder.build_name)
+        title, message = compose_pickup_reminder(reminder)
+        info = activity.info()
+        # Per reminder: a retried attempt is sent once, the next reminder again.
+        seed = f"{info.workflow_id}/{info.workflow_run_id}/pickup/{reminder.task_id}/" \
+               f"{reminder.reminder}"
+        delivered, failures = await notify_all(self.config, title, message, seed)
+        log.info("pickup_reminded", extra={"task_id": reminder.task_id,
+                                           "stage": reminder.stage, "agent": reminder.agent,
+                                           "delivered": delivered, "failures": failures})
+        return failures
+
     @activity.defn(name=WAIT_FOR_BLOCK_RESOLUTION)
     async def wait_for_block_resolution(self, *args: Any) -> BlockResolution | None:
         """One look at the originating task. Still pending -> a benign retryable error:
@@ -610,6 +652,10 @@ class PipelineActivities:
             **(summary.tally.model_dump() if summary.tally is not None else {}),
             "events": [event.model_dump(mode="json") for event in summary.events],
         }
+        report = time_report(summary.stage_times, summary.events, started=summary.started_at,
+                             ended=summary.ended_at, decided_by=summary.decided_by,
+                             decision_source=summary.decision_source)
+        document["time"] = report.model_dump(mode="json")
         # A stall, a full or read-only folder: write_attempt fails this attempt retryably.
         for open_task in summary.open_tasks:
             status = CANCELLED if self.config.platform_dialect else open_task.status
@@ -631,6 +677,7 @@ class PipelineActivities:
         await run_file_io(partial(write_private_atomic, path, dump_yaml(document),
                                   base=self.config.summary_dir))
         count(PIPELINES_COMPLETED, outcome=summary.outcome)
+        record_time(report)
         await platform_events.build_completed(self.config, summary, path)
         log.info("summary_written", extra={"summary_path": str(path),
                                            "build_name": summary.build_name,

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from config import WorkerConfig
-from models import Finding, MatrixNoticeRef
+from models import Finding, MatrixNoticeRef, PickupReminder
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
 from workflows.instructions import sanitize_finding
 
@@ -118,6 +118,21 @@ def compose_block_notice(build_name: str, task_id: str, workflow_id: str,
     if _utf8_len(message) > NOTICE_MAX_BYTES:  # only with long non-ASCII ids and paths
         message = message.encode()[:NOTICE_MAX_BYTES - 3].decode(errors="ignore") + "…"
     return title, message
+
+def compose_pickup_reminder(reminder: PickupReminder) -> tuple[str, str]:
+    """(title, message) of a reminder that an agent task waits for someone to pick it up."""
+    build = notice_text(reminder.build_name, NOTICE_FIELD_CHARS)
+    agent = notice_text(reminder.agent, NOTICE_FIELD_CHARS)
+    title = f"Build {build}: {reminder.stage} waits for pickup by {agent}"
+    message = "\n".join([
+        title,
+        f"Task {notice_text(reminder.task_id, NOTICE_FIELD_CHARS)} has waited since "
+        f"{reminder.since:%Y-%m-%d %H:%M:%S}Z and nobody has claimed it (status "
+        f"in-progress). Hand it to {agent}, or cancel the build.",
+        f"Reminder {reminder.reminder} of {reminder.of}. "
+        f"Workflow: {notice_text(reminder.workflow_id, NOTICE_FIELD_CHARS)}"])
+    return title, message
+
 
 # Namespaced key of a block notice's content naming its pipeline (matrix_decisions.py).
 PIPELINE_CONTENT_KEY = "org.temporal_build_worker.pipeline"

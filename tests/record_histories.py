@@ -1,6 +1,6 @@
 """Record one workflow history per path through both workflows, for replay tests.
 
-    python -m tests.record_histories [--out tests/histories/local-inline] [--only NAME ...]
+    python -m tests.record_histories [--out tests/histories/pickup-limits] [--only NAME ...]
                                      [--routed]
 
 Starts its own dev server and an in-process worker on private folders, plays the agents
@@ -45,12 +45,13 @@ from vocabulary import (
 
 REPO = Path(__file__).resolve().parent.parent
 # One folder per shape of history; older folders keep what must still replay.
-DEFAULT_OUT = REPO / "tests" / "histories" / "local-inline"
+DEFAULT_OUT = REPO / "tests" / "histories" / "pickup-limits"
 WAIT_SECONDS = 120.0
 # A few paths at a time: every first workflow task builds a sandbox, which is slow on
 # a busy machine.
 CONCURRENCY = 4
-FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "plan_failure"})
+FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "plan_failure",
+                           "pipeline_work_limit"})
 
 
 class Recorder:
@@ -66,16 +67,19 @@ class Recorder:
         await play_stage(self.queue, handle.id, task_type, self.env, status, message,
                          timeout=WAIT_SECONDS)
 
-    async def pipeline(self, name: str, triage: str | None, **extra: Any) -> WorkflowHandle:
-        """Start a pipeline and play it up to and including the security audit."""
+    async def start(self, name: str, **extra: Any) -> WorkflowHandle:
         from models import BuildPipelineInput
 
-        handle = await self.client.start_workflow(
+        return await self.client.start_workflow(
             BUILD_PIPELINE_WORKFLOW,
             BuildPipelineInput(build_name=name, plan_path="/plans/recorded.md",
                                task_id=write_origin_task(self.queue, name),
                                target_agent="builder", **extra),
             id=f"record-{name}", task_queue=self.env["TASK_QUEUE"])
+
+    async def pipeline(self, name: str, triage: str | None, **extra: Any) -> WorkflowHandle:
+        """Start a pipeline and play it up to and including the security audit."""
+        handle = await self.start(name, **extra)
         await self.play(handle, TASK_BUILD_PREFAB)
         if triage is None:
             return handle
@@ -96,6 +100,24 @@ class Recorder:
         history = await handle.fetch_history()
         payload = history.events[0].workflow_execution_started_event_attributes.input.payloads[0]
         return json.loads(payload.data)
+
+    async def claim(self, handle: WorkflowHandle, task_type: str) -> Path:
+        """An agent claims its task (`in-progress`); returns once the run knows."""
+        from models import PipelineStatus
+        from task_files import add_history, update_task
+        from tests.standin import poll_async, wait_for_task
+        from vocabulary import IN_PROGRESS
+
+        path = await wait_for_task(self.queue, handle.id, task_type, WAIT_SECONDS)
+        update_task(path, lambda t: add_history(t, status=IN_PROGRESS, actor="builder",
+                                                note="on it"))
+
+        async def claimed() -> bool:
+            status = await handle.query("get_status", result_type=PipelineStatus)
+            return bool(status.waiting_on and status.waiting_on.claimed_at)
+
+        await poll_async(claimed, WAIT_SECONDS, "the claim")
+        return path
 
     async def set_origin_status(self, handle: WorkflowHandle, status: str) -> None:
         from task_files import add_history, update_task
@@ -193,6 +215,35 @@ async def _bad_triage(recorder: Recorder) -> WorkflowHandle:
     return await recorder.pipeline("bad-triage", "- not a mapping\n")
 
 
+async def _pickup_reminded(recorder: Recorder) -> WorkflowHandle:
+    """Nobody claims stage 1 within its pickup limit: one reminder (no channel here: its
+    failure is recorded), then the claim, then the rest as usual."""
+    from models import StageEvent
+    from tests.standin import complete_task, poll_async
+
+    # Pickup limit 2 s: the later stages are played well within it.
+    handle = await recorder.start("reminded", pickup_timeout_seconds=2)
+
+    async def reminded() -> bool:
+        events = await handle.query("get_events", result_type=list[StageEvent])
+        return any(event.event == "reminder_failed" for event in events)
+
+    await poll_async(reminded, WAIT_SECONDS, "the first reminder")
+    await complete_task(await recorder.claim(handle, TASK_BUILD_PREFAB), recorder.env)
+    await recorder.play(handle, TASK_BUILD_PLAN)
+    write_triage(recorder.root / "artifacts", "reminded", "info:\n- fine\n")
+    await recorder.play(handle, TASK_SECURITY_AUDIT)
+    await recorder.play(handle, TASK_BUILD_CLOSEOUT)
+    return handle
+
+
+async def _work_limit(recorder: Recorder) -> WorkflowHandle:
+    """Stage 1 claimed, then silence past its work limit: the stage fails."""
+    handle = await recorder.start("silent", work_timeout_seconds=1)
+    await recorder.claim(handle, TASK_BUILD_PREFAB)
+    return handle
+
+
 async def _plan(client: Client, recorder: Recorder, name: str, fail: bool,
                 filed: bool = False) -> WorkflowHandle:
     """A two-phase plan; `filed`: filed as a task (its end closes it)."""
@@ -226,6 +277,8 @@ async def record_all(client: Client, recorder: Recorder,
         "pipeline_reaudit": lambda: _reaudit(recorder),
         "pipeline_changes_requested": lambda: _changes_requested(recorder),
         "plan_filed": lambda: _plan(client, recorder, "plan-filed", False, filed=True),
+        "pipeline_pickup_reminded": lambda: _pickup_reminded(recorder),
+        "pipeline_work_limit": lambda: _work_limit(recorder),
     }
     unknown = only - set(paths)
     if unknown:
@@ -310,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for the JSON histories (default: "
-                             "tests/histories/local-inline)")
+                             "tests/histories/pickup-limits)")
     parser.add_argument("--only", nargs="+", default=[], metavar="NAME",
                         help="record only these paths (e.g. pipeline_reaudit)")
     parser.add_argument("--routed", action="store_true",

@@ -191,6 +191,10 @@ async def test_blocks_approved_via_task_file(pipeline: PipelineEnv) -> None:
     assert (summary["outcome"], summary["blocks_hit"], summary["flags_applied"]) == \
         ("partial", 1, 0)
     assert summary["phases_completed"] == ["prefab", "implement", "audit", "triage", "close"]
+    [wait] = summary["time"]["decision_waits"]  # where the time went: the block's wait
+    assert (wait["ended_by"], wait["decided_by"], wait["decision_source"]) == \
+        ("approved_by_task_file", "task file", "task_file")
+    assert 0 < wait["seconds"] <= summary["time"]["totals"]["build_seconds"]
     task = load_yaml(origin)
     assert "awaiting_decision" not in task  # recorded, so no watcher acts on it again
     assert task["history"][-1]["note"].startswith("approved via task file (claims to be ted)")
@@ -223,6 +227,9 @@ async def test_blocks_deadline_times_out(pipeline: PipelineEnv) -> None:
     summary = summary_of(result)
     assert summary["outcome"] == "timed_out"
     assert summary["counts"]["blocks"] == 1
+    [wait] = summary["time"]["decision_waits"]
+    assert (wait["ended_by"], wait["decided_by"]) == ("timed_out", None)
+    assert wait["seconds"] >= 2
 
 
 async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: PipelineEnv) -> None:
@@ -232,7 +239,10 @@ async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: Pipeline
     history = [e async for e in handle.fetch_history_events()]
     timers = [e.user_metadata.summary.data for e in history
               if e.HasField("timer_started_event_attributes")]
-    assert timers == [b'"block decision deadline"']
+    # Agent stages watch their pickup limit (timers cancelled once the agent moved);
+    # stage 7 sets its deadline and nothing else.
+    assert [t for t in timers if not t.startswith(b'"pickup limit of ')] == \
+        [b'"block decision deadline"']
     status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
     assert any(str(origin) in path for path in status.decision_paths), status.decision_paths
     assert load_yaml(origin)["awaiting_decision"]["workflow_id"] == handle.id
@@ -413,8 +423,11 @@ async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -
     await cancelled.cancel()
     with pytest.raises(WorkflowFailureError):
         await cancelled.result()
-    with pytest.raises(WorkflowFailureError):
+    with pytest.raises(WorkflowFailureError) as slow:
         await timed_out.result()
+    # Nobody claimed it: only the overall limit (agent_timeout_seconds) ends the stage.
+    assert "nobody claimed task" in str(slow.value.cause)
+    assert "within the stage's overall limit of 1.5s" in str(slow.value.cause)
 
     task = load_yaml(implement)
     assert task["status"] == "cancelled"

@@ -20,25 +20,32 @@ from typing import Any
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
+import policies
 from activities import notify
 from config import load_config
-from models import BuildPipelineInput, PipelineStatus
-from task_files import find_task
+from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
+from task_files import add_history, find_task, update_task
 from tests import synapse
-from tests.conftest import PipelineEnv, make_env
+from tests.conftest import PipelineEnv, make_env, serving
 from tests.standin import (
     complete_task,
     load_yaml,
     play_stage,
     poll,
+    poll_async,
     wait_for_task,
     wait_until_parked,
     write_origin_task,
+    write_triage,
 )
+from tests.test_operator_controls import current_details
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
+    IN_PROGRESS,
     INPUT_REQUIRED,
+    PREFAB_SCAFFOLDING,
+    TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
@@ -297,3 +304,73 @@ async def test_failing_channel_is_retried_then_reported(ntfy: Recorder) -> None:
     assert delivered == []
     assert failures == ["ntfy: ntfy: HTTP 503"]
     assert len(ntfy.requests) == notify.ATTEMPTS_PER_CHANNEL
+
+
+# ---- reminders: a task nobody picks up -----------------------------------------------------
+
+async def test_unclaimed_task_is_reminded_then_waits_until_claimed(
+        homeserver: synapse.Homeserver, matrix_token: str, client: Client,
+        temporal_address: str, tmp_path: Path) -> None:
+    """Past its pickup limit a stage reminds the room (at most PICKUP_REMINDERS times) and
+    keeps waiting, saying so; claimed and completed later, the pipeline completes."""
+    room_id = homeserver.create_room(matrix_token, "pickups")
+    config = load_config(make_env(tmp_path, temporal_address, MATRIX_HOMESERVER=homeserver.url,
+                                  MATRIX_ROOM="pickups", MATRIX_ACCESS_TOKEN=matrix_token))
+    env = make_env(tmp_path, temporal_address, TASK_QUEUE=config.task_queue)
+    async with serving(client, config):
+        build = "slow-pickup"
+        handle = await client.start_workflow(
+            BUILD_PIPELINE_WORKFLOW,
+            BuildPipelineInput(build_name=build, plan_path="/plans/demo.md",
+                               task_id=write_origin_task(config.task_queue_dir, build),
+                               target_agent="builder", pickup_timeout_seconds=1),
+            id=f"pickup-{uuid.uuid4()}", task_queue=config.task_queue)
+        prefab = await wait_for_task(config.task_queue_dir, handle.id, TASK_BUILD_PREFAB)
+        task_id = load_yaml(prefab)["id"]
+
+        def reminders() -> list[str]:
+            return [c["body"] for c in notices(homeserver, matrix_token, room_id)
+                    if task_id in c["body"]]
+
+        await poll(lambda: len(reminders()) >= policies.PICKUP_REMINDERS, timeout=30,
+                   what="every reminder in the room")
+        status = await handle.query("get_status", result_type=PipelineStatus)
+        assert status.stage == PREFAB_SCAFFOLDING
+        assert status.waiting_on is not None
+        assert status.waiting_on.task_id == task_id
+        assert status.waiting_on.note is not None
+        assert status.waiting_on.note.startswith("waiting for pickup by claudebox since ")
+        assert "**Waiting for pickup by claudebox since " in await current_details(handle)
+        # An agent claims it at last (v0.5.0's words: the file's status), then finishes.
+        update_task(prefab, lambda t: add_history(t, status=IN_PROGRESS, actor="claudebox",
+                                                  note="on it"))
+        await poll_async(lambda: _claimed(handle), timeout=20, what="the claim in the status")
+        await complete_task(prefab, env)
+        for task_type in (TASK_BUILD_PLAN, TASK_SECURITY_AUDIT):
+            if task_type == TASK_SECURITY_AUDIT:
+                write_triage(config.audit_dir, build, "info:\n- fine\n")
+            await play_stage(config.task_queue_dir, handle.id, task_type, env)
+        await play_stage(config.task_queue_dir, handle.id, TASK_BUILD_CLOSEOUT, env)
+        result = BuildPipelineResult.model_validate(await handle.result())
+        history = [e async for e in handle.fetch_history_events()]
+
+    assert result.outcome == "success"
+    sent = reminders()
+    assert len(sent) == policies.PICKUP_REMINDERS  # bounded: no reminder after the last
+    assert f"Build {build}: {PREFAB_SCAFFOLDING} waits for pickup by claudebox" in sent[0]
+    assert f"Reminder {policies.PICKUP_REMINDERS} of {policies.PICKUP_REMINDERS}" in sent[-1]
+    timers = [e.user_metadata.summary.data for e in history
+              if e.HasField("timer_started_event_attributes")]
+    assert timers.count(f'"pickup limit of {PREFAB_SCAFFOLDING}"'.encode()) == \
+        policies.PICKUP_REMINDERS
+    summary = load_yaml(Path(str(result.summary_path)))
+    prefab_time = summary["time"]["stages"][0]
+    assert (prefab_time["stage"], prefab_time["reminders"]) == (PREFAB_SCAFFOLDING,
+                                                                policies.PICKUP_REMINDERS)
+    assert prefab_time["pickup_seconds"] >= policies.PICKUP_REMINDERS * 1.0
+    assert prefab_time["outcome"] == "completed"
+
+
+async def _claimed(handle: WorkflowHandle) -> bool:
+    status = await handle.query("get_status", result_type=PipelineStatus)
+    return status.waiting_on is not None and status.waiting_on.claimed_at is not None

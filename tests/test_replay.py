@@ -7,8 +7,10 @@ tests/histories/ holds one folder per shape of history:
 - `polled-stage7/`: this service before block decisions became event-driven (stage 7
   polled the originating task with a retried activity);
 - `event-driven/`: stage 7 parked on its deadline timer alone, every stage an activity;
-- `local-inline/`: the current shape, stages 4 and 9 as local activities (record anew:
-  python -m tests.record_histories);
+- `local-inline/`: stages 4 and 9 as local activities;
+- `pickup-limits/`: the current shape, agent stages watched by the workflow (pickup
+  timers and reminders, the work limit from the claim), every path plus those two (record
+  anew: python -m tests.record_histories);
 - `filed-plan/`: a plan filed as a task, whose end closes that task (the
   `plan-closes-filing-task` local activity), recorded with
   `python -m tests.record_histories --out tests/histories/filed-plan --only plan_filed`;
@@ -32,7 +34,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from vocabulary import WAIT_FOR_BLOCK_RESOLUTION
+from vocabulary import PREFAB_SCAFFOLDING, REMIND_PICKUP, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 from workflows.build_plan import BuildPlanWorkflow
 
@@ -50,8 +52,10 @@ REQUIRED = {
     "stage-routing": (*OURS, "pipeline_reaudit", "pipeline_changes_requested"),
     "rounds": ("pipeline_reaudit", "pipeline_changes_requested"),
     "filed-plan": ("plan_filed",),
+    "pickup-limits": (*OURS, "pipeline_pickup_reminded", "pipeline_work_limit"),
 }
-FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure")
+FAILING = ("pipeline_agent_failure", "pipeline_bad_triage", "plan_failure",
+           "pipeline_work_limit")
 STILL_RUNNING = ("v050-parked", "v050-at-implement", "v050-at-fixes", "v050-at-closeout")
 
 
@@ -100,7 +104,8 @@ def test_the_filed_plan_history_closes_its_task_behind_its_patch() -> None:
 
 def test_event_driven_histories_park_without_an_activity() -> None:
     """The current shape of stage 7: no check activity at all, the deadline timer only."""
-    for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline")
+    for folder, stem in [(folder, stem) for folder in ("event-driven", "local-inline",
+                                                       "pickup-limits")
                          for stem in ("pipeline_approved_task_file", "pipeline_rejected",
                                       "pipeline_timed_out")]:
         events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
@@ -184,3 +189,26 @@ def test_round_histories_take_their_paths_behind_their_patches() -> None:
     assert {"reaudit-rounds", "changes-requested"} <= set(patches)
     assert (scheduled.count("request_security_audit"), scheduled.count("apply_flag_fixes")) \
         == (2, 1)
+
+
+def scheduled_and_timers(folder: str, stem: str) -> tuple[list[str], list[str], list[dict]]:
+    events = json.loads((HISTORIES / folder / f"{stem}.json").read_text())["events"]
+    scheduled = [e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+                 for e in events if "activityTaskScheduledEventAttributes" in e]
+    timers = [json.loads(base64.b64decode(e["userMetadata"]["summary"]["data"]))
+              for e in events if "timerStartedEventAttributes" in e]
+    return scheduled, timers, events
+
+
+def test_pickup_limit_histories_watch_their_agents() -> None:
+    """The current shape: each agent stage beside a pickup-limit timer; a reminder once
+    it passes; a claimed task's work limit, which cancels the stage when it passes."""
+    scheduled, timers, _ = scheduled_and_timers("pickup-limits", "pipeline_pickup_reminded")
+    assert REMIND_PICKUP in scheduled
+    assert f"pickup limit of {PREFAB_SCAFFOLDING}" in timers
+    assert f"work limit of {PREFAB_SCAFFOLDING}" in timers
+    scheduled, timers, events = scheduled_and_timers("pickup-limits", "pipeline_work_limit")
+    assert timers[-1] == f"work limit of {PREFAB_SCAFFOLDING}"
+    assert any("activityTaskCancelRequestedEventAttributes" in e for e in events)
+    _, old_timers, _ = scheduled_and_timers("local-inline", "pipeline_clean")
+    assert not [t for t in old_timers if "limit of" in t]

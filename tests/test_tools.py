@@ -14,16 +14,18 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
-from models import BuildPlanInput, PhaseSpec
+from models import BuildPlanInput, PhaseSpec, StageEvent, StageTiming
 from task_files import add_history, find_task, update_task
 from tests.agents import SCHEMA_PATH
 from tests.conftest import PipelineEnv, make_env
@@ -49,6 +51,7 @@ from tests.standin import (
     write_origin_task,
 )
 from tests.worker_process import WorkerProcess
+from timings import time_report
 from tools import devserver
 from tools.common import proc_start_ticks
 from vocabulary import (
@@ -62,6 +65,7 @@ from vocabulary import (
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
+    WAIT_FOR_BLOCK_RESOLUTION,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +73,7 @@ TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "l
          "monitor-worker-health", "list-recent-workflows", "find-stalled-workflows",
          "wait-for-workflow-status", "get-workflow-result", "analyze-workflow-error",
          "bulk-cancel-workflows", "start-build", "approve-build", "reject-build",
-         "request-changes", "ops"]
+         "request-changes", "time-report", "ops"]
 ALIASES = [name for name in TOOLS if name != "ops"] + ["temporal"]
 
 
@@ -692,3 +696,77 @@ def test_temporal_passthrough_with_vault_mtls(temporal_address: str, tmp_path: P
         for text in (seen.stderr, health.stdout, health.stderr, recent.stdout, recent.stderr):
             for secret in (role.role_id, role.secret_id, bao.root_token, key_line):
                 assert secret not in text
+
+
+# ---- where the time went --------------------------------------------------------------------
+
+def write_summary(folder: Path, build: str, ended: datetime, stages: list[tuple[str, str,
+                  float | None, float]], decision: float | None = None) -> None:
+    """A summary as the summary stage writes it, its `time` section made by the same code."""
+    start = ended - timedelta(hours=1)
+    timings, at = [], start
+    for stage, agent, pickup, work in stages:
+        claimed = at + timedelta(seconds=pickup) if pickup is not None else None
+        done = (claimed or at) + timedelta(seconds=work)
+        timings.append(StageTiming(stage=stage, agent=agent, task_id=str(uuid.uuid4()),
+                                   written_at=at, picked_up_at=claimed, done_at=done,
+                                   outcome="completed", reminders=1 if (pickup or 0) > 60 else 0))
+        at = done
+    events = []
+    if decision is not None:
+        events = [StageEvent(at=at, stage=WAIT_FOR_BLOCK_RESOLUTION, event="started"),
+                  StageEvent(at=at + timedelta(seconds=decision),
+                             stage=WAIT_FOR_BLOCK_RESOLUTION, event="approved_by_update")]
+    report = time_report(timings, events, started=start, ended=ended, decided_by="ops",
+                         decision_source="update")
+    path = folder / ended.strftime("%Y-%m") / f"build-{build}.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"build_name": build, "workflow_id": f"build-{build}",
+                                    "ended_at": ended.isoformat(),
+                                    "time": report.model_dump(mode="json")}))
+
+
+def test_time_report_lists_slowest_stages_and_pickup_waits(tmp_path: Path) -> None:
+    summaries = tmp_path / "summaries"
+    now = datetime.now(UTC)
+    write_summary(summaries, "web", now - timedelta(hours=2),
+                  [("prefab_scaffolding", "claudebox", 30.0, 600.0),
+                   ("implement_build", "builder", 5400.0, 3600.0)], decision=900.0)
+    write_summary(summaries, "api", now - timedelta(hours=1),
+                  [("prefab_scaffolding", "claudebox", 90.0, 60.0),
+                   ("implement_build", "builder", None, 1200.0)])
+    write_summary(summaries, "old", now - timedelta(days=30),
+                  [("implement_build", "builder", 99999.0, 1.0)])
+    (summaries / now.strftime("%Y-%m") / "no-times.yml").write_text(
+        f"build_name: before\nended_at: '{now.isoformat()}'\n")
+    (summaries / now.strftime("%Y-%m") / "broken.yml").write_text("[unclosed\n")
+    env = {**os.environ, "SUMMARY_DIR": str(summaries)}
+
+    done = tool("time-report", "--json", "--days", "7", env=env)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert (found["builds"], found["builds_without_times"], found["unreadable"]) == (3, 1, 1)
+    assert found["agent_tasks"] == 4
+    slowest = [(r["build_name"], r["stage"], r["total_seconds"])
+               for r in found["slowest_stages"]]
+    assert slowest == [("web", "implement_build", 9000.0), ("api", "implement_build", 1200.0),
+                       ("web", "prefab_scaffolding", 630.0),
+                       ("api", "prefab_scaffolding", 150.0)]
+    agents = {r["agent"]: r for r in found["pickup_by_agent"]}
+    assert agents["builder"] == {"agent": "builder", "tasks": 2, "claims_seen": 1,
+                                 "median_pickup_seconds": 5400.0,
+                                 "max_pickup_seconds": 5400.0, "reminders": 1}
+    assert agents["claudebox"]["median_pickup_seconds"] == 60.0
+    assert found["decision_waits"] == {"count": 1, "median_seconds": 900.0,
+                                       "max_seconds": 900.0}
+
+    text = tool("time-report", "--top", "1", env=env)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("time-report: 3 build(s) ended in the last 7 day(s), 4 agent "
+                               "task(s)")
+    assert "1 without times; 1 unreadable" in lines[0]
+    slow = lines[lines.index("Slowest stages (task written -> done):") + 2:]
+    assert slow[0].split()[:3] == ["web", "implement_build", "builder"]
+    assert slow[1] == ""  # --top 1
+    assert "Block decisions: 1, median 900.0s, max 900.0s" in lines

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tools import start_build
+from tools import start_build, time_report
 from tools.common import (
     EXIT_ATTENTION,
     EXIT_CODES_HELP,
@@ -693,6 +693,9 @@ COMMANDS: list[tuple[str, Handler, str, list[tuple[tuple[str, ...], dict[str, An
          (("--dry-run",), {"action": "store_true"}),
          (("--limit",), {"type": int, "default": 1000, "help": "most listed"}),
          timeout(60.0, "seconds to wait for the batch")]),
+    ("time-report", time_report.time_report, "Where recent builds' time went, from their "
+     "summaries: slowest agent stages, pickup waits by agent, block decision waits "
+     "(--json for scripts).", time_report.OPTIONS),
     ("start-build", start_build_command, "Start a BuildPipelineWorkflow or a "
      "BuildPlanWorkflow; prints its id first. 3: the id is already running.",
      start_build.OPTIONS),

@@ -39,7 +39,8 @@ START_OPTIONS = ("workflow_id", "task_queue", "workflow")
 ORIGIN_SOURCE = "start-build"
 PIPELINE_FLAGS = ("build_name", "plan_path", "task_id", "target_agent", "prefab_agent",
                   "security_agent", "block_wait_timeout_seconds", "block_poll_interval_seconds",
-                  "reaudit_rounds")
+                  "reaudit_rounds", "agent_timeout_seconds", "pickup_timeout_seconds",
+                  "work_timeout_seconds")
 # tools/ops adds these to its start-build command.
 OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--file",), {"type": Path, "help": "YAML file with the input fields at top level (a "

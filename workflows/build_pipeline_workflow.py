@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
+    import timings
     from models import (
         STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
@@ -58,14 +59,17 @@ with workflow.unsafe.imports_passed_through():
         NotifyBlocksResult,
         OpenTask,
         Outcome,
+        PickupReminder,
         PipelineSetup,
         PipelineStatus,
         PrepareInput,
         RecordDecisionInput,
         StageEvent,
         StageRoute,
+        StageTiming,
         SummaryInput,
         TaskNotice,
+        TimeReport,
         TriageResult,
         WaitingOn,
     )
@@ -90,6 +94,7 @@ with workflow.unsafe.imports_passed_through():
         PROCESS_TRIAGE_OUTPUT,
         RECORD_DECISION,
         REJECT_BLOCKS_UPDATE,
+        REMIND_PICKUP,
         REQUEST_CHANGES_UPDATE,
         REQUEST_SECURITY_AUDIT,
         ROUTE_STAGE,
@@ -125,6 +130,9 @@ CHANGES_REQUESTED_PATCH = "changes-requested"
 # stage 4 follows stage 3's host, and tasks left open are closed on their host. Decided
 # once at the start, so a run keeps one shape.
 STAGE_ROUTING_PATCH = "stage-routing"
+# Agent stages watched by the workflow: a pickup limit (reminders), a work limit from the
+# claim (the stage fails), the activity's own limit as the overall one.
+PICKUP_LIMITS_PATCH = "agent-pickup-limits"
 
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
 AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
@@ -154,6 +162,19 @@ def describe_activity_failure(err: ActivityError | FailureError) -> tuple[str, s
     if isinstance(cause, CancelledError):
         return "cancelled", "CancelledError"
     return str(cause or err), type(cause or err).__name__
+
+
+def span(delta: timedelta) -> str:
+    """A limit for humans: 1.5s, 30m, 4h, 1d 2h."""
+    seconds = delta.total_seconds()
+    if seconds < 60:
+        return f"{seconds:g}s"
+    if seconds < 3600:
+        return f"{seconds / 60:g}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:g}h"
+    days, rest = divmod(seconds, 86400)
+    return f"{days:g}d" + (f" {rest / 3600:g}h" if rest else "")
 
 
 def validation_message(err: ValidationError) -> str:
@@ -227,6 +248,9 @@ class BuildPipelineWorkflow:
         # The blocks the current decision is about, and every block's verdict so far.
         self._parked_blocks: list[Finding] = []
         self._verdicts: list[BlockVerdict] = []
+        self._pickup_limits = False
+        # task id -> where that agent task's time went (every run: state, not commands)
+        self._stage_times: dict[str, StageTiming] = {}
 
     # ---- entry point -------------------------------------------------------------------
 
@@ -242,6 +266,8 @@ class BuildPipelineWorkflow:
         # run keeps one shape: runs begun before this keep theirs.
         self._local_inline = workflow.patched(LOCAL_INLINE_PATCH)
         self._routing = workflow.patched(STAGE_ROUTING_PATCH)
+        # Pickup and work limits per agent stage, decided once like the above.
+        self._pickup_limits = workflow.patched(PICKUP_LIMITS_PATCH)
         try:
             pipeline = BuildPipelineInput.model_validate(
                 raw_input, context={STARTED_BY_EARLIER_WORKER: self._adopted})
@@ -656,6 +682,161 @@ class BuildPipelineWorkflow:
         self._decision_note = resolution.note
         self._event(WAIT_FOR_BLOCK_RESOLUTION, "task_status", resolution.task_status)
 
+    # ---- agent stages: pickup and work limits, where the time went ---------------------
+
+    def _agent_limits(self, stage: str) -> policies.AgentLimits:
+        pipeline = self._input
+        assert pipeline is not None
+        return policies.agent_limits(stage, pickup_seconds=pipeline.pickup_timeout_seconds,
+                                     work_seconds=pipeline.work_timeout_seconds,
+                                     overall_seconds=pipeline.agent_timeout_seconds)
+
+    async def _await_agent(self, stage: str, policy: policies.StagePolicy, arg: Any,
+                           result_type: Any, waiting: AgentTaskRequest,
+                           task_queue: str | None = None) -> Any:
+        """An agent stage whose activity holds the overall limit, watched from here:
+        reminders while nobody claims the task past its pickup limit, and a failure when
+        a claimed task stays silent past its work limit (the activity is cancelled)."""
+        limits = self._agent_limits(stage)
+        handle = workflow.start_activity(
+            stage, args=list(arg) if isinstance(arg, tuple) else [arg],
+            result_type=result_type, start_to_close_timeout=limits.overall,
+            schedule_to_close_timeout=limits.overall, retry_policy=policy.retry,
+            summary=self._summary_line(stage, self._agent_label(waiting)),
+            **({"task_queue": task_queue} if task_queue else {}))
+        try:
+            await self._await_pickup(stage, waiting, handle, limits)
+            await self._await_work(stage, waiting, handle, limits)
+            return await handle
+        except ActivityError as err:
+            if not isinstance(err.cause, TimeoutError):
+                raise
+            raise self._overall_limit_passed(stage, waiting, limits) from None
+        finally:
+            if not handle.done():
+                handle.cancel()
+
+    async def _await_pickup(self, stage: str, waiting: AgentTaskRequest,
+                            handle: workflow.ActivityHandle[Any],
+                            limits: policies.AgentLimits) -> None:
+        timing = self._stage_times[waiting.task_id]
+
+        def moved() -> bool:
+            return handle.done() or timing.picked_up_at is not None
+
+        while not moved():
+            if timing.reminders >= policies.PICKUP_REMINDERS:
+                await workflow.wait_condition(moved)
+                return
+            try:
+                await workflow.wait_condition(moved, timeout=limits.pickup,
+                                              timeout_summary=f"pickup limit of {stage}")
+            except builtins.TimeoutError:
+                await self._remind(stage, timing, limits)
+
+    async def _remind(self, stage: str, timing: StageTiming,
+                      limits: policies.AgentLimits) -> None:
+        """The pickup limit passed again: say so in the status, tell the channels."""
+        timing.reminders += 1
+        note = (f"waiting for pickup by {timing.agent} since "
+                f"{timing.written_at:%Y-%m-%d %H:%M:%S}Z (pickup limit {span(limits.pickup)} "
+                f"passed; reminder {timing.reminders} of {policies.PICKUP_REMINDERS})")
+        if self._waiting is not None and self._waiting.task_id == timing.task_id:
+            self._waiting = self._waiting.model_copy(update={"note": note})
+        self._event(stage, "pickup_overdue", note)
+        self._details()
+        assert self._input is not None
+        reminder = PickupReminder(
+            build_name=self._input.build_name, workflow_id=workflow.info().workflow_id,
+            stage=stage, agent=timing.agent, task_id=timing.task_id, since=timing.written_at,
+            reminder=timing.reminders, of=policies.PICKUP_REMINDERS)
+        try:
+            failures = await workflow.execute_activity(
+                REMIND_PICKUP, reminder, result_type=list[str],
+                start_to_close_timeout=policies.REMIND_PICKUP.start_to_close,
+                retry_policy=policies.REMIND_PICKUP.retry,
+                summary=self._summary_line(REMIND_PICKUP, timing.agent))
+        except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                raise asyncio.CancelledError() from None
+            failures = [describe_activity_failure(err)[0]]
+        for failure in failures:
+            self._event(stage, "reminder_failed", failure)
+
+    async def _await_work(self, stage: str, waiting: AgentTaskRequest,
+                          handle: workflow.ActivityHandle[Any],
+                          limits: policies.AgentLimits) -> None:
+        timing = self._stage_times[waiting.task_id]
+        if handle.done() or timing.picked_up_at is None:
+            return
+        left = timing.picked_up_at + limits.work - workflow.now()
+        if left > timedelta(0):
+            try:
+                await workflow.wait_condition(handle.done, timeout=left,
+                                              timeout_summary=f"work limit of {stage}")
+                return
+            except builtins.TimeoutError:
+                if handle.done():
+                    return
+        reason = (f"{timing.agent} claimed task {timing.task_id} at "
+                  f"{timing.picked_up_at:%Y-%m-%d %H:%M:%S}Z and has not reported within the "
+                  f"work limit of {span(limits.work)}: the agent went silent")
+        self._expired_tasks[timing.task_id] = f"{stage}: work limit passed"
+        self._timing_ended(waiting, "work_limit_passed")
+        self._event(stage, "failed", reason)
+        raise _StageFailed(stage, reason, PHASE_FAILED)
+
+    def _overall_limit_passed(self, stage: str, waiting: AgentTaskRequest,
+                              limits: policies.AgentLimits) -> _StageFailed:
+        timing = self._stage_times[waiting.task_id]
+        if timing.picked_up_at is None:
+            reason = (f"nobody claimed task {timing.task_id} ({timing.agent}) within the "
+                      f"stage's overall limit of {span(limits.overall)}")
+        else:
+            reason = (f"{timing.agent} claimed task {timing.task_id} but did not report "
+                      f"within the stage's overall limit of {span(limits.overall)}")
+        self._expired_tasks[timing.task_id] = f"{stage} timed out"
+        self._timing_ended(waiting, "timed_out")
+        self._event(stage, "failed", reason)
+        return _StageFailed(stage, reason, PHASE_FAILED)
+
+    def _note_claim(self, notice: TaskNotice, waiting: WaitingOn) -> None:
+        """The folder watch saw the task `in-progress`: the work limit counts from now."""
+        timing = self._stage_times.get(notice.task_id)
+        if timing is None or timing.picked_up_at is not None:
+            return
+        timing.picked_up_at = workflow.now()
+        self._waiting = waiting.model_copy(update={"claimed_at": timing.picked_up_at,
+                                                   "note": None})
+        claimed = f" (its history names {notice.detail})" if notice.detail else ""
+        self._event(waiting.stage, "claimed", f"task {notice.task_id}{claimed}")
+        self._details()
+
+    def _timing_started(self, stage: str, waiting: AgentTaskRequest) -> None:
+        attempt = 1 + sum(1 for timing in self._stage_times.values() if timing.stage == stage)
+        self._stage_times[waiting.task_id] = StageTiming(
+            stage=stage, agent=self._agent_label(waiting), task_id=waiting.task_id,
+            attempt=attempt, written_at=workflow.now())
+
+    def _timing_ended(self, waiting: AgentTaskRequest | None, outcome: str) -> None:
+        """The first ending of an agent task counts; later calls find it ended."""
+        timing = self._stage_times.get(waiting.task_id) if waiting is not None else None
+        if timing is not None and timing.outcome is None:
+            timing.done_at, timing.outcome = workflow.now(), outcome
+
+    def _pickup_lines(self, waiting: WaitingOn) -> list[str]:
+        if waiting.note:
+            return [f"**{waiting.note[:1].upper()}{waiting.note[1:]}**"]
+        if waiting.claimed_at is not None:
+            return [f"Claimed at {waiting.claimed_at:%Y-%m-%d %H:%M:%S}Z"]
+        return []
+
+    def _time_report(self) -> TimeReport:
+        return timings.time_report(list(self._stage_times.values()), self._events,
+                                   started=workflow.info().start_time,
+                                   decided_by=self._decided_by,
+                                   decision_source=self._decision_source)
+
     # ---- shared stage machinery ---------------------------------------------------------
 
     async def _run_activity(self, stage: str, policy: policies.StagePolicy, arg: Any, *,
@@ -668,24 +849,33 @@ class BuildPipelineWorkflow:
         try:
             if waiting is not None and self._routing:
                 task_queue = await self._route(stage, waiting)
+            if waiting is not None:
+                self._timing_started(stage, waiting)
             self._begin_wait(stage, waiting, task_queue)
             target = self._agent_label(waiting) if waiting is not None else None
             routed = {"task_queue": task_queue} if task_queue else {}
-            execute = (workflow.execute_local_activity if local and not routed
-                       else workflow.execute_activity)
-            result = await execute(
-                stage, args=list(arg) if isinstance(arg, tuple) else [arg],
-                result_type=result_type,
-                start_to_close_timeout=policy.start_to_close,
-                schedule_to_close_timeout=policy.schedule_to_close,
-                retry_policy=policy.retry,
-                summary=self._summary_line(stage, target), **routed)
+            if waiting is not None and self._pickup_limits:
+                result = await self._await_agent(stage, policy, arg, result_type, waiting,
+                                                 task_queue)
+            else:
+                execute = (workflow.execute_local_activity if local and not routed
+                           else workflow.execute_activity)
+                result = await execute(
+                    stage, args=list(arg) if isinstance(arg, tuple) else [arg],
+                    result_type=result_type,
+                    start_to_close_timeout=policy.start_to_close,
+                    schedule_to_close_timeout=policy.schedule_to_close,
+                    retry_policy=policy.retry,
+                    summary=self._summary_line(stage, target), **routed)
+            self._timing_ended(waiting, "completed")
         except (ActivityError, *LOCAL_ACTIVITY_FAILURES) as err:
             cause = err.cause if isinstance(err, ActivityError) else err
             if isinstance(cause, CancelledError):
                 # Only a cancel of the pipeline itself cancels a stage: end as cancelled.
                 raise asyncio.CancelledError() from None
             message, failure_type = describe_activity_failure(err)
+            self._timing_ended(waiting, "timed_out" if isinstance(cause, TimeoutError)
+                               else "failed")
             if waiting is not None:
                 if isinstance(cause, TimeoutError):
                     self._expired_tasks[waiting.task_id] = f"{stage} timed out"
@@ -697,6 +887,7 @@ class BuildPipelineWorkflow:
             raise _StageFailed(stage, message, kind) from None
         finally:
             self._waiting = None
+            self._timing_ended(waiting, "cancelled")
             if waiting is not None:
                 self._task_notices.pop(waiting.task_id, None)
         if waiting is not None:
@@ -841,7 +1032,8 @@ class BuildPipelineWorkflow:
                 adopted=self._adopted, closed_elsewhere=self._closed_elsewhere,
                 task_queues=dict(self._task_queues),
                 rounds=self._rounds, block_verdicts=self._verdicts,
-                tally=rounds.tally(self._rounds, self._verdicts)),
+                tally=rounds.tally(self._rounds, self._verdicts),
+                stage_times=list(self._stage_times.values())),
             result_type=str,
             start_to_close_timeout=policies.SUMMARY.start_to_close,
             retry_policy=policies.SUMMARY.retry,
@@ -909,6 +1101,7 @@ class BuildPipelineWorkflow:
                          or ["the approve_blocks / reject_blocks update"])
         elif self._waiting is not None:
             lines.append(self._waiting_line(self._waiting))
+            lines.extend(self._pickup_lines(self._waiting))
         if self._triage.blocks or self._triage.flags or self._triage.info:
             lines.append(f"Triage: {len(self._triage.blocks)} blocks, "
                          f"{len(self._triage.flags)} flags, {len(self._triage.info)} info")
@@ -981,7 +1174,8 @@ class BuildPipelineWorkflow:
             agents=self._agents(), warnings=self._all_warnings(), adopted=self._adopted,
             task_queues=dict(self._task_queues),
             audit_round=len(self._rounds), reaudit_rounds=self._reaudit_limit,
-            rounds=list(self._rounds), block_verdicts=list(self._verdicts))
+            rounds=list(self._rounds), block_verdicts=list(self._verdicts),
+            time=self._time_report())
 
     def _all_warnings(self) -> list[str]:
         return [*self._warnings, *self._task_notices.values()]
@@ -1093,6 +1287,9 @@ class BuildPipelineWorkflow:
             return
         waiting = self._waiting
         if waiting is None or waiting.task_id != notice.task_id:
+            return
+        if notice.kind == "claimed":
+            self._note_claim(notice, waiting)
             return
         if notice.kind == "routing_failed":
             text = (f"task {notice.task_id} ({waiting.stage}) could not be routed by the "
