@@ -3,9 +3,10 @@
 A build the platform's dispatcher starts has its filing task as originating task. The
 dispatcher marks that task `approved` before it calls the start script and rewrites it
 `in-progress` from its own earlier copy once the script exits, so anything written into
-it meanwhile is lost. So the link is written when the pipeline starts and checked again
-each time a stage hands work to an agent: missing, it is written again. A task that has
-ended (or cannot be read) is left alone; the link never fails a stage.
+it meanwhile is lost. So the link is written when the pipeline starts (unless the start
+is still under way) and checked again each time a stage hands work to an agent: missing,
+it is written again. A task that has ended (or cannot be read) is left alone; the link
+never fails a stage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from config import WorkerConfig
 from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
 from task_files import find_task, read_task, update_task
-from vocabulary import TERMINAL_STATUSES
+from vocabulary import APPROVED, TASK_WORKFLOW, TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,17 @@ def _ensure(config: WorkerConfig, task_id: str, link: dict[str, str]) -> bool:
         _settle(key)
         raise
     task = read_task(path, base=queue_dir)
-    if task.get(RUN_LINK) == link or task.get("status") in TERMINAL_STATUSES:
+    status = task.get("status")
+    if status in TERMINAL_STATUSES:
         _settle(key)
+        return False
+    # A `workflow` task at `approved` is the dispatcher's, mid-start: it writes its own
+    # copy over it once the start script exits. Not written then (that write could undo
+    # the dispatcher's `in-progress`), and looked at again at the next stage.
+    starting = status == APPROVED and task.get("task_type") == TASK_WORKFLOW
+    if task.get(RUN_LINK) == link or starting:
+        if not starting:
+            _settle(key)
         return False
 
     def add(document: dict[str, Any]) -> None:
