@@ -50,10 +50,11 @@ run: venv
 lint: venv
 	$(PY) -m ruff check .
 
-# Two pytest processes: most tests wait on real servers and processes, so the second
-# one uses the time the first spends waiting (worksteal evens out the long tests).
+# Four pytest processes on two cores: most tests wait on real servers and processes, so
+# the others use the time one spends waiting (worksteal evens out the long tests).
+# Measured on this machine kind: the whole suite 570 s with -n 2, 441 s with -n 4.
 test: lint node
-	$(PY) -m pytest -p no:cacheprovider --timeout=600 -n 2 --dist worksteal
+	$(PY) -m pytest -p no:cacheprovider --timeout=600 -n 4 --dist worksteal
 
 bench: venv
 	$(PY) bench/pipeline_bench.py
