@@ -699,6 +699,19 @@ def write_task(queue_dir: Path, task: dict[str, Any], created: datetime | None =
 
 # --- lookup ---------------------------------------------------------------------------
 
+_TOP_ID_LINE = re.compile(rb"^id:[ \t]*['\"]?([^'\"\s#]*)", re.MULTILINE)
+
+
+def _names_another_id(raw: bytes, needle: bytes) -> bool:
+    """Whether a block-style file's own top-level `id:` line names another task, though
+    `needle` (a task id) is in it: tasks name their pipeline's originating task in the
+    payload, so a full scan for that task would otherwise parse each of them."""
+    if not needle:
+        return False
+    ids = _TOP_ID_LINE.findall(raw)
+    return len(ids) == 1 and ids[0] != needle
+
+
 class _Lookup:
     """One lookup's open folders (queue, then archive/ and dead-letters/ unless they are
     links) and what it had to skip."""
@@ -750,7 +763,7 @@ class _Lookup:
         shown = shown_path(os.path.join(folder, name))
         try:
             raw = _read_capped(name, MAX_TASK_FILE_BYTES, shown, fd)
-            if needle not in raw:
+            if needle not in raw or _names_another_id(raw, needle):
                 return None
             return parse_task(shown, raw)
         except FileNotFoundError:
