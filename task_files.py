@@ -709,7 +709,8 @@ def _names_another_id(raw: bytes, needle: bytes) -> bool:
     if not needle:
         return False
     ids = _TOP_ID_LINE.findall(raw)
-    return len(ids) == 1 and ids[0] != needle
+    # A needle may be an id's prefix (a lookup by the 8 characters a file is named for).
+    return len(ids) == 1 and not ids[0].startswith(needle)
 
 
 class _Lookup:

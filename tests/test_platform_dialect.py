@@ -99,6 +99,17 @@ async def start(client: Client, board: Board, origin: str, build: str = "web"
         result_type=BuildPipelineResult)
 
 
+async def at_prefab(board: Board, client: Client
+                    ) -> tuple[str, WorkflowHandle[Any, BuildPipelineResult], dict[str, Any]]:
+    """A pipeline started for a fresh originating task, once its prefab task is written:
+    (originating task id, handle, the prefab task as the tools list it)."""
+    origin = board.origin()
+    handle = await start(client, board, origin)
+    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
+                        what="the prefab task")
+    return origin, handle, prefab
+
+
 async def status_of(handle: WorkflowHandle[Any, Any]) -> PipelineStatus:
     return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
@@ -194,10 +205,7 @@ async def test_a_dead_lettered_task_fails_its_stage_at_once(board: Board,
 
 async def test_a_routing_failure_is_a_warning_while_the_dispatcher_retries(
         board: Board, client: Client) -> None:
-    origin = board.origin()
-    handle = await start(client, board, origin)
-    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
-                        what="the prefab task")
+    _origin, handle, prefab = await at_prefab(board, client)
     board.dispatcher.fail_routing(prefab["id"], "no run slot for claudebox")
 
     async def warned() -> list[str]:
@@ -289,10 +297,7 @@ async def test_park_and_unpark_change_nothing_and_an_unreadable_decision_is_show
 
 async def test_a_planted_close_of_another_id_completes_nothing(board: Board,
                                                                client: Client) -> None:
-    origin = board.origin()
-    handle = await start(client, board, origin)
-    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
-                        what="the prefab task")
+    _origin, handle, prefab = await at_prefab(board, client)
     real = Path(read_path(board, handle.id, PREFAB_SCAFFOLDING))
     # The same run, stage and activity, another task id, closed: not the task it waits on.
     forged = yaml.safe_load(real.read_text())
@@ -357,10 +362,7 @@ def read_origin_path(board: Board, task_id: str) -> str:
 
 async def test_the_cli_completes_without_a_token_while_no_worker_runs(
         board: Board, client: Client) -> None:
-    origin = board.origin()
-    handle = await start(client, board, origin)
-    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
-                        what="the prefab task")
+    _origin, handle, prefab = await at_prefab(board, client)
     board.worker.stop()  # what the run waits on is read from the server alone
     cli_env = {"PATH": "/usr/bin:/bin", "HOME": board.env["HOME"]}
     command = prefab["payload"]["complete_command"]
@@ -391,10 +393,7 @@ async def test_closes_are_applied_with_file_decisions_off_and_a_link_to_root_pla
 
 async def test_an_operator_cancel_of_an_agent_task_fails_its_stage(board: Board,
                                                                    client: Client) -> None:
-    origin = board.origin()
-    handle = await start(client, board, origin)
-    prefab = await poll(lambda: _task_of(board, handle.id, PREFAB_SCAFFOLDING), 20,
-                        what="the prefab task")
+    _origin, handle, prefab = await at_prefab(board, client)
     assert board.tools.cancel(prefab["id"], note="wrong plan")["ok"]
     with pytest.raises(WorkflowFailureError) as failed:
         await asyncio.wait_for(handle.result(), 15)
