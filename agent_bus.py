@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from exceptions import EventLogError
+from policies import EVENT_LOG_LOCK_WAIT
 from vocabulary import BUS_LOGS_DIR, BUS_SCOPE
 
-LOCK_WAIT_SECONDS = 2.0
+LOCK_WAIT_SECONDS = EVENT_LOG_LOCK_WAIT.total_seconds()
 LOCK_RETRY_SECONDS = 0.01
 TAIL_CHUNK_BYTES = 8192
 # A last line longer than this cannot be one of the platform's events: refuse to chain

@@ -154,6 +154,11 @@ TASK_CLOSE_RETRY_MAX = timedelta(seconds=30)
 # At most one notice (task_notice signal) per run and task in this time, whatever a file
 # in the folder is rewritten to say: each is a history event of that run.
 TASK_NOTICE_INTERVAL = timedelta(seconds=60)
+# The platform's event log: its lock is waited for this long (another writer holds it for
+# one append), and an event's file work at most EVENT_IO_TIMEOUT; past either the event is
+# dropped with a WARNING, never holding up the stage that emits it.
+EVENT_LOG_LOCK_WAIT = timedelta(seconds=2)
+EVENT_IO_TIMEOUT = timedelta(seconds=5)
 # How long a rewrite of a task file waits for task-queue-mcp's lock on that task (it holds
 # it for one read-modify-write, milliseconds); past that it goes on without.
 TASK_LOCK_WAIT = timedelta(seconds=5)

@@ -171,6 +171,8 @@ ARCHIVE_DIR: Final = "archive"  # under TASK_QUEUE_DIR: tasks moved aside, still
 DEAD_LETTERS_DIR: Final = "dead-letters"  # under TASK_QUEUE_DIR: tasks nobody could take
 TASK_SEARCH_SUBDIRS: Final = (ARCHIVE_DIR, DEAD_LETTERS_DIR)
 LOCKS_DIR: Final = ".locks"  # under TASK_QUEUE_DIR: task-queue-mcp's lock per task id
+# Top-level key of an originating task (platform dialect): the run that works on it.
+RUN_LINK: Final = "temporal_run"
 
 # --- queries and signals the worker's own processes use ---
 STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands

@@ -39,6 +39,7 @@ from models import (
     TriageResult,
 )
 from observability import PLATFORM_EVENT_FAILURES, PLATFORM_EVENTS_WRITTEN, count
+from policies import EVENT_IO_TIMEOUT
 from task_files import SOURCE_AGENT
 from visible_text import visible_line
 from vocabulary import (
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 
 SUMMARY_CHARS = 200
 NAME_CHARS = 100  # who decided: an operator's name or a Matrix user id
-# An event waits at most this long for the log (its lock is given up on sooner).
-EVENT_IO_TIMEOUT_SECONDS = 5.0
 
 
 def _event(event: str, summary: str, key: str, *, target: str | None = None,
@@ -82,7 +81,8 @@ async def _write(config: WorkerConfig, records: list[dict[str, Any]]) -> None:
     if folder is None or not records:
         return
     try:
-        await run_file_io(agent_bus.append, folder, records, timeout=EVENT_IO_TIMEOUT_SECONDS)
+        await run_file_io(agent_bus.append, folder, records,
+                          timeout=EVENT_IO_TIMEOUT.total_seconds())
     except (EventLogError, FileIoStalledError, OSError, ValueError) as err:
         # ValueError: text JSON cannot carry as UTF-8 (a lone surrogate in a name).
         for record in records:

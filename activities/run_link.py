@@ -21,12 +21,10 @@ from config import WorkerConfig
 from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
 from file_io import run_file_io
 from task_files import find_task, read_task, update_task
-from vocabulary import APPROVED, TASK_WORKFLOW, TERMINAL_STATUSES
+from vocabulary import APPROVED, RUN_LINK, TASK_WORKFLOW, TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
-# Top-level key of an originating task: the run that works on it.
-RUN_LINK = "temporal_run"
 
 
 def run_link(config: WorkerConfig, workflow_id: str, run_id: str) -> dict[str, str]:

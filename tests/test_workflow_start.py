@@ -29,7 +29,6 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 import policies
-from activities.run_link import RUN_LINK
 from config import ENV_FIELDS, load_config
 from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
@@ -55,6 +54,7 @@ from vocabulary import (
     BUILD_PLAN_WORKFLOW,
     CLOSE_BUILD,
     DIALECT_PLATFORM,
+    RUN_LINK,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
     TASK_WORKFLOW,
