@@ -568,7 +568,7 @@ class TaskTools:
 
     @staticmethod
     def _status_filter(status: str | None) -> list[str] | None:
-        if status is None:
+        if not status:
             return None
         values = [value.strip() for value in status.split(",")]
         invalid = [value for value in values if value not in STATUSES]
