@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from exceptions import ConfigError
 from models import MAX_REAUDIT_ROUNDS
@@ -80,6 +88,10 @@ ENV_FIELDS: dict[str, str] = {
     "REAUDIT_ROUNDS": "reaudit_rounds",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
+# Settings that take one of a few words: field -> the words.
+CHOICES: dict[str, tuple[str, ...]] = {"worker_role": WORKER_ROLES,
+                                       "task_file_dialect": DIALECTS,
+                                       "task_workflow_mode": WORKFLOW_MODES}
 SECRET_FIELDS = frozenset({"matrix_access_token", "vault_role_id"})
 VAULT_VARS = ("VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE")
 # payload.temporal of every agent task: key -> the variable it stands for. Non-secret
@@ -218,11 +230,12 @@ class WorkerConfig(BaseModel):
             raise ValueError("must be non-empty and contain no whitespace")
         return value
 
-    @field_validator("worker_role")
+    @field_validator(*CHOICES)
     @classmethod
-    def _role(cls, value: str) -> str:
-        if value not in WORKER_ROLES:
-            raise ValueError(f"must be one of {', '.join(WORKER_ROLES)}")
+    def _one_of(cls, value: str, info: ValidationInfo) -> str:
+        allowed = CHOICES[str(info.field_name)]
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
         return value
 
     @field_validator("agent_task_queues", mode="before")
@@ -255,19 +268,6 @@ class WorkerConfig(BaseModel):
             raise ValueError("must match ^[a-z0-9][a-z0-9-]*$ (max 63)")
         return value
 
-    @field_validator("task_file_dialect")
-    @classmethod
-    def _dialect(cls, value: str) -> str:
-        if value not in DIALECTS:
-            raise ValueError(f"must be one of {', '.join(DIALECTS)}")
-        return value
-
-    @field_validator("task_workflow_mode")
-    @classmethod
-    def _workflow_mode(cls, value: str) -> str:
-        if value not in WORKFLOW_MODES:
-            raise ValueError(f"must be one of {', '.join(WORKFLOW_MODES)}")
-        return value
 
     @property
     def platform_dialect(self) -> bool:
