@@ -48,7 +48,6 @@ except ImportError:
     sys.exit(2)
 
 import policies
-from closed_tasks import waited_task_id
 from config import (
     TASK_CONNECTION_FACTS,
     VAULT_VARS,
@@ -56,6 +55,7 @@ from config import (
     load_config,
     read_env_file,
 )
+from decisions.closed_tasks import waited_task_id
 from exceptions import (
     ActivityGoneError,
     CompletionError,
@@ -67,7 +67,9 @@ from exceptions import (
     UsageError,
 )
 from models import BuildPhaseResult
-from task_files import add_history, read_agent_file, read_task, task_time, update_task
+from taskfiles.documents import add_history, read_task, task_time
+from taskfiles.lookup import update_task
+from taskfiles.safe_io import read_agent_file
 from vocabulary import COMPLETED, FAILED, PHASE_FAILED, TASK_SEARCH_SUBDIRS
 
 STATUSES = ("success", "failed")

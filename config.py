@@ -182,7 +182,7 @@ class WorkerConfig(BaseModel):
     task_workflow_mode: str = "semi-auto"
     # Put the task token back into platform-dialect files (agents passing it on argv).
     task_token_in_file: bool = False
-    # Builds the platform's dispatcher starts (platform_input.py): where a plan named in
+    # Builds the platform's dispatcher starts (dispatcher/start_request.py): where a plan named in
     # a `workflow` task lives (<plan_dir>/<plan_name>.md) and who implements it, when the
     # task's payload does not say. Unset: the payload must.
     plan_dir: Path | None = None

@@ -209,7 +209,7 @@ class CoreLogFields(logging.Filter):
 class CoreRetryChatter(logging.Filter):
     """While the server is away the SDK core warns about every retried call ("gRPC call
     poll_activity_task_queue retried 12 times", "Network error while sending worker
-    heartbeat"): about two lines a second from the pollers alone. reachability.py reports
+    heartbeat"): about two lines a second from the pollers alone. startup/reachability.py reports
     the outage itself; of these, one per `interval` passes, carrying how many were
     dropped before it (`similar_dropped`)."""
 
@@ -506,7 +506,7 @@ def _tracing(config: WorkerConfig, span_exporter: Any) -> tuple[Interceptor, Cal
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    from tracing import BuildTracingInterceptor, WorkflowRootIds
+    from telemetry.tracing import BuildTracingInterceptor, WorkflowRootIds
 
     # A provider of our own rather than the global one: setting the global provider is
     # once per process, and nothing else in the worker traces.

@@ -37,7 +37,7 @@ class StagePolicy:
 # Agent work runs once: an agent's failure is non-retryable and a timeout cannot retry
 # (schedule-to-close ends together with start-to-close). Every retry happens before any
 # agent saw the work, and re-dispatches the same task id into the same file:
-# - recovery.py's, when a worker died before the task file existed;
+# - startup/recovery.py's, when a worker died before the task file existed;
 # - a DiskWriteError: the task file (or request.md) could not be written;
 # - any other failure of the dispatch, up to DISPATCH_ATTEMPTS attempts in all.
 # Retries run within the stage's limit (schedule-to-close): time spent waiting for disk

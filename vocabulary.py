@@ -24,7 +24,7 @@ SUMMARIZE_WORKFLOW: Final = "summarize_workflow"
 STAGES: Final = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
                  PROCESS_TRIAGE_OUTPUT, APPLY_FLAG_FIXES, NOTIFY_BLOCKS,
                  WAIT_FOR_BLOCK_RESOLUTION, CLOSE_BUILD, SUMMARIZE_WORKFLOW)
-# Attributes of the trace spans of a build (tracing.py), for queries in a trace backend.
+# Attributes of the trace spans of a build (telemetry/tracing.py), for queries in a trace backend.
 SPAN_BUILD_NAME: Final = "build.name"
 SPAN_BUILD_STAGE: Final = "build.stage"
 STAGE_NUMBERS: Final = {stage: number for number, stage in enumerate(STAGES, start=1)}
@@ -49,7 +49,7 @@ REMIND_PICKUP: Final = "remind_pickup"
 # A plan's end: its filing task closed (platform dialect), as a pipeline's summary does.
 CLOSE_ORIGINATING_TASK: Final = "close_originating_task"
 
-# What recovery.py does with a pending activity whose worker died (every activity the
+# What startup/recovery.py does with a pending activity whose worker died (every activity the
 # worker registers is in exactly one of these; tests/test_recovery.py checks it).
 # Agent activities: dispatched again only if the agent never got its task file.
 AGENT_ACTIVITIES: Final = (*AGENT_STAGES, BUILD_PHASE)
@@ -142,7 +142,7 @@ BLOCKS_PENDING: Final = "BlocksPendingError"
 # The block decision beside approved and rejected (models.Decision): the blocks go back
 # to the target agent with a note, then through audit and triage again.
 CHANGES_REQUESTED: Final = "changes_requested"
-# The decision Updates, one per kind of decision (decisions.py sends them).
+# The decision Updates, one per kind of decision (decisions/delivery.py sends them).
 APPROVE_BLOCKS_UPDATE: Final = "approve_blocks"
 REJECT_BLOCKS_UPDATE: Final = "reject_blocks"
 REQUEST_CHANGES_UPDATE: Final = "request_changes"
@@ -153,7 +153,7 @@ BLOCK_VERDICTS_FIELD: Final = "block_verdicts"
 DECISION_REFUSED: Final = "DecisionRefusedError"
 TASK_FILE_ERROR: Final = "TaskFileError"
 FILE_IO_STALLED: Final = "FileIoStalledError"
-WORKER_LOST: Final = "WorkerLostError"  # recovery.py fails an agent stage whose worker died
+WORKER_LOST: Final = "WorkerLostError"  # startup/recovery.py fails an agent stage whose worker died
 # A folder the worker writes is full or read-only (ENOSPC, EDQUOT, EROFS): retried.
 DISK_WRITE_ERROR: Final = "DiskWriteError"
 # A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).

@@ -31,14 +31,14 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.build_phase import build_phase_activity
 from activities.build_pipeline_activities import PipelineActivities
-from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
+from decisions.chat_listener import listen_for_decisions
+from decisions.file_watcher import watch_block_decisions
+from dispatcher.roster import warn_missing
 from exceptions import ConfigError, CredentialError, DependencyUnavailableError
-from matrix_decisions import listen_for_decisions
 from observability import Telemetry, configure_logging, setup_telemetry
-from reachability import check_namespace, connect_when_reachable, watch_server
-from recovery import recover_lost_activities
-from roster import warn_missing
+from startup.reachability import check_namespace, connect_when_reachable, watch_server
+from startup.recovery import recover_lost_activities
 from temporal_client import connect
 from vocabulary import WORKER_READY, WORKER_STOPPED, WORKER_STOPPING, WORKER_WAITING
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
@@ -50,7 +50,7 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CREDENTIALS, EXIT_CONNECT = 0, 1, 2, 3, 4
 
 
 def worker_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
-    """Every activity the worker registers (recovery.py must know what to do with each)."""
+    """Every activity the worker registers (startup/recovery.py must know what to do with each)."""
     if config.agent_host:
         return PipelineActivities(config).host_bound()
     return [*PipelineActivities(config).all(), build_phase_activity(config)]
@@ -221,9 +221,10 @@ async def run_worker(client: Client, config: WorkerConfig, stop: asyncio.Event) 
                             "role": config.worker_role})
             write_status(config.status_file, WORKER_READY, config)
             # In the background: hand back what a killed worker on this host left half
-            # done (recovery.py), deliver block decisions written into task files
-            # (block_watcher.py), take them from the Matrix room (matrix_decisions.py) and
-            # say when the server goes away and comes back (reachability.py). Serving
+            # done (startup/recovery.py), deliver block decisions written into task files
+            # (decisions/file_watcher.py), take them from the Matrix room
+            # (decisions/chat_listener.py) and say when the server goes away and comes
+            # back (startup/reachability.py). Serving
             # waits for none of them; all are cancelled at once on shutdown, so a long
             # poll never delays a SIGTERM.
             background = [asyncio.create_task(recover_lost_activities(client, config)),

@@ -38,7 +38,6 @@ from exceptions import (
     TriageInvalidError,
     TriageMissingError,
 )
-from file_io import run_file_io
 from models import (
     AuditRequest,
     AuditRound,
@@ -71,20 +70,19 @@ from observability import (
     count,
     observe,
 )
-from task_files import (
+from taskfiles.bounded_yaml import dump_yaml
+from taskfiles.documents import (
     AWAITING_DECISION,
     SOURCE_AGENT,
     add_history,
     claimed_actor,
-    dump_yaml,
-    find_task,
     read_task,
     task_time,
     timestamp,
-    update_task,
-    write_private_atomic,
 )
-from timings import time_report
+from taskfiles.io_pool import run_file_io
+from taskfiles.lookup import find_task, update_task
+from taskfiles.safe_io import write_private_atomic
 from vocabulary import (
     APPLY_FLAG_FIXES,
     APPROVED,
@@ -125,6 +123,7 @@ from vocabulary import (
     WAIT_FOR_BLOCK_RESOLUTION,
 )
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER, DATA_NOTICE, sanitize_finding
+from workflows.timings import time_report
 
 log = logging.getLogger(__name__)
 

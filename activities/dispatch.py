@@ -30,10 +30,11 @@ from activities import legacy_args, platform_events
 from activities.failures import write_attempt
 from activities.run_link import ensure_run_link
 from config import WorkerConfig, connection_facts
-from file_io import run_file_io
 from models import AgentTaskRequest, BuildPhaseResult
 from observability import TASKS_DISPATCHED, bind_build_name, count
-from task_files import new_platform_task, new_task, task_file_path, write_task
+from taskfiles.documents import new_platform_task, new_task
+from taskfiles.io_pool import run_file_io
+from taskfiles.lookup import task_file_path, write_task
 from vocabulary import PLATFORM_TASK_TYPES
 from workflows.instructions import COMPLETE_HINT
 

@@ -15,15 +15,18 @@ argv (SEND_MATRIX_SCRIPT), Matrix or ntfy (4 KiB message) limits.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from urllib.parse import quote
 
 import httpx
 
+from activities.matrix import (
+    HTTP_TIMEOUT_SECONDS,
+    NotifyFailed,
+    send_matrix,
+)
 from config import WorkerConfig
 from models import Finding, MatrixNoticeRef, PickupReminder
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
@@ -33,7 +36,6 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_PER_CHANNEL = 3
 RETRY_DELAY_SECONDS = 1.0
-HTTP_TIMEOUT_SECONDS = 10.0
 SCRIPT_TIMEOUT_SECONDS = 30.0
 PM2_IPC_VARIABLES = ("NODE_CHANNEL_FD", "NODE_CHANNEL_SERIALIZATION_MODE", "NODE_UNIQUE_ID")
 # ntfy turns messages over 4096 bytes into attachments; Matrix events stop at 64 KiB and
@@ -132,116 +134,6 @@ def compose_pickup_reminder(reminder: PickupReminder) -> tuple[str, str]:
         f"Reminder {reminder.reminder} of {reminder.of}. "
         f"Workflow: {notice_text(reminder.workflow_id, NOTICE_FIELD_CHARS)}"])
     return title, message
-
-
-# Namespaced key of a block notice's content naming its pipeline (matrix_decisions.py).
-PIPELINE_CONTENT_KEY = "org.temporal_build_worker.pipeline"
-
-
-class NotifyFailed(Exception):
-    """One channel could not deliver (message is safe to record: no secrets).
-
-    `retryable` is False when trying again cannot help (bad token, unknown room)."""
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-def matrix_token(config: WorkerConfig) -> str | None:
-    if config.matrix_access_token is not None:
-        return config.matrix_access_token.get_secret_value()
-    if config.matrix_access_token_file is not None:
-        try:
-            return config.matrix_access_token_file.read_text().strip() or None
-        except OSError as err:
-            raise NotifyFailed(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}",
-                               retryable=False) from None
-    return None
-
-
-def room_reference(room: str, server_name: str) -> str:
-    """Room id (!x:s) and alias (#x:s) pass through; a short name becomes #name:server."""
-    if room.startswith(("!", "#")):
-        return room
-    return f"#{room}:{server_name}"
-
-
-def matrix_http(config: WorkerConfig, token: str,
-                timeout: float = HTTP_TIMEOUT_SECONDS) -> httpx.AsyncClient:
-    """A client-server API client; the token travels only in this header."""
-    return httpx.AsyncClient(base_url=str(config.matrix_homeserver).rstrip("/"),
-                             headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-
-
-async def resolve_room(http: httpx.AsyncClient, config: WorkerConfig) -> str:
-    """MATRIX_ROOM as a room id (aliases and short names resolved by the homeserver)."""
-    room = config.matrix_room
-    if room.startswith("!"):
-        return room
-    if not room.startswith("#"):
-        whoami = await _json(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
-        server_name = str(whoami.get("user_id", "")).partition(":")[2]
-        if not server_name:
-            raise NotifyFailed("Matrix whoami returned no server name")
-        room = room_reference(room, server_name)
-    resolved = await _json(http, f"resolve {room}", "GET",
-                           f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
-    room_id = str(resolved.get("room_id") or "")
-    if not room_id:
-        raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
-                           retryable=False)
-    return room_id
-
-
-def txn_id_for(seed: str) -> str:
-    """A transaction id derived from `seed`: the homeserver sends a repeat only once."""
-    return hashlib.sha256(seed.encode()).hexdigest()[:32]
-
-
-async def send_matrix(config: WorkerConfig, message: str, txn_seed: str,
-                      pipeline: MatrixNoticeRef | None = None) -> None:
-    """Send `message` as an m.notice; `pipeline` rides along under PIPELINE_CONTENT_KEY so
-    a reply or reaction to the notice names its pipeline without any state in a worker."""
-    token = matrix_token(config)
-    if not token:
-        raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured",
-                           retryable=False)
-    # An empty m.mentions: the notice pings nobody, whatever its text.
-    content: dict[str, object] = {"msgtype": "m.notice", "body": message, "m.mentions": {}}
-    if pipeline is not None:
-        content[PIPELINE_CONTENT_KEY] = pipeline.model_dump()
-    async with matrix_http(config, token) as http:
-        room = await resolve_room(http, config)
-        # Derived from the workflow, so a retried stage is de-duplicated by the homeserver.
-        await _json(http, "send", "PUT",
-                    f"/_matrix/client/v3/rooms/{quote(room, safe='')}/send/m.room.message/"
-                    f"{txn_id_for(txn_seed)}", json=content)
-
-
-async def _json(http: httpx.AsyncClient, step: str, method: str, url: str,
-                **kwargs: object) -> dict:
-    """One client-server API call; errors name the step, never the token."""
-    try:
-        response = await http.request(method, url, **kwargs)  # type: ignore[arg-type]
-    except httpx.HTTPError as err:
-        raise NotifyFailed(f"Matrix {step}: {type(err).__name__}") from None
-    if response.status_code >= 400:
-        try:
-            code = str(response.json().get("errcode", ""))
-        except ValueError:
-            code = ""
-        # 4xx other than timeouts and rate limits will not change on a retry.
-        retryable = response.status_code >= 500 or response.status_code in (408, 429)
-        raise NotifyFailed(f"Matrix {step}: HTTP {response.status_code} {code}".rstrip(),
-                           retryable=retryable)
-    try:
-        body = response.json()
-    except ValueError:
-        raise NotifyFailed(f"Matrix {step}: response is not JSON") from None
-    if not isinstance(body, dict):
-        raise NotifyFailed(f"Matrix {step}: response is not a JSON object")
-    return body
 
 
 async def send_script(config: WorkerConfig, message: str) -> None:

@@ -1,4 +1,4 @@
-"""What the platform's event log hears about a build (agent_bus.py writes it).
+"""What the platform's event log hears about a build (event_log.py writes it).
 
 With AGENT_BUS_COMMS_DIR set, the activity where each moment happens calls one function
 here: build started (prepare_pipeline), an agent's task written (`handoff.created`; the
@@ -25,10 +25,8 @@ from typing import Any
 
 from temporalio import activity
 
-import agent_bus
 from config import WorkerConfig
 from exceptions import EventLogError, FileIoStalledError
-from file_io import run_file_io
 from models import (
     AgentTaskRequest,
     Finding,
@@ -40,8 +38,10 @@ from models import (
 )
 from observability import PLATFORM_EVENT_FAILURES, PLATFORM_EVENTS_WRITTEN, count
 from policies import EVENT_IO_TIMEOUT
-from task_files import SOURCE_AGENT
-from visible_text import visible_line
+from taskfiles.documents import SOURCE_AGENT
+from taskfiles.io_pool import run_file_io
+from taskfiles.visible_text import visible_line
+from telemetry import event_log
 from vocabulary import (
     EVENT_AUDIT_COMPLETED,
     EVENT_AUDIT_REQUESTED,
@@ -69,7 +69,7 @@ def _event(event: str, summary: str, key: str, *, target: str | None = None,
     info = activity.info()
     fields = {"workflow_id": info.workflow_id, "run_id": info.workflow_run_id, **metadata,
               "event_key": f"{info.workflow_run_id}/{event}/{key}"}
-    return agent_bus.new_record(
+    return event_log.new_record(
         event, SOURCE_AGENT, visible_line(summary, SUMMARY_CHARS), target=target or None,
         artifact_path=str(artifact_path) if artifact_path else None,
         metadata={name: value for name, value in fields.items()
@@ -81,7 +81,7 @@ async def _write(config: WorkerConfig, records: list[dict[str, Any]]) -> None:
     if folder is None or not records:
         return
     try:
-        await run_file_io(agent_bus.append, folder, records,
+        await run_file_io(event_log.append, folder, records,
                           timeout=EVENT_IO_TIMEOUT.total_seconds())
     except (EventLogError, FileIoStalledError, OSError, ValueError) as err:
         # ValueError: text JSON cannot carry as UTF-8 (a lone surrogate in a name).

@@ -19,8 +19,9 @@ from temporalio import activity
 
 from config import WorkerConfig
 from exceptions import FileIoStalledError, TaskFileError, TaskNotFoundError
-from file_io import run_file_io
-from task_files import find_task, read_task, update_task
+from taskfiles.documents import read_task
+from taskfiles.io_pool import run_file_io
+from taskfiles.lookup import find_task, update_task
 from vocabulary import APPROVED, RUN_LINK, TASK_WORKFLOW, TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import yaml
 
 from exceptions import TaskFileError, TriageInvalidError, TriageMissingError
 from models import Finding, TriageResult
-from task_files import MAX_YAML_NODES, load_agent_yaml, read_agent_file
+from taskfiles.bounded_yaml import MAX_YAML_NODES, load_agent_yaml
+from taskfiles.safe_io import read_agent_file
 
 MAX_TRIAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 16

@@ -48,27 +48,27 @@ from temporalio.api.taskqueue.v1 import TaskQueue  # noqa: E402
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest  # noqa: E402
 from temporalio.client import Client, WorkflowHandle  # noqa: E402
 
-from activities.notify import PIPELINE_CONTENT_KEY  # noqa: E402
+from activities.matrix import PIPELINE_CONTENT_KEY  # noqa: E402
 from config import load_config  # noqa: E402
 from models import (  # noqa: E402
     BuildPipelineInput,
     BuildPipelineResult,
     PipelineStatus,
 )
-from task_files import (  # noqa: E402
-    ensure_private_dir,
-    find_task,
-)
-from temporal_client import connect  # noqa: E402
-from tests import synapse  # noqa: E402
-from tests.standin import (  # noqa: E402
+from standins.agents import (  # noqa: E402
     approve_origin,
     complete_with_token,
     task_kind,
     write_origin_task,
     write_triage,
 )
-from tools import devserver  # noqa: E402
+from taskfiles.lookup import find_task  # noqa: E402
+from taskfiles.safe_io import ensure_private_dir  # noqa: E402
+from temporal_client import connect  # noqa: E402
+from tools import (  # noqa: E402
+    devserver,
+    synapse,
+)
 from vocabulary import (  # noqa: E402
     BUILD_PIPELINE_WORKFLOW,
     DIALECT_PLATFORM,

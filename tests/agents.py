@@ -1,6 +1,6 @@
 """Test-only checks on what the worker writes, and on how a workflow failed. Playing the
 agents (finding task files, completing stages, the originating task, waiting) is
-tests/standin.py, shared with the demo, the bench and the history recorder."""
+standins/agents.py, shared with the demo, the bench and the history recorder."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from tests.standin import REPO, load_yaml
+from standins.agents import REPO, load_yaml
 
 SCHEMA_PATH = REPO / "schemas" / "task-file.schema.json"
 

@@ -1,6 +1,6 @@
 """ANOTHER WRITER of the platform's event log, for the tests: appends events the way the
 platform's own writers do (task-queue/PROTOCOL.md §7: flock LOCK_EX, read the last line,
-prev_hash, O_APPEND, fsync), written apart from agent_bus.py so the two are checked
+prev_hash, O_APPEND, fsync), written apart from telemetry/event_log.py so the two are checked
 against each other, not against themselves.
 
     python -m tests.bus_writer LOG_FILE STOP_FILE SEED

@@ -17,12 +17,12 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from block_watcher import watch_block_decisions
 from config import WorkerConfig, load_config
-from task_files import ensure_private_dir
+from decisions.file_watcher import watch_block_decisions
+from standins.agents import write_triage
+from taskfiles.safe_io import ensure_private_dir
 from temporal_client import connect
 from tests import temporal_server
-from tests.standin import write_triage
 from vocabulary import AUDIT_REQUESTS_DIR, DIALECT_V050
 from worker import build_worker
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from tests.standin import play_stage, wait_until_parked, write_origin_task, write_triage
+from standins.agents import play_stage, wait_until_parked, write_origin_task, write_triage
 from vocabulary import (
     APPROVED,
     BUILD_PIPELINE_WORKFLOW,
@@ -56,7 +56,7 @@ FAILING_PATHS = frozenset({"pipeline_agent_failure", "pipeline_bad_triage", "pla
 
 class Recorder:
     """Drives one workflow per path against a worker with private folders; the agents
-    are the shared stand-in's (tests/standin.py)."""
+    are the shared stand-in's (standins/agents.py)."""
 
     def __init__(self, client: Client, env: dict[str, str], root: Path) -> None:
         self.client, self.env, self.root = client, env, root
@@ -89,7 +89,7 @@ class Recorder:
         return handle
 
     async def parked(self, handle: WorkflowHandle) -> Path:
-        from task_files import find_task
+        from taskfiles.lookup import find_task
 
         await wait_until_parked(handle, WAIT_SECONDS)
         return find_task(self.queue, (await self._input(handle))["task_id"])
@@ -104,8 +104,9 @@ class Recorder:
     async def claim(self, handle: WorkflowHandle, task_type: str) -> Path:
         """An agent claims its task (`in-progress`); returns once the run knows."""
         from models import PipelineStatus
-        from task_files import add_history, update_task
-        from tests.standin import poll_async, wait_for_task
+        from standins.agents import poll_async, wait_for_task
+        from taskfiles.documents import add_history
+        from taskfiles.lookup import update_task
         from vocabulary import IN_PROGRESS
 
         path = await wait_for_task(self.queue, handle.id, task_type, WAIT_SECONDS)
@@ -120,7 +121,8 @@ class Recorder:
         return path
 
     async def set_origin_status(self, handle: WorkflowHandle, status: str) -> None:
-        from task_files import add_history, update_task
+        from taskfiles.documents import add_history
+        from taskfiles.lookup import update_task
 
         path = await self.parked(handle)
         update_task(path, lambda t: add_history(t, status=status, actor="operator",
@@ -129,7 +131,7 @@ class Recorder:
 
     async def reaudit(self, handle: WorkflowHandle, triage: str) -> None:
         """Play a security re-audit: its triage goes where its own payload says."""
-        from tests.standin import complete_task, load_yaml, wait_for_task
+        from standins.agents import complete_task, load_yaml, wait_for_task
 
         path = await wait_for_task(self.queue, handle.id, TASK_SECURITY_AUDIT, WAIT_SECONDS)
         Path(load_yaml(path)["payload"]["triage_path"]).write_text(triage)
@@ -219,7 +221,7 @@ async def _pickup_reminded(recorder: Recorder) -> WorkflowHandle:
     """Nobody claims stage 1 within its pickup limit: one reminder (no channel here: its
     failure is recorded), then the claim, then the rest as usual."""
     from models import StageEvent
-    from tests.standin import complete_task, poll_async
+    from standins.agents import complete_task, poll_async
 
     # Pickup limit 2 s: the later stages are played well within it.
     handle = await recorder.start("reminded", pickup_timeout_seconds=2)
@@ -317,8 +319,8 @@ def host_envs(env: dict[str, str]) -> list[dict[str, str]]:
 
 async def record(out: Path, only: frozenset[str] = frozenset(),
                  routed: bool = False) -> None:
-    from block_watcher import watch_block_decisions
     from config import load_config
+    from decisions.file_watcher import watch_block_decisions
     from temporal_client import connect
     from tests import temporal_server
     from worker import build_worker

@@ -1,5 +1,5 @@
 """A Temporal dev server for the duration of a block (tools/devserver.py starts and stops it),
-like tests/synapse.py for Synapse: `with running(log_path=...) as address`."""
+like tools/synapse.py for Synapse: `with running(log_path=...) as address`."""
 
 from __future__ import annotations
 

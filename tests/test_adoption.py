@@ -14,13 +14,13 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import PatchActivationInput
 
-from adoption import started_by_this_worker
 from config import load_config
 from models import BuildPipelineResult, PipelineStatus, StageEvent
-from recovery import recover_lost_activities
-from task_files import find_task
+from standins.agents import load_yaml, play_stage, wait_for_task
+from startup.adoption import started_by_this_worker
+from startup.recovery import recover_lost_activities
+from taskfiles.lookup import find_task
 from tests.conftest import PipelineEnv, serving
-from tests.standin import load_yaml, play_stage, wait_for_task
 from tests.test_block_watcher import decide
 from tests.test_build_pipeline_workflow import block_pipeline, pipeline_input
 from vocabulary import (
@@ -76,7 +76,7 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
         assert (result.outcome, result.status, result.decision) == ("partial", "complete",
                                                                     "approved")
 
-        from tests.standin import complete_task
+        from standins.agents import complete_task
         await complete_task(implement, pipeline.env)
         audit = await wait_for_task(pipeline.queue_dir, agent.id, TASK_SECURITY_AUDIT)
         pipeline.write_triage("old-at-implement", "info: []\n")

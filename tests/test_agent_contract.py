@@ -33,12 +33,12 @@ from activities.triage import (
 from config import load_config
 from exceptions import ConfigError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
-from task_files import MAX_YAML_NODES
+from standins.agents import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
+from taskfiles.bounded_yaml import MAX_YAML_NODES
 from temporal_client import connect
 from tests import temporal_server
 from tests.agents import assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
-from tests.standin import REPO, load_yaml, tasks_for, wait_for_task, write_origin_task
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,

@@ -14,11 +14,7 @@ from temporalio.exceptions import ApplicationError
 
 from config import load_config
 from models import BuildPipelineResult, PipelineStatus, StageEvent
-from task_files import find_task, update_task
-from tests.agents import assert_valid_task_file
-from tests.conftest import PipelineEnv, make_env, serving
-from tests.platform_tools import TaskTools
-from tests.standin import (
+from standins.agents import (
     complete_task,
     load_yaml,
     play_stage,
@@ -27,6 +23,10 @@ from tests.standin import (
     wait_for_task,
     wait_until_parked,
 )
+from standins.task_tools import TaskTools
+from taskfiles.lookup import find_task, update_task
+from tests.agents import assert_valid_task_file
+from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_build_pipeline_workflow import pipeline_input, run_to_triage, summary_of
 from tests.test_operator_controls import current_details
 from vocabulary import (

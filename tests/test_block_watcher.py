@@ -1,5 +1,5 @@
 """Block decisions written into the originating task reach the parked pipeline through
-the folder watcher (block_watcher.py) within seconds: by inotify or by polling, after a
+the folder watcher (file_watcher.py) within seconds: by inotify or by polling, after a
 worker restart, and exactly once with two workers on one folder."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer
 
-import decisions
-from block_watcher import BlockDecisionWatcher, pending_decision
 from config import load_config
-from decisions import deliver_decision
+from decisions import delivery, file_watcher
+from decisions.delivery import deliver_decision
+from decisions.file_watcher import BlockDecisionWatcher, pending_decision
 from models import (
     MAX_DECISION_NOTE_CHARS,
     BlockDecision,
@@ -30,10 +30,11 @@ from models import (
     PipelineStatus,
     StageEvent,
 )
-from task_files import AWAITING_DECISION, add_history, find_task, update_task
+from standins.agents import load_yaml, play_stage, poll, poll_async, tasks_for
+from taskfiles.documents import AWAITING_DECISION, add_history
+from taskfiles.lookup import find_task, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
-from tests.standin import load_yaml, play_stage, poll, poll_async, tasks_for
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
 from vocabulary import DECISION_REFUSED, TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
@@ -294,7 +295,7 @@ async def test_a_run_nobody_serves_holds_up_no_other_decision(
     (it is not on this worker's queue), and a real decision lands at once. Sent anyway,
     its Update goes unanswered and is given up at the limit."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(decisions, "DECISION_DELIVERY_TIMEOUT", timedelta(seconds=3))
+    monkeypatch.setattr(delivery, "DECISION_DELIVERY_TIMEOUT", timedelta(seconds=3))
     nobody_queue = f"nobody-{uuid.uuid4()}"
     nobody = await pipeline.client.start_workflow(
         BuildPipelineWorkflow.run, {"build_name": "nobody"}, id=f"nobody-{uuid.uuid4()}",
@@ -385,7 +386,6 @@ async def test_a_deferred_or_rewritten_decision_is_looked_at_again(
     rewritten while its run's delivery is on its way is looked at again once it ends.
     The deliveries are a fake that holds the first until released: the order of events
     is what is checked, and a real server cannot hold an answer on demand."""
-    import block_watcher
 
     config = load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue")})
     config.task_queue_dir.mkdir()
@@ -400,8 +400,8 @@ async def test_a_deferred_or_rewritten_decision_is_looked_at_again(
             return "refused"  # not waiting yet: a later write must be looked at
         return "applied"
 
-    monkeypatch.setattr(block_watcher, "deliver_decision", fake_deliver)
-    monkeypatch.setattr(block_watcher, "MAX_DELIVERIES_IN_FLIGHT", 1)
+    monkeypatch.setattr(file_watcher, "deliver_decision", fake_deliver)
+    monkeypatch.setattr(file_watcher, "MAX_DELIVERIES_IN_FLIGHT", 1)
     watcher = BlockDecisionWatcher(client=None, config=config)  # type: ignore[arg-type]
     first = planted(config.task_queue_dir, "20200101-000000-aaaaaaaa.yml",
                     "aaaaaaaa-1", {"workflow_id": "run-a"})

@@ -11,10 +11,7 @@ from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
-from task_files import add_history, find_task, update_task
-from tests.agents import application_failure, assert_valid_task_file
-from tests.conftest import PipelineEnv
-from tests.standin import (
+from standins.agents import (
     load_yaml,
     play_stage,
     poll,
@@ -23,6 +20,10 @@ from tests.standin import (
     wait_until_parked,
     write_origin_task,
 )
+from taskfiles.documents import add_history
+from taskfiles.lookup import find_task, update_task
+from tests.agents import application_failure, assert_valid_task_file
+from tests.conftest import PipelineEnv
 from vocabulary import (
     APPLY_FLAG_FIXES,
     AUDIT_REQUESTS_DIR,
@@ -66,7 +67,7 @@ async def run_to_triage(pipeline: PipelineEnv, build: str, triage: str,
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage(build, triage)
-    from tests.standin import complete_task
+    from standins.agents import complete_task
     await complete_task(audit, pipeline.env, "success", "audit written")
     return handle, inp
 
@@ -337,7 +338,7 @@ async def test_worker_restart_while_agent_works(pipeline_env_vars: dict[str, str
         await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
         implement = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     # The first worker is gone; the agent finishes while no worker runs at all.
-    from tests.standin import complete_task
+    from standins.agents import complete_task
     await complete_task(implement, pipeline.env)
     async with build_worker(client, config):
         audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
@@ -370,7 +371,7 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env)
     audit = await wait_for_task(pipeline.queue_dir, handle.id, TASK_SECURITY_AUDIT)
     pipeline.write_triage("named-agents", "flags:\n- pin it\n")
-    from tests.standin import complete_task
+    from standins.agents import complete_task
     await complete_task(audit, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX, pipeline.env)
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)

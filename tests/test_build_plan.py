@@ -9,9 +9,9 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from models import BuildPlanResult, PlanStatus
+from standins.agents import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv
-from tests.standin import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,

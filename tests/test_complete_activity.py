@@ -19,9 +19,9 @@ import pytest
 from temporalio.client import WorkflowHandle
 
 from models import BuildPlanResult
+from standins.agents import load_yaml, run_cli, wait_for_task
 from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
-from tests.standin import load_yaml, run_cli, wait_for_task
 from tools.devserver import free_port
 from vocabulary import BUILD_PLAN_WORKFLOW, PHASE_FAILED, TASK_BUILD_PHASE
 
@@ -236,7 +236,8 @@ def test_unreachable_server_is_exit_4(offline_env: dict[str, str]) -> None:
 
 def test_task_file_untouched_when_server_unreachable(offline_env: dict[str, str],
                                                      tmp_path: Path) -> None:
-    from task_files import new_task, write_task
+    from taskfiles.documents import new_task
+    from taskfiles.lookup import write_task
 
     task_id = str(uuid.uuid4())
     path = write_task(tmp_path / "queue", new_task(

@@ -21,10 +21,7 @@ from temporalio.client import Client, WorkflowHandle
 from complete_activity import mark_task_file
 from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult
-from task_files import add_history, find_task, update_task
-from temporal_client import connect
-from tests.conftest import make_env
-from tests.standin import (
+from standins.agents import (
     StandIn,
     complete_task,
     complete_with_token,
@@ -36,6 +33,10 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from taskfiles.documents import add_history
+from taskfiles.lookup import find_task, update_task
+from temporal_client import connect
+from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
 from vocabulary import (

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import file_io
-from tests.standin import poll_async
+from standins.agents import poll_async
+from taskfiles import io_pool
 
 # Long enough that thread scheduling on a busy machine does not start a thread the test
 # does not expect; short enough that a missing one fails well within the calls' timeout.
@@ -22,12 +22,12 @@ GROW_AFTER = 0.3
 @pytest.fixture(autouse=True)
 def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh pool for this test; the worker's own is put back afterwards."""
-    monkeypatch.setattr(file_io, "_pool", None)
+    monkeypatch.setattr(io_pool, "_pool", None)
 
 
 def serving() -> int:
-    assert file_io._pool is not None
-    return file_io._pool.serving
+    assert io_pool._pool is not None
+    return io_pool._pool.serving
 
 
 def hold(started: threading.Event, release: threading.Event) -> int:
@@ -43,8 +43,8 @@ async def _one_serving() -> bool:
 
 async def test_one_thread_serves_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
     # No timing in play: a call would have to wait 30 s unstarted to add a thread.
-    monkeypatch.setattr(file_io, "GROW_AFTER_SECONDS", 30.0)
-    threads = await asyncio.gather(*(file_io.run_file_io(threading.get_ident)
+    monkeypatch.setattr(io_pool, "GROW_AFTER_SECONDS", 30.0)
+    threads = await asyncio.gather(*(io_pool.run_file_io(threading.get_ident)
                                      for _ in range(200)))
     assert len(set(threads)) == 1
     assert threading.get_ident() not in threads
@@ -53,13 +53,13 @@ async def test_one_thread_serves_a_burst(monkeypatch: pytest.MonkeyPatch) -> Non
 
 async def test_a_call_behind_a_stuck_one_gets_a_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(file_io, "GROW_AFTER_SECONDS", GROW_AFTER)
+    monkeypatch.setattr(io_pool, "GROW_AFTER_SECONDS", GROW_AFTER)
     started, release = threading.Event(), threading.Event()
     try:
-        stuck = asyncio.create_task(file_io.run_file_io(hold, started, release, timeout=30))
+        stuck = asyncio.create_task(io_pool.run_file_io(hold, started, release, timeout=30))
         assert await asyncio.to_thread(started.wait, 10)
         # Without a second thread this call would wait for the stuck one and fail at 3 s.
-        assert await file_io.run_file_io(sum, [1, 2], timeout=3) == 3
+        assert await io_pool.run_file_io(sum, [1, 2], timeout=3) == 3
         assert serving() == 2
     finally:
         release.set()
@@ -68,20 +68,20 @@ async def test_a_call_behind_a_stuck_one_gets_a_thread(
 
 async def test_threads_beyond_the_first_leave_when_idle(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(file_io, "GROW_AFTER_SECONDS", GROW_AFTER)
-    monkeypatch.setattr(file_io, "IDLE_THREAD_SECONDS", 0.2)
+    monkeypatch.setattr(io_pool, "GROW_AFTER_SECONDS", GROW_AFTER)
+    monkeypatch.setattr(io_pool, "IDLE_THREAD_SECONDS", 0.2)
     started, release = threading.Event(), threading.Event()
     try:
-        stuck = asyncio.create_task(file_io.run_file_io(hold, started, release, timeout=30))
+        stuck = asyncio.create_task(io_pool.run_file_io(hold, started, release, timeout=30))
         assert await asyncio.to_thread(started.wait, 10)
-        second = await file_io.run_file_io(threading.get_ident, timeout=3)
+        second = await io_pool.run_file_io(threading.get_ident, timeout=3)
         assert serving() == 2
     finally:
         release.set()
     first = await stuck
     await poll_async(_one_serving, 10, "the second thread to leave")
     # The one left still serves: no thread was started for this call.
-    assert await file_io.run_file_io(threading.get_ident, timeout=3) in {first, second}
+    assert await io_pool.run_file_io(threading.get_ident, timeout=3) in {first, second}
     assert serving() == 1
 
 
@@ -89,13 +89,13 @@ async def test_a_short_timeout_still_asks_for_a_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A call whose whole timeout is shorter than the growth delay asks for a thread
     halfway through it, rather than fail because the one thread is stuck."""
-    monkeypatch.setattr(file_io, "GROW_AFTER_SECONDS", 30.0)
+    monkeypatch.setattr(io_pool, "GROW_AFTER_SECONDS", 30.0)
     started, release = threading.Event(), threading.Event()
     try:
-        stuck = asyncio.create_task(file_io.run_file_io(hold, started, release, timeout=60))
+        stuck = asyncio.create_task(io_pool.run_file_io(hold, started, release, timeout=60))
         assert await asyncio.to_thread(started.wait, 10)
         asked = time.monotonic()
-        assert await file_io.run_file_io(sum, [7], timeout=6) == 7
+        assert await io_pool.run_file_io(sum, [7], timeout=6) == 7
         assert time.monotonic() - asked < 5  # served after about 3 s, not at the deadline
     finally:
         release.set()

@@ -32,9 +32,7 @@ from config import load_config
 from exceptions import DiskWriteError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from observability import PrivateFileHandler
-from task_files import read_task, write_private_atomic, write_task
-from tests.conftest import PipelineEnv, make_env
-from tests.standin import (
+from standins.agents import (
     StandIn,
     complete_with_token,
     load_yaml,
@@ -42,6 +40,10 @@ from tests.standin import (
     poll_async,
     write_origin_task,
 )
+from taskfiles.documents import read_task
+from taskfiles.lookup import write_task
+from taskfiles.safe_io import write_private_atomic
+from tests.conftest import PipelineEnv, make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,

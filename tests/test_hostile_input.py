@@ -23,14 +23,10 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
-import task_files
 from activities.triage import MAX_FINDINGS
-from exceptions import TaskFileError, UnsafeTaskPathError
+from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
 from models import BuildPhaseResult, BuildPipelineResult
-from task_files import ensure_private_dir, new_task, read_task, update_task, write_task
-from tests.agents import application_failure
-from tests.conftest import PipelineEnv, make_env
-from tests.standin import (
+from standins.agents import (
     load_yaml,
     poll_async,
     run_cli,
@@ -38,6 +34,12 @@ from tests.standin import (
     wait_until_parked,
     write_origin_task,
 )
+from taskfiles import documents, lookup, safe_io
+from taskfiles.documents import new_task, read_task
+from taskfiles.lookup import update_task, write_task
+from taskfiles.safe_io import ensure_private_dir
+from tests.agents import application_failure
+from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
 from vocabulary import (
     ARCHIVE_DIR,
@@ -321,7 +323,7 @@ def test_symlink_at_task_path_is_refused(queue: Path, outside: Path) -> None:
     path.symlink_to(outside / "precious.txt")
 
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
-        task_files.write_private_atomic(path, b"overwritten")
+        safe_io.write_private_atomic(path, b"overwritten")
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
         update_task(path, lambda _document: None)
     with pytest.raises(UnsafeTaskPathError, match="symlink"):
@@ -335,7 +337,7 @@ def test_symlink_at_temp_path_is_refused(queue: Path, outside: Path,
     a fixed name (named as such, a fake) lets the test plant the link first."""
     path = write_task(queue, a_task())
     original = path.read_bytes()
-    monkeypatch.setattr(task_files.secrets, "token_hex", lambda _n: "predictable")
+    monkeypatch.setattr(safe_io.secrets, "token_hex", lambda _n: "predictable")
     temp = path.with_name(f".{path.name}.predictable.tmp")
     temp.symlink_to(outside / "precious.txt")
 
@@ -417,7 +419,7 @@ def test_hostile_task_file(queue: Path, content: str | bytes, problem: str) -> N
     # scan that reads every file (the good one is renamed so its id prefix cannot find it).
     good = a_task()
     renamed = write_task(queue, good).rename(queue / "zz-renamed-by-hand.yml")
-    assert task_files.find_task(queue, good["id"]) == renamed
+    assert lookup.find_task(queue, good["id"]) == renamed
     assert not Path("/tmp/pwned").exists()
 
 
@@ -533,7 +535,7 @@ def test_fifo_is_refused_never_waited_on(queue: Path, tmp_path: Path) -> None:
 
     ensure_private_dir(queue)
     task = a_task()
-    fifo = queue / task_files.task_filename(task["id"], task_files.utc_now())
+    fifo = queue / documents.task_filename(task["id"], documents.utc_now())
     os.mkfifo(fifo)
     triage = tmp_path / "triage-output.yml"
     os.mkfifo(triage)
@@ -541,14 +543,14 @@ def test_fifo_is_refused_never_waited_on(queue: Path, tmp_path: Path) -> None:
         refused = within(5, read_task, fifo)
         assert isinstance(refused, UnsafeTaskPathError)
         assert "FIFO" in str(refused)
-        missing = within(5, task_files.find_task, queue, task["id"])
-        assert isinstance(missing, task_files.TaskNotFoundError)
+        missing = within(5, lookup.find_task, queue, task["id"])
+        assert isinstance(missing, TaskNotFoundError)
         assert "a FIFO" in str(missing)
         assert fifo.name in str(missing)
         bad = within(5, read_triage, triage)
         assert isinstance(bad, TriageInvalidError)
         assert "FIFO" in str(bad)
-        refused = within(5, task_files.read_agent_file, triage, 100)
+        refused = within(5, safe_io.read_agent_file, triage, 100)
         assert isinstance(refused, UnsafeTaskPathError)
     finally:
         unblock_fifo(fifo)
@@ -584,7 +586,7 @@ def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
                 parsed += 1
             except UnsafeTaskPathError as err:
                 refusals.append(str(err))
-            except task_files.TaskNotFoundError:
+            except TaskNotFoundError:
                 pass  # between two renames
         assert all("FIFO" in refusal for refusal in refusals), set(refusals)
         return parsed, len(refusals)
@@ -635,8 +637,8 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
     FIFO and waits in the kernel for a writer. Its stage fails with a clear, retryable
     error after the file I/O bound, and a clean pipeline on the same worker finishes
     meanwhile."""
-    import file_io
     from activities import build_pipeline_activities
+    from taskfiles import io_pool
 
     real_read_triage = build_pipeline_activities.read_triage
 
@@ -646,7 +648,7 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
                 handle.read()
         return real_read_triage(path, **kwargs)
 
-    monkeypatch.setattr(file_io, "FILE_IO_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(io_pool, "FILE_IO_TIMEOUT_SECONDS", 1.0)
     monkeypatch.setattr(build_pipeline_activities, "read_triage", read_triage_waiting_on_fifos)
     stuck, audit, fifo = await at_audit_with_fifo_triage(pipeline, "stuck-read")
     try:
@@ -683,31 +685,31 @@ async def test_stuck_calls_hold_no_slot_and_are_bounded() -> None:
     MAX_STUCK_THREADS stuck calls, new ones fail at once instead of piling up."""
     import threading
 
-    import file_io
     from exceptions import FileIoStalledError
+    from taskfiles import io_pool
 
     release = threading.Event()
     try:
-        for _ in range(file_io.MAX_FILE_IO_THREADS + 2):
+        for _ in range(io_pool.MAX_FILE_IO_THREADS + 2):
             with pytest.raises(FileIoStalledError, match="did not finish within"):
-                await file_io.run_file_io(release.wait, timeout=0.05)
-        assert file_io.stuck_threads() >= file_io.MAX_FILE_IO_THREADS + 2
-        assert await file_io.run_file_io(sum, [1, 2, 3], timeout=5) == 6
-        while file_io.stuck_threads() < file_io.MAX_STUCK_THREADS:
+                await io_pool.run_file_io(release.wait, timeout=0.05)
+        assert io_pool.stuck_threads() >= io_pool.MAX_FILE_IO_THREADS + 2
+        assert await io_pool.run_file_io(sum, [1, 2, 3], timeout=5) == 6
+        while io_pool.stuck_threads() < io_pool.MAX_STUCK_THREADS:
             with pytest.raises(FileIoStalledError):
-                await file_io.run_file_io(release.wait, timeout=0.01)
+                await io_pool.run_file_io(release.wait, timeout=0.01)
         with pytest.raises(FileIoStalledError, match="still stuck"):
-            await file_io.run_file_io(sum, [1], timeout=5)
+            await io_pool.run_file_io(sum, [1], timeout=5)
     finally:
         release.set()
     await poll_async(_no_stuck_threads, 10, "stuck threads to leave once released")
-    assert await file_io.run_file_io(sum, [1], timeout=5) == 1
+    assert await io_pool.run_file_io(sum, [1], timeout=5) == 1
 
 
 async def _no_stuck_threads() -> bool:
-    import file_io
+    from taskfiles import io_pool
 
-    return file_io.stuck_threads() == 0
+    return io_pool.stuck_threads() == 0
 
 
 def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
@@ -717,20 +719,20 @@ def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
     task = a_task()
     real = write_task(queue, task)
     shadow = queue / f"00000000-000000-{task['id'][:8]}.yml"
-    shadow.write_bytes(task_files.dump_task({**task, "status": "approved"}))
-    for lookup in ({}, {"full_scan": False}, {"search_archives": False}):
+    shadow.write_bytes(documents.dump_task({**task, "status": "approved"}))
+    for options in ({}, {"full_scan": False}, {"search_archives": False}):
         with pytest.raises(AmbiguousTaskError) as caught:
-            task_files.find_task(queue, task["id"], **lookup)
+            lookup.find_task(queue, task["id"], **options)
         assert str(real) in str(caught.value)
         assert str(shadow) in str(caught.value)
     # A copy under another name in archive/ is found by the full scan: ambiguous too.
     shadow.unlink()
     (queue / ARCHIVE_DIR).mkdir()
     (queue / ARCHIVE_DIR / "copied-by-hand.yml").write_bytes(real.read_bytes())
-    task_files.find_task(queue, task["id"])  # the prefix-named file alone decides
+    lookup.find_task(queue, task["id"])  # the prefix-named file alone decides
     real.rename(queue / "renamed.yml")
     with pytest.raises(AmbiguousTaskError, match="2 files carry this id"):
-        task_files.find_task(queue, task["id"])
+        lookup.find_task(queue, task["id"])
 
 
 @pytest.fixture
@@ -795,7 +797,7 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     task_id = write_origin_task(pipeline.queue_dir)
     [real] = pipeline.queue_dir.glob(f"*-{task_id[:8]}.yml")
     shadow = pipeline.queue_dir / f"00000000-000000-{task_id[:8]}.yml"
-    shadow.write_bytes(task_files.dump_task({**load_yaml(real), "status": "approved"}))
+    shadow.write_bytes(documents.dump_task({**load_yaml(real), "status": "approved"}))
     before = {path: path.read_bytes() for path in (real, shadow)}
 
     handle = await park(pipeline, "shadowed", ["hardcoded credential"], task_id)
@@ -832,13 +834,13 @@ def test_linked_task_folders_are_skipped_and_reported(queue: Path, outside: Path
     real = write_task(queue, task)
     (queue / subdir).symlink_to(outside, target_is_directory=True)
 
-    assert task_files.find_task(queue, task["id"]) == real  # the queue still works
+    assert lookup.find_task(queue, task["id"]) == real  # the queue still works
     other = a_task()
-    with pytest.raises(task_files.TaskNotFoundError) as caught:
-        task_files.find_task(queue, other["id"])
+    with pytest.raises(TaskNotFoundError) as caught:
+        lookup.find_task(queue, other["id"])
     assert f"{queue / subdir}: is a symlink; not searched" in str(caught.value)
     for attempt in (lambda: ensure_private_dir(queue / subdir, base=queue),
-                    lambda: task_files.write_private_atomic(queue / subdir / "x.yml", b"x: 1\n",
+                    lambda: safe_io.write_private_atomic(queue / subdir / "x.yml", b"x: 1\n",
                                                             base=queue),
                     lambda: update_task(queue / subdir / bait.name, lambda _t: None,
                                         base=queue)):
@@ -858,9 +860,9 @@ def test_folder_swapped_for_a_link_after_lookup_redirects_nothing(
     task = a_task()
     folder = queue / subdir
     ensure_private_dir(folder)
-    path = task_files.write_private_atomic(folder / "task.yml", task_files.dump_task(task),
+    path = safe_io.write_private_atomic(folder / "task.yml", documents.dump_task(task),
                                            base=queue)
-    assert task_files.find_task(queue, task["id"]) == path
+    assert lookup.find_task(queue, task["id"]) == path
     (outside / "task.yml").write_bytes(path.read_bytes())
     folder.rename(queue / "moved-away")
     folder.symlink_to(outside, target_is_directory=True)
@@ -877,20 +879,20 @@ def test_files_planted_under_one_prefix_are_refused_unread(
     """Hundreds of 1 MiB files named for one id prefix made every lookup of that prefix
     read them all; past the cap none is read."""
     ensure_private_dir(queue)
-    for number in range(task_files.MAX_PREFIX_CANDIDATES + 1):
+    for number in range(lookup.MAX_PREFIX_CANDIDATES + 1):
         (queue / f"a{number:05d}-deadbee0.yml").write_text(f"id: deadbee0-{number}\n")
     reads: list[str] = []
-    real_read = task_files._Lookup.read
-    monkeypatch.setattr(task_files._Lookup, "read", lambda self, folder, fd, name, needle=b"":
+    real_read = lookup._Lookup.read
+    monkeypatch.setattr(lookup._Lookup, "read", lambda self, folder, fd, name, needle=b"":
                         reads.append(name) or real_read(self, folder, fd, name, needle))
-    with pytest.raises(task_files.AmbiguousTaskError) as caught:
-        task_files.find_task(queue, "deadbee0-1")
-    assert f"{task_files.MAX_PREFIX_CANDIDATES + 1} files are named for its prefix" in str(
+    with pytest.raises(AmbiguousTaskError) as caught:
+        lookup.find_task(queue, "deadbee0-1")
+    assert f"{lookup.MAX_PREFIX_CANDIDATES + 1} files are named for its prefix" in str(
         caught.value)
     assert reads == []
     (queue / "a00000-deadbee0.yml").unlink()  # at the cap, the files are read again
-    assert task_files.find_task(queue, "deadbee0-1") == queue / "a00001-deadbee0.yml"
-    assert len(reads) == task_files.MAX_PREFIX_CANDIDATES
+    assert lookup.find_task(queue, "deadbee0-1") == queue / "a00001-deadbee0.yml"
+    assert len(reads) == lookup.MAX_PREFIX_CANDIDATES
 
 
 def test_closing_an_open_task_writes_nothing_through_a_swapped_folder(
@@ -905,7 +907,7 @@ def test_closing_an_open_task_writes_nothing_through_a_swapped_folder(
     outside.chmod(0o755)
     task = a_task()
     ensure_private_dir(queue)
-    (outside / "config.yml").write_bytes(task_files.dump_task(task))
+    (outside / "config.yml").write_bytes(documents.dump_task(task))
     (queue / ARCHIVE_DIR).symlink_to(outside, target_is_directory=True)
     monkeypatch.setattr(build_pipeline_activities, "find_task",
                         lambda _queue, _task_id: queue / ARCHIVE_DIR / "config.yml")
@@ -927,7 +929,7 @@ def test_linked_audit_folders_redirect_no_write(tmp_path: Path, outside: Path) -
     (audit / AUDIT_REQUESTS_DIR).symlink_to(outside, target_is_directory=True)
     target = audit / AUDIT_REQUESTS_DIR / "build" / "request.md"
     with pytest.raises(UnsafeTaskPathError, match="audit-requests: is a symlink"):
-        task_files.write_private_atomic(target, b"# request\n", base=audit)
+        safe_io.write_private_atomic(target, b"# request\n", base=audit)
     from activities.triage import read_triage
     from exceptions import TriageInvalidError
 
@@ -1032,7 +1034,7 @@ async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> Non
     import subprocess
     import sys
 
-    from tests.standin import REPO
+    from standins.agents import REPO
 
     handle = await start(pipeline, "bad-bytes")
     task = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)

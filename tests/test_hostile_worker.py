@@ -25,9 +25,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPhaseResult, BuildPipelineInput, BuildPipelineResult
-from task_files import task_filename, utc_now
-from tests.conftest import make_env
-from tests.standin import (
+from standins.agents import (
     load_yaml,
     play_stage,
     poll,
@@ -35,6 +33,8 @@ from tests.standin import (
     wait_until_parked,
     write_origin_task,
 )
+from taskfiles.documents import task_filename, utc_now
+from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,

@@ -24,9 +24,10 @@ from activities.build_pipeline_activities import PipelineActivities
 from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
-from task_files import add_history, find_task, read_task, update_task
+from standins.agents import load_yaml, write_origin_task
+from taskfiles.documents import add_history, read_task
+from taskfiles.lookup import find_task, update_task
 from tests.agents import assert_valid_task_file
-from tests.standin import load_yaml, write_origin_task
 from vocabulary import (
     APPLY_FLAG_FIXES,
     AUDIT_REQUESTS_DIR,

@@ -24,20 +24,20 @@ import httpx
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
-from activities.notify import PIPELINE_CONTENT_KEY
+from activities.matrix import PIPELINE_CONTENT_KEY
 from config import WorkerConfig, load_config
-from matrix_decisions import (
+from decisions.chat_listener import (
     NOTE_MAX_CHARS,
     REFUSAL_TEXT,
     listen_for_decisions,
     parse_decision,
 )
 from models import BuildPipelineResult, PipelineStatus, StageEvent
-from tests import synapse
+from standins.agents import complete_task, load_yaml, poll, wait_for_status, wait_for_task
 from tests.conftest import PipelineEnv
-from tests.standin import complete_task, load_yaml, poll, wait_for_status, wait_for_task
 from tests.test_notify import park_pipeline, worker_with
 from tests.worker_process import WorkerProcess
+from tools import synapse
 from vocabulary import CLOSE_BUILD, TASK_BUILD_CLOSEOUT
 
 BLOCKS = ["Deploy key committed to the chart"]

@@ -21,13 +21,10 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 
 import policies
-from activities import notify
+from activities import matrix, notify
 from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import add_history, find_task, update_task
-from tests import synapse
-from tests.conftest import PipelineEnv, make_env, serving
-from tests.standin import (
+from standins.agents import (
     complete_task,
     load_yaml,
     play_stage,
@@ -38,7 +35,11 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from taskfiles.documents import add_history
+from taskfiles.lookup import find_task, update_task
+from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_operator_controls import current_details
+from tools import synapse
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
@@ -157,7 +158,7 @@ async def test_room_id_alias_and_short_name_resolve(homeserver: synapse.Homeserv
     for form in (room_id, f"#forms:{homeserver.server_name}", "forms"):
         config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": form,
                               "MATRIX_ACCESS_TOKEN": matrix_token})
-        await notify.send_matrix(config, f"sent to {form}", txn_seed=f"forms/{form}")
+        await matrix.send_matrix(config, f"sent to {form}", txn_seed=f"forms/{form}")
     bodies = [c["body"] for c in notices(homeserver, matrix_token, room_id)]
     assert bodies == [f"sent to {room_id}", f"sent to #forms:{homeserver.server_name}",
                       "sent to forms"]
@@ -170,7 +171,7 @@ async def test_same_transaction_is_sent_once(homeserver: synapse.Homeserver,
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": room_id,
                           "MATRIX_ACCESS_TOKEN": matrix_token})
     for _ in range(2):
-        await notify.send_matrix(config, "only once", txn_seed="wf-1/blocks")
+        await matrix.send_matrix(config, "only once", txn_seed="wf-1/blocks")
     assert [c["body"] for c in notices(homeserver, matrix_token, room_id)] == ["only once"]
 
 
@@ -179,15 +180,15 @@ async def test_bad_token_and_unknown_room_fail_without_retry(
     bad = "syt_not_a_real_token_" + uuid.uuid4().hex
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "builds",
                           "MATRIX_ACCESS_TOKEN": bad})
-    with pytest.raises(notify.NotifyFailed) as failed:
-        await notify.send_matrix(config, "x", txn_seed="bad-token")
+    with pytest.raises(matrix.NotifyFailed) as failed:
+        await matrix.send_matrix(config, "x", txn_seed="bad-token")
     assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value)
     assert not failed.value.retryable
     assert bad not in str(failed.value)
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "no-such-room",
                           "MATRIX_ACCESS_TOKEN": matrix_token})
-    with pytest.raises(notify.NotifyFailed) as failed:
-        await notify.send_matrix(config, "x", txn_seed="no-room")
+    with pytest.raises(matrix.NotifyFailed) as failed:
+        await matrix.send_matrix(config, "x", txn_seed="no-room")
     assert "#no-such-room:localhost" in str(failed.value)
     assert "M_NOT_FOUND" in str(failed.value)
     assert not failed.value.retryable

@@ -30,10 +30,11 @@ from temporalio.client import Client
 from config import load_config
 from models import BuildPipelineResult
 from observability import CORE_LOGGER, REDACTED, configure_logging, setup_telemetry
-from task_files import add_history, update_task
+from standins.agents import REPO, play_stage, poll
+from taskfiles.documents import add_history
+from taskfiles.lookup import update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, make_env, serving
-from tests.standin import REPO, play_stage, poll
 from tests.test_notify import BLOCKS, park_pipeline
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port

@@ -25,9 +25,7 @@ from models import (
     PlanStatus,
     StageEvent,
 )
-from task_files import find_task
-from tests.conftest import PipelineEnv
-from tests.standin import (
+from standins.agents import (
     complete_task,
     load_yaml,
     play_stage,
@@ -38,6 +36,8 @@ from tests.standin import (
     wait_until_parked,
     write_origin_task,
 )
+from taskfiles.lookup import find_task
+from tests.conftest import PipelineEnv
 from vocabulary import (
     APPLY_FLAG_FIXES,
     BUILD_PIPELINE_WORKFLOW,

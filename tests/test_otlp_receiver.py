@@ -27,8 +27,8 @@ import pytest
 from temporalio.client import Client
 
 from models import BuildPipelineInput, BuildPipelineResult
+from standins.agents import StandIn, load_yaml, poll_async, task_files, write_origin_task
 from tests.conftest import make_env
-from tests.standin import StandIn, load_yaml, poll_async, task_files, write_origin_task
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (

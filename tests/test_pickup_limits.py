@@ -16,14 +16,11 @@ import httpx
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from closed_tasks import closed_task, may_claim
 from config import load_config
+from decisions.closed_tasks import closed_task, may_claim
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from observability import setup_telemetry
-from task_files import add_history, update_task
-from temporal_client import connect
-from tests.conftest import make_env, serving
-from tests.standin import (
+from standins.agents import (
     complete_with_token,
     load_yaml,
     poll,
@@ -32,6 +29,10 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from taskfiles.documents import add_history
+from taskfiles.lookup import update_task
+from temporal_client import connect
+from tests.conftest import make_env, serving
 from tests.test_observability import samples, value
 from tests.test_platform_dialect import Board, board, status_of  # noqa: F401 (fixture)
 from tools.devserver import free_port

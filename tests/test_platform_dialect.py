@@ -19,12 +19,12 @@ import yaml
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from task_files import read_task
+from standins.agents import poll, poll_async, run_cli
+from standins.platform_play import CLOSEOUT_DOCUMENT, PlatformAgents
+from standins.task_tools import Dispatcher, TaskTools, validate_task
+from taskfiles.documents import read_task
 from tests.agents import assert_schema_valid
 from tests.conftest import make_env
-from tests.platform_play import CLOSEOUT_DOCUMENT, PlatformAgents
-from tests.platform_tools import Dispatcher, TaskTools, validate_task
-from tests.standin import poll, poll_async, run_cli
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     APPLY_FLAG_FIXES,

@@ -26,12 +26,12 @@ from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.testing import ActivityEnvironment
 
-import agent_bus
 from activities import platform_events
 from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult, SummaryInput
+from standins.agents import REPO, StandIn, poll, tasks_for, write_origin_task
+from telemetry import event_log
 from tests.conftest import make_env
-from tests.standin import REPO, StandIn, poll, tasks_for, write_origin_task
 from tests.test_observability import samples, value
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
@@ -103,16 +103,16 @@ def other_writer(log: Path, rng: random.Random) -> Iterator[subprocess.Popen[str
 
 
 def event_record(number: int) -> dict[str, Any]:
-    return agent_bus.new_record("build.started", WORKER_SOURCE, f"ours {number}",
+    return event_log.new_record("build.started", WORKER_SOURCE, f"ours {number}",
                                 metadata={"n": number})
 
 
 # ---- the append protocol -------------------------------------------------------------------
 
 def test_a_fresh_log_starts_unchained_and_chains_on(tmp_path: Path) -> None:
-    first = agent_bus.append(tmp_path, [event_record(1)])
+    first = event_log.append(tmp_path, [event_record(1)])
     assert first == tmp_path / "logs" / f"{datetime.now(UTC):%Y-%m-%d}-cross-agent.jsonl"
-    agent_bus.append(tmp_path, [event_record(2), event_record(3)])
+    event_log.append(tmp_path, [event_record(2), event_record(3)])
     records = verify_chain(first)
     assert [r["summary"] for r in records] == ["ours 1", "ours 2", "ours 3"]
     for record in records:
@@ -121,11 +121,11 @@ def test_a_fresh_log_starts_unchained_and_chains_on(tmp_path: Path) -> None:
 
 async def test_a_second_writer_process_keeps_the_chain(tmp_path: Path,
                                                        rng: random.Random) -> None:
-    log = agent_bus.log_path(tmp_path)
+    log = event_log.log_path(tmp_path)
     with other_writer(log, rng):
         await poll(lambda: log.exists() and log.stat().st_size > 0, what="the other writer")
         for number in range(1, 101):
-            agent_bus.append(tmp_path, [event_record(number)])
+            event_log.append(tmp_path, [event_record(number)])
     records = verify_chain(log)
     sources = [r["source"] for r in records]
     ours = [at for at, source in enumerate(sources) if source == WORKER_SOURCE]
@@ -160,8 +160,8 @@ def unwritable(comms: Path) -> None:
 
 
 def fifo(comms: Path) -> None:
-    agent_bus.log_path(comms).parent.mkdir(parents=True)
-    os.mkfifo(agent_bus.log_path(comms))
+    event_log.log_path(comms).parent.mkdir(parents=True)
+    os.mkfifo(event_log.log_path(comms))
 
 
 def linked_folder(comms: Path) -> None:
@@ -176,7 +176,7 @@ MAKE_FAULT = {"unwritable": unwritable, "fifo": fifo, "linked_folder": linked_fo
 @contextlib.contextmanager
 def lock_held(comms: Path) -> Iterator[None]:
     """Another writer holds the log's lock for as long as the test runs."""
-    path = agent_bus.log_path(comms)
+    path = event_log.log_path(comms)
     path.parent.mkdir(parents=True)
     with open(path, "ab") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
@@ -198,7 +198,7 @@ async def test_a_log_that_cannot_be_written_is_a_warning_and_a_count(
     comms = tmp_path / "comms"
     comms.mkdir()
     config = load_config({"AGENT_BUS_COMMS_DIR": str(comms)})
-    monkeypatch.setattr(agent_bus, "LOCK_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(event_log, "LOCK_WAIT_SECONDS", 0.3)
     env = ActivityEnvironment()
     env.metric_meter = meter.runtime.metric_meter
     before = meter.failures()
@@ -213,7 +213,7 @@ async def test_a_log_that_cannot_be_written_is_a_warning_and_a_count(
     assert [r.levelname for r in warnings] == ["WARNING"]
     assert meter.failures() == before + 1
     if fault == "lock_held":
-        assert agent_bus.log_path(comms).read_bytes() == b""
+        assert event_log.log_path(comms).read_bytes() == b""
     if fault == "linked_folder":
         assert list((comms / "elsewhere").iterdir()) == []
 
@@ -232,7 +232,7 @@ async def test_a_pipeline_with_a_flag_and_a_block_tells_the_platform(
         temporal_address: str, client: Client, tmp_path: Path, rng: random.Random) -> None:
     comms = tmp_path / "comms"
     env = make_env(tmp_path, temporal_address, AGENT_BUS_COMMS_DIR=str(comms))
-    log = agent_bus.log_path(comms)
+    log = event_log.log_path(comms)
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         await asyncio.to_thread(worker.wait_ready, 60)

@@ -1,4 +1,4 @@
-"""The platform tools stand-in (tests/platform_tools.py) against PROTOCOL.md's facts: each
+"""The platform tools stand-in (standins/task_tools.py) against PROTOCOL.md's facts: each
 transition row and refusal text, the rewrite style (anchors, modes), list order / TTL /
 limit, and one dispatcher tick's rows. Expected texts are written out here from PROTOCOL,
 not taken from the module. No Temporal, no network: files in tmp_path only."""
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.platform_tools import (
+from standins.task_tools import (
     Dispatcher,
     RosterError,
     TaskTools,

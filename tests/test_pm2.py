@@ -21,8 +21,8 @@ import pytest
 from temporalio.client import Client
 
 from models import BuildPipelineInput, BuildPipelineResult
+from standins.agents import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from tests.conftest import make_env
-from tests.standin import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from tests.worker_process import READY_LINE, REPO
 from vocabulary import (
     AUDIT_REQUESTS_DIR,

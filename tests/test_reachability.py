@@ -1,4 +1,4 @@
-"""A Temporal server or Vault that is late or away (reachability.py), with real processes:
+"""A Temporal server or Vault that is late or away (startup/reachability.py), with real processes:
 
 - the backoff and its deadline, and what exits at once instead of waiting (fast);
 - worker.py under the project's pm2 and ecosystem.config.js, started with no server: it
@@ -41,7 +41,18 @@ from exceptions import (
     VaultUnavailableError,
 )
 from models import BuildPipelineInput, BuildPipelineResult
-from reachability import connect_when_reachable, retry_delays
+from standins.agents import (
+    StandIn,
+    load_yaml,
+    play_stage,
+    poll,
+    poll_async,
+    run_cli,
+    wait_for_task,
+    write_origin_task,
+)
+from standins.task_tools import TaskTools
+from startup.reachability import connect_when_reachable, retry_delays
 from temporal_client import connect
 from tests import temporal_server
 from tests.conftest import make_env
@@ -54,17 +65,6 @@ from tests.mtls import (
     vault_env,
     worker_secret,
     write_secret_id_file,
-)
-from tests.platform_tools import TaskTools
-from tests.standin import (
-    StandIn,
-    load_yaml,
-    play_stage,
-    poll,
-    poll_async,
-    run_cli,
-    wait_for_task,
-    write_origin_task,
 )
 from tests.test_faults import DurableServer
 from tests.test_pm2 import ECOSYSTEM, Pm2, private_pm2, status

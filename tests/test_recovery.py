@@ -1,4 +1,4 @@
-"""recovery.py's judgements: which dead worker, which task, which attempt. The sweep
+"""startup/recovery.py's judgements: which dead worker, which task, which attempt. The sweep
 itself runs against a real server and a killed worker.py in tests/test_faults.py."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from temporalio import activity
 
 from config import load_config
 from policies import DISPATCH_ATTEMPTS, SUMMARY_ATTEMPTS
-from recovery import crash_limit_reached, dispatched, process_gone, task_id_of
-from task_files import new_task, write_task
+from startup.recovery import crash_limit_reached, dispatched, process_gone, task_id_of
+from taskfiles.documents import new_task
+from taskfiles.lookup import write_task
 from vocabulary import (
     AGENT_ACTIVITIES,
     IMPLEMENT_BUILD,

@@ -27,9 +27,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from config import load_config
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
-from tests.conftest import make_env, serving
-from tests.platform_tools import TaskTools
-from tests.standin import (
+from standins.agents import (
     complete_task,
     load_yaml,
     play_stage,
@@ -40,6 +38,8 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from standins.task_tools import TaskTools
+from tests.conftest import make_env, serving
 from tests.test_operator_controls import current_details
 from tests.worker_process import REPO, WorkerProcess
 from vocabulary import (

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from config import WorkerConfig, load_config
+from standins.agents import REPO, poll, run_cli, wait_for_task
 from temporal_client import connect
 from tests.agents import assert_valid_task_file
 from tests.conftest import make_env
-from tests.standin import REPO, poll, run_cli, wait_for_task
 from tools import devserver
 from tools.run import DEV_SERVER_WARNING, is_local_host, wants_dev_server
 from vocabulary import BUILD_PIPELINE_WORKFLOW, TASK_BUILD_PLAN, TASK_BUILD_PREFAB

@@ -21,8 +21,8 @@ import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineResult, PipelineStatus
+from standins.agents import StandIn, poll
 from tests.conftest import make_env
-from tests.standin import StandIn, poll
 from tests.test_block_watcher import decision_events
 from tests.test_faults import BLOCKS, Pipelines, files_per_stage
 from tests.worker_process import WorkerProcess

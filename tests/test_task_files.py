@@ -15,20 +15,11 @@ import jsonschema
 import pytest
 
 from exceptions import TaskFileError, TaskNotFoundError, UnsafeTaskPathError
-from task_files import (
-    MAX_TASK_FILE_BYTES,
-    add_history,
-    find_task,
-    new_task,
-    read_task,
-    task_file_path,
-    task_filename,
-    update_task,
-    write_private_atomic,
-    write_task,
-)
+from standins.agents import load_yaml
+from taskfiles.documents import MAX_TASK_FILE_BYTES, add_history, new_task, read_task, task_filename
+from taskfiles.lookup import find_task, task_file_path, update_task, write_task
+from taskfiles.safe_io import write_private_atomic
 from tests.agents import SCHEMA_PATH, assert_valid_task_file
-from tests.standin import load_yaml
 from vocabulary import (
     ARCHIVE_DIR,
     BUILD_PHASE,

@@ -26,7 +26,19 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
 from models import BuildPlanInput, PhaseSpec, StageEvent, StageTiming
-from task_files import add_history, find_task, update_task
+from standins.agents import (
+    complete_task,
+    complete_with_token,
+    load_yaml,
+    play_stage,
+    poll,
+    tasks_for,
+    wait_for_task,
+    wait_until_parked,
+    write_origin_task,
+)
+from taskfiles.documents import add_history
+from taskfiles.lookup import find_task, update_task
 from tests.agents import SCHEMA_PATH
 from tests.conftest import PipelineEnv, make_env
 from tests.mtls import (
@@ -39,19 +51,7 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.standin import (
-    complete_task,
-    complete_with_token,
-    load_yaml,
-    play_stage,
-    poll,
-    tasks_for,
-    wait_for_task,
-    wait_until_parked,
-    write_origin_task,
-)
 from tests.worker_process import WorkerProcess
-from timings import time_report
 from tools import devserver
 from tools.common import proc_start_ticks
 from vocabulary import (
@@ -67,6 +67,7 @@ from vocabulary import (
     TASK_SECURITY_AUDIT,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
+from workflows.timings import time_report
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["ensure-server", "ensure-worker", "kill-worker", "kill-all-workers", "list-workers",

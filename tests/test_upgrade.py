@@ -39,9 +39,7 @@ import yaml
 from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
-from task_files import add_history, find_task, read_task, update_task
-from tests.agents import assert_valid_task_file
-from tests.standin import (
+from standins.agents import (
     complete_task,
     load_yaml,
     poll_async,
@@ -51,6 +49,9 @@ from tests.standin import (
     write_origin_task,
     write_triage,
 )
+from taskfiles.documents import add_history, read_task
+from taskfiles.lookup import find_task, update_task
+from tests.agents import assert_valid_task_file
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
 from tests.worker_process import WorkerProcess
 from vocabulary import (

@@ -28,15 +28,16 @@ from temporalio.worker import Worker
 
 from activities.build_pipeline_activities import PipelineActivities
 from config import load_config
-from task_files import add_history, find_task, read_task, update_task
-from tests.agents import assert_valid_task_file
-from tests.standin import (
+from standins.agents import (
     complete_task,
     poll,
     wait_for_build_task,
     write_origin_task,
     write_triage,
 )
+from taskfiles.documents import add_history, read_task
+from taskfiles.lookup import find_task, update_task
+from tests.agents import assert_valid_task_file
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
 from vocabulary import LEGACY_WAIT_HANDED_OVER
 

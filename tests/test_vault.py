@@ -25,6 +25,15 @@ from temporalio.service import TLSConfig
 from config import VAULT_VARS, load_config
 from exceptions import CredentialError, CredentialSettingError
 from models import BuildPipelineInput, BuildPipelineResult, BuildPlanResult
+from standins.agents import (
+    REPO,
+    complete_task,
+    load_yaml,
+    run_cli,
+    task_files,
+    wait_for_task,
+    write_origin_task,
+)
 from temporal_client import connect
 from tests.agents import assert_valid_task_file
 from tests.conftest import make_env
@@ -45,15 +54,6 @@ from tests.mtls import (
     vault_env,
     worker_secret,
     write_secret_id_file,
-)
-from tests.standin import (
-    REPO,
-    complete_task,
-    load_yaml,
-    run_cli,
-    task_files,
-    wait_for_task,
-    write_origin_task,
 )
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port

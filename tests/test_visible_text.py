@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visible_text import escaped, visible_line
+from taskfiles.visible_text import escaped, visible_line
 
 
 @pytest.mark.parametrize(("text", "shown"), [

@@ -16,8 +16,8 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineInput
+from standins.agents import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from tests.conftest import make_env
-from tests.standin import complete_task, play_stage, poll, wait_for_task, write_origin_task
 from tests.worker_process import REPO, WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,

@@ -1,9 +1,9 @@
 """tools/temporal-workflow-start.sh as the platform's dispatcher runs it (PROTOCOL.md §5.4):
 installed by a link at ~/scripts/ and called by the dispatcher's tick (the stand-in in
-tests/platform_tools.py: `<workflow_type> <workflow_id> <input_json>` built from a
+standins/task_tools.py: `<workflow_type> <workflow_id> <input_json>` built from a
 `workflow` task, 30 s limit, output into its log, `in-progress` or a routing failure) in
 the dispatcher's environment, not the worker's: the settings come from the worker's env
-file. A real dev server and a real worker process; the agents played by tests/standin.py."""
+file. A real dev server and a real worker process; the agents played by standins/agents.py."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import policies
 from config import ENV_FIELDS, load_config
+from dispatcher.start_request import parse_request, pipeline_input, plan_input
 from exceptions import StartRefusedError
 from models import BuildPipelineResult, BuildPlanResult, PipelineStatus
-from platform_input import parse_request, pipeline_input, plan_input
+from standins.agents import StandIn, play_stage
+from standins.platform_play import PlatformAgents
+from standins.task_tools import Dispatcher, TaskTools
 from tests.conftest import make_env
 from tests.mtls import (
     CLIENT_NAME,
@@ -44,9 +47,6 @@ from tests.mtls import (
     worker_secret,
     write_secret_id_file,
 )
-from tests.platform_play import PlatformAgents
-from tests.platform_tools import Dispatcher, TaskTools
-from tests.standin import StandIn, play_stage
 from tests.worker_process import WorkerProcess
 from tools.devserver import free_port
 from vocabulary import (
@@ -82,7 +82,7 @@ steward:
 NO_BLOCKS = "flags:\n  - Pin the base image to a digest\n"
 
 
-# ---- the dispatcher: ticks of tests/platform_tools.py's stand-in ------------------------
+# ---- the dispatcher: ticks of standins/task_tools.py's stand-in ------------------------
 
 @dataclass
 class Launch:

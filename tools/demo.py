@@ -1,5 +1,5 @@
 """`make demo`: one whole pipeline end to end on this machine (docs/operators.md, "The
-demo"): a private dev server and worker, the agent stand-in of tests/standin.py, one block
+demo"): a private dev server and worker, the agent stand-in of standins/agents.py, one block
 approved through the Update, the result checked. Exit codes: 0 passed · 1 a check failed or
 a step broke (one line on stderr) · 2 usage."""
 
@@ -50,9 +50,10 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
     import yaml
 
     from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
-    from task_files import find_task, read_task
+    from standins.agents import StandIn, is_parked, wait_for_status, write_origin_task
+    from taskfiles.documents import read_task
+    from taskfiles.lookup import find_task
     from temporal_client import connect
-    from tests.standin import StandIn, is_parked, wait_for_status, write_origin_task
     from tools.ops import decide
     from tools.start_build import start
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from taskfiles.visible_text import escaped
 from tools import start_build, time_report
 from tools.common import (
     EXIT_ATTENTION,
@@ -43,7 +44,6 @@ from tools.common import (
     wait_ready,
     worker_config,
 )
-from visible_text import escaped
 from vocabulary import (
     APPROVE_BLOCKS_UPDATE,
     BLOCKS_PENDING,
@@ -146,9 +146,9 @@ def pollers(queue: str) -> dict[str, list[str]]:
 
 def worker_status(path: Path | None) -> dict[str, Any] | None:
     """WORKER_STATUS_FILE as worker.py writes it ({state, pid, task_queue, since}), read as
-    any file others can write (task_files.read_agent_file); `alive` added from /proc."""
+    any file others can write (taskfiles.safe_io.read_agent_file); `alive` added from /proc."""
     from exceptions import TaskFileError
-    from task_files import read_agent_file
+    from taskfiles.safe_io import read_agent_file
 
     if path is None:
         return None

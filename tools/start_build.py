@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-import roster
+from dispatcher import roster
 from exceptions import ConfigError, StartRefusedError, TaskNotFoundError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
-from task_files import SOURCE_AGENT, find_task, new_platform_task, new_task, write_task
+from taskfiles.documents import SOURCE_AGENT, new_platform_task, new_task
+from taskfiles.lookup import find_task, write_task
 from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, ToolError, cli_json, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW as PIPELINE
 

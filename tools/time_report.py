@@ -38,7 +38,8 @@ def _when(value: Any) -> datetime | None:
 def read_summaries(folder: Path, since: datetime, limit: int) -> tuple[list[dict], int]:
     """(summaries ended since `since`, newest first; how many could not be read)."""
     from exceptions import TaskFileError
-    from task_files import load_agent_yaml, read_agent_file
+    from taskfiles.bounded_yaml import load_agent_yaml
+    from taskfiles.safe_io import read_agent_file
 
     def modified(path: Path) -> float:
         try:

@@ -3,7 +3,7 @@
     temporal-workflow-start.sh <workflow_type> <workflow_id> <input_json>
 
 exactly as the dispatcher calls it (PROTOCOL.md §5.4); the input is mapped by
-platform_input.py and validated, the agents checked against AGENT_ROSTER_FILE, and
+dispatcher/start_request.py and validated, the agents checked against AGENT_ROSTER_FILE, and
 only then is the workflow started, with the worker's connection (Vault mTLS included).
 
 Settings: this process's environment over the worker's env file (WORKER_ENV_FILE, else
@@ -29,17 +29,17 @@ from typing import Any
 from pydantic import BaseModel
 
 import policies
-import roster
 from config import FIELD_ENV, WorkerConfig, load_config, read_env_file
-from exceptions import ConfigError, CredentialError, CredentialSettingError, StartRefusedError
-from models import BuildPipelineInput
-from platform_input import (
+from dispatcher import roster
+from dispatcher.start_request import (
     find_filing_task,
     parse_request,
     pipeline_input,
     plan_input,
     summary_text,
 )
+from exceptions import ConfigError, CredentialError, CredentialSettingError, StartRefusedError
+from models import BuildPipelineInput
 from tools.common import (
     EXIT_ATTENTION,
     EXIT_CONNECT,

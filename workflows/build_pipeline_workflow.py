@@ -31,7 +31,6 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     CancelledError,
-    FailureError,
     TimeoutError,
 )
 
@@ -39,14 +38,12 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
-    import timings
     from models import (
         STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
         AuditRequest,
         AuditRound,
         BlockCheckInput,
-        BlockDecision,
         BlockResolution,
         BlockVerdict,
         BuildPhaseResult,
@@ -111,96 +108,30 @@ with workflow.unsafe.imports_passed_through():
         TRIAGE_INVALID,
         WAIT_FOR_BLOCK_RESOLUTION,
     )
-    from workflows import instructions, rounds
-
-# workflow.patched ids, one per change to the command sequence.
-PREPARE_PATCH = "prepare-pipeline"  # a local activity resolves agents before stage 1
-EVENT_DRIVEN_WAIT_PATCH = "event-driven-block-wait"  # stage 7 without a polling activity
-LOCAL_INLINE_PATCH = "local-inline-stages"  # stages 4 and 9 as local activities
-ADOPTED_PATCH_PREFIX = "adopted-at-"  # the first stage an earlier worker's run enters here
-# A summary that fails for good (not a full disk: that is retried until space returns)
-# no longer fails the run: it ends with its outcome, and no summary path.
-SUMMARY_FAILURE_PATCH = "summary-failure-keeps-outcome"
-# Re-audits after fixes (reaudit_rounds > 0): flags fixed, audited again, at most N times.
-REAUDIT_PATCH = "reaudit-rounds"
-# An operator's "changes requested": the blocks go back to the target agent, then a re-audit.
-CHANGES_REQUESTED_PATCH = "changes-requested"
-# When the worker routes (AGENT_TASK_QUEUES set, learned before stage 1), each agent
-# stage asks (a local activity, at its start) on which agent host's task queue it runs;
-# stage 4 follows stage 3's host, and tasks left open are closed on their host. Decided
-# once at the start, so a run keeps one shape.
-STAGE_ROUTING_PATCH = "stage-routing"
-# Agent stages watched by the workflow: a pickup limit (reminders), a work limit from the
-# claim (the stage fails), the activity's own limit as the overall one.
-PICKUP_LIMITS_PATCH = "agent-pickup-limits"
+    from workflows import instructions, rounds, timings
+    from workflows.failures import (
+        LOCAL_ACTIVITY_FAILURES,
+        StageFailed,
+        coerce_decision,
+        decider_label,
+        describe_activity_failure,
+        span,
+        validation_message,
+    )
+    from workflows.patches import (
+        ADOPTED_PATCH_PREFIX,
+        CHANGES_REQUESTED_PATCH,
+        EVENT_DRIVEN_WAIT_PATCH,
+        LOCAL_INLINE_PATCH,
+        PICKUP_LIMITS_PATCH,
+        PREPARE_PATCH,
+        REAUDIT_PATCH,
+        STAGE_ROUTING_PATCH,
+        SUMMARY_FAILURE_PATCH,
+    )
 
 # Worker settings that pick the agents of stages 1 and 3 when the input names none.
 AGENT_SETTINGS = {"prefab_agent": "PREFAB_AGENT", "security_agent": "SECURITY_AGENT"}
-
-
-class _StageFailed(Exception):
-    """A stage ended the pipeline; carries the failure type for the workflow's error."""
-
-    def __init__(self, stage: str, message: str, failure_type: str) -> None:
-        super().__init__(message)
-        self.stage = stage
-        self.failure_type = failure_type
-
-
-# How a local activity's failure reaches the workflow: as itself, not inside an
-# ActivityError as an ordinary activity's does.
-LOCAL_ACTIVITY_FAILURES = (ApplicationError, TimeoutError, CancelledError)
-
-
-def describe_activity_failure(err: ActivityError | FailureError) -> tuple[str, str]:
-    """(message, failure type) of a failed activity, for humans and for matching."""
-    cause = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(cause, ApplicationError):
-        return cause.message, cause.type or "ApplicationError"
-    if isinstance(cause, TimeoutError):
-        return f"timed out ({cause.type.name if cause.type else 'timeout'})", "TimeoutError"
-    if isinstance(cause, CancelledError):
-        return "cancelled", "CancelledError"
-    return str(cause or err), type(cause or err).__name__
-
-
-def span(delta: timedelta) -> str:
-    """A limit for humans: 1.5s, 30m, 4h, 1d 2h."""
-    seconds = delta.total_seconds()
-    if seconds < 60:
-        return f"{seconds:g}s"
-    if seconds < 3600:
-        return f"{seconds / 60:g}m"
-    if seconds < 86400:
-        return f"{seconds / 3600:g}h"
-    days, rest = divmod(seconds, 86400)
-    return f"{days:g}d" + (f" {rest / 3600:g}h" if rest else "")
-
-
-def validation_message(err: ValidationError) -> str:
-    parts = []
-    for problem in err.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "input"
-        parts.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-def coerce_decision(raw: Any) -> BlockDecision:
-    """approve_blocks/reject_blocks accept a note string, a BlockDecision, or nothing."""
-    if raw is None:
-        return BlockDecision()
-    if isinstance(raw, BlockDecision):
-        return raw
-    if isinstance(raw, str):
-        return BlockDecision(note=raw)
-    return BlockDecision.model_validate(raw)
-
-
-def decider_label(choice: BlockDecision) -> str:
-    """Who decided, as recorded: a file decision is the file's, whatever it claims."""
-    if choice.source == "task_file":
-        return "task file"
-    return choice.decided_by
 
 
 @workflow.defn(name=BUILD_PIPELINE_WORKFLOW)
@@ -280,10 +211,10 @@ class BuildPipelineWorkflow:
         if not self._adopted:
             await self._prepare(pipeline)
         self._reaudit_limit = self._reaudit_setting(pipeline)
-        failure: _StageFailed | None = None
+        failure: StageFailed | None = None
         try:
             self._outcome = await self._run_stages(pipeline)
-        except _StageFailed as err:
+        except StageFailed as err:
             failure = err
             self._outcome, self._failed_stage, self._error = "failed", err.stage, str(err)
         except asyncio.CancelledError:
@@ -784,10 +715,10 @@ class BuildPipelineWorkflow:
         self._expired_tasks[timing.task_id] = f"{stage}: work limit passed"
         self._timing_ended(waiting, "work_limit_passed")
         self._event(stage, "failed", reason)
-        raise _StageFailed(stage, reason, PHASE_FAILED)
+        raise StageFailed(stage, reason, PHASE_FAILED)
 
     def _overall_limit_passed(self, stage: str, waiting: AgentTaskRequest,
-                              limits: policies.AgentLimits) -> _StageFailed:
+                              limits: policies.AgentLimits) -> StageFailed:
         timing = self._stage_times[waiting.task_id]
         if timing.picked_up_at is None:
             reason = (f"nobody claimed task {timing.task_id} ({timing.agent}) within the "
@@ -798,7 +729,7 @@ class BuildPipelineWorkflow:
         self._expired_tasks[timing.task_id] = f"{stage} timed out"
         self._timing_ended(waiting, "timed_out")
         self._event(stage, "failed", reason)
-        return _StageFailed(stage, reason, PHASE_FAILED)
+        return StageFailed(stage, reason, PHASE_FAILED)
 
     def _note_claim(self, notice: TaskNotice, waiting: WaitingOn) -> None:
         """The folder watch saw the task `in-progress`: the work limit counts from now."""
@@ -884,7 +815,7 @@ class BuildPipelineWorkflow:
                     self._open_tasks.pop(waiting.task_id, None)
             self._event(stage, "failed", message)
             kind = TRIAGE_INVALID if failure_type == TRIAGE_INVALID else PHASE_FAILED
-            raise _StageFailed(stage, message, kind) from None
+            raise StageFailed(stage, message, kind) from None
         finally:
             self._waiting = None
             self._timing_ended(waiting, "cancelled")

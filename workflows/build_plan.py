@@ -32,11 +32,8 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from workflows import instructions
-    from workflows.build_pipeline_workflow import describe_activity_failure, validation_message
-
-
-# workflow.patched id: a plan filed as a task closes that task when it ends.
-CLOSE_FILING_TASK_PATCH = "plan-closes-filing-task"
+    from workflows.failures import describe_activity_failure, validation_message
+    from workflows.patches import CLOSE_FILING_TASK_PATCH
 
 
 @workflow.defn(name=BUILD_PLAN_WORKFLOW)

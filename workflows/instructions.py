@@ -9,7 +9,7 @@ close nor reopen the delimiter (nor open any other tag).
 from __future__ import annotations
 
 from models import Finding
-from visible_text import visible_line
+from taskfiles.visible_text import visible_line
 
 FINDING_MAX_CHARS = 500
 OPEN_TAG = "<security-findings>"

@@ -1,5 +1,5 @@
 """At worker start: hand back work a SIGKILLed worker on this host left half done, and
-adopt runs an earlier worker started (adoption.py).
+adopt runs an earlier worker started (startup/adoption.py).
 
 Temporal only notices a dead worker through an activity's timeouts. For an agent stage
 that is hours: if the worker died after the server handed it the activity but before
@@ -41,11 +41,12 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 import policies
-from adoption import adopt
-from closed_tasks import activity_queue
 from config import WorkerConfig
+from decisions.closed_tasks import activity_queue
 from exceptions import TaskFileError, TaskNotFoundError
-from task_files import find_task, read_task
+from startup.adoption import adopt
+from taskfiles.documents import read_task
+from taskfiles.lookup import find_task
 from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, SUMMARIZE_WORKFLOW, WORKER_LOST
 
 log = logging.getLogger(__name__)

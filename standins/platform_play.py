@@ -1,5 +1,5 @@
 """Agents and operators of the platform, played through the task tools stand-in only
-(tests/platform_tools.py): the dispatcher routes our tasks, agents list the approved ones,
+(standins/task_tools.py): the dispatcher routes our tasks, agents list the approved ones,
 claim them and close them with `update_task`, operators approve or cancel. No CLI, no
 Temporal credentials, no token: what an agent on the platform has."""
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from task_files import SOURCE_AGENT
-from tests.platform_tools import Dispatcher, TaskTools
+from standins.task_tools import Dispatcher, TaskTools
+from taskfiles.documents import SOURCE_AGENT
 from vocabulary import CLOSE_BUILD, REQUEST_SECURITY_AUDIT
 
 # What each agent stage's close carries as its output (close-out: the document's path).

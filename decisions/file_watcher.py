@@ -3,7 +3,7 @@
 Stage 6 writes `awaiting_decision: {workflow_id, run_id}` into the originating task; when
 that file's status becomes a decision (approved, or rejected/cancelled/failed), this
 watcher sends it to that run through the same Update an operator would use
-(decisions.py). It needs no state of its own: one scan at start applies decisions made
+(decisions/delivery.py). It needs no state of its own: one scan at start applies decisions made
 while no worker ran, inotify (or polling, TASK_WATCH_POLLING=true, for network
 filesystems) reports every later write, and a slow rescan of the folder catches anything
 a watch could miss. With several workers on one folder each sends the decision; the
@@ -34,9 +34,9 @@ from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_claim, may_close
 from config import WorkerConfig
-from decisions import deliver_decision
+from decisions.closed_tasks import ClosedTask, ClosedTaskApplier, closed_task, may_claim, may_close
+from decisions.delivery import deliver_decision
 from exceptions import (
     AmbiguousTaskError,
     DiskWriteError,
@@ -44,7 +44,6 @@ from exceptions import (
     TaskFileError,
     TaskNotFoundError,
 )
-from file_io import run_file_io
 from models import MAX_DECISION_NOTE_CHARS, BlockDecision, Decision, TaskNotice
 from policies import (
     TASK_CLOSE_RETRY_FIRST,
@@ -52,18 +51,17 @@ from policies import (
     WATCH_RESTART_FIRST,
     WATCH_RESTART_MAX,
 )
-from task_files import (
+from taskfiles.documents import (
     AWAITING_DECISION,
     MAX_TASK_FILE_BYTES,
     TASK_SUFFIX,
     claimed_actor,
-    ensure_private_dir,
-    find_task,
     parse_task,
-    read_agent_file,
-    shown_path,
 )
-from visible_text import visible_line
+from taskfiles.io_pool import run_file_io
+from taskfiles.lookup import find_task
+from taskfiles.safe_io import ensure_private_dir, read_agent_file, shown_path
+from taskfiles.visible_text import visible_line
 from vocabulary import (
     APPROVED,
     BLOCK_VERDICTS_FIELD,
@@ -71,7 +69,7 @@ from vocabulary import (
     DEAD_LETTERS_DIR,
     DECIDING_STATUSES,
 )
-from workflows.build_pipeline_workflow import validation_message
+from workflows.failures import validation_message
 from workflows.rounds import file_decision
 
 log = logging.getLogger(__name__)
@@ -130,7 +128,7 @@ class BlockDecisionWatcher:
             self.folder, self.folder / DEAD_LETTERS_DIR))
         self.delivered = 0
         # One delivery in flight per waiting run, off the watch loop: a run no worker
-        # answers for holds up only its own decision (decisions.py bounds the wait).
+        # answers for holds up only its own decision (decisions/delivery.py bounds the wait).
         self._deliveries: dict[tuple[str, str | None], asyncio.Task[None]] = {}
         self._again: dict[tuple[str, str | None], Path] = {}
         self._deferred: OrderedDict[Path, None] = OrderedDict()

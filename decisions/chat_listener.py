@@ -37,19 +37,19 @@ from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.notify import (
+from activities.matrix import (
     PIPELINE_CONTENT_KEY,
     NotifyFailed,
+    matrix_call,
     matrix_http,
     matrix_token,
     resolve_room,
     txn_id_for,
 )
-from activities.notify import _json as matrix_call  # same errors: the step, never the token
 from config import WorkerConfig
-from decisions import deliver_decision
+from decisions.delivery import deliver_decision
 from models import BlockDecision, Decision, MatrixNoticeRef
-from visible_text import visible_line
+from taskfiles.visible_text import visible_line
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from pydantic import BaseModel, ValidationError
 from config import FIELD_ENV, WorkerConfig
 from exceptions import StartRefusedError, TaskFileError
 from models import BuildPipelineInput, BuildPlanInput, check_name, shown
-from task_files import find_by_prefix
-from visible_text import visible_line
+from taskfiles.lookup import find_by_prefix
+from taskfiles.visible_text import visible_line
 from vocabulary import BUILD_PLAN_WORKFLOW, TASK_WORKFLOW, TOTAL_STAGES, WORKFLOW_TYPES
 
 # The dispatcher's own rules (§5.4), checked again here: the script may be run by hand.

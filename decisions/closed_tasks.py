@@ -36,8 +36,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities import legacy_args
 from models import BuildPhaseResult, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT, TASK_NOTICE_INTERVAL
-from task_files import SOURCE_AGENT, claimed_actor
-from visible_text import visible_line
+from taskfiles.documents import SOURCE_AGENT, claimed_actor
+from taskfiles.visible_text import visible_line
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,

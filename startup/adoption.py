@@ -23,11 +23,12 @@ from temporalio.service import RPCError
 
 from config import WorkerConfig
 from exceptions import FileIoStalledError, TaskFileError
-from file_io import run_file_io
 from models import PipelineStatus, StageEvent
-from task_files import AWAITING_DECISION, find_task, timestamp, update_task
+from taskfiles.documents import AWAITING_DECISION, timestamp
+from taskfiles.io_pool import run_file_io
+from taskfiles.lookup import find_task, update_task
 from vocabulary import BUILD_PIPELINE_WORKFLOW
-from workflows.build_pipeline_workflow import PREPARE_PATCH
+from workflows.patches import PREPARE_PATCH
 
 log = logging.getLogger(__name__)
 

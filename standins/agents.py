@@ -16,7 +16,7 @@ driver of pipelines shares: finding a stage's task file, writing the originating
 and the triage, waiting until a pipeline is parked at stage 7, polling with a deadline
 (nothing here sleeps as synchronisation). It does not depend on pytest.
 
-    python -m tests.standin --workflow-id ID [--timeout 90]
+    python -m standins.agents --workflow-id ID [--timeout 90]
 
 uses TASK_QUEUE_DIR / TEMPORAL_AUDIT_DIR / TEMPORAL_ADDRESS like the worker, and stops
 when the closeout task is done. Exit codes: 0 closeout done · 1 a completion failed
@@ -44,14 +44,8 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from models import BuildPhaseResult, PipelineStatus
-from task_files import (
-    AWAITING_DECISION,
-    SOURCE_AGENT,
-    add_history,
-    new_task,
-    update_task,
-    write_task,
-)
+from taskfiles.documents import AWAITING_DECISION, SOURCE_AGENT, add_history, new_task
+from taskfiles.lookup import update_task, write_task
 from vocabulary import (
     AGENT_TASK_TYPES,
     APPROVED,
@@ -73,7 +67,7 @@ NAME = "demo-agent"
 REPO = Path(__file__).resolve().parent.parent
 TRIAGE_FILE = "triage-output.yml"
 DEMO_TRIAGE = """\
-# Written by the agent stand-in (tests/standin.py), not by a security review.
+# Written by the agent stand-in (standins/agents.py), not by a security review.
 flags:
   - description: "Pin the base image to a digest"
 blocks:
@@ -416,7 +410,7 @@ class StandIn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.standin",
+    parser = argparse.ArgumentParser(prog="python -m standins.agents",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflow-id", required=True)
     parser.add_argument("--timeout", type=float, default=90.0)

@@ -1,0 +1,85 @@
+"""The layout's import rules, checked on the source: a module imports only its own layer
+and the layers below it (lazy imports inside functions included), and never a private
+name (`_x`) of another package. The layers are the ones the packages' docstrings state."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# High to low. Entry points (and the stand-ins, which have a command line of their own)
+# sit on top; the shared contract at the bottom.
+LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(names.split()) for names in (
+    "worker complete_activity tools standins bench",
+    "startup",
+    "decisions",
+    "activities",
+    "workflows",
+    "dispatcher taskfiles",
+    "temporal_client vault",
+    # observability installs telemetry's tracing interceptor (lazily, when asked for);
+    # tracing names spans with observability's bound build name.
+    "observability telemetry",
+    "config",
+    "models policies exceptions",
+    "vocabulary",
+))
+LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+PROJECT_FILES = sorted(path for path in REPO.rglob("*.py")
+                       if path.relative_to(REPO).parts[0] in LAYER_OF
+                       or (len(path.relative_to(REPO).parts) == 1 and path.stem in LAYER_OF))
+
+
+def top_name(path: Path) -> str:
+    parts = path.relative_to(REPO).parts
+    return parts[0].removesuffix(".py")
+
+
+def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, module, names) of every absolute import in the file, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_every_top_level_name_has_a_layer() -> None:
+    """A new package or root module must be placed in a layer before it can be imported."""
+    on_disk = {entry.name.removesuffix(".py") for entry in REPO.iterdir()
+               if (entry.suffix == ".py" or (entry / "__init__.py").exists())}
+    assert on_disk - {"tests"} - set(LAYER_OF) == set()
+
+
+@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_go_down_the_layers_only(path: Path) -> None:
+    importer = top_name(path)
+    upward = [f"{path.relative_to(REPO)}:{line} imports {module}"
+              for line, module, _ in imports_of(path)
+              if module.split(".")[0] in LAYER_OF
+              and LAYER_OF[module.split(".")[0]] < LAYER_OF[importer]]
+    assert upward == []
+
+
+@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_private_name_crosses_a_package(path: Path) -> None:
+    importer = top_name(path)
+    private = [f"{path.relative_to(REPO)}:{line} takes {name} from {module}"
+               for line, module, names in imports_of(path)
+               if module.split(".")[0] in LAYER_OF and module.split(".")[0] != importer
+               for name in names if name.startswith("_") and name != "__future__"]
+    assert private == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """The check itself: a workflows module importing an activity is reported."""
+    fake = tmp_path / "bad.py"
+    fake.write_text("def f():\n    from activities import notify\n")
+    assert imports_of(fake) == [(2, "activities", ["notify"])]
+    assert LAYER_OF["activities"] < LAYER_OF["workflows"]
