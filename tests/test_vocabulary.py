@@ -1,5 +1,6 @@
 """The names in vocabulary.py against every place that must state them by value: the
-tables of README.md and AGENTS.md, the task-file schema, and the models' Literals (a
+tables of the manual (docs/pipeline.md, docs/configuration.md) and AGENTS.md, the
+task-file schema, and the models' Literals (a
 Literal needs literal values, so it is checked here instead of built from the module)."""
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import models
 import vocabulary as v
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+PIPELINE = REPO / "docs" / "pipeline.md"
+CONFIGURATION = REPO / "docs" / "configuration.md"
 AGENTS = REPO / "AGENTS.md"
 SCHEMA = REPO / "schemas" / "task-file.schema.json"
 CODE = re.compile(r"`([^`]+)`")
@@ -48,8 +50,8 @@ def codes(text: str) -> list[str]:
     return CODE.findall(text)
 
 
-def test_readme_stage_table_is_the_nine_stages_in_order() -> None:
-    rows = table(README, "#")
+def test_pipeline_stage_table_is_the_nine_stages_in_order() -> None:
+    rows = table(PIPELINE, "#")
     assert {codes(row[1])[0]: int(row[0]) for row in rows} == v.STAGE_NUMBERS
     assert [codes(row[1])[0] for row in rows] == list(v.STAGES)
     for row in rows:
@@ -62,14 +64,14 @@ def test_readme_stage_table_is_the_nine_stages_in_order() -> None:
             assert codes(who)[-1] == v.STAGE_TASK_TYPES[stage], stage
 
 
-def test_readme_settings_table_names_the_default_queue_and_audit_folder() -> None:
-    settings = {codes(row[0])[0]: row for row in table(README, "Variable")}
+def test_settings_table_names_the_default_queue_and_audit_folder() -> None:
+    settings = {codes(row[0])[0]: row for row in table(CONFIGURATION, "Variable")}
     assert codes(settings["TASK_QUEUE"][1]) == [v.DEFAULT_TASK_QUEUE]
     assert codes(settings["TEMPORAL_AUDIT_DIR"][2]) == [f"{v.AUDIT_REQUESTS_DIR}/<build>/"]
 
 
-def test_readme_outcomes_table_matches_the_outcome_type() -> None:
-    rows = table(README, "Outcome")
+def test_pipeline_outcomes_table_matches_the_outcome_type() -> None:
+    rows = table(PIPELINE, "Outcome")
     assert [codes(row[0])[0] for row in rows] == list(typing.get_args(models.Outcome))
     for row in rows:
         for name in re.findall(r"\b[A-Z][A-Za-z]+Error\b", row[2]):
