@@ -5,7 +5,7 @@
 // `worker.env` beside this file (`*.env` is git-ignored). See docs/operations.md.
 //
 // A second app, the agent-host worker (WORKER_ROLE=agent-host: only the activities of
-// the agents on this host, see README "Beyond one machine"), is off unless its own env
+// the agents on this host, see docs/deployment.md), is off unless its own env
 // file exists: AGENT_HOST_ENV_FILE if set, else `agent-host.env` beside this file. On an
 // agent-only host: pm2 start ecosystem.config.js --only temporal-build-agent-host
 //

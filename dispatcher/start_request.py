@@ -1,5 +1,5 @@
 """The platform dispatcher's start request, mapped to this worker's workflow inputs: the
-one place that mapping lives (tools/workflow_start.py applies it; README, "Started by
+one place that mapping lives (tools/workflow_start.py applies it; docs/pipeline.md, "Started by
 the platform's dispatcher", documents it).
 
 The dispatcher (PROTOCOL.md §5.4) runs `<workflow_type> <workflow_id> <input_json>` for

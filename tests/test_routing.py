@@ -1,4 +1,4 @@
-"""One pipeline, agents on several hosts (README, "Beyond one machine"): a workflow worker
+"""One pipeline, agents on several hosts (docs/deployment.md): a workflow worker
 on the main queue and two agent-host workers (WORKER_ROLE=agent-host), each a real
 worker.py process with its own task, audit and summary folders. AGENT_TASK_QUEUES puts
 the builder and the prefab agent on host A and the security agent on host B.

@@ -1,5 +1,5 @@
 """Two real worker.py processes on one task queue and one shared task, audit and summary
-folder (README, "Beyond one machine", option 1): 100 pipelines, their agents played
+folder (docs/deployment.md, option 1): 100 pipelines, their agents played
 through complete_activity.py, while one worker is SIGKILLed twice at random moments and
 restarted. Every pipeline must end as expected, no stage's task file may be written
 twice and every block decision must be applied exactly once.

@@ -445,7 +445,7 @@ def find_stalled_workflows(_settings: OpsSettings, args: argparse.Namespace) -> 
         if reason is not None:
             stalls.append(wid)
             print(f"STALLED {wid} ({wf['type']['name']}): {reason}")
-            print("  next: start that host's worker (README, \"Beyond one machine\"); the "
+            print("  next: start that host's worker (docs/deployment.md); the "
                   "stage goes on by itself" if NO_POLLER in reason else
                   f"  next: tools/analyze-workflow-error --workflow-id {wid}")
     print(f"({len(stalls)} stalled of {len(running)} running workflow(s) checked)")

@@ -1,7 +1,7 @@
 """`make run`: the worker, after starting an embedded Temporal dev server if nothing listens
-at a local plaintext TEMPORAL_ADDRESS (README, "make run"; a remote or TLS address is never
-replaced). Signals go on to the worker; then only a dev server this started is stopped.
-Exit codes: the worker's; 1 if the dev server cannot be started."""
+at a local plaintext TEMPORAL_ADDRESS (docs/development.md, "make run"; a remote or TLS
+address is never replaced). Signals go on to the worker; then only a dev server this
+started is stopped. Exit codes: the worker's; 1 if the dev server cannot be started."""
 
 from __future__ import annotations
 
