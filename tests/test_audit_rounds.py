@@ -13,6 +13,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from config import load_config
+from exceptions import DecisionRefusedError, InvalidInputError
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from standins.agents import (
     complete_task,
@@ -32,10 +33,8 @@ from tests.test_operator_controls import current_details
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
-    DECISION_REFUSED,
     DIALECT_PLATFORM,
     IN_PROGRESS,
-    INVALID_INPUT,
     PLATFORM_TASK_AUDIT,
     PLATFORM_TASK_BUILD,
     PLATFORM_TASK_DOCS,
@@ -104,10 +103,10 @@ async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
     assert f"1. {HEADERS}" in details
     # No re-audit left: changes cannot be asked for; a block that is not there is no block.
     message = await refused(handle.execute_update("request_changes", {"note": "again"}),
-                            DECISION_REFUSED)
+                            DecisionRefusedError.failure_type)
     assert "no re-audit round left" in message
     await refused(handle.execute_update("approve_blocks", {"verdicts": {"7": "accept"}}),
-                  INVALID_INPUT)
+                  InvalidInputError.failure_type)
     answer = await handle.execute_update("approve_blocks",
                                          {"note": "tracked", "verdicts": {"hdr": "accept"}},
                                          result_type=str)

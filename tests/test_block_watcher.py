@@ -23,6 +23,7 @@ from config import load_config
 from decisions import delivery, file_watcher
 from decisions.delivery import deliver_decision
 from decisions.file_watcher import BlockDecisionWatcher, pending_decision
+from exceptions import DecisionRefusedError
 from models import (
     MAX_DECISION_NOTE_CHARS,
     BlockDecision,
@@ -36,7 +37,7 @@ from taskfiles.lookup import find_task, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
-from vocabulary import DECISION_REFUSED, TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
+from vocabulary import TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
@@ -282,7 +283,7 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
             decided_by="task file", source="task_file", task_id="some-other-task"))
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert (refusal.type, refusal.non_retryable) == (DecisionRefusedError.failure_type, True)
     assert "'some-other-task', not this pipeline's originating task" in str(refusal)
     assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
     await handle.cancel()

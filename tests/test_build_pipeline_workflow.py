@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
+from exceptions import InvalidInputError, PhaseFailedError, TriageInvalidError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from standins.agents import (
     load_yaml,
@@ -33,8 +34,6 @@ from vocabulary import (
     IMPLEMENT_BUILD,
     IN_PROGRESS,
     INPUT_REQUIRED,
-    INVALID_INPUT,
-    PHASE_FAILED,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
@@ -45,7 +44,6 @@ from vocabulary import (
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    TRIAGE_INVALID,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
 
@@ -257,7 +255,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
     task = await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env,
                             status="failed", message="compiler exploded")
-    cause = await application_failure(handle.result(), PHASE_FAILED)
+    cause = await application_failure(handle.result(), PhaseFailedError)
     assert IMPLEMENT_BUILD in cause.message
     assert "compiler exploded" in cause.message
     written = load_yaml(task)
@@ -281,7 +279,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
 async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str,
                                               problem: str) -> None:
     handle, _ = await run_to_triage(pipeline, "bad-triage", triage)
-    cause = await application_failure(handle.result(), TRIAGE_INVALID)
+    cause = await application_failure(handle.result(), TriageInvalidError)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
@@ -318,7 +316,7 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
     with pytest.raises(ValidationError):
         BuildPipelineInput(**raw)  # typed callers are stopped before starting anything
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    cause = await application_failure(handle.result(), INVALID_INPUT)
+    cause = await application_failure(handle.result(), InvalidInputError)
     assert next(iter(bad)) in cause.message
     for folder in (pipeline.queue_dir, pipeline.audit_dir, pipeline.summary_dir):
         assert not folder.exists() or not any(folder.rglob("*"))

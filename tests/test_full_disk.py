@@ -47,7 +47,6 @@ from tests.conftest import PipelineEnv, make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
-    DISK_WRITE_ERROR,
     PREFAB_SCAFFOLDING,
     REQUEST_SECURITY_AUDIT,
     SUMMARIZE_WORKFLOW,
@@ -285,7 +284,7 @@ async def test_a_full_task_folder_holds_stage_1_until_space_returns(
     disk.fill()
     handle = await rig.start(pipeline_input("full-queue", tmp_path))
     message, failure_type, _ = await wait_for_pending_failure(handle, PREFAB_SCAFFOLDING)
-    assert failure_type == DISK_WRITE_ERROR
+    assert failure_type == DiskWriteError.failure_type
     assert message.endswith(f"{disk.path}: No space left on device (ENOSPC)"), message
     assert disk.temp_files() == []
     assert sorted(os.listdir(disk.path)) == [FILLER]  # no task file, whole or half
@@ -309,7 +308,7 @@ async def test_a_read_only_audit_folder_holds_stage_3_before_any_agent_sees_it(
     disk.remount("ro")
     handle = await rig.start(pipeline_input("ro-audit", tmp_path))
     message, failure_type, _ = await wait_for_pending_failure(handle, REQUEST_SECURITY_AUDIT)
-    assert failure_type == DISK_WRITE_ERROR
+    assert failure_type == DiskWriteError.failure_type
     assert message.endswith(f"{disk.path}: Read-only file system (EROFS)"), message
     assert disk.temp_files() == []
     # request.md comes first: without it no audit task is handed out.

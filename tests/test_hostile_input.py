@@ -24,7 +24,14 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from activities.triage import MAX_FINDINGS
-from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from exceptions import (
+    AmbiguousTaskError,
+    InvalidInputError,
+    TaskFileError,
+    TaskNotFoundError,
+    TriageInvalidError,
+    UnsafeTaskPathError,
+)
 from models import BuildPhaseResult, BuildPipelineResult
 from standins.agents import (
     load_yaml,
@@ -47,7 +54,6 @@ from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     EXPIRED,
     INPUT_REQUIRED,
-    INVALID_INPUT,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
     SUBMITTED,
@@ -57,7 +63,6 @@ from vocabulary import (
     TASK_SEARCH_SUBDIRS,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    TRIAGE_INVALID,
 )
 
 
@@ -158,7 +163,7 @@ async def test_hostile_workflow_input(pipeline: PipelineEnv, field: str, value: 
            "target_agent": "builder", field: value}
 
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    cause = await application_failure(handle.result(), INVALID_INPUT)
+    cause = await application_failure(handle.result(), InvalidInputError)
     assert field in cause.message
     assert len(cause.message) < 2000  # the error names the field; it does not echo 100 kB
     assert tree(pipeline.root) == before  # nothing written, inside or out
@@ -208,7 +213,7 @@ async def test_hostile_triage_file(pipeline: PipelineEnv, triage: str | bytes,
     before = tree(pipeline.root)
     await finish(pipeline, audit)
 
-    cause = await application_failure(handle.result(), TRIAGE_INVALID)
+    cause = await application_failure(handle.result(), TriageInvalidError)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     assert len(cause.message) < 2000
@@ -625,7 +630,7 @@ async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> Non
         unblock_fifo(fifo)
     cause = caught.value.cause
     assert isinstance(cause, ApplicationError)
-    assert cause.type == TRIAGE_INVALID
+    assert cause.type == TriageInvalidError.failure_type
     assert "a FIFO, not a regular file" in cause.message
     assert "triage-output.yml" in cause.message
     assert summary(pipeline)["failed_stage"] == PROCESS_TRIAGE_OUTPUT

@@ -23,6 +23,7 @@ from temporalio.client import Client, WorkflowHandle
 import policies
 from activities import matrix, notify
 from config import load_config
+from exceptions import NotifyFailedError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from standins.agents import (
     complete_task,
@@ -180,14 +181,14 @@ async def test_bad_token_and_unknown_room_fail_without_retry(
     bad = "syt_not_a_real_token_" + uuid.uuid4().hex
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "builds",
                           "MATRIX_ACCESS_TOKEN": bad})
-    with pytest.raises(matrix.NotifyFailed) as failed:
+    with pytest.raises(NotifyFailedError) as failed:
         await matrix.send_matrix(config, "x", txn_seed="bad-token")
     assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value)
     assert not failed.value.retryable
     assert bad not in str(failed.value)
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "no-such-room",
                           "MATRIX_ACCESS_TOKEN": matrix_token})
-    with pytest.raises(matrix.NotifyFailed) as failed:
+    with pytest.raises(NotifyFailedError) as failed:
         await matrix.send_matrix(config, "x", txn_seed="no-room")
     assert "#no-such-room:localhost" in str(failed.value)
     assert "M_NOT_FOUND" in str(failed.value)

@@ -14,6 +14,7 @@ from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
+from exceptions import DecisionRefusedError, InvalidInputError
 from models import (
     BlockDecision,
     BuildPipelineInput,
@@ -43,9 +44,7 @@ from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     CLOSE_BUILD,
-    DECISION_REFUSED,
     IMPLEMENT_BUILD,
-    INVALID_INPUT,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
@@ -210,7 +209,7 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
         await handle.execute_update(update, "looks fine")
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert (refusal.type, refusal.non_retryable) == (DecisionRefusedError.failure_type, True)
     assert "not waiting on blocks" in str(refusal)
     assert PREFAB_SCAFFOLDING in str(refusal)
     status = await status_of(handle)
@@ -247,7 +246,7 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
     with pytest.raises(WorkflowUpdateFailedError) as caught:  # decided already: refused
         await handle.execute_update("reject_blocks", "too late")
     assert isinstance(caught.value.cause, ApplicationError)
-    assert caught.value.cause.type == DECISION_REFUSED
+    assert caught.value.cause.type == DecisionRefusedError.failure_type
     assert "decision: approved" in str(caught.value.cause)
 
     await complete_task(closeout, pipeline.env)
@@ -266,7 +265,7 @@ async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> No
         await handle.execute_update("reject_blocks", {"note": "no", "decided_by": 7})
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (INVALID_INPUT, True)
+    assert (refusal.type, refusal.non_retryable) == (InvalidInputError.failure_type, True)
     assert "invalid decision: decided_by" in str(refusal)
     sent = time.monotonic()
     assert await handle.execute_update("reject_blocks", "token leak is a blocker",
