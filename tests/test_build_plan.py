@@ -16,6 +16,7 @@ from tests.conftest import PipelineEnv
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
+    STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
 
@@ -35,7 +36,7 @@ async def outcome(handle: WorkflowHandle) -> Any:
 
 
 async def status_of(handle: WorkflowHandle) -> PlanStatus:
-    return await handle.query("get_status", result_type=PlanStatus)
+    return await handle.query(STATUS_QUERY, result_type=PlanStatus)
 
 
 async def activity_order(handle: WorkflowHandle) -> list[str]:

@@ -47,8 +47,10 @@ from tests.conftest import PipelineEnv, make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
+    EVENTS_QUERY,
     PREFAB_SCAFFOLDING,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUMMARIZE_WORKFLOW,
     TASK_SECURITY_AUDIT,
 )
@@ -336,7 +338,7 @@ async def test_a_full_summary_disk_keeps_the_outcome_and_the_worker_up(
     assert waits[0]["error"].endswith("No space left on device (ENOSPC)"), waits[0]
     assert waits[0]["folder"].startswith(str(disk.path)), waits[0]
     # The outcome is the run's, at stage 9, while the summary waits.
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert (status.stage, status.outcome) == (SUMMARIZE_WORKFLOW, "success")
     status_warnings = rig.stdout_records("status_file_not_written")
     assert status_warnings, "no status_file_not_written warning"
@@ -391,11 +393,11 @@ async def test_a_summary_that_cannot_be_written_still_ends_the_run_with_its_outc
     await standin.run()
     result = await asyncio.wait_for(handle.result(), 30)
     assert (result.outcome, result.status, result.summary_path) == ("success", "complete", None)
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     failed = [event for event in events
               if (event.stage, event.event) == (SUMMARIZE_WORKFLOW, "failed")]
     assert len(failed) == 1, events
     assert "is a symlink" in failed[0].detail, failed[0]
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert any(warning.startswith("summary not written:") for warning in status.warnings)
     assert elsewhere.read_text() == "not the worker's\n"

@@ -49,6 +49,7 @@ from tests.agents import application_failure
 from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     ARCHIVE_DIR,
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
@@ -56,6 +57,7 @@ from vocabulary import (
     INPUT_REQUIRED,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -790,7 +792,7 @@ async def park(pipeline: PipelineEnv, build: str, blocks: list[str],
 async def status_of(handle: WorkflowHandle) -> Any:
     from models import PipelineStatus
 
-    return await handle.query("get_status", result_type=PipelineStatus)
+    return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
 
 async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
@@ -820,7 +822,7 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     # status anywhere: the shadow's "approved" decides nothing.
     assert {path: path.read_bytes() for path in (real, shadow)} == before
     assert (await status_of(handle)).decision is None
-    await handle.execute_update("approve_blocks", "approved by the operator")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
     assert result.outcome == "partial"
@@ -963,7 +965,7 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
     copy.write_bytes(origin.read_bytes())
     archive.rename(pipeline.queue_dir / "archive-moved")
     archive.symlink_to(outside, target_is_directory=True)
-    await handle.execute_update("approve_blocks", "approved by the operator")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
 
