@@ -48,7 +48,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, ClassVar, Final
 
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ApplicationErrorCategory,
+    ChildWorkflowError,
+    FailureError,
+)
 
 
 class FailureType:
@@ -84,14 +90,18 @@ class FailureType:
 
     @classmethod
     def matches(cls, err: BaseException | None) -> bool:
-        """Whether `err` is this failure: an instance of the class, or the first
-        ApplicationError found through the `cause` chain (an ActivityError's, a
-        WorkflowFailureError's, a WorkflowUpdateFailedError's) carrying its failure type."""
+        """Whether `err` is this failure: an instance of the class, or an ApplicationError
+        of its failure type, itself or as the cause of what wraps it (an ActivityError, a
+        ChildWorkflowError, a client's WorkflowFailureError or WorkflowUpdateFailedError).
+        A timeout, cancel or termination is none, whatever last failure it carries."""
         while err is not None:
             if isinstance(err, cls):
                 return True
             if isinstance(err, ApplicationError):
                 return err.type == cls.failure_type
+            if isinstance(err, FailureError) and not isinstance(
+                    err, ActivityError | ChildWorkflowError):
+                return False
             cause = getattr(err, "cause", None)
             err = cause if isinstance(cause, BaseException) else None
         return False

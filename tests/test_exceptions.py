@@ -20,6 +20,8 @@ from temporalio.exceptions import (
     ApplicationError,
     ApplicationErrorCategory,
     RetryState,
+    TimeoutError,
+    TimeoutType,
 )
 
 import exceptions
@@ -116,6 +118,12 @@ def test_matches_looks_through_what_wraps_the_failure() -> None:
     assert not TriageInvalidError.matches(run_error)
     assert not PhaseFailedError.matches(ValueError("PhaseFailedError"))
     assert not PhaseFailedError.matches(None)
+    # A timeout is no application failure, even with one as the last attempt's cause.
+    timeout = TimeoutError("timed out", type=TimeoutType.SCHEDULE_TO_CLOSE,
+                           last_heartbeat_details=[])
+    timeout.__cause__ = TriageInvalidError.failure("bad triage")
+    activity_error.__cause__ = timeout
+    assert not TriageInvalidError.matches(activity_error)
     # The first ApplicationError decides: one of another type wrapping ours is not ours.
     outer = ApplicationError("outer", type="Other")
     outer.__cause__ = PhaseFailedError.failure("inner")
