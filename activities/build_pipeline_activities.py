@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 
 import policies
 from activities import legacy_args, platform_events
@@ -31,8 +31,10 @@ from activities.run_link import ensure_run_link
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
+    BlocksPendingError,
     DiskWriteError,
     FileIoStalledError,
+    LegacyWaitHandedOverError,
     TaskFileError,
     TaskNotFoundError,
     TriageInvalidError,
@@ -89,7 +91,6 @@ from vocabulary import (
     AUDIT_REQUESTS_DIR,
     AUDIT_ROUND_DIR_PREFIX,
     BLOCK_VERDICTS_FIELD,
-    BLOCKS_PENDING,
     BUILD_PIPELINE_WORKFLOW,
     CANCELLED,
     CHANGES_REQUESTED,
@@ -99,11 +100,9 @@ from vocabulary import (
     COMPLETED,
     DECIDING_STATUSES,
     FAILED,
-    FILE_IO_STALLED,
     IMPLEMENT_BUILD,
     IN_PROGRESS,
     INPUT_REQUIRED,
-    LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
     OPEN_STATUSES,
     PENDING_APPROVAL,
@@ -118,8 +117,6 @@ from vocabulary import (
     ROUTE_STAGE,
     SUMMARIZE_WORKFLOW,
     TERMINAL_STATUSES,
-    TRIAGE_INVALID,
-    TRIAGE_MISSING,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER, DATA_NOTICE, sanitize_finding
@@ -393,11 +390,11 @@ class PipelineActivities:
         try:
             triage = await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
-            raise ApplicationError(str(err), type=TRIAGE_MISSING) from None
+            raise TriageMissingError.failure(str(err)) from None
         except TriageInvalidError as err:
-            raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
+            raise TriageInvalidError.failure(str(err)) from None
         except FileIoStalledError as err:
-            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
+            raise FileIoStalledError.failure(str(err)) from None
         await platform_events.audit_completed(self.config, build_name, triage, path)
         return triage
 
@@ -513,20 +510,17 @@ class PipelineActivities:
             return await self._legacy_block_look(legacy_args.block_check(args))
         request = legacy_args.own_input(BlockCheckInput, args, WAIT_FOR_BLOCK_RESOLUTION)
         if not self.config.file_decisions:
-            raise ApplicationError("file decisions are off (BLOCK_FILE_DECISIONS=false)",
-                                   type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
+            raise BlocksPendingError.failure("file decisions are off (BLOCK_FILE_DECISIONS=false)")
         hint = Path(request.path_hint) if request.path_hint else None
         try:
             path = await run_file_io(partial(find_task, self.config.task_queue_dir,
                                              request.task_id, hint=hint))
             task = await run_file_io(partial(read_task, path, base=self.config.task_queue_dir))
         except TaskNotFoundError:
-            raise ApplicationError(f"originating task {request.task_id!r} not found yet",
-                                   type=BLOCKS_PENDING,
-                                   category=ApplicationErrorCategory.BENIGN) from None
+            raise BlocksPendingError.failure(
+                f"originating task {request.task_id!r} not found yet") from None
         except (TaskFileError, FileIoStalledError) as err:
-            raise ApplicationError(str(err), type=BLOCKS_PENDING,
-                                   category=ApplicationErrorCategory.BENIGN) from None
+            raise BlocksPendingError.failure(str(err)) from None
         status = str(task.get("status", ""))
         actor, note = claimed_actor(task, status)
         if status == APPROVED:
@@ -535,8 +529,7 @@ class PipelineActivities:
         if status in REJECTING_STATUSES:
             return BlockResolution(decision="rejected", task_status=status, actor=actor,
                                    note=note)
-        raise ApplicationError(f"blocks pending (originating task status {status!r})",
-                               type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
+        raise BlocksPendingError.failure(f"blocks pending (originating task status {status!r})")
 
     async def _legacy_block_look(self, request: BlockCheckInput) -> None:
         """v0.5.0's stage 7 held this activity (and a worker slot) until a decision, for up
@@ -550,10 +543,9 @@ class PipelineActivities:
                 resolution = None
             if resolution is not None and resolution.decision == "approved":
                 return None
-        raise ApplicationError(
+        raise LegacyWaitHandedOverError.failure(
             f"v0.5.0's wait for a block decision on task {request.task_id!r} is not run by "
-            f"this worker: the pipeline's own stage 7 waits for the decision",
-            type=LEGACY_WAIT_HANDED_OVER, non_retryable=True)
+            f"this worker: the pipeline's own stage 7 waits for the decision")
 
     @activity.defn(name=RECORD_DECISION)
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:

@@ -41,6 +41,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from exceptions import InvalidInputError
 from models import (
     AgentTaskRequest,
     AuditRequest,
@@ -55,7 +56,6 @@ from vocabulary import (
     APPLY_FLAG_FIXES,
     CLOSE_BUILD,
     IMPLEMENT_BUILD,
-    INVALID_INPUT,
     NOTIFY_BLOCKS,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
@@ -173,8 +173,7 @@ def is_legacy(args: tuple[Any, ...]) -> bool:
 
 def invalid(activity_name: str, problem: str) -> ApplicationError:
     """Arguments no retry can fix: fail the activity at once, naming the problem."""
-    return ApplicationError(f"{activity_name}: {problem}", type=INVALID_INPUT,
-                            non_retryable=True)
+    return InvalidInputError.failure(f"{activity_name}: {problem}")
 
 
 def own_input(model: type[Model], args: tuple[Any, ...], activity_name: str) -> Model:

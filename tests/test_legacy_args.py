@@ -23,6 +23,7 @@ from activities import legacy_args
 from activities.build_pipeline_activities import PipelineActivities
 from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
+from exceptions import InvalidInputError, LegacyWaitHandedOverError
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
 from standins.agents import load_yaml, write_origin_task
 from taskfiles.documents import add_history, read_task
@@ -37,8 +38,6 @@ from vocabulary import (
     DIALECT_V050,
     IMPLEMENT_BUILD,
     INPUT_REQUIRED,
-    INVALID_INPUT,
-    LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
@@ -73,7 +72,7 @@ def recorded_args(history_name: str, activity_name: str) -> tuple[Any, ...]:
 def refused(call: Any, *args: Any) -> ApplicationError:
     with pytest.raises(ApplicationError) as caught:
         call(*args)
-    assert caught.value.type == INVALID_INPUT
+    assert caught.value.type == InvalidInputError.failure_type
     assert caught.value.non_retryable
     return caught.value
 
@@ -404,7 +403,7 @@ async def test_wait_with_v050_args_hands_a_pending_decision_over(config: WorkerC
     with pytest.raises(ApplicationError) as caught:
         await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(config).wait_for_block_resolution, *args)
-    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+    assert caught.value.type == LegacyWaitHandedOverError.failure_type
     assert caught.value.non_retryable
 
 
@@ -429,7 +428,7 @@ async def test_wait_with_v050_args_ignores_the_file_when_file_decisions_are_off(
     with pytest.raises(ApplicationError) as caught:
         await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(strict).wait_for_block_resolution, *args)
-    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+    assert caught.value.type == LegacyWaitHandedOverError.failure_type
 
 
 async def test_summary_with_v050_args(config: WorkerConfig, run_input: dict[str, Any]) -> None:

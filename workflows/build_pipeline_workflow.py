@@ -29,7 +29,6 @@ from typing import Any
 from temporalio import workflow
 from temporalio.exceptions import (
     ActivityError,
-    ApplicationError,
     CancelledError,
     TimeoutError,
 )
@@ -38,6 +37,12 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
+    from exceptions import (
+        DecisionRefusedError,
+        InvalidInputError,
+        PhaseFailedError,
+        TriageInvalidError,
+    )
     from models import (
         STARTED_BY_EARLIER_WORKER,
         AgentTaskRequest,
@@ -71,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from vocabulary import (
+        ADOPT_SIGNAL,
         APPLY_FLAG_FIXES,
         APPROVE_BLOCKS_UPDATE,
         APPROVED,
@@ -80,12 +86,11 @@ with workflow.unsafe.imports_passed_through():
         CANCELLED,
         CLOSE_BUILD,
         CLOSE_OPEN_TASKS,
-        DECISION_REFUSED,
+        EVENTS_QUERY,
         EXPIRED,
         IMPLEMENT_BUILD,
-        INVALID_INPUT,
         NOTIFY_BLOCKS,
-        PHASE_FAILED,
+        PAUSE_SIGNAL,
         PREFAB_SCAFFOLDING,
         PREPARE_PIPELINE,
         PROCESS_TRIAGE_OUTPUT,
@@ -94,6 +99,7 @@ with workflow.unsafe.imports_passed_through():
         REMIND_PICKUP,
         REQUEST_CHANGES_UPDATE,
         REQUEST_SECURITY_AUDIT,
+        RESUME_SIGNAL,
         ROUTE_STAGE,
         STAGE_NUMBERS,
         STATUS_QUERY,
@@ -105,7 +111,6 @@ with workflow.unsafe.imports_passed_through():
         TASK_SECURITY_AUDIT,
         TASK_SECURITY_FIX,
         TOTAL_STAGES,
-        TRIAGE_INVALID,
         WAIT_FOR_BLOCK_RESOLUTION,
     )
     from workflows import instructions, rounds, timings
@@ -203,8 +208,8 @@ class BuildPipelineWorkflow:
             pipeline = BuildPipelineInput.model_validate(
                 raw_input, context={STARTED_BY_EARLIER_WORKER: self._adopted})
         except ValidationError as err:
-            raise ApplicationError(f"invalid BuildPipelineInput: {validation_message(err)}",
-                                   type=INVALID_INPUT, non_retryable=True) from None
+            raise InvalidInputError.failure(
+                f"invalid BuildPipelineInput: {validation_message(err)}") from None
         self._input = pipeline
         self._event("pipeline", "started", f"build {pipeline.build_name} → "
                                             f"{pipeline.target_agent}")
@@ -225,8 +230,7 @@ class BuildPipelineWorkflow:
             raise
         summary_path = await self._summarize(pipeline)
         if failure is not None:
-            raise ApplicationError(f"{failure.stage} failed: {failure}",
-                                   type=failure.failure_type, non_retryable=True)
+            raise failure.kind.failure(f"{failure.stage} failed: {failure}")
         return self._result(pipeline, summary_path)
 
     async def _prepare(self, pipeline: BuildPipelineInput) -> None:
@@ -715,7 +719,7 @@ class BuildPipelineWorkflow:
         self._expired_tasks[timing.task_id] = f"{stage}: work limit passed"
         self._timing_ended(waiting, "work_limit_passed")
         self._event(stage, "failed", reason)
-        raise StageFailed(stage, reason, PHASE_FAILED)
+        raise StageFailed(stage, reason, PhaseFailedError)
 
     def _overall_limit_passed(self, stage: str, waiting: AgentTaskRequest,
                               limits: policies.AgentLimits) -> StageFailed:
@@ -729,7 +733,7 @@ class BuildPipelineWorkflow:
         self._expired_tasks[timing.task_id] = f"{stage} timed out"
         self._timing_ended(waiting, "timed_out")
         self._event(stage, "failed", reason)
-        return StageFailed(stage, reason, PHASE_FAILED)
+        return StageFailed(stage, reason, PhaseFailedError)
 
     def _note_claim(self, notice: TaskNotice, waiting: WaitingOn) -> None:
         """The folder watch saw the task `in-progress`: the work limit counts from now."""
@@ -804,7 +808,7 @@ class BuildPipelineWorkflow:
             if isinstance(cause, CancelledError):
                 # Only a cancel of the pipeline itself cancels a stage: end as cancelled.
                 raise asyncio.CancelledError() from None
-            message, failure_type = describe_activity_failure(err)
+            message, _ = describe_activity_failure(err)
             self._timing_ended(waiting, "timed_out" if isinstance(cause, TimeoutError)
                                else "failed")
             if waiting is not None:
@@ -814,7 +818,7 @@ class BuildPipelineWorkflow:
                     # The agent reported the failure itself; its file already says so.
                     self._open_tasks.pop(waiting.task_id, None)
             self._event(stage, "failed", message)
-            kind = TRIAGE_INVALID if failure_type == TRIAGE_INVALID else PHASE_FAILED
+            kind = TriageInvalidError if TriageInvalidError.matches(cause) else PhaseFailedError
             raise StageFailed(stage, message, kind) from None
         finally:
             self._waiting = None
@@ -1111,7 +1115,7 @@ class BuildPipelineWorkflow:
     def _all_warnings(self) -> list[str]:
         return [*self._warnings, *self._task_notices.values()]
 
-    @workflow.query
+    @workflow.query(name=EVENTS_QUERY)
     def get_events(self) -> list[StageEvent]:
         return list(self._events)
 
@@ -1119,19 +1123,19 @@ class BuildPipelineWorkflow:
         # Non-retryable: the CLI shows a plain ValueError as "retryable: true", and no
         # retry of the same Update can succeed.
         if not self._awaiting_decision or self._decision is not None:
-            raise ApplicationError(f"pipeline is not waiting on blocks (stage: {self._stage}, "
-                                   f"outcome: {self._outcome}, decision: {self._decision})",
-                                   type=DECISION_REFUSED, non_retryable=True)
+            raise DecisionRefusedError.failure(
+                f"pipeline is not waiting on blocks (stage: {self._stage}, "
+                f"outcome: {self._outcome}, decision: {self._decision})")
         try:
             choice = coerce_decision(raw)
         except ValidationError as err:
-            raise ApplicationError(f"invalid decision: {validation_message(err)}",
-                                   type=INVALID_INPUT, non_retryable=True) from None
+            raise InvalidInputError.failure(
+                f"invalid decision: {validation_message(err)}") from None
         if (choice.source == "task_file" and choice.task_id is not None
                 and self._input is not None and choice.task_id != self._input.task_id):
-            raise ApplicationError(f"the deciding file carries task id {choice.task_id!r}, not "
-                                   f"this pipeline's originating task", type=DECISION_REFUSED,
-                                   non_retryable=True)
+            raise DecisionRefusedError.failure(f"the deciding file carries task id "
+                                               f"{choice.task_id!r}, not this pipeline's "
+                                               f"originating task")
 
     def _check_verdicts(self, asked: Decision, raw: Any) -> None:
         """Per-block verdicts must name blocks that wait; a decision for another round's
@@ -1139,23 +1143,21 @@ class BuildPipelineWorkflow:
         choice = coerce_decision(raw)
         current = len(self._rounds) or 1
         if choice.round is not None and choice.round != current:
-            raise ApplicationError(f"the decision is for audit round {choice.round}; the blocks "
-                                   f"of round {current} wait", type=DECISION_REFUSED,
-                                   non_retryable=True)
+            raise DecisionRefusedError.failure(f"the decision is for audit round "
+                                               f"{choice.round}; the blocks of round "
+                                               f"{current} wait")
         unknown = rounds.unknown_keys(self._parked_blocks, choice.verdicts)
         if unknown:
-            raise ApplicationError(
+            raise InvalidInputError.failure(
                 f"invalid decision: no block {', '.join(map(repr, unknown[:5]))} (blocks are "
-                f"numbered 1-{len(self._parked_blocks)}, or named by their id)",
-                type=INVALID_INPUT, non_retryable=True)
+                f"numbered 1-{len(self._parked_blocks)}, or named by their id)")
         verdicts = [v.verdict for v in rounds.block_verdicts(
             self._parked_blocks, asked, choice, round_no=current, decided_by="")]
         if rounds.overall(verdicts, asked) == "changes_requested" and (
                 len(self._rounds) == 0 or self._reaudits_left() <= 0):
-            raise ApplicationError(
+            raise DecisionRefusedError.failure(
                 f"changes cannot be requested: no re-audit round left (reaudit_rounds "
-                f"{self._reaudit_limit}); accept or reject each block", type=DECISION_REFUSED,
-                non_retryable=True)
+                f"{self._reaudit_limit}); accept or reject each block")
 
     def _decide(self, asked: Decision, raw: Any) -> str:
         choice = coerce_decision(raw)
@@ -1234,19 +1236,19 @@ class BuildPipelineWorkflow:
         self._task_notices[notice.task_id] = text
         self._details()
 
-    @workflow.signal
+    @workflow.signal(name=PAUSE_SIGNAL)
     def pause(self, reason: str = "") -> None:
         self._paused, self._pause_reason = True, reason
         self._event(self._stage, "paused", reason)
         self._details()
 
-    @workflow.signal
+    @workflow.signal(name=RESUME_SIGNAL)
     def resume(self, reason: str = "") -> None:
         self._paused, self._pause_reason = False, ""
         self._event(self._stage, "resumed", reason)
         self._details()
 
-    @workflow.signal
+    @workflow.signal(name=ADOPT_SIGNAL)
     def adopt(self, note: str = "") -> None:
         """Sent by a worker that takes over runs an earlier worker started: records the
         adoption at once, so a run parked for days shows it before anything else moves."""

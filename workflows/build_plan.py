@@ -6,14 +6,12 @@ import asyncio
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, CancelledError
 
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
     CLOSE_ORIGINATING_TASK,
-    INVALID_INPUT,
-    PHASE_FAILED,
     STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
@@ -22,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
+    from exceptions import InvalidInputError, PhaseFailedError
     from models import (
         AgentTaskRequest,
         BuildPhaseResult,
@@ -52,8 +51,8 @@ class BuildPlanWorkflow:
         try:
             plan = BuildPlanInput.model_validate(raw_input)
         except ValidationError as err:
-            raise ApplicationError(f"invalid BuildPlanInput: {validation_message(err)}",
-                                   type=INVALID_INPUT, non_retryable=True) from None
+            raise InvalidInputError.failure(
+                f"invalid BuildPlanInput: {validation_message(err)}") from None
         self._plan = plan
         try:
             result = await self._run_phases(plan)
@@ -118,9 +117,8 @@ class BuildPlanWorkflow:
                 self._error = f"phase {phase.number} ({phase.agent_type}) failed: {message}"
                 self._waiting = None
                 workflow.set_current_details(f"**{plan.plan_name}**: {self._error}")
-                raise ApplicationError(
-                    f"{self._error} ({len(self._done)} of {total} phases done)",
-                    type=PHASE_FAILED, non_retryable=True) from None
+                raise PhaseFailedError.failure(
+                    f"{self._error} ({len(self._done)} of {total} phases done)") from None
             self._done.append(phase.number)
             self._waiting = None
         self._outcome, self._current, self._current_agent = "success", None, None
