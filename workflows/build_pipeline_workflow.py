@@ -71,7 +71,6 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from vocabulary import (
-        APPLY_FLAG_FIXES,
         APPROVE_BLOCKS_UPDATE,
         APPROVED,
         AUDIT_REQUESTS_DIR,
@@ -79,22 +78,16 @@ with workflow.unsafe.imports_passed_through():
         BUILD_PIPELINE_WORKFLOW,
         CANCELLED,
         CLOSE_BUILD,
-        CLOSE_OPEN_TASKS,
         DECISION_REFUSED,
         EXPIRED,
-        IMPLEMENT_BUILD,
         INVALID_INPUT,
         NOTIFY_BLOCKS,
         PHASE_FAILED,
-        PREFAB_SCAFFOLDING,
-        PREPARE_PIPELINE,
         PROCESS_TRIAGE_OUTPUT,
-        RECORD_DECISION,
         REJECT_BLOCKS_UPDATE,
         REMIND_PICKUP,
         REQUEST_CHANGES_UPDATE,
         REQUEST_SECURITY_AUDIT,
-        ROUTE_STAGE,
         STAGE_NUMBERS,
         STATUS_QUERY,
         SUMMARIZE_WORKFLOW,
@@ -109,6 +102,7 @@ with workflow.unsafe.imports_passed_through():
         WAIT_FOR_BLOCK_RESOLUTION,
     )
     from workflows import instructions, rounds, timings
+    from workflows.contracts import BuildPipelineActivities, stage_name
     from workflows.failures import (
         LOCAL_ACTIVITY_FAILURES,
         StageFailed,
@@ -230,11 +224,10 @@ class BuildPipelineWorkflow:
         return self._result(pipeline, summary_path)
 
     async def _prepare(self, pipeline: BuildPipelineInput) -> None:
-        self._setup = await workflow.execute_local_activity(
-            PREPARE_PIPELINE, PrepareInput(task_id=pipeline.task_id,
-                                           build_name=pipeline.build_name,
-                                           target_agent=pipeline.target_agent),
-            result_type=PipelineSetup,
+        self._setup = await workflow.execute_local_activity_method(
+            BuildPipelineActivities.prepare_pipeline,
+            PrepareInput(task_id=pipeline.task_id, build_name=pipeline.build_name,
+                         target_agent=pipeline.target_agent),
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="resolve agents, find originating task")
         self._origin_task_path = self._setup.originating_task_path
@@ -245,13 +238,13 @@ class BuildPipelineWorkflow:
 
     async def _run_stages(self, pipeline: BuildPipelineInput) -> Outcome:
         await self._agent_stage(
-            PREFAB_SCAFFOLDING, policies.PREFAB, self._task(
+            BuildPipelineActivities.prefab_scaffolding, policies.PREFAB, self._task(
                 pipeline, agent=self._stage_agent(pipeline, "prefab_agent"),
                 agent_setting="prefab_agent", task_type=TASK_BUILD_PREFAB,
                 summary=f"Prefab scaffolding for {pipeline.build_name}",
                 instruction=instructions.prefab(pipeline.build_name, pipeline.plan_path)))
         await self._agent_stage(
-            IMPLEMENT_BUILD, policies.IMPLEMENT, self._task(
+            BuildPipelineActivities.implement_build, policies.IMPLEMENT, self._task(
                 pipeline, agent=pipeline.target_agent, task_type=TASK_BUILD_PLAN,
                 summary=f"Implement {pipeline.build_name}",
                 instruction=instructions.implement(pipeline.build_name, pipeline.plan_path),
@@ -259,8 +252,8 @@ class BuildPipelineWorkflow:
         await self._security_audit(pipeline)
         # The triage is read where the audit was written: on stage 3's host.
         self._triage = await self._run_activity(
-            PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, pipeline.build_name,
-            result_type=TriageResult, waiting=None, local=self._local_inline,
+            BuildPipelineActivities.process_triage_output, policies.TRIAGE,
+            pipeline.build_name, waiting=None, local=self._local_inline,
             task_queue=self._task_queues.get(REQUEST_SECURITY_AUDIT))
         triage = self._triage
         self._event(PROCESS_TRIAGE_OUTPUT, "triaged", f"{len(triage.blocks)} blocks, "
@@ -280,7 +273,7 @@ class BuildPipelineWorkflow:
 
     async def _close_out(self, pipeline: BuildPipelineInput) -> Outcome:
         closeout = await self._agent_stage(
-            CLOSE_BUILD, policies.CLOSE_BUILD, self._task(
+            BuildPipelineActivities.close_build, policies.CLOSE_BUILD, self._task(
                 pipeline, agent=pipeline.target_agent, task_type=TASK_BUILD_CLOSEOUT,
                 summary=f"Close out {pipeline.build_name}",
                 instruction=instructions.closeout(pipeline.build_name, pipeline.plan_path)))
@@ -296,7 +289,7 @@ class BuildPipelineWorkflow:
         if current.round > 1 or self._reaudit_limit > 0:
             extra["audit_round"] = current.round
         done = await self._agent_stage(
-            APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
+            BuildPipelineActivities.apply_flag_fixes, policies.FLAG_FIXES, self._task(
                 pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
                 summary=f"Fix {len(flags)} security flag(s) on {pipeline.build_name}",
                 instruction=instructions.flag_fixes(pipeline.build_name, flags),
@@ -377,7 +370,7 @@ class BuildPipelineWorkflow:
         note = self._decision_note
         current.sent_to_fix, current.changes_note = changed, note
         done = await self._agent_stage(
-            APPLY_FLAG_FIXES, policies.FLAG_FIXES, self._task(
+            BuildPipelineActivities.apply_flag_fixes, policies.FLAG_FIXES, self._task(
                 pipeline, agent=pipeline.target_agent, task_type=TASK_SECURITY_FIX,
                 summary=f"Make the changes asked for on {pipeline.build_name} "
                         f"({len(changed)} block(s))",
@@ -402,15 +395,15 @@ class BuildPipelineWorkflow:
         self._event(REQUEST_SECURITY_AUDIT, "reaudit", f"round {number} of "
                                                        f"{self._reaudit_limit + 1}")
         await self._run_activity(
-            REQUEST_SECURITY_AUDIT,
+            BuildPipelineActivities.request_security_audit,
             policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
             AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
                          target_agent=pipeline.target_agent, task=request, round=number,
                          previous=previous),
-            result_type=BuildPhaseResult, waiting=request)
+            waiting=request)
         self._triage = triage = await self._run_activity(
-            PROCESS_TRIAGE_OUTPUT, policies.TRIAGE, (pipeline.build_name, number),
-            result_type=TriageResult, waiting=None, local=self._local_inline,
+            BuildPipelineActivities.process_triage_output, policies.TRIAGE,
+            (pipeline.build_name, number), waiting=None, local=self._local_inline,
             task_queue=self._task_queues.get(REQUEST_SECURITY_AUDIT))
         rounds.match_round(previous, [*triage.blocks, *triage.flags])
         self._rounds.append(AuditRound(round=number, blocks=triage.blocks, flags=triage.flags,
@@ -443,12 +436,13 @@ class BuildPipelineWorkflow:
             summary=summary, instruction=instruction, plan_path=pipeline.plan_path,
             extra_payload=extra or {}, originating_task_id=pipeline.task_id)
 
-    async def _agent_stage(self, stage: str, policy: policies.StagePolicy,
+    async def _agent_stage(self, activity: Callable[..., Any], policy: policies.StagePolicy,
                            request: AgentTaskRequest) -> BuildPhaseResult:
         assert self._input is not None
         policy = policies.with_agent_limit(policy, self._input.agent_timeout_seconds)
-        return await self._run_activity(stage, policy, request, result_type=BuildPhaseResult,
-                                        waiting=request)
+        result: BuildPhaseResult = await self._run_activity(activity, policy, request,
+                                                            waiting=request)
+        return result
 
     async def _security_audit(self, pipeline: BuildPipelineInput) -> None:
         folder = "audit-requests/" + pipeline.build_name
@@ -461,11 +455,11 @@ class BuildPipelineWorkflow:
                 f"<TEMPORAL_AUDIT_DIR>/{folder}/triage-output.yml"),
             extra={"audit_folder": folder})
         await self._run_activity(
-            REQUEST_SECURITY_AUDIT,
+            BuildPipelineActivities.request_security_audit,
             policies.with_agent_limit(policies.SECURITY_AUDIT, pipeline.agent_timeout_seconds),
             AuditRequest(build_name=pipeline.build_name, plan_path=pipeline.plan_path,
                          target_agent=pipeline.target_agent, task=request),
-            result_type=BuildPhaseResult, waiting=request)
+            waiting=request)
 
     async def _handle_blocks(self, pipeline: BuildPipelineInput,
                              blocks: list[Finding]) -> Outcome:
@@ -475,11 +469,11 @@ class BuildPipelineWorkflow:
         self._awaiting_decision = True
         try:
             notified = await self._run_activity(
-                NOTIFY_BLOCKS, policies.NOTIFY_BLOCKS,
+                BuildPipelineActivities.notify_blocks, policies.NOTIFY_BLOCKS,
                 NotifyBlocksInput(build_name=pipeline.build_name, task_id=pipeline.task_id,
                                   workflow_id=workflow.info().workflow_id, blocks=blocks,
                                   **self._notice_round()),
-                result_type=NotifyBlocksResult | None, waiting=None)
+                waiting=None)
         except BaseException:
             self._awaiting_decision = False
             raise
@@ -497,7 +491,7 @@ class BuildPipelineWorkflow:
             return "timed_out"
         if self._decided_via_update:
             await self._run_activity(
-                RECORD_DECISION, policies.RECORD_DECISION,
+                BuildPipelineActivities.record_block_decision, policies.RECORD_DECISION,
                 RecordDecisionInput(task_id=pipeline.task_id, path_hint=self._origin_task_path,
                                     decision=decision, actor=self._decided_by or "operator",
                                     note=self._decision_note,
@@ -506,7 +500,7 @@ class BuildPipelineWorkflow:
                                     claimed_by=self._claimed_by,
                                     build_name=pipeline.build_name,
                                     verdicts=self._round_verdicts()),
-                result_type=str, waiting=None, count_as_stage=False)
+                waiting=None, count_as_stage=False)
         self._event(WAIT_FOR_BLOCK_RESOLUTION, decision, f"by {self._decided_by}")
         return "partial" if decision == "approved" else "rejected"
 
@@ -576,16 +570,16 @@ class BuildPipelineWorkflow:
         """The stage-7 check activity as histories recorded before event-driven
         decisions hold it (only replays and runs already parked that way get here)."""
         if v050:
-            return workflow.start_activity(
-                stage, args=args, result_type=BlockResolution | None,
+            return workflow.start_activity_method(
+                BuildPipelineActivities.wait_for_block_resolution, args=args,
                 schedule_to_close_timeout=policies.V050_BLOCK_CHECK_LIMIT,
                 heartbeat_timeout=policies.V050_BLOCK_CHECK_HEARTBEAT,
                 retry_policy=policies.ONCE,
                 cancellation_type=workflow.ActivityCancellationType.TRY_CANCEL)
         assert interval is not None
         assert deadline is not None
-        return workflow.start_activity(
-            stage, args=args, result_type=BlockResolution,
+        return workflow.start_activity_method(
+            BuildPipelineActivities.wait_for_block_resolution, args=args,
             start_to_close_timeout=policies.BLOCK_CHECK_ATTEMPT,
             schedule_to_close_timeout=deadline + policies.BLOCK_CHECK_HEADROOM,
             retry_policy=policies.block_poll_retry(interval),
@@ -622,16 +616,17 @@ class BuildPipelineWorkflow:
                                      work_seconds=pipeline.work_timeout_seconds,
                                      overall_seconds=pipeline.agent_timeout_seconds)
 
-    async def _await_agent(self, stage: str, policy: policies.StagePolicy, arg: Any,
-                           result_type: Any, waiting: AgentTaskRequest,
+    async def _await_agent(self, activity: Callable[..., Any], policy: policies.StagePolicy,
+                           arg: Any, waiting: AgentTaskRequest,
                            task_queue: str | None = None) -> Any:
         """An agent stage whose activity holds the overall limit, watched from here:
         reminders while nobody claims the task past its pickup limit, and a failure when
         a claimed task stays silent past its work limit (the activity is cancelled)."""
+        stage = stage_name(activity)
         limits = self._agent_limits(stage)
-        handle = workflow.start_activity(
-            stage, args=list(arg) if isinstance(arg, tuple) else [arg],
-            result_type=result_type, start_to_close_timeout=limits.overall,
+        handle = workflow.start_activity_method(
+            activity, args=list(arg) if isinstance(arg, tuple) else [arg],
+            start_to_close_timeout=limits.overall,
             schedule_to_close_timeout=limits.overall, retry_policy=policy.retry,
             summary=self._summary_line(stage, self._agent_label(waiting)),
             **({"task_queue": task_queue} if task_queue else {}))
@@ -682,8 +677,8 @@ class BuildPipelineWorkflow:
             stage=stage, agent=timing.agent, task_id=timing.task_id, since=timing.written_at,
             reminder=timing.reminders, of=policies.PICKUP_REMINDERS)
         try:
-            failures = await workflow.execute_activity(
-                REMIND_PICKUP, reminder, result_type=list[str],
+            failures = await workflow.execute_activity_method(
+                BuildPipelineActivities.remind_pickup, reminder,
                 start_to_close_timeout=policies.REMIND_PICKUP.start_to_close,
                 retry_policy=policies.REMIND_PICKUP.retry,
                 summary=self._summary_line(REMIND_PICKUP, timing.agent))
@@ -770,11 +765,13 @@ class BuildPipelineWorkflow:
 
     # ---- shared stage machinery ---------------------------------------------------------
 
-    async def _run_activity(self, stage: str, policy: policies.StagePolicy, arg: Any, *,
-                            result_type: Any, waiting: AgentTaskRequest | None,
+    async def _run_activity(self, activity: Callable[..., Any], policy: policies.StagePolicy,
+                            arg: Any, *, waiting: AgentTaskRequest | None,
                             count_as_stage: bool = True, local: bool = False,
                             task_queue: str | None = None) -> Any:
-        """`task_queue`: an agent host's queue to run on (None: the workflow's own)."""
+        """`activity`: a method of workflows/contracts.py; `task_queue`: an agent host's
+        queue to run on (None: the workflow's own)."""
+        stage = stage_name(activity)
         if count_as_stage:
             await self._enter(stage)
         try:
@@ -786,14 +783,12 @@ class BuildPipelineWorkflow:
             target = self._agent_label(waiting) if waiting is not None else None
             routed = {"task_queue": task_queue} if task_queue else {}
             if waiting is not None and self._pickup_limits:
-                result = await self._await_agent(stage, policy, arg, result_type, waiting,
-                                                 task_queue)
+                result = await self._await_agent(activity, policy, arg, waiting, task_queue)
             else:
-                execute = (workflow.execute_local_activity if local and not routed
-                           else workflow.execute_activity)
+                execute = (workflow.execute_local_activity_method if local and not routed
+                           else workflow.execute_activity_method)
                 result = await execute(
-                    stage, args=list(arg) if isinstance(arg, tuple) else [arg],
-                    result_type=result_type,
+                    activity, args=list(arg) if isinstance(arg, tuple) else [arg],
                     start_to_close_timeout=policy.start_to_close,
                     schedule_to_close_timeout=policy.schedule_to_close,
                     retry_policy=policy.retry,
@@ -848,8 +843,8 @@ class BuildPipelineWorkflow:
         """The task queue of the host `request`'s agent runs on, read from the worker's
         AGENT_TASK_QUEUES when the stage starts: a changed map applies to every stage
         that starts after the change, never to one already under way."""
-        route: StageRoute = await workflow.execute_local_activity(
-            ROUTE_STAGE, request.target_agent, result_type=StageRoute,
+        route: StageRoute = await workflow.execute_local_activity_method(
+            BuildPipelineActivities.route_stage, request.target_agent,
             start_to_close_timeout=policies.ROUTE.start_to_close,
             retry_policy=policies.ROUTE.retry, summary=f"route {stage}")
         if route.task_queue:
@@ -904,8 +899,8 @@ class BuildPipelineWorkflow:
                 by_queue.setdefault(task.task_queue, []).append(task)
         for queue, tasks in by_queue.items():
             try:
-                closed = await workflow.execute_activity(
-                    CLOSE_OPEN_TASKS, tasks, task_queue=queue, result_type=list[OpenTask],
+                closed = await workflow.execute_activity_method(
+                    BuildPipelineActivities.close_open_tasks, tasks, task_queue=queue,
                     start_to_close_timeout=policies.CLOSE_ON_HOST.start_to_close,
                     schedule_to_close_timeout=policies.CLOSE_ON_HOST.schedule_to_close,
                     retry_policy=policies.CLOSE_ON_HOST.retry,
@@ -923,8 +918,8 @@ class BuildPipelineWorkflow:
         self._stage = SUMMARIZE_WORKFLOW
         self._event(SUMMARIZE_WORKFLOW, "started", f"outcome {self._outcome}")
         self._details()
-        execute = (workflow.execute_local_activity if self._local_inline
-                   else workflow.execute_activity)
+        execute = (workflow.execute_local_activity_method if self._local_inline
+                   else workflow.execute_activity_method)
         if self._task_routes:
             await self._close_on_hosts()
         try:
@@ -945,8 +940,8 @@ class BuildPipelineWorkflow:
     async def _write_summary(self, execute: Callable[..., Any],
                              pipeline: BuildPipelineInput) -> str:
         info = workflow.info()
-        return await execute(
-            SUMMARIZE_WORKFLOW,
+        path: str = await execute(
+            BuildPipelineActivities.summarize_workflow,
             SummaryInput(
                 workflow_id=info.workflow_id, run_id=info.run_id,
                 build_name=pipeline.build_name, target_agent=pipeline.target_agent,
@@ -965,10 +960,10 @@ class BuildPipelineWorkflow:
                 rounds=self._rounds, block_verdicts=self._verdicts,
                 tally=rounds.tally(self._rounds, self._verdicts),
                 stage_times=list(self._stage_times.values())),
-            result_type=str,
             start_to_close_timeout=policies.SUMMARY.start_to_close,
             retry_policy=policies.SUMMARY.retry,
             summary=self._summary_line(SUMMARIZE_WORKFLOW, None))
+        return path
 
     def _result(self, pipeline: BuildPipelineInput, summary_path: str | None
                 ) -> BuildPipelineResult:
