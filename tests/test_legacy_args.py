@@ -21,7 +21,6 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import legacy_args
 from activities.build_pipeline_activities import PipelineActivities
-from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
 from exceptions import InvalidInputError, LegacyWaitHandedOverError
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
@@ -325,7 +324,7 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
         config: WorkerConfig, run_input: dict[str, Any], stage: str, history_name: str,
         fields: set[str]) -> None:
     args = recorded_args(history_name, stage)
-    await suspended(environment(stage), agent_stage(config, stage), *args)
+    await suspended(environment(stage), getattr(PipelineActivities(config), stage), *args)
     _, task = only_task(config)
     assert task["id"] == legacy_args.task_id_for(CALL)
     payload = task["payload"]
@@ -349,7 +348,7 @@ async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
         config: WorkerConfig) -> None:
     """No client here: the history read fails; the task is still handed to the agent."""
     args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
-    await suspended(environment(CLOSE_BUILD), agent_stage(config, CLOSE_BUILD), *args)
+    await suspended(environment(CLOSE_BUILD), PipelineActivities(config).close_build, *args)
     path = only_task_path(config)
     payload = load_yaml(path)["payload"]
     assert "plan_path" not in payload
@@ -361,7 +360,7 @@ async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
                                target_agent="builder", task_type=TASK_BUILD_PLAN, summary="s",
                                instruction="do it", plan_path="/plans/web.md",
                                extra_payload={"originating_task_id": "T-1"})
-    await suspended(environment(IMPLEMENT_BUILD), agent_stage(config, IMPLEMENT_BUILD),
+    await suspended(environment(IMPLEMENT_BUILD), PipelineActivities(config).implement_build,
                     request.model_dump(mode="json"))
     _, task = only_task(config)
     assert task["id"] == request.task_id

@@ -11,7 +11,6 @@ from temporalio.exceptions import ActivityError, CancelledError
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
-    CLOSE_ORIGINATING_TASK,
     STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
@@ -23,7 +22,6 @@ with workflow.unsafe.imports_passed_through():
     from exceptions import InvalidInputError, PhaseFailedError
     from models import (
         AgentTaskRequest,
-        BuildPhaseResult,
         BuildPlanInput,
         BuildPlanResult,
         CloseOriginInput,
@@ -31,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from workflows import instructions
+    from workflows.contracts import BuildPlanActivities
     from workflows.failures import describe_activity_failure, validation_message
     from workflows.patches import CLOSE_FILING_TASK_PATCH
 
@@ -70,12 +69,11 @@ class BuildPlanWorkflow:
             return
         outcome = self._outcome or "failed"
         done = f"{len(self._done)} of {len(plan.phases)} phases done"
-        await workflow.execute_local_activity(
-            CLOSE_ORIGINATING_TASK,
+        await workflow.execute_local_activity_method(
+            BuildPlanActivities.close_originating_task,
             CloseOriginInput(task_id=plan.task_id, outcome=outcome,
                              output=f"plan {outcome}; {done}"
                              + (f": {self._error}" if self._error else "")),
-            result_type=str | None,
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="close the filing task")
 
@@ -100,8 +98,8 @@ class BuildPlanWorkflow:
                 f"**{plan.plan_name}**: phase {phase.number} ({len(self._done) + 1}/{total}) "
                 f"→ `{phase.agent_type}`")
             try:
-                await workflow.execute_activity(
-                    BUILD_PHASE, request, result_type=BuildPhaseResult,
+                await workflow.execute_activity_method(
+                    BuildPlanActivities.build_phase, request,
                     start_to_close_timeout=policies.BUILD_PHASE.start_to_close,
                     schedule_to_close_timeout=policies.BUILD_PHASE.schedule_to_close,
                     retry_policy=policies.BUILD_PHASE.retry,
