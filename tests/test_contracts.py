@@ -19,7 +19,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.build_pipeline_activities import PipelineActivities
 from config import WorkerConfig, load_config
-from vocabulary import BUILD_PHASE, INVALID_INPUT, STAGE_NUMBERS
+from exceptions import InvalidInputError
+from vocabulary import BUILD_PHASE, STAGE_NUMBERS
 from worker import worker_activities
 from workflows.contracts import BuildPipelineActivities, BuildPlanActivities
 
@@ -105,7 +106,7 @@ async def test_build_phase_refuses_positional_arguments(config: WorkerConfig) ->
     env = build_phase_environment()
     with pytest.raises(ApplicationError) as caught:
         await env.run(PipelineActivities(config).build_phase, "plan", 1)
-    assert (caught.value.type, caught.value.non_retryable) == (INVALID_INPUT, True)
+    assert (caught.value.type, caught.value.non_retryable) == (InvalidInputError.failure_type, True)
     assert "no v0.5.0 form" in str(caught.value)
 
 
@@ -113,4 +114,4 @@ async def test_own_form_that_does_not_fit_its_model_fails_at_once(config: Worker
     env = build_phase_environment()
     with pytest.raises(ApplicationError) as caught:
         await env.run(PipelineActivities(config).build_phase, {"task_id": "x"})
-    assert (caught.value.type, caught.value.non_retryable) == (INVALID_INPUT, True)
+    assert (caught.value.type, caught.value.non_retryable) == (InvalidInputError.failure_type, True)
