@@ -62,6 +62,7 @@ async def decision_events(handle: Any) -> list[StageEvent]:
             and e.event.startswith(("approved_", "rejected_"))]
 
 
+@pytest.mark.slow
 async def test_file_approval_acts_within_two_seconds(pipeline: PipelineEnv) -> None:
     handle, _, origin = await block_pipeline(pipeline, "fast-approve")
     latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
@@ -73,6 +74,7 @@ async def test_file_approval_acts_within_two_seconds(pipeline: PipelineEnv) -> N
     assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
 
 
+@pytest.mark.slow
 async def test_file_rejection_acts_within_two_seconds(pipeline: PipelineEnv) -> None:
     handle, _, origin = await block_pipeline(pipeline, "fast-reject")
     since = decide(origin, "rejected")
@@ -83,6 +85,7 @@ async def test_file_rejection_acts_within_two_seconds(pipeline: PipelineEnv) -> 
     assert (result.outcome, result.decision) == ("rejected", "rejected")
 
 
+@pytest.mark.slow
 async def test_polling_watcher_delivers_too(pipeline_env_vars: dict[str, str], client: Client,
                                             tmp_path: Path) -> None:
     config = load_config({**pipeline_env_vars, "TASK_WATCH_POLLING": "true"})
@@ -95,6 +98,7 @@ async def test_polling_watcher_delivers_too(pipeline_env_vars: dict[str, str], c
         await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_decision_made_while_no_worker_runs(pipeline_env_vars: dict[str, str],
                                                   client: Client, tmp_path: Path) -> None:
     config = load_config(pipeline_env_vars)
@@ -110,6 +114,7 @@ async def test_decision_made_while_no_worker_runs(pipeline_env_vars: dict[str, s
         assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
 
 
+@pytest.mark.slow
 async def test_file_decisions_can_be_turned_off(pipeline_env_vars: dict[str, str],
                                                 client: Client, tmp_path: Path) -> None:
     config = load_config({**pipeline_env_vars, "BLOCK_FILE_DECISIONS": "false"})
@@ -124,6 +129,7 @@ async def test_file_decisions_can_be_turned_off(pipeline_env_vars: dict[str, str
         assert [e.event for e in await decision_events(handle)] == ["rejected_by_update"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelines", [5])
 async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, str],
                                                   client: Client, tmp_path: Path,
@@ -175,6 +181,7 @@ async def at_stage(handle: Any, stage: str) -> None:
     await poll_async(there, what=f"pipeline at {stage}")
 
 
+@pytest.mark.slow
 async def test_decision_while_blocks_are_notified_is_taken(
         pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
     pipeline, release = held_notifier(client, tmp_path, pipeline_env_vars)
@@ -201,6 +208,7 @@ async def test_decision_while_blocks_are_notified_is_taken(
     assert (event.event, event.detail) == ("approved_by_update", "ted: known risk")
 
 
+@pytest.mark.slow
 async def test_retried_notice_keeps_a_decision_already_in_the_file(
         pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
     # The watcher is off, so only notify_blocks itself touches the decision in the file:
@@ -288,6 +296,7 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
     await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_a_run_nobody_serves_holds_up_no_other_decision(
         pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,6 +107,7 @@ async def activity_summaries(handle: WorkflowHandle) -> list[str]:
     return summaries
 
 
+@pytest.mark.slow
 async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "watched-build")
     prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
@@ -224,6 +225,7 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
     await handle.terminate("test done")
 
 
+@pytest.mark.slow
 async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "approved-build")
     sent = time.monotonic()
@@ -260,6 +262,7 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
                await activity_summaries(handle))
 
 
+@pytest.mark.slow
 async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "rejected-build")
     with pytest.raises(WorkflowUpdateFailedError) as caught:  # a body that is no decision

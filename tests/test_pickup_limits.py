@@ -147,6 +147,7 @@ async def slow_agent(client: Client, queue_dir: Path, audit_dir: Path, handle: W
     await complete_with_token(client, load_yaml(path))
 
 
+@pytest.mark.slow
 async def test_summary_status_and_histograms_say_where_the_time_went(
         tmp_path: Path, temporal_address: str) -> None:
     metrics = f"127.0.0.1:{free_port()}"

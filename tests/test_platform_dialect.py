@@ -217,6 +217,7 @@ async def test_a_routing_failure_is_a_warning_while_the_dispatcher_retries(
     await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_cli_and_tools_close_once_whichever_is_first(board: Board,
                                                            client: Client) -> None:
     origin = board.origin()

@@ -219,6 +219,7 @@ def test_startup_wait_setting_is_validated(value: str) -> None:
         load_config({"WORKER_STARTUP_WAIT_SECONDS": value})
 
 
+@pytest.mark.slow
 async def test_worker_waits_then_exits_4(tmp_path: Path) -> None:
     """worker.py with nothing listening: WARNINGs with the cause, status `waiting` with
     the reason, exit 4 once WORKER_STARTUP_WAIT_SECONDS have passed, not before."""
@@ -374,7 +375,6 @@ async def test_worker_waits_for_a_late_vault(temporal_address: str, tmp_path: Pa
 # --- the server away for a while, pipelines waiting on agents ---------------------------
 
 
-@pytest.mark.slow
 def close_with_tools(queue: Path, task: dict[str, Any]) -> None:
     """What the platform's operator and agent do with the task tools: hand it over,
     claim it, close it with its result."""
@@ -386,6 +386,7 @@ def close_with_tools(queue: Path, task: dict[str, Any]) -> None:
         assert result["ok"], result
 
 
+@pytest.mark.slow
 async def test_server_outage_while_agents_work(tmp_path: Path) -> None:
     server = DurableServer(tmp_path)
     # The platform dialect: the second agent closes its task with the task tools.

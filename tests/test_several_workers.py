@@ -34,6 +34,8 @@ from vocabulary import (
     TASK_SECURITY_FIX,
 )
 
+pytestmark = pytest.mark.slow
+
 PIPELINES = 100
 # One in ten pipelines gets a flag, one in ten a block its originating task approves.
 KINDS = ("flag", "block", *("clean",) * 8)
@@ -85,7 +87,6 @@ async def stuck_report(pending: dict[str, WorkflowHandle]) -> list[str]:
     return report
 
 
-@pytest.mark.slow
 async def test_two_workers_one_folder_survive_kills(client: Client, workers: list[WorkerProcess],
                                                     rng: random.Random) -> None:
     victim = rng.choice(workers)

@@ -230,6 +230,7 @@ def refused(launch: Launch, code: int, *words: str, by_hand: bool = False) -> No
 
 # ---- runs started the dispatcher's way ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker")
 async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
                                                            client: Client) -> None:
@@ -328,6 +329,7 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
     assert (result.status, result.phases_run) == ("success", 2)
 
 
+@pytest.mark.slow
 @pytest.mark.dialect(DIALECT_PLATFORM)
 @pytest.mark.usefixtures("worker")
 async def test_a_plan_filed_as_a_task_is_linked_and_closed(platform: Platform,
@@ -425,6 +427,7 @@ async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_an_id_already_running_is_refused(platform: Platform, client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
     first = await asyncio.to_thread(tick, platform, path)
@@ -488,6 +491,7 @@ def silent_port() -> Iterator[str]:
         yield f"127.0.0.1:{listener.getsockname()[1]}"
 
 
+@pytest.mark.slow
 async def test_a_server_that_never_answers_is_given_up_within_the_limit(
         platform: Platform, client: Client, silent_port: str) -> None:
     """Temporal, then Vault (its request hangs in a thread), accepting and then silent."""
