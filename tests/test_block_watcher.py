@@ -252,6 +252,7 @@ def planted(folder: Path, name: str, task_id: str, waiter: dict[str, Any]) -> Pa
     return path
 
 
+@pytest.mark.slow
 async def test_only_the_originating_task_decides(pipeline: PipelineEnv,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A file with another id naming the waiting run is refused by the pipeline; a second
@@ -371,6 +372,7 @@ async def test_a_file_that_cannot_be_a_decision_never_stops_the_watcher(
     assert watcher.delivered == 0
 
 
+@pytest.mark.slow
 async def test_a_later_opposite_decision_is_reported_refused(
         pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture) -> None:
     """One Update id per run: Temporal answers a second delivery with the first decision,

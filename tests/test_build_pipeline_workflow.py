@@ -257,6 +257,7 @@ async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: Pipeline
     assert (await handle.result()).outcome == "rejected"
 
 
+@pytest.mark.slow
 async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     inp = pipeline_input(pipeline, "failing-build")
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
@@ -278,6 +279,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     assert set(agent_tasks(pipeline, handle.id)) == {TASK_BUILD_PREFAB, TASK_BUILD_PLAN}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("triage", "problem"), [
     ("- just a list\n", "top level must be a mapping"),
     ("flags:\n- 42\n", "flags[0]: item must be a string or a mapping"),

@@ -308,6 +308,7 @@ async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
     assert (await status_of(handle)).outcome == "cancelled"
 
 
+@pytest.mark.slow
 async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     plan = BuildPlanInput(plan_name="two-phases", phases=[
         PhaseSpec(number=1, agent_type="builder", description="scaffold"),

@@ -122,6 +122,7 @@ def our_files(queue_dir: Path) -> list[tuple[Path, str, dict[str, Any]]]:
     return found
 
 
+@pytest.mark.slow
 async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
                                                              client: Client) -> None:
     origin = board.origin()
@@ -319,6 +320,7 @@ async def test_a_planted_close_of_another_id_completes_nothing(board: Board,
     await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_the_token_setting_puts_it_back_for_argv_agents(tmp_path: Path,
                                                               temporal_address: str,
                                                               client: Client) -> None:

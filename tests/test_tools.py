@@ -313,6 +313,7 @@ class FakeBrokenPipelineWorkflow:
         raise RuntimeError("simulated bug in workflow code")
 
 
+@pytest.mark.slow
 async def test_analysis_shows_an_agent_message_never_as_terminal_codes(
         pipeline: PipelineEnv) -> None:
     """An agent fails its stage with a message built to erase the real status line on

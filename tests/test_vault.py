@@ -392,6 +392,7 @@ def test_key_not_matching_certificate_is_a_credential_error(
     assert_no_secrets(bed, worker.stdout, worker.stderr)
 
 
+@pytest.mark.slow
 def test_require_tls_refuses_plaintext(pipeline_env_vars: dict[str, str],
                                        tmp_path: Path) -> None:
     env = {**pipeline_env_vars, "TEMPORAL_REQUIRE_TLS": "true"}  # and no Vault

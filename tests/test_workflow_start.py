@@ -302,6 +302,7 @@ async def test_the_filing_task_follows_its_run(platform: Platform, client: Clien
     assert closed[RUN_LINK]["run_id"] == run_id
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker")
 async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client: Client) -> None:
     phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
@@ -369,6 +370,7 @@ async def test_unknown_workflow_type_is_refused(platform: Platform, client: Clie
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> None:
     path, task_id = file_workflow_task(platform.queue_dir, plan_name="Web_Portal")
     launch = await asyncio.to_thread(tick, platform, path)
@@ -386,6 +388,7 @@ async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> N
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_input_missing_a_required_key_is_refused(platform: Platform,
                                                         client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
@@ -406,6 +409,7 @@ async def test_input_missing_a_required_key_is_refused(platform: Platform,
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
                                                       client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web",
