@@ -140,15 +140,21 @@ async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, s
     # register two workers on one queue).
     other = await connect(config)
     async with serving(client, config), serving(other, config):
-        parked = [await block_pipeline(pipeline, f"twice-{n}") for n in range(pipelines)]
+        # The pipelines run side by side, as they would on two workers: each waits only on
+        # its own agents.
+        parked = await asyncio.gather(*(block_pipeline(pipeline, f"twice-{n}")
+                                        for n in range(pipelines)))
         for _, _, origin in parked:
             decide(origin, "approved")
-        for handle, _, _ in parked:
+
+        async def closed_out(handle: Any) -> None:
             await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
             result = await handle.result()
             assert result.decision == "approved"
             assert [e.event for e in await decision_events(handle)] == \
                 ["approved_by_task_file"], handle.id
+
+        await asyncio.gather(*(closed_out(handle) for handle, _, _ in parked))
 
 
 # --- a decision while stage 6 is still running -------------------------------------------
