@@ -270,6 +270,7 @@ def worker_process(temporal_address: str, tmp_path: Path) -> Iterator[tuple[subp
                 process.wait()
 
 
+@pytest.mark.slow
 async def test_worker_process_serves_prometheus(
         worker_process: tuple[subprocess.Popen[str], str, str]) -> None:
     process, address, task_queue = worker_process
@@ -337,6 +338,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.slow
 async def test_sdk_core_warning_is_a_json_line(temporal_address: str, tmp_path: Path,
                                               client: Client) -> None:
     """The core (Rust) warns "Failing workflow task" when the worker cannot run a task:

@@ -38,6 +38,8 @@ from vocabulary import (
     STATUS_QUERY,
 )
 
+pytestmark = pytest.mark.slow
+
 FLAG_AND_BLOCK = ("blocks:\n- description: admin port open to the world\n"
                   "flags:\n- description: pin the base image\ninfo: []\n")
 
@@ -122,7 +124,6 @@ def our_files(queue_dir: Path) -> list[tuple[Path, str, dict[str, Any]]]:
     return found
 
 
-@pytest.mark.slow
 async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
                                                              client: Client) -> None:
     origin = board.origin()
@@ -218,7 +219,6 @@ async def test_a_routing_failure_is_a_warning_while_the_dispatcher_retries(
     await handle.cancel()
 
 
-@pytest.mark.slow
 async def test_cli_and_tools_close_once_whichever_is_first(board: Board,
                                                            client: Client) -> None:
     origin = board.origin()
@@ -320,7 +320,6 @@ async def test_a_planted_close_of_another_id_completes_nothing(board: Board,
     await handle.cancel()
 
 
-@pytest.mark.slow
 async def test_the_token_setting_puts_it_back_for_argv_agents(tmp_path: Path,
                                                               temporal_address: str,
                                                               client: Client) -> None:
