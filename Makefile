@@ -3,7 +3,8 @@
 #              TEMPORAL_ADDRESS)
 # make test  - set up .venv and node_modules if needed, lint, then the whole test suite
 #              (real dev server)
-# make test-quick - lint, then the tests not marked `slow` (about 2 minutes at most)
+# make test-quick - lint, then the tests not marked `slow`: the quick loop (about 110 s
+#              of CPU: 1-2 minutes on two idle cores)
 # make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
 #              with hashes) from requirements.in and requirements-dev.in
 # make node  - install pm2 from package-lock.json into node_modules (npm ci)
