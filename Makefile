@@ -3,6 +3,8 @@
 #              TEMPORAL_ADDRESS)
 # make test  - set up .venv and node_modules if needed, lint, then the whole test suite
 #              (real dev server)
+# make test-quick - lint, then the tests not marked `slow`: the quick loop (about 110 s
+#              of CPU: 1-2 minutes on two idle cores)
 # make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
 #              with hashes) from requirements.in and requirements-dev.in
 # make node  - install pm2 from package-lock.json into node_modules (npm ci)
@@ -24,7 +26,7 @@ LOCK := $(VENV)/bin/uv pip compile --quiet --generate-hashes --only-binary :all:
 	--python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	--custom-compile-command 'make lock' $(LOCK_ARGS)
 
-.PHONY: venv node lock run test lint bench demo clean
+.PHONY: venv node lock run test test-quick lint bench demo clean
 
 venv: $(STAMP)
 
@@ -55,6 +57,11 @@ lint: venv
 # Measured on this machine kind: the whole suite 570 s with -n 2, 441 s with -n 4.
 test: lint node
 	$(PY) -m pytest -p no:cacheprovider --timeout=600 -n 4 --dist worksteal
+
+# The quick loop: what takes 5 s or more (a real worker process, a pipeline played by
+# agent processes, Synapse, pm2) is marked `slow`; `make test` still runs it all.
+test-quick: lint
+	$(PY) -m pytest -p no:cacheprovider --timeout=600 -n 4 --dist worksteal -m 'not slow'
 
 bench: venv
 	$(PY) bench/pipeline_bench.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from temporalio.client import Client
 from temporalio.worker import PatchActivationInput
 
@@ -34,6 +35,8 @@ from vocabulary import (
     WAIT_FOR_BLOCK_RESOLUTION,
 )
 from worker import build_worker
+
+pytestmark = pytest.mark.slow
 
 
 def no_new_patches(_: PatchActivationInput) -> bool:

@@ -168,6 +168,7 @@ def assert_self_contained(path: Path, deployed: Deployed) -> dict[str, Any]:
 # --- the tests ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Deployed) -> None:
     """Every stage finished from `/` with PATH and HOME only, the commands taken from the
     payload, the instruction and request.md in turn; the agents read v0.5.0's fields
@@ -238,6 +239,7 @@ async def test_agents_with_only_the_task_file_complete_a_pipeline(deployed: Depl
         assert task["result"]["completed_by"] == task["target_agent"]
 
 
+@pytest.mark.slow
 async def test_symlinked_cli_and_v050_phase_fields(deployed: Deployed) -> None:
     """v0.3.0's ~/scripts/temporal-complete symlink works in place of the script, and a
     v0.5.0 agent finds phase_number, description, plan_name, context_refs, workflow_id."""
@@ -303,6 +305,7 @@ SETTING_CASES = ["namespace-env", "address-env", "address-task", "tls-without-va
                  "env-file-line", "env-file-fifo", "env-file-partial", "secret-id-file"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SETTING_CASES)
 async def test_wrong_setting_is_exit_2_naming_it(pipeline: PipelineEnv, tmp_path: Path,
                                                   case: str) -> None:

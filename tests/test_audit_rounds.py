@@ -77,6 +77,7 @@ async def refused(update: Any, failure_type: str) -> str:
     return cause.message
 
 
+@pytest.mark.slow
 async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
         pipeline: PipelineEnv) -> None:
     handle, _ = await run_to_triage(
@@ -140,6 +141,7 @@ async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
     assert any(e.event == "flags_escalated" for e in events)
 
 
+@pytest.mark.slow
 async def test_a_clean_reaudit_ends_the_rounds(pipeline: PipelineEnv) -> None:
     handle, _ = await run_to_triage(pipeline, "reaudit-clean", f"flags:\n- {PINNED}\n",
                                     reaudit_rounds=2)
@@ -156,6 +158,7 @@ async def test_a_clean_reaudit_ends_the_rounds(pipeline: PipelineEnv) -> None:
     assert not (pipeline.audit_dir / AUDIT_REQUESTS_DIR / "reaudit-clean" / "round-3").exists()
 
 
+@pytest.mark.slow
 async def test_changes_requested_for_one_block_by_update(pipeline: PipelineEnv) -> None:
     handle, _ = await run_to_triage(
         pipeline, "changes-update", f"blocks:\n- {TOKEN}\n- {PORT}\n", reaudit_rounds=1)

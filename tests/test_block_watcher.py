@@ -70,6 +70,7 @@ async def decision_events(handle: Any) -> list[StageEvent]:
             and e.event.startswith(("approved_", "rejected_"))]
 
 
+@pytest.mark.slow
 async def test_file_approval_acts_within_two_seconds(pipeline: PipelineEnv) -> None:
     handle, _, origin = await block_pipeline(pipeline, "fast-approve")
     latency = await closeout_started(pipeline, handle.id, decide(origin, "approved"))
@@ -81,6 +82,7 @@ async def test_file_approval_acts_within_two_seconds(pipeline: PipelineEnv) -> N
     assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
 
 
+@pytest.mark.slow
 async def test_file_rejection_acts_within_two_seconds(pipeline: PipelineEnv) -> None:
     handle, _, origin = await block_pipeline(pipeline, "fast-reject")
     since = decide(origin, "rejected")
@@ -91,6 +93,7 @@ async def test_file_rejection_acts_within_two_seconds(pipeline: PipelineEnv) -> 
     assert (result.outcome, result.decision) == ("rejected", "rejected")
 
 
+@pytest.mark.slow
 async def test_polling_watcher_delivers_too(pipeline_env_vars: dict[str, str], client: Client,
                                             tmp_path: Path) -> None:
     config = load_config({**pipeline_env_vars, "TASK_WATCH_POLLING": "true"})
@@ -103,6 +106,7 @@ async def test_polling_watcher_delivers_too(pipeline_env_vars: dict[str, str], c
         await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_decision_made_while_no_worker_runs(pipeline_env_vars: dict[str, str],
                                                   client: Client, tmp_path: Path) -> None:
     config = load_config(pipeline_env_vars)
@@ -118,6 +122,7 @@ async def test_decision_made_while_no_worker_runs(pipeline_env_vars: dict[str, s
         assert [e.event for e in await decision_events(handle)] == ["approved_by_task_file"]
 
 
+@pytest.mark.slow
 async def test_file_decisions_can_be_turned_off(pipeline_env_vars: dict[str, str],
                                                 client: Client, tmp_path: Path) -> None:
     config = load_config({**pipeline_env_vars, "BLOCK_FILE_DECISIONS": "false"})
@@ -132,6 +137,7 @@ async def test_file_decisions_can_be_turned_off(pipeline_env_vars: dict[str, str
         assert [e.event for e in await decision_events(handle)] == ["rejected_by_update"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelines", [5])
 async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, str],
                                                   client: Client, tmp_path: Path,
@@ -142,15 +148,21 @@ async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, s
     # register two workers on one queue).
     other = await connect(config)
     async with serving(client, config), serving(other, config):
-        parked = [await block_pipeline(pipeline, f"twice-{n}") for n in range(pipelines)]
+        # The pipelines run side by side, as they would on two workers: each waits only on
+        # its own agents.
+        parked = await asyncio.gather(*(block_pipeline(pipeline, f"twice-{n}")
+                                        for n in range(pipelines)))
         for _, _, origin in parked:
             decide(origin, "approved")
-        for handle, _, _ in parked:
+
+        async def closed_out(handle: Any) -> None:
             await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
             result = await handle.result()
             assert result.decision == "approved"
             assert [e.event for e in await decision_events(handle)] == \
                 ["approved_by_task_file"], handle.id
+
+        await asyncio.gather(*(closed_out(handle) for handle, _, _ in parked))
 
 
 # --- a decision while stage 6 is still running -------------------------------------------
@@ -183,6 +195,7 @@ async def at_stage(handle: Any, stage: str) -> None:
     await poll_async(there, what=f"pipeline at {stage}")
 
 
+@pytest.mark.slow
 async def test_decision_while_blocks_are_notified_is_taken(
         pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
     pipeline, release = held_notifier(client, tmp_path, pipeline_env_vars)
@@ -209,6 +222,7 @@ async def test_decision_while_blocks_are_notified_is_taken(
     assert (event.event, event.detail) == ("approved_by_update", "ted: known risk")
 
 
+@pytest.mark.slow
 async def test_retried_notice_keeps_a_decision_already_in_the_file(
         pipeline_env_vars: dict[str, str], client: Client, tmp_path: Path) -> None:
     # The watcher is off, so only notify_blocks itself touches the decision in the file:
@@ -252,6 +266,7 @@ def planted(folder: Path, name: str, task_id: str, waiter: dict[str, Any]) -> Pa
     return path
 
 
+@pytest.mark.slow
 async def test_only_the_originating_task_decides(pipeline: PipelineEnv,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A file with another id naming the waiting run is refused by the pipeline; a second
@@ -296,6 +311,7 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
     await handle.cancel()
 
 
+@pytest.mark.slow
 async def test_a_run_nobody_serves_holds_up_no_other_decision(
         pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,6 +386,7 @@ async def test_a_file_that_cannot_be_a_decision_never_stops_the_watcher(
     assert watcher.delivered == 0
 
 
+@pytest.mark.slow
 async def test_a_later_opposite_decision_is_reported_refused(
         pipeline: PipelineEnv, caplog: pytest.LogCaptureFixture) -> None:
     """One Update id per run: Temporal answers a second delivery with the first decision,

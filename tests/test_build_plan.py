@@ -50,6 +50,7 @@ async def activity_order(handle: WorkflowHandle) -> list[str]:
     return order
 
 
+@pytest.mark.slow
 async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "parser-plan",
                                                         "phases": PHASES},
@@ -106,6 +107,7 @@ async def test_two_phases_run_in_order(pipeline: PipelineEnv) -> None:
     assert tasks[1]["created"] >= tasks[0]["result"]["completed_at"]
 
 
+@pytest.mark.slow
 async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
     handle = await pipeline.start(BUILD_PLAN_WORKFLOW, {"plan_name": "failing-plan",
                                                         "phases": PHASES},

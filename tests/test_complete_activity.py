@@ -160,6 +160,7 @@ async def test_failed_fails_the_activity_as_phase_failed(pipeline: PipelineEnv) 
     assert written["result"]["output"] == "tests are red"
 
 
+@pytest.mark.slow
 async def test_second_completion_is_exit_3(pipeline: PipelineEnv) -> None:
     handle, _, token = await one_phase_plan(pipeline)
     first = run([token, "success", "once"], cli_env(pipeline.env), token)

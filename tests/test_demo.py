@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tools.common import proc_start_ticks
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["1/9 prefab_scaffolding", "2/9 implement_build", "3/9 request_security_audit",

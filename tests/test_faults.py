@@ -50,6 +50,8 @@ from vocabulary import (
     TASK_SECURITY_FIX,
 )
 
+pytestmark = pytest.mark.slow
+
 MAX_KILLS = 8
 BLOCKS = "blocks:\n- description: credentials in the image\n"
 
@@ -141,7 +143,6 @@ def files_per_stage(queue: Path) -> Counter[tuple[str, str]]:
     return counts
 
 
-@pytest.mark.slow
 async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
                                               worker: WorkerProcess) -> None:
     lab = Pipelines(durable_client, worker)
@@ -254,7 +255,6 @@ def bulk_agents(client: Client, lab: Pipelines) -> StandIn:
                    concurrency=8, interval=0.2)
 
 
-@pytest.mark.slow
 async def test_fifty_pipelines_survive_random_kills(durable_client: Client, worker: WorkerProcess,
                                                     rng: random.Random) -> None:
     lab = Pipelines(durable_client, worker)
@@ -298,7 +298,6 @@ async def test_fifty_pipelines_survive_random_kills(durable_client: Client, work
     assert max(counts.values()) == 1
 
 
-@pytest.mark.slow
 async def test_worker_killed_between_start_and_task_file_is_redispatched(
         durable_client: Client, worker: WorkerProcess) -> None:
     """The hardest moment: the server has handed implement_build to the worker, which

@@ -304,6 +304,7 @@ async def _attempt_above(handle: WorkflowHandle, attempts: int) -> bool:
     return (await pending_failure(handle, PREFAB_SCAFFOLDING))[2] > attempts
 
 
+@pytest.mark.slow
 async def test_a_read_only_audit_folder_holds_stage_3_before_any_agent_sees_it(
         rig: Rig, disks: dict[str, TinyDisk], tmp_path: Path) -> None:
     disk = disks["artifacts"]

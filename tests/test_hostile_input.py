@@ -1034,6 +1034,7 @@ async def test_notices_carry_block_text_as_inert_single_lines(notifying: Any) ->
     assert ntfy.requests[0]["body"] == text
 
 
+@pytest.mark.slow
 async def test_cli_answers_bad_bytes_with_one_line(pipeline: PipelineEnv) -> None:
     """Finding 10: an invalid UTF-8 message printed a 41-line traceback (with the server
     up, so nothing fails earlier). Each form is exit 2, one line, nothing completed."""

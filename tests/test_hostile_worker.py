@@ -47,6 +47,8 @@ from vocabulary import (
     TASK_SECURITY_FIX,
 )
 
+pytestmark = pytest.mark.slow
+
 GRACE_SECONDS = 5
 RSS_LIMIT_KB = 300 * 1024
 

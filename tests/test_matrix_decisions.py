@@ -246,6 +246,7 @@ def test_a_reply_beginning_with_changes_requests_changes() -> None:
 
 
 
+@pytest.mark.slow
 async def test_approver_replies_approve_and_reject(
         chat: Chat, client: Client, temporal_address: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,6 +300,7 @@ async def test_approver_replies_approve_and_reject(
     assert chat.bot.token not in caplog.text
 
 
+@pytest.mark.slow
 async def test_approver_reactions_decide(chat: Chat, client: Client, temporal_address: str,
                                          tmp_path: Path) -> None:
     async with chat_worker(client, tmp_path, temporal_address, chat) as pipeline:
@@ -323,6 +325,7 @@ async def test_approver_reactions_decide(chat: Chat, client: Client, temporal_ad
         assert decided.detail == chat.alice.user_id  # a reaction carries no note
 
 
+@pytest.mark.slow
 async def test_only_an_approver_in_the_notice_room_decides(
         chat: Chat, client: Client, temporal_address: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -407,6 +410,7 @@ async def test_only_an_approver_in_the_notice_room_decides(
         "chat_listener_error", "chat_listener_retrying")]
 
 
+@pytest.mark.slow
 async def test_decisions_made_while_no_worker_listened(
         chat: Chat, client: Client, temporal_address: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -454,6 +458,7 @@ async def test_decisions_made_while_no_worker_listened(
         "chat_listener_error", "chat_listener_retrying", "chat_decision_not_delivered")]
 
 
+@pytest.mark.slow
 async def test_two_workers_listening_apply_one_decision(
         chat: Chat, client: Client, temporal_address: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -507,6 +512,7 @@ async def test_two_workers_listening_apply_one_decision(
     assert chat.bot.token not in caplog.text
 
 
+@pytest.mark.slow
 async def test_listener_is_off_without_approvers_and_survives_a_bad_token(
         chat: Chat, client: Client, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)

@@ -116,6 +116,7 @@ def notices(homeserver: synapse.Homeserver, token: str, room_id: str) -> list[di
     return [event["content"] for event in homeserver.messages(token, room_id)]
 
 
+@pytest.mark.slow
 async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matrix_token: str,
                                             client: Client, temporal_address: str,
                                             tmp_path: Path) -> None:
@@ -155,6 +156,7 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
     assert "notification failed" not in note
 
 
+@pytest.mark.slow
 async def test_room_id_alias_and_short_name_resolve(homeserver: synapse.Homeserver,
                                                     matrix_token: str) -> None:
     room_id = homeserver.create_room(matrix_token, "forms")
@@ -167,6 +169,7 @@ async def test_room_id_alias_and_short_name_resolve(homeserver: synapse.Homeserv
                       "sent to forms"]
 
 
+@pytest.mark.slow
 async def test_same_transaction_is_sent_once(homeserver: synapse.Homeserver,
                                              matrix_token: str) -> None:
     """A retried stage reuses its transaction id: the room shows the notice once."""
@@ -178,6 +181,7 @@ async def test_same_transaction_is_sent_once(homeserver: synapse.Homeserver,
     assert [c["body"] for c in notices(homeserver, matrix_token, room_id)] == ["only once"]
 
 
+@pytest.mark.slow
 async def test_bad_token_and_unknown_room_fail_without_retry(
         homeserver: synapse.Homeserver, matrix_token: str) -> None:
     bad = "syt_not_a_real_token_" + uuid.uuid4().hex
@@ -197,6 +201,7 @@ async def test_bad_token_and_unknown_room_fail_without_retry(
     assert not failed.value.retryable
 
 
+@pytest.mark.slow
 async def test_homeserver_down_still_parks_and_records(client: Client, temporal_address: str,
                                                        tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
@@ -269,6 +274,7 @@ with open({out!r}, "w") as f:
 """
 
 
+@pytest.mark.slow
 async def test_script_and_ntfy_channels(client: Client, temporal_address: str, tmp_path: Path,
                                         ntfy: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     record = tmp_path / "script-call.json"
@@ -312,6 +318,7 @@ async def test_failing_channel_is_retried_then_reported(ntfy: Recorder) -> None:
 
 # ---- reminders: a task nobody picks up -----------------------------------------------------
 
+@pytest.mark.slow
 async def test_unclaimed_task_is_reminded_then_waits_until_claimed(
         homeserver: synapse.Homeserver, matrix_token: str, client: Client,
         temporal_address: str, tmp_path: Path) -> None:

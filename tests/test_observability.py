@@ -122,6 +122,7 @@ async def traced_run(temporal_address: str,
 
 # ---- traces ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_workflow_and_activity_spans_share_one_trace(traced_run: TracedRun) -> None:
     assert traced_run.result.outcome == "partial"  # blocks approved
     pipeline_spans = [s for s in traced_run.spans
@@ -165,6 +166,7 @@ def value(all_samples: list[tuple[str, dict[str, str], float]], name: str,
                if n == name and all(lab.get(k) == want for k, want in labels.items()))
 
 
+@pytest.mark.slow
 async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> None:
     def scrape() -> list[tuple[str, dict[str, str], float]] | None:
         found = samples(httpx.get(traced_run.metrics_url, timeout=5).text)
@@ -194,6 +196,7 @@ async def test_prometheus_shows_sdk_and_own_metrics(traced_run: TracedRun) -> No
 
 # ---- logs --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_json_log_lines_carry_context(traced_run: TracedRun) -> None:
     lines = traced_run.log_lines
     assert lines
@@ -237,6 +240,7 @@ def probe(**env: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_opentelemetry_not_imported_unless_configured() -> None:
     # The runtime is always there: it forwards the SDK core's log lines.
     assert probe() == {"otel": [], "runtime": True, "interceptors": 0}
@@ -266,6 +270,7 @@ def worker_process(temporal_address: str, tmp_path: Path) -> Iterator[tuple[subp
                 process.wait()
 
 
+@pytest.mark.slow
 async def test_worker_process_serves_prometheus(
         worker_process: tuple[subprocess.Popen[str], str, str]) -> None:
     process, address, task_queue = worker_process
@@ -333,6 +338,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.slow
 async def test_sdk_core_warning_is_a_json_line(temporal_address: str, tmp_path: Path,
                                               client: Client) -> None:
     """The core (Rust) warns "Failing workflow task" when the worker cannot run a task:
@@ -368,6 +374,7 @@ async def test_sdk_core_warning_is_a_json_line(temporal_address: str, tmp_path: 
     assert any(r["event"] == "worker_stopped" for r in records)
 
 
+@pytest.mark.slow
 def test_prometheus_address_errors_exit_2(temporal_address: str, tmp_path: Path) -> None:
     env = make_env(tmp_path, temporal_address, PROMETHEUS_BIND_ADDRESS="no-port")
     done = subprocess.run([sys.executable, "worker.py"], cwd=REPO, env=env,

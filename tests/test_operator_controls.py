@@ -112,6 +112,7 @@ async def activity_summaries(handle: WorkflowHandle) -> list[str]:
     return summaries
 
 
+@pytest.mark.slow
 async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "watched-build")
     prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
@@ -229,6 +230,7 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
     await handle.terminate("test done")
 
 
+@pytest.mark.slow
 async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "approved-build")
     sent = time.monotonic()
@@ -265,6 +267,7 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
                await activity_summaries(handle))
 
 
+@pytest.mark.slow
 async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "rejected-build")
     with pytest.raises(WorkflowUpdateFailedError) as caught:  # a body that is no decision
@@ -310,6 +313,7 @@ async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
     assert (await status_of(handle)).outcome == "cancelled"
 
 
+@pytest.mark.slow
 async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
     plan = BuildPlanInput(plan_name="two-phases", phases=[
         PhaseSpec(number=1, agent_type="builder", description="scaffold"),

@@ -81,6 +81,7 @@ def test_a_claim_of_ours_is_read_and_anyone_elses_is_not() -> None:
 
 # ---- a claimed task that goes silent -------------------------------------------------------
 
+@pytest.mark.slow
 async def test_a_claimed_task_silent_past_its_work_limit_fails_its_stage(
         board: Board, client: Client) -> None:  # noqa: F811 (the fixture)
     """Platform dialect: routed, claimed with update_task, then nothing: the stage fails
@@ -147,6 +148,7 @@ async def slow_agent(client: Client, queue_dir: Path, audit_dir: Path, handle: W
     await complete_with_token(client, load_yaml(path))
 
 
+@pytest.mark.slow
 async def test_summary_status_and_histograms_say_where_the_time_went(
         tmp_path: Path, temporal_address: str) -> None:
     metrics = f"127.0.0.1:{free_port()}"

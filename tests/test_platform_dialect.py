@@ -38,6 +38,8 @@ from vocabulary import (
     STATUS_QUERY,
 )
 
+pytestmark = pytest.mark.slow
+
 FLAG_AND_BLOCK = ("blocks:\n- description: admin port open to the world\n"
                   "flags:\n- description: pin the base image\ninfo: []\n")
 

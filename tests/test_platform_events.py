@@ -228,6 +228,7 @@ EXPECTED = [("build.started", None), ("handoff.created", PREFAB_SCAFFOLDING),
             ("build.completed", None)]
 
 
+@pytest.mark.slow
 async def test_a_pipeline_with_a_flag_and_a_block_tells_the_platform(
         temporal_address: str, client: Client, tmp_path: Path, rng: random.Random) -> None:
     comms = tmp_path / "comms"

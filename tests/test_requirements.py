@@ -95,6 +95,7 @@ def owner(module: str) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_every_imported_package_is_declared() -> None:
     local = {p.stem for p in REPO.glob("*.py")} | {p.name for p in REPO.iterdir() if p.is_dir()}
     runtime = set(direct(REPO / "requirements.in"))

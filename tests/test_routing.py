@@ -61,6 +61,8 @@ from vocabulary import (
     TASK_SECURITY_AUDIT,
 )
 
+pytestmark = pytest.mark.slow
+
 BUILDER, PREFAB, SECURITY = "builder", "prefab-bot", "sec-bot"
 FLAG_AND_BLOCK = "flags:\n- pin versions\nblocks:\n- description: credentials in the image\n"
 WAIT = 90.0
@@ -240,7 +242,6 @@ def stalled_report(env: dict[str, str], workflow_id: str) -> subprocess.Complete
                           text=True, timeout=60, cwd=REPO)
 
 
-@pytest.mark.slow
 async def test_a_host_away_or_killed_loses_nothing(client: Client, hosts_factory: Any) -> None:
     hosts = hosts_factory()
     main, host_a, host_b = hosts["main"], hosts["a"], hosts["b"]

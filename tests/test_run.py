@@ -63,6 +63,7 @@ def run_env(root: Path, address: str, **extra: str) -> dict[str, str]:
     return make_env(root, address, **settings)
 
 
+@pytest.mark.slow
 async def test_starts_dev_server_worker_and_stops_both(tmp_path: Path) -> None:
     port = devserver.free_port()
     env = run_env(tmp_path, f"127.0.0.1:{port}")
@@ -109,6 +110,7 @@ async def test_starts_dev_server_worker_and_stops_both(tmp_path: Path) -> None:
     assert not devserver.is_listening("127.0.0.1", port)
 
 
+@pytest.mark.slow
 async def test_uses_a_listening_server_and_leaves_it_running(
         tmp_path: Path, temporal_address: str) -> None:
     env = run_env(tmp_path, temporal_address)

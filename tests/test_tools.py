@@ -107,6 +107,7 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
+@pytest.mark.slow
 def test_every_tool_has_help_with_exit_codes() -> None:
     env = dict(os.environ)
     with ThreadPoolExecutor(4) as pool:
@@ -137,6 +138,7 @@ def test_every_tool_has_help_with_exit_codes() -> None:
         assert os.readlink(REPO / "tools" / name) == "ops", name
 
 
+@pytest.mark.slow
 def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
                                       bystander: subprocess.Popen[bytes]) -> None:
     shared = ops_env(dict(os.environ), tmp_path, TEMPORAL_ADDRESS=temporal_address)
@@ -165,6 +167,7 @@ def test_server_lifecycle_by_pid_file(tmp_path: Path, temporal_address: str,
     assert bystander.poll() is None
 
 
+@pytest.mark.slow
 def test_worker_lifecycle_and_health(tmp_path: Path, pipeline_env_vars: dict[str, str],
                                      bystander: subprocess.Popen[bytes]) -> None:
     env = ops_env(pipeline_env_vars, tmp_path)
@@ -310,6 +313,7 @@ class FakeBrokenPipelineWorkflow:
         raise RuntimeError("simulated bug in workflow code")
 
 
+@pytest.mark.slow
 async def test_analysis_shows_an_agent_message_never_as_terminal_codes(
         pipeline: PipelineEnv) -> None:
     """An agent fails its stage with a message built to erase the real status line on
@@ -335,6 +339,7 @@ async def test_analysis_shows_an_agent_message_never_as_terminal_codes(
     assert "status FAILED" in analysis.stdout.splitlines()[0]
 
 
+@pytest.mark.slow
 async def test_stalled_workflow_found_explained_and_terminated(pipeline: PipelineEnv,
                                                                client: Client) -> None:
     env = ops_env(pipeline.env, pipeline.root)
@@ -417,6 +422,7 @@ async def park(pipeline: PipelineEnv, workflow_id: str, build: str) -> None:
     await wait_until_parked(pipeline.client.get_workflow_handle(workflow_id))
 
 
+@pytest.mark.slow
 async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
     task_id = write_origin_task(pipeline.queue_dir)
@@ -449,6 +455,7 @@ async def test_start_build_from_file_then_approve(pipeline: PipelineEnv) -> None
     assert "not found or already closed" in again.stderr
 
 
+@pytest.mark.slow
 async def test_start_build_from_flags_then_reject(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
     task_id = write_origin_task(pipeline.queue_dir)
@@ -490,6 +497,7 @@ async def started_input(client: Client, workflow_id: str) -> dict[str, Any]:
     raise AssertionError("no history")
 
 
+@pytest.mark.slow
 async def test_start_build_creates_the_originating_task(pipeline: PipelineEnv) -> None:
     env = ops_env(pipeline.env, pipeline.root)
     both = await atool("start-build", "--build-name", "x", "--plan-path", "/p.md", "--task-id",
@@ -579,6 +587,7 @@ async def test_start_build_warns_when_the_task_id_has_no_file(pipeline: Pipeline
                 await pipeline.client.get_workflow_handle(result.stdout.strip()).terminate()
 
 
+@pytest.mark.slow
 def test_tools_see_a_worker_they_did_not_start(tmp_path: Path,
                                                pipeline_env_vars: dict[str, str]) -> None:
     """A worker started as `make run` or pm2 start it: no PID file of these tools, only its
@@ -626,6 +635,7 @@ def test_tools_see_a_worker_they_did_not_start(tmp_path: Path,
         stopped.stdout
 
 
+@pytest.mark.slow
 async def test_temporal_passthrough_connects_as_the_worker(pipeline: PipelineEnv,
                                                            tmp_path: Path) -> None:
     env = ops_env(pipeline.env, pipeline.root)
@@ -658,6 +668,7 @@ async def test_temporal_passthrough_connects_as_the_worker(pipeline: PipelineEnv
     await handle.terminate()
 
 
+@pytest.mark.slow
 def test_temporal_passthrough_with_vault_mtls(temporal_address: str, tmp_path: Path) -> None:
     """The CLI gets the worker's Vault-issued certificates inline, in its environment only."""
     pki = make_pki()

@@ -41,6 +41,8 @@ from taskfiles.lookup import find_task, update_task
 from tests.agents import assert_valid_task_file
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
 
+pytestmark = pytest.mark.slow
+
 RECORDED = Path(__file__).resolve().parent / "histories" / "v050"
 # What the recording's agents and security agent did, per path.
 PATHS: dict[str, dict[str, Any]] = {
@@ -158,7 +160,6 @@ async def run_recorded_path(client: Client, env: dict[str, str], name: str
     return await handle.fetch_history(), result, played
 
 
-@pytest.mark.slow
 async def test_standin_writes_the_recorded_v050_histories(
         client: Client, pipeline_env_vars: dict[str, str], tmp_path: Path) -> None:
     env = {**pipeline_env_vars, **STANDIN_ENV}
@@ -223,7 +224,6 @@ async def play_our_tasks(env: dict[str, str], build: str, triage: dict[str, list
     return tasks
 
 
-@pytest.mark.slow
 async def test_v050_calls_run_on_our_activities(
         client: Client, v050_workflow_with_our_activities: dict[str, str]) -> None:
     env = v050_workflow_with_our_activities

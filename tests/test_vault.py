@@ -257,6 +257,7 @@ async def test_worker_runs_a_pipeline_through_mtls(bed: Bed, vault_vars: dict[st
             assert assert_valid_task_file(path)["status"] == "completed"
 
 
+@pytest.mark.slow
 async def test_agent_cli_takes_vault_settings_from_the_env_file(bed: Bed,
                                                                 vault_vars: dict[str, str],
                                                                 tmp_path: Path) -> None:
@@ -391,6 +392,7 @@ def test_key_not_matching_certificate_is_a_credential_error(
     assert_no_secrets(bed, worker.stdout, worker.stderr)
 
 
+@pytest.mark.slow
 def test_require_tls_refuses_plaintext(pipeline_env_vars: dict[str, str],
                                        tmp_path: Path) -> None:
     env = {**pipeline_env_vars, "TEMPORAL_REQUIRE_TLS": "true"}  # and no Vault

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from models import BuildPipelineInput
@@ -113,6 +114,7 @@ async def test_ready_status_file_and_clean_sigterm(temporal_address: str,
     assert status(status_file)["state"] == "stopped"  # type: ignore[index]
 
 
+@pytest.mark.slow
 async def test_graceful_shutdown_lets_running_activity_finish(
         temporal_address: str, client: Client, tmp_path: Path) -> None:
     script = slow_script(tmp_path, 3)
@@ -139,6 +141,7 @@ async def test_graceful_shutdown_lets_running_activity_finish(
     await handle.terminate("test done")
 
 
+@pytest.mark.slow
 async def test_second_signal_exits_at_once(temporal_address: str, client: Client,
                                            tmp_path: Path) -> None:
     script = slow_script(tmp_path, 30)
@@ -168,6 +171,7 @@ def run_worker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_configuration_errors_exit_2_naming_the_variable(tmp_path: Path) -> None:
     base = make_env(tmp_path, "127.0.0.1:1", MATRIX_ACCESS_TOKEN=SECRET)
     for name, value in [("TEMPORAL_ADDRESS", "no-port"),

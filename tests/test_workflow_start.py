@@ -231,6 +231,7 @@ def refused(launch: Launch, code: int, *words: str, by_hand: bool = False) -> No
 
 # ---- runs started the dispatcher's way ---------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker")
 async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
                                                            client: Client) -> None:
@@ -302,6 +303,7 @@ async def test_the_filing_task_follows_its_run(platform: Platform, client: Clien
     assert closed[RUN_LINK]["run_id"] == run_id
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("worker")
 async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client: Client) -> None:
     phases = [{"number": 1, "agent_type": "developer", "description": "Write the chart"},
@@ -329,6 +331,7 @@ async def test_a_workflow_task_runs_a_two_phase_plan(platform: Platform, client:
     assert (result.status, result.phases_run) == ("success", 2)
 
 
+@pytest.mark.slow
 @pytest.mark.dialect(DIALECT_PLATFORM)
 @pytest.mark.usefixtures("worker")
 async def test_a_plan_filed_as_a_task_is_linked_and_closed(platform: Platform,
@@ -368,6 +371,7 @@ async def test_unknown_workflow_type_is_refused(platform: Platform, client: Clie
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> None:
     path, task_id = file_workflow_task(platform.queue_dir, plan_name="Web_Portal")
     launch = await asyncio.to_thread(tick, platform, path)
@@ -385,6 +389,7 @@ async def test_bad_plan_name_is_refused(platform: Platform, client: Client) -> N
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_input_missing_a_required_key_is_refused(platform: Platform,
                                                         client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
@@ -405,6 +410,7 @@ async def test_input_missing_a_required_key_is_refused(platform: Platform,
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
                                                       client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web",
@@ -426,6 +432,7 @@ async def test_an_agent_not_on_the_roster_is_refused(platform: Platform,
     await assert_not_started(client, launch.workflow_id)
 
 
+@pytest.mark.slow
 async def test_an_id_already_running_is_refused(platform: Platform, client: Client) -> None:
     path, _ = file_workflow_task(platform.queue_dir, plan_name="web")
     first = await asyncio.to_thread(tick, platform, path)
@@ -489,6 +496,7 @@ def silent_port() -> Iterator[str]:
         yield f"127.0.0.1:{listener.getsockname()[1]}"
 
 
+@pytest.mark.slow
 async def test_a_server_that_never_answers_is_given_up_within_the_limit(
         platform: Platform, client: Client, silent_port: str) -> None:
     """Temporal, then Vault (its request hangs in a thread), accepting and then silent."""
