@@ -63,5 +63,5 @@ demo: venv
 	$(PY) -m tools.demo
 
 clean:
-	rm -rf $(VENV) node_modules .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .ruff_cache .mypy_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
