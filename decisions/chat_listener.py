@@ -29,7 +29,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -39,6 +39,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.matrix import (
     PIPELINE_CONTENT_KEY,
+    MatrixRequest,
     NotifyFailed,
     matrix_call,
     matrix_http,
@@ -100,7 +101,7 @@ class _TryLater(Exception):
     """Matrix or Temporal is unreachable: the whole batch is read again after a back-off."""
 
 
-def _is_id(value: object, sigil: str) -> bool:
+def _is_id(value: object, sigil: str) -> TypeGuard[str]:
     return (isinstance(value, str) and 2 <= len(value) <= MAX_ID_CHARS
             and value.startswith(sigil) and _ID_RE.fullmatch(value) is not None)
 
@@ -308,8 +309,9 @@ class RoomListener:
         except NotifyFailed as err:
             log.warning("chat_answer_failed", extra={"error": str(err)})
 
-    async def _call(self, step: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-        return await matrix_call(self.http, step, method, url, **kwargs)
+    async def _call(self, step: str, method: str, url: str,
+                    **request: Unpack[MatrixRequest]) -> dict[str, Any]:
+        return await matrix_call(self.http, step, method, url, **request)
 
 
 def _dig(value: object, *keys: str) -> Any:

@@ -93,6 +93,8 @@ def task_kind(task: dict[str, Any]) -> str:
         return str(kind)
     payload = task.get("payload")
     stage = payload.get("activity_type") if isinstance(payload, dict) else None
+    if not isinstance(stage, str):
+        return str(kind)
     return {**STAGE_TASK_TYPES, BUILD_PHASE: TASK_BUILD_PHASE}.get(stage, str(kind))
 
 

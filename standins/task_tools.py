@@ -990,7 +990,7 @@ class Dispatcher:
         capable = [m for m in self._manifests() if task_type in (m.get("capabilities") or [])]
         here = [m for m in capable
                 if {"all", "forge"} & set((m.get("scope") or {}).get("hosts") or [])]
-        chosen = (here or capable or [None])[0]
+        chosen = next(iter(here or capable), None)
         return None if chosen is None else self._manifest_name(chosen)
 
     def _approval(self, record: dict[str, Any]) -> tuple[bool, str]:
