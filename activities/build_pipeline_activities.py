@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -364,7 +364,7 @@ class PipelineActivities:
         with write_attempt(policies.DISPATCH_ATTEMPTS):
             await self._request_security_audit(args)
 
-    async def _request_security_audit(self, args: tuple[Any, ...]) -> None:
+    async def _request_security_audit(self, args: tuple[Any, ...]) -> NoReturn:
         """request.md, then the audit task: a full or read-only audit folder fails the
         attempt before any agent can see the task (write_agent_task's before_write)."""
         if legacy_args.is_legacy(args):
@@ -438,7 +438,7 @@ class PipelineActivities:
             platform=self.config.platform_dialect, round_no=request.round,
             changes_allowed=request.changes_allowed)
         pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
-                                   run_id=activity.info().workflow_run_id,
+                                   run_id=activity.info().workflow_run_id or "",
                                    task_id=request.task_id, round=round_no)
         # One notice per round: a later round's is not taken for a resend of the first.
         txn = f"{request.workflow_id}/{pipeline.run_id}/blocks"
@@ -510,7 +510,8 @@ class PipelineActivities:
         """One look at the originating task. Still pending -> a benign retryable error:
         the retry policy schedules the next look, holding nothing in between."""
         if legacy_args.is_legacy(args):
-            return await self._legacy_block_look(legacy_args.block_check(args))
+            await self._legacy_block_look(legacy_args.block_check(args))
+            return None
         request = legacy_args.own_input(BlockCheckInput, args, WAIT_FOR_BLOCK_RESOLUTION)
         if not self.config.file_decisions:
             raise ApplicationError("file decisions are off (BLOCK_FILE_DECISIONS=false)",

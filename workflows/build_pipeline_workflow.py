@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     import policies
     from models import (
         STARTED_BY_EARLIER_WORKER,
+        AgentSetting,
         AgentTaskRequest,
         AuditRequest,
         AuditRound,
@@ -428,14 +429,14 @@ class BuildPipelineWorkflow:
     def _stage_agent(self, pipeline: BuildPipelineInput, setting: str) -> str | None:
         """The agent of stage 1 or 3: the input's choice, else the worker's setting as
         learned before stage 1 (None only for runs started before that step existed)."""
-        chosen = getattr(pipeline, setting)
+        chosen: str | None = getattr(pipeline, setting)
         if chosen:
             return chosen
         return getattr(self._setup, setting) if self._setup is not None else None
 
     def _task(self, pipeline: BuildPipelineInput, *, agent: str | None, task_type: str,
               summary: str, instruction: str, extra: dict[str, Any] | None = None,
-              agent_setting: str | None = None) -> AgentTaskRequest:
+              agent_setting: AgentSetting | None = None) -> AgentTaskRequest:
         """`agent=None` leaves the choice to the worker's setting named `agent_setting`."""
         return AgentTaskRequest(
             task_id=str(workflow.uuid4()), build_name=pipeline.build_name,
@@ -447,8 +448,9 @@ class BuildPipelineWorkflow:
                            request: AgentTaskRequest) -> BuildPhaseResult:
         assert self._input is not None
         policy = policies.with_agent_limit(policy, self._input.agent_timeout_seconds)
-        return await self._run_activity(stage, policy, request, result_type=BuildPhaseResult,
-                                        waiting=request)
+        result: BuildPhaseResult = await self._run_activity(
+            stage, policy, request, result_type=BuildPhaseResult, waiting=request)
+        return result
 
     async def _security_audit(self, pipeline: BuildPipelineInput) -> None:
         folder = "audit-requests/" + pipeline.build_name
@@ -577,7 +579,8 @@ class BuildPipelineWorkflow:
         decisions hold it (only replays and runs already parked that way get here)."""
         if v050:
             return workflow.start_activity(
-                stage, args=args, result_type=BlockResolution | None,
+                # A union hint, which the converter takes (the SDK annotates a class).
+                stage, args=args, result_type=BlockResolution | None,  # type: ignore[arg-type]
                 schedule_to_close_timeout=policies.V050_BLOCK_CHECK_LIMIT,
                 heartbeat_timeout=policies.V050_BLOCK_CHECK_HEARTBEAT,
                 retry_policy=policies.ONCE,
@@ -634,7 +637,7 @@ class BuildPipelineWorkflow:
             result_type=result_type, start_to_close_timeout=limits.overall,
             schedule_to_close_timeout=limits.overall, retry_policy=policy.retry,
             summary=self._summary_line(stage, self._agent_label(waiting)),
-            **({"task_queue": task_queue} if task_queue else {}))
+            task_queue=task_queue or None)
         try:
             await self._await_pickup(stage, waiting, handle, limits)
             await self._await_work(stage, waiting, handle, limits)
@@ -789,8 +792,9 @@ class BuildPipelineWorkflow:
                 result = await self._await_agent(stage, policy, arg, result_type, waiting,
                                                  task_queue)
             else:
-                execute = (workflow.execute_local_activity if local and not routed
-                           else workflow.execute_activity)
+                execute: Callable[..., Awaitable[Any]] = (
+                    workflow.execute_local_activity if local and not routed
+                    else workflow.execute_activity)
                 result = await execute(
                     stage, args=list(arg) if isinstance(arg, tuple) else [arg],
                     result_type=result_type,
@@ -942,7 +946,7 @@ class BuildPipelineWorkflow:
         self._details()
         return path
 
-    async def _write_summary(self, execute: Callable[..., Any],
+    async def _write_summary(self, execute: Callable[..., Awaitable[str]],
                              pipeline: BuildPipelineInput) -> str:
         info = workflow.info()
         return await execute(

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         BuildPlanInput,
         BuildPlanResult,
         CloseOriginInput,
+        PlanOutcome,
         PlanStatus,
         WaitingOn,
     )
@@ -44,7 +45,7 @@ class BuildPlanWorkflow:
         self._current: int | None = None
         self._current_agent: str | None = None
         self._waiting: WaitingOn | None = None
-        self._outcome: str | None = None
+        self._outcome: PlanOutcome | None = None
         self._error: str | None = None
 
     @workflow.run
@@ -76,7 +77,8 @@ class BuildPlanWorkflow:
             CloseOriginInput(task_id=plan.task_id, outcome=outcome,
                              output=f"plan {outcome}; {done}"
                              + (f": {self._error}" if self._error else "")),
-            result_type=str | None,
+            # A union hint, which the converter takes (the SDK annotates a class).
+            result_type=str | None,  # type: ignore[arg-type]
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="close the filing task")
 
@@ -134,4 +136,4 @@ class BuildPlanWorkflow:
             plan_name=plan.plan_name if plan else "",
             phases_total=len(plan.phases) if plan else 0, phases_done=list(self._done),
             current_phase=self._current, current_agent=self._current_agent,
-            waiting_on=self._waiting, outcome=self._outcome, error=self._error)  # type: ignore[arg-type]
+            waiting_on=self._waiting, outcome=self._outcome, error=self._error)
