@@ -229,12 +229,12 @@ class StageTiming(BaseModel):
     outcome: str | None = None
     reminders: int = 0
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def pickup_seconds(self) -> float | None:
         return _seconds(self.written_at, self.picked_up_at)
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def work_seconds(self) -> float | None:
         return _seconds(self.picked_up_at, self.done_at)
@@ -255,7 +255,7 @@ class DecisionWait(BaseModel):
     decided_by: str | None = None
     decision_source: DecisionSource | None = None
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def seconds(self) -> float | None:
         return _seconds(self.since, self.until)
