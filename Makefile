@@ -3,7 +3,8 @@
 #              TEMPORAL_ADDRESS)
 # make test  - set up .venv and node_modules if needed, lint, then the whole test suite
 #              (real dev server)
-# make lint  - ruff, then mypy (strict on the service; see pyproject.toml)
+# make lint  - ruff, mypy (strict on the service; see pyproject.toml), and the workflow
+#              determinism check (python -m tools.check_workflows)
 # make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
 #              with hashes) from requirements.in and requirements-dev.in
 # make node  - install pm2 from package-lock.json into node_modules (npm ci)
@@ -50,9 +51,11 @@ run: venv
 
 # mypy's settings and the files it checks: pyproject.toml [tool.mypy]. Its cache
 # (.mypy_cache, git-ignored) makes a second run take a few seconds instead of about 20.
+# tools.check_workflows refuses non-deterministic calls in workflows/ (the sandbox is off).
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(PY) -m tools.check_workflows
 
 # Four pytest processes on two cores: most tests wait on real servers and processes, so
 # the others use the time one spends waiting (worksteal evens out the long tests).
