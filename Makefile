@@ -3,11 +3,11 @@
 #              TEMPORAL_ADDRESS)
 # make test  - set up .venv and node_modules if needed, lint, then the whole test suite
 #              (real dev server)
-# make lint  - ruff, mypy (strict on the service; see pyproject.toml), and the workflow
-#              determinism check (python -m tools.check_workflows)
 # make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
 #              with hashes) from requirements.in and requirements-dev.in
 # make node  - install pm2 from package-lock.json into node_modules (npm ci)
+# make lint  - ruff, mypy (strict on the service; see pyproject.toml), and the workflow
+#              determinism check (python -m tools.check_workflows)
 
 VENV ?= .venv
 PYTHON ?= python3

@@ -29,7 +29,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeGuard, TypeVar, Unpack
+from typing import Any, Literal, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -39,7 +39,6 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.matrix import (
     PIPELINE_CONTENT_KEY,
-    MatrixRequest,
     NotifyFailed,
     matrix_call,
     matrix_http,
@@ -309,9 +308,8 @@ class RoomListener:
         except NotifyFailed as err:
             log.warning("chat_answer_failed", extra={"error": str(err)})
 
-    async def _call(self, step: str, method: str, url: str,
-                    **request: Unpack[MatrixRequest]) -> dict[str, Any]:
-        return await matrix_call(self.http, step, method, url, **request)
+    async def _call(self, step: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        return await matrix_call(self.http, step, method, url, **kwargs)
 
 
 def _dig(value: object, *keys: str) -> Any:
