@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
     from temporalio.client import WorkflowExecutionStatus
-    from temporalio.exceptions import ApplicationError
     from temporalio.service import RPCError, RPCStatusCode
 except ImportError:
     print(f"complete_activity: {sys.executable} cannot import temporalio: run this script "
@@ -60,9 +59,10 @@ from exceptions import (
     ActivityGoneError,
     CompletionError,
     ConfigError,
-    ConnectError,
     CredentialError,
     CredentialSettingError,
+    PhaseFailedError,
+    ServerUnreachableError,
     TaskFileError,
     UsageError,
 )
@@ -70,7 +70,7 @@ from models import BuildPhaseResult
 from taskfiles.documents import add_history, read_task, task_time
 from taskfiles.lookup import update_task
 from taskfiles.safe_io import read_agent_file
-from vocabulary import COMPLETED, FAILED, PHASE_FAILED, TASK_SEARCH_SUBDIRS
+from vocabulary import COMPLETED, FAILED, TASK_SEARCH_SUBDIRS
 
 STATUSES = ("success", "failed")
 
@@ -326,8 +326,8 @@ def rpc_error(err: RPCError, config: WorkerConfig, origin: Mapping[str, str]) ->
     if err.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED,
                       RPCStatusCode.CANCELLED,  # the client's own time limit ran out
                       RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
-        return ConnectError(f"Temporal server refused or did not answer: {err.status.name} "
-                            f"({first})")
+        return ServerUnreachableError(f"Temporal server refused or did not answer: "
+                                      f"{err.status.name} ({first})")
     return CompletionError(f"Temporal error {err.status.name}: {first}")
 
 
@@ -367,13 +367,13 @@ async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes | A
     except CredentialSettingError as err:
         raise UsageError(f"credentials: {with_origin(ConfigError(str(err)), origin)}") from None
     except CredentialError as err:
-        raise ConnectError(f"credentials: {err}") from None
+        raise ServerUnreachableError(f"credentials: {err}") from None
     except (TimeoutError, RuntimeError) as err:
         detail = str(err).splitlines()[0][:200] if str(err) else "timed out"
         where = origin.get("TEMPORAL_ADDRESS")
         source = f"set by {where}" if where else "unset: the default"
-        raise ConnectError(f"cannot connect to Temporal at {config.temporal_address} "
-                           f"(TEMPORAL_ADDRESS {source}): {detail}") from None
+        raise ServerUnreachableError(f"cannot connect to Temporal at {config.temporal_address} "
+                                     f"(TEMPORAL_ADDRESS {source}): {detail}") from None
     if isinstance(token, ActivityIds):
         await check_waiting_on(client, token, config, origin)
         handle = client.get_async_activity_handle(workflow_id=token.workflow_id,
@@ -386,8 +386,7 @@ async def send(config: WorkerConfig, origin: Mapping[str, str], token: bytes | A
             await handle.complete(BuildPhaseResult(status="success", output=message),
                                   rpc_timeout=policies.CLI_RPC_TIMEOUT)
         else:
-            await handle.fail(ApplicationError(message or "agent reported failure",
-                                               type=PHASE_FAILED, non_retryable=True),
+            await handle.fail(PhaseFailedError.failure(message or "agent reported failure"),
                               rpc_timeout=policies.CLI_RPC_TIMEOUT)
     except RPCError as err:
         raise rpc_error(err, config, origin) from None
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompletionError as err:
         # Exit 4 is for the agent to act on: the same command works once the server is
         # back, and the task file is untouched until then.
-        advice = "; retry later" if err.exit_code == ConnectError.exit_code else ""
+        advice = "; retry later" if isinstance(err, ServerUnreachableError) else ""
         print(f"complete_activity: {err}{advice}", file=sys.stderr)
         return err.exit_code
     except ConfigError as err:
@@ -458,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError:
         print(f"complete_activity: no answer from Temporal within "
               f"{OVERALL_TIMEOUT_SECONDS:.0f}s; retry later", file=sys.stderr)
-        return ConnectError.exit_code
+        return ServerUnreachableError.exit_code
     print(f"complete_activity: activity {'completed' if status == 'success' else 'failed'}")
     return 0
 

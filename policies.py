@@ -14,7 +14,7 @@ from datetime import timedelta
 from temporalio.common import RetryPolicy
 
 import vocabulary as stages
-from vocabulary import INVALID_INPUT, PHASE_FAILED, TASK_FILE_ERROR, TRIAGE_INVALID
+from exceptions import InvalidInputError, PhaseFailedError, TaskFileError, TriageInvalidError
 
 # A full or read-only folder (DiskWriteError) is retried until space returns: first after
 # a second, doubling, then every DISK_RETRY_MAX_INTERVAL, so a freed disk is used within
@@ -45,7 +45,7 @@ class StagePolicy:
 DISPATCH_ATTEMPTS = 3
 DISPATCH_RETRY = RetryPolicy(initial_interval=DISK_RETRY_INITIAL_INTERVAL,
                              maximum_interval=DISK_RETRY_MAX_INTERVAL, maximum_attempts=0,
-                             non_retryable_error_types=[PHASE_FAILED])
+                             non_retryable_error_types=[PhaseFailedError.failure_type])
 
 
 def agent_stage(limit: timedelta) -> StagePolicy:
@@ -123,13 +123,14 @@ TRIAGE = StagePolicy(
         backoff_coefficient=2.0,
         maximum_interval=timedelta(minutes=15),
         maximum_attempts=5,
-        non_retryable_error_types=[TRIAGE_INVALID, INVALID_INPUT],
+        non_retryable_error_types=[TriageInvalidError.failure_type,
+                                   InvalidInputError.failure_type],
     ),
 )
 
 NOTIFY_BLOCKS = StagePolicy(
     timedelta(minutes=30),
-    RetryPolicy(maximum_attempts=3, non_retryable_error_types=[TASK_FILE_ERROR]),
+    RetryPolicy(maximum_attempts=3, non_retryable_error_types=[TaskFileError.failure_type]),
 )
 
 # The summary is retried while its folder (or the task folder, where it closes tasks the
@@ -193,7 +194,7 @@ def block_poll_retry(poll_interval: timedelta) -> RetryPolicy:
         backoff_coefficient=1.0,
         maximum_interval=poll_interval,
         maximum_attempts=0,
-        non_retryable_error_types=[TASK_FILE_ERROR],
+        non_retryable_error_types=[TaskFileError.failure_type],
     )
 
 
@@ -225,6 +226,3 @@ STARTUP_RETRY_CAP = timedelta(seconds=15)
 SERVER_CHECK_INTERVAL = timedelta(seconds=5)
 SERVER_CHECK_TIMEOUT = timedelta(seconds=5)
 OUTAGE_REPORT_INTERVAL = timedelta(seconds=60)
-
-# Failure types that end a pipeline as "agent failure".
-AGENT_FAILURE_TYPES = (PHASE_FAILED,)

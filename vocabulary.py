@@ -1,9 +1,10 @@
 """The names the service, its tools, its tests and its docs share, each defined once.
 
-A name here crosses a boundary: a Temporal history (activity types, failure types), a
-task file an agent reads (task types, statuses), the folder layout agents and operators
-rely on, or a table in README.md / AGENTS.md (tests/test_vocabulary.py checks those
-tables against this module). Import it; never retype a value.
+A name here crosses a boundary: a Temporal history (activity types; Update, query and
+signal names), a task file an agent reads (task types, statuses), the folder layout
+agents and operators rely on, or a table in the manual / AGENTS.md
+(tests/test_vocabulary.py checks those tables against this module). Import it; never
+retype a value. Failure types are classes: exceptions.py.
 """
 
 from __future__ import annotations
@@ -133,12 +134,7 @@ CLAIMED_STATUSES: Final = frozenset({IN_PROGRESS, COMPLETED, FAILED})
 REJECTING_STATUSES: Final = frozenset({REJECTED, CANCELLED, FAILED})
 DECIDING_STATUSES: Final = REJECTING_STATUSES | {APPROVED}
 
-# --- failure types: ApplicationError.type strings across the Temporal boundary ---
-PHASE_FAILED: Final = "PhaseFailedError"
-TRIAGE_MISSING: Final = "TriageMissingError"
-TRIAGE_INVALID: Final = "TriageInvalidError"
-INVALID_INPUT: Final = "InvalidInputError"
-BLOCKS_PENDING: Final = "BlocksPendingError"
+# --- block decisions ---
 # The block decision beside approved and rejected (models.Decision): the blocks go back
 # to the target agent with a note, then through audit and triage again.
 CHANGES_REQUESTED: Final = "changes_requested"
@@ -149,18 +145,6 @@ REQUEST_CHANGES_UPDATE: Final = "request_changes"
 # Originating task fields an operator writes beside `status` to decide block by block
 # (and CHANGES_REQUESTED, the note of a changes request, under its own name).
 BLOCK_VERDICTS_FIELD: Final = "block_verdicts"
-# approve_blocks / reject_blocks refused: the pipeline is not waiting on blocks.
-DECISION_REFUSED: Final = "DecisionRefusedError"
-TASK_FILE_ERROR: Final = "TaskFileError"
-FILE_IO_STALLED: Final = "FileIoStalledError"
-WORKER_LOST: Final = "WorkerLostError"  # startup/recovery.py fails an agent stage whose worker died
-# A folder the worker writes is full or read-only (ENOSPC, EDQUOT, EROFS): retried.
-DISK_WRITE_ERROR: Final = "DiskWriteError"
-# A v0.5.0 stage-7 activity that this worker does not hold open (activities/legacy_args.py).
-LEGACY_WAIT_HANDED_OVER: Final = "LegacyWaitHandedOverError"
-FAILURE_TYPES: Final = (PHASE_FAILED, TRIAGE_MISSING, TRIAGE_INVALID, INVALID_INPUT,
-                        BLOCKS_PENDING, DECISION_REFUSED, TASK_FILE_ERROR, FILE_IO_STALLED,
-                        WORKER_LOST, LEGACY_WAIT_HANDED_OVER, DISK_WRITE_ERROR)
 
 # --- folders ---
 AUDIT_REQUESTS_DIR: Final = "audit-requests"  # under TEMPORAL_AUDIT_DIR, one folder per build
@@ -174,11 +158,18 @@ LOCKS_DIR: Final = ".locks"  # under TASK_QUEUE_DIR: task-queue-mcp's lock per t
 # Top-level key of an originating task (platform dialect): the run that works on it.
 RUN_LINK: Final = "temporal_run"
 
-# --- queries and signals the worker's own processes use ---
+# --- queries and signals (the Updates are under block decisions) ---
 STATUS_QUERY: Final = "get_status"  # both workflows: where a run stands
+EVENTS_QUERY: Final = "get_events"  # BuildPipelineWorkflow: its events so far
 # BuildPipelineWorkflow: something about one of its task files the folder watch saw
 # (a routing failure, an unreadable decision file); shown as a warning.
 TASK_NOTICE_SIGNAL: Final = "task_notice"
+# BuildPipelineWorkflow: an operator holds the next stage back, or lets it go on.
+PAUSE_SIGNAL: Final = "pause"
+RESUME_SIGNAL: Final = "resume"
+# BuildPipelineWorkflow: a worker that takes over runs an earlier worker started
+# (startup/adoption.py) says so in the run's events.
+ADOPT_SIGNAL: Final = "adopt"
 
 # --- queue ---
 DEFAULT_TASK_QUEUE: Final = "helm-build"

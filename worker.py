@@ -29,7 +29,6 @@ import uvloop
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from activities.build_phase import build_phase_activity
 from activities.build_pipeline_activities import PipelineActivities
 from config import WorkerConfig, load_config
 from decisions.chat_listener import listen_for_decisions
@@ -50,10 +49,10 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_CREDENTIALS, EXIT_CONNECT = 0, 1, 2, 3, 4
 
 
 def worker_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
-    """Every activity the worker registers (startup/recovery.py must know what to do with each)."""
-    if config.agent_host:
-        return PipelineActivities(config).host_bound()
-    return [*PipelineActivities(config).all(), build_phase_activity(config)]
+    """Every activity the worker registers, as bound methods implementing
+    workflows/contracts.py (startup/recovery.py must know what to do with each)."""
+    activities = PipelineActivities(config)
+    return activities.host_bound() if config.agent_host else activities.all()
 
 
 def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Worker:

@@ -1,8 +1,9 @@
 """Activities: every piece of I/O the workflows need (task files, notifications, the
 platform's event log, the clock).
 
-One module per concern: `build_pipeline_activities` (the nine stages' I/O), `dispatch`
-(write an agent's task file, then suspend), `build_phase` (a plan's phase), `notify` and
+One module per concern: `build_pipeline_activities` (every activity, each a typed method
+implementing its contract in workflows/contracts.py), `dispatch` (write an agent's task
+file, then suspend), `build_phase` (a plan phase's payload fields), `notify` and
 `matrix` (block notices), `triage`, `run_link`, `platform_events`, `failures` (how a
 writing activity fails) and `legacy_args` (v0.5.0's argument shapes, decoded here only).
 

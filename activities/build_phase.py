@@ -1,4 +1,5 @@
-"""The build_phase activity of BuildPlanWorkflow: one phase, one agent task file.
+"""The build_phase activity's payload fields (the activity itself is
+`PipelineActivities.build_phase`): one phase of a plan, one agent task file.
 
 Besides our own fields the payload carries v0.5.0's `phase_number` and `description`,
 so agents and scripts written for v0.5.0 keep reading them.
@@ -6,13 +7,9 @@ so agents and scripts written for v0.5.0 keep reading them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from activities.dispatch import agent_stage
-from config import WorkerConfig
-from models import AgentTaskRequest, BuildPhaseResult
-from vocabulary import BUILD_PHASE
+from models import AgentTaskRequest
 from workflows import instructions
 
 _MARK = "\x00description\x00"  # stands in for the description; no plan name holds a NUL
@@ -45,8 +42,3 @@ def phase_fields(request: AgentTaskRequest) -> dict[str, Any]:
     if isinstance(description, str):
         fields["description"] = description
     return fields
-
-
-def build_phase_activity(config: WorkerConfig) -> Callable[[AgentTaskRequest],
-                                                           Awaitable[BuildPhaseResult]]:
-    return agent_stage(config, BUILD_PHASE, phase_fields)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.exceptions import ApplicationError
 
 import policies
 from activities import legacy_args, platform_events
+from activities.build_phase import phase_fields
 from activities.dispatch import (
     REASON_PLACEHOLDER,
     PreparedTask,
-    agent_stage,
     dispatch_agent_task,
 )
 from activities.failures import write_attempt
@@ -31,14 +31,17 @@ from activities.run_link import ensure_run_link
 from activities.triage import limits_text, read_triage
 from config import WorkerConfig
 from exceptions import (
+    BlocksPendingError,
     DiskWriteError,
     FileIoStalledError,
+    LegacyWaitHandedOverError,
     TaskFileError,
     TaskNotFoundError,
     TriageInvalidError,
     TriageMissingError,
 )
 from models import (
+    AgentTaskRequest,
     AuditRequest,
     AuditRound,
     BlockCheckInput,
@@ -89,7 +92,7 @@ from vocabulary import (
     AUDIT_REQUESTS_DIR,
     AUDIT_ROUND_DIR_PREFIX,
     BLOCK_VERDICTS_FIELD,
-    BLOCKS_PENDING,
+    BUILD_PHASE,
     BUILD_PIPELINE_WORKFLOW,
     CANCELLED,
     CHANGES_REQUESTED,
@@ -99,11 +102,9 @@ from vocabulary import (
     COMPLETED,
     DECIDING_STATUSES,
     FAILED,
-    FILE_IO_STALLED,
     IMPLEMENT_BUILD,
     IN_PROGRESS,
     INPUT_REQUIRED,
-    LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
     OPEN_STATUSES,
     PENDING_APPROVAL,
@@ -118,10 +119,9 @@ from vocabulary import (
     ROUTE_STAGE,
     SUMMARIZE_WORKFLOW,
     TERMINAL_STATUSES,
-    TRIAGE_INVALID,
-    TRIAGE_MISSING,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
+from workflows.contracts import BuildPipelineActivities, BuildPlanActivities
 from workflows.instructions import AUDIT_DIR_PLACEHOLDER, DATA_NOTICE, sanitize_finding
 from workflows.timings import time_report
 
@@ -142,7 +142,6 @@ def platform_decision_status(current: Any, decision: str) -> str:
     return str(current) if isinstance(current, str) and current else PENDING_APPROVAL
 
 
-AGENT_STAGES = (PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, APPLY_FLAG_FIXES, CLOSE_BUILD)
 # v0.5.0's summary names its phases with these words (`phases_completed`).
 V050_PHASES = {PREFAB_SCAFFOLDING: "prefab", IMPLEMENT_BUILD: "implement",
                REQUEST_SECURITY_AUDIT: "audit", PROCESS_TRIAGE_OUTPUT: "triage",
@@ -284,24 +283,69 @@ def _flags_applied(summary: SummaryInput) -> int:
     return len(summary.flags) if APPLY_FLAG_FIXES in summary.stages_completed else 0
 
 
-class PipelineActivities:
-    """Activities bound to one WorkerConfig (built by the worker, never at import)."""
+class PipelineActivities(BuildPipelineActivities, BuildPlanActivities):
+    """Activities bound to one WorkerConfig (built by the worker, never at import); each
+    implements its contract in workflows/contracts.py under the same name."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
 
     def all(self) -> list[Callable[..., Any]]:
-        return [*self.host_bound(), self.notify_blocks, self.wait_for_block_resolution,
-                self.record_block_decision, self.summarize_workflow, self.prepare_pipeline,
-                self.route_stage, self.close_originating_task, self.remind_pickup]
+        """Every activity of a worker on the workflows' own task queue."""
+        return [*self.host_bound(), self.prepare_pipeline, self.route_stage,
+                self.notify_blocks, self.wait_for_block_resolution,
+                self.record_block_decision, self.remind_pickup, self.summarize_workflow,
+                self.build_phase, self.close_originating_task]
 
     def host_bound(self) -> list[Callable[..., Any]]:
         """What an agent host's worker runs (WORKER_ROLE=agent-host): the activities that
         touch the folders its agents work in. The originating task's (stages 6 and 7, the
         summary) stay with the workflow's own queue, where the build was filed."""
-        return [*(agent_stage(self.config, name) for name in AGENT_STAGES),
-                self.request_security_audit, self.process_triage_output,
+        return [self.prefab_scaffolding, self.implement_build, self.request_security_audit,
+                self.process_triage_output, self.apply_flag_fixes, self.close_build,
                 self.close_open_tasks]
+
+    # ---- agent stages: a task file, then the activity waits for the agent -------------
+
+    async def _hand_to_agent(self, request: AgentTaskRequest,
+                             extra_payload: dict[str, Any] | None = None) -> NoReturn:
+        with write_attempt(policies.DISPATCH_ATTEMPTS):
+            await dispatch_agent_task(self.config, request, extra_payload=extra_payload)
+
+    async def _v050_agent_stage(self, args: tuple[Any, ...]) -> BuildPhaseResult:
+        """v0.5.0's positional form of stages 1, 2, 5 and 8."""
+        with write_attempt(policies.DISPATCH_ATTEMPTS):
+            request = legacy_args.agent_request(
+                activity.info().activity_type, args,
+                await legacy_args.CallContext.with_pipeline_input())
+            await dispatch_agent_task(self.config, request)
+
+    @activity.defn(name=PREFAB_SCAFFOLDING)
+    @legacy_args.accepts_v050(_v050_agent_stage)
+    async def prefab_scaffolding(self, request: AgentTaskRequest) -> BuildPhaseResult:
+        await self._hand_to_agent(request)
+
+    @activity.defn(name=IMPLEMENT_BUILD)
+    @legacy_args.accepts_v050(_v050_agent_stage)
+    async def implement_build(self, request: AgentTaskRequest) -> BuildPhaseResult:
+        await self._hand_to_agent(request)
+
+    @activity.defn(name=APPLY_FLAG_FIXES)
+    @legacy_args.accepts_v050(_v050_agent_stage)
+    async def apply_flag_fixes(self, request: AgentTaskRequest) -> BuildPhaseResult:
+        await self._hand_to_agent(request)
+
+    @activity.defn(name=CLOSE_BUILD)
+    @legacy_args.accepts_v050(_v050_agent_stage)
+    async def close_build(self, request: AgentTaskRequest) -> BuildPhaseResult:
+        await self._hand_to_agent(request)
+
+    @activity.defn(name=BUILD_PHASE)
+    @legacy_args.accepts_v050(None)
+    async def build_phase(self, request: AgentTaskRequest) -> BuildPhaseResult:
+        """Besides our own fields the payload carries v0.5.0's `phase_number` and
+        `description` (activities/build_phase.py)."""
+        await self._hand_to_agent(request, phase_fields(request))
 
     @activity.defn(name=ROUTE_STAGE)
     async def route_stage(self, agent: str) -> StageRoute:
@@ -359,20 +403,23 @@ class PipelineActivities:
         await platform_events.build_started(self.config, request, setup)
         return setup
 
-    @activity.defn(name=REQUEST_SECURITY_AUDIT)
-    async def request_security_audit(self, *args: Any) -> BuildPhaseResult:
+    async def _v050_security_audit(self, args: tuple[Any, ...]) -> BuildPhaseResult:
+        """v0.5.0's positional form of stage 3."""
         with write_attempt(policies.DISPATCH_ATTEMPTS):
-            await self._request_security_audit(args)
-
-    async def _request_security_audit(self, args: tuple[Any, ...]) -> NoReturn:
-        """request.md, then the audit task: a full or read-only audit folder fails the
-        attempt before any agent can see the task (write_agent_task's before_write)."""
-        if legacy_args.is_legacy(args):
             request = legacy_args.audit_request(
                 args, await legacy_args.CallContext.with_pipeline_input(),
                 lambda build: audit_folder(self.config, build), REQUEST_FILE, TRIAGE_FILE)
-        else:
-            request = legacy_args.own_input(AuditRequest, args, REQUEST_SECURITY_AUDIT)
+            await self._request_security_audit(request)
+
+    @activity.defn(name=REQUEST_SECURITY_AUDIT)
+    @legacy_args.accepts_v050(_v050_security_audit)
+    async def request_security_audit(self, request: AuditRequest) -> BuildPhaseResult:
+        with write_attempt(policies.DISPATCH_ATTEMPTS):
+            await self._request_security_audit(request)
+
+    async def _request_security_audit(self, request: AuditRequest) -> NoReturn:
+        """request.md, then the audit task: a full or read-only audit folder fails the
+        attempt before any agent can see the task (write_agent_task's before_write)."""
         folder = round_folder(self.config, request.build_name, request.round)
         # The workflow cannot know TEMPORAL_AUDIT_DIR; the agent gets absolute paths.
         task = request.task.model_copy(update={"instruction": request.task.instruction.replace(
@@ -393,23 +440,24 @@ class PipelineActivities:
         try:
             triage = await run_file_io(partial(read_triage, path, base=self.config.audit_dir))
         except TriageMissingError as err:
-            raise ApplicationError(str(err), type=TRIAGE_MISSING) from None
+            raise TriageMissingError.failure(str(err)) from None
         except TriageInvalidError as err:
-            raise ApplicationError(str(err), type=TRIAGE_INVALID, non_retryable=True) from None
+            raise TriageInvalidError.failure(str(err)) from None
         except FileIoStalledError as err:
-            raise ApplicationError(str(err), type=FILE_IO_STALLED) from None
+            raise FileIoStalledError.failure(str(err)) from None
         await platform_events.audit_completed(self.config, build_name, triage, path)
         return triage
 
+    async def _v050_notify_blocks(self, args: tuple[Any, ...]) -> None:
+        """v0.5.0's positional form of stage 6, which returns nothing (as its callers
+        expect)."""
+        await self._notify_blocks(legacy_args.notify_input(
+            args, legacy_args.CallContext.current()))
+
     @activity.defn(name=NOTIFY_BLOCKS)
-    async def notify_blocks(self, *args: Any) -> NotifyBlocksResult | None:
-        if legacy_args.is_legacy(args):
-            # v0.5.0's notify_blocks returns nothing; its callers expect exactly that.
-            await self._notify_blocks(legacy_args.notify_input(
-                args, legacy_args.CallContext.current()))
-            return None
-        return await self._notify_blocks(
-            legacy_args.own_input(NotifyBlocksInput, args, NOTIFY_BLOCKS))
+    @legacy_args.accepts_v050(_v050_notify_blocks)
+    async def notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult | None:
+        return await self._notify_blocks(request)
 
     async def _notify_blocks(self, request: NotifyBlocksInput) -> NotifyBlocksResult:
         """Tell the operators, and mark the originating task input-required. A task that
@@ -505,29 +553,44 @@ class PipelineActivities:
                                            "delivered": delivered, "failures": failures})
         return failures
 
+    async def _v050_block_look(self, args: tuple[Any, ...]) -> None:
+        """v0.5.0's stage 7 held this activity (and a worker slot) until a decision, for up
+        to 7 days. Here it takes one look: approved already -> None, v0.5.0's result for
+        approval; anything else hands the wait to the pipeline's own stage 7 (task file,
+        Updates, chat), which holds nothing while it waits."""
+        request = legacy_args.block_check(args)
+        if self.config.file_decisions:
+            try:
+                resolution = await self._look_at_origin(request)
+            except ApplicationError:
+                resolution = None
+            if resolution is not None and resolution.decision == "approved":
+                return None
+        raise LegacyWaitHandedOverError.failure(
+            f"v0.5.0's wait for a block decision on task {request.task_id!r} is not run by "
+            f"this worker: the pipeline's own stage 7 waits for the decision")
+
     @activity.defn(name=WAIT_FOR_BLOCK_RESOLUTION)
-    async def wait_for_block_resolution(self, *args: Any) -> BlockResolution | None:
+    @legacy_args.accepts_v050(_v050_block_look)
+    async def wait_for_block_resolution(self, request: BlockCheckInput
+                                        ) -> BlockResolution | None:
         """One look at the originating task. Still pending -> a benign retryable error:
         the retry policy schedules the next look, holding nothing in between."""
-        if legacy_args.is_legacy(args):
-            await self._legacy_block_look(legacy_args.block_check(args))
-            return None
-        request = legacy_args.own_input(BlockCheckInput, args, WAIT_FOR_BLOCK_RESOLUTION)
+        return await self._look_at_origin(request)
+
+    async def _look_at_origin(self, request: BlockCheckInput) -> BlockResolution:
         if not self.config.file_decisions:
-            raise ApplicationError("file decisions are off (BLOCK_FILE_DECISIONS=false)",
-                                   type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
+            raise BlocksPendingError.failure("file decisions are off (BLOCK_FILE_DECISIONS=false)")
         hint = Path(request.path_hint) if request.path_hint else None
         try:
             path = await run_file_io(partial(find_task, self.config.task_queue_dir,
                                              request.task_id, hint=hint))
             task = await run_file_io(partial(read_task, path, base=self.config.task_queue_dir))
         except TaskNotFoundError:
-            raise ApplicationError(f"originating task {request.task_id!r} not found yet",
-                                   type=BLOCKS_PENDING,
-                                   category=ApplicationErrorCategory.BENIGN) from None
+            raise BlocksPendingError.failure(
+                f"originating task {request.task_id!r} not found yet") from None
         except (TaskFileError, FileIoStalledError) as err:
-            raise ApplicationError(str(err), type=BLOCKS_PENDING,
-                                   category=ApplicationErrorCategory.BENIGN) from None
+            raise BlocksPendingError.failure(str(err)) from None
         status = str(task.get("status", ""))
         actor, note = claimed_actor(task, status)
         if status == APPROVED:
@@ -536,25 +599,7 @@ class PipelineActivities:
         if status in REJECTING_STATUSES:
             return BlockResolution(decision="rejected", task_status=status, actor=actor,
                                    note=note)
-        raise ApplicationError(f"blocks pending (originating task status {status!r})",
-                               type=BLOCKS_PENDING, category=ApplicationErrorCategory.BENIGN)
-
-    async def _legacy_block_look(self, request: BlockCheckInput) -> None:
-        """v0.5.0's stage 7 held this activity (and a worker slot) until a decision, for up
-        to 7 days. Here it takes one look: approved already -> None, v0.5.0's result for
-        approval; anything else hands the wait to the pipeline's own stage 7 (task file,
-        Updates, chat), which holds nothing while it waits."""
-        if self.config.file_decisions:
-            try:
-                resolution = await self.wait_for_block_resolution(request.model_dump())
-            except ApplicationError:
-                resolution = None
-            if resolution is not None and resolution.decision == "approved":
-                return None
-        raise ApplicationError(
-            f"v0.5.0's wait for a block decision on task {request.task_id!r} is not run by "
-            f"this worker: the pipeline's own stage 7 waits for the decision",
-            type=LEGACY_WAIT_HANDED_OVER, non_retryable=True)
+        raise BlocksPendingError.failure(f"blocks pending (originating task status {status!r})")
 
     @activity.defn(name=RECORD_DECISION)
     async def record_block_decision(self, request: RecordDecisionInput) -> str | None:
@@ -596,17 +641,19 @@ class PipelineActivities:
             return None
         return str(path)
 
-    @activity.defn(name=SUMMARIZE_WORKFLOW)
-    async def summarize_workflow(self, *args: Any) -> str:
+    async def _v050_summary(self, args: tuple[Any, ...]) -> str:
+        """v0.5.0's nine positional arguments of the summary."""
         with write_attempt(policies.SUMMARY_ATTEMPTS):
-            return await self._summarize_workflow(args)
+            return await self._summarize_workflow(legacy_args.summary_input(
+                args, await legacy_args.CallContext.with_pipeline_input()))
 
-    async def _summarize_workflow(self, args: tuple[Any, ...]) -> str:
-        if legacy_args.is_legacy(args):
-            summary = legacy_args.summary_input(
-                args, await legacy_args.CallContext.with_pipeline_input())
-        else:
-            summary = legacy_args.own_input(SummaryInput, args, SUMMARIZE_WORKFLOW)
+    @activity.defn(name=SUMMARIZE_WORKFLOW)
+    @legacy_args.accepts_v050(_v050_summary)
+    async def summarize_workflow(self, summary: SummaryInput) -> str:
+        with write_attempt(policies.SUMMARY_ATTEMPTS):
+            return await self._summarize_workflow(summary)
+
+    async def _summarize_workflow(self, summary: SummaryInput) -> str:
         bind_build_name(summary.build_name)
         month = summary.started_at.strftime("%Y-%m")
         path = self.config.summary_dir / month / _summary_filename(summary.workflow_id)

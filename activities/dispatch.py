@@ -18,19 +18,17 @@ import os
 import shlex
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from temporalio import activity
 
-import policies
-from activities import legacy_args, platform_events
-from activities.failures import write_attempt
+from activities import platform_events
 from activities.run_link import ensure_run_link
 from config import WorkerConfig, connection_facts
-from models import AgentTaskRequest, BuildPhaseResult
+from models import AgentTaskRequest
 from observability import TASKS_DISPATCHED, bind_build_name, count
 from taskfiles.documents import new_platform_task, new_task
 from taskfiles.io_pool import run_file_io
@@ -43,9 +41,6 @@ log = logging.getLogger(__name__)
 CLI_SCRIPT = "complete_activity.py"
 RESULT_PLACEHOLDER = "<short result>"
 REASON_PLACEHOLDER = "<reason>"
-
-PayloadFields = Callable[[AgentTaskRequest], dict[str, Any]]
-
 
 def completion_command(task_path: Path) -> list[str]:
     """argv that completes the task stored at `task_path`, runnable from anywhere.
@@ -201,23 +196,3 @@ async def dispatch_agent_task(config: WorkerConfig, request: AgentTaskRequest, *
     await platform_events.handed_off(config, request, path)
     await ensure_run_link(config, request.originating_task_id)
     activity.raise_complete_async()
-
-
-def agent_stage(config: WorkerConfig, name: str, payload_fields: PayloadFields | None = None
-                ) -> Callable[..., Awaitable[BuildPhaseResult]]:
-    """An activity named `name` that hands its request to an agent as a task file;
-    `payload_fields` adds payload fields derived from the request. It also accepts
-    v0.5.0's positional arguments for `name` (activities/legacy_args.py)."""
-
-    async def hand_to_agent(*args: Any) -> BuildPhaseResult:
-        with write_attempt(policies.DISPATCH_ATTEMPTS):
-            if legacy_args.is_legacy(args):
-                request = legacy_args.agent_request(
-                    name, args, await legacy_args.CallContext.with_pipeline_input())
-            else:
-                request = legacy_args.own_input(AgentTaskRequest, args, name)
-            extra = payload_fields(request) if payload_fields is not None else None
-            await dispatch_agent_task(config, request, extra_payload=extra)
-
-    hand_to_agent.__name__ = hand_to_agent.__qualname__ = name
-    return activity.defn(name=name)(hand_to_agent)

@@ -16,14 +16,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from exceptions import DiskWriteError
-from vocabulary import DISK_WRITE_ERROR
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
 def write_attempt(max_attempts: int) -> Iterator[None]:
-    """A DiskWriteError fails this attempt retryably (type DISK_WRITE_ERROR, the folder
+    """A DiskWriteError fails this attempt retryably (its failure type, the folder
     and errno in its message); any other exception does too, unless this is attempt
     `max_attempts` or later, when it is final. ApplicationErrors raised on purpose, and
     the SDK's own control flow (complete-async, cancellation), pass untouched."""
@@ -36,7 +35,7 @@ def write_attempt(max_attempts: int) -> Iterator[None]:
         log.warning("stage_waits_for_disk", extra={
             "activity": info.activity_type, "attempt": info.attempt, "folder": err.folder,
             "error": str(err)})
-        raise ApplicationError(str(err), type=DISK_WRITE_ERROR) from None
+        raise DiskWriteError.failure(str(err)) from None
     except Exception as err:
         # Typed by class name, as the SDK types an exception it converts itself.
         final = activity.info().attempt >= max_attempts

@@ -14,12 +14,16 @@ scheduled (and that was retried, or not yet started) runs here with v0.5.0's arg
     summarize_workflow(workflow_id, build_name, started, completed, phases_completed,
                        blocks_hit, flags_applied, plan_path, closeout_path)
 
-Our own calls pass exactly one argument, a model (a JSON object). So each activity takes
-`*args` (the SDK then decodes without type hints: plain dicts, lists and strings) and
-asks `is_legacy` which form it got. v0.5.0 does not pass every stage the facts our task
-files carry (the plan path to stages 2, 5 and 8, the build agent to stage 3): those come
-from the run's own input (`CallContext.with_pipeline_input`, one history read). The
-translations themselves do no I/O.
+Our own calls pass exactly one argument, a model (a JSON object). Each such activity is
+written typed, `async def implement_build(self, request: AgentTaskRequest) ->
+BuildPhaseResult`, and decorated with `accepts_v050`, the one place that takes raw
+arguments: what the worker registers takes `*args` (so the SDK decodes without type
+hints: plain dicts, lists and strings), validates our one object as the method's model,
+and hands anything else to the activity's v0.5.0 handler, which translates it with this
+module's functions. v0.5.0 does not pass every stage the facts our task files carry (the
+plan path to stages 2, 5 and 8, the build agent to stage 3): those come from the run's
+own input (`CallContext.with_pipeline_input`, one history read). The translations
+themselves do no I/O.
 """
 
 from __future__ import annotations
@@ -27,20 +31,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
+import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from exceptions import InvalidInputError
 from models import (
     AgentTaskRequest,
     AuditRequest,
@@ -55,7 +62,6 @@ from vocabulary import (
     APPLY_FLAG_FIXES,
     CLOSE_BUILD,
     IMPLEMENT_BUILD,
-    INVALID_INPUT,
     NOTIFY_BLOCKS,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
@@ -73,6 +79,9 @@ from workflows import instructions
 log = logging.getLogger(__name__)
 
 Model = TypeVar("Model", bound=BaseModel)
+Typed = TypeVar("Typed", bound=Callable[..., Awaitable[Any]])
+# An activity's handling of a v0.5.0 call: (the activities object, the positional args).
+V050Handler = Callable[[Any, tuple[Any, ...]], Awaitable[Any]]
 INPUT_READ_TIMEOUT_SECONDS = 10.0
 
 # How many positional arguments v0.5.0 passed to each activity.
@@ -172,10 +181,48 @@ def is_legacy(args: tuple[Any, ...]) -> bool:
     return not (len(args) == 1 and isinstance(args[0], dict))
 
 
+def accepts_v050(v050: V050Handler | None) -> Callable[[Typed], Typed]:
+    """Decorate an activity method typed `(self, request: <Model>) -> <Result>` (under its
+    `@activity.defn`) so it takes either form of call: our one JSON object, validated as
+    <Model> (one that does not fit fails the activity at once: INVALID_INPUT, not the
+    SDK's retryable decoding error), or v0.5.0's positional arguments, handed to
+    `v050(self, args)` (None: there is no v0.5.0 form, and such a call is refused). The
+    typed method stays reachable as `typed_form` (the contract test reads its hints)."""
+
+    def decorate(method: Typed) -> Typed:
+        model = _request_model(method)
+
+        async def decode(self: Any, *args: Any) -> Any:
+            name = activity.info().activity_type
+            if not is_legacy(args):
+                return await method(self, own_input(model, args, name))
+            if v050 is None:
+                raise invalid(name, "expected one model argument (no v0.5.0 form is known)")
+            return await v050(self, args)
+
+        # Not functools.wraps: `__wrapped__` would show the SDK the typed signature, and
+        # it would decode our calls itself (and v0.5.0's would not fit).
+        decode.__name__, decode.__qualname__ = method.__name__, method.__qualname__
+        decode.__doc__, decode.__module__ = method.__doc__, method.__module__
+        vars(decode)["typed_form"] = method
+        return cast(Typed, decode)
+
+    return decorate
+
+
+def _request_model(method: Callable[..., Any]) -> type[BaseModel]:
+    """The model a typed activity method takes: its one parameter after `self`."""
+    parameters = list(inspect.signature(method).parameters)
+    hints = typing.get_type_hints(method)
+    model = hints.get(parameters[1]) if len(parameters) == 2 else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"{method.__qualname__}: accepts_v050 needs (self, request: <Model>)")
+    return model
+
+
 def invalid(activity_name: str, problem: str) -> ApplicationError:
     """Arguments no retry can fix: fail the activity at once, naming the problem."""
-    return ApplicationError(f"{activity_name}: {problem}", type=INVALID_INPUT,
-                            non_retryable=True)
+    return InvalidInputError.failure(f"{activity_name}: {problem}")
 
 
 def own_input(model: type[Model], args: tuple[Any, ...], activity_name: str) -> Model:

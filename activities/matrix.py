@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 
 from config import WorkerConfig
+from exceptions import NotifyFailedError
 from models import MatrixNoticeRef
 
 HTTP_TIMEOUT_SECONDS = 10.0
@@ -21,16 +22,6 @@ HTTP_TIMEOUT_SECONDS = 10.0
 PIPELINE_CONTENT_KEY = "org.temporal_build_worker.pipeline"
 
 
-class NotifyFailed(Exception):
-    """One channel could not deliver (message is safe to record: no secrets).
-
-    `retryable` is False when trying again cannot help (bad token, unknown room)."""
-
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
 def matrix_token(config: WorkerConfig) -> str | None:
     if config.matrix_access_token is not None:
         return config.matrix_access_token.get_secret_value()
@@ -38,7 +29,7 @@ def matrix_token(config: WorkerConfig) -> str | None:
         try:
             return config.matrix_access_token_file.read_text().strip() or None
         except OSError as err:
-            raise NotifyFailed(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}",
+            raise NotifyFailedError(f"MATRIX_ACCESS_TOKEN_FILE unreadable: {err.strerror}",
                                retryable=False) from None
     return None
 
@@ -66,13 +57,13 @@ async def resolve_room(http: httpx.AsyncClient, config: WorkerConfig) -> str:
         whoami = await matrix_call(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
         server_name = str(whoami.get("user_id", "")).partition(":")[2]
         if not server_name:
-            raise NotifyFailed("Matrix whoami returned no server name")
+            raise NotifyFailedError("Matrix whoami returned no server name")
         room = room_reference(room, server_name)
     resolved = await matrix_call(http, f"resolve {room}", "GET",
                            f"/_matrix/client/v3/directory/room/{quote(room, safe='')}")
     room_id = str(resolved.get("room_id") or "")
     if not room_id:
-        raise NotifyFailed(f"Matrix alias {config.matrix_room!r} did not resolve",
+        raise NotifyFailedError(f"Matrix alias {config.matrix_room!r} did not resolve",
                            retryable=False)
     return room_id
 
@@ -88,7 +79,7 @@ async def send_matrix(config: WorkerConfig, message: str, txn_seed: str,
     a reply or reaction to the notice names its pipeline without any state in a worker."""
     token = matrix_token(config)
     if not token:
-        raise NotifyFailed("MATRIX_HOMESERVER set but no access token configured",
+        raise NotifyFailedError("MATRIX_HOMESERVER set but no access token configured",
                            retryable=False)
     # An empty m.mentions: the notice pings nobody, whatever its text.
     content: dict[str, object] = {"msgtype": "m.notice", "body": message, "m.mentions": {}}
@@ -116,7 +107,7 @@ async def matrix_call(http: httpx.AsyncClient, step: str, method: str, url: str,
     try:
         response = await http.request(method, url, **request)
     except httpx.HTTPError as err:
-        raise NotifyFailed(f"Matrix {step}: {type(err).__name__}") from None
+        raise NotifyFailedError(f"Matrix {step}: {type(err).__name__}") from None
     if response.status_code >= 400:
         try:
             code = str(response.json().get("errcode", ""))
@@ -124,12 +115,12 @@ async def matrix_call(http: httpx.AsyncClient, step: str, method: str, url: str,
             code = ""
         # 4xx other than timeouts and rate limits will not change on a retry.
         retryable = response.status_code >= 500 or response.status_code in (408, 429)
-        raise NotifyFailed(f"Matrix {step}: HTTP {response.status_code} {code}".rstrip(),
+        raise NotifyFailedError(f"Matrix {step}: HTTP {response.status_code} {code}".rstrip(),
                            retryable=retryable)
     try:
         body = response.json()
     except ValueError:
-        raise NotifyFailed(f"Matrix {step}: response is not JSON") from None
+        raise NotifyFailedError(f"Matrix {step}: response is not JSON") from None
     if not isinstance(body, dict):
-        raise NotifyFailed(f"Matrix {step}: response is not a JSON object")
+        raise NotifyFailedError(f"Matrix {step}: response is not a JSON object")
     return body

@@ -24,10 +24,10 @@ import httpx
 
 from activities.matrix import (
     HTTP_TIMEOUT_SECONDS,
-    NotifyFailed,
     send_matrix,
 )
 from config import WorkerConfig
+from exceptions import NotifyFailedError
 from models import Finding, MatrixNoticeRef, PickupReminder
 from observability import NOTIFICATION_FAILURES, NOTIFICATIONS_SENT, count
 from workflows.instructions import sanitize_finding
@@ -144,18 +144,18 @@ async def send_script(config: WorkerConfig, message: str) -> None:
             script, config.matrix_room, message, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     except OSError as err:
-        raise NotifyFailed(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}",
+        raise NotifyFailedError(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}",
                            retryable=False) from None
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), SCRIPT_TIMEOUT_SECONDS)
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise NotifyFailed(f"SEND_MATRIX_SCRIPT timed out after {SCRIPT_TIMEOUT_SECONDS:.0f}s") \
-            from None
+        raise NotifyFailedError(
+            f"SEND_MATRIX_SCRIPT timed out after {SCRIPT_TIMEOUT_SECONDS:.0f}s") from None
     if process.returncode != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        raise NotifyFailed(f"SEND_MATRIX_SCRIPT exited {process.returncode}: {tail[0][:200]}")
+        raise NotifyFailedError(f"SEND_MATRIX_SCRIPT exited {process.returncode}: {tail[0][:200]}")
 
 
 async def send_ntfy(config: WorkerConfig, title: str, message: str) -> None:
@@ -165,9 +165,9 @@ async def send_ntfy(config: WorkerConfig, title: str, message: str) -> None:
             response = await http.post(str(config.ntfy_url), content=message.encode(),
                                        headers=headers)
     except httpx.HTTPError as err:
-        raise NotifyFailed(f"ntfy: {type(err).__name__}") from None
+        raise NotifyFailedError(f"ntfy: {type(err).__name__}") from None
     if response.status_code >= 400:
-        raise NotifyFailed(f"ntfy: HTTP {response.status_code}",
+        raise NotifyFailedError(f"ntfy: HTTP {response.status_code}",
                            retryable=response.status_code >= 500
                            or response.status_code in (408, 429))
 
@@ -179,7 +179,7 @@ async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str |
         try:
             await send()
             return None
-        except NotifyFailed as err:
+        except NotifyFailedError as err:
             last = str(err)
             log.warning("notification_failed", extra={"channel": name, "attempt": attempt,
                                                       "error": last})

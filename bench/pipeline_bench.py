@@ -75,6 +75,7 @@ from vocabulary import (  # noqa: E402
     DIALECTS,
     INPUT_REQUIRED,
     PENDING_APPROVAL,
+    STATUS_QUERY,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -639,7 +640,7 @@ async def decide_from_chat(bench: Bench, chat: BenchChat,
             bench.agents.forget(run.workflow_id)
     # Only the reply could have moved them on; the pipeline names who decided.
     for run in runs:
-        status = await run.handle.query("get_status", result_type=PipelineStatus)
+        status = await run.handle.query(STATUS_QUERY, result_type=PipelineStatus)
         if (status.decision, status.decided_by) != ("approved", chat.approver_id):
             raise BenchError(f"{run.workflow_id}: decision {status.decision!r} by "
                              f"{status.decided_by!r}, expected approved by the approver")

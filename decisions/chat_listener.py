@@ -39,7 +39,6 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.matrix import (
     PIPELINE_CONTENT_KEY,
-    NotifyFailed,
     matrix_call,
     matrix_http,
     matrix_token,
@@ -48,6 +47,7 @@ from activities.matrix import (
 )
 from config import WorkerConfig
 from decisions.delivery import deliver_decision
+from exceptions import NotifyFailedError
 from models import BlockDecision, Decision, MatrixNoticeRef
 from taskfiles.visible_text import visible_line
 
@@ -266,7 +266,7 @@ class RoomListener:
             event = await self._call(
                 "fetch notice", "GET", f"/_matrix/client/v3/rooms/{quote(self.room_id, safe='')}"
                 f"/event/{quote(event_id, safe='')}")
-        except NotifyFailed as err:
+        except NotifyFailedError as err:
             if err.retryable:
                 raise _TryLater(str(err)) from None
             event = {}  # not found, or not visible to us: not a notice
@@ -305,7 +305,7 @@ class RoomListener:
                              f"/_matrix/client/v3/rooms/{quote(self.room_id, safe='')}/send/"
                              f"m.room.message/{txn_id_for('refusal/' + wanted.event_id)}",
                              json=content)
-        except NotifyFailed as err:
+        except NotifyFailedError as err:
             log.warning("chat_answer_failed", extra={"error": str(err)})
 
     async def _call(self, step: str, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
@@ -339,7 +339,7 @@ async def listen_for_decisions(client: Client, config: WorkerConfig,
         try:
             await _listen(client, config, stop, cursor)
             return
-        except (NotifyFailed, _TryLater) as err:
+        except (NotifyFailedError, _TryLater) as err:
             problem = str(err)
         except Exception as err:  # never let the listener die: nothing else restarts it
             problem = f"unexpected {type(err).__name__}"
@@ -366,12 +366,12 @@ async def _listen(client: Client, config: WorkerConfig, stop: asyncio.Event,
     # Read again on every (re)connection: a rotated token file is picked up.
     token = matrix_token(config)
     if not token:
-        raise NotifyFailed("MATRIX_APPROVERS is set but no Matrix access token is configured")
+        raise NotifyFailedError("MATRIX_APPROVERS is set but no Matrix access token is configured")
     async with matrix_http(config, token) as http:
         whoami = await matrix_call(http, "whoami", "GET", "/_matrix/client/v3/account/whoami")
         bot = whoami.get("user_id")
         if not _is_id(bot, "@"):
-            raise NotifyFailed("Matrix whoami returned no user id")
+            raise NotifyFailedError("Matrix whoami returned no user id")
         room_id = await resolve_room(http, config)
         listener = RoomListener(client, config, http, str(bot), room_id)
         log.info("chat_decisions_listening", extra={

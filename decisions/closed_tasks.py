@@ -30,10 +30,10 @@ from typing import Any
 from temporalio.api.common.v1 import Payload
 from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities import legacy_args
+from exceptions import PhaseFailedError
 from models import BuildPhaseResult, TaskNotice
 from policies import TASK_CLOSE_RPC_TIMEOUT, TASK_NOTICE_INTERVAL
 from taskfiles.documents import SOURCE_AGENT, claimed_actor
@@ -45,7 +45,6 @@ from vocabulary import (
     COMPLETED,
     FAILED,
     IN_PROGRESS,
-    PHASE_FAILED,
     ROUTING_FAILED,
     TASK_NOTICE_SIGNAL,
 )
@@ -223,8 +222,7 @@ class ClosedTaskApplier:
                 await activity.complete(BuildPhaseResult(status="success", output=closed.output),
                                         rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
             else:
-                await activity.fail(ApplicationError(self._failure(closed), type=PHASE_FAILED,
-                                                     non_retryable=True),
+                await activity.fail(PhaseFailedError.failure(self._failure(closed)),
                                     rpc_timeout=TASK_CLOSE_RPC_TIMEOUT)
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:

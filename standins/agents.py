@@ -41,8 +41,8 @@ from typing import Any
 
 import yaml
 from temporalio.client import Client, WorkflowHandle
-from temporalio.exceptions import ApplicationError
 
+from exceptions import PhaseFailedError
 from models import BuildPhaseResult, PipelineStatus
 from taskfiles.documents import AWAITING_DECISION, SOURCE_AGENT, add_history, new_task
 from taskfiles.lookup import update_task, write_task
@@ -53,8 +53,8 @@ from vocabulary import (
     BUILD_PHASE,
     INPUT_REQUIRED,
     PENDING_APPROVAL,
-    PHASE_FAILED,
     STAGE_TASK_TYPES,
+    STATUS_QUERY,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
@@ -188,7 +188,7 @@ async def wait_for_status(handle: WorkflowHandle[Any, Any], condition: Callable[
     seen: list[Any] = []
 
     async def check() -> Any:
-        seen[:] = [await handle.query("get_status", result_type=result_type)]
+        seen[:] = [await handle.query(STATUS_QUERY, result_type=result_type)]
         return seen[0] if condition(seen[0]) else None
 
     try:
@@ -273,7 +273,7 @@ async def complete_with_token(client: Client, task: Mapping[str, Any], status: s
     if status == "success":
         await handle.complete(BuildPhaseResult(status="success", output=message))
     else:
-        await handle.fail(ApplicationError(message, type=PHASE_FAILED, non_retryable=True))
+        await handle.fail(PhaseFailedError.failure(message))
 
 
 async def play_stage(queue_dir: Path, workflow_id: str, task_type: str, env: Mapping[str, str],

@@ -28,7 +28,7 @@ from models import PipelineStatus, StageEvent
 from taskfiles.documents import AWAITING_DECISION, timestamp
 from taskfiles.io_pool import run_file_io
 from taskfiles.lookup import find_task, update_task
-from vocabulary import BUILD_PIPELINE_WORKFLOW
+from vocabulary import ADOPT_SIGNAL, BUILD_PIPELINE_WORKFLOW, EVENTS_QUERY, STATUS_QUERY
 from workflows.patches import PREPARE_PATCH
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,15 @@ async def adopt(client: Client, config: WorkerConfig, workflow_id: str, run_id: 
     if await started_by_this_worker(handle):
         return False
     try:
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        events = await handle.query("get_events", result_type=list[StageEvent])
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
+        events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     except RPCError as err:
         # Most likely its history does not replay on this code: say so, loudly.
         log.error("adoption_failed", extra={"workflow_id": workflow_id,
                                             "error": str(err).splitlines()[0][:300]})
         return False
     if not any(event.event == "adopted" for event in events):
-        await handle.signal("adopt", f"taken over by worker {identity} at {status.stage}")
+        await handle.signal(ADOPT_SIGNAL, f"taken over by worker {identity} at {status.stage}")
     waiting = status.waiting_on
     if waiting is not None and waiting.kind == "block_decision" and waiting.task_id:
         try:

@@ -37,17 +37,16 @@ from typing import Any
 
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowHandle
-from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 import policies
 from config import WorkerConfig
 from decisions.closed_tasks import activity_queue
-from exceptions import TaskFileError, TaskNotFoundError
+from exceptions import TaskFileError, TaskNotFoundError, WorkerLostError
 from startup.adoption import adopt
 from taskfiles.documents import read_task
 from taskfiles.lookup import find_task
-from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, SUMMARIZE_WORKFLOW, WORKER_LOST
+from vocabulary import AGENT_ACTIVITIES, INLINE_ACTIVITIES, SUMMARIZE_WORKFLOW
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +136,10 @@ async def recover_workflow(client: Client, config: WorkerConfig, workflow_id: st
         final = crash_limit_reached(name, pending.attempt, pending.maximum_attempts)
         await client.get_async_activity_handle(
             workflow_id=workflow_id, run_id=run_id, activity_id=pending.activity_id,
-        ).fail(ApplicationError(
+        ).fail(WorkerLostError.failure(
             f"worker {pending.last_worker_identity} died during {name} (attempt "
             f"{pending.attempt}); " + ("no attempt left" if final else "run again"),
-            type=WORKER_LOST, non_retryable=final, next_retry_delay=timedelta(seconds=1)))
+            non_retryable=final, next_retry_delay=timedelta(seconds=1)))
         released.append(name)
         log.warning("activity_recovered", extra={
             "workflow_id": workflow_id, "activity": name, "attempt": pending.attempt,

@@ -15,6 +15,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from exceptions import FailureType
 from standins.agents import REPO, load_yaml
 
 SCHEMA_PATH = REPO / "schemas" / "task-file.schema.json"
@@ -37,12 +38,13 @@ def assert_schema_valid(task: dict[str, Any]) -> None:
     jsonschema.validate(shown, json.loads(SCHEMA_PATH.read_text()))
 
 
-async def application_failure(result: Awaitable[Any], failure_type: str) -> ApplicationError:
+async def application_failure(result: Awaitable[Any],
+                              kind: type[FailureType]) -> ApplicationError:
     """The ApplicationError a workflow failed with (`result`: what awaits its result); it
-    must be of `failure_type`."""
+    must be of failure type `kind`."""
     with pytest.raises(WorkflowFailureError) as caught:
         await result
     cause = caught.value.cause
     assert isinstance(cause, ApplicationError), cause
-    assert cause.type == failure_type, cause
+    assert kind.matches(cause), cause
     return cause

@@ -30,11 +30,15 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from standins.agents import play_stage, wait_until_parked, write_origin_task, write_triage
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     APPROVED,
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     DIALECT_V050,
+    EVENTS_QUERY,
     REJECTED,
+    REQUEST_CHANGES_UPDATE,
+    STATUS_QUERY,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
     TASK_BUILD_PLAN,
@@ -114,7 +118,7 @@ class Recorder:
                                                 note="on it"))
 
         async def claimed() -> bool:
-            status = await handle.query("get_status", result_type=PipelineStatus)
+            status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
             return bool(status.waiting_on and status.waiting_on.claimed_at)
 
         await poll_async(claimed, WAIT_SECONDS, "the claim")
@@ -164,7 +168,7 @@ async def _approved_by_file(recorder: Recorder) -> WorkflowHandle:
 async def _approved_by_update(recorder: Recorder) -> WorkflowHandle:
     handle = await recorder.pipeline("approved-update", BLOCKS, block_poll_interval_seconds=0.2)
     await recorder.parked(handle)
-    await handle.execute_update("approve_blocks", "looks fine")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "looks fine")
     await recorder.play(handle, TASK_BUILD_CLOSEOUT)
     return handle
 
@@ -189,7 +193,7 @@ async def _reaudit(recorder: Recorder) -> WorkflowHandle:
     await recorder.play(handle, TASK_SECURITY_FIX)
     await recorder.reaudit(handle, "flags:\n- add headers\n")
     await recorder.parked(handle)
-    await handle.execute_update("approve_blocks", {"verdicts": {"1": "accept"}})
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, {"verdicts": {"1": "accept"}})
     await recorder.play(handle, TASK_BUILD_CLOSEOUT)
     return handle
 
@@ -199,7 +203,7 @@ async def _changes_requested(recorder: Recorder) -> WorkflowHandle:
     handle = await recorder.pipeline("changes", "blocks:\n- secret in log\n- open port\n",
                                      reaudit_rounds=1)
     await recorder.parked(handle)
-    await handle.execute_update("request_changes", {"note": "close the port",
+    await handle.execute_update(REQUEST_CHANGES_UPDATE, {"note": "close the port",
                                                     "verdicts": {"1": "accept"}})
     await recorder.play(handle, TASK_SECURITY_FIX)
     await recorder.reaudit(handle, "info: []\n")
@@ -227,7 +231,7 @@ async def _pickup_reminded(recorder: Recorder) -> WorkflowHandle:
     handle = await recorder.start("reminded", pickup_timeout_seconds=2)
 
     async def reminded() -> bool:
-        events = await handle.query("get_events", result_type=list[StageEvent])
+        events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
         return any(event.event == "reminder_failed" for event in events)
 
     await poll_async(reminded, WAIT_SECONDS, "the first reminder")

@@ -25,6 +25,8 @@ from tests.test_block_watcher import decide
 from tests.test_build_pipeline_workflow import block_pipeline, pipeline_input
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
+    EVENTS_QUERY,
+    STATUS_QUERY,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
@@ -57,8 +59,8 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
     async with serving(client, config):
         assert await recover_lost_activities(client, config) == 0
         for handle in (parked, agent):
-            status = await handle.query("get_status", result_type=PipelineStatus)
-            events = await handle.query("get_events", result_type=list[StageEvent])
+            status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
+            events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
             assert status.adopted, handle.id
             assert [e.event for e in events].count("adopted") == 1, events
         waiter = load_yaml(find_task(pipeline.queue_dir, inp.task_id))["awaiting_decision"]
@@ -67,7 +69,7 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
 
         # A second sweep (another worker start) adopts nothing twice.
         await recover_lost_activities(client, config)
-        events = await parked.query("get_events", result_type=list[StageEvent])
+        events = await parked.query(EVENTS_QUERY, result_type=list[StageEvent])
         assert [e.event for e in events].count("adopted") == 1
 
         decide(origin, "approved")
@@ -88,6 +90,6 @@ async def test_runs_of_an_earlier_worker_are_adopted(pipeline_env_vars: dict[str
                                      result_type=BuildPipelineResult)
         await wait_for_task(pipeline.queue_dir, fresh.id, TASK_BUILD_PREFAB)
         assert await started_by_this_worker(fresh)
-        status = await fresh.query("get_status", result_type=PipelineStatus)
+        status = await fresh.query(STATUS_QUERY, result_type=PipelineStatus)
         assert not status.adopted
         await fresh.cancel()

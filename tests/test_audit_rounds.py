@@ -13,6 +13,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from config import load_config
+from exceptions import DecisionRefusedError, InvalidInputError
 from models import BuildPipelineResult, PipelineStatus, StageEvent
 from standins.agents import (
     complete_task,
@@ -30,16 +31,17 @@ from tests.conftest import PipelineEnv, make_env, serving
 from tests.test_build_pipeline_workflow import pipeline_input, run_to_triage, summary_of
 from tests.test_operator_controls import current_details
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
-    DECISION_REFUSED,
     DIALECT_PLATFORM,
+    EVENTS_QUERY,
     IN_PROGRESS,
-    INVALID_INPUT,
     PLATFORM_TASK_AUDIT,
     PLATFORM_TASK_BUILD,
     PLATFORM_TASK_DOCS,
     PLATFORM_TASK_FIX,
+    REQUEST_CHANGES_UPDATE,
     TASK_BUILD_CLOSEOUT,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
@@ -103,12 +105,12 @@ async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
     assert "Audit round 2 of at most 2" in details
     assert f"1. {HEADERS}" in details
     # No re-audit left: changes cannot be asked for; a block that is not there is no block.
-    message = await refused(handle.execute_update("request_changes", {"note": "again"}),
-                            DECISION_REFUSED)
+    message = await refused(handle.execute_update(REQUEST_CHANGES_UPDATE, {"note": "again"}),
+                            DecisionRefusedError.failure_type)
     assert "no re-audit round left" in message
-    await refused(handle.execute_update("approve_blocks", {"verdicts": {"7": "accept"}}),
-                  INVALID_INPUT)
-    answer = await handle.execute_update("approve_blocks",
+    await refused(handle.execute_update(APPROVE_BLOCKS_UPDATE, {"verdicts": {"7": "accept"}}),
+                  InvalidInputError.failure_type)
+    answer = await handle.execute_update(APPROVE_BLOCKS_UPDATE,
                                          {"note": "tracked", "verdicts": {"hdr": "accept"}},
                                          result_type=str)
     assert answer == "approved"
@@ -134,7 +136,7 @@ async def test_a_flag_the_one_reaudit_still_finds_becomes_a_block(
     assert summary["reaudits_run"] == 1
     assert summary["flags_applied"] == 2
     assert summary["all_flags_verified_fixed"] is False
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     assert any(e.event == "flags_escalated" for e in events)
 
 
@@ -159,7 +161,7 @@ async def test_changes_requested_for_one_block_by_update(pipeline: PipelineEnv) 
         pipeline, "changes-update", f"blocks:\n- {TOKEN}\n- {PORT}\n", reaudit_rounds=1)
     await wait_until_parked(handle)
     answer = await handle.execute_update(
-        "approve_blocks", {"note": "close the port to the VPN", "decided_by": "alice",
+        APPROVE_BLOCKS_UPDATE, {"note": "close the port to the VPN", "decided_by": "alice",
                            "verdicts": {"1": "accept", "2": "change"}}, result_type=str)
     assert answer == "changes_requested"
     fix = load_yaml(await play_stage(pipeline.queue_dir, handle.id, TASK_SECURITY_FIX,

@@ -23,6 +23,7 @@ from config import load_config
 from decisions import delivery, file_watcher
 from decisions.delivery import deliver_decision
 from decisions.file_watcher import BlockDecisionWatcher, pending_decision
+from exceptions import DecisionRefusedError
 from models import (
     MAX_DECISION_NOTE_CHARS,
     BlockDecision,
@@ -36,7 +37,14 @@ from taskfiles.lookup import find_task, update_task
 from temporal_client import connect
 from tests.conftest import PipelineEnv, serving
 from tests.test_build_pipeline_workflow import BLOCK, block_pipeline, run_to_triage
-from vocabulary import DECISION_REFUSED, TASK_BUILD_CLOSEOUT, WAIT_FOR_BLOCK_RESOLUTION
+from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
+    EVENTS_QUERY,
+    REJECT_BLOCKS_UPDATE,
+    STATUS_QUERY,
+    TASK_BUILD_CLOSEOUT,
+    WAIT_FOR_BLOCK_RESOLUTION,
+)
 from workflows.build_pipeline_workflow import BuildPipelineWorkflow
 
 DECISION_LATENCY_LIMIT_SECONDS = 2.0
@@ -57,7 +65,7 @@ async def closeout_started(pipeline: PipelineEnv, workflow_id: str, since: float
 
 
 async def decision_events(handle: Any) -> list[StageEvent]:
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     return [e for e in events if e.stage == WAIT_FOR_BLOCK_RESOLUTION
             and e.event.startswith(("approved_", "rejected_"))]
 
@@ -118,7 +126,7 @@ async def test_file_decisions_can_be_turned_off(pipeline_env_vars: dict[str, str
         handle, _, origin = await block_pipeline(pipeline, "no-file-decisions")
         decide(origin, "approved", actor="alice (security lead)")
         # The file says approved, but nobody acts on it: an operator's Update decides.
-        await handle.execute_update("reject_blocks", {"decided_by": "bob", "note": "no"})
+        await handle.execute_update(REJECT_BLOCKS_UPDATE, {"decided_by": "bob", "note": "no"})
         result = await handle.result()
         assert (result.outcome, result.decision) == ("rejected", "rejected")
         assert [e.event for e in await decision_events(handle)] == ["rejected_by_update"]
@@ -169,7 +177,7 @@ def held_notifier(client: Client, tmp_path: Path, pipeline_env_vars: dict[str, s
 
 async def at_stage(handle: Any, stage: str) -> None:
     async def there() -> bool:
-        status = await handle.query("get_status", result_type=PipelineStatus)
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
         return status.stage == stage
 
     await poll_async(there, what=f"pipeline at {stage}")
@@ -266,8 +274,8 @@ async def test_only_the_originating_task_decides(pipeline: PipelineEnv,
                            for record in caplog.records),
                timeout=10, what="real file refused too")
 
-    assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
-    await handle.execute_update("reject_blocks", {"decided_by": "bob", "note": "no"})
+    assert (await handle.query(STATUS_QUERY, result_type=PipelineStatus)).decision is None
+    await handle.execute_update(REJECT_BLOCKS_UPDATE, {"decided_by": "bob", "note": "no"})
     result: BuildPipelineResult = await handle.result()
     assert (result.outcome, result.decision) == ("rejected", "rejected")
     assert [e.event for e in await decision_events(handle)] == ["rejected_by_update"]
@@ -278,13 +286,13 @@ async def test_pipeline_refuses_a_file_decision_from_another_task(
         pipeline: PipelineEnv) -> None:
     handle, _, _ = await block_pipeline(pipeline, "wrong-file")
     with pytest.raises(WorkflowUpdateFailedError) as caught:
-        await handle.execute_update("approve_blocks", BlockDecision(
+        await handle.execute_update(APPROVE_BLOCKS_UPDATE, BlockDecision(
             decided_by="task file", source="task_file", task_id="some-other-task"))
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert (refusal.type, refusal.non_retryable) == (DecisionRefusedError.failure_type, True)
     assert "'some-other-task', not this pipeline's originating task" in str(refusal)
-    assert (await handle.query("get_status", result_type=PipelineStatus)).decision is None
+    assert (await handle.query(STATUS_QUERY, result_type=PipelineStatus)).decision is None
     await handle.cancel()
 
 
@@ -376,7 +384,7 @@ async def test_a_later_opposite_decision_is_reported_refused(
                                     task_queue=pipeline.config.task_queue)
     assert (first, second) == ("applied", "refused")
     assert watcher_said(caplog, "decision_refused", "the run was decided already: approved")
-    assert (await handle.query("get_status", result_type=PipelineStatus)).decision == "approved"
+    assert (await handle.query(STATUS_QUERY, result_type=PipelineStatus)).decision == "approved"
     await handle.cancel()
 
 

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
+from exceptions import InvalidInputError, PhaseFailedError, TriageInvalidError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus, StageEvent
 from standins.agents import (
     load_yaml,
@@ -29,15 +30,15 @@ from vocabulary import (
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
     CLOSE_BUILD,
+    EVENTS_QUERY,
     EXPIRED,
     IMPLEMENT_BUILD,
     IN_PROGRESS,
     INPUT_REQUIRED,
-    INVALID_INPUT,
-    PHASE_FAILED,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUBMITTED,
     SUMMARIZE_WORKFLOW,
     TASK_BUILD_CLOSEOUT,
@@ -45,7 +46,6 @@ from vocabulary import (
     TASK_BUILD_PREFAB,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    TRIAGE_INVALID,
     WAIT_FOR_BLOCK_RESOLUTION,
 )
 
@@ -245,7 +245,7 @@ async def test_parked_pipeline_holds_nothing_but_its_deadline(pipeline: Pipeline
     # stage 7 sets its deadline and nothing else.
     assert [t for t in timers if not t.startswith(b'"pickup limit of ')] == \
         [b'"block decision deadline"']
-    status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+    status: PipelineStatus = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert any(str(origin) in path for path in status.decision_paths), status.decision_paths
     assert load_yaml(origin)["awaiting_decision"]["workflow_id"] == handle.id
     update_task(origin, lambda t: add_history(t, status="rejected", actor="ted", note="no"))
@@ -258,7 +258,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
     await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB, pipeline.env)
     task = await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN, pipeline.env,
                             status="failed", message="compiler exploded")
-    cause = await application_failure(handle.result(), PHASE_FAILED)
+    cause = await application_failure(handle.result(), PhaseFailedError)
     assert IMPLEMENT_BUILD in cause.message
     assert "compiler exploded" in cause.message
     written = load_yaml(task)
@@ -282,7 +282,7 @@ async def test_agent_failure_through_cli(pipeline: PipelineEnv) -> None:
 async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str,
                                               problem: str) -> None:
     handle, _ = await run_to_triage(pipeline, "bad-triage", triage)
-    cause = await application_failure(handle.result(), TRIAGE_INVALID)
+    cause = await application_failure(handle.result(), TriageInvalidError)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
@@ -319,7 +319,7 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
     with pytest.raises(ValidationError):
         BuildPipelineInput.model_validate(raw)  # stopped before starting anything
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    cause = await application_failure(handle.result(), INVALID_INPUT)
+    cause = await application_failure(handle.result(), InvalidInputError)
     assert next(iter(bad)) in cause.message
     for folder in (pipeline.queue_dir, pipeline.audit_dir, pipeline.summary_dir):
         assert not folder.exists() or not any(folder.rglob("*"))
@@ -362,7 +362,7 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     inp = pipeline_input(pipeline, "named-agents")
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
-    status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+    status: PipelineStatus = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert status.waiting_on is not None
     assert status.waiting_on.agent == "claudebox"
     assert status.agents == {"target": "builder", "prefab": "claudebox",
@@ -383,9 +383,9 @@ async def test_real_agent_names_everywhere(pipeline: PipelineEnv) -> None:
     summaries = text_of_history(history)
     assert "1/9 prefab_scaffolding → claudebox" in summaries
     assert "3/9 request_security_audit → security-agent" in summaries
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     texts = [*summaries, *(f"{e.event} {e.detail}" for e in events),
-             (await handle.query("get_status", result_type=PipelineStatus)).model_dump_json(),
+             (await handle.query(STATUS_QUERY, result_type=PipelineStatus)).model_dump_json(),
              Path(result.summary_path or "").read_text()]
     assert not [text for text in texts if "$" in text]
     summary = summary_of(result)
@@ -403,11 +403,11 @@ async def test_missing_originating_task_is_a_warning_from_the_start(
                              task_id="no-such-task", target_agent="builder")
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, inp, result_type=BuildPipelineResult)
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
-    status: PipelineStatus = await handle.query("get_status", result_type=PipelineStatus)
+    status: PipelineStatus = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert status.stage == PREFAB_SCAFFOLDING
     assert len(status.warnings) == 1
     assert "'no-such-task' not found" in status.warnings[0]
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     assert [e.event for e in events if e.stage == "pipeline"] == ["started", "warning"]
     await handle.cancel()
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 
+from exceptions import InvalidInputError, PhaseFailedError
 from models import BuildPlanResult, PlanStatus
 from standins.agents import complete_task, poll, tasks_for, wait_for_status, wait_for_task
 from tests.agents import application_failure, assert_valid_task_file
@@ -15,8 +16,7 @@ from tests.conftest import PipelineEnv
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
-    INVALID_INPUT,
-    PHASE_FAILED,
+    STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
 
@@ -36,7 +36,7 @@ async def outcome(handle: WorkflowHandle) -> Any:
 
 
 async def status_of(handle: WorkflowHandle) -> PlanStatus:
-    return await handle.query("get_status", result_type=PlanStatus)
+    return await handle.query(STATUS_QUERY, result_type=PlanStatus)
 
 
 async def activity_order(handle: WorkflowHandle) -> list[str]:
@@ -117,7 +117,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
                         what="phase 2 task file")
     await complete_task(second, pipeline.env, status="failed", message="tests do not pass")
 
-    cause = await application_failure(outcome(handle), PHASE_FAILED)
+    cause = await application_failure(outcome(handle), PhaseFailedError)
     assert "phase 2 (reviewer)" in cause.message
     assert "tests do not pass" in cause.message
     assert "1 of 2 phases done" in cause.message
@@ -141,7 +141,7 @@ async def test_failed_phase_fails_the_plan(pipeline: PipelineEnv) -> None:
 async def test_invalid_input_writes_nothing(pipeline: PipelineEnv, plan: dict[str, Any],
                                             field: str) -> None:
     handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan)
-    cause = await application_failure(outcome(handle), INVALID_INPUT)
+    cause = await application_failure(outcome(handle), InvalidInputError)
     assert field in cause.message
     assert cause.non_retryable
     assert await activity_order(handle) == []

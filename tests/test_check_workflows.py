@@ -101,6 +101,12 @@ async def f(blocks: set[str], text: str) -> list[str]:
     seen = set(blocks)
     ok = "a" in seen and now > when
     return [b for b in sorted(blocks | seen) if ok] + list({"k": 1})
+
+class State:
+    input: str | None = None
+
+def echo(input: str) -> str:
+    return input
 """
     assert check_source(source, tmp_path / "w.py") == []
 

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowHandle
 
+from exceptions import PhaseFailedError
 from models import BuildPlanResult
 from standins.agents import load_yaml, run_cli, wait_for_task
 from tests.agents import application_failure, assert_valid_task_file
 from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
-from vocabulary import BUILD_PLAN_WORKFLOW, PHASE_FAILED, TASK_BUILD_PHASE
+from vocabulary import BUILD_PLAN_WORKFLOW, TASK_BUILD_PHASE
 
 # Valid base64 that no Temporal server ever issued.
 GARBAGE_TOKEN = base64.b64encode(b"this is not a temporal task token" * 3).decode()
@@ -145,13 +146,13 @@ async def test_failed_fails_the_activity_as_phase_failed(pipeline: PipelineEnv) 
                  token)
 
     assert result.returncode == 0, result.stderr
-    cause = await application_failure(outcome(handle), PHASE_FAILED)
+    cause = await application_failure(outcome(handle), PhaseFailedError)
     assert "tests are red" in cause.message
     failures = [e.activity_task_failed_event_attributes.failure
                 async for e in handle.fetch_history_events()
                 if e.HasField("activity_task_failed_event_attributes")]
     assert len(failures) == 1
-    assert failures[0].application_failure_info.type == PHASE_FAILED
+    assert failures[0].application_failure_info.type == PhaseFailedError.failure_type
     assert failures[0].application_failure_info.non_retryable
     assert failures[0].message == "tests are red"
     written = assert_valid_task_file(task)

@@ -41,6 +41,7 @@ from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from tools import devserver
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     BUILD_PIPELINE_WORKFLOW,
     IMPLEMENT_BUILD,
     TASK_BUILD_CLOSEOUT,
@@ -180,7 +181,7 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     await lab.parked(triage)   # triage read and blocks notified by the new worker
     worker.kill()              # second kill while parked
     await asyncio.to_thread(worker.start().wait_ready)
-    await triage.execute_update("approve_blocks", "approved after restart")
+    await triage.execute_update(APPROVE_BLOCKS_UPDATE, "approved after restart")
     lab.triage("kill-agent", "info: []\n")
     lab.triage("kill-dispatch", "flags:\n- pin versions\n")
     await asyncio.gather(lab.play(agent, TASK_SECURITY_AUDIT),

@@ -47,9 +47,10 @@ from tests.conftest import PipelineEnv, make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
     AUDIT_REQUESTS_DIR,
-    DISK_WRITE_ERROR,
+    EVENTS_QUERY,
     PREFAB_SCAFFOLDING,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUMMARIZE_WORKFLOW,
     TASK_SECURITY_AUDIT,
 )
@@ -286,7 +287,7 @@ async def test_a_full_task_folder_holds_stage_1_until_space_returns(
     disk.fill()
     handle = await rig.start(pipeline_input("full-queue", tmp_path))
     message, failure_type, _ = await wait_for_pending_failure(handle, PREFAB_SCAFFOLDING)
-    assert failure_type == DISK_WRITE_ERROR
+    assert failure_type == DiskWriteError.failure_type
     assert message.endswith(f"{disk.path}: No space left on device (ENOSPC)"), message
     assert disk.temp_files() == []
     assert sorted(os.listdir(disk.path)) == [FILLER]  # no task file, whole or half
@@ -310,7 +311,7 @@ async def test_a_read_only_audit_folder_holds_stage_3_before_any_agent_sees_it(
     disk.remount("ro")
     handle = await rig.start(pipeline_input("ro-audit", tmp_path))
     message, failure_type, _ = await wait_for_pending_failure(handle, REQUEST_SECURITY_AUDIT)
-    assert failure_type == DISK_WRITE_ERROR
+    assert failure_type == DiskWriteError.failure_type
     assert message.endswith(f"{disk.path}: Read-only file system (EROFS)"), message
     assert disk.temp_files() == []
     # request.md comes first: without it no audit task is handed out.
@@ -338,7 +339,7 @@ async def test_a_full_summary_disk_keeps_the_outcome_and_the_worker_up(
     assert waits[0]["error"].endswith("No space left on device (ENOSPC)"), waits[0]
     assert waits[0]["folder"].startswith(str(disk.path)), waits[0]
     # The outcome is the run's, at stage 9, while the summary waits.
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert (status.stage, status.outcome) == (SUMMARIZE_WORKFLOW, "success")
     status_warnings = rig.stdout_records("status_file_not_written")
     assert status_warnings, "no status_file_not_written warning"
@@ -393,11 +394,11 @@ async def test_a_summary_that_cannot_be_written_still_ends_the_run_with_its_outc
     await standin.run()
     result = await asyncio.wait_for(handle.result(), 30)
     assert (result.outcome, result.status, result.summary_path) == ("success", "complete", None)
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     failed = [event for event in events
               if (event.stage, event.event) == (SUMMARIZE_WORKFLOW, "failed")]
     assert len(failed) == 1, events
     assert "is a symlink" in failed[0].detail, failed[0]
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert any(warning.startswith("summary not written:") for warning in status.warnings)
     assert elsewhere.read_text() == "not the worker's\n"

@@ -24,7 +24,14 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from activities.triage import MAX_FINDINGS
-from exceptions import AmbiguousTaskError, TaskFileError, TaskNotFoundError, UnsafeTaskPathError
+from exceptions import (
+    AmbiguousTaskError,
+    InvalidInputError,
+    TaskFileError,
+    TaskNotFoundError,
+    TriageInvalidError,
+    UnsafeTaskPathError,
+)
 from models import BuildPhaseResult, BuildPipelineResult
 from standins.agents import (
     load_yaml,
@@ -42,14 +49,15 @@ from tests.agents import application_failure
 from tests.conftest import PipelineEnv, make_env
 from tools.devserver import free_port
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     ARCHIVE_DIR,
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
     EXPIRED,
     INPUT_REQUIRED,
-    INVALID_INPUT,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -57,7 +65,6 @@ from vocabulary import (
     TASK_SEARCH_SUBDIRS,
     TASK_SECURITY_AUDIT,
     TASK_SECURITY_FIX,
-    TRIAGE_INVALID,
 )
 
 
@@ -158,7 +165,7 @@ async def test_hostile_workflow_input(pipeline: PipelineEnv, field: str, value: 
            "target_agent": "builder", field: value}
 
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
-    cause = await application_failure(handle.result(), INVALID_INPUT)
+    cause = await application_failure(handle.result(), InvalidInputError)
     assert field in cause.message
     assert len(cause.message) < 2000  # the error names the field; it does not echo 100 kB
     assert tree(pipeline.root) == before  # nothing written, inside or out
@@ -208,7 +215,7 @@ async def test_hostile_triage_file(pipeline: PipelineEnv, triage: str | bytes,
     before = tree(pipeline.root)
     await finish(pipeline, audit)
 
-    cause = await application_failure(handle.result(), TRIAGE_INVALID)
+    cause = await application_failure(handle.result(), TriageInvalidError)
     assert problem in cause.message
     assert "triage-output.yml" in cause.message
     assert len(cause.message) < 2000
@@ -626,7 +633,7 @@ async def test_fifo_triage_fails_its_stage_at_once(pipeline: PipelineEnv) -> Non
         unblock_fifo(fifo)
     cause = caught.value.cause
     assert isinstance(cause, ApplicationError)
-    assert cause.type == TRIAGE_INVALID
+    assert cause.type == TriageInvalidError.failure_type
     assert "a FIFO, not a regular file" in cause.message
     assert "triage-output.yml" in cause.message
     assert summary(pipeline)["failed_stage"] == PROCESS_TRIAGE_OUTPUT
@@ -786,7 +793,7 @@ async def park(pipeline: PipelineEnv, build: str, blocks: list[str],
 async def status_of(handle: WorkflowHandle) -> Any:
     from models import PipelineStatus
 
-    return await handle.query("get_status", result_type=PipelineStatus)
+    return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
 
 async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
@@ -816,7 +823,7 @@ async def test_shadow_origin_task_neither_decides_nor_fails_the_pipeline(
     # status anywhere: the shadow's "approved" decides nothing.
     assert {path: path.read_bytes() for path in (real, shadow)} == before
     assert (await status_of(handle)).decision is None
-    await handle.execute_update("approve_blocks", "approved by the operator")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
     assert result.outcome == "partial"
@@ -964,7 +971,7 @@ async def test_update_decision_is_not_written_through_a_linked_archive(
     copy.write_bytes(origin.read_bytes())
     archive.rename(pipeline.queue_dir / "archive-moved")
     archive.symlink_to(outside, target_is_directory=True)
-    await handle.execute_update("approve_blocks", "approved by the operator")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "approved by the operator")
     await finish(pipeline, await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT))
     result: BuildPipelineResult = await handle.result()
 

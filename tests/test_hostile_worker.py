@@ -37,6 +37,7 @@ from taskfiles.documents import task_filename, utc_now
 from tests.conftest import make_env
 from tests.worker_process import WorkerProcess
 from vocabulary import (
+    APPROVE_BLOCKS_UPDATE,
     AUDIT_REQUESTS_DIR,
     BUILD_PIPELINE_WORKFLOW,
     TASK_BUILD_CLOSEOUT,
@@ -178,7 +179,7 @@ async def test_no_token_in_any_log_at_debug(worker: WorkerProcess, client: Clien
     await stage(TASK_SECURITY_AUDIT)
     await stage(TASK_SECURITY_FIX)
     await wait_until_parked(handle)
-    await handle.execute_update("approve_blocks", "risk accepted")
+    await handle.execute_update(APPROVE_BLOCKS_UPDATE, "risk accepted")
     await stage(TASK_BUILD_CLOSEOUT)
     result = await handle.result()
     assert result.outcome == "partial"

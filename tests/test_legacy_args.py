@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities import legacy_args
 from activities.build_pipeline_activities import PipelineActivities
-from activities.dispatch import agent_stage
 from config import WorkerConfig, load_config
+from exceptions import InvalidInputError, LegacyWaitHandedOverError
 from models import AgentTaskRequest, BlockCheckInput, SummaryInput
 from standins.agents import load_yaml, write_origin_task
 from taskfiles.documents import add_history, read_task
@@ -37,8 +38,6 @@ from vocabulary import (
     DIALECT_V050,
     IMPLEMENT_BUILD,
     INPUT_REQUIRED,
-    INVALID_INPUT,
-    LEGACY_WAIT_HANDED_OVER,
     NOTIFY_BLOCKS,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
@@ -73,7 +72,7 @@ def recorded_args(history_name: str, activity_name: str) -> tuple[Any, ...]:
 def refused(call: Any, *args: Any) -> ApplicationError:
     with pytest.raises(ApplicationError) as caught:
         call(*args)
-    assert caught.value.type == INVALID_INPUT
+    assert caught.value.type == InvalidInputError.failure_type
     assert caught.value.non_retryable
     return caught.value
 
@@ -326,7 +325,7 @@ async def test_agent_stage_with_v050_args_writes_a_task_with_v050_fields(
         config: WorkerConfig, run_input: dict[str, Any], stage: str, history_name: str,
         fields: set[str]) -> None:
     args = recorded_args(history_name, stage)
-    await suspended(environment(stage), agent_stage(config, stage), *args)
+    await suspended(environment(stage), getattr(PipelineActivities(config), stage), *args)
     _, task = only_task(config)
     assert task["id"] == legacy_args.task_id_for(CALL)
     payload = task["payload"]
@@ -350,7 +349,7 @@ async def test_agent_stage_with_v050_args_when_the_run_input_cannot_be_read(
         config: WorkerConfig) -> None:
     """No client here: the history read fails; the task is still handed to the agent."""
     args = recorded_args("v050-blocks-approved", CLOSE_BUILD)
-    await suspended(environment(CLOSE_BUILD), agent_stage(config, CLOSE_BUILD), *args)
+    await suspended(environment(CLOSE_BUILD), PipelineActivities(config).close_build, *args)
     path = only_task_path(config)
     payload = load_yaml(path)["payload"]
     assert "plan_path" not in payload
@@ -362,7 +361,7 @@ async def test_agent_stage_keeps_our_own_form(config: WorkerConfig) -> None:
                                target_agent="builder", task_type=TASK_BUILD_PLAN, summary="s",
                                instruction="do it", plan_path="/plans/web.md",
                                extra_payload={"originating_task_id": "T-1"})
-    await suspended(environment(IMPLEMENT_BUILD), agent_stage(config, IMPLEMENT_BUILD),
+    await suspended(environment(IMPLEMENT_BUILD), PipelineActivities(config).implement_build,
                     request.model_dump(mode="json"))
     _, task = only_task(config)
     assert task["id"] == request.task_id
@@ -404,7 +403,7 @@ async def test_wait_with_v050_args_hands_a_pending_decision_over(config: WorkerC
     with pytest.raises(ApplicationError) as caught:
         await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(config).wait_for_block_resolution, *args)
-    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+    assert caught.value.type == LegacyWaitHandedOverError.failure_type
     assert caught.value.non_retryable
 
 
@@ -412,12 +411,11 @@ async def test_wait_with_v050_args_returns_nothing_when_already_approved(
         config: WorkerConfig) -> None:
     args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
     origin_task(config, args[1], status="approved")
-    activities = PipelineActivities(config)
-    assert await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
-        activities.wait_for_block_resolution, *args) is None
+    # Called with what arrives on the wire: v0.5.0's arguments, then our own form as JSON.
+    look: Callable[..., Any] = PipelineActivities(config).wait_for_block_resolution
+    assert await environment(WAIT_FOR_BLOCK_RESOLUTION).run(look, *args) is None
     # Our own form still answers with a resolution.
-    resolution = await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
-        activities.wait_for_block_resolution, {"task_id": args[1]})
+    resolution = await environment(WAIT_FOR_BLOCK_RESOLUTION).run(look, {"task_id": args[1]})
     assert resolution is not None
     assert (resolution.decision, resolution.actor) == ("approved", "alice")
 
@@ -430,7 +428,7 @@ async def test_wait_with_v050_args_ignores_the_file_when_file_decisions_are_off(
     with pytest.raises(ApplicationError) as caught:
         await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
             PipelineActivities(strict).wait_for_block_resolution, *args)
-    assert caught.value.type == LEGACY_WAIT_HANDED_OVER
+    assert caught.value.type == LegacyWaitHandedOverError.failure_type
 
 
 async def test_summary_with_v050_args(config: WorkerConfig, run_input: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from tests.conftest import PipelineEnv
 from tests.test_notify import park_pipeline, worker_with
 from tests.worker_process import WorkerProcess
 from tools import synapse
-from vocabulary import CLOSE_BUILD, TASK_BUILD_CLOSEOUT
+from vocabulary import CLOSE_BUILD, EVENTS_QUERY, STATUS_QUERY, TASK_BUILD_CLOSEOUT
 
 BLOCKS = ["Deploy key committed to the chart"]
 # A chat decision is recorded as such (the workflow names the source of each decision).
@@ -164,11 +164,11 @@ async def chat_worker(client: Client, root: Path, address: str, chat: Chat,
 # ---- reading the outcome -------------------------------------------------------------------
 
 async def events_of(handle: WorkflowHandle) -> list[StageEvent]:
-    return await handle.query("get_events", result_type=list[StageEvent])
+    return await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
 
 
 async def status_of(handle: WorkflowHandle) -> PipelineStatus:
-    return await handle.query("get_status", result_type=PipelineStatus)
+    return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
 
 def decisions_in(events: list[StageEvent]) -> list[StageEvent]:

@@ -23,6 +23,7 @@ from temporalio.client import Client, WorkflowHandle
 import policies
 from activities import matrix, notify
 from config import load_config
+from exceptions import NotifyFailedError
 from models import BuildPipelineInput, BuildPipelineResult, PipelineStatus
 from standins.agents import (
     complete_task,
@@ -43,9 +44,11 @@ from tools import synapse
 from tools.devserver import free_port
 from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
+    EVENTS_QUERY,
     IN_PROGRESS,
     INPUT_REQUIRED,
     PREFAB_SCAFFOLDING,
+    STATUS_QUERY,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
@@ -131,7 +134,7 @@ async def test_block_notices_reach_the_room(homeserver: synapse.Homeserver, matr
                               timeout=30, what="two notices in the room") and notices(
             homeserver, matrix_token, room_id)
         for handle in (first, second):
-            status = await handle.query("get_status", result_type=PipelineStatus)
+            status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
             assert status.notification_failures == []
             await handle.terminate("test done")
 
@@ -180,14 +183,14 @@ async def test_bad_token_and_unknown_room_fail_without_retry(
     bad = "syt_not_a_real_token_" + uuid.uuid4().hex
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "builds",
                           "MATRIX_ACCESS_TOKEN": bad})
-    with pytest.raises(matrix.NotifyFailed) as failed:
+    with pytest.raises(NotifyFailedError) as failed:
         await matrix.send_matrix(config, "x", txn_seed="bad-token")
     assert "HTTP 401 M_UNKNOWN_TOKEN" in str(failed.value)
     assert not failed.value.retryable
     assert bad not in str(failed.value)
     config = load_config({"MATRIX_HOMESERVER": homeserver.url, "MATRIX_ROOM": "no-such-room",
                           "MATRIX_ACCESS_TOKEN": matrix_token})
-    with pytest.raises(matrix.NotifyFailed) as failed:
+    with pytest.raises(NotifyFailedError) as failed:
         await matrix.send_matrix(config, "x", txn_seed="no-room")
     assert "#no-such-room:localhost" in str(failed.value)
     assert "M_NOT_FOUND" in str(failed.value)
@@ -203,8 +206,8 @@ async def test_homeserver_down_still_parks_and_records(client: Client, temporal_
     async with worker_with(client, tmp_path, temporal_address, MATRIX_HOMESERVER=down,
                            MATRIX_ACCESS_TOKEN=secret) as pipeline:
         handle, origin = await park_pipeline(pipeline, "hs-down", BLOCKS)
-        status = await handle.query("get_status", result_type=PipelineStatus)
-        events = await handle.query("get_events")
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
+        events = await handle.query(EVENTS_QUERY)
         await handle.terminate("test done")
 
     assert status.notification_failures == ["matrix: Matrix whoami: ConnectError"]
@@ -280,7 +283,7 @@ async def test_script_and_ntfy_channels(client: Client, temporal_address: str, t
     async with worker_with(client, tmp_path, temporal_address, SEND_MATRIX_SCRIPT=str(script),
                            MATRIX_ROOM="ops", NTFY_URL=f"{ntfy.url}/builds") as pipeline:
         handle, origin = await park_pipeline(pipeline, "script-build", BLOCKS[:1])
-        status = await handle.query("get_status", result_type=PipelineStatus)
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
         await handle.terminate("test done")
 
     assert status.notification_failures == []
@@ -335,7 +338,7 @@ async def test_unclaimed_task_is_reminded_then_waits_until_claimed(
 
         await poll(lambda: len(reminders()) >= policies.PICKUP_REMINDERS, timeout=30,
                    what="every reminder in the room")
-        status = await handle.query("get_status", result_type=PipelineStatus)
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
         assert status.stage == PREFAB_SCAFFOLDING
         assert status.waiting_on is not None
         assert status.waiting_on.task_id == task_id
@@ -373,5 +376,5 @@ async def test_unclaimed_task_is_reminded_then_waits_until_claimed(
 
 
 async def _claimed(handle: WorkflowHandle) -> bool:
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     return status.waiting_on is not None and status.waiting_on.claimed_at is not None

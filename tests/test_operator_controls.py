@@ -18,6 +18,7 @@ from temporalio.client import (
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
+from exceptions import DecisionRefusedError, InvalidInputError
 from models import (
     BlockDecision,
     BuildPipelineInput,
@@ -44,15 +45,19 @@ from taskfiles.lookup import find_task
 from tests.conftest import PipelineEnv
 from vocabulary import (
     APPLY_FLAG_FIXES,
+    APPROVE_BLOCKS_UPDATE,
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     CLOSE_BUILD,
-    DECISION_REFUSED,
+    EVENTS_QUERY,
     IMPLEMENT_BUILD,
-    INVALID_INPUT,
+    PAUSE_SIGNAL,
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
+    REJECT_BLOCKS_UPDATE,
     REQUEST_SECURITY_AUDIT,
+    RESUME_SIGNAL,
+    STATUS_QUERY,
     SUBMITTED,
     SUMMARIZE_WORKFLOW,
     TASK_BUILD_CLOSEOUT,
@@ -75,11 +80,11 @@ async def start_pipeline(pipeline: PipelineEnv, build: str) -> tuple[WorkflowHan
 
 
 async def status_of(handle: WorkflowHandle) -> PipelineStatus:
-    return await handle.query("get_status", result_type=PipelineStatus)
+    return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
 
 async def events_of(handle: WorkflowHandle) -> list[StageEvent]:
-    return await handle.query("get_events", result_type=list[StageEvent])
+    return await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
 
 
 async def current_details(handle: WorkflowHandle) -> str:
@@ -172,7 +177,7 @@ async def test_status_events_and_web_ui_story(pipeline: PipelineEnv) -> None:
 async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) -> None:
     handle, _ = await start_pipeline(pipeline, "paused-build")
     prefab = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PREFAB)
-    await handle.signal("pause", "database migration window")
+    await handle.signal(PAUSE_SIGNAL, "database migration window")
     status = await wait_for_status(handle, lambda s: s.paused, "paused")
     assert status.pause_reason == "database migration window"
     assert "**Paused**: database migration window" in await current_details(handle)
@@ -191,7 +196,7 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
     assert status.stages_done == [PREFAB_SCAFFOLDING]
     assert status.waiting_on is None
 
-    await handle.signal("resume", "window closed")
+    await handle.signal(RESUME_SIGNAL, "window closed")
     await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PLAN)
     status = await wait_for_status(handle, lambda s: s.stage == IMPLEMENT_BUILD, "stage 2")
     assert not status.paused
@@ -205,7 +210,7 @@ async def test_pause_holds_the_next_stage_until_resume(pipeline: PipelineEnv) ->
     await handle.terminate("test done")
 
 
-@pytest.mark.parametrize("update", ["approve_blocks", "reject_blocks"])
+@pytest.mark.parametrize("update", [APPROVE_BLOCKS_UPDATE, REJECT_BLOCKS_UPDATE])
 async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv,
                                                            update: str) -> None:
     handle, task_id = await start_pipeline(pipeline, f"early-{update.split('_')[0]}")
@@ -214,7 +219,7 @@ async def test_decision_refused_when_not_waiting_on_blocks(pipeline: PipelineEnv
         await handle.execute_update(update, "looks fine")
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (DECISION_REFUSED, True)
+    assert (refusal.type, refusal.non_retryable) == (DecisionRefusedError.failure_type, True)
     assert "not waiting on blocks" in str(refusal)
     assert PREFAB_SCAFFOLDING in str(refusal)
     status = await status_of(handle)
@@ -232,8 +237,8 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
     handle, task_id = await park_at_blocks(pipeline, "approved-build")
     sent = time.monotonic()
     answer = await handle.execute_update(
-        "approve_blocks", BlockDecision(note="risk accepted for the demo", decided_by="ops-ted"),
-        result_type=str)
+        APPROVE_BLOCKS_UPDATE,
+        BlockDecision(note="risk accepted for the demo", decided_by="ops-ted"), result_type=str)
     assert answer == "approved"
     closeout = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT)
     wall = time.monotonic() - sent
@@ -249,9 +254,9 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
     assert "risk accepted for the demo" in entry["note"]
     assert "update" in entry["note"]
     with pytest.raises(WorkflowUpdateFailedError) as caught:  # decided already: refused
-        await handle.execute_update("reject_blocks", "too late")
+        await handle.execute_update(REJECT_BLOCKS_UPDATE, "too late")
     assert isinstance(caught.value.cause, ApplicationError)
-    assert caught.value.cause.type == DECISION_REFUSED
+    assert caught.value.cause.type == DecisionRefusedError.failure_type
     assert "decision: approved" in str(caught.value.cause)
 
     await complete_task(closeout, pipeline.env)
@@ -267,13 +272,13 @@ async def test_approve_update_resumes_and_records_who(pipeline: PipelineEnv) -> 
 async def test_reject_update_ends_pipeline_rejected(pipeline: PipelineEnv) -> None:
     handle, task_id = await park_at_blocks(pipeline, "rejected-build")
     with pytest.raises(WorkflowUpdateFailedError) as caught:  # a body that is no decision
-        await handle.execute_update("reject_blocks", {"note": "no", "decided_by": 7})
+        await handle.execute_update(REJECT_BLOCKS_UPDATE, {"note": "no", "decided_by": 7})
     refusal = caught.value.cause
     assert isinstance(refusal, ApplicationError)
-    assert (refusal.type, refusal.non_retryable) == (INVALID_INPUT, True)
+    assert (refusal.type, refusal.non_retryable) == (InvalidInputError.failure_type, True)
     assert "invalid decision: decided_by" in str(refusal)
     sent = time.monotonic()
-    assert await handle.execute_update("reject_blocks", "token leak is a blocker",
+    assert await handle.execute_update(REJECT_BLOCKS_UPDATE, "token leak is a blocker",
                                        result_type=str) == "rejected"
     result: BuildPipelineResult = await handle.result()
     assert time.monotonic() - sent < 10
@@ -315,7 +320,7 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
         PhaseSpec(number=2, agent_type="tester", description="write tests")])
     handle = await pipeline.start(BUILD_PLAN_WORKFLOW, plan, result_type=BuildPlanResult)
     first = await wait_for_task(pipeline.queue_dir, handle.id, TASK_BUILD_PHASE)
-    status: PlanStatus = await handle.query("get_status", result_type=PlanStatus)
+    status: PlanStatus = await handle.query(STATUS_QUERY, result_type=PlanStatus)
     assert (status.plan_name, status.phases_total, status.phases_done) == ("two-phases", 2, [])
     assert (status.current_phase, status.current_agent) == (1, "builder")
     assert status.waiting_on is not None
@@ -328,10 +333,10 @@ async def test_plan_status_per_phase(pipeline: PipelineEnv) -> None:
                 if t["status"] == SUBMITTED and t["payload"]["phase"] == 2]
 
     second = (await poll(second_phase, what="phase 2 task"))[0]
-    status = await handle.query("get_status", result_type=PlanStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PlanStatus)
     assert (status.current_phase, status.current_agent, status.phases_done) == (2, "tester", [1])
     await complete_task(second, pipeline.env)
     assert (await handle.result()).phases_run == 2
-    status = await handle.query("get_status", result_type=PlanStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PlanStatus)
     assert status.outcome == "success"
     assert status.phases_done == [1, 2]

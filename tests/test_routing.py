@@ -53,6 +53,7 @@ from vocabulary import (
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
     ROLE_AGENT_HOST,
+    STATUS_QUERY,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -171,7 +172,7 @@ async def test_each_stage_runs_on_its_agents_host(client: Client, hosts_factory:
         assert time.monotonic() < deadline, f"pipeline unfinished: {status}"
         for host in (host_a, host_b):
             await asyncio.to_thread(close_like_an_agent, host, handle.id, FLAG_AND_BLOCK)
-        status = await handle.query("get_status", result_type=PipelineStatus)
+        status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
         if not approved and status.waiting_on and status.waiting_on.kind == "block_decision":
             origin = str(status.waiting_on.task_id)
             # The operator approves in the originating task, on the main worker's host.
@@ -199,7 +200,7 @@ async def test_each_stage_runs_on_its_agents_host(client: Client, hosts_factory:
     assert scheduled[PROCESS_TRIAGE_OUTPUT] == host_b.task_queue
     assert scheduled[IMPLEMENT_BUILD] == host_a.task_queue
     # Decided in the originating task, on the main host; recorded in the summary.
-    final = await handle.query("get_status", result_type=PipelineStatus)
+    final = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert final.decision_source == "task_file"
     assert final.task_queues == {PREFAB_SCAFFOLDING: host_a.task_queue,
                                  IMPLEMENT_BUILD: host_a.task_queue,
@@ -334,7 +335,7 @@ async def test_a_changed_map_moves_only_stages_not_yet_started(
             await play_stage(host_a.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, host_a.env,
                              timeout=WAIT)
             result: BuildPipelineResult = await asyncio.wait_for(handle.result(), WAIT)
-            status = await handle.query("get_status", result_type=PipelineStatus)
+            status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert result.outcome == "success"
     assert status.task_queues[IMPLEMENT_BUILD] == host_a.task_queue
     assert status.task_queues[REQUEST_SECURITY_AUDIT] == moved["TASK_QUEUE"]

@@ -27,6 +27,7 @@ from tests.test_block_watcher import decision_events
 from tests.test_faults import BLOCKS, Pipelines, files_per_stage
 from tests.worker_process import WorkerProcess
 from vocabulary import (
+    STATUS_QUERY,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
     TASK_BUILD_PREFAB,
@@ -78,7 +79,7 @@ async def stuck_report(pending: dict[str, WorkflowHandle]) -> list[str]:
     report = []
     for workflow_id, handle in list(pending.items())[:8]:
         try:
-            status = await handle.query("get_status", result_type=PipelineStatus)
+            status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
             report.append(f"{workflow_id}: stage {status.stage}, waiting on {status.waiting_on}")
         except Exception as err:
             report.append(f"{workflow_id}: {type(err).__name__}: {err}")

@@ -25,6 +25,7 @@ from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
+from exceptions import InvalidInputError
 from models import BuildPlanInput, PhaseSpec, StageEvent, StageTiming
 from standins.agents import (
     complete_task,
@@ -58,7 +59,6 @@ from vocabulary import (
     BUILD_PIPELINE_WORKFLOW,
     BUILD_PLAN_WORKFLOW,
     INPUT_REQUIRED,
-    INVALID_INPUT,
     SUBMITTED,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
@@ -279,7 +279,7 @@ async def test_monitoring_tools_on_completed_and_failed_workflows(
     result = await atool("get-workflow-result", "--workflow-id", failed.id, env=env)
     assert result.returncode == 1
     assert "FAILED" in result.stderr
-    assert INVALID_INPUT in result.stderr
+    assert InvalidInputError.failure_type in result.stderr
     analysis = await atool("analyze-workflow-error", "--workflow-id", failed.id, env=env)
     assert analysis.returncode == 1
     assert "WorkflowExecutionFailed: InvalidInputError: invalid BuildPipelineInput: " \

@@ -63,6 +63,7 @@ from vocabulary import (
     PREFAB_SCAFFOLDING,
     PROCESS_TRIAGE_OUTPUT,
     REQUEST_SECURITY_AUDIT,
+    STATUS_QUERY,
     SUMMARIZE_WORKFLOW,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PLAN,
@@ -157,7 +158,7 @@ async def old_stage_7_timed_out(handle: WorkflowHandle) -> bool:
 
 
 async def parked_status(handle: WorkflowHandle) -> dict[str, Any] | None:
-    status = await handle.query("get_status")
+    status = await handle.query(STATUS_QUERY)
     return status if status.get("waiting_on") else None
 
 

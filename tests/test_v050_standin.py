@@ -29,6 +29,7 @@ from temporalio.worker import Worker
 
 from activities.build_pipeline_activities import PipelineActivities
 from config import load_config
+from exceptions import LegacyWaitHandedOverError
 from standins.agents import (
     complete_task,
     poll,
@@ -40,7 +41,6 @@ from taskfiles.documents import add_history, read_task
 from taskfiles.lookup import find_task, update_task
 from tests.agents import assert_valid_task_file
 from tests.v050_standin import WORKFLOW_TYPE, StandinProcess
-from vocabulary import LEGACY_WAIT_HANDED_OVER
 
 RECORDED = Path(__file__).resolve().parent / "histories" / "v050"
 # What the recording's agents and security agent did, per path.
@@ -294,7 +294,7 @@ async def test_v050_stage_7_is_handed_over_by_our_activities(
     assert isinstance(cause, ActivityError)
     assert cause.activity_type == "wait_for_block_resolution"
     assert isinstance(cause.cause, ApplicationError)
-    assert cause.cause.type == LEGACY_WAIT_HANDED_OVER
+    assert cause.cause.type == LegacyWaitHandedOverError.failure_type
     history = await handle.fetch_history()
     completed = [e for e in history.events
                  if e.HasField("activity_task_completed_event_attributes")]

@@ -1,6 +1,6 @@
-"""The names in vocabulary.py against every place that must state them by value: the
-tables of the manual (docs/pipeline.md, docs/configuration.md) and AGENTS.md, the
-task-file schema, and the models' Literals (a
+"""The names in vocabulary.py (and the failure types of exceptions.py) against every
+place that must state them by value: the tables of the manual (docs/pipeline.md,
+docs/configuration.md) and AGENTS.md, the task-file schema, and the models' Literals (a
 Literal needs literal values, so it is checked here instead of built from the module)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ CONFIGURATION = REPO / "docs" / "configuration.md"
 AGENTS = REPO / "AGENTS.md"
 SCHEMA = REPO / "schemas" / "task-file.schema.json"
 CODE = re.compile(r"`([^`]+)`")
+FAILURE_TYPE_NAMES = {kind.failure_type for kind in exceptions.FAILURE_TYPES}
 
 
 def table(doc: Path, first_header: str) -> list[list[str]]:
@@ -75,7 +76,7 @@ def test_pipeline_outcomes_table_matches_the_outcome_type() -> None:
     assert [codes(row[0])[0] for row in rows] == list(typing.get_args(models.Outcome))
     for row in rows:
         for name in re.findall(r"\b[A-Z][A-Za-z]+Error\b", row[2]):
-            assert name in v.FAILURE_TYPES, name
+            assert name in FAILURE_TYPE_NAMES, name
 
 
 def test_agents_task_type_field_lists_every_agent_task_type() -> None:
@@ -126,11 +127,20 @@ def test_model_literals_match_the_vocabulary() -> None:
                                                     v.CHANGES_REQUESTED}
 
 
-def test_failure_types_that_name_an_error_class_are_its_name() -> None:
-    for failure_type in (v.TRIAGE_MISSING, v.TRIAGE_INVALID, v.TASK_FILE_ERROR,
-                         v.FILE_IO_STALLED):
-        assert issubclass(getattr(exceptions, failure_type), exceptions.BuildWorkerError)
-    assert len(set(v.FAILURE_TYPES)) == len(v.FAILURE_TYPES)
+def test_pipeline_failure_types_table_is_the_failure_type_classes() -> None:
+    """docs/pipeline.md's failure-type table: every class of exceptions.FAILURE_TYPES, in
+    order, by its failure_type, and "no" under Retried exactly when it is non-retryable."""
+    rows = table(PIPELINE, "Failure type")
+    assert [codes(row[0])[0] for row in rows] == [kind.failure_type
+                                                  for kind in exceptions.FAILURE_TYPES]
+    for row, kind in zip(rows, exceptions.FAILURE_TYPES, strict=True):
+        assert row[1].startswith("no") == kind.non_retryable, kind.failure_type
+
+
+def test_no_failure_type_is_left_in_the_vocabulary() -> None:
+    """A failure type is a class (exceptions.py); the vocabulary names none of them."""
+    values = {value for value in vars(v).values() if isinstance(value, str)}
+    assert values & FAILURE_TYPE_NAMES == set()
 
 
 def test_every_name_is_defined_once() -> None:

@@ -55,6 +55,7 @@ from vocabulary import (
     CLOSE_BUILD,
     DIALECT_PLATFORM,
     RUN_LINK,
+    STATUS_QUERY,
     TASK_BUILD_CLOSEOUT,
     TASK_BUILD_PHASE,
     TASK_WORKFLOW,
@@ -260,7 +261,7 @@ async def test_a_workflow_task_runs_a_pipeline_to_complete(platform: Platform,
     assert done[:2] == ["build_prefab", "build_plan"]
     result = await handle.result()
     assert (result.status, result.outcome) == ("complete", "success")
-    status = await handle.query("get_status", result_type=PipelineStatus)
+    status = await handle.query(STATUS_QUERY, result_type=PipelineStatus)
     assert status.warnings == []  # the filing task was found as the originating task
     assert status.agents == {"target": "developer", "prefab": "developer",
                              "security": "security"}

@@ -104,6 +104,9 @@ class _Checker(ast.NodeVisitor):
         self.findings: list[Finding] = []
         self.imported: dict[str, str] = {}  # local name -> what it was imported as
         self.set_names = _set_valued_names(tree)
+        # A builtin's name the module binds itself (a field or argument `input`) is not
+        # the builtin; scopes are not told apart.
+        self.bound = _bound_names(tree)
 
     def report(self, node: ast.expr | ast.stmt, message: str) -> None:
         self.findings.append(Finding(self.path, node.lineno, node.col_offset, message))
@@ -157,7 +160,8 @@ class _Checker(ast.NodeVisitor):
         if isinstance(node, ast.Name):
             if node.id in self.imported:
                 return self.imported[node.id]
-            return f"builtins.{node.id}" if node.id in BUILTINS else None
+            if node.id in BUILTINS and node.id not in self.bound:
+                return f"builtins.{node.id}"
         return None
 
     # ---- iteration over a set: hash order, which differs per process ------------------
@@ -185,6 +189,18 @@ class _Checker(ast.NodeVisitor):
     def _refuse_set_order(self, node: ast.expr) -> None:
         if _is_set_valued(node, self.set_names):
             self.report(node, "iterates a set: its order differs per process (use sorted())")
+
+
+def _bound_names(tree: ast.Module) -> frozenset[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+    return frozenset(names)
 
 
 def _dotted(node: ast.expr) -> str | None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from exceptions import ToolError
 from models import COMPLETED_OUTCOMES
 from tools.devserver import wait_until
 
@@ -29,12 +30,6 @@ EXIT_CODES_HELP = ("exit codes (every command): 0 done/healthy, 1 needs attentio
 REPO = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT_SECONDS = 10.0
 READY_LINE = "Worker started, listening on task queue"
-
-
-class ToolError(Exception):
-    def __init__(self, message: str, exit_code: int = EXIT_ATTENTION) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def worker_config(env: Mapping[str, str] | None = None) -> Any:

@@ -16,8 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.common import CONNECT_TIMEOUT_SECONDS, OpsSettings, ToolError, worker_config
-from vocabulary import BUILD_PIPELINE_WORKFLOW, STAGE_NUMBERS, TOTAL_STAGES
+from exceptions import ToolError
+from tools.common import CONNECT_TIMEOUT_SECONDS, OpsSettings, worker_config
+from vocabulary import BUILD_PIPELINE_WORKFLOW, EVENTS_QUERY, STAGE_NUMBERS, TOTAL_STAGES
 
 BUILD = "demo-service"
 AGENT = "builder"
@@ -118,7 +119,7 @@ async def run_pipeline(env: dict[str, str], root: Path) -> None:
         f"closeout {result.closeout_path}")
     say(f"summary: {summary_path}")
     say(f"agent stand-in finished: {', '.join(agent.done)}")
-    events = await handle.query("get_events", result_type=list[StageEvent])
+    events = await handle.query(EVENTS_QUERY, result_type=list[StageEvent])
     say("stage timeline:")
     for line in timeline(events):
         print(line)

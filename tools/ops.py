@@ -17,6 +17,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from exceptions import (
+    BlocksPendingError,
+    InvalidInputError,
+    PhaseFailedError,
+    ToolError,
+    TriageInvalidError,
+)
 from taskfiles.visible_text import escaped
 from tools import start_build, time_report
 from tools.common import (
@@ -29,7 +36,6 @@ from tools.common import (
     EXIT_USAGE,
     OpsSettings,
     ProcessRecord,
-    ToolError,
     cli_env,
     cli_json,
     exit_process,
@@ -44,15 +50,7 @@ from tools.common import (
     wait_ready,
     worker_config,
 )
-from vocabulary import (
-    APPROVE_BLOCKS_UPDATE,
-    BLOCKS_PENDING,
-    INVALID_INPUT,
-    PHASE_FAILED,
-    REJECT_BLOCKS_UPDATE,
-    REQUEST_CHANGES_UPDATE,
-    TRIAGE_INVALID,
-)
+from vocabulary import APPROVE_BLOCKS_UPDATE, REJECT_BLOCKS_UPDATE, REQUEST_CHANGES_UPDATE
 
 MAX_STATUS_FILE_BYTES = 4096
 UPDATES = {"approve-build": APPROVE_BLOCKS_UPDATE, "reject-build": REJECT_BLOCKS_UPDATE,
@@ -388,7 +386,7 @@ def pending_failures(described: dict[str, Any]) -> list[dict[str, Any]]:
     """Pending activities that have failed before, but not the benign stage-7 poll."""
     return [pending for pending in described.get("pendingActivities") or []
             if pending.get("lastFailure") and pending.get("attempt", 1) > 1
-            and failure_type(pending["lastFailure"]) != BLOCKS_PENDING]
+            and failure_type(pending["lastFailure"]) != BlocksPendingError.failure_type]
 
 
 def stall_of(workflow_id: str, run_id: str) -> str | None:
@@ -460,11 +458,13 @@ ADVICE = {
     "activity_retrying": "the activity keeps failing and retrying: fix the activity (or what "
                          "it reads), tools/ensure-worker; it retries with the new code",
     "activity_failed": "an activity failed for good: fix the cause, then start a NEW workflow",
-    PHASE_FAILED: "an agent reported failure (or a stage failed): read the task file and the "
-                  "summary, then start a NEW build",
-    TRIAGE_INVALID: "the security agent's triage-output.yml is unusable: fix the file (the "
-                    "error names the problem), then start a NEW build",
-    INVALID_INPUT: "the workflow input was refused: fix the input and start again",
+    PhaseFailedError.failure_type: "an agent reported failure (or a stage failed): read the "
+                                   "task file and the summary, then start a NEW build",
+    TriageInvalidError.failure_type: "the security agent's triage-output.yml is unusable: fix "
+                                     "the file (the error names the problem), then start a "
+                                     "NEW build",
+    InvalidInputError.failure_type: "the workflow input was refused: fix the input and start "
+                                    "again",
     "workflow_failed": "fix the cause, tools/ensure-worker, then start a NEW workflow",
     "timed_out": "raise the timeout (policies.py) if the work legitimately takes longer, "
                  "then start a NEW workflow",
@@ -522,7 +522,7 @@ def analyze_workflow_error(settings: OpsSettings, args: argparse.Namespace) -> i
     print(f"{args.workflow_id} ({info['type']['name']}) status {status_of(described)}, "
           f"{len(events)} history events")
     for pending in described.get("pendingActivities") or []:
-        if failure_type(pending.get("lastFailure")) == BLOCKS_PENDING:
+        if failure_type(pending.get("lastFailure")) == BlocksPendingError.failure_type:
             print(f"note: {pending['activityType']['name']} is polling (attempt "
                   f"{pending['attempt']}): {failure_text(pending['lastFailure'])} — normal "
                   f"while blocks await a decision; tools/approve-build or tools/reject-build "

@@ -18,11 +18,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dispatcher import roster
-from exceptions import ConfigError, StartRefusedError, TaskNotFoundError
+from exceptions import ConfigError, StartRefusedError, TaskNotFoundError, ToolError
 from models import BuildPipelineInput, BuildPlanInput, PhaseSpec
 from taskfiles.documents import SOURCE_AGENT, new_platform_task, new_task
 from taskfiles.lookup import find_task, write_task
-from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, ToolError, cli_json, worker_config
+from tools.common import EXIT_NOT_FOUND, EXIT_USAGE, cli_json, worker_config
 from vocabulary import BUILD_PIPELINE_WORKFLOW as PIPELINE
 
 if TYPE_CHECKING:

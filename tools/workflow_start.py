@@ -38,7 +38,13 @@ from dispatcher.start_request import (
     plan_input,
     summary_text,
 )
-from exceptions import ConfigError, CredentialError, CredentialSettingError, StartRefusedError
+from exceptions import (
+    ConfigError,
+    CredentialError,
+    CredentialSettingError,
+    StartRefusedError,
+    ToolError,
+)
 from models import BuildPipelineInput
 from tools.common import (
     EXIT_ATTENTION,
@@ -48,7 +54,6 @@ from tools.common import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
     REPO,
-    ToolError,
     exit_process,
 )
 from vocabulary import BUILD_PLAN_WORKFLOW

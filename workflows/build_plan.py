@@ -6,14 +6,11 @@ import asyncio
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, CancelledError
 
 from vocabulary import (
     BUILD_PHASE,
     BUILD_PLAN_WORKFLOW,
-    CLOSE_ORIGINATING_TASK,
-    INVALID_INPUT,
-    PHASE_FAILED,
     STATUS_QUERY,
     TASK_BUILD_PHASE,
 )
@@ -22,9 +19,9 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     import policies
+    from exceptions import InvalidInputError, PhaseFailedError
     from models import (
         AgentTaskRequest,
-        BuildPhaseResult,
         BuildPlanInput,
         BuildPlanResult,
         CloseOriginInput,
@@ -33,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         WaitingOn,
     )
     from workflows import instructions
+    from workflows.contracts import BuildPlanActivities
     from workflows.failures import describe_activity_failure, validation_message
     from workflows.patches import CLOSE_FILING_TASK_PATCH
 
@@ -53,8 +51,8 @@ class BuildPlanWorkflow:
         try:
             plan = BuildPlanInput.model_validate(raw_input)
         except ValidationError as err:
-            raise ApplicationError(f"invalid BuildPlanInput: {validation_message(err)}",
-                                   type=INVALID_INPUT, non_retryable=True) from None
+            raise InvalidInputError.failure(
+                f"invalid BuildPlanInput: {validation_message(err)}") from None
         self._plan = plan
         try:
             result = await self._run_phases(plan)
@@ -72,13 +70,11 @@ class BuildPlanWorkflow:
             return
         outcome = self._outcome or "failed"
         done = f"{len(self._done)} of {len(plan.phases)} phases done"
-        await workflow.execute_local_activity(
-            CLOSE_ORIGINATING_TASK,
+        await workflow.execute_local_activity_method(
+            BuildPlanActivities.close_originating_task,
             CloseOriginInput(task_id=plan.task_id, outcome=outcome,
                              output=f"plan {outcome}; {done}"
                              + (f": {self._error}" if self._error else "")),
-            # A union hint, which the converter takes (the SDK annotates a class).
-            result_type=str | None,  # type: ignore[arg-type]
             start_to_close_timeout=policies.PREPARE.start_to_close,
             retry_policy=policies.PREPARE.retry, summary="close the filing task")
 
@@ -103,8 +99,8 @@ class BuildPlanWorkflow:
                 f"**{plan.plan_name}**: phase {phase.number} ({len(self._done) + 1}/{total}) "
                 f"→ `{phase.agent_type}`")
             try:
-                await workflow.execute_activity(
-                    BUILD_PHASE, request, result_type=BuildPhaseResult,
+                await workflow.execute_activity_method(
+                    BuildPlanActivities.build_phase, request,
                     start_to_close_timeout=policies.BUILD_PHASE.start_to_close,
                     schedule_to_close_timeout=policies.BUILD_PHASE.schedule_to_close,
                     retry_policy=policies.BUILD_PHASE.retry,
@@ -120,9 +116,8 @@ class BuildPlanWorkflow:
                 self._error = f"phase {phase.number} ({phase.agent_type}) failed: {message}"
                 self._waiting = None
                 workflow.set_current_details(f"**{plan.plan_name}**: {self._error}")
-                raise ApplicationError(
-                    f"{self._error} ({len(self._done)} of {total} phases done)",
-                    type=PHASE_FAILED, non_retryable=True) from None
+                raise PhaseFailedError.failure(
+                    f"{self._error} ({len(self._done)} of {total} phases done)") from None
             self._done.append(phase.number)
             self._waiting = None
         self._outcome, self._current, self._current_agent = "success", None, None

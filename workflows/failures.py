@@ -16,16 +16,17 @@ from temporalio.exceptions import (
     TimeoutError,
 )
 
+from exceptions import FailureType
 from models import BlockDecision
 
 
 class StageFailed(Exception):
-    """A stage ended the pipeline; carries the failure type for the workflow's error."""
+    """A stage ended the pipeline; `kind` is the failure type the workflow fails with."""
 
-    def __init__(self, stage: str, message: str, failure_type: str) -> None:
+    def __init__(self, stage: str, message: str, kind: type[FailureType]) -> None:
         super().__init__(message)
         self.stage = stage
-        self.failure_type = failure_type
+        self.kind = kind
 
 
 # How a local activity's failure reaches the workflow: as itself, not inside an
