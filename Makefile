@@ -8,6 +8,8 @@
 # make lock  - regenerate requirements.txt and requirements-dev.txt (every package pinned,
 #              with hashes) from requirements.in and requirements-dev.in
 # make node  - install pm2 from package-lock.json into node_modules (npm ci)
+# make lint  - ruff, mypy (strict on the service; see pyproject.toml), and the workflow
+#              determinism check (python -m tools.check_workflows)
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -49,8 +51,13 @@ lock: venv
 run: venv
 	$(PY) -m tools.run
 
+# mypy's settings and the files it checks: pyproject.toml [tool.mypy]. Its cache
+# (.mypy_cache, git-ignored) makes a second run take about a second instead of about 12.
+# tools.check_workflows refuses non-deterministic calls in workflows/ (the sandbox is off).
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) -m tools.check_workflows
 
 # Four pytest processes on two cores: most tests wait on real servers and processes, so
 # the others use the time one spends waiting (worksteal evens out the long tests).
@@ -70,5 +77,5 @@ demo: venv
 	$(PY) -m tools.demo
 
 clean:
-	rm -rf $(VENV) node_modules .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .ruff_cache .mypy_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -322,7 +322,7 @@ class ToolError(BuildWorkerError):
 
 # The failure types this service raises and matches on purpose, in the order of
 # docs/pipeline.md's table (tests/test_vocabulary.py compares the two).
-FAILURE_TYPES: Final = (PhaseFailedError, TriageMissingError, TriageInvalidError,
-                        InvalidInputError, BlocksPendingError, DecisionRefusedError,
-                        TaskFileError, FileIoStalledError, WorkerLostError,
-                        LegacyWaitHandedOverError, DiskWriteError)
+FAILURE_TYPES: Final[tuple[type[FailureType], ...]] = (
+    PhaseFailedError, TriageMissingError, TriageInvalidError, InvalidInputError,
+    BlocksPendingError, DecisionRefusedError, TaskFileError, FileIoStalledError,
+    WorkerLostError, LegacyWaitHandedOverError, DiskWriteError)

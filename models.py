@@ -45,6 +45,10 @@ Verdict = Literal["accept", "reject", "change"]
 # Where a block decision came from: an operator's Update (tools, CLI), the originating
 # task file (anyone who can write the task folder), or an allowed approver in Matrix.
 DecisionSource = Literal["update", "task_file", "matrix"]
+# How a plan's run of phases ended.
+PlanOutcome = Literal["success", "failed", "cancelled"]
+# The worker setting that names an agent stage's agent when the input names none.
+AgentSetting = Literal["prefab_agent", "security_agent"]
 # Outcomes of a pipeline whose close-out ran (v0.5.0's result status "complete").
 COMPLETED_OUTCOMES: tuple[Outcome, ...] = ("success", "partial")
 
@@ -55,7 +59,7 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
 
 
-def check_name(value: str, what: str = "name") -> str:
+def check_name(value: object, what: str = "name") -> str:
     """Names that become path components and YAML scalars: ^[a-z0-9][a-z0-9-]*$, max 63."""
     if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > NAME_MAX:
         raise ValueError(f"{what} {shown(value)} must match ^[a-z0-9][a-z0-9-]*$ "
@@ -225,12 +229,12 @@ class StageTiming(BaseModel):
     outcome: str | None = None
     reminders: int = 0
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def pickup_seconds(self) -> float | None:
         return _seconds(self.written_at, self.picked_up_at)
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def work_seconds(self) -> float | None:
         return _seconds(self.picked_up_at, self.done_at)
@@ -251,7 +255,7 @@ class DecisionWait(BaseModel):
     decided_by: str | None = None
     decision_source: DecisionSource | None = None
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented use; mypy refuses it
     @property
     def seconds(self) -> float | None:
         return _seconds(self.since, self.until)
@@ -285,7 +289,7 @@ class PlanStatus(BaseModel):
     current_phase: int | None = None
     current_agent: str | None = None
     waiting_on: WaitingOn | None = None
-    outcome: Literal["success", "failed", "cancelled"] | None = None
+    outcome: PlanOutcome | None = None
     error: str | None = None
 
 
@@ -309,7 +313,7 @@ class AgentTaskRequest(BaseModel):
     target_agent: str
     task_type: str
     # When target_agent is empty, the worker setting of this name picks the agent.
-    agent_setting: Literal["prefab_agent", "security_agent"] | None = None
+    agent_setting: AgentSetting | None = None
     summary: str
     instruction: str
     plan_path: str | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import io
 import json
 import logging
 import os
@@ -268,7 +269,7 @@ class PrivateFileHandler(logging.FileHandler):
         # LOG_FILE on a full or read-only disk does not stop the worker from starting.
         super().__init__(filename, delay=True)
 
-    def _open(self):  # type: ignore[no-untyped-def]
+    def _open(self) -> io.TextIOWrapper:
         flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:  # readable too, to look at the last byte
             fd = os.open(self.baseFilename, os.O_RDWR | flags, 0o600)

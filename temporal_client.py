@@ -78,14 +78,13 @@ async def tls_config(config: WorkerConfig) -> TLSConfig | bool:
 async def connect(config: WorkerConfig, *, interceptors: Sequence[Interceptor] = (),
                   identity: str | None = None, runtime: Runtime | None = None) -> Client:
     tls = await tls_config(config)
-    kwargs: dict[str, object] = {"identity": identity} if identity else {}
-    if runtime is not None:
-        kwargs["runtime"] = runtime
     try:
+        # An empty identity or no runtime leaves the SDK's own default (None).
         return await Client.connect(config.temporal_address,
                                     namespace=config.temporal_namespace, tls=tls,
                                     data_converter=pydantic_data_converter,
-                                    interceptors=interceptors, **kwargs)
+                                    interceptors=interceptors, identity=identity or None,
+                                    runtime=runtime)
     except RuntimeError as err:
         if tls is False:
             raise

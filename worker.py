@@ -63,9 +63,10 @@ def build_worker(client: Client, config: WorkerConfig, **overrides: Any) -> Work
     compiled-on-the-fly code: about 15 ms of CPU per pipeline, a fifth of the worker's
     whole cost. What it guards against (a non-deterministic call such as `datetime.now()`
     or file I/O in workflow code, state shared between runs through a module) is checked
-    where it is cheap instead: every recorded history and every workflow test replays
-    under the sandbox (tests/test_replay.py), and workflows/ imports no I/O module and
-    keeps no module state. `workflow_runner=` overrides this (tests run the sandbox)."""
+    where it is cheap instead: `make lint` refuses such calls in workflows/
+    (tools/check_workflows.py), every recorded history and every workflow test replays
+    under the sandbox (tests/test_replay.py), and workflows/ keeps no module state.
+    `workflow_runner=` overrides this (tests run the sandbox)."""
     tuning: dict[str, Any] = {"workflow_runner": UnsandboxedWorkflowRunner()}
     if config.max_concurrent_activities is not None:
         tuning["max_concurrent_activities"] = config.max_concurrent_activities

@@ -486,7 +486,7 @@ class PipelineActivities(BuildPipelineActivities, BuildPlanActivities):
             platform=self.config.platform_dialect, round_no=request.round,
             changes_allowed=request.changes_allowed)
         pipeline = MatrixNoticeRef(workflow_id=request.workflow_id,
-                                   run_id=activity.info().workflow_run_id,
+                                   run_id=activity.info().workflow_run_id or "",
                                    task_id=request.task_id, round=round_no)
         # One notice per round: a later round's is not taken for a resend of the first.
         txn = f"{request.workflow_id}/{pipeline.run_id}/blocks"

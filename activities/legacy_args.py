@@ -125,7 +125,8 @@ class CallContext:
     @classmethod
     def current(cls) -> CallContext:
         info = activity.info()
-        return cls(info.workflow_id, info.workflow_run_id, info.activity_id)
+        # A workflow's activity always has both ids (only a standalone one has neither).
+        return cls(info.workflow_id or "", info.workflow_run_id or "", info.activity_id)
 
     @classmethod
     async def with_pipeline_input(cls) -> CallContext:
@@ -203,7 +204,7 @@ def accepts_v050(v050: V050Handler | None) -> Callable[[Typed], Typed]:
         # it would decode our calls itself (and v0.5.0's would not fit).
         decode.__name__, decode.__qualname__ = method.__name__, method.__qualname__
         decode.__doc__, decode.__module__ = method.__doc__, method.__module__
-        decode.typed_form = method  # type: ignore[attr-defined]
+        vars(decode)["typed_form"] = method
         return cast(Typed, decode)
 
     return decorate
@@ -317,7 +318,7 @@ def agent_request(activity_name: str, args: tuple[Any, ...],
     """The task of a v0.5.0 agent stage (1, 2, 5, 8), with v0.5.0's payload fields."""
     _arity(activity_name, args)
     build = _name(activity_name, args[0], "build_name")
-    common = {"task_id": task_id_for(call), "build_name": build}
+    common: dict[str, Any] = {"task_id": task_id_for(call), "build_name": build}
     if activity_name == PREFAB_SCAFFOLDING:
         plan = _plan_path(activity_name, args[1])
         return AgentTaskRequest(

@@ -6,6 +6,7 @@ through it and the chat listener (decisions/chat_listener.py) reads the room thr
 from __future__ import annotations
 
 import hashlib
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -92,11 +93,19 @@ async def send_matrix(config: WorkerConfig, message: str, txn_seed: str,
                     f"{txn_id_for(txn_seed)}", json=content)
 
 
+class MatrixRequest(TypedDict, total=False):
+    """What a call may add to its method and URL (httpx's request arguments)."""
+
+    json: dict[str, Any]
+    params: dict[str, str]
+    timeout: float
+
+
 async def matrix_call(http: httpx.AsyncClient, step: str, method: str, url: str,
-                **kwargs: object) -> dict:
+                      **request: Unpack[MatrixRequest]) -> dict[str, Any]:
     """One client-server API call; errors name the step, never the token."""
     try:
-        response = await http.request(method, url, **kwargs)  # type: ignore[arg-type]
+        response = await http.request(method, url, **request)
     except httpx.HTTPError as err:
         raise NotifyFailedError(f"Matrix {step}: {type(err).__name__}") from None
     if response.status_code >= 400:

@@ -201,11 +201,11 @@ async def notify_all(config: WorkerConfig, title: str, message: str, txn_seed: s
     if config.ntfy_url:
         channels.append(("ntfy", lambda: send_ntfy(config, title, message)))
     if not channels:
-        failure = ("no notification channel configured (set MATRIX_HOMESERVER, "
-                   "SEND_MATRIX_SCRIPT or NTFY_URL)")
-        log.warning("notification_failed", extra={"channel": "none", "error": failure})
+        unset = ("no notification channel configured (set MATRIX_HOMESERVER, "
+                 "SEND_MATRIX_SCRIPT or NTFY_URL)")
+        log.warning("notification_failed", extra={"channel": "none", "error": unset})
         count(NOTIFICATION_FAILURES, channel="none")
-        return [], [failure]
+        return [], [unset]
     delivered: list[str] = []
     failures: list[str] = []
     # Channels are independent: a slow or dead one must not delay the others.

@@ -133,7 +133,7 @@ async def audit_completed(config: WorkerConfig, build_name: str, triage: TriageR
     """The triage is read: the audit's outcome, then each block and each flag."""
     if config.agent_bus_comms_dir is None:
         return
-    counts = {"blocks": len(triage.blocks), "flags": len(triage.flags),
+    counts: dict[str, Any] = {"blocks": len(triage.blocks), "flags": len(triage.flags),
               "info": len(triage.info)}
     records = [_event(
         EVENT_AUDIT_COMPLETED, f"Audit of {build_name}: " + ", ".join(

@@ -87,7 +87,7 @@ async def ensure_run_link(config: WorkerConfig, task_id: str | None) -> None:
     if not config.platform_dialect or not task_id:
         return
     info = activity.info()
-    link = run_link(config, info.workflow_id, info.workflow_run_id)
+    link = run_link(config, info.workflow_id or "", info.workflow_run_id or "")
     try:
         if await run_file_io(_ensure, config, task_id, link):
             log.info("run_link_written", extra={"task_id": task_id,

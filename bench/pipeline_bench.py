@@ -37,7 +37,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -160,7 +160,7 @@ class FolderWatch:
 
     def _inotify_open(self) -> int:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        fd: int = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         watch = libc.inotify_add_watch(fd, str(self.folder).encode(),
@@ -512,7 +512,7 @@ def ms_stats(values: list[float]) -> dict[str, Any]:
 
 
 async def gather_bounded(count: int, limit: int,
-                         make: Callable[[int], Any]) -> list[PipelineRun]:
+                         make: Callable[[int], Awaitable[PipelineRun]]) -> list[PipelineRun]:
     gate = asyncio.Semaphore(limit)
 
     async def one(index: int) -> PipelineRun:

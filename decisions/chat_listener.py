@@ -29,7 +29,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -100,7 +100,7 @@ class _TryLater(Exception):
     """Matrix or Temporal is unreachable: the whole batch is read again after a back-off."""
 
 
-def _is_id(value: object, sigil: str) -> bool:
+def _is_id(value: object, sigil: str) -> TypeGuard[str]:
     return (isinstance(value, str) and 2 <= len(value) <= MAX_ID_CHARS
             and value.startswith(sigil) and _ID_RE.fullmatch(value) is not None)
 

@@ -122,8 +122,9 @@ def closed_task(task: dict[str, Any], *, dead_lettered: bool) -> ClosedTask | No
             or status not in (*CLOSING_STATUSES, IN_PROGRESS)
             or not isinstance(task_id, str) or not task_id):
         return None
-    ids = [payload.get(key) for key in ("workflow_id", "run_id", "activity_id")]
-    if not all(isinstance(value, str) and value for value in ids):
+    ids = [value for key in ("workflow_id", "run_id", "activity_id")
+           if isinstance(value := payload.get(key), str) and value]
+    if len(ids) != 3:
         return None
     output = result.get("output") if isinstance(result, dict) else None
     by = result.get("completed_by") if isinstance(result, dict) else None

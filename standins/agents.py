@@ -93,6 +93,8 @@ def task_kind(task: dict[str, Any]) -> str:
         return str(kind)
     payload = task.get("payload")
     stage = payload.get("activity_type") if isinstance(payload, dict) else None
+    if not isinstance(stage, str):
+        return str(kind)
     return {**STAGE_TASK_TYPES, BUILD_PHASE: TASK_BUILD_PHASE}.get(stage, str(kind))
 
 
@@ -159,7 +161,8 @@ async def wait_for_task(queue_dir: Path, workflow_id: str, task_type: str,
                 return path
         return None
 
-    return await poll(find, timeout, what=f"{task_type} task of {workflow_id}")
+    path: Path = await poll(find, timeout, what=f"{task_type} task of {workflow_id}")
+    return path
 
 
 async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
@@ -173,11 +176,13 @@ async def wait_for_build_task(queue_dir: Path, build_name: str, task_type: str,
                 return path
         return None
 
-    return await poll(find, timeout, what=f"{task_type} task of build {build_name}")
+    path: Path = await poll(find, timeout, what=f"{task_type} task of build {build_name}")
+    return path
 
 
-async def wait_for_status(handle: WorkflowHandle, condition: Callable[[Any], Any], what: str,
-                          timeout: float = 60.0, result_type: type = PipelineStatus) -> Any:
+async def wait_for_status(handle: WorkflowHandle[Any, Any], condition: Callable[[Any], Any],
+                          what: str, timeout: float = 60.0,
+                          result_type: type = PipelineStatus) -> Any:
     """Query `get_status` until `condition(status)` holds; that status. A time-out names
     the last status seen."""
     seen: list[Any] = []
@@ -198,9 +203,12 @@ def is_parked(status: PipelineStatus) -> bool:
             and waiting.kind == "block_decision")
 
 
-async def wait_until_parked(handle: WorkflowHandle, timeout: float = 60.0) -> PipelineStatus:
+async def wait_until_parked(handle: WorkflowHandle[Any, Any],
+                            timeout: float = 60.0) -> PipelineStatus:
     """Until the pipeline is parked at stage 7 (waiting on a block decision); its status."""
-    return await wait_for_status(handle, is_parked, f"{handle.id} parked at stage 7", timeout)
+    status: PipelineStatus = await wait_for_status(handle, is_parked,
+                                                   f"{handle.id} parked at stage 7", timeout)
+    return status
 
 
 # ---- what agents and operators write --------------------------------------------------

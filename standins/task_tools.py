@@ -452,7 +452,8 @@ class TaskTools:
                     return path, record, location
         return None
 
-    def _mutate(self, task_id: str, plan: Callable[[dict[str, Any]], _Move | str]) -> dict:
+    def _mutate(self, task_id: str,
+                plan: Callable[[dict[str, Any]], _Move | str]) -> dict[str, Any]:
         """Lock, find, refuse dead letters and archived tasks, apply `plan`'s move, rewrite."""
         with self._locked(task_id):
             found = self.find(task_id)
@@ -609,7 +610,8 @@ class TaskTools:
     # -- §3.2 operator
     def _operator_move(self, task_id: str, status: str, actor: str, note: str,
                        allow_override: bool, channel: str | None,
-                       gate: Callable[[dict[str, Any]], str | None] | None = None) -> dict:
+                       gate: Callable[[dict[str, Any]], str | None] | None = None
+                       ) -> dict[str, Any]:
         if not _is_uuid(task_id):
             return _err(INVALID_TASK_ID)
         if not str(actor or "").strip():
@@ -628,7 +630,7 @@ class TaskTools:
         return self._mutate(task_id, plan)
 
     def set_task_status(self, task_id: str, status: str, actor: str, note: str = "",
-                        allow_override: bool = False, channel: str | None = None) -> dict:
+                        allow_override: bool = False, channel: str | None = None) -> dict[str, Any]:
         if actor and actor != OPERATOR:
             return _err(operator_only("set_task_status", actor))
         return self._operator_move(task_id, status, actor, note, allow_override, channel)
@@ -705,24 +707,24 @@ class TaskTools:
         return {"ok": True, "task_id": task_id, "status": "submitted", "filename": path.name}
 
     # -- §4.3 / §6 HTTP operator routes: actor pinned to `operator`
-    def approve(self, task_id: str, note: str = "", channel: str = "matrix-bot") -> dict:
+    def approve(self, task_id: str, note: str = "", channel: str = "matrix-bot") -> dict[str, Any]:
         return self.set_task_status(task_id, "approved", OPERATOR, note, False, channel)
 
-    def cancel(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict:
+    def cancel(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict[str, Any]:
         return self.cancel_task(task_id, OPERATOR, note, channel=channel)
 
     def status(self, task_id: str, status: str, note: str = "", allow_override: bool = False,
                channel: str = "cloudcli") -> dict[str, Any]:
         return self.set_task_status(task_id, status, OPERATOR, note, allow_override, channel)
 
-    def park(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict:
+    def park(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict[str, Any]:
         return self.park_task(task_id, OPERATOR, note, channel=channel)
 
     def unpark(self, task_id: str, note: str = "", status: str | None = None,
                channel: str = "cloudcli") -> dict[str, Any]:
         return self.unpark_task(task_id, OPERATOR, note, status, channel=channel)
 
-    def requeue(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict:
+    def requeue(self, task_id: str, note: str = "", channel: str = "cloudcli") -> dict[str, Any]:
         return self.requeue_dead_letter(task_id, OPERATOR, note, channel=channel)
 
     def update(self, task_id: str, status: str, note: str = "", output: Any = None,
@@ -990,7 +992,7 @@ class Dispatcher:
         capable = [m for m in self._manifests() if task_type in (m.get("capabilities") or [])]
         here = [m for m in capable
                 if {"all", "forge"} & set((m.get("scope") or {}).get("hosts") or [])]
-        chosen = (here or capable or [None])[0]
+        chosen = next(iter(here or capable), None)
         return None if chosen is None else self._manifest_name(chosen)
 
     def _approval(self, record: dict[str, Any]) -> tuple[bool, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
@@ -37,7 +38,7 @@ PATCH_MARKER, PATCH_DETAILS = "core_patch", "patch-data"
 MARKER_SEARCH_EVENTS = 12
 
 
-async def started_by_this_worker(handle: WorkflowHandle) -> bool:
+async def started_by_this_worker(handle: WorkflowHandle[Any, Any]) -> bool:
     seen = 0
     async for event in handle.fetch_history_events(page_size=MARKER_SEARCH_EVENTS):
         seen += 1
@@ -57,7 +58,7 @@ def mark_waiting(config: WorkerConfig, task_id: str, workflow_id: str, run_id: s
     path = find_task(config.task_queue_dir, task_id)
     changed = False
 
-    def mark(task: dict) -> None:
+    def mark(task: dict[str, Any]) -> None:
         nonlocal changed
         waiter = task.get(AWAITING_DECISION)
         if isinstance(waiter, dict) and waiter.get("run_id") == run_id:

@@ -79,7 +79,7 @@ def task_id_of(history_input: Any) -> str | None:
     return task_id if isinstance(task_id, str) else None
 
 
-async def scheduled_input(handle: WorkflowHandle, activity_id: str) -> Any:
+async def scheduled_input(handle: WorkflowHandle[Any, Any], activity_id: str) -> Any:
     async for event in handle.fetch_history_events():
         if event.HasField("activity_task_scheduled_event_attributes"):
             attributes = event.activity_task_scheduled_event_attributes

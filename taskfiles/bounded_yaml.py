@@ -4,7 +4,7 @@ only), and YAML this service writes, dumped without anchors."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.events import (
@@ -59,6 +59,12 @@ def load_agent_yaml(text: str, max_depth: int = MAX_TASK_DEPTH, *,
         raise yaml.YAMLError(str(err).splitlines()[0] if str(err) else "invalid") from None
 
 
+def _line(event: yaml.Event) -> int:
+    """The line an event starts on, counted from 1 (the parser marks every event it
+    emits; the stubs allow an event without a mark)."""
+    return event.start_mark.line + 1 if event.start_mark is not None else 0
+
+
 class _EventBudget:
     """What one document's events expand to: values counted with every alias replaced by
     what its anchor holds, and the nesting that expansion reaches."""
@@ -79,14 +85,14 @@ class _EventBudget:
             self.documents += 1
             if self.documents > 1:  # refused now, not after walking a megabyte of documents
                 raise yaml.YAMLError(f"expected a single document in the stream (line "
-                                     f"{event.start_mark.line + 1})")
+                                     f"{_line(event)})")
         elif isinstance(event, AliasEvent):
             self._alias(event)
         elif isinstance(event, NodeEvent):
             self._node(event)
 
     def _node(self, event: NodeEvent) -> None:
-        line = event.start_mark.line + 1
+        line = _line(event)
         text = len(event.value) if isinstance(event, ScalarEvent) else 0
         self._grow(1, 1, line, text)
         if event.anchor is not None and not self.allow_aliases:
@@ -101,7 +107,7 @@ class _EventBudget:
             self.anchors[event.anchor] = (1, 1, text)
 
     def _alias(self, event: AliasEvent) -> None:
-        line = event.start_mark.line + 1
+        line = _line(event)
         if not self.allow_aliases:
             raise yaml.YAMLError(f"anchors/aliases are not allowed (line {line})")
         found = self.anchors.get(event.anchor or "")
@@ -145,7 +151,10 @@ def _check_events(text: str, max_depth: int, allow_aliases: bool = False) -> Non
 # PyYAML's own, which is most of a task file write, and it escapes the line breaks (NEL,
 # LS, PS, CR) that PyYAML's own writes raw inside quoted or literal scalars, where a
 # reader turns them into other characters.
-_SafeDumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+if TYPE_CHECKING:  # the stubs name both; the checker sees the one interface they share
+    _SafeDumper = yaml.SafeDumper
+else:
+    _SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class _TaskDumper(_SafeDumper):

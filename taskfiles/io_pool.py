@@ -46,7 +46,7 @@ MAX_STUCK_THREADS = 64
 GROW_AFTER_SECONDS = 0.2
 IDLE_THREAD_SECONDS = 30.0
 
-_Work = tuple[concurrent.futures.Future, Callable[..., Any], tuple[Any, ...]]
+_Work = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 
 class _DaemonPool:
@@ -58,7 +58,7 @@ class _DaemonPool:
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._serving = 0  # threads that take work from the queue
-        self._abandoned: set[concurrent.futures.Future] = set()
+        self._abandoned: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def stuck(self) -> int:
@@ -68,8 +68,9 @@ class _DaemonPool:
     def serving(self) -> int:
         return self._serving
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(self, fn: Callable[..., Any],
+               args: tuple[Any, ...]) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if len(self._abandoned) >= self._max_stuck:
                 raise FileIoStalledError(f"{len(self._abandoned)} file reads are still stuck; "
@@ -79,13 +80,13 @@ class _DaemonPool:
             self._work.put((future, fn, args))
         return future
 
-    def relieve(self, future: concurrent.futures.Future) -> None:
+    def relieve(self, future: concurrent.futures.Future[Any]) -> None:
         """`future` has waited a while without starting: add a thread."""
         with self._lock:
             if not (future.running() or future.done()) and self._serving < self._size:
                 self._spawn()
 
-    def abandon(self, future: concurrent.futures.Future) -> None:
+    def abandon(self, future: concurrent.futures.Future[Any]) -> None:
         """The caller gave up on `future`: drop it if it never started, else let its
         thread go (it ends when the call returns) and start another in its place."""
         if future.cancel():
@@ -145,7 +146,8 @@ def stuck_threads() -> int:
 
 def _describe(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     if isinstance(fn, functools.partial):
-        fn, args = fn.func, (*fn.args, *args)
+        args = (*fn.args, *args)
+        fn = fn.func
     name = getattr(fn, "__name__", type(fn).__name__)
     path = next((arg for arg in args if hasattr(arg, "__fspath__")), None)
     return f"{name}({path})" if path is not None else name
@@ -158,7 +160,7 @@ async def run_file_io(fn: Callable[..., T], *args: Any, timeout: float | None = 
     limit = FILE_IO_TIMEOUT_SECONDS if timeout is None else timeout
     pool = _get_pool()
     context = contextvars.copy_context()
-    future = pool.submit(context.run, (fn, *args))
+    future: concurrent.futures.Future[T] = pool.submit(context.run, (fn, *args))
     waiter = asyncio.wrap_future(future)
     first_wait = min(GROW_AFTER_SECONDS, limit / 2)
     try:

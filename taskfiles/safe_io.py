@@ -290,7 +290,7 @@ def write_private_atomic(path: Path, data: bytes, *, base: Path | None = None) -
             if full is None:
                 raise
             log.warning("disk_write_failed", extra={"folder": full.folder, "file": path.name,
-                                                    "errno": errno.errorcode[err.errno],
+                                                    "errno": errno.errorcode[full.errno],
                                                     "error": str(full)})
             raise full from None
     return path

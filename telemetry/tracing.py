@@ -22,6 +22,7 @@ from typing import Any
 
 import opentelemetry.trace
 import temporalio.worker
+from opentelemetry.propagators.textmap import CarrierValT
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from temporalio import activity, workflow
 from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflowInboundInterceptor
@@ -41,7 +42,11 @@ def _root_span_id(trace_id: int) -> int:
     return int.from_bytes(hashlib.sha256(trace_id.to_bytes(16, "big")).digest()[:8], "big") or 1
 
 
-def root_carrier(run_id: str) -> dict[str, str]:
+# A trace context in header form, as the SDK's tracing interceptor keeps it.
+Carrier = dict[str, CarrierValT]
+
+
+def root_carrier(run_id: str) -> Carrier:
     """The trace context of a workflow run that no traced client started: a trace id from
     the run id, and the span id its RunWorkflow span will have. Derived, not drawn, so a
     replay on any worker finds the same parent for the run's later spans."""
@@ -49,7 +54,7 @@ def root_carrier(run_id: str) -> dict[str, str]:
     return {"traceparent": f"00-{trace_id:032x}-{_root_span_id(trace_id):016x}-01"}
 
 
-def _derived_root(carrier: Mapping[str, str]) -> tuple[int, int] | None:
+def _derived_root(carrier: Mapping[str, CarrierValT]) -> tuple[int, int] | None:
     """(trace id, span id) if `carrier` is one root_carrier made, else None."""
     parts = str(carrier.get("traceparent", "")).split("-")
     if len(parts) != 4:
@@ -100,7 +105,7 @@ class BuildWorkflowTracing(TracingWorkflowInboundInterceptor):
 
     _build_name: str | None = None
 
-    def _load_workflow_context_carrier(self) -> dict[str, str] | None:
+    def _load_workflow_context_carrier(self) -> Carrier | None:
         # Without a traced client's context the SDK gives every workflow span a trace of
         # its own; a derived root keeps a run's spans in one trace under RunWorkflow.
         carrier = super()._load_workflow_context_carrier()
@@ -144,7 +149,7 @@ class BuildTracingInterceptor(TracingInterceptor):
                            ) -> temporalio.worker.ActivityInboundInterceptor:
         return super().intercept_activity(_BuildActivityAttributes(next))
 
-    def _completed_workflow_span(self, params: Any) -> dict[str, str] | None:
+    def _completed_workflow_span(self, params: Any) -> Carrier | None:
         # Runs outside the workflow. The RunWorkflow span of a derived root is that root:
         # made as a trace root with the derived ids, so the run's other spans hang under it.
         root = _derived_root(params.context)

@@ -78,7 +78,7 @@ class PipelineEnv:
         return write_triage(self.audit_dir, build_name, text)
 
     async def start(self, workflow: str, arg: object, workflow_id: str | None = None,
-                    **kwargs: object) -> WorkflowHandle:
+                    **kwargs: Any) -> WorkflowHandle[Any, Any]:
         return await self.client.start_workflow(
             workflow, arg, id=workflow_id or f"test-{uuid.uuid4()}",
             task_queue=self.config.task_queue, **kwargs)

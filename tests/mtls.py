@@ -217,8 +217,8 @@ class TlsProxy:
             self.log.refused.append(getattr(err, "reason", None) or type(err).__name__)
             await tls.linger()  # so the client reads the alert rather than a reset
             return
-        peer = tls.obj.getpeercert() or {}
-        subject = dict(item[0] for item in peer.get("subject", ()))
+        peer: dict[str, Any] = tls.obj.getpeercert() or {}
+        subject = dict(rdn[0] for rdn in peer.get("subject", ()) if isinstance(rdn, tuple))
         self.log.accepted.append(str(subject.get("commonName", "?")))
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)

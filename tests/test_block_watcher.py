@@ -373,14 +373,14 @@ def test_a_rejecting_status_with_the_longest_note_still_decides() -> None:
 
 
 async def test_a_file_that_cannot_be_a_decision_never_stops_the_watcher(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     config = load_config({"HOME": str(tmp_path), "TASK_QUEUE_DIR": str(tmp_path / "queue")})
     config.task_queue_dir.mkdir()
     path = config.task_queue_dir / "odd.yml"
     path.write_text(yaml.safe_dump({"id": "x" * 300, "status": "approved",
                                     AWAITING_DECISION: {"workflow_id": "w"}}))
-    watcher = BlockDecisionWatcher(client=None, config=config)  # type: ignore[arg-type]
+    watcher = BlockDecisionWatcher(client=client, config=config)
     await watcher.consider(path)  # returns; nothing raised, nothing sent
     assert watcher_said(caplog, "task_file_skipped", "task_id")
     assert watcher.delivered == 0
@@ -406,7 +406,7 @@ async def test_a_later_opposite_decision_is_reported_refused(
 
 
 async def test_a_deferred_or_rewritten_decision_is_looked_at_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With one delivery allowed in flight, a second run's decision waits, and a file
     rewritten while its run's delivery is on its way is looked at again once it ends.
     The deliveries are a fake that holds the first until released: the order of events
@@ -427,7 +427,7 @@ async def test_a_deferred_or_rewritten_decision_is_looked_at_again(
 
     monkeypatch.setattr(file_watcher, "deliver_decision", fake_deliver)
     monkeypatch.setattr(file_watcher, "MAX_DELIVERIES_IN_FLIGHT", 1)
-    watcher = BlockDecisionWatcher(client=None, config=config)  # type: ignore[arg-type]
+    watcher = BlockDecisionWatcher(client=client, config=config)
     first = planted(config.task_queue_dir, "20200101-000000-aaaaaaaa.yml",
                     "aaaaaaaa-1", {"workflow_id": "run-a"})
     second = planted(config.task_queue_dir, "20200101-000000-bbbbbbbb.yml",

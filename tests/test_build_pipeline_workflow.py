@@ -125,6 +125,7 @@ async def test_clean_pipeline(pipeline: PipelineEnv) -> None:
     assert summary["workflow_id"] == handle.id
     assert summary["counts"] == {"blocks": 0, "flags": 0, "info": 1}
     assert summary["closeout_path"] == "/docs/closeout.md"
+    assert result.summary_path is not None
     assert Path(result.summary_path).parent.name == summary["started_at"][:7]
 
 
@@ -299,14 +300,14 @@ async def test_malformed_triage_fails_clearly(pipeline: PipelineEnv, triage: str
     # one attempt only: a malformed file is not retried (stage 4 is a local activity: its
     # one marker records the failure of attempt 1)
     history = [e async for e in handle.fetch_history_events()]
-    triage = [e.marker_recorded_event_attributes for e in history
+    markers = [e.marker_recorded_event_attributes for e in history
               if e.HasField("marker_recorded_event_attributes")
               and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
               and b"process_triage_output" in e.marker_recorded_event_attributes
               .details["data"].payloads[0].data]
-    assert len(triage) == 1
-    assert triage[0].failure.application_failure_info.non_retryable
-    assert json.loads(triage[0].details["data"].payloads[0].data)["attempt"] == 1
+    assert len(markers) == 1
+    assert markers[0].failure.application_failure_info.non_retryable
+    assert json.loads(markers[0].details["data"].payloads[0].data)["attempt"] == 1
 
 
 @pytest.mark.parametrize("bad", [
@@ -324,7 +325,7 @@ async def test_invalid_input_refused_before_any_file(pipeline: PipelineEnv,
     raw = {"build_name": "ok-build", "plan_path": "/p.md", "task_id": "t-1",
            "target_agent": "builder", **bad}
     with pytest.raises(ValidationError):
-        BuildPipelineInput(**raw)  # typed callers are stopped before starting anything
+        BuildPipelineInput.model_validate(raw)  # stopped before starting anything
     handle = await pipeline.start(BUILD_PIPELINE_WORKFLOW, raw)  # plain JSON, as scripts do
     cause = await application_failure(handle.result(), InvalidInputError)
     assert next(iter(bad)) in cause.message
@@ -443,9 +444,9 @@ async def test_ended_pipelines_leave_no_task_for_agents(pipeline: PipelineEnv) -
     task = load_yaml(implement)
     assert task["status"] == "cancelled"
     assert task["history"][-1]["note"] == "pipeline cancelled"
-    slow = agent_tasks(pipeline, timed_out.id)[TASK_BUILD_PREFAB]
-    assert slow["status"] == EXPIRED
-    assert slow["history"][-1]["note"] == "prefab_scaffolding timed out"
+    expired = agent_tasks(pipeline, timed_out.id)[TASK_BUILD_PREFAB]
+    assert expired["status"] == EXPIRED
+    assert expired["history"][-1]["note"] == "prefab_scaffolding timed out"
     for workflow_id in (cancelled.id, timed_out.id):
         assert not [path for path, t in tasks_for(pipeline.queue_dir, workflow_id)
                     if t["status"] in (SUBMITTED, IN_PROGRESS)]

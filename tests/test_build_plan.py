@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 
 from exceptions import InvalidInputError, PhaseFailedError
 from models import BuildPlanResult, PlanStatus
@@ -20,7 +20,7 @@ from vocabulary import (
     TASK_BUILD_PHASE,
 )
 
-PHASES = [
+PHASES: list[dict[str, Any]] = [
     {"number": 1, "agent_type": "builder", "description": "Write the parser",
      "context_refs": ["/plans/demo.md#phase-1", "/docs/format.md"]},
     {"number": 2, "agent_type": "reviewer", "description": "Review the parser\nand its tests"},
@@ -160,5 +160,5 @@ async def test_cancelled_plan_ends_cancelled_not_failed(pipeline: PipelineEnv) -
     with pytest.raises(WorkflowFailureError) as caught:
         await outcome(handle)
     assert isinstance(caught.value.cause, CancelledError)
-    assert (await handle.describe()).status.name == "CANCELED"
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
     assert (await status_of(handle)).outcome == "cancelled"

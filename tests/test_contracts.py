@@ -104,14 +104,16 @@ def test_every_activity_a_recorded_history_schedules_has_a_contract() -> None:
 async def test_build_phase_refuses_positional_arguments(config: WorkerConfig) -> None:
     """build_phase has no v0.5.0 form: positional arguments fail at once, not retried."""
     env = build_phase_environment()
+    wire: Callable[..., Any] = PipelineActivities(config).build_phase  # as the wire calls it
     with pytest.raises(ApplicationError) as caught:
-        await env.run(PipelineActivities(config).build_phase, "plan", 1)
+        await env.run(wire, "plan", 1)
     assert (caught.value.type, caught.value.non_retryable) == (InvalidInputError.failure_type, True)
     assert "no v0.5.0 form" in str(caught.value)
 
 
 async def test_own_form_that_does_not_fit_its_model_fails_at_once(config: WorkerConfig) -> None:
     env = build_phase_environment()
+    wire: Callable[..., Any] = PipelineActivities(config).build_phase  # as the wire calls it
     with pytest.raises(ApplicationError) as caught:
-        await env.run(PipelineActivities(config).build_phase, {"task_id": "x"})
+        await env.run(wire, {"task_id": "x"})
     assert (caught.value.type, caught.value.non_retryable) == (InvalidInputError.failure_type, True)

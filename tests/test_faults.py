@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
 from complete_activity import mark_task_file
 from config import load_config
@@ -64,7 +65,7 @@ class DurableServer:
         self.root = root
         self.port = devserver.free_port()
         self.db = root / "temporal.db"
-        self.process = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -175,7 +176,7 @@ async def test_sigkill_at_every_kind_of_stage(durable_client: Client,
     update_task(find_task(lab.queue, (await _input(parked)).task_id),
                 lambda t: add_history(t, status="approved", actor="ted", note="ok"))
     await complete_task(closeout, worker.env, message="/docs/closeout.md")
-    assert (await closing.describe()).status.name == "RUNNING"
+    assert (await closing.describe()).status == WorkflowExecutionStatus.RUNNING
 
     await asyncio.to_thread(worker.start().wait_ready)
     await lab.parked(triage)   # triage read and blocks notified by the new worker

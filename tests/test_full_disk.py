@@ -186,9 +186,9 @@ def test_a_log_file_on_a_full_disk_drops_lines_warns_once_and_resumes(
     assert lines[2:] == ["after"]  # not glued to the cut line
     warnings = [r for r in caplog.records if r.getMessage() == "log_file_not_written"]
     assert len(warnings) == 1, warnings
-    assert warnings[0].error == f"{disk.path}: No space left on device (ENOSPC)"
+    assert warnings[0].__dict__["error"] == f"{disk.path}: No space left on device (ENOSPC)"
     resumed = [r for r in caplog.records if r.getMessage() == "log_file_written_again"]
-    assert [r.dropped_records for r in resumed] == [6]
+    assert [r.__dict__["dropped_records"] for r in resumed] == [6]
 
 
 # --- pipelines through a real worker process ----------------------------------------------
@@ -273,6 +273,7 @@ async def rig(tmp_path: Path, temporal_address: str, client: Client,
 
 def assert_summary(result: BuildPipelineResult, outcome: str = "success") -> dict[str, Any]:
     assert result.outcome == outcome
+    assert result.summary_path is not None
     summary = load_yaml(Path(result.summary_path))
     assert summary["outcome"] == outcome
     assert summary["stages_completed"][-1] == SUMMARIZE_WORKFLOW

@@ -344,7 +344,7 @@ def test_symlink_at_temp_path_is_refused(queue: Path, outside: Path,
     a fixed name (named as such, a fake) lets the test plant the link first."""
     path = write_task(queue, a_task())
     original = path.read_bytes()
-    monkeypatch.setattr(safe_io.secrets, "token_hex", lambda _n: "predictable")
+    monkeypatch.setattr("taskfiles.safe_io.secrets.token_hex", lambda _n: "predictable")
     temp = path.with_name(f".{path.name}.predictable.tmp")
     temp.symlink_to(outside / "precious.txt")
 
@@ -585,7 +585,8 @@ def test_fifo_swapped_in_after_a_check_never_blocks(queue: Path) -> None:
             swaps[0] += 1
 
     def read_many() -> tuple[int, int]:
-        parsed, refusals = 0, []
+        parsed = 0
+        refusals: list[str] = []
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and not (parsed > 50 and len(refusals) > 50):
             try:
@@ -645,9 +646,8 @@ async def test_stuck_read_fails_its_own_stage_and_delays_no_one(
     error after the file I/O bound, and a clean pipeline on the same worker finishes
     meanwhile."""
     from activities import build_pipeline_activities
+    from activities.triage import read_triage as real_read_triage
     from taskfiles import io_pool
-
-    real_read_triage = build_pipeline_activities.read_triage
 
     def read_triage_waiting_on_fifos(path: Path, **kwargs: Any) -> Any:
         if path.exists() and stat.S_ISFIFO(path.stat().st_mode):
@@ -727,7 +727,8 @@ def test_shadow_copy_is_an_error_naming_both(queue: Path) -> None:
     real = write_task(queue, task)
     shadow = queue / f"00000000-000000-{task['id'][:8]}.yml"
     shadow.write_bytes(documents.dump_task({**task, "status": "approved"}))
-    for options in ({}, {"full_scan": False}, {"search_archives": False}):
+    variants: list[dict[str, Any]] = [{}, {"full_scan": False}, {"search_archives": False}]
+    for options in variants:
         with pytest.raises(AmbiguousTaskError) as caught:
             lookup.find_task(queue, task["id"], **options)
         assert str(real) in str(caught.value)
@@ -890,8 +891,13 @@ def test_files_planted_under_one_prefix_are_refused_unread(
         (queue / f"a{number:05d}-deadbee0.yml").write_text(f"id: deadbee0-{number}\n")
     reads: list[str] = []
     real_read = lookup._Lookup.read
-    monkeypatch.setattr(lookup._Lookup, "read", lambda self, folder, fd, name, needle=b"":
-                        reads.append(name) or real_read(self, folder, fd, name, needle))
+
+    def counted_read(self: lookup._Lookup, folder: Path, fd: int, name: str,
+                     needle: bytes = b"") -> dict[str, Any] | None:
+        reads.append(name)
+        return real_read(self, folder, fd, name, needle)
+
+    monkeypatch.setattr(lookup._Lookup, "read", counted_read)
     with pytest.raises(AmbiguousTaskError) as caught:
         lookup.find_task(queue, "deadbee0-1")
     assert f"{lookup.MAX_PREFIX_CANDIDATES + 1} files are named for its prefix" in str(

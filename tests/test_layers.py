@@ -41,7 +41,7 @@ def top_name(path: Path) -> str:
 
 def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
     """(line, module, names) of every absolute import in the file, nested ones included."""
-    found = []
+    found: list[tuple[int, str, list[str]]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name, []) for alias in node.names]

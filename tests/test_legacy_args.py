@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,11 @@ def test_task_id_of_a_v050_call_is_stable_per_activity_and_uuid4_shaped() -> Non
 def test_prefab_args() -> None:
     args = recorded_args("v050-blocks-approved", PREFAB_SCAFFOLDING)
     request = legacy_args.agent_request(PREFAB_SCAFFOLDING, args, CALL)
+    assert args[1] in request.instruction
     assert (request.build_name, request.plan_path) == args
     assert request.task_type == TASK_BUILD_PREFAB
     assert (request.target_agent, request.agent_setting) == ("", "prefab_agent")
     assert request.task_id == legacy_args.task_id_for(CALL)
-    assert args[1] in request.instruction
 
 
 def recorded_input(history_name: str) -> dict[str, Any]:
@@ -410,12 +411,12 @@ async def test_wait_with_v050_args_returns_nothing_when_already_approved(
         config: WorkerConfig) -> None:
     args = recorded_args("v050-parked", WAIT_FOR_BLOCK_RESOLUTION)
     origin_task(config, args[1], status="approved")
-    activities = PipelineActivities(config)
-    assert await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
-        activities.wait_for_block_resolution, *args) is None
+    # Called with what arrives on the wire: v0.5.0's arguments, then our own form as JSON.
+    look: Callable[..., Any] = PipelineActivities(config).wait_for_block_resolution
+    assert await environment(WAIT_FOR_BLOCK_RESOLUTION).run(look, *args) is None
     # Our own form still answers with a resolution.
-    resolution = await environment(WAIT_FOR_BLOCK_RESOLUTION).run(
-        activities.wait_for_block_resolution, {"task_id": args[1]})
+    resolution = await environment(WAIT_FOR_BLOCK_RESOLUTION).run(look, {"task_id": args[1]})
+    assert resolution is not None
     assert (resolution.decision, resolution.actor) == ("approved", "alice")
 
 

@@ -135,10 +135,12 @@ def test_workflow_and_activity_spans_share_one_trace(traced_run: TracedRun) -> N
             "RunActivity:summarize_workflow"} <= names
     assert len({s.context.trace_id for s in pipeline_spans}) == 1
     run = next(s for s in pipeline_spans if s.name == "RunActivity:notify_blocks")
+    assert run.attributes is not None
     assert run.attributes["temporalWorkflowID"] == traced_run.workflow_id
     assert run.attributes[SPAN_BUILD_NAME] == BUILD
     assert run.attributes[SPAN_BUILD_STAGE] == NOTIFY_BLOCKS
     top = next(s for s in pipeline_spans if s.name == "RunWorkflow:BuildPipelineWorkflow")
+    assert top.attributes is not None
     assert top.attributes[SPAN_BUILD_NAME] == BUILD
     assert run.resource.attributes["service.name"] == "temporal-build-worker"
 

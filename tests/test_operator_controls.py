@@ -10,7 +10,11 @@ from typing import Any
 
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 
@@ -306,7 +310,7 @@ async def test_cancel_during_agent_stage_ends_cancelled_with_summary(
     with pytest.raises(WorkflowFailureError) as caught:
         await handle.result()
     assert isinstance(caught.value.cause, CancelledError)
-    assert (await handle.describe()).status.name == "CANCELED"
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
     summary = load_yaml(next(pipeline.summary_dir.rglob("*.yml")))
     assert summary["outcome"] == "cancelled"
     assert summary["failed_stage"] == PREFAB_SCAFFOLDING

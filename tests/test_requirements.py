@@ -51,7 +51,7 @@ def locked(path: Path) -> dict[str, str]:
 
 
 def python_files() -> list[Path]:
-    files = []
+    files: list[Path] = []
     for folder, dirs, names in os.walk(REPO):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "node_modules"
                    and d != "__pycache__"]
@@ -60,7 +60,7 @@ def python_files() -> list[Path]:
 
 
 def imports(path: Path) -> set[str]:
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

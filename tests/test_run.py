@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from config import WorkerConfig, load_config
 from standins.agents import REPO, poll, run_cli, wait_for_task
@@ -171,5 +172,5 @@ def test_remote_or_tls_addresses_never_get_a_dev_server(tmp_path: Path) -> None:
     assert not wants_dev_server(WorkerConfig(temporal_address="temporal.example.com:7233"))
     assert not wants_dev_server(WorkerConfig(
         temporal_address=f"127.0.0.1:{free}", vault_addr="http://127.0.0.1:8200",
-        vault_role_id="role", vault_secret_id_file=secret_id))
+        vault_role_id=SecretStr("role"), vault_secret_id_file=secret_id))
 

@@ -125,8 +125,10 @@ async def test_two_workers_one_folder_survive_kills(client: Client, workers: lis
 
     async def killer() -> None:
         for at, delay in plan:
-            await poll(lambda at=at: len(agents.done) >= at, timeout=DEADLINE_SECONDS,
-                       what=f"{at} agent completions")
+            def reached(at: int = at) -> bool:
+                return len(agents.done) >= at
+
+            await poll(reached, timeout=DEADLINE_SECONDS, what=f"{at} agent completions")
             await asyncio.sleep(delay)  # the random moment itself, not a synchronisation
             victim.kill()
             kill_log.append(f"{time.monotonic() - begun:.1f}s "

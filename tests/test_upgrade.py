@@ -122,7 +122,7 @@ async def v050_agent(env: dict[str, str], build: str, task_type: str,
 
 
 async def our_agent(env: dict[str, str], workflow_id: str, task_type: str, message: str,
-                    before: Callable[[], None] | None = None) -> Path:
+                    before: Callable[[], object] | None = None) -> Path:
     """An agent finishing a task file our worker wrote for an adopted pipeline."""
     path = await wait_for_task(Path(env["TASK_QUEUE_DIR"]), workflow_id, task_type, 60)
     assert_valid_task_file(path)
@@ -168,13 +168,13 @@ async def started_by(handle: WorkflowHandle, activity_type: str) -> tuple[list[A
     scheduled = {}
     for event in history.events:
         if event.HasField("activity_task_scheduled_event_attributes"):
-            a = event.activity_task_scheduled_event_attributes
-            if a.activity_type.name == activity_type:
-                scheduled[event.event_id] = [json.loads(p.data) for p in a.input.payloads]
+            sched = event.activity_task_scheduled_event_attributes
+            if sched.activity_type.name == activity_type:
+                scheduled[event.event_id] = [json.loads(p.data) for p in sched.input.payloads]
         if event.HasField("activity_task_started_event_attributes"):
-            a = event.activity_task_started_event_attributes
-            if a.scheduled_event_id in scheduled:
-                return scheduled[a.scheduled_event_id], a.identity
+            started = event.activity_task_started_event_attributes
+            if started.scheduled_event_id in scheduled:
+                return scheduled[started.scheduled_event_id], started.identity
     raise AssertionError(f"{activity_type} never started in {handle.id}")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +152,9 @@ async def run_recorded_path(client: Client, env: dict[str, str], name: str
     workflow_id = f"{history.workflow_id}-{uuid.uuid4().hex[:8]}"
     handle = await client.start_workflow(WORKFLOW_TYPE, pipeline, id=workflow_id,
                                          task_queue=env["TASK_QUEUE"])
-    jobs = [play_agents(queue_dir, env, pipeline["build_name"], PATHS[name]["triage"],
-                        audit_dir=audit_dir)]
+    jobs: list[Coroutine[Any, Any, Any]] = [
+        play_agents(queue_dir, env, pipeline["build_name"], PATHS[name]["triage"],
+                    audit_dir=audit_dir)]
     if PATHS[name]["triage"]["blocks"]:
         jobs.append(approve_when_asked(queue_dir, pipeline["task_id"]))
     played, *_ = await asyncio.gather(*jobs)

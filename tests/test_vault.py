@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +112,12 @@ def vault_vars(bed: Bed, tmp_path: Path) -> dict[str, str]:
                     **vault_env(bed.bao, bed.role, secret_id_file, bed.proxy.address))
 
 
+# Writes the worker's secret (None: deletes it).
+SwapSecret = Callable[[dict[str, str] | None], None]
+
+
 @pytest.fixture
-def swap_secret(bed: Bed) -> Iterator[object]:
+def swap_secret(bed: Bed) -> Iterator[SwapSecret]:
     """Replace secret/data/temporal/worker for one test; the good secret comes back after."""
 
     def swap(data: dict[str, str] | None) -> None:
@@ -342,7 +346,7 @@ def foreign_client(pki: Pki) -> dict[str, str]:
 
 
 def test_wrong_ca_is_a_clear_error(bed: Bed, vault_vars: dict[str, str], tmp_path: Path,
-                                   swap_secret: object) -> None:
+                                   swap_secret: SwapSecret) -> None:
     swap_secret({**worker_secret(bed.pki), "ca_cert_pem": make_ca()[0].cert_pem})
 
     worker, cli = run_both(vault_vars, tmp_path)
@@ -365,7 +369,7 @@ def test_wrong_ca_is_a_clear_error(bed: Bed, vault_vars: dict[str, str], tmp_pat
     ("no server name", ("set TEMPORAL_TLS_SERVER_NAME to a name on the certificate",)),
 ])
 async def test_tls_failures_are_clear(bed: Bed, vault_vars: dict[str, str],
-                                      swap_secret: object, case: str,
+                                      swap_secret: SwapSecret, case: str,
                                       hints: tuple[str, ...]) -> None:
     env = dict(vault_vars)
     if case == "foreign client certificate":
@@ -382,7 +386,7 @@ async def test_tls_failures_are_clear(bed: Bed, vault_vars: dict[str, str],
 
 
 def test_key_not_matching_certificate_is_a_credential_error(
-        bed: Bed, vault_vars: dict[str, str], swap_secret: object) -> None:
+        bed: Bed, vault_vars: dict[str, str], swap_secret: SwapSecret) -> None:
     swap_secret({**worker_secret(bed.pki), "client_key_pem": make_pki().client.key_pem})
 
     worker = run_worker_once(vault_vars)
@@ -455,7 +459,7 @@ SETTING_FAILURES = frozenset({"wrong role-id", "wrong secret-id", "secret-id fil
 @pytest.mark.parametrize(("case", "message", "processes"), VAULT_FAILURES,
                          ids=[case for case, _, _ in VAULT_FAILURES])
 def test_vault_failure(bed: Bed, vault_vars: dict[str, str], tmp_path: Path,
-                       swap_secret: object, case: str, message: str, processes: bool) -> None:
+                       swap_secret: SwapSecret, case: str, message: str, processes: bool) -> None:
     env = dict(vault_vars)
     good = worker_secret(bed.pki)
     if case == "unreachable":

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -334,7 +335,7 @@ async def summarize_workflow(workflow_id: str, build_name: str, started: str, co
     return str(path)
 
 
-ACTIVITIES = [prefab_scaffolding, implement_build, request_security_audit,
+ACTIVITIES: list[Callable[..., Any]] = [prefab_scaffolding, implement_build, request_security_audit,
               process_triage_output, apply_flag_fixes, notify_blocks,
               wait_for_block_resolution, close_build, summarize_workflow]
 

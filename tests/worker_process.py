@@ -42,7 +42,7 @@ class WorkerProcess:
         return self.process.pid
 
     def log_records(self) -> list[dict[str, Any]]:
-        records = []
+        records: list[dict[str, Any]] = []
         if not self.log_path.exists():
             return records
         for line in self.log_path.read_text(errors="replace").splitlines():

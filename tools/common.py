@@ -163,7 +163,10 @@ def proc_start_ticks(pid: int) -> int | None:
     return None if not fields or fields[0] == "Z" else int(fields[19])
 
 
-def uptime(since: str) -> str:
+def uptime(since: object) -> str:
+    """How long ago `since` (an ISO timestamp read from a file) was; "?" if it is not one."""
+    if not isinstance(since, str):
+        return "?"
     try:
         seconds = (datetime.now(UTC) - datetime.fromisoformat(since)).total_seconds()
     except (TypeError, ValueError):

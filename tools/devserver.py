@@ -43,7 +43,8 @@ def split_address(address: str) -> tuple[str, int]:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:

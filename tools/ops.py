@@ -320,7 +320,7 @@ def workflow_json(verb: str, workflow_id: str, run_id: str | None = None) -> Any
 
 
 def status_of(described: dict[str, Any]) -> str:
-    return described["workflowExecutionInfo"]["status"].removeprefix(
+    return str(described["workflowExecutionInfo"]["status"]).removeprefix(
         "WORKFLOW_EXECUTION_STATUS_")
 
 
@@ -373,7 +373,7 @@ def failure_type(failure: dict[str, Any] | None, follow: bool = True) -> str:
     while failure:
         kind = (failure.get("applicationFailureInfo") or {}).get("type")
         if kind:
-            return kind
+            return str(kind)
         failure = failure.get("cause") if follow else None
     return ""
 
@@ -579,14 +579,15 @@ def decide(env: Mapping[str, str] | None, command: str, workflow_id: str, note: 
     from models import BlockDecision
 
     try:
-        decision = BlockDecision(note=note, decided_by=by,
-                                 verdicts=parse_verdicts(verdicts or []))
+        # Validated: a verdict is any word the operator typed.
+        decision = BlockDecision.model_validate({
+            "note": note, "decided_by": by, "verdicts": parse_verdicts(verdicts or [])})
     except ValueError as err:
         raise ToolError(f"invalid decision: {str(err).splitlines()[0]}", EXIT_USAGE) from None
     try:
-        return cli_json("workflow", "update", "execute", "--workflow-id", workflow_id,
-                        "--name", UPDATES[command], "--input", decision.model_dump_json(),
-                        env=env)["result"]
+        return str(cli_json("workflow", "update", "execute", "--workflow-id", workflow_id,
+                            "--name", UPDATES[command], "--input",
+                            decision.model_dump_json(), env=env)["result"])
     except ToolError as err:
         if "handler for" in str(err):  # a workflow without the Update: not a pipeline
             raise ToolError(f"refused by {workflow_id}: it takes no block decisions") from None

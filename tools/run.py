@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         if signals.received:
             return 0  # asked to stop while the dev server was starting
-        signals.adopt(subprocess.Popen([sys.executable, str(REPO / "worker.py")], cwd=REPO,
-                                       process_group=0))
-        code = signals.child.wait()  # type: ignore[union-attr]
+        child = subprocess.Popen([sys.executable, str(REPO / "worker.py")], cwd=REPO,
+                                 process_group=0)
+        signals.adopt(child)
+        code = child.wait()
         return code if code >= 0 else 128 - code  # killed by signal N -> 128+N
     finally:
         if signals.child is not None and signals.child.poll() is None:

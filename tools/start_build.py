@@ -154,7 +154,7 @@ def originating_task(inp: BuildPipelineInput, workflow_id: str,
     leaves alone (a `submitted` one it would route, and dead-letter)."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     summary = f"Build {inp.build_name} ({inp.plan_path}) → {inp.target_agent}"
-    payload = {"build_name": inp.build_name, "plan_path": inp.plan_path,
+    payload: dict[str, Any] = {"build_name": inp.build_name, "plan_path": inp.plan_path,
                "target_agent": inp.target_agent}
     if config is not None and config.platform_dialect:
         payload = {"description": summary, "context_refs": [inp.plan_path],
@@ -228,7 +228,7 @@ def start(kind: str, inp: BaseModel, options: dict[str, Any],
             raise ToolError(f"a workflow with id {workflow_id!r} is already running",
                             EXIT_NOT_FOUND) from None
         raise
-    if created is not None:
+    if created is not None and isinstance(inp, BuildPipelineInput):
         print(f"start-build: originating task {inp.task_id} written to {created}",
               file=sys.stderr, flush=True)
     print(workflow_id, flush=True)

@@ -66,7 +66,7 @@ class Homeserver:
         body = self.call(token, "POST", "/_matrix/client/v3/createRoom",
                          json={"room_alias_name": alias_localpart, "preset": "private_chat",
                                "name": alias_localpart})
-        return body["room_id"]
+        return str(body["room_id"])
 
     def invite_and_join(self, token: str, room_id: str, user_id: str,
                         user_token: str) -> None:
@@ -80,12 +80,12 @@ class Homeserver:
         """Send one event as `token`'s user; returns its event id."""
         body = self.call(token, "PUT", f"/_matrix/client/v3/rooms/{room_id}/send/"
                          f"{event_type}/{uuid.uuid4().hex}", json=content)
-        return body["event_id"]
+        return str(body["event_id"])
 
     def redact(self, token: str, room_id: str, event_id: str) -> str:
         body = self.call(token, "PUT", f"/_matrix/client/v3/rooms/{room_id}/redact/"
                          f"{event_id}/{uuid.uuid4().hex}", json={"reason": "test"})
-        return body["event_id"]
+        return str(body["event_id"])
 
     def messages(self, token: str, room_id: str) -> list[dict[str, Any]]:
         """The room's m.room.message events, oldest first."""
@@ -125,7 +125,7 @@ def _configure(folder: Path, port: int) -> str:
                        "per_issuer": _NO_LIMIT},
     })
     config_path.write_text(yaml.safe_dump(config))
-    return config["registration_shared_secret"]
+    return str(config["registration_shared_secret"])
 
 
 def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

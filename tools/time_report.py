@@ -35,7 +35,7 @@ def _when(value: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def read_summaries(folder: Path, since: datetime, limit: int) -> tuple[list[dict], int]:
+def read_summaries(folder: Path, since: datetime, limit: int) -> tuple[list[dict[str, Any]], int]:
     """(summaries ended since `since`, newest first; how many could not be read)."""
     from exceptions import TaskFileError
     from taskfiles.bounded_yaml import load_agent_yaml
@@ -64,7 +64,7 @@ def read_summaries(folder: Path, since: datetime, limit: int) -> tuple[list[dict
     return found, unreadable
 
 
-def stage_rows(summaries: Iterable[dict]) -> list[dict[str, Any]]:
+def stage_rows(summaries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per agent task: its build, stage, agent, pickup, work and total seconds."""
     rows = []
     for summary in summaries:
@@ -108,7 +108,7 @@ def by_agent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(report, key=lambda r: -(r["max_pickup_seconds"] or 0))
 
 
-def decision_waits(summaries: Iterable[dict]) -> dict[str, Any]:
+def decision_waits(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
     waits = []
     for summary in summaries:
         time = summary.get("time")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from models import (
         STARTED_BY_EARLIER_WORKER,
+        AgentSetting,
         AgentTaskRequest,
         AuditRequest,
         AuditRound,
@@ -252,10 +253,11 @@ class BuildPipelineWorkflow:
         """Stage 4: the first audit's triage, read where the audit was written (on stage
         3's host), as audit round 1."""
         state = self.state
-        state.triage = triage = await self._run_activity(
+        triage: TriageResult = await self._run_activity(
             BuildPipelineActivities.process_triage_output, policies.TRIAGE,
             pipeline.build_name, waiting=None, local=state.shape.local_inline,
             task_queue=state.task_queues.get(REQUEST_SECURITY_AUDIT))
+        state.triage = triage
         self._event(PROCESS_TRIAGE_OUTPUT, "triaged", f"{len(triage.blocks)} blocks, "
                     f"{len(triage.flags)} flags, {len(triage.info)} info")
         state.rounds.append(AuditRound(round=1, blocks=triage.blocks, flags=triage.flags,
@@ -599,14 +601,14 @@ class BuildPipelineWorkflow:
     def _stage_agent(self, pipeline: BuildPipelineInput, setting: str) -> str | None:
         """The agent of stage 1 or 3: the input's choice, else the worker's setting as
         learned before stage 1 (None only for runs started before that step existed)."""
-        chosen = getattr(pipeline, setting)
+        chosen: str | None = getattr(pipeline, setting)
         if chosen:
             return chosen
         return getattr(self.state.setup, setting) if self.state.setup is not None else None
 
     def _task(self, pipeline: BuildPipelineInput, *, agent: str | None, task_type: str,
               summary: str, instruction: str, extra: dict[str, Any] | None = None,
-              agent_setting: str | None = None) -> AgentTaskRequest:
+              agent_setting: AgentSetting | None = None) -> AgentTaskRequest:
         """`agent=None` leaves the choice to the worker's setting named `agent_setting`."""
         return AgentTaskRequest(
             task_id=str(workflow.uuid4()), build_name=pipeline.build_name,
@@ -645,7 +647,7 @@ class BuildPipelineWorkflow:
             start_to_close_timeout=limits.overall,
             schedule_to_close_timeout=limits.overall, retry_policy=policy.retry,
             summary=self._summary_line(stage, self._agent_label(waiting)),
-            **({"task_queue": task_queue} if task_queue else {}))
+            task_queue=task_queue or None)
         try:
             await self._await_pickup(stage, waiting, handle, limits)
             await self._await_work(stage, waiting, handle, limits)
@@ -808,8 +810,9 @@ class BuildPipelineWorkflow:
             if waiting is not None and state.shape.pickup_limits:
                 result = await self._await_agent(activity, policy, arg, waiting, task_queue)
             else:
-                execute = (workflow.execute_local_activity_method if local and not routed
-                           else workflow.execute_activity_method)
+                execute: Callable[..., Awaitable[Any]] = (
+                    workflow.execute_local_activity_method if local and not routed
+                    else workflow.execute_activity_method)
                 result = await execute(
                     activity, args=list(arg) if isinstance(arg, tuple) else [arg],
                     start_to_close_timeout=policy.start_to_close,

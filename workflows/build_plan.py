@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         BuildPlanInput,
         BuildPlanResult,
         CloseOriginInput,
+        PlanOutcome,
         PlanStatus,
         WaitingOn,
     )
@@ -42,7 +43,7 @@ class BuildPlanWorkflow:
         self._current: int | None = None
         self._current_agent: str | None = None
         self._waiting: WaitingOn | None = None
-        self._outcome: str | None = None
+        self._outcome: PlanOutcome | None = None
         self._error: str | None = None
 
     @workflow.run
@@ -130,4 +131,4 @@ class BuildPlanWorkflow:
             plan_name=plan.plan_name if plan else "",
             phases_total=len(plan.phases) if plan else 0, phases_done=list(self._done),
             current_phase=self._current, current_agent=self._current_agent,
-            waiting_on=self._waiting, outcome=self._outcome, error=self._error)  # type: ignore[arg-type]
+            waiting_on=self._waiting, outcome=self._outcome, error=self._error)
