@@ -156,7 +156,9 @@ async def test_two_workers_one_folder_decide_once(pipeline_env_vars: dict[str, s
             decide(origin, "approved")
 
         async def closed_out(handle: Any) -> None:
-            await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env)
+            # Five side by side through CLI processes: a deadline for a loaded machine.
+            await play_stage(pipeline.queue_dir, handle.id, TASK_BUILD_CLOSEOUT, pipeline.env,
+                             timeout=60)
             result = await handle.result()
             assert result.decision == "approved"
             assert [e.event for e in await decision_events(handle)] == \

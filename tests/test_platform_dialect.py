@@ -116,6 +116,11 @@ async def status_of(handle: WorkflowHandle[Any, Any]) -> PipelineStatus:
     return await handle.query(STATUS_QUERY, result_type=PipelineStatus)
 
 
+async def _waiting(handle: WorkflowHandle[Any, Any]) -> PipelineStatus | None:
+    status = await status_of(handle)
+    return status if status.waiting_on is not None else None
+
+
 def our_files(queue_dir: Path) -> list[tuple[Path, str, dict[str, Any]]]:
     found = []
     for path in sorted(queue_dir.rglob("*.yml")):
@@ -134,8 +139,8 @@ async def test_tools_route_claim_close_and_approve_a_pipeline(board: Board,
     await agents.run(lambda: board.task(origin)["status"] == PENDING_APPROVAL)
     assert agents.closed == [PREFAB_SCAFFOLDING, IMPLEMENT_BUILD, REQUEST_SECURITY_AUDIT,
                              APPLY_FLAG_FIXES]
-    parked = await status_of(handle)
-    assert parked.waiting_on is not None
+    # The task parks in stage 6; the run shows its wait once it enters stage 7.
+    parked = await poll_async(lambda: _waiting(handle), timeout=20, what="stage 7's wait")
     assert parked.waiting_on.kind == "block_decision"
     # The operators' standard Approve (pending-approval -> approved) resumes it.
     approved = board.tools.approve(origin, note="accepted for now")
