@@ -17,7 +17,6 @@ runtime exports metrics one way only — traces still go over OTLP).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import io
 import json
@@ -44,6 +43,7 @@ from temporalio.runtime import (
 )
 
 from policies import OUTAGE_REPORT_INTERVAL
+from telemetry.context import bound_build_name
 
 if TYPE_CHECKING:
     from temporalio.client import Interceptor
@@ -54,11 +54,6 @@ if TYPE_CHECKING:
 _RECORD_KEYS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName"}
 CONTEXT_KEYS = ("worker_id", "workflow_id", "activity", "build_name")
-
-# Set by activities that know their build, so every line they log (including from the
-# modules they call) carries it without threading it through every signature.
-_build_name: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "build_name", default=None)
 
 # Counters of our own (names as exported; Prometheus may add a _total suffix).
 TASKS_DISPATCHED = "build_tasks_dispatched"
@@ -117,16 +112,6 @@ _BYTES_LITERAL = re.compile(r"""(?<![A-Za-z0-9_])b(?:'(?:[^'\\]|\\.){8,}'|"(?:[^
 _LONG_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{100,}={0,2}(?![A-Za-z0-9+/=])")
 
 
-def bind_build_name(build_name: str) -> None:
-    """Tag every log line of the current activity (task) with `build_name`."""
-    _build_name.set(build_name)
-
-
-def bound_build_name() -> str | None:
-    """The build name the current activity bound (its trace span carries it too)."""
-    return _build_name.get()
-
-
 class ContextFilter(logging.Filter):
     """Fills workflow_id / activity / build_name from the running activity or workflow
     when the call site did not pass them, so module loggers carry them too."""
@@ -141,7 +126,7 @@ class ContextFilter(logging.Filter):
             elif workflow.in_workflow():
                 record.workflow_id = workflow.info().workflow_id
         if getattr(record, "build_name", None) is None:
-            record.build_name = _build_name.get()
+            record.build_name = bound_build_name()
         return True
 
 

@@ -69,7 +69,6 @@ from observability import (
     PICKUP_WAIT,
     PIPELINES_COMPLETED,
     WORK_TIME,
-    bind_build_name,
     count,
     observe,
 )
@@ -86,6 +85,7 @@ from taskfiles.documents import (
 from taskfiles.io_pool import run_file_io
 from taskfiles.lookup import find_task, update_task
 from taskfiles.safe_io import write_private_atomic
+from telemetry.context import bind_build_name
 from vocabulary import (
     APPLY_FLAG_FIXES,
     APPROVED,
@@ -160,7 +160,7 @@ def audit_folder(config: WorkerConfig, build_name: str) -> Path:
     """`<audit dir>/audit-requests/<build>`; the name is re-checked so it cannot escape.
 
     Agents can write below the audit root, so a link there is refused where the file is
-    written or read (task_files: every folder below the audit root opened without
+    written or read (taskfiles.safe_io: every folder below the audit root opened without
     following links, on the file I/O pool), not by a check here on the event loop."""
     check_name(build_name, "build_name")
     return audit_root(config) / AUDIT_REQUESTS_DIR / build_name

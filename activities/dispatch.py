@@ -29,10 +29,11 @@ from activities import platform_events
 from activities.run_link import ensure_run_link
 from config import WorkerConfig, connection_facts
 from models import AgentTaskRequest
-from observability import TASKS_DISPATCHED, bind_build_name, count
+from observability import TASKS_DISPATCHED, count
 from taskfiles.documents import new_platform_task, new_task
 from taskfiles.io_pool import run_file_io
 from taskfiles.lookup import task_file_path, write_task
+from telemetry.context import bind_build_name
 from vocabulary import PLATFORM_TASK_TYPES
 from workflows.instructions import COMPLETE_HINT
 

@@ -184,7 +184,7 @@ def is_legacy(args: tuple[Any, ...]) -> bool:
 def accepts_v050(v050: V050Handler | None) -> Callable[[Typed], Typed]:
     """Decorate an activity method typed `(self, request: <Model>) -> <Result>` (under its
     `@activity.defn`) so it takes either form of call: our one JSON object, validated as
-    <Model> (one that does not fit fails the activity at once: INVALID_INPUT, not the
+    <Model> (one that does not fit fails the activity at once: InvalidInputError, not the
     SDK's retryable decoding error), or v0.5.0's positional arguments, handed to
     `v050(self, args)` (None: there is no v0.5.0 form, and such a call is refused). The
     typed method stays reachable as `typed_form` (the contract test reads its hints)."""

@@ -145,7 +145,7 @@ async def send_script(config: WorkerConfig, message: str) -> None:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     except OSError as err:
         raise NotifyFailedError(f"SEND_MATRIX_SCRIPT {script}: {err.strerror}",
-                           retryable=False) from None
+                                retryable=False) from None
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), SCRIPT_TIMEOUT_SECONDS)
     except TimeoutError:
@@ -168,8 +168,8 @@ async def send_ntfy(config: WorkerConfig, title: str, message: str) -> None:
         raise NotifyFailedError(f"ntfy: {type(err).__name__}") from None
     if response.status_code >= 400:
         raise NotifyFailedError(f"ntfy: HTTP {response.status_code}",
-                           retryable=response.status_code >= 500
-                           or response.status_code in (408, 429))
+                                retryable=response.status_code >= 500
+                                or response.status_code in (408, 429))
 
 
 async def _with_retries(name: str, send: Callable[[], Awaitable[None]]) -> str | None:

@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from temporalio import activity, workflow
 from temporalio.contrib.opentelemetry import TracingInterceptor, TracingWorkflowInboundInterceptor
 
-from observability import bound_build_name
+from telemetry.context import bound_build_name
 from vocabulary import SPAN_BUILD_NAME, SPAN_BUILD_STAGE, STAGES
 
 _STAGES = frozenset(STAGES)

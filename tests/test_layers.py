@@ -21,9 +21,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(names.split()) for names in
     "workflows",
     "dispatcher taskfiles",
     "temporal_client vault",
-    # observability installs telemetry's tracing interceptor (lazily, when asked for);
-    # tracing names spans with observability's bound build name.
-    "observability telemetry",
+    "observability",
+    "telemetry",
     "config",
     "models policies exceptions",
     "vocabulary",
@@ -75,6 +74,34 @@ def test_no_private_name_crosses_a_package(path: Path) -> None:
                if module.split(".")[0] in LAYER_OF and module.split(".")[0] != importer
                for name in names if name.startswith("_") and name != "__future__"]
     assert private == []
+
+
+# What a package's docstring says it may import, where that is narrower than its layer:
+# workflow code runs in every replay, so it stays with pure names.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "workflows": ("workflows", "vocabulary", "policies", "models", "exceptions",
+                  "taskfiles.visible_text"),
+}
+# Imported only by these (the worker never runs a stand-in).
+IMPORTED_ONLY_BY: dict[str, tuple[str, ...]] = {
+    "standins": ("standins", "tools", "bench"),
+}
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
+@pytest.mark.parametrize("path", PROJECT_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_stay_within_what_the_package_allows(path: Path) -> None:
+    importer = top_name(path)
+    beyond = [f"{path.relative_to(REPO)}:{line} imports {module}"
+              for line, module, _ in imports_of(path)
+              if module.split(".")[0] in LAYER_OF
+              and ((importer in ALLOWED and not _within(module, ALLOWED[importer]))
+                   or any(module.split(".")[0] == owner and importer not in users
+                          for owner, users in IMPORTED_ONLY_BY.items()))]
+    assert beyond == []
 
 
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:

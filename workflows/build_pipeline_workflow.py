@@ -158,7 +158,8 @@ class BuildPipelineWorkflow:
             raise
         summary_path = await self._summarize(pipeline)
         if failure is not None:
-            raise failure.kind.failure(f"{failure.stage} failed: {failure}")
+            # A run's failure is final whatever the stage's kind of failure was.
+            raise failure.kind.failure(f"{failure.stage} failed: {failure}", non_retryable=True)
         return self._result(pipeline, summary_path)
 
     async def _start(self, raw_input: Any) -> BuildPipelineInput:
