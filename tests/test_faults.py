@@ -6,8 +6,10 @@ stage's task file may be written twice."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -57,13 +59,36 @@ MAX_KILLS = 8
 BLOCKS = "blocks:\n- description: credentials in the image\n"
 
 
+# Below the kernel's ephemeral range (32768-60999 here): a port the server gives up while
+# stopped is never handed to another process's bind(0) or outgoing connection meanwhile,
+# so it can be bound again when the server comes back. Each test process searches its
+# own stretch, from its pid, so two processes never race for one port. The dev server's
+# HTTP port is the port + 1000, still below the range.
+RESTARTABLE_PORTS = range(20000, 31000)
+PORTS_PER_PROCESS = 20
+
+
+def restartable_port() -> int:
+    start = RESTARTABLE_PORTS.start + (os.getpid() * PORTS_PER_PROCESS) % len(RESTARTABLE_PORTS)
+    for offset in range(len(RESTARTABLE_PORTS)):
+        port = RESTARTABLE_PORTS.start + (start - RESTARTABLE_PORTS.start + offset) % len(
+            RESTARTABLE_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class DurableServer:
     """A dev server whose state lives in a SQLite file, so it can be stopped and
     started again on the same port without losing a workflow."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = devserver.free_port()
+        self.port = restartable_port()
         self.db = root / "temporal.db"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
