@@ -165,7 +165,10 @@ async def test_two_workers_one_folder_survive_kills(client: Client, workers: lis
     assert agents.failures == []
     assert len(kill_log) == KILLS
     assert victim.starts == 1 + KILLS
-    # Every start of the killed worker ran its recovery sweep; both workers did work.
+    # Every start of the killed worker ran its recovery sweep (in the background after the
+    # worker is ready, so the last one may still be running); both workers did work.
+    await poll(lambda: len(events_named(victim, "recovery_sweep_done")) >= 1 + KILLS,
+               timeout=60, what="the recovery sweep of every start")
     assert len(events_named(victim, "recovery_sweep_done")) == 1 + KILLS
     assert all(dispatched), dispatched
     assert len(results) == PIPELINES
